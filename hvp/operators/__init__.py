@@ -1,0 +1,41 @@
+"""Curvature operators (layer 1): Hessian, GGN and empirical Fisher over data sets.
+
+Builds on :mod:`hvp.tree`; consumed by :mod:`hvp.linalg`.
+"""
+
+from hvp.operators import _losses as losses
+from hvp.operators._base import (
+    DEFAULT_DENSE_LIMIT,
+    DenseOperator,
+    LinearOperator,
+    MatvecOperator,
+    NonFiniteError,
+    as_operator,
+    from_dense,
+    from_matvec,
+)
+from hvp.operators._blocks import merge, select
+from hvp.operators._curvature import CurvatureOperator, default_unpack, empirical_fisher, ggn, hessian, hvp
+from hvp.operators._data import Dataset, as_dataset
+
+__all__ = [
+    "DEFAULT_DENSE_LIMIT",
+    "CurvatureOperator",
+    "Dataset",
+    "DenseOperator",
+    "LinearOperator",
+    "MatvecOperator",
+    "NonFiniteError",
+    "as_dataset",
+    "as_operator",
+    "default_unpack",
+    "empirical_fisher",
+    "from_dense",
+    "from_matvec",
+    "ggn",
+    "hessian",
+    "hvp",
+    "losses",
+    "merge",
+    "select",
+]

@@ -1,0 +1,305 @@
+"""Symmetric linear operators on parameter pytrees.
+
+:class:`LinearOperator` is what every algorithm in :mod:`hvp.linalg` consumes.
+It is a JAX pytree: its arrays (parameters, data, a matrix) are children and
+everything else is static, so an operator can be passed straight into a
+``jax.jit``-compiled function, and ``op.matvec(v)`` works on concrete arrays
+and on tracers alike.
+
+Three concrete kinds exist:
+
+* :class:`CurvatureOperator` (built by :func:`hvp.hessian`, :func:`hvp.ggn`,
+  :func:`hvp.empirical_fisher`): curvature of a loss over a data set.
+* :class:`MatvecOperator` (:func:`hvp.operators.from_matvec`): wraps any
+  user function ``v -> A v`` on pytrees shaped like an example pytree.
+* :class:`DenseOperator` (:func:`hvp.operators.from_dense`): a dense symmetric
+  matrix acting on flat vectors or on pytrees through ravel/unravel (tests,
+  small problems).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hvp import tree as tu
+
+__all__ = [
+    "LinearOperator",
+    "MatvecOperator",
+    "DenseOperator",
+    "NonFiniteError",
+    "from_matvec",
+    "from_dense",
+    "DEFAULT_DENSE_LIMIT",
+]
+
+#: Largest ``n`` for which :meth:`LinearOperator.dense` builds the ``n x n``
+#: matrix unless told otherwise (20,000^2 float64 entries are 3.2 GB).
+DEFAULT_DENSE_LIMIT = 20_000
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A matvec or a result contained NaN or Inf."""
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+class LinearOperator:
+    """A symmetric ``n x n`` linear operator acting on pytrees.
+
+    Subclasses implement :meth:`_apply` (a pure function of the operator's
+    array children and a vector pytree) and define ``like`` (an example pytree
+    fixing the structure, shapes and dtypes of the vectors), ``_children`` and
+    ``_static``.
+
+    Attributes:
+      like: example pytree; every vector ``v`` must match it.
+      size: ``n``, the number of scalar entries of ``like``.
+      shape: ``(n, n)``.
+      dtype: the result dtype of ``like``'s leaves.
+      name: a short name used in messages (``"hessian"``, ``"ggn"``, ...).
+    """
+
+    name: str = "operator"
+    check_finite: bool = False
+
+    # --- to be provided by subclasses -------------------------------------
+    like: Any
+
+    def _apply(self, v):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _children(self) -> tuple:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _static(self) -> tuple:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def _rebuild(cls, static, children):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- pytree protocol ----------------------------------------------------
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_node(
+            cls,
+            lambda op: (op._children(), op._static()),
+            lambda static, children: cls._rebuild(static, children),
+        )
+
+    # --- shape information --------------------------------------------------
+    @property
+    def size(self) -> int:
+        return tu.size(self.like)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    @property
+    def dtype(self):
+        leaves = jax.tree_util.tree_leaves(self.like)
+        return jnp.result_type(*leaves) if leaves else jnp.float32
+
+    # --- products -------------------------------------------------------------
+    def matvec(self, v):
+        """``A v`` for a pytree ``v`` shaped like :attr:`like`.
+
+        On concrete inputs the structure is validated first and, when
+        ``check_finite`` is set, a result with NaN/Inf raises
+        :class:`NonFiniteError` naming the leaf. Under ``jit``/``vmap`` the
+        product is traced without checks.
+        """
+        if _is_traced(v) or _is_traced(self._children()):
+            return self._apply(v)
+        tu.assert_same_structure(v, self.like, name="v", like_name=f"{self.name} params")
+        out = _jit_apply(self, v)
+        if self.check_finite:
+            self._raise_if_nonfinite(out, "matvec")
+        return out
+
+    def __matmul__(self, v):
+        return self.matvec(v)
+
+    def __call__(self, v):
+        return self.matvec(v)
+
+    def matmat(self, vs):
+        """``A`` applied to a block of vectors stacked on a leading axis (one compiled, vmapped call)."""
+        if _is_traced(vs) or _is_traced(self._children()):
+            return jax.vmap(self._apply)(vs)
+        tu.assert_same_structure(vs, self.like, name="vs", like_name=f"{self.name} params", leading=1)
+        out = _jit_matmat(self, vs)
+        if self.check_finite:
+            self._raise_if_nonfinite(out, "matmat")
+        return out
+
+    def _raise_if_nonfinite(self, out, what: str) -> None:
+        if bool(tu.all_finite(out)):
+            return
+        bad = tu.nonfinite_leaves(out)
+        raise NonFiniteError(
+            f"The {self.name} {what} produced NaN or Inf in leaf(s) {', '.join(repr(b) for b in bad)}. "
+            "Check the parameters (`hvp.tree.nonfinite_leaves(params)`), the data and the loss for "
+            "overflow (float64 or a smaller learning rate may help); pass `check_finite=False` to get "
+            "the raw result instead of this error."
+        )
+
+    # --- dense materialisation -------------------------------------------------
+    def dense(self, *, max_size: int | None = DEFAULT_DENSE_LIMIT, chunk: int = 256) -> jax.Array:
+        """The ``n x n`` matrix in the order of :func:`hvp.tree.ravel` (for validation).
+
+        Built column block by column block with :meth:`matmat` (``chunk``
+        columns at a time). Refuses when ``n > max_size`` (default
+        ``DEFAULT_DENSE_LIMIT`` = 20,000, i.e. 3.2 GB in float64); pass
+        ``max_size=None`` to lift the limit.
+        """
+        n = self.size
+        if max_size is not None and n > max_size:
+            gb = n * n * np.dtype(self.dtype).itemsize / 1e9
+            raise ValueError(
+                f"dense() would build a {n} x {n} matrix ({gb:.1f} GB in {np.dtype(self.dtype)}), above "
+                f"max_size={max_size}. Use the matrix-free algorithms (hvp.eigsh, hvp.trace, ...), a "
+                f"parameter block (`wrt=`), or pass a larger `max_size` if you have the memory."
+            )
+        unravel = tu.unravel_fn(self.like)
+        cols = []
+        eye_dtype = self.dtype
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            basis = jnp.eye(n, dtype=eye_dtype)[start:stop]
+            vs = jax.vmap(unravel)(basis)
+            out = self.matmat(vs)
+            cols.append(jax.vmap(tu.ravel)(out))
+        rows = jnp.concatenate(cols, axis=0)  # row i = (A e_i)^T = column i of A
+        return rows.T
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, size={self.size}, dtype={np.dtype(self.dtype)})"
+
+
+@jax.jit
+def _jit_apply(op: LinearOperator, v):
+    return op._apply(v)
+
+
+@jax.jit
+def _jit_matmat(op: LinearOperator, vs):
+    return jax.vmap(op._apply)(vs)
+
+
+class MatvecOperator(LinearOperator):
+    """Wraps a user function ``matvec(v)`` on pytrees shaped like ``like``.
+
+    The function is static (hashed by identity), ``like`` is only used for its
+    structure, shapes and dtypes.
+    """
+
+    def __init__(self, matvec: Callable, like, *, name: str = "operator", check_finite: bool = False):
+        if not callable(matvec):
+            raise TypeError(f"`matvec` must be callable, got {type(matvec).__name__}.")
+        self._fn = matvec
+        self.like = like
+        self.name = name
+        self.check_finite = check_finite
+
+    def _apply(self, v):
+        return self._fn(v)
+
+    def _children(self):
+        return (self.like,)
+
+    def _static(self):
+        return (self._fn, self.name, self.check_finite)
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        fn, name, check = static
+        return cls(fn, children[0], name=name, check_finite=check)
+
+
+class DenseOperator(LinearOperator):
+    """A dense symmetric matrix acting on pytrees shaped like ``like``.
+
+    If ``like`` is omitted, vectors are flat arrays of length ``n``.
+    """
+
+    def __init__(self, matrix, like=None, *, name: str = "dense", check_finite: bool = False):
+        matrix = jnp.asarray(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"`matrix` must be square, got shape {matrix.shape}.")
+        if like is None:
+            like = jax.ShapeDtypeStruct((matrix.shape[0],), matrix.dtype)
+        elif tu.size(like) != matrix.shape[0]:
+            raise ValueError(f"`like` has {tu.size(like)} entries but the matrix is {matrix.shape[0]} x "
+                             f"{matrix.shape[0]}.")
+        self.matrix = matrix
+        self.like = _as_zeros(like)
+        self.name = name
+        self.check_finite = check_finite
+
+    def _apply(self, v):
+        flat = tu.ravel(v)
+        return tu.unravel_fn(self.like)(self.matrix.astype(flat.dtype) @ flat)
+
+    def _children(self):
+        return (self.matrix, self.like)
+
+    def _static(self):
+        return (self.name, self.check_finite)
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        op = object.__new__(cls)
+        op.matrix, op.like = children
+        op.name, op.check_finite = static
+        return op
+
+
+def _as_zeros(like):
+    return jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
+    )
+
+
+def from_matvec(matvec: Callable, like, *, name: str = "operator", check_finite: bool = False) -> MatvecOperator:
+    """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``."""
+    return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
+
+
+def from_dense(matrix, like=None, *, name: str = "dense") -> DenseOperator:
+    """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``)."""
+    return DenseOperator(matrix, like, name=name)
+
+
+def as_operator(op, like=None) -> LinearOperator:
+    """Coerce ``op`` to a :class:`LinearOperator`.
+
+    Accepts a :class:`LinearOperator`, a callable ``matvec`` together with an
+    example pytree ``like``, or a dense square array.
+    """
+    if isinstance(op, LinearOperator):
+        return op
+    if callable(op):
+        if like is None:
+            raise TypeError("A plain matvec function needs an example vector: pass `like=` (a pytree "
+                            "shaped like the vectors it acts on).")
+        return MatvecOperator(op, like)
+    if hasattr(op, "shape") and len(getattr(op, "shape")) == 2:
+        return DenseOperator(op, like)
+    raise TypeError(
+        f"Expected an hvp operator, a matvec callable with `like=`, or a square matrix; got "
+        f"{type(op).__name__}."
+    )
+
+
+def math_prod(shape) -> int:
+    return int(math.prod(shape))

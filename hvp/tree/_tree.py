@@ -1,0 +1,325 @@
+"""Pytree arithmetic shared by every layer of :mod:`hvp`.
+
+Everything in :mod:`hvp` works on parameter pytrees directly: a vector is a
+pytree with the same structure, shapes and dtypes as the parameters, and a
+block of ``k`` vectors is the same pytree with a leading axis of length ``k``
+on every leaf. These helpers never ravel to one flat vector (except
+:func:`ravel`, which exists for dense validation), so each leaf keeps its own
+shape and its own sharding.
+
+Reductions (:func:`dot`, :func:`norm`) accumulate in the leaves' dtype and
+return a scalar array; they are safe to call under ``jit`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+__all__ = [
+    "PyTree",
+    "dot",
+    "vdot_batched",
+    "norm",
+    "add",
+    "sub",
+    "scale",
+    "axpy",
+    "zeros_like",
+    "ones_like",
+    "size",
+    "rademacher_like",
+    "normal_like",
+    "ravel",
+    "unravel_fn",
+    "stack",
+    "unstack",
+    "index",
+    "leading_dim",
+    "leaf_paths",
+    "path_str",
+    "assert_same_structure",
+    "assert_floating",
+    "all_finite",
+    "nonfinite_leaves",
+    "leaf_norms",
+    "leaf_dots",
+    "cast",
+    "map",
+]
+
+
+def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
+    """``jax.tree_util.tree_map`` (re-exported so that callers use one name)."""
+    return jax.tree_util.tree_map(fn, tree, *rest)
+
+
+def dot(a: PyTree, b: PyTree) -> jax.Array:
+    """Euclidean inner product ``<a, b>`` summed over all leaves."""
+    leaves = [jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+    if not leaves:
+        return jnp.zeros(())
+    return sum(leaves[1:], leaves[0])
+
+
+def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
+    """Per-leaf inner products ``<a_l, b_l>``, as a pytree of scalars."""
+    return jax.tree_util.tree_map(lambda x, y: jnp.vdot(x, y), a, b)
+
+
+def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
+    """Inner products of each row of ``stacked`` (leading axis ``k``) with ``b``: shape ``(k,)``."""
+    parts = [
+        jnp.tensordot(x.reshape(x.shape[0], -1), y.reshape(-1), axes=1)
+        for x, y in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(b))
+    ]
+    return sum(parts[1:], parts[0])
+
+
+def norm(a: PyTree) -> jax.Array:
+    """Euclidean norm over all leaves."""
+    return jnp.sqrt(dot(a, a))
+
+
+def leaf_norms(a: PyTree) -> PyTree:
+    """Per-leaf Euclidean norms, as a pytree of scalars shaped like ``a``."""
+    return jax.tree_util.tree_map(lambda x: jnp.sqrt(jnp.vdot(x, x)), a)
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
+def scale(alpha, a: PyTree) -> PyTree:
+    """``alpha * a`` (``alpha`` is cast to each leaf's dtype)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(alpha, x.dtype) * x, a)
+
+
+def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y`` leaf by leaf."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.asarray(alpha, a.dtype) * a + b, x, y)
+
+
+def zeros_like(a: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.zeros_like, a)
+
+
+def ones_like(a: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.ones_like, a)
+
+
+def cast(a: PyTree, dtype) -> PyTree:
+    """Cast every leaf to ``dtype`` (``None`` leaves it unchanged)."""
+    if dtype is None:
+        return a
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), a)
+
+
+def size(a: PyTree) -> int:
+    """Number of scalar entries over all leaves (a Python int, static)."""
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(a)))
+
+
+def _split_key(key: jax.Array, like: PyTree):
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    keys = jax.random.split(key, max(len(leaves), 1))[: len(leaves)]
+    return leaves, treedef, keys
+
+
+def rademacher_like(key: jax.Array, like: PyTree) -> PyTree:
+    """A random pytree like ``like`` with i.i.d. +-1 entries (same shapes, dtypes, sharding)."""
+    leaves, treedef, keys = _split_key(key, like)
+    out = [
+        _keep_sharding(jax.random.rademacher(k, jnp.shape(x), dtype=jnp.result_type(x)), x)
+        for k, x in zip(keys, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def normal_like(key: jax.Array, like: PyTree) -> PyTree:
+    """A random pytree like ``like`` with i.i.d. standard normal entries."""
+    leaves, treedef, keys = _split_key(key, like)
+    out = [
+        _keep_sharding(jax.random.normal(k, jnp.shape(x), dtype=jnp.result_type(x)), x)
+        for k, x in zip(keys, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _keep_sharding(new: jax.Array, like) -> jax.Array:
+    """Place ``new`` with ``like``'s sharding when ``like`` is a concrete, sharded array."""
+    sharding = getattr(like, "sharding", None)
+    if sharding is None or isinstance(like, jax.core.Tracer) or isinstance(new, jax.core.Tracer):
+        return new
+    try:
+        if len(sharding.device_set) > 1:
+            return jax.device_put(new, sharding)
+    except Exception:  # pragma: no cover - exotic shardings
+        pass
+    return new
+
+
+def ravel(a: PyTree) -> jax.Array:
+    """Concatenate all leaves into one flat vector (for dense validation only)."""
+    leaves = jax.tree_util.tree_leaves(a)
+    if not leaves:
+        return jnp.zeros((0,))
+    return jnp.concatenate([jnp.ravel(x) for x in leaves])
+
+
+def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
+    """Inverse of :func:`ravel` for pytrees shaped like ``like``."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    shapes = [jnp.shape(x) for x in leaves]
+    dtypes = [jnp.result_type(x) for x in leaves]
+    sizes = [math.prod(s) for s in shapes]
+    offsets = np.cumsum([0] + sizes)
+
+    def unravel(flat: jax.Array) -> PyTree:
+        out = [
+            flat[offsets[i] : offsets[i + 1]].reshape(shapes[i]).astype(dtypes[i])
+            for i in range(len(leaves))
+        ]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return unravel
+
+
+def stack(trees) -> PyTree:
+    """Stack a list of like-shaped pytrees along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(stacked: PyTree) -> list:
+    """Inverse of :func:`stack`."""
+    n = leading_dim(stacked)
+    return [index(stacked, i) for i in range(n)]
+
+
+def index(stacked: PyTree, i) -> PyTree:
+    """Row ``i`` of a stacked pytree."""
+    return jax.tree_util.tree_map(lambda x: x[i], stacked)
+
+
+def leading_dim(tree: PyTree) -> int:
+    """The common leading-axis length of all leaves; raises if they disagree."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError("The pytree has no array leaves, so it has no leading axis.")
+    dims = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if None in dims:
+        raise ValueError("A leaf of the pytree is a scalar and has no leading (example) axis.")
+    if len(dims) != 1:
+        raise ValueError(f"Leaves disagree on the leading axis length: {sorted(dims)}.")
+    return dims.pop()
+
+
+def path_str(path) -> str:
+    """A readable ``a/b/0/kernel`` string for a ``jax.tree_util`` key path."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(str(k.name))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:  # pragma: no cover
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """The ``path_str`` of every leaf, in ``tree_leaves`` order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _describe(tree: PyTree) -> list[tuple[str, tuple, Any]]:
+    return [
+        (path_str(p), tuple(np.shape(x)), jnp.result_type(x))
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def assert_same_structure(v: PyTree, like: PyTree, *, name: str = "v", like_name: str = "params",
+                          check_dtype: bool = True, leading: int = 0) -> None:
+    """Raise a clear ``ValueError`` if ``v`` is not shaped like ``like``.
+
+    ``leading`` extra leading axes on ``v``'s leaves are allowed (e.g. 1 for a
+    stacked block of vectors).
+    """
+    t_v = jax.tree_util.tree_structure(v)
+    t_l = jax.tree_util.tree_structure(like)
+    if t_v != t_l:
+        raise ValueError(
+            f"`{name}` must have the same pytree structure as `{like_name}`.\n"
+            f"  {name}: {t_v}\n  {like_name}: {t_l}\n"
+            f"Build it with e.g. `jax.tree_util.tree_map(jnp.zeros_like, {like_name})` "
+            f"or `hvp.tree.normal_like(key, {like_name})`."
+        )
+    lead_shape = None
+    for (path, s_v, d_v), (_, s_l, d_l) in zip(_describe(v), _describe(like)):
+        core = s_v[leading:]
+        if core != s_l or len(s_v) < leading:
+            raise ValueError(
+                f"Leaf '{path or '<root>'}' of `{name}` has shape {s_v} but `{like_name}` has {s_l}"
+                + (f" (with {leading} leading batch axis expected)" if leading else "")
+                + ". Every leaf must match the parameters' shapes."
+            )
+        if leading:
+            if lead_shape is None:
+                lead_shape = s_v[:leading]
+            elif s_v[:leading] != lead_shape:
+                raise ValueError(
+                    f"Leaf '{path}' of `{name}` has leading axes {s_v[:leading]} but another leaf has "
+                    f"{lead_shape}; a block of vectors needs the same leading axis on every leaf."
+                )
+        if check_dtype and d_v != d_l:
+            raise ValueError(
+                f"Leaf '{path or '<root>'}' of `{name}` has dtype {d_v} but `{like_name}` has {d_l}. "
+                f"Cast it with `hvp.tree.cast({name}, ...)` or build it from `{like_name}`."
+            )
+
+
+def assert_floating(tree: PyTree, *, name: str = "params") -> None:
+    """Raise ``TypeError`` if any leaf is not a floating-point array."""
+    bad = [(p, d) for p, _, d in _describe(tree) if not jnp.issubdtype(d, jnp.floating)]
+    if bad:
+        listing = ", ".join(f"'{p or '<root>'}' ({d})" for p, d in bad[:5])
+        raise TypeError(
+            f"All leaves of `{name}` must be floating-point arrays; found {listing}"
+            + (" and more" if len(bad) > 5 else "")
+            + ". Curvature is only defined with respect to real floating parameters: cast them "
+            "(e.g. `.astype(jnp.float32)`) or exclude them with `wrt=`."
+        )
+    if not jax.tree_util.tree_leaves(tree):
+        raise ValueError(f"`{name}` has no array leaves: there is nothing to differentiate.")
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """A scalar bool array: every entry of every leaf is finite."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def nonfinite_leaves(tree: PyTree) -> list[str]:
+    """Paths of the leaves that contain NaN or Inf (forces a host sync)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return []
+    flags = jax.device_get(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in flat]))
+    return [path_str(p) or "<root>" for (p, _), ok in zip(flat, np.asarray(flags)) if not ok]
