@@ -135,8 +135,11 @@ class CurvatureOperator(LinearOperator):
     """
 
     def __init__(self, *, kind, fns, params, full, mask, dataset: Dataset, reduction, lins,
-                 check_finite, name):
+                 check_finite, name, shardings=None):
         self.kind = kind
+        # Per-leaf shardings of the parameters (None for single-device leaves), applied to every
+        # product so that matvecs keep each leaf's sharding, also inside compiled algorithms.
+        self._shardings = _leaf_shardings(params) if shardings is None else shardings
         self._fns = fns
         self.params = params
         self._full = full
@@ -153,15 +156,15 @@ class CurvatureOperator(LinearOperator):
 
     def _static(self):
         return (self.kind, self._fns, self._mask, self.dataset.meta, self.dataset.num_examples,
-                self.reduction, self.check_finite, self.name)
+                self.reduction, self.check_finite, self.name, self._shardings)
 
     @classmethod
     def _rebuild(cls, static, children):
-        kind, fns, mask, meta, n, reduction, check, name = static
+        kind, fns, mask, meta, n, reduction, check, name, shardings = static
         params, full, groups, lins = children
         return cls(kind=kind, fns=fns, params=params, full=full, mask=mask,
                    dataset=Dataset(groups=groups, meta=meta, num_examples=n), reduction=reduction,
-                   lins=lins, check_finite=check, name=name)
+                   lins=lins, check_finite=check, name=name, shardings=shardings)
 
     # public attributes -------------------------------------------------------
     @property
@@ -228,7 +231,27 @@ class CurvatureOperator(LinearOperator):
                 total, _ = lax.scan(body, total, src)
             else:
                 total = tu.axpy(w, mv(src), total)
-        return total
+        return _constrain(total, self._shardings)
+
+
+def _leaf_shardings(params) -> tuple:
+    """Shardings of the concrete, multi-device leaves of ``params`` (``None`` elsewhere)."""
+    out = []
+    for x in jax.tree_util.tree_leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(x, jax.core.Tracer) or s is None or len(s.device_set) <= 1:
+            out.append(None)
+        else:
+            out.append(s)
+    return tuple(out)
+
+
+def _constrain(tree, shardings: tuple):
+    if not any(s is not None for s in shardings):
+        return tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    leaves = [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _prepare(params, data, *, wrt, reduction, check_finite):
