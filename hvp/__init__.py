@@ -23,6 +23,44 @@ from hvp.operators import (
     hvp,
     losses,
 )
+from hvp.linalg import (
+    DiagonalResult,
+    EigshResult,
+    FrobeniusResult,
+    PowerResult,
+    SpectralDensity,
+    SpectrumSummary,
+    TraceResult,
+    diagonal,
+    eigsh,
+    frobenius_norm,
+    power_iteration,
+    spectral_density,
+    spectrum_summary,
+    trace,
+    wasserstein1,
+)
+
+_LAZY = {
+    "flax": ("hvp.flax", None),
+    "monitor": ("hvp.monitor", None),
+    "analysis": ("hvp.analysis", None),
+    "CurvatureMonitor": ("hvp.monitor", "CurvatureMonitor"),
+    "analyze": ("hvp.analysis", "analyze"),
+}
+
+
+def __getattr__(name):
+    # Integrations import Flax/Orbax/matplotlib: load them on first use so `import hvp` stays light.
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hvp' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -37,4 +75,24 @@ __all__ = [
     "hessian",
     "hvp",
     "losses",
+    "DiagonalResult",
+    "EigshResult",
+    "FrobeniusResult",
+    "PowerResult",
+    "SpectralDensity",
+    "SpectrumSummary",
+    "TraceResult",
+    "diagonal",
+    "eigsh",
+    "frobenius_norm",
+    "power_iteration",
+    "spectral_density",
+    "spectrum_summary",
+    "trace",
+    "wasserstein1",
+    "CurvatureMonitor",
+    "analyze",
+    "flax",
+    "monitor",
+    "analysis",
 ]

@@ -15,6 +15,7 @@ concatenated data set (see :class:`Dataset`).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 from typing import Any
 
@@ -80,6 +81,8 @@ def is_batch_sequence(data: Any) -> bool:
         return False
     if np.isscalar(data) or data is None:
         return False
+    if isinstance(data, collections.abc.Iterator):  # generators: never hand them to tree_leaves
+        return True
     return hasattr(data, "__iter__") and not _is_registered_pytree_node(data)
 
 

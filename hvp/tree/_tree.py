@@ -130,30 +130,64 @@ def size(a: PyTree) -> int:
     return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(a)))
 
 
-def _split_key(key: jax.Array, like: PyTree):
+def _fmix32(x):
+    """MurmurHash3's 32-bit finaliser: a bijective integer mixer with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _leaf_bits(seeds, shape):
+    """Counter-based uint32 bits of a leaf: ``fmix(fmix(index ^ s0) + s1)`` over its linear index."""
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % (1 << 32))
+        stride *= shape[d]
+    return _fmix32(_fmix32(idx ^ seeds[0]) + seeds[1])
+
+
+def _random_like(key, like, kind: str):
+    """Random pytree like ``like``, generated leaf by leaf in each leaf's own shape.
+
+    One threefry call (``jax.random.bits``) draws four 32-bit seeds per leaf;
+    the entries are a counter-based hash of (seed, linear index). This is
+    elementwise in the leaf's shape (so it partitions like the leaf under
+    ``jit``) and compiles an order of magnitude faster than one
+    ``jax.random`` call per leaf, especially under ``vmap`` over many probes,
+    while being statistically adequate for probe vectors (MurmurHash3's
+    finaliser has full avalanche). Normal entries use Box-Muller on 24-bit
+    uniforms.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, max(len(leaves), 1))[: len(leaves)]
-    return leaves, treedef, keys
+    seeds = jax.random.bits(key, (max(len(leaves), 1), 4), jnp.uint32)
+    out = []
+    for i, x in enumerate(leaves):
+        shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
+        if kind == "rademacher":
+            b = _leaf_bits(seeds[i, :2], shape)
+            val = jnp.where((b >> 31) == 1, 1.0, -1.0).astype(dtype)
+        else:
+            u1 = ((_leaf_bits(seeds[i, :2], shape) >> 8).astype(jnp.float32) + 1.0) * (2.0 ** -24)
+            u2 = (_leaf_bits(seeds[i, 2:], shape) >> 8).astype(jnp.float32) * (2.0 ** -24)
+            val = (jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)).astype(dtype)
+        out.append(_keep_sharding(val, x))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def rademacher_like(key: jax.Array, like: PyTree) -> PyTree:
-    """A random pytree like ``like`` with i.i.d. +-1 entries (same shapes, dtypes, sharding)."""
-    leaves, treedef, keys = _split_key(key, like)
-    out = [
-        _keep_sharding(jax.random.rademacher(k, jnp.shape(x), dtype=jnp.result_type(x)), x)
-        for k, x in zip(keys, leaves)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """A random pytree like ``like`` with i.i.d. +-1 entries (same shapes, dtypes, sharding).
+
+    Deterministic: the same key gives the same pytree, also under ``vmap``.
+    """
+    return _random_like(key, like, "rademacher")
 
 
 def normal_like(key: jax.Array, like: PyTree) -> PyTree:
-    """A random pytree like ``like`` with i.i.d. standard normal entries."""
-    leaves, treedef, keys = _split_key(key, like)
-    out = [
-        _keep_sharding(jax.random.normal(k, jnp.shape(x), dtype=jnp.result_type(x)), x)
-        for k, x in zip(keys, leaves)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """A random pytree like ``like`` with i.i.d. standard normal entries (see :func:`rademacher_like`)."""
+    return _random_like(key, like, "normal")
 
 
 def _keep_sharding(new: jax.Array, like) -> jax.Array:
