@@ -3,7 +3,19 @@
 """
 
 # --- eigen: Lanczos / power iteration / spectral density (owned by the eigen work) ---
+from hvp.linalg._lanczos import EigshResult, eigsh  # noqa: E402
+from hvp.linalg._power import PowerResult, power_iteration  # noqa: E402
+from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1  # noqa: E402
+from hvp.linalg._summary import SpectrumSummary, spectrum_summary  # noqa: E402
+
+_EIGEN_ALL = [
+    "eigsh", "EigshResult", "power_iteration", "PowerResult", "spectral_density", "SpectralDensity",
+    "TraceFnEstimate", "wasserstein1", "spectrum_summary", "SpectrumSummary",
+]
 # --- end eigen ---
 
 # --- estimators: trace / diagonal / Frobenius (owned by the estimator work) ---
+from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal  # noqa: E402
+from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm  # noqa: E402
+from hvp.linalg._trace import TraceResult, trace  # noqa: E402
 # --- end estimators ---

@@ -304,7 +304,9 @@ def hessian(loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean
     return op
 
 
+@jax.jit
 def _linearize_all(op: CurvatureOperator):
+    """Linearise the gradient of every batch once, in one compiled call (returns ``Partial``s)."""
     loss_fn = op._fns[0]
 
     def lin(batch):

@@ -1,0 +1,250 @@
+r"""Stochastic estimation of the diagonal of an operator, and per-leaf traces.
+
+Bekas, Kokiopoulou & Saad (*An estimator for the diagonal of a matrix*, Appl.
+Numer. Math. 57, 2007): for i.i.d. Rademacher probes :math:`z_k`
+(:math:`z_k \odot z_k = 1`),
+
+.. math:: \hat d = \frac1m \sum_{k=1}^m z_k \odot A z_k, \qquad
+          (z \odot A z)_i = A_{ii} + \sum_{j \ne i} z_i z_j A_{ij},
+
+so every entry is an average of i.i.d. samples with mean :math:`A_{ii}` and
+variance :math:`\sum_{j\ne i} A_{ij}^2`; its standard error is the per-entry
+sample standard deviation over :math:`\sqrt m`. The mean and the centred sum of
+squares are accumulated chunk by chunk (Chan, Golub & LeVeque's pairwise
+update), so memory stays at a few parameter-sized pytrees whatever ``m``.
+
+The trace of each leaf's diagonal block, :math:`\operatorname{tr}(A_{\ell\ell})
+= \sum_{i \in \ell} A_{ii}`, is estimated from the per-probe sums
+:math:`z_{k,\ell}^\top (A z_k)_\ell` (also i.i.d. across probes), which are kept
+(``m`` scalars per leaf) so that :meth:`DiagonalResult.sum_by_leaf` has an
+honest standard error: summing per-entry standard errors would ignore the
+correlations between the entries of one probe.
+
+With ``num_matvecs >= n`` the diagonal is computed exactly from the ``n``
+products :math:`A e_i` (``method="exact"``, zero standard errors).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hvp import tree as tu
+from hvp.linalg._trace import (
+    TraceResult,
+    _mean_se,
+    _normal_quantile,
+    check_chunk,
+    check_int,
+    check_key,
+    coerce_operator,
+    exact_map,
+    probes,
+    raise_if_nonfinite,
+)
+
+__all__ = ["DiagonalResult", "LeafTraces", "diagonal"]
+
+PyTree = Any
+
+
+@tu.result(static=("num_matvecs", "method"))
+class LeafTraces:
+    """Traces of diagonal blocks (per leaf, or per group of leaves) with standard errors.
+
+    Attributes:
+      estimate: a pytree shaped like the parameters with one scalar per leaf
+        (:meth:`DiagonalResult.sum_by_leaf`), or a ``{group: scalar}`` dict
+        (:meth:`DiagonalResult.sum_by`).
+      std_error: the same structure: standard errors from the per-probe sums.
+      num_matvecs: operator products behind the estimate.
+      method: ``"hutchinson"`` or ``"exact"``.
+    """
+
+    estimate: PyTree
+    std_error: PyTree
+    num_matvecs: int
+    method: str = "hutchinson"
+
+    def confidence_interval(self, level: float = 0.95):
+        """Per-entry normal intervals ``(lower, upper)``, each with the structure of ``estimate``."""
+        z = _normal_quantile(level)
+        lo = jax.tree_util.tree_map(lambda e, s: e - z * s, self.estimate, self.std_error)
+        hi = jax.tree_util.tree_map(lambda e, s: e + z * s, self.estimate, self.std_error)
+        return lo, hi
+
+
+def _stats(samples: jax.Array, exact: bool):
+    if exact:
+        return jnp.sum(samples), jnp.zeros((), samples.dtype)
+    return _mean_se(samples)
+
+
+@tu.result(static=("num_matvecs", "method"))
+class DiagonalResult:
+    """Estimate of :math:`\\operatorname{diag}(A)` as a pytree shaped like the parameters.
+
+    Attributes:
+      estimate: the diagonal, a pytree like the parameters.
+      std_error: per-entry standard errors (same pytree).
+      num_matvecs: operator products spent.
+      method: ``"hutchinson"`` (Bekas et al. 2007) or ``"exact"`` (``num_matvecs >= n``).
+      leaf_samples: per-probe leaf sums :math:`z_{k,\\ell}^\\top (A z_k)_\\ell`, one
+        ``(m,)`` array per leaf (for ``"exact"``: the exact leaf traces, shape ``(1,)``).
+    """
+
+    estimate: PyTree
+    std_error: PyTree
+    num_matvecs: int
+    leaf_samples: PyTree
+    method: str = "hutchinson"
+
+    @property
+    def _exact(self) -> bool:
+        return self.method == "exact"
+
+    def sum_by_leaf(self) -> LeafTraces:
+        """Trace of each leaf's diagonal block (e.g. per layer kernel / bias) with honest standard errors.
+
+        The estimate of leaf ``l`` equals the sum of ``estimate``'s entries in
+        that leaf; its standard error comes from the per-probe leaf sums.
+        """
+        pairs = jax.tree_util.tree_map(lambda s: _stats(s, self._exact), self.leaf_samples)
+        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+        est = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
+        se = jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=is_pair)
+        return LeafTraces(estimate=est, std_error=se, num_matvecs=self.num_matvecs, method=self.method)
+
+    def sum_by(self, group: Callable[[str], str]) -> LeafTraces:
+        """Traces of groups of leaves, e.g. per layer: ``group(path) -> name``.
+
+        ``path`` is the leaf's ``"a/b/kernel"`` path (:func:`hvp.tree.path_str`);
+        leaves mapped to the same name are summed per probe before the mean and
+        standard error are taken. Returns a :class:`LeafTraces` whose
+        ``estimate``/``std_error`` are ``{name: scalar}`` dicts in first-seen order.
+        Example: ``res.sum_by(lambda p: p.rsplit("/", 1)[0])`` gives per-layer traces.
+        """
+        if not callable(group):
+            raise TypeError("`group` must be a function from a leaf path (str) to a group name (str).")
+        paths = tu.leaf_paths(self.leaf_samples)
+        groups: dict[str, jax.Array] = {}
+        for path, s in zip(paths, jax.tree_util.tree_leaves(self.leaf_samples)):
+            name = group(path)
+            groups[name] = s if name not in groups else groups[name] + s
+        est, se = {}, {}
+        for name, s in groups.items():
+            est[name], se[name] = _stats(s, self._exact)
+        return LeafTraces(estimate=est, std_error=se, num_matvecs=self.num_matvecs, method=self.method)
+
+    def trace(self) -> TraceResult:
+        """The Hutchinson trace estimate from the same probes (sum of all leaf samples)."""
+        leaves = jax.tree_util.tree_leaves(self.leaf_samples)
+        total = sum(leaves[1:], leaves[0])
+        est, se = _stats(total, self._exact)
+        return TraceResult(estimate=est, std_error=se, num_matvecs=self.num_matvecs,
+                           method="exact" if self._exact else "hutchinson", samples=total)
+
+
+def _chan_update(acc, block_n: int, block_mean, block_m2):
+    """Merge (count, mean, M2) with a block's statistics (Chan, Golub & LeVeque 1979)."""
+    n_a, mean_a, m2_a = acc
+    n = n_a + block_n
+    frac = block_n / n
+
+    def mean_fn(ma, mb):
+        return ma + (mb - ma) * frac.astype(ma.dtype)
+
+    def m2_fn(qa, qb, ma, mb):
+        d = mb - ma
+        return qa + qb + (d * d) * (n_a * frac).astype(d.dtype)
+
+    return (n, tu.map(mean_fn, mean_a, block_mean), tu.map(m2_fn, m2_a, block_m2, mean_a, block_mean))
+
+
+def _block_stats(op, key, start, size: int):
+    zs = probes(key, op.like, size, "rademacher", start=start)
+    azs = jax.vmap(op._apply)(zs)
+    prods = tu.map(jnp.multiply, zs, azs)                       # z * A z, per probe
+    mean = tu.map(lambda x: jnp.mean(x, axis=0), prods)
+    m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
+    leaf_sums = tu.map(lambda x: jnp.sum(x.reshape(x.shape[0], -1), axis=1), prods)
+    return mean, m2, leaf_sums
+
+
+@partial(jax.jit, static_argnames=("num_matvecs", "chunk"))
+def _diagonal(op, key, *, num_matvecs: int, chunk: int | None):
+    m = num_matvecs
+    c = m if chunk is None else min(chunk, m)
+    n_full, rem = divmod(m, c)
+    like = op.like
+    acc = (jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
+           tu.zeros_like(like), tu.zeros_like(like))
+
+    def body(acc, b):
+        mean, m2, sums = _block_stats(op, key, b * c, c)
+        return _chan_update(acc, c, mean, m2), sums
+
+    acc, sums = lax.scan(body, acc, jnp.arange(n_full))
+    sums = tu.map(lambda x: x.reshape(-1), sums)
+    if rem:
+        mean, m2, rsums = _block_stats(op, key, n_full * c, rem)
+        acc = _chan_update(acc, rem, mean, m2)
+        sums = tu.map(lambda a, b: jnp.concatenate([a, b]), sums, rsums)
+    _, mean, m2 = acc
+    if m >= 2:
+        se = tu.map(lambda q: jnp.sqrt(q / (m - 1)) / math.sqrt(m), m2)
+    else:
+        se = tu.map(lambda x: jnp.full_like(x, jnp.inf), mean)
+    return mean, se, sums
+
+
+@partial(jax.jit, static_argnames=("chunk",))
+def _exact_diagonal(op, *, chunk: int | None):
+    unravel = tu.unravel_fn(op.like)
+    diag = unravel(exact_map(op, tu.dot, chunk))
+    sums = tu.map(lambda x: jnp.sum(x).reshape(1), diag)
+    return diag, tu.zeros_like(diag), sums
+
+
+def diagonal(op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None) -> DiagonalResult:
+    r"""Estimate :math:`\operatorname{diag}(A)` (Bekas, Kokiopoulou & Saad 2007).
+
+    :math:`\hat d = \frac1m\sum_k z_k \odot A z_k` with Rademacher probes; the
+    per-entry standard error is the sample standard deviation of
+    :math:`z_k \odot A z_k` over :math:`\sqrt m` (the error falls like
+    :math:`1/\sqrt m`; the variance of entry ``i`` is :math:`\sum_{j\ne i} A_{ij}^2`).
+
+    Args:
+      op: a :class:`~hvp.LinearOperator`, a ``matvec`` callable (with ``like=``)
+        or a dense square matrix.
+      key: a JAX PRNG key; the same key gives the same result (probe ``k`` is
+        drawn from ``fold_in(key, k)``, the same probes as :func:`hvp.linalg.trace`
+        with ``method="hutchinson"``).
+      num_matvecs: number of probes (products), >= 1; with ``num_matvecs >= n``
+        the exact diagonal is computed from ``n`` products.
+      chunk_size: at most this many products at once (a ``lax.scan`` over
+        chunks keeps the memory at a few parameter-sized pytrees); ``None``: all at once.
+      like: example pytree of the vectors when ``op`` is a plain callable.
+
+    Returns:
+      :class:`DiagonalResult`: ``estimate`` and ``std_error`` shaped like the
+      parameters, ``num_matvecs``, and :meth:`~DiagonalResult.sum_by_leaf` /
+      :meth:`~DiagonalResult.sum_by` / :meth:`~DiagonalResult.trace` for block traces.
+    """
+    op = coerce_operator(op, like)
+    check_key(key)
+    num_matvecs = check_int("num_matvecs", num_matvecs, minimum=1)
+    chunk = check_chunk(chunk_size)
+    if num_matvecs >= op.size:
+        est, se, sums = _exact_diagonal(op, chunk=chunk)
+        res = DiagonalResult(estimate=est, std_error=se, num_matvecs=op.size, leaf_samples=sums, method="exact")
+    else:
+        est, se, sums = _diagonal(op, key, num_matvecs=num_matvecs, chunk=chunk)
+        res = DiagonalResult(estimate=est, std_error=se, num_matvecs=num_matvecs, leaf_samples=sums)
+    raise_if_nonfinite(op, "diagonal estimate", *jax.tree_util.tree_leaves(res.estimate))
+    return res
