@@ -207,7 +207,7 @@ class MatvecOperator(LinearOperator):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable, got {type(matvec).__name__}.")
         self._fn = matvec
-        self.like = like
+        self.like = _as_zeros(like)
         self.name = name
         self.check_finite = check_finite
 

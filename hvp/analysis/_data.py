@@ -1,0 +1,226 @@
+"""Data specs: where the batches for an analysis come from.
+
+A data spec is one of
+
+* ``"digits"``: the handwritten digits bundled with scikit-learn (1,797 8x8
+  images, 10 classes; no download), as ``(x, y)`` with ``x`` of shape
+  ``(N, 64)`` scaled to ``[0, 1]`` and integer labels ``y``;
+  ``"digits:images"`` gives ``x`` of shape ``(N, 8, 8, 1)`` (NHWC) for
+  convolutional models;
+* the path of a ``.npz`` file holding the arrays ``x`` and ``y`` (or
+  ``inputs`` and ``targets``), with a leading example axis;
+* ``"module.path:function"`` or ``"path/to/file.py:function"``: a function
+  called without arguments (or with ``batch_size=`` when it accepts that
+  keyword) that returns one batch or an iterable (list, generator) of batches.
+  A batch is any pytree of arrays with a leading example axis: ``(inputs,
+  targets)`` or a dict with keys ``inputs``/``targets``, ``x``/``y`` or
+  ``image``/``label``.
+
+Arrays (digits, ``.npz``) are cut into consecutive batches of ``batch_size``
+examples (the last one may be smaller; the curvature operators weight batches
+by size, so the result is the curvature of the mean loss over all the
+examples used). ``num_batches`` keeps only the first batches (of any kind of
+spec). Floating arrays are cast to the analysis dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hvp.analysis._errors import AnalysisError
+from hvp.analysis._specs import resolve_callable
+
+__all__ = ["DataSet", "load_data", "digits"]
+
+_KEY_PAIRS = (("x", "y"), ("inputs", "targets"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """Batches ready for a curvature operator.
+
+    Attributes:
+      batches: list of batches (pytrees of arrays with a leading example axis).
+      num_examples: total number of examples over the batches.
+      spec: a description of where they came from.
+    """
+
+    batches: list
+    num_examples: int
+    spec: str
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches)
+
+
+def digits(*, images: bool = False, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: ``x`` in ``[0, 1]`` (``(N, 64)``, or ``(N, 8, 8, 1)``), int32 labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - scikit-learn is a test/demo dependency
+        raise AnalysisError(
+            "The 'digits' data set needs scikit-learn: pip install scikit-learn (or hvp-jax[demo])."
+        ) from e
+    d = load_digits()
+    x = (d.images / 16.0).astype(dtype)
+    x = x[..., None] if images else x.reshape(len(x), -1)
+    return x, d.target.astype(np.int32)
+
+
+def _split(arrays, batch_size: int | None, num_batches: int | None) -> list:
+    n = len(jax.tree_util.tree_leaves(arrays)[0])
+    if n == 0:
+        return []
+    bs = n if batch_size is None else batch_size
+    starts = range(0, n, bs)
+    if num_batches is not None:
+        starts = list(starts)[:num_batches]
+    return [jax.tree_util.tree_map(lambda a, s=s: a[s:s + bs], arrays) for s in starts]
+
+
+def _load_npz(path: Path):
+    if not path.is_file():
+        raise AnalysisError(f"The data file '{path}' does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise AnalysisError(f"Cannot read the data file '{path}' as .npz: {type(e).__name__}: {e}") from e
+    for a, b in _KEY_PAIRS:
+        if a in files and b in files:
+            x, y = files[a], files[b]
+            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+                raise AnalysisError(
+                    f"The data file '{path}': '{a}' has shape {x.shape} and '{b}' has shape {y.shape}; both "
+                    "need the same leading (example) axis."
+                )
+            return (x, y)
+    raise AnalysisError(
+        f"The data file '{path}' holds the arrays {sorted(files)}; it needs 'x' and 'y' (or 'inputs' and "
+        "'targets')."
+    )
+
+
+def _is_single_batch(obj) -> bool:
+    if isinstance(obj, (tuple, dict, np.ndarray, jax.Array)):
+        return True
+    return False
+
+
+def _call_function(fn: Callable, spec: str, batch_size: int | None):
+    kwargs = {}
+    try:
+        params = inspect.signature(fn).parameters
+        if batch_size is not None and "batch_size" in params:
+            kwargs["batch_size"] = batch_size
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        pass
+    try:
+        return fn(**kwargs)
+    except Exception as e:
+        raise AnalysisError(f"The data function '{spec}' raised {type(e).__name__}: {e}") from e
+
+
+def _cast_batch(batch, dtype):
+    def cast(a):
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.floating) and dtype is not None:
+            return jnp.asarray(a, dtype=dtype)
+        if np.issubdtype(a.dtype, np.integer):
+            return jnp.asarray(a, dtype=jnp.int32)
+        return jnp.asarray(a)
+
+    return jax.tree_util.tree_map(cast, batch)
+
+
+def _check_batch(batch, i: int) -> int:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise AnalysisError(f"Batch {i} of the data has no arrays.")
+    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
+    if -1 in sizes:
+        raise AnalysisError(f"Batch {i} of the data holds a scalar; every array needs a leading example axis.")
+    if len(sizes) != 1:
+        raise AnalysisError(
+            f"The arrays of batch {i} disagree on the number of examples (leading axis sizes "
+            f"{sorted(sizes)})."
+        )
+    return sizes.pop()
+
+
+def load_data(spec: Any, *, batch_size: int | None = 256, num_batches: int | None = None, dtype=None,
+              progress=None) -> DataSet:
+    """Load the batches named by a data spec (see the module docstring).
+
+    From Python, ``spec`` may also be a batch, a list of batches or ``(x, y)`` arrays.
+
+    Args:
+      spec: the data spec.
+      batch_size: examples per batch when cutting arrays (``None``: one batch).
+      num_batches: keep only the first batches (``None``: all).
+      dtype: floating arrays are cast to it (integer arrays become int32).
+      progress: optional callable ``progress(num_batches_read)``.
+
+    Raises:
+      AnalysisError: unknown spec, missing or unreadable file, wrong keys,
+        a data function that fails, or an empty data set.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise AnalysisError(f"--batch-size must be a positive integer, got {batch_size}.")
+    if num_batches is not None and num_batches < 1:
+        raise AnalysisError(f"--num-batches must be a positive integer, got {num_batches}.")
+    if isinstance(spec, str):
+        name = spec
+        if spec in ("digits", "digits:images"):
+            batches = _split(digits(images=spec.endswith(":images")), batch_size, num_batches)
+        elif spec.endswith(".npz"):
+            batches = _split(_load_npz(Path(spec)), batch_size, num_batches)
+        elif ":" in spec:
+            out = _call_function(resolve_callable(spec, what="data spec"), spec, batch_size)
+            if _is_single_batch(out):
+                batches = [out]
+            elif hasattr(out, "__iter__"):
+                it = iter(out)
+                batches = list(itertools.islice(it, num_batches) if num_batches is not None else it)
+            else:
+                raise AnalysisError(
+                    f"The data function '{spec}' returned a {type(out).__name__}; it must return a batch "
+                    "(tuple or dict of arrays) or an iterable of batches."
+                )
+            if num_batches is not None:
+                batches = batches[:num_batches]
+        else:
+            raise AnalysisError(
+                f"Unknown data spec {spec!r}: use 'digits', 'digits:images', a path to a .npz file, or "
+                "'module.path:function' / 'path/to/file.py:function'."
+            )
+    else:
+        name = f"<{type(spec).__name__}>"
+        if isinstance(spec, list):
+            batches = list(spec)[:num_batches] if num_batches is not None else list(spec)
+        elif isinstance(spec, tuple) and len(spec) == 2 and all(hasattr(a, "shape") for a in spec):
+            batches = _split(spec, batch_size, num_batches)
+        else:
+            batches = [spec]
+
+    if not batches:
+        raise AnalysisError(f"The data set '{name}' is empty: it holds no examples.")
+    out, total = [], 0
+    for i, b in enumerate(batches):
+        n = _check_batch(b, i)
+        if n == 0:
+            raise AnalysisError(f"The data set '{name}' is empty: batch {i} has zero examples.")
+        out.append(_cast_batch(b, dtype))
+        total += n
+        if progress is not None:
+            progress(i + 1)
+    return DataSet(batches=out, num_examples=total, spec=name)
