@@ -422,7 +422,7 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
             ds = load_data(data, batch_size=batch_size, num_batches=num_batches, dtype=dtype,
                            progress=st.advance_to)
             timings["load_data"] = time.perf_counter() - t0
-            st.done(f"{ds.num_examples} examples in {ds.num_batches} batches")
+            st.done(f"{ds.num_examples} examples in {ds.num_batches} batch{'es' if ds.num_batches > 1 else ''}")
 
         if out_dir is not None:  # fail before the expensive part if the output cannot be written
             try:
