@@ -9,7 +9,6 @@ alone (the path minus its last component: ``Dense_0/kernel`` and
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvp import tree as tu
+from hvp.linalg import diagonal
 from hvp.operators import as_operator
 
 __all__ = ["layer_of", "group_by_layer", "layer_norms", "layer_trace", "LayerTrace"]
@@ -125,30 +125,6 @@ class LayerTrace:
         return {n: float(e) / total for n, e in zip(self.layers, np.asarray(self.estimate))}
 
 
-def _per_layer_quadratic(zs, azs, index, num_layers):
-    """Per-probe, per-layer ``z_l . (A z)_l``: shape ``(m, num_layers)``."""
-    m = tu.leading_dim(zs)
-    cols = [jnp.zeros((m,), dtype=jnp.result_type(*jax.tree_util.tree_leaves(zs))) for _ in range(num_layers)]
-    for z, az, i in zip(jax.tree_util.tree_leaves(zs), jax.tree_util.tree_leaves(azs), index):
-        cols[i] = cols[i] + jnp.sum((z * az).reshape(m, -1), axis=1)
-    return jnp.stack(cols, axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("index", "num_layers"))
-def _hutchinson_chunk(op, keys, index, num_layers):
-    zs = jax.vmap(lambda k: tu.rademacher_like(k, op.like))(keys)
-    return _per_layer_quadratic(zs, jax.vmap(op._apply)(zs), index, num_layers)
-
-
-@functools.partial(jax.jit, static_argnames=("index", "num_layers", "chunk"))
-def _exact_chunk(op, start, index, num_layers, chunk):
-    n = tu.size(op.like)
-    rows = start + jnp.arange(chunk)
-    basis = (rows[:, None] == jnp.arange(n)[None, :]).astype(op.dtype)  # rows past n are zero
-    zs = jax.vmap(tu.unravel_fn(op.like))(basis)
-    return jnp.sum(_per_layer_quadratic(zs, jax.vmap(op._apply)(zs), index, num_layers), axis=0)
-
-
 def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchinson",
                 chunk_size: int | None = None, layer_fn: Callable[[str], str] = layer_of,
                 like=None) -> LayerTrace:
@@ -164,7 +140,8 @@ def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchins
     full trace. ``method="exact"`` applies ``A`` to every basis vector
     (``n`` products; small models and validation only).
 
-    Probes run ``chunk_size`` at a time in one compiled, vmapped call each.
+    Computed with :func:`hvp.linalg.diagonal` (per-probe leaf sums grouped by
+    layer), ``chunk_size`` probes per compiled, vmapped call.
 
     Args:
       op: a :class:`~hvp.LinearOperator` (e.g. ``problem.hessian(data)``), or a
@@ -181,8 +158,7 @@ def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchins
       A :class:`LayerTrace`.
     """
     op = as_operator(op, like)
-    names, index = _leaf_layer_index(op.like, layer_fn)
-    index, num_layers = tuple(index), len(names)
+    names, _ = _leaf_layer_index(op.like, layer_fn)
     n = op.size
     if method == "hutchinson":
         if key is None:
@@ -190,23 +166,17 @@ def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchins
         if not isinstance(num_matvecs, (int, np.integer)) or num_matvecs < 2:
             raise ValueError(f"`num_matvecs` must be an integer >= 2 (for a standard error), got {num_matvecs!r}.")
         m = int(num_matvecs)
-        chunk = m if chunk_size is None else max(1, min(int(chunk_size), m))
-        num_chunks = -(-m // chunk)
-        keys = jax.random.split(key, num_chunks * chunk)  # the last chunk is padded, extra rows dropped
-        rows = [_hutchinson_chunk(op, keys[c * chunk:(c + 1) * chunk], index, num_layers)
-                for c in range(num_chunks)]
-        samples = np.asarray(jnp.concatenate(rows, axis=0), dtype=np.float64)[:m]
-        est = samples.mean(axis=0)
-        se = samples.std(axis=0, ddof=1) / np.sqrt(m)
-        totals = samples.sum(axis=1)
-        return LayerTrace(layers=tuple(names), estimate=est, std_error=se, total=float(totals.mean()),
-                          total_std_error=float(totals.std(ddof=1) / np.sqrt(m)), num_matvecs=m,
-                          method=method)
-    if method == "exact":
-        chunk = min(n, 256 if chunk_size is None else max(1, int(chunk_size)))
-        acc = np.zeros(num_layers)
-        for start in range(0, n, chunk):
-            acc += np.asarray(_exact_chunk(op, start, index, num_layers, chunk), dtype=np.float64)
-        return LayerTrace(layers=tuple(names), estimate=acc, std_error=np.zeros_like(acc),
-                          total=float(acc.sum()), total_std_error=0.0, num_matvecs=n, method=method)
-    raise ValueError(f"Unknown method {method!r}; use 'hutchinson' or 'exact'.")
+    elif method == "exact":
+        key, m = (jax.random.PRNGKey(0) if key is None else key), n
+    else:
+        raise ValueError(f"Unknown method {method!r}; use 'hutchinson' or 'exact'.")
+    # One estimator for diagonals and block traces: hvp.linalg.diagonal keeps the per-probe leaf
+    # sums, so grouping leaves into layers gives honest standard errors (and is exact for m >= n).
+    diag = diagonal(op, key=key, num_matvecs=m, chunk_size=chunk_size)
+    by_layer = diag.sum_by(layer_fn)
+    total = diag.trace()
+    est = np.array([float(by_layer.estimate[k]) for k in names])
+    se = np.array([float(by_layer.std_error[k]) for k in names])
+    return LayerTrace(layers=tuple(names), estimate=est, std_error=se, total=float(total.estimate),
+                      total_std_error=float(total.std_error), num_matvecs=int(diag.num_matvecs),
+                      method="exact" if diag.method == "exact" else "hutchinson")

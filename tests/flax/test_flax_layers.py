@@ -74,8 +74,8 @@ def test_layer_trace_exact_and_hutchinson_on_dense():
     np.testing.assert_allclose(exact.estimate, [d[:15].sum(), d[15:21].sum(), d[21:23].sum(), d[23]], rtol=1e-12)
     np.testing.assert_allclose(exact.total, np.trace(a), rtol=1e-12)
     assert exact.num_matvecs == n and exact.layers == ("Dense_0", "blocks/0", "blocks/1", "scale")
-    est = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=200, chunk_size=64)
-    assert est.num_matvecs == 200
+    est = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=20, chunk_size=8)  # 20 < n = 24
+    assert est.num_matvecs == 20 and est.method == "hutchinson"
     z = np.abs(est.estimate - exact.estimate) / np.maximum(est.std_error, 1e-300)
     assert np.all(z < 4), z
     assert abs(est.total - np.trace(a)) < 4 * est.total_std_error
@@ -83,10 +83,12 @@ def test_layer_trace_exact_and_hutchinson_on_dense():
     np.testing.assert_allclose(sum(est.fractions().values()), 1.0, rtol=1e-12)
     assert set(est.as_dict()) == set(est.layers)
     # deterministic for a given key
-    again = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=200)
+    again = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=20)
     np.testing.assert_allclose(again.estimate, est.estimate, rtol=1e-12)
     d = est.to_dict()
     assert d["method"] == "hutchinson" and len(d["estimate"]) == 4
+    # a budget of at least n probes is spent on the exact answer instead
+    assert hf.layer_trace(op, key=jax.random.key(0), num_matvecs=200).method == "exact"
 
 
 def test_layer_trace_on_linen_hessian_and_errors():
