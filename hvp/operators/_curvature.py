@@ -282,11 +282,13 @@ def hessian(loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean
       reduction: ``"mean"`` (batches weighted by size: the Hessian of the
         data-set mean loss) or ``"sum"``.
       linearize: linearise the gradient once per batch with ``jax.linearize``
-        and reuse it for every product. This stores the forward and backward
-        residuals of every batch (memory of about one backward pass per batch)
-        and pays when many products are taken on little data: it measured
-        1.14x-1.38x faster per product on one batch of an MLP on CPU
-        (``benchmarks/``). Keep it off for large data sets.
+        (in one compiled call) and reuse it for every product. This keeps the
+        forward and backward residuals of every batch in memory (about one
+        backward pass's activations per batch) and pays when many products are
+        taken on data that fits: on CPU it measured 1.2-1.6x faster per product
+        than the default on an MLP, a CNN and a small transformer
+        (``benchmarks/results/cpu/hvp_modes.md``). Keep it off for large data
+        sets or tight memory.
       check_finite: raise :class:`~hvp.operators.NonFiniteError` when a product
         computed outside ``jit`` contains NaN/Inf.
 
