@@ -1,0 +1,98 @@
+"""Run the benchmark groups: ``python -m benchmarks [--quick] [--only GROUP ...] [--out DIR]``.
+
+Each group writes ``<group>.json``, ``<group>.md`` and PNG plots into the output
+directory (default ``benchmarks/results/<device>/``; with ``--quick`` a fresh
+temporary directory unless ``--out`` is given, so quick runs never overwrite the
+committed results) and prints its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+GROUPS = {
+    "dense": "benchmarks.bench_dense_vs_hvp",
+    "modes": "benchmarks.bench_hvp_modes",
+    "estimators": "benchmarks.bench_estimators",
+    "peers": "benchmarks.bench_peers",
+}
+ALIASES = {"1": "dense", "2": "modes", "3": "estimators", "4": "peers",
+           "dense_vs_hvp": "dense", "hvp_modes": "modes", "estimator": "estimators", "peer": "peers"}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and few repeats (what CI runs so the scripts never rot)")
+    p.add_argument("--only", action="append", default=None, metavar="GROUP",
+                   help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-4)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: benchmarks/results/<device>/, or a temporary "
+                        "directory with --quick)")
+    return p.parse_args(argv)
+
+
+def _groups(only):
+    if not only:
+        return list(GROUPS)
+    names = []
+    for item in only:
+        for name in item.split(","):
+            name = name.strip().lower()
+            name = ALIASES.get(name, name)
+            if name not in GROUPS:
+                raise SystemExit(f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-4).")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    groups = _groups(args.only)
+    from benchmarks import _common as C
+
+    if args.out is not None:
+        out = args.out
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="hvp-bench-quick-"))
+    else:
+        out = C.RESULTS / C.device_name()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"hvp benchmarks: groups {', '.join(groups)}; {'QUICK mode; ' if args.quick else ''}"
+          f"device {C.device_name()}; writing to {out}", flush=True)
+    index = {"device": C.device_name(), "quick": args.quick, "groups": {}}
+    index_path = out / "index.json"
+    if index_path.exists():
+        try:
+            old = json.loads(index_path.read_text())
+            if old.get("quick") == args.quick:
+                index["groups"].update(old.get("groups", {}))
+        except (ValueError, OSError):
+            pass
+    for name in groups:
+        t0 = time.perf_counter()
+        module = importlib.import_module(GROUPS[name])
+        rep = module.run(out, quick=args.quick)
+        rep.data.setdefault("wall_s", time.perf_counter() - t0)
+        rep.write()
+        C.print_markdown(rep.markdown())
+        index["groups"][name] = {"json": f"{rep.group}.json", "markdown": f"{rep.group}.md",
+                                 "figures": rep.figures, "wall_s": round(time.perf_counter() - t0, 1)}
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {out / (rep.group + '.md')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
