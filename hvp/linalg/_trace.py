@@ -77,7 +77,7 @@ import numpy as np
 from jax import lax
 
 from hvp import tree as tu
-from hvp.operators import LinearOperator, NonFiniteError, as_operator
+from hvp.operators import LinearOperator, NonFiniteError, as_operator, as_zeros
 
 __all__ = ["TraceResult", "trace"]
 
@@ -137,16 +137,10 @@ class TraceResult:
 # ------------------------------------------------------------------------------------------------
 # input validation shared by the estimators
 # ------------------------------------------------------------------------------------------------
-def _as_zeros(like):
-    return jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
-    )
-
-
 def coerce_operator(op, like=None) -> LinearOperator:
     """``as_operator`` plus the checks every estimator needs (floating vectors, n >= 1)."""
     if like is not None:
-        like = _as_zeros(like)
+        like = as_zeros(like)
     if isinstance(op, LinearOperator) and like is not None:
         tu.assert_same_structure(like, op.like, name="like", like_name=f"{op.name} vectors")
     op = as_operator(op, like)
@@ -191,13 +185,9 @@ def check_chunk(chunk_size) -> int | None:
                      hint="It is the number of products computed at once; use None for all at once.")
 
 
-def is_traced(*trees) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree_util.tree_leaves(t))
-
-
 def raise_if_nonfinite(op: LinearOperator, what: str, *values) -> None:
     """Raise :class:`~hvp.NonFiniteError` when a concrete result is NaN/Inf (skipped under jit)."""
-    if is_traced(*values):
+    if tu.is_traced(*values):
         return
     if all(bool(np.all(np.isfinite(np.asarray(v)))) for v in values):
         return
@@ -630,7 +620,7 @@ def trace(op, *, key, num_matvecs: int = 100, method: str = "hutchinson", rtol: 
     max_matvecs = 50 * num_matvecs if max_matvecs is None else check_int("max_matvecs", max_matvecs,
                                                                           minimum=num_matvecs,
                                                                           hint="It caps the total budget.")
-    if is_traced(key, op):
+    if tu.is_traced(key, op):
         raise ValueError("Adaptive mode (`rtol=`/`atol=`) decides on concrete values and cannot run inside "
                          "`jax.jit`; call it outside, or use a fixed `num_matvecs`.")
     if method == "hutchinson":

@@ -11,6 +11,7 @@ from hvp.operators._base import (
     MatvecOperator,
     NonFiniteError,
     as_operator,
+    as_zeros,
     from_dense,
     from_matvec,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "as_dataset",
     "as_operator",
+    "as_zeros",
     "default_unpack",
     "empirical_fisher",
     "from_dense",

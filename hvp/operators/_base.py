@@ -47,10 +47,6 @@ class NonFiniteError(FloatingPointError, ValueError):
     """A matvec or a result contained NaN or Inf."""
 
 
-def _is_traced(tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
-
-
 class LinearOperator:
     """A symmetric ``n x n`` linear operator acting on pytrees.
 
@@ -118,7 +114,7 @@ class LinearOperator:
         :class:`NonFiniteError` naming the leaf. Under ``jit``/``vmap`` the
         product is traced without checks.
         """
-        if _is_traced(v) or _is_traced(self._children()):
+        if tu.is_traced(v, self._children()):
             return self._apply(v)
         tu.assert_same_structure(v, self.like, name="v", like_name=f"{self.name} params")
         out = _jit_apply(self, v)
@@ -134,7 +130,7 @@ class LinearOperator:
 
     def matmat(self, vs):
         """``A`` applied to a block of vectors stacked on a leading axis (one compiled, vmapped call)."""
-        if _is_traced(vs) or _is_traced(self._children()):
+        if tu.is_traced(vs, self._children()):
             return jax.vmap(self._apply)(vs)
         tu.assert_same_structure(vs, self.like, name="vs", like_name=f"{self.name} params", leading=1)
         out = _jit_matmat(self, vs)
@@ -207,7 +203,7 @@ class MatvecOperator(LinearOperator):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable, got {type(matvec).__name__}.")
         self._fn = matvec
-        self.like = _as_zeros(like)
+        self.like = as_zeros(like)
         self.name = name
         self.check_finite = check_finite
 
@@ -242,7 +238,7 @@ class DenseOperator(LinearOperator):
             raise ValueError(f"`like` has {tu.size(like)} entries but the matrix is {matrix.shape[0]} x "
                              f"{matrix.shape[0]}.")
         self.matrix = matrix
-        self.like = _as_zeros(like)
+        self.like = as_zeros(like)
         self.name = name
         self.check_finite = check_finite
 
@@ -264,7 +260,8 @@ class DenseOperator(LinearOperator):
         return op
 
 
-def _as_zeros(like):
+def as_zeros(like):
+    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays."""
     return jax.tree_util.tree_map(
         lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
     )

@@ -53,17 +53,13 @@ _REDUCTIONS = ("mean", "sum")
 
 def _check_params(params, *, name="params") -> None:
     tu.assert_floating(params, name=name)
-    if not tu_any_traced(params):
+    if not tu.is_traced(params):
         bad = tu.nonfinite_leaves(params)
         if bad:
             raise ValueError(
                 f"`{name}` contain NaN or Inf in leaf(s) {', '.join(repr(b) for b in bad)}; curvature at "
                 "such a point is meaningless. Check the checkpoint or the training run that produced them."
             )
-
-
-def tu_any_traced(tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _check_scalar(out, what: str) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "assert_same_structure",
     "assert_floating",
     "all_finite",
+    "is_traced",
     "nonfinite_leaves",
     "leaf_norms",
     "leaf_dots",
@@ -340,6 +341,11 @@ def assert_floating(tree: PyTree, *, name: str = "params") -> None:
         )
     if not jax.tree_util.tree_leaves(tree):
         raise ValueError(f"`{name}` has no array leaves: there is nothing to differentiate.")
+
+
+def is_traced(*trees: PyTree) -> bool:
+    """``True`` if any leaf of the trees is a JAX tracer (we are inside ``jit``/``vmap``/``grad``)."""
+    return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree_util.tree_leaves(t))
 
 
 def all_finite(tree: PyTree) -> jax.Array:
