@@ -80,15 +80,20 @@ def environment() -> dict:
     return env
 
 
-def _meminfo(field: str) -> int | None:
+def _proc_kb_field(path: str, field: str) -> int | None:
+    """``field: N kB`` from a ``/proc`` file, in bytes (``None`` where unavailable)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _meminfo(field: str) -> int | None:
+    return _proc_kb_field("/proc/meminfo", field)
 
 
 def total_memory_bytes() -> int | None:
@@ -103,14 +108,7 @@ def available_memory_bytes() -> int | None:
 # memory of this process
 # --------------------------------------------------------------------------------------------
 def _status_field(field: str, pid: int | str = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_kb_field(f"/proc/{pid}/status", field)
 
 
 def rss_bytes() -> int | None:
