@@ -181,28 +181,31 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
 
     item_dir, found_step, found_item = resolve_checkpoint(path, step=step, item=item)
     ckptr = ocp.PyTreeCheckpointer()
-    with _quiet_absl():
-        try:
-            meta = ckptr.metadata(item_dir)
-            tree_meta = getattr(getattr(meta, "item_metadata", meta), "tree", None)
-            if tree_meta is None:
-                tree_meta = getattr(meta, "tree", meta)
-        except Exception as e:
-            raise AnalysisError(f"Cannot read the checkpoint metadata in '{item_dir}': {_first_line(e)}") from e
-        try:
-            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-            leaves = jax.tree_util.tree_leaves(tree_meta)
-            if not leaves:
-                raise AnalysisError(f"The checkpoint in '{item_dir}' holds no arrays.")
-            restore_args = jax.tree_util.tree_map(
-                lambda m: ocp.ArrayRestoreArgs(sharding=cpu, global_shape=tuple(m.shape), dtype=m.dtype),
-                tree_meta,
-            )
-            tree = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-        except AnalysisError:
-            raise
-        except Exception as e:
-            raise AnalysisError(f"Cannot read the checkpoint arrays in '{item_dir}': {_first_line(e)}") from e
+    try:
+        with _quiet_absl():
+            try:
+                meta = ckptr.metadata(item_dir)
+                tree_meta = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+                if tree_meta is None:
+                    tree_meta = getattr(meta, "tree", meta)
+            except Exception as e:
+                raise AnalysisError(f"Cannot read the checkpoint metadata in '{item_dir}': {_first_line(e)}") from e
+            try:
+                cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+                leaves = jax.tree_util.tree_leaves(tree_meta)
+                if not leaves:
+                    raise AnalysisError(f"The checkpoint in '{item_dir}' holds no arrays.")
+                restore_args = jax.tree_util.tree_map(
+                    lambda m: ocp.ArrayRestoreArgs(sharding=cpu, global_shape=tuple(m.shape), dtype=m.dtype),
+                    tree_meta,
+                )
+                tree = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+            except AnalysisError:
+                raise
+            except Exception as e:
+                raise AnalysisError(f"Cannot read the checkpoint arrays in '{item_dir}': {_first_line(e)}") from e
+    finally:
+        ckptr.close()  # stop orbax's background threads (nothing is written)
     tree = jax.tree_util.tree_map(_to_numpy, tree)
     return Checkpoint(path=str(item_dir), requested=str(path), step=found_step, item=found_item, tree=tree)
 

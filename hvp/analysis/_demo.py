@@ -96,8 +96,11 @@ def save_checkpoint(model, path) -> Path:
     path = Path(path).absolute()
     with _quiet_absl():
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path, nnx.state(model), force=True)
-        ckptr.wait_until_finished()
+        try:
+            ckptr.save(path, nnx.state(model), force=True)
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
     return path
 
 

@@ -30,6 +30,7 @@ def _save(path, tree):
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.abspath(path), tree)
     ck.wait_until_finished()
+    ck.close()
     return path
 
 
@@ -63,6 +64,7 @@ def test_manager_layouts_step_and_item(tmp_path):
     for s, st in trees.items():
         mgr.save(s, args=ocp.args.StandardSave(st))
     mgr.wait_until_finished()
+    mgr.close()
     spec_params = lambda ck: _params(restore_into(load_model("hvp.analysis._demo:digits_mlp"), ck).model)  # noqa
 
     latest = read_checkpoint(tmp_path / "run")
@@ -78,6 +80,7 @@ def test_manager_layouts_step_and_item(tmp_path):
     mgr2.save(3, args=ocp.args.Composite(model=ocp.args.StandardSave(trees[1]),
                                          other=ocp.args.StandardSave({"a": np.ones(2)})))
     mgr2.wait_until_finished()
+    mgr2.close()
     with pytest.raises(AnalysisError, match=r"holds several items \(model, other\); choose one with --item"):
         resolve_checkpoint(tmp_path / "multi")
     path, step, item = resolve_checkpoint(tmp_path / "multi", item="model")

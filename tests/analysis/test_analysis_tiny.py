@@ -52,6 +52,7 @@ def tiny(tmp_path_factory):
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.abspath(root / "ckpt"), saved)
     ck.wait_until_finished()
+    ck.close()
     # Gaussian inputs: digits has always-blank pixels, whose weights are exact null directions of the
     # curvature (a multiple zero eigenvalue that Lanczos reports once).
     x = rng.normal(size=(150, 64)).astype(np.float32)

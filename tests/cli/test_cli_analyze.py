@@ -237,6 +237,7 @@ def test_nan_parameters(tmp_path, capsys):
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.abspath(tmp_path / "nan"), pure)
     ck.wait_until_finished()
+    ck.close()
     rc, _, err = _run(capsys, *_analyze_args(tmp_path / "nan", "--out", str(tmp_path / "o")))
     _assert_one_line_error(rc, err, "NaN or Inf in hidden/bias")
 
