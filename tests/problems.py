@@ -494,3 +494,11 @@ def relative_error(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(np.float64).tiny))
+
+
+def sym(eigs, seed=0):
+    """``Q diag(eigs) Q^T`` for a random orthogonal ``Q`` (a matrix with a prescribed spectrum)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(len(eigs), len(eigs))))
+    a = (q * np.asarray(eigs)) @ q.T
+    return (a + a.T) / 2

@@ -10,16 +10,10 @@ import pytest
 import hvp
 from hvp import tree as tu
 from hvp.linalg import eigsh
+from problems import sym
 
 N = 60  # one size for the dense tests, so that the compiled Lanczos is reused
 
-
-def sym(eigs, seed=0):
-    """``Q diag(eigs) Q^T`` for a random orthogonal ``Q``."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(len(eigs), len(eigs))))
-    a = (q * np.asarray(eigs)) @ q.T
-    return (a + a.T) / 2
 
 
 SPECTRA = {

@@ -8,15 +8,10 @@ import pytest
 import hvp
 from hvp import tree as tu
 from hvp.linalg import power_iteration
+from problems import sym
 
 N = 60
 
-
-def sym(eigs, seed=0):
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(len(eigs), len(eigs))))
-    a = (q * np.asarray(eigs)) @ q.T
-    return (a + a.T) / 2
 
 
 @pytest.mark.parametrize("top", [4.0, -4.0])

@@ -7,15 +7,10 @@ import pytest
 
 import hvp
 from hvp.linalg import spectral_density, spectrum_summary, wasserstein1
+from problems import sym
 
 N = 200
 
-
-def sym(eigs, seed=0):
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(len(eigs), len(eigs))))
-    a = (q * np.asarray(eigs)) @ q.T
-    return (a + a.T) / 2
 
 
 def _spectrum():
