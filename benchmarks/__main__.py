@@ -25,20 +25,43 @@ GROUPS = {
     "estimators": "benchmarks.bench_estimators",
     "peers": "benchmarks.bench_peers",
 }
-ALIASES = {"1": "dense", "2": "modes", "3": "estimators", "4": "peers",
-           "dense_vs_hvp": "dense", "hvp_modes": "modes", "estimator": "estimators", "peer": "peers"}
+ALIASES = {
+    "1": "dense",
+    "2": "modes",
+    "3": "estimators",
+    "4": "peers",
+    "dense_vs_hvp": "dense",
+    "hvp_modes": "modes",
+    "estimator": "estimators",
+    "peer": "peers",
+}
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes and few repeats (what CI runs so the scripts never rot)")
-    p.add_argument("--only", action="append", default=None, metavar="GROUP",
-                   help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-4)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: benchmarks/results/<device>/, or a temporary "
-                        "directory with --quick)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and few repeats (what CI runs so the scripts never rot)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="GROUP",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-4)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: benchmarks/results/<device>/, or a temporary "
+        "directory with --quick)",
+    )
     return p.parse_args(argv)
 
 
@@ -51,7 +74,9 @@ def _groups(only):
             name = name.strip().lower()
             name = ALIASES.get(name, name)
             if name not in GROUPS:
-                raise SystemExit(f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-4).")
+                raise SystemExit(
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-4)."
+                )
             if name not in names:
                 names.append(name)
     return names
@@ -69,8 +94,11 @@ def main(argv=None) -> int:
     else:
         out = C.RESULTS / C.device_name()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"hvp benchmarks: groups {', '.join(groups)}; {'QUICK mode; ' if args.quick else ''}"
-          f"device {C.device_name()}; writing to {out}", flush=True)
+    print(
+        f"hvp benchmarks: groups {', '.join(groups)}; {'QUICK mode; ' if args.quick else ''}"
+        f"device {C.device_name()}; writing to {out}",
+        flush=True,
+    )
     index = {"device": C.device_name(), "quick": args.quick, "groups": {}}
     index_path = out / "index.json"
     if index_path.exists():
@@ -87,10 +115,17 @@ def main(argv=None) -> int:
         rep.data.setdefault("wall_s", time.perf_counter() - t0)
         rep.write()
         C.print_markdown(rep.markdown())
-        index["groups"][name] = {"json": f"{rep.group}.json", "markdown": f"{rep.group}.md",
-                                 "figures": rep.figures, "wall_s": round(time.perf_counter() - t0, 1)}
+        index["groups"][name] = {
+            "json": f"{rep.group}.json",
+            "markdown": f"{rep.group}.md",
+            "figures": rep.figures,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
         index_path.write_text(json.dumps(index, indent=2) + "\n")
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {out / (rep.group + '.md')}", flush=True)
+        print(
+            f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {out / (rep.group + '.md')}",
+            flush=True,
+        )
     return 0
 
 

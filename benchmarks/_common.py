@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -178,8 +179,14 @@ def summarize(samples: Sequence[float]) -> dict:
     }
 
 
-def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
-            min_time: float = 0.0, max_repeats: int | None = None) -> dict:
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    min_time: float = 0.0,
+    max_repeats: int | None = None,
+) -> dict:
     """Time ``fn()`` (blocking on its result): ``warmup`` untimed calls, then ``repeats`` timed ones.
 
     With ``min_time > 0`` more repeats are taken (up to ``max_repeats``) until
@@ -201,7 +208,9 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
     return stats
 
 
-def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, min_time: float = 0.0) -> dict:
+def measure(
+    fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, min_time: float = 0.0
+) -> dict:
     """:func:`time_fn` plus the peak memory of the timed calls.
 
     Fields: the timing summary, ``rss_before_bytes`` (after set-up and warm-up),
@@ -219,7 +228,9 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, min_tim
     stats.update(
         rss_before_bytes=before,
         peak_rss_bytes=peak,
-        peak_extra_bytes=(peak - before) if (reset and peak is not None and before is not None) else None,
+        peak_extra_bytes=(peak - before)
+        if (reset and peak is not None and before is not None)
+        else None,
         peak_is_process_lifetime=not reset,
         device_peak_bytes=device_peak_bytes(),
     )
@@ -229,9 +240,15 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, min_tim
 # --------------------------------------------------------------------------------------------
 # isolated measurements (own process, memory and time guard)
 # --------------------------------------------------------------------------------------------
-def run_isolated(target: str, kwargs: dict | None = None, *, timeout: float = 600.0,
-                 mem_limit_bytes: int | None = None, poll: float = 0.05,
-                 env: dict | None = None) -> dict:
+def run_isolated(
+    target: str,
+    kwargs: dict | None = None,
+    *,
+    timeout: float = 600.0,
+    mem_limit_bytes: int | None = None,
+    poll: float = 0.05,
+    env: dict | None = None,
+) -> dict:
     """Run ``target`` (``"package.module:function"``) with ``kwargs`` in a fresh process.
 
     The function must return a JSON-serialisable dict. Returns it with
@@ -243,15 +260,30 @@ def run_isolated(target: str, kwargs: dict | None = None, *, timeout: float = 60
     """
     with tempfile.TemporaryDirectory(prefix="hvp-bench-") as tmp:
         out_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "benchmarks._worker", target, json.dumps(kwargs or {}), str(out_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks._worker",
+            target,
+            json.dumps(kwargs or {}),
+            str(out_path),
+        ]
         child_env = dict(os.environ)
         child_env.setdefault("PYTHONPATH", "")
-        child_env["PYTHONPATH"] = str(REPO) + (os.pathsep + child_env["PYTHONPATH"] if child_env["PYTHONPATH"] else "")
+        child_env["PYTHONPATH"] = str(REPO) + (
+            os.pathsep + child_env["PYTHONPATH"] if child_env["PYTHONPATH"] else ""
+        )
         if env:
             child_env.update(env)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=str(REPO), env=child_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=str(REPO),
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         peak = 0
         status, reason = None, None
         while proc.poll() is None:
@@ -260,8 +292,10 @@ def run_isolated(target: str, kwargs: dict | None = None, *, timeout: float = 60
             if mem_limit_bytes is not None and rss > mem_limit_bytes:
                 proc.kill()
                 status = "oom"
-                reason = (f"killed by the memory guard: resident memory passed {mem_limit_bytes / 1e9:.1f} GB "
-                          f"after {time.perf_counter() - t0:.1f} s")
+                reason = (
+                    f"killed by the memory guard: resident memory passed {mem_limit_bytes / 1e9:.1f} GB "
+                    f"after {time.perf_counter() - t0:.1f} s"
+                )
                 break
             if time.perf_counter() - t0 > timeout:
                 proc.kill()
@@ -278,8 +312,16 @@ def run_isolated(target: str, kwargs: dict | None = None, *, timeout: float = 60
             tail = output.strip().splitlines()[-12:]
             text = "\n".join(tail)
             low = text.lower()
-            if any(s in low for s in ("resource_exhausted", "out of memory", "memoryerror",
-                                      "failed to allocate", "bad_alloc")) or proc.returncode in (-9, 137):
+            if any(
+                s in low
+                for s in (
+                    "resource_exhausted",
+                    "out of memory",
+                    "memoryerror",
+                    "failed to allocate",
+                    "bad_alloc",
+                )
+            ) or proc.returncode in (-9, 137):
                 status = "oom"
             else:
                 status = "error"
@@ -359,8 +401,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     def cell(v):
         return str(v).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
+    lines = [
+        "| " + " | ".join(cell(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -378,7 +422,9 @@ class Report:
     figures: list = dataclasses.field(default_factory=list)  # file names
     notes: list = dataclasses.field(default_factory=list)
 
-    def table(self, heading: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> str:
+    def table(
+        self, heading: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = ""
+    ) -> str:
         text = markdown_table(headers, rows)
         if note:
             text += "\n\n" + note
@@ -413,9 +459,11 @@ class Report:
         parts = [f"# {self.title}", ""]
         env = self.data.get("environment", {})
         if env:
-            parts.append(f"Device: `{env.get('device')}` ({env.get('cpu_count')} CPU cores, "
-                         f"{env.get('memory_total_gb')} GB), jax {env.get('jax')}, hvp {env.get('hvp')}, "
-                         f"{env.get('date_utc')}{' — QUICK MODE (small sizes, few repeats)' if self.quick else ''}.")
+            parts.append(
+                f"Device: `{env.get('device')}` ({env.get('cpu_count')} CPU cores, "
+                f"{env.get('memory_total_gb')} GB), jax {env.get('jax')}, hvp {env.get('hvp')}, "
+                f"{env.get('date_utc')}{' — QUICK MODE (small sizes, few repeats)' if self.quick else ''}."
+            )
             parts.append("")
         for heading, body in self.sections:
             parts += [f"## {heading}", "", body, ""]
@@ -427,8 +475,14 @@ class Report:
 
     def write(self) -> dict:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        payload = {"group": self.group, "title": self.title, "quick": self.quick,
-                   "figures": self.figures, "notes": self.notes, **jsonable(self.data)}
+        payload = {
+            "group": self.group,
+            "title": self.title,
+            "quick": self.quick,
+            "figures": self.figures,
+            "notes": self.notes,
+            **jsonable(self.data),
+        }
         (self.out_dir / f"{self.group}.json").write_text(json.dumps(payload, indent=2) + "\n")
         (self.out_dir / f"{self.group}.md").write_text(self.markdown())
         return payload

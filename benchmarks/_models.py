@@ -27,7 +27,7 @@ def mlp_size(width: int) -> int:
     return 64 * width + width + width * width + width + width * 10 + 10
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_np():
     from sklearn.datasets import load_digits
 
@@ -86,8 +86,9 @@ def mlp(width: int, *, dtype=jnp.float32, num_examples: int | None = None, seed:
 # CNN on the 8x8 images
 # ------------------------------------------------------------------------------------------
 def _conv(x, w, b):
-    y = jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding="SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x, w, window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return y + b
 
 
@@ -123,8 +124,17 @@ def cnn(*, channels=(16, 32), dtype=jnp.float32, num_examples: int | None = None
 # ------------------------------------------------------------------------------------------
 # small Flax transformer language model
 # ------------------------------------------------------------------------------------------
-def transformer(*, vocab=64, seq_len=32, d_model=64, heads=4, layers=2, batch=128,
-                dtype=jnp.float32, seed: int = 0):
+def transformer(
+    *,
+    vocab=64,
+    seq_len=32,
+    d_model=64,
+    heads=4,
+    layers=2,
+    batch=128,
+    dtype=jnp.float32,
+    seed: int = 0,
+):
     """A pre-norm causal transformer LM (Flax Linen) on random tokens: ``(params, loss_fn, batch)``."""
     import flax.linen as nn
 
@@ -132,7 +142,9 @@ def transformer(*, vocab=64, seq_len=32, d_model=64, heads=4, layers=2, batch=12
         @nn.compact
         def __call__(self, h):
             mask = nn.make_causal_mask(jnp.ones(h.shape[:2], jnp.int32))
-            a = nn.SelfAttention(num_heads=heads, dtype=dtype, param_dtype=dtype)(nn.LayerNorm(dtype=dtype, param_dtype=dtype)(h), mask=mask)
+            a = nn.SelfAttention(num_heads=heads, dtype=dtype, param_dtype=dtype)(
+                nn.LayerNorm(dtype=dtype, param_dtype=dtype)(h), mask=mask
+            )
             h = h + a
             m = nn.LayerNorm(dtype=dtype, param_dtype=dtype)(h)
             m = nn.Dense(4 * d_model, dtype=dtype, param_dtype=dtype)(m)

@@ -19,8 +19,6 @@ are written to the report.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from benchmarks import _common as C
@@ -63,8 +61,9 @@ def measure_hvp(width: int, num_examples: int | None = None, repeats: int = 5) -
     return {"n": n, "mode": best, **out[best], "modes": out}
 
 
-def measure_eigsh(width: int, num_examples: int | None = None, repeats: int = 3,
-                  linearize: bool = False) -> dict:
+def measure_eigsh(
+    width: int, num_examples: int | None = None, repeats: int = 3, linearize: bool = False
+) -> dict:
     import jax
 
     _, _, _, op, _ = _setup(width, num_examples, linearize=linearize)
@@ -72,19 +71,24 @@ def measure_eigsh(width: int, num_examples: int | None = None, repeats: int = 3,
     eigsh = C.algorithm("eigsh")
     stats = C.measure(lambda: eigsh(op, k=K, key=key, tol=EIGSH_TOL), repeats=repeats, warmup=1)
     res = stats.pop("value")
-    return {"n": op.size, **stats, "eigenvalues": np.asarray(res.eigenvalues, np.float64).tolist(),
-            "residuals": np.asarray(res.residuals, np.float64).tolist(),
-            "converged": np.asarray(res.converged).tolist(), "num_matvecs": int(res.num_matvecs)}
+    return {
+        "n": op.size,
+        **stats,
+        "eigenvalues": np.asarray(res.eigenvalues, np.float64).tolist(),
+        "residuals": np.asarray(res.residuals, np.float64).tolist(),
+        "converged": np.asarray(res.converged).tolist(),
+        "num_matvecs": int(res.num_matvecs),
+    }
 
 
 def measure_dense(width: int, num_examples: int | None = None, repeats: int = 1) -> dict:
+    import gc
+    import time
+
     import jax
     import jax.numpy as jnp
 
     from hvp import tree as tu
-
-    import gc
-    import time
 
     params, loss_fn, batch, op, _ = _setup(width, num_examples)
     flat = tu.ravel(params)
@@ -104,15 +108,24 @@ def measure_dense(width: int, num_examples: int | None = None, repeats: int = 1)
     H = hess_c(flat, batch).block_until_ready()
     t1 = time.perf_counter()
     if n > 2000:
-        jax.block_until_ready(eigh_c(H))  # untimed first run of eigh (seconds, vs minutes for jax.hessian)
+        jax.block_until_ready(
+            eigh_c(H)
+        )  # untimed first run of eigh (seconds, vs minutes for jax.hessian)
     t1b = time.perf_counter()
     w, _ = jax.block_until_ready(eigh_c(H))
     t2 = time.perf_counter()
     peak = C.peak_rss_bytes()
     top = np.sort(np.asarray(w, np.float64))[-K:]
-    return {"n": n, "hessian": C.summarize([t1 - t0]), "eigh": C.summarize([t2 - t1b]),
-            "total_median_s": (t1 - t0) + (t2 - t1b), "eigenvalues": top.tolist(), "rss_before_bytes": before,
-            "peak_rss_bytes": peak, "peak_extra_bytes": (peak - before) if reset and peak and before else None}
+    return {
+        "n": n,
+        "hessian": C.summarize([t1 - t0]),
+        "eigh": C.summarize([t2 - t1b]),
+        "total_median_s": (t1 - t0) + (t2 - t1b),
+        "eigenvalues": top.tolist(),
+        "rss_before_bytes": before,
+        "peak_rss_bytes": peak,
+        "peak_extra_bytes": (peak - before) if reset and peak and before else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,58 +158,94 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
     num_examples = 256 if quick else 1797
     timeout = 120.0 if quick else 600.0
     guard = _guard_bytes()
-    rep.data["settings"] = {"widths": list(widths), "num_examples": num_examples, "k": K,
-                            "eigsh_tol": EIGSH_TOL, "dtype": "float32", "memory_guard_bytes": guard,
-                            "dense_timeout_s": timeout}
+    rep.data["settings"] = {
+        "widths": list(widths),
+        "num_examples": num_examples,
+        "k": K,
+        "eigsh_tol": EIGSH_TOL,
+        "dtype": "float32",
+        "memory_guard_bytes": guard,
+        "dense_timeout_s": timeout,
+    }
     rows = []
     for width in C.progress(widths, description="dense vs hvp"):
         n = mlp_size(width)
         kw = {"width": width, "num_examples": num_examples}
-        one = C.run_isolated("benchmarks.bench_dense_vs_hvp:measure_hvp",
-                             {**kw, **({"repeats": 2} if quick else {})}, timeout=timeout,
-                             mem_limit_bytes=guard)
+        one = C.run_isolated(
+            "benchmarks.bench_dense_vs_hvp:measure_hvp",
+            {**kw, **({"repeats": 2} if quick else {})},
+            timeout=timeout,
+            mem_limit_bytes=guard,
+        )
         lin = one.get("mode") == "linearize"
-        eig = C.run_isolated("benchmarks.bench_dense_vs_hvp:measure_eigsh",
-                             {**kw, "repeats": 1 if (quick or n > 200_000) else 3, "linearize": lin},
-                             timeout=max(timeout, 900),
-                             mem_limit_bytes=guard)
+        eig = C.run_isolated(
+            "benchmarks.bench_dense_vs_hvp:measure_eigsh",
+            {**kw, "repeats": 1 if (quick or n > 200_000) else 3, "linearize": lin},
+            timeout=max(timeout, 900),
+            mem_limit_bytes=guard,
+        )
         est = dense_estimate_bytes(width, num_examples)
         if est > 2 * guard:
-            dense = {"status": "skipped",
-                     "reason": f"skipped: needs about {est / 1e9:.0f} GB (estimate), memory guard "
-                               f"{guard / 1e9:.1f} GB"}
+            dense = {
+                "status": "skipped",
+                "reason": f"skipped: needs about {est / 1e9:.0f} GB (estimate), memory guard "
+                f"{guard / 1e9:.1f} GB",
+            }
         else:
-            dense = C.run_isolated("benchmarks.bench_dense_vs_hvp:measure_dense",
-                                   {**kw, "repeats": 1}, timeout=timeout, mem_limit_bytes=guard)
-        row = {"width": width, "n": n, "hvp": one, "eigsh": eig, "dense": dense,
-               "dense_estimate_bytes": est}
+            dense = C.run_isolated(
+                "benchmarks.bench_dense_vs_hvp:measure_dense",
+                {**kw, "repeats": 1},
+                timeout=timeout,
+                mem_limit_bytes=guard,
+            )
+        row = {
+            "width": width,
+            "n": n,
+            "hvp": one,
+            "eigsh": eig,
+            "dense": dense,
+            "dense_estimate_bytes": est,
+        }
         if eig.get("status") == "ok" and dense.get("status") == "ok":
             a, b = np.asarray(eig["eigenvalues"]), np.asarray(dense["eigenvalues"])
-            row["eig_max_rel_err"] = float(np.max(np.abs(np.sort(a) - np.sort(b)) / np.max(np.abs(b))))
+            row["eig_max_rel_err"] = float(
+                np.max(np.abs(np.sort(a) - np.sort(b)) / np.max(np.abs(b)))
+            )
         rows.append(row)
-        print(f"  n={n:>9,}: hvp {C.fmt_s(one.get('median_s'))}, eigsh {C.fmt_s(eig.get('median_s'))}, "
-              f"dense {C.fmt_s(dense.get('total_median_s')) if dense.get('status') == 'ok' else dense.get('status')}",
-              flush=True)
+        print(
+            f"  n={n:>9,}: hvp {C.fmt_s(one.get('median_s'))}, eigsh {C.fmt_s(eig.get('median_s'))}, "
+            f"dense {C.fmt_s(dense.get('total_median_s')) if dense.get('status') == 'ok' else dense.get('status')}",
+            flush=True,
+        )
     rep.data["rows"] = rows
 
     # ---- summary: crossover and reach -------------------------------------------------------
-    both = [r for r in rows if r["eigsh"].get("status") == "ok" and r["dense"].get("status") == "ok"]
+    both = [
+        r for r in rows if r["eigsh"].get("status") == "ok" and r["dense"].get("status") == "ok"
+    ]
     crossover = None
     for r in both:
         if r["eigsh"]["median_s"] < r["dense"]["total_median_s"]:
             crossover = r["n"]
             break
-    eigsh_faster_everywhere = bool(both) and all(r["eigsh"]["median_s"] < r["dense"]["total_median_s"] for r in both)
+    eigsh_faster_everywhere = bool(both) and all(
+        r["eigsh"]["median_s"] < r["dense"]["total_median_s"] for r in both
+    )
     dense_ok = [r["n"] for r in rows if r["dense"].get("status") == "ok"]
     hvp_ok = [r["n"] for r in rows if r["eigsh"].get("status") == "ok"]
     first_fail = next((r for r in rows if r["dense"].get("status") != "ok"), None)
     rep.data["summary"] = {
-        "crossover_n": crossover, "eigsh_faster_at_every_common_n": eigsh_faster_everywhere,
+        "crossover_n": crossover,
+        "eigsh_faster_at_every_common_n": eigsh_faster_everywhere,
         "largest_n_dense": max(dense_ok) if dense_ok else None,
         "largest_n_eigsh": max(hvp_ok) if hvp_ok else None,
-        "dense_stops_at": None if first_fail is None else {"n": first_fail["n"],
-                                                          "status": first_fail["dense"].get("status"),
-                                                          "reason": first_fail["dense"].get("reason")},
+        "dense_stops_at": None
+        if first_fail is None
+        else {
+            "n": first_fail["n"],
+            "status": first_fail["dense"].get("status"),
+            "reason": first_fail["dense"].get("reason"),
+        },
         "max_eig_rel_err": max((r["eig_max_rel_err"] for r in both), default=None),
     }
 
@@ -209,44 +258,80 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
     table = []
     for r in rows:
         one, eig, d = r["hvp"], r["eigsh"], r["dense"]
-        table.append([
-            f"{r['n']:,}", r["width"],
-            (f"{C.fmt_spread(one)} ({one['mode']})" if one.get("status") == "ok" else one.get("status")),
-            C.fmt_bytes(one.get("peak_extra_bytes")),
-            (f"{C.fmt_spread(eig)}, {eig['num_matvecs']} matvecs"
-             + ("" if all(eig["converged"]) else " (not all converged)")) if eig.get("status") == "ok"
-            else f"{eig.get('status')}: {eig.get('reason', '')}",
-            C.fmt_bytes(eig.get("peak_extra_bytes")),
-            dense_cell(d),
-            (C.fmt_bytes(d.get("peak_extra_bytes")) if d.get("status") == "ok"
-             else f"> {C.fmt_bytes(d.get('peak_child_rss_bytes'))} when stopped" if d.get("peak_child_rss_bytes")
-             else f"~{C.fmt_bytes(r['dense_estimate_bytes'])} (estimate)"),
-            f"{r['eig_max_rel_err']:.1e}" if "eig_max_rel_err" in r else "-",
-        ])
+        table.append(
+            [
+                f"{r['n']:,}",
+                r["width"],
+                (
+                    f"{C.fmt_spread(one)} ({one['mode']})"
+                    if one.get("status") == "ok"
+                    else one.get("status")
+                ),
+                C.fmt_bytes(one.get("peak_extra_bytes")),
+                (
+                    f"{C.fmt_spread(eig)}, {eig['num_matvecs']} matvecs"
+                    + ("" if all(eig["converged"]) else " (not all converged)")
+                )
+                if eig.get("status") == "ok"
+                else f"{eig.get('status')}: {eig.get('reason', '')}",
+                C.fmt_bytes(eig.get("peak_extra_bytes")),
+                dense_cell(d),
+                (
+                    C.fmt_bytes(d.get("peak_extra_bytes"))
+                    if d.get("status") == "ok"
+                    else f"> {C.fmt_bytes(d.get('peak_child_rss_bytes'))} when stopped"
+                    if d.get("peak_child_rss_bytes")
+                    else f"~{C.fmt_bytes(r['dense_estimate_bytes'])} (estimate)"
+                ),
+                f"{r['eig_max_rel_err']:.1e}" if "eig_max_rel_err" in r else "-",
+            ]
+        )
     rep.table(
         "Per size (median (IQR) of repeats; memory: peak host RSS above the process baseline)",
-        ["n", "width", "one HVP", "HVP memory", f"top-{K} by hvp.eigsh", "eigsh memory",
-         "dense: jax.hessian + eigh", "dense memory", f"top-{K} rel. diff"],
+        [
+            "n",
+            "width",
+            "one HVP",
+            "HVP memory",
+            f"top-{K} by hvp.eigsh",
+            "eigsh memory",
+            "dense: jax.hessian + eigh",
+            "dense memory",
+            f"top-{K} rel. diff",
+        ],
         table,
         note=f"One HVP: `hvp.hessian(loss, params, batch, check_finite=False) @ v`, the faster of the default "
-             f"(forward-over-reverse) and `linearize=True` (named in brackets; both are in the JSON), which "
-             f"`hvp.eigsh(op, k={K}, tol={EIGSH_TOL})` then uses. The dense side runs `jax.jit(jax.hessian(...))` on "
-             f"the raveled parameters then `jnp.linalg.eigh`, compiled ahead of time. Memory guard "
-             f"{guard / 1e9:.1f} GB (75% of the memory available at the start), time limit {timeout:.0f} s.")
+        f"(forward-over-reverse) and `linearize=True` (named in brackets; both are in the JSON), which "
+        f"`hvp.eigsh(op, k={K}, tol={EIGSH_TOL})` then uses. The dense side runs `jax.jit(jax.hessian(...))` on "
+        f"the raveled parameters then `jnp.linalg.eigh`, compiled ahead of time. Memory guard "
+        f"{guard / 1e9:.1f} GB (75% of the memory available at the start), time limit {timeout:.0f} s.",
+    )
     s = rep.data["summary"]
-    lines = [f"- Crossover: `hvp.eigsh` top-{K} is faster than dense from n = "
-             f"{s['crossover_n']:,}" if s["crossover_n"] else f"- Crossover: none among the sizes where both ran"]
+    lines = [
+        f"- Crossover: `hvp.eigsh` top-{K} is faster than dense from n = {s['crossover_n']:,}"
+        if s["crossover_n"]
+        else "- Crossover: none among the sizes where both ran"
+    ]
     if eigsh_faster_everywhere:
         lines[-1] += " (the smallest size measured: faster at every size where both ran)"
-    lines.append(f"- Largest n reached: dense {s['largest_n_dense']:,}" if s["largest_n_dense"] else
-                 "- Largest n reached: dense none")
-    lines[-1] += f"; hvp.eigsh {s['largest_n_eigsh']:,}" if s["largest_n_eigsh"] else "; hvp.eigsh none"
+    lines.append(
+        f"- Largest n reached: dense {s['largest_n_dense']:,}"
+        if s["largest_n_dense"]
+        else "- Largest n reached: dense none"
+    )
+    lines[-1] += (
+        f"; hvp.eigsh {s['largest_n_eigsh']:,}" if s["largest_n_eigsh"] else "; hvp.eigsh none"
+    )
     if s["dense_stops_at"]:
-        lines.append(f"- Dense stops at n = {s['dense_stops_at']['n']:,}: {s['dense_stops_at']['status']} — "
-                     f"{s['dense_stops_at']['reason']}")
+        lines.append(
+            f"- Dense stops at n = {s['dense_stops_at']['n']:,}: {s['dense_stops_at']['status']} — "
+            f"{s['dense_stops_at']['reason']}"
+        )
     if s["max_eig_rel_err"] is not None:
-        lines.append(f"- Top-{K} eigenvalues agree to {s['max_eig_rel_err']:.1e} (relative to the largest) "
-                     "where both exist.")
+        lines.append(
+            f"- Top-{K} eigenvalues agree to {s['max_eig_rel_err']:.1e} (relative to the largest) "
+            "where both exist."
+        )
     rep.text("Summary", "\n".join(lines))
 
     def draw(fig):
@@ -272,8 +357,15 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
         for r in rows:
             if r["dense"].get("status") not in ("ok", None):
                 ax.axvline(r["n"], color="r", ls=":", lw=1)
-                ax.text(r["n"], ax.get_ylim()[1] if ax.has_data() else 1, f" dense {r['dense']['status']}",
-                        color="r", fontsize=7, rotation=90, va="top")
+                ax.text(
+                    r["n"],
+                    ax.get_ylim()[1] if ax.has_data() else 1,
+                    f" dense {r['dense']['status']}",
+                    color="r",
+                    fontsize=7,
+                    rotation=90,
+                    va="top",
+                )
                 break
         ax.set_xlabel("parameters n")
         ax.set_ylabel("seconds")
@@ -287,9 +379,18 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
             ("dense (estimate)", lambda r: r["dense_estimate_bytes"], "^:", "C2"),
         ]:
             xs, ys = series(get)
-            ys = [max(y, 1e6) / 1e9 for y in ys]  # floored at 1 MB (a product may need no new pages)
+            ys = [
+                max(y, 1e6) / 1e9 for y in ys
+            ]  # floored at 1 MB (a product may need no new pages)
             if xs:
-                ax2.loglog(xs, ys, style, label=label, color=color, alpha=0.6 if "estimate" in label else 1.0)
+                ax2.loglog(
+                    xs,
+                    ys,
+                    style,
+                    label=label,
+                    color=color,
+                    alpha=0.6 if "estimate" in label else 1.0,
+                )
         mem = C.total_memory_bytes()
         if mem:
             ax2.axhline(mem / 1e9, color="k", ls="--", lw=1, label="machine memory")

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import hvp
-
 from benchmarks import _common as C
 
 GROUP = "estimators"
@@ -62,8 +61,12 @@ def _trace_fn(method: str, m: int):
     """``(keys, op) -> (estimates, std_errors)``, vmapped over keys, compiled once per (method, m)."""
     if (method, m) not in _CACHE:
         trace = C.algorithm("trace")
-        _CACHE[method, m] = jax.jit(jax.vmap(
-            lambda k, op: _est(trace(op, key=k, num_matvecs=m, method=method)), in_axes=(0, None)))
+        _CACHE[method, m] = jax.jit(
+            jax.vmap(
+                lambda k, op: _est(trace(op, key=k, num_matvecs=m, method=method)),
+                in_axes=(0, None),
+            )
+        )
     return _CACHE[method, m]
 
 
@@ -75,11 +78,16 @@ def trace_errors(op, true_trace: float, budgets, keys) -> dict:
             est, se = _trace_fn(method, m)(keys, op)
             est, se = np.asarray(est), np.asarray(se)
             err = np.abs(est - true_trace) / abs(true_trace)
-            rows.append({"matvecs": int(m), "mean_rel_err": float(err.mean()),
-                         "median_rel_err": float(np.median(err)),
-                         "rms_rel_err": float(np.sqrt(np.mean(err ** 2))),
-                         "mean_rel_std_error": float(np.mean(se) / abs(true_trace)),
-                         "within_2se": float(np.mean(np.abs(est - true_trace) <= 2 * se))})
+            rows.append(
+                {
+                    "matvecs": int(m),
+                    "mean_rel_err": float(err.mean()),
+                    "median_rel_err": float(np.median(err)),
+                    "rms_rel_err": float(np.sqrt(np.mean(err**2))),
+                    "mean_rel_std_error": float(np.mean(se) / abs(true_trace)),
+                    "within_2se": float(np.mean(np.abs(est - true_trace) <= 2 * se)),
+                }
+            )
         out[method] = rows
     return out
 
@@ -97,11 +105,17 @@ def slq_errors(op, eigs, *, iters_list, probes_list, fixed_probes, fixed_iters, 
         for key in keys:
             res = sd(op, key=key, num_probes=num_probes, num_iters=num_iters)
             vals.append(res.wasserstein1(eigs) / span)
-        return {"mean_w1_rel": float(np.mean(vals)), "max_w1_rel": float(np.max(vals)),
-                "num_probes": num_probes, "num_iters": num_iters}
+        return {
+            "mean_w1_rel": float(np.mean(vals)),
+            "max_w1_rel": float(np.max(vals)),
+            "num_probes": num_probes,
+            "num_iters": num_iters,
+        }
 
-    return {"vs_iters": [w1(fixed_probes, m) for m in iters_list],
-            "vs_probes": [w1(p, fixed_iters) for p in probes_list]}
+    return {
+        "vs_iters": [w1(fixed_probes, m) for m in iters_list],
+        "vs_probes": [w1(p, fixed_iters) for p in probes_list],
+    }
 
 
 def run(out_dir, *, quick: bool = False) -> C.Report:
@@ -117,19 +131,34 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
         fixed_probes, fixed_iters = (4, 20) if quick else (8, 40)
         slq_keys = [jax.random.PRNGKey(100 + i) for i in range(1 if quick else 5)]
         keys = jax.random.split(jax.random.PRNGKey(0), num_keys)
-        rep.data["settings"] = {"n": n, "budgets": list(budgets), "num_keys": num_keys,
-                                "iters_list": list(iters_list), "probes_list": list(probes_list),
-                                "fixed_probes": fixed_probes, "fixed_iters": fixed_iters,
-                                "slq_keys": len(slq_keys)}
+        rep.data["settings"] = {
+            "n": n,
+            "budgets": list(budgets),
+            "num_keys": num_keys,
+            "iters_list": list(iters_list),
+            "probes_list": list(probes_list),
+            "fixed_probes": fixed_probes,
+            "fixed_iters": fixed_iters,
+            "slq_keys": len(slq_keys),
+        }
         results = {}
         for name, eigs in C.progress(spectra(n).items(), description="estimators"):
             op = operator(eigs)
             tr = float(eigs.sum())
             results[name] = {
-                "true_trace": tr, "lambda_min": float(eigs.min()), "lambda_max": float(eigs.max()),
+                "true_trace": tr,
+                "lambda_min": float(eigs.min()),
+                "lambda_max": float(eigs.max()),
                 "trace": trace_errors(op, tr, budgets, keys),
-                "slq": slq_errors(op, eigs, iters_list=iters_list, probes_list=probes_list,
-                                  fixed_probes=fixed_probes, fixed_iters=fixed_iters, keys=slq_keys),
+                "slq": slq_errors(
+                    op,
+                    eigs,
+                    iters_list=iters_list,
+                    probes_list=probes_list,
+                    fixed_probes=fixed_probes,
+                    fixed_iters=fixed_iters,
+                    keys=slq_keys,
+                ),
             }
             print(f"  {name}: done", flush=True)
     finally:
@@ -145,19 +174,25 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
                 t = r["trace"][method][i]
                 cells.append(f"{t['mean_rel_err']:.1e} (se {t['mean_rel_std_error']:.1e})")
             rows.append(cells)
-    rep.table(f"Trace: mean relative error over {num_keys} keys (mean reported std. error in brackets), n = {n}",
-              ["spectrum", "matvecs"] + list(METHODS), rows,
-              note="Hutchinson uses Rademacher probes; Hutch++ spends a third of the budget on a range "
-                   "sketch, a third on its products and a third on Hutchinson for the rest; XTrace uses "
-                   "m/2 Gaussian probes twice (exchangeable leave-one-out).")
+    rep.table(
+        f"Trace: mean relative error over {num_keys} keys (mean reported std. error in brackets), n = {n}",
+        ["spectrum", "matvecs"] + list(METHODS),
+        rows,
+        note="Hutchinson uses Rademacher probes; Hutch++ spends a third of the budget on a range "
+        "sketch, a third on its products and a third on Hutchinson for the rest; XTrace uses "
+        "m/2 Gaussian probes twice (exchangeable leave-one-out).",
+    )
     srows = []
     for name, r in results.items():
         for t in r["slq"]["vs_iters"]:
             srows.append([name, t["num_probes"], t["num_iters"], f"{t['mean_w1_rel']:.2e}"])
         for t in r["slq"]["vs_probes"]:
             srows.append([name, t["num_probes"], t["num_iters"], f"{t['mean_w1_rel']:.2e}"])
-    rep.table(f"SLQ: Wasserstein-1 distance to the exact spectrum / spectral range (mean over {len(slq_keys)} keys)",
-              ["spectrum", "probes", "Lanczos iterations", "W1 / range"], srows)
+    rep.table(
+        f"SLQ: Wasserstein-1 distance to the exact spectrum / spectral range (mean over {len(slq_keys)} keys)",
+        ["spectrum", "probes", "Lanczos iterations", "W1 / range"],
+        srows,
+    )
 
     # headline: matvecs to reach 1% relative trace error (interpolated in log-log)
     def needed(rows_m, target=1e-2):
@@ -172,8 +207,14 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
         return f"> {int(ms[-1])}"
 
     hrows = [[name] + [needed(r["trace"][m]) for m in METHODS] for name, r in results.items()]
-    rep.data["matvecs_for_1pct"] = {name: {m: needed(r["trace"][m]) for m in METHODS} for name, r in results.items()}
-    rep.table("Matvecs for 1% mean relative trace error (log-log interpolation)", ["spectrum"] + list(METHODS), hrows)
+    rep.data["matvecs_for_1pct"] = {
+        name: {m: needed(r["trace"][m]) for m in METHODS} for name, r in results.items()
+    }
+    rep.table(
+        "Matvecs for 1% mean relative trace error (log-log interpolation)",
+        ["spectrum"] + list(METHODS),
+        hrows,
+    )
 
     def draw_trace(fig):
         for j, (name, r) in enumerate(results.items()):
@@ -198,10 +239,18 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
     def draw_slq(fig):
         ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
         for name, r in results.items():
-            ax1.loglog([t["num_iters"] for t in r["slq"]["vs_iters"]],
-                       [t["mean_w1_rel"] for t in r["slq"]["vs_iters"]], "o-", label=name)
-            ax2.loglog([t["num_probes"] for t in r["slq"]["vs_probes"]],
-                       [t["mean_w1_rel"] for t in r["slq"]["vs_probes"]], "o-", label=name)
+            ax1.loglog(
+                [t["num_iters"] for t in r["slq"]["vs_iters"]],
+                [t["mean_w1_rel"] for t in r["slq"]["vs_iters"]],
+                "o-",
+                label=name,
+            )
+            ax2.loglog(
+                [t["num_probes"] for t in r["slq"]["vs_probes"]],
+                [t["mean_w1_rel"] for t in r["slq"]["vs_probes"]],
+                "o-",
+                label=name,
+            )
         C.log_xticks(ax1, iters_list)
         C.log_xticks(ax2, probes_list)
         ax1.set_xlabel("Lanczos iterations")

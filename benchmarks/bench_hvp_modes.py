@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hvp
-from hvp import tree as tu
-
 from benchmarks import _common as C
 from benchmarks import _models as M
+from hvp import tree as tu
 
 GROUP = "hvp_modes"
 TITLE = "HVP cost: differentiation modes and batched probes, as multiples of one gradient"
@@ -39,8 +38,10 @@ def _models(quick: bool):
         return [
             ("MLP 64-8-8-10, 64 digits", lambda: M.mlp(8, num_examples=64)),
             ("CNN 2-4 channels, 64 digits", lambda: M.cnn(channels=(2, 4), num_examples=64)),
-            ("Flax transformer d=16, 1 layer", lambda: M.transformer(d_model=16, heads=2, layers=1, batch=8,
-                                                                     seq_len=8, vocab=16)),
+            (
+                "Flax transformer d=16, 1 layer",
+                lambda: M.transformer(d_model=16, heads=2, layers=1, batch=8, seq_len=8, vocab=16),
+            ),
         ]
     return [
         ("MLP 64-128-128-10, 1797 digits", lambda: M.mlp(128)),
@@ -79,24 +80,36 @@ def bench_model(name: str, build, *, quick: bool, light: bool = False) -> dict:
         ref = fwd_rev(params, v, batch)
         errs = {"hvp.hessian @ v": float(tu.norm(tu.sub(op @ v, ref)) / tu.norm(ref))}
         times = {}
-        for label, fn in (("gradient", lambda: grad(params, batch)), ("hvp.hessian @ v", lambda: op @ v)):
+        for label, fn in (
+            ("gradient", lambda: grad(params, batch)),
+            ("hvp.hessian @ v", lambda: op @ v),
+        ):
             t = C.time_fn(fn, repeats=reps, warmup=1)
             t.pop("value")
             times[label] = t
         g = times["gradient"]["median_s"]
-        return {"model": name, "n": n, "times": times, "ratios": {k: t["median_s"] / g for k, t in times.items()},
-                "agreement_rel_err": errs, "batched": {}, "light": True}
+        return {
+            "model": name,
+            "n": n,
+            "times": times,
+            "ratios": {k: t["median_s"] / g for k, t in times.items()},
+            "agreement_rel_err": errs,
+            "batched": {},
+            "light": True,
+        }
     lin = jax.linearize(jax.grad(lambda p: loss_fn(p, batch)), params)[1]
     op_lin = hvp.hessian(loss_fn, params, batch, check_finite=False, linearize=True)
 
     # correctness first: every mode gives the same product
     ref = fwd_rev(params, v, batch)
     errs = {}
-    for label, out in [("reverse-over-reverse", rev_rev(params, v, batch)),
-                       ("reverse-over-forward", rev_fwd(params, v, batch)),
-                       ("linearize-once", apply_lin(lin, v)),
-                       ("hvp.hessian @ v", op @ v),
-                       ("hvp.hessian(linearize=True) @ v", op_lin @ v)]:
+    for label, out in [
+        ("reverse-over-reverse", rev_rev(params, v, batch)),
+        ("reverse-over-forward", rev_fwd(params, v, batch)),
+        ("linearize-once", apply_lin(lin, v)),
+        ("hvp.hessian @ v", op @ v),
+        ("hvp.hessian(linearize=True) @ v", op_lin @ v),
+    ]:
         errs[label] = float(tu.norm(tu.sub(out, ref)) / tu.norm(ref))
 
     cases = {
@@ -128,15 +141,31 @@ def bench_model(name: str, build, *, quick: bool, light: bool = False) -> dict:
         def loop(singles=singles):
             return [op @ s for s in singles]
 
-        tb = C.time_fn(lambda vs=vs: op.matmat(vs), repeats=max(2, reps // 3), warmup=1, min_time=min_time / 2)
+        tb = C.time_fn(
+            lambda vs=vs: op.matmat(vs), repeats=max(2, reps // 3), warmup=1, min_time=min_time / 2
+        )
         ts = C.time_fn(loop, repeats=max(2, reps // 3), warmup=1, min_time=min_time / 2)
         tb.pop("value"), ts.pop("value")
-        check = float(tu.norm(tu.sub(tu.index(op.matmat(vs), k - 1), op @ singles[-1])) / tu.norm(op @ singles[-1]))
-        batched[k] = {"matmat": tb, "singles": ts, "per_probe_matmat_s": tb["median_s"] / k,
-                      "per_probe_single_s": ts["median_s"] / k,
-                      "speedup": ts["median_s"] / tb["median_s"], "max_rel_diff": check}
-    return {"model": name, "n": n, "times": times, "ratios": ratios, "agreement_rel_err": errs,
-            "batched": batched}
+        check = float(
+            tu.norm(tu.sub(tu.index(op.matmat(vs), k - 1), op @ singles[-1]))
+            / tu.norm(op @ singles[-1])
+        )
+        batched[k] = {
+            "matmat": tb,
+            "singles": ts,
+            "per_probe_matmat_s": tb["median_s"] / k,
+            "per_probe_single_s": ts["median_s"] / k,
+            "speedup": ts["median_s"] / tb["median_s"],
+            "max_rel_diff": check,
+        }
+    return {
+        "model": name,
+        "n": n,
+        "times": times,
+        "ratios": ratios,
+        "agreement_rel_err": errs,
+        "batched": batched,
+    }
 
 
 def run(out_dir, *, quick: bool = False) -> C.Report:
@@ -148,49 +177,89 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
         results.append(bench_model(name, build, quick=quick, light=quick and "transformer" in name))
     rep.data["models"] = results
 
-    modes = ["forward-over-reverse", "reverse-over-reverse", "reverse-over-forward", "linearize-once",
-             "hvp.hessian @ v", "hvp.hessian(linearize=True) @ v"]
+    modes = [
+        "forward-over-reverse",
+        "reverse-over-reverse",
+        "reverse-over-forward",
+        "linearize-once",
+        "hvp.hessian @ v",
+        "hvp.hessian(linearize=True) @ v",
+    ]
     rows = []
     for r in results:
-        rows.append([r["model"], f"{r['n']:,}", C.fmt_spread(r["times"]["gradient"])]
-                    + [f"{r['ratios'][m]:.2f}x" if m in r["ratios"] else "-" for m in modes])
-    rep.table("Time per product as a multiple of one gradient (median of repeats; gradient: median (IQR))",
-              ["model", "n", "gradient"] + modes, rows,
-              note="All products agree with forward-over-reverse to relative error "
-                   f"{max(max(r['agreement_rel_err'].values()) for r in results):.1e} (float32).")
+        rows.append(
+            [r["model"], f"{r['n']:,}", C.fmt_spread(r["times"]["gradient"])]
+            + [f"{r['ratios'][m]:.2f}x" if m in r["ratios"] else "-" for m in modes]
+        )
+    rep.table(
+        "Time per product as a multiple of one gradient (median of repeats; gradient: median (IQR))",
+        ["model", "n", "gradient"] + modes,
+        rows,
+        note="All products agree with forward-over-reverse to relative error "
+        f"{max(max(r['agreement_rel_err'].values()) for r in results):.1e} (float32).",
+    )
 
     default = np.median([r["ratios"]["hvp.hessian @ v"] for r in results])
-    best = np.median([min(r["ratios"]["hvp.hessian @ v"], r["ratios"].get("hvp.hessian(linearize=True) @ v", np.inf))
-                      for r in results])
-    rep.data["summary"] = {"median_default_ratio": float(default), "median_best_ratio": float(best),
-                           "target_ratio": 2.0, "target_met": bool(default <= 2.0)}
+    best = np.median(
+        [
+            min(
+                r["ratios"]["hvp.hessian @ v"],
+                r["ratios"].get("hvp.hessian(linearize=True) @ v", np.inf),
+            )
+            for r in results
+        ]
+    )
+    rep.data["summary"] = {
+        "median_default_ratio": float(default),
+        "median_best_ratio": float(best),
+        "target_ratio": 2.0,
+        "target_met": bool(default <= 2.0),
+    }
     brows = []
     for r in results:
         for k, b in r["batched"].items():
-            brows.append([r["model"], k, C.fmt_s(b["per_probe_single_s"]), C.fmt_s(b["per_probe_matmat_s"]),
-                          f"{b['speedup']:.2f}x"])
-    rep.table("Batched probes: `op.matmat` of k probes vs k single `op @ v` calls",
-              ["model", "k", "per probe, single calls", "per probe, matmat", "matmat speed-up"], brows)
+            brows.append(
+                [
+                    r["model"],
+                    k,
+                    C.fmt_s(b["per_probe_single_s"]),
+                    C.fmt_s(b["per_probe_matmat_s"]),
+                    f"{b['speedup']:.2f}x",
+                ]
+            )
+    rep.table(
+        "Batched probes: `op.matmat` of k probes vs k single `op @ v` calls",
+        ["model", "k", "per probe, single calls", "per probe, matmat", "matmat speed-up"],
+        brows,
+    )
     speedups = [b["speedup"] for r in results for b in r["batched"].values()] or [float("nan")]
     rep.data["summary"]["median_matmat_speedup"] = float(np.median(speedups))
-    rep.text("Targets",
-             f"- Default HVP (`hvp.hessian(...) @ v`) at most 2.0x a gradient, median over models: "
-             f"**{default:.2f}x** — {'met' if default <= 2.0 else 'MISSED'}"
-             f" (with `linearize=True` where faster: {best:.2f}x).\n"
-             f"- Batched probes cheaper per probe than single calls: median speed-up "
-             f"**{np.median(speedups):.2f}x** — {'met' if np.median(speedups) > 1.05 else 'MISSED'}.")
+    rep.text(
+        "Targets",
+        f"- Default HVP (`hvp.hessian(...) @ v`) at most 2.0x a gradient, median over models: "
+        f"**{default:.2f}x** — {'met' if default <= 2.0 else 'MISSED'}"
+        f" (with `linearize=True` where faster: {best:.2f}x).\n"
+        f"- Batched probes cheaper per probe than single calls: median speed-up "
+        f"**{np.median(speedups):.2f}x** — {'met' if np.median(speedups) > 1.05 else 'MISSED'}.",
+    )
 
     def draw(fig):
         ax = fig.add_subplot(111)
         x = np.arange(len(results))
         width = 0.8 / len(modes)
         for i, m in enumerate(modes):
-            ax.bar(x + (i - len(modes) / 2 + 0.5) * width, [r["ratios"].get(m, 0.0) for r in results], width,
-                   label=m)
+            ax.bar(
+                x + (i - len(modes) / 2 + 0.5) * width,
+                [r["ratios"].get(m, 0.0) for r in results],
+                width,
+                label=m,
+            )
         ax.axhline(2.0, color="k", ls="--", lw=1, label="target 2.0x")
         ax.axhline(1.0, color="grey", ls=":", lw=1)
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{r['model'].split(',')[0]}\nn={r['n']:,}" for r in results], fontsize=8)
+        ax.set_xticklabels(
+            [f"{r['model'].split(',')[0]}\nn={r['n']:,}" for r in results], fontsize=8
+        )
         ax.set_ylabel("time / gradient time")
         ax.set_title(f"HVP cost relative to one gradient ({C.device_name()})")
         ax.legend(fontsize=7, ncol=2)

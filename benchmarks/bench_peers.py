@@ -35,11 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import hvp
-from hvp import tree as tu
-
 from benchmarks import _common as C
 from benchmarks import _models as M
 from benchmarks import peers_torch as PT
+from hvp import tree as tu
 
 GROUP = "peers"
 TITLE = "hvp vs PyHessian, hessian-eigenthings and matfree (tanh MLP on the digits, float32)"
@@ -101,7 +100,7 @@ class _Stamped:
         self.rayleigh.append(self.dot(args, out))
         self.stamps.append(time.perf_counter() - self.t0)
         if self.ref is not None and len(self.rayleigh) >= self.patience:
-            last = np.abs(np.asarray(self.rayleigh[-self.patience:]) - self.ref) / abs(self.ref)
+            last = np.abs(np.asarray(self.rayleigh[-self.patience :]) - self.ref) / abs(self.ref)
             if np.all(last <= self.target):
                 raise _Reached()
         return out
@@ -111,9 +110,18 @@ class _Stamped:
         ok = errs <= target
         for i in range(len(ok)):
             if ok[i:].all():
-                return {"time_s": self.stamps[i], "matvecs": i + 1, "error": float(errs[i]), "reached": True}
-        return {"time_s": self.stamps[-1] if self.stamps else None, "matvecs": len(self.stamps),
-                "error": float(errs[-1]) if len(errs) else None, "reached": False}
+                return {
+                    "time_s": self.stamps[i],
+                    "matvecs": i + 1,
+                    "error": float(errs[i]),
+                    "reached": True,
+                }
+        return {
+            "time_s": self.stamps[-1] if self.stamps else None,
+            "matvecs": len(self.stamps),
+            "error": float(errs[-1]) if len(errs) else None,
+            "reached": False,
+        }
 
 
 def _sweep(configs, run_once, error_of, target, *, time_budget):
@@ -124,7 +132,13 @@ def _sweep(configs, run_once, error_of, target, *, time_budget):
         res, secs = run_once(cfg)
         err = error_of(res)
         spent += secs
-        last = {"config": cfg, "error": err, "time_s": secs, "reached": err <= target, "result": res}
+        last = {
+            "config": cfg,
+            "error": err,
+            "time_s": secs,
+            "reached": err <= target,
+            "result": res,
+        }
         if err <= target:
             return last
         if spent > time_budget:
@@ -147,14 +161,25 @@ def _reference(width, num_examples, quick):
         if n <= DENSE_REF_MAX_N:
             H = np.asarray(op.dense(max_size=None, chunk=128))
             eigs = np.linalg.eigvalsh((H + H.T) / 2)
-            ref = {"kind": "dense float64 eigh", "eigenvalues": eigs, "top5": eigs[-5:],
-                   "trace": float(np.trace(H))}
+            ref = {
+                "kind": "dense float64 eigh",
+                "eigenvalues": eigs,
+                "top5": eigs[-5:],
+                "trace": float(np.trace(H)),
+            }
         else:
-            res = C.algorithm("eigsh")(op, k=5, key=jax.random.PRNGKey(7), tol=1e-9, max_restarts=60)
+            res = C.algorithm("eigsh")(
+                op, k=5, key=jax.random.PRNGKey(7), tol=1e-9, max_restarts=60
+            )
             top5 = np.sort(np.asarray(res.eigenvalues))
-            ref = {"kind": "hvp.eigsh float64, tol 1e-9", "eigenvalues": None, "top5": top5, "trace": None,
-                   "max_residual": float(np.max(np.asarray(res.residuals))),
-                   "converged": bool(np.all(np.asarray(res.converged)))}
+            ref = {
+                "kind": "hvp.eigsh float64, tol 1e-9",
+                "eigenvalues": None,
+                "top5": top5,
+                "trace": None,
+                "max_residual": float(np.max(np.asarray(res.residuals))),
+                "converged": bool(np.all(np.asarray(res.converged))),
+            }
         ref["seconds"] = time.perf_counter() - t0
         return ref
     finally:
@@ -177,8 +202,10 @@ def _ours(op, v0, ref, quick, reps):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
 
-        tasks = [("top1", 1, TOP1_TARGET, lambda r: _rel(float(r.eigenvalues[-1]), top1)),
-                 ("top5", 5, TOP5_TARGET, lambda r: _top5_err(r.eigenvalues, top5))]
+        tasks = [
+            ("top1", 1, TOP1_TARGET, lambda r: _rel(float(r.eigenvalues[-1]), top1)),
+            ("top5", 5, TOP5_TARGET, lambda r: _top5_err(r.eigenvalues, top5)),
+        ]
         for label, k, target, err_of in tasks[:1] if quick else tasks:
             found = None
             for tol in TOL_GRID:
@@ -188,11 +215,21 @@ def _ours(op, v0, ref, quick, reps):
                     found = tol
                     break
             if found is None:
-                out[f"{label}_eigsh"] = {"reached": False, "error": err, "config": f"tol={TOL_GRID[-1]}"}
+                out[f"{label}_eigsh"] = {
+                    "reached": False,
+                    "error": err,
+                    "config": f"tol={TOL_GRID[-1]}",
+                }
                 continue
             res, t = timed(lambda: eigsh(op, k=k, key=key, tol=found))
-            out[f"{label}_eigsh"] = {"reached": True, "error": err_of(res), "config": f"tol={found:g}",
-                                     "matvecs": int(res.num_matvecs), "time_s": t["median_s"], "timing": t}
+            out[f"{label}_eigsh"] = {
+                "reached": True,
+                "error": err_of(res),
+                "config": f"tol={found:g}",
+                "matvecs": int(res.num_matvecs),
+                "time_s": t["median_s"],
+                "timing": t,
+            }
 
         found, spent = None, 0.0
         max_iter = 100 if quick else 1000
@@ -209,17 +246,32 @@ def _ours(op, v0, ref, quick, reps):
             pass  # quick mode: eigsh only (each algorithm costs a compilation)
         elif found is not None:
             res, t = timed(lambda: power(op, key=key, tol=found, num_iters=max_iter))
-            out["top1_power"] = {"reached": True, "error": _rel(float(res.eigenvalue), top1),
-                                 "config": f"tol={found:g}", "matvecs": int(res.num_matvecs),
-                                 "time_s": t["median_s"], "timing": t}
+            out["top1_power"] = {
+                "reached": True,
+                "error": _rel(float(res.eigenvalue), top1),
+                "config": f"tol={found:g}",
+                "matvecs": int(res.num_matvecs),
+                "time_s": t["median_s"],
+                "timing": t,
+            }
         else:
-            out["top1_power"] = {"reached": False, "error": _rel(float(res.eigenvalue), top1),
-                                 "config": f"tol swept to {tol:g}, at most {max_iter} iterations"}
+            out["top1_power"] = {
+                "reached": False,
+                "error": _rel(float(res.eigenvalue), top1),
+                "config": f"tol swept to {tol:g}, at most {max_iter} iterations",
+            }
 
     for method in ("hutchinson",) if quick else ("hutchinson", "hutch++", "xtrace"):
-        res, t = timed(lambda method=method: trace(op, key=key, num_matvecs=TRACE_PROBES, method=method))
-        d = {"estimate": float(res.estimate), "std_error": float(res.std_error), "time_s": t["median_s"],
-             "timing": t, "matvecs": int(res.num_matvecs)}
+        res, t = timed(
+            lambda method=method: trace(op, key=key, num_matvecs=TRACE_PROBES, method=method)
+        )
+        d = {
+            "estimate": float(res.estimate),
+            "std_error": float(res.std_error),
+            "time_s": t["median_s"],
+            "timing": t,
+            "matvecs": int(res.num_matvecs),
+        }
         if ref["trace"] is not None:
             d["error"] = _rel(float(res.estimate), ref["trace"])
         out[f"trace_{method}"] = d
@@ -227,7 +279,9 @@ def _ours(op, v0, ref, quick, reps):
     res, t = timed(lambda: sd(op, key=key, num_probes=1, num_iters=SLQ_ITERS))
     d = {"time_s": t["median_s"], "timing": t, "matvecs": int(res.num_matvecs)}
     if ref["eigenvalues"] is not None:
-        d["w1_rel"] = _w1(np.asarray(res.nodes).ravel(), np.asarray(res.weights).ravel(), ref["eigenvalues"])
+        d["w1_rel"] = _w1(
+            np.asarray(res.nodes).ravel(), np.asarray(res.weights).ravel(), ref["eigenvalues"]
+        )
     out["density"] = d
     return out
 
@@ -251,19 +305,29 @@ def _matfree(op, v0, ref, reps):
 
     def lanczos_fn(m):
         if m not in cache:
-            cache[m] = jax.jit(lambda v, op: eig.eigh_partial(decomp.tridiag_sym(m))(matvec, v, op)[0])
+            cache[m] = jax.jit(
+                lambda v, op: eig.eigh_partial(decomp.tridiag_sym(m))(matvec, v, op)[0]
+            )
         return cache[m]
 
-    for label, target, err_of in (("top1", TOP1_TARGET, lambda vals: _rel(float(np.max(vals)), top1)),
-                                  ("top5", TOP5_TARGET, lambda vals: _top5_err(vals, top5))):
+    for label, target, err_of in (
+        ("top1", TOP1_TARGET, lambda vals: _rel(float(np.max(vals)), top1)),
+        ("top5", TOP5_TARGET, lambda vals: _top5_err(vals, top5)),
+    ):
+
         def run_once(m):
             f = lanczos_fn(m)
             jax.block_until_ready(f(v0, op))
             t = C.time_fn(lambda: f(v0, op), repeats=reps, warmup=0)
             return t.pop("value"), t["median_s"]
 
-        s = _sweep([m for m in LANCZOS_GRID if m <= op.size], run_once, lambda v: err_of(np.asarray(v)), target,
-                   time_budget=600)
+        s = _sweep(
+            [m for m in LANCZOS_GRID if m <= op.size],
+            run_once,
+            lambda v: err_of(np.asarray(v)),
+            target,
+            time_budget=600,
+        )
         s.pop("result")
         s["matvecs"] = s.pop("config")
         s["config"] = f"{s['matvecs']} Lanczos steps"
@@ -273,7 +337,12 @@ def _matfree(op, v0, ref, reps):
     est = stochtrace.estimator_monte_carlo(stochtrace.monte_carlo_trace(), sampler)
     ftr = jax.jit(lambda k, op: est(matvec, k, op))
     t = C.time_fn(lambda: ftr(jax.random.PRNGKey(0), op), repeats=reps, warmup=1)
-    d = {"estimate": float(t.pop("value")), "time_s": t["median_s"], "timing": t, "matvecs": TRACE_PROBES}
+    d = {
+        "estimate": float(t.pop("value")),
+        "time_s": t["median_s"],
+        "timing": t,
+        "matvecs": TRACE_PROBES,
+    }
     if ref["trace"] is not None:
         d["error"] = _rel(d["estimate"], ref["trace"])
     out["trace_hutchinson"] = d
@@ -328,18 +397,24 @@ def _agreement(width, num_examples, params, loss_fn, batch, op):
     with torch.no_grad():
         tloss = float(crit(model(tb[0]), tb[1]))
     jloss = float(loss_fn(params, batch))
-    return {"loss_jax": jloss, "loss_torch": tloss, "loss_rel_diff": abs(jloss - tloss) / abs(jloss),
-            "hvp_rel_diff": float(np.linalg.norm(a - b) / np.linalg.norm(a))}
+    return {
+        "loss_jax": jloss,
+        "loss_torch": tloss,
+        "loss_rel_diff": abs(jloss - tloss) / abs(jloss),
+        "hvp_rel_diff": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+    }
 
 
 def _pyhessian(width, num_examples, ref, reps, quick):
-    import torch
     import sys
 
     import pyhessian  # noqa: F401
+    import torch
     from pyhessian import hessian as pyh_hessian
 
-    pyh_mod = sys.modules["pyhessian.hessian"]  # the module (the package re-exports the class by that name)
+    pyh_mod = sys.modules[
+        "pyhessian.hessian"
+    ]  # the module (the package re-exports the class by that name)
     from pyhessian.utils import group_product
 
     PT.shim_torch_eig()
@@ -353,7 +428,9 @@ def _pyhessian(width, num_examples, ref, reps, quick):
     max_iter = 100 if quick else 1000
 
     # top-1: one run, stopping test off, every product stamped
-    stamped = _Stamped(original, lambda args, hv: float(group_product(hv, args[2]).item()), top1, TOP1_TARGET)
+    stamped = _Stamped(
+        original, lambda args, hv: float(group_product(hv, args[2]).item()), top1, TOP1_TARGET
+    )
     pyh_mod.hessian_vector_product = stamped
     try:
         torch.manual_seed(0)
@@ -363,7 +440,10 @@ def _pyhessian(width, num_examples, ref, reps, quick):
         pass
     finally:
         pyh_mod.hessian_vector_product = original
-    out["top1_power"] = {**stamped.time_to(top1, TOP1_TARGET), "config": "power iteration, oracle stop"}
+    out["top1_power"] = {
+        **stamped.time_to(top1, TOP1_TARGET),
+        "config": "power iteration, oracle stop",
+    }
 
     # top-5: deflated power iteration; its own tol swept (each run timed whole)
     def run_once(tol):
@@ -373,12 +453,20 @@ def _pyhessian(width, num_examples, ref, reps, quick):
         return vals, time.perf_counter() - t0
 
     if H.params and sum(p.numel() for p in H.params) > TORCH_POWER_TOP5_MAX_N:
-        out["top5_power"] = {"reached": False, "skipped": True,
-                             "config": f"skipped above n = {TORCH_POWER_TOP5_MAX_N:,} (deflated power "
-                                       "iteration runs minutes per setting there)"}
+        out["top5_power"] = {
+            "reached": False,
+            "skipped": True,
+            "config": f"skipped above n = {TORCH_POWER_TOP5_MAX_N:,} (deflated power "
+            "iteration runs minutes per setting there)",
+        }
     else:
-        s = _sweep(PYH_TOL_GRID, run_once, lambda v: _top5_err(v, top5), TOP5_TARGET,
-                   time_budget=60 if quick else 150)
+        s = _sweep(
+            PYH_TOL_GRID,
+            run_once,
+            lambda v: _top5_err(v, top5),
+            TOP5_TARGET,
+            time_budget=60 if quick else 150,
+        )
         s.pop("result")
         s["config"] = f"deflated power iteration, tol={s['config']:g}"
         out["top5_power"] = s
@@ -411,8 +499,8 @@ def _pyhessian(width, num_examples, ref, reps, quick):
 
 
 def _eigenthings(width, num_examples, ref, reps, quick):
-    import torch
     import hessian_eigenthings as he
+    import torch
 
     model, crit, batch = _torch_problem(width, num_examples)
     op = he.HessianOperator(model, [batch], he.supervised_loss(crit), full_dataset=True)
@@ -430,38 +518,66 @@ def _eigenthings(width, num_examples, ref, reps, quick):
         pass
     finally:
         op.matvec = original
-    out["top1_power"] = {**stamped.time_to(top1, TOP1_TARGET), "config": "power iteration, oracle stop"}
+    out["top1_power"] = {
+        **stamped.time_to(top1, TOP1_TARGET),
+        "config": "power iteration, oracle stop",
+    }
 
-    for label, k, target, err_of in (("top1", 1, TOP1_TARGET, lambda r: _rel(float(r.eigenvalues.max()), top1)),
-                                     ("top5", 5, TOP5_TARGET, lambda r: _top5_err(r.eigenvalues.numpy(), top5))):
+    for label, k, target, err_of in (
+        ("top1", 1, TOP1_TARGET, lambda r: _rel(float(r.eigenvalues.max()), top1)),
+        ("top5", 5, TOP5_TARGET, lambda r: _top5_err(r.eigenvalues.numpy(), top5)),
+    ):
+
         def run_once(m, k=k):
-            t = C.time_fn(lambda: he.lanczos(op, k=k, max_iter=m, which="LA", reorthogonalize=True, seed=0),
-                          repeats=reps, warmup=0)
+            t = C.time_fn(
+                lambda: he.lanczos(op, k=k, max_iter=m, which="LA", reorthogonalize=True, seed=0),
+                repeats=reps,
+                warmup=0,
+            )
             return t.pop("value"), t["median_s"]
 
-        s = _sweep([m for m in LANCZOS_GRID if k <= m < op.size], run_once, err_of, target,
-                   time_budget=120 if quick else 600)
+        s = _sweep(
+            [m for m in LANCZOS_GRID if k <= m < op.size],
+            run_once,
+            err_of,
+            target,
+            time_budget=120 if quick else 600,
+        )
         s.pop("result")
         s["matvecs"] = s.pop("config")
         s["config"] = f"lanczos, {s['matvecs']} steps"
         out[f"{label}_lanczos"] = s
 
-    t = C.time_fn(lambda: he.hutchinson(op, num_samples=TRACE_PROBES, seed=0), repeats=reps, warmup=0)
+    t = C.time_fn(
+        lambda: he.hutchinson(op, num_samples=TRACE_PROBES, seed=0), repeats=reps, warmup=0
+    )
     res = t.pop("value")
-    d = {"estimate": float(res.estimate), "time_s": t["median_s"], "timing": t, "matvecs": TRACE_PROBES}
+    d = {
+        "estimate": float(res.estimate),
+        "time_s": t["median_s"],
+        "timing": t,
+        "matvecs": TRACE_PROBES,
+    }
     if ref["trace"] is not None:
         d["error"] = _rel(d["estimate"], ref["trace"])
     out["trace_hutchinson"] = d
 
-    t = C.time_fn(lambda: he.spectral_density(op, num_runs=1, lanczos_steps=SLQ_ITERS, num_grid_points=100, seed=0),
-                  repeats=reps, warmup=0)
+    t = C.time_fn(
+        lambda: he.spectral_density(
+            op, num_runs=1, lanczos_steps=SLQ_ITERS, num_grid_points=100, seed=0
+        ),
+        repeats=reps,
+        warmup=0,
+    )
     res = t.pop("value")
     d = {"time_s": t["median_s"], "timing": t, "matvecs": SLQ_ITERS}
     if ref["eigenvalues"] is not None:
         nodes = getattr(res, "nodes", None)
         weights = getattr(res, "weights", None)
         if nodes is not None and weights is not None:
-            d["w1_rel"] = _w1(np.asarray(nodes).ravel(), np.asarray(weights).ravel(), ref["eigenvalues"])
+            d["w1_rel"] = _w1(
+                np.asarray(nodes).ravel(), np.asarray(weights).ravel(), ref["eigenvalues"]
+            )
     out["density"] = d
     return out
 
@@ -475,17 +591,25 @@ def bench_size(width, *, quick, status):
     row = {"width": width, "n": n, "num_examples": int(batch[0].shape[0])}
 
     # our operator: the faster of forward-over-reverse and linearize-once
-    ops = {"default": hvp.hessian(loss_fn, params, batch, check_finite=False),
-           "linearize": hvp.hessian(loss_fn, params, batch, check_finite=False, linearize=True)}
+    ops = {
+        "default": hvp.hessian(loss_fn, params, batch, check_finite=False),
+        "linearize": hvp.hessian(loss_fn, params, batch, check_finite=False, linearize=True),
+    }
     v = tu.rademacher_like(jax.random.PRNGKey(1), params)
-    one = {k: C.time_fn(lambda o=o: o @ v, repeats=5, warmup=2, min_time=0.3)["median_s"] for k, o in ops.items()}
+    one = {
+        k: C.time_fn(lambda o=o: o @ v, repeats=5, warmup=2, min_time=0.3)["median_s"]
+        for k, o in ops.items()
+    }
     choice = min(one, key=one.get)
     op = ops[choice]
     row["hvp_one_s"] = one
     row["hvp_mode"] = choice
     row["reference"] = ref = _reference(width, num_examples, quick)
-    print(f"  n={n:,}: reference ({ref['kind']}) in {ref['seconds']:.1f} s; our HVP {choice} "
-          f"{C.fmt_s(one[choice])}", flush=True)
+    print(
+        f"  n={n:,}: reference ({ref['kind']}) in {ref['seconds']:.1f} s; our HVP {choice} "
+        f"{C.fmt_s(one[choice])}",
+        flush=True,
+    )
     row["hvp"] = _ours(op, v, ref, quick, reps)
     if status["matfree"]["installed"]:
         row["matfree"] = _matfree(op, v, ref, reps)
@@ -500,15 +624,23 @@ def bench_size(width, *, quick, status):
     ref = dict(ref)
     if ref.get("eigenvalues") is not None:
         eigs = ref["eigenvalues"]
-        ref["eigenvalues_summary"] = {"min": float(eigs.min()), "max": float(eigs.max()), "n": int(eigs.size)}
+        ref["eigenvalues_summary"] = {
+            "min": float(eigs.min()),
+            "max": float(eigs.max()),
+            "n": int(eigs.size),
+        }
         ref["eigenvalues"] = None
     ref["top5"] = np.asarray(ref["top5"]).tolist()
     row["reference"] = ref
     return row
 
 
-TASKS = [("top eigenvalue", "top1"), ("top-5 eigenvalues", "top5"),
-         (f"trace ({TRACE_PROBES} Hutchinson probes)", "trace"), (f"density (SLQ, {SLQ_ITERS} steps)", "density")]
+TASKS = [
+    ("top eigenvalue", "top1"),
+    ("top-5 eigenvalues", "top5"),
+    (f"trace ({TRACE_PROBES} Hutchinson probes)", "trace"),
+    (f"density (SLQ, {SLQ_ITERS} steps)", "density"),
+]
 
 
 def _best(lib: dict | None, task: str):
@@ -531,25 +663,37 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
     rep.data["peers"] = status
     missing = [k for k, v in status.items() if not v["installed"]]
     if missing:
-        msg = (f"Not installed, skipped: {', '.join(missing)} (install the optional peers with "
-               f"`pip install torch==2.13.0` and `pip install --no-deps pyhessian hessian-eigenthings matfree`, "
-               f"or the `bench-peers` extra).")
+        msg = (
+            f"Not installed, skipped: {', '.join(missing)} (install the optional peers with "
+            f"`pip install torch==2.13.0` and `pip install --no-deps pyhessian hessian-eigenthings matfree`, "
+            f"or the `bench-peers` extra)."
+        )
         print("  " + msg, flush=True)
         rep.notes.append(msg)
     if not status["torch"]["installed"]:
         for k in ("pyhessian", "hessian_eigenthings"):
             status[k]["installed"] = False
     widths = QUICK_WIDTHS if quick else FULL_WIDTHS
-    rep.data["settings"] = {"widths": list(widths), "top1_target": TOP1_TARGET, "top5_target": TOP5_TARGET,
-                            "trace_probes": TRACE_PROBES, "slq_iters": SLQ_ITERS,
-                            "lanczos_grid": list(LANCZOS_GRID), "tol_grid": list(TOL_GRID)}
+    rep.data["settings"] = {
+        "widths": list(widths),
+        "top1_target": TOP1_TARGET,
+        "top5_target": TOP5_TARGET,
+        "trace_probes": TRACE_PROBES,
+        "slq_iters": SLQ_ITERS,
+        "lanczos_grid": list(LANCZOS_GRID),
+        "tol_grid": list(TOL_GRID),
+    }
     rows = []
     for width in C.progress(widths, description="peers"):
         rows.append(bench_size(width, quick=quick, status=status))
     rep.data["rows"] = rows
 
-    libs = [("hvp", "hvp"), ("matfree", "matfree"), ("PyHessian", "pyhessian"),
-            ("hessian-eigenthings", "eigenthings")]
+    libs = [
+        ("hvp", "hvp"),
+        ("matfree", "matfree"),
+        ("PyHessian", "pyhessian"),
+        ("hessian-eigenthings", "eigenthings"),
+    ]
     table, ratios = [], []
     for r in rows:
         for title, task in TASKS:
@@ -557,13 +701,22 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
             ours = _best(r.get("hvp"), task)
             for lname, lkey in libs:
                 if lkey != "hvp" and lkey not in r:
-                    cells.append("not installed" if not status.get(
-                        {"pyhessian": "pyhessian", "eigenthings": "hessian_eigenthings"}.get(lkey, lkey),
-                        {}).get("installed") else "-")
+                    cells.append(
+                        "not installed"
+                        if not status.get(
+                            {"pyhessian": "pyhessian", "eigenthings": "hessian_eigenthings"}.get(
+                                lkey, lkey
+                            ),
+                            {},
+                        ).get("installed")
+                        else "-"
+                    )
                     continue
                 b = _best(r.get(lkey), task)
                 if b is None:
-                    entry = {k: v for k, v in (r.get(lkey) or {}).items() if k.startswith(task + "_")}
+                    entry = {
+                        k: v for k, v in (r.get(lkey) or {}).items() if k.startswith(task + "_")
+                    }
                     cells.append("target not reached" if entry else "-")
                     continue
                 err = b.get("error", b.get("w1_rel"))
@@ -571,15 +724,25 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
                 mv = f"{b['matvecs']} mv" if b.get("matvecs") is not None else b.get("config", "")
                 cells.append(f"{C.fmt_s(b['time_s'])} ({mv}{extra})")
                 if lkey != "hvp" and ours is not None:
-                    ratios.append({"n": r["n"], "task": task, "peer": lname,
-                                   "ratio_peer_over_hvp": b["time_s"] / ours["time_s"]})
+                    ratios.append(
+                        {
+                            "n": r["n"],
+                            "task": task,
+                            "peer": lname,
+                            "ratio_peer_over_hvp": b["time_s"] / ours["time_s"],
+                        }
+                    )
             table.append(cells)
-    rep.table("Time to the same accuracy (mv = matvecs; err = relative error vs the reference, or W1/range "
-              "for the density)", ["n", "task"] + [l for l, _ in libs], table,
-              note=f"Targets: top eigenvalue relative error <= {TOP1_TARGET:g}; top-5: max error <= "
-                   f"{TOP5_TARGET:g} x lambda_1. hvp: the fastest of `eigsh` and `power_iteration` (tol swept). "
-                   "Lanczos peers: fewest steps on the grid that reach the target; power iterations: "
-                   "oracle stop at the first product whose Rayleigh quotient is within the target.")
+    rep.table(
+        "Time to the same accuracy (mv = matvecs; err = relative error vs the reference, or W1/range "
+        "for the density)",
+        ["n", "task"] + [l for l, _ in libs],
+        table,
+        note=f"Targets: top eigenvalue relative error <= {TOP1_TARGET:g}; top-5: max error <= "
+        f"{TOP5_TARGET:g} x lambda_1. hvp: the fastest of `eigsh` and `power_iteration` (tol swept). "
+        "Lanczos peers: fewest steps on the grid that reach the target; power iterations: "
+        "oracle stop at the first product whose Rayleigh quotient is within the target.",
+    )
     rep.data["ratios"] = ratios
     if ratios:
         rrows = []
@@ -587,23 +750,56 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
             for task in ("top1", "top5", "trace", "density"):
                 vals = [x for x in ratios if x["peer"] == peer and x["task"] == task]
                 if vals:
-                    rrows.append([peer, task] + [", ".join(f"n={x['n']:,}: {x['ratio_peer_over_hvp']:.1f}x"
-                                                           for x in vals)])
-        rep.table("Speed ratios: peer time / hvp time at matched accuracy (> 1: hvp faster)",
-                  ["peer", "task", "ratios"], rrows)
+                    rrows.append(
+                        [peer, task]
+                        + [
+                            ", ".join(
+                                f"n={x['n']:,}: {x['ratio_peer_over_hvp']:.1f}x" for x in vals
+                            )
+                        ]
+                    )
+        rep.table(
+            "Speed ratios: peer time / hvp time at matched accuracy (> 1: hvp faster)",
+            ["peer", "task", "ratios"],
+            rrows,
+        )
         slower = [x for x in ratios if x["ratio_peer_over_hvp"] < 1.0]
-        rep.data["summary"] = {"hvp_faster_everywhere": not slower,
-                               "cases_where_peer_faster": slower,
-                               "min_ratio": min(x["ratio_peer_over_hvp"] for x in ratios),
-                               "median_ratio": float(np.median([x["ratio_peer_over_hvp"] for x in ratios]))}
-    arows = [[f"{r['n']:,}", f"{r['agreement']['loss_rel_diff']:.1e}", f"{r['agreement']['hvp_rel_diff']:.1e}"]
-             for r in rows if "agreement" in r]
+        rep.data["summary"] = {
+            "hvp_faster_everywhere": not slower,
+            "cases_where_peer_faster": slower,
+            "min_ratio": min(x["ratio_peer_over_hvp"] for x in ratios),
+            "median_ratio": float(np.median([x["ratio_peer_over_hvp"] for x in ratios])),
+        }
+    arows = [
+        [
+            f"{r['n']:,}",
+            f"{r['agreement']['loss_rel_diff']:.1e}",
+            f"{r['agreement']['hvp_rel_diff']:.1e}",
+        ]
+        for r in rows
+        if "agreement" in r
+    ]
     if arows:
-        rep.table("PyTorch vs JAX model agreement (float32)", ["n", "loss rel. diff", "HVP rel. diff"], arows)
-    hrows = [[f"{r['n']:,}", r["hvp_mode"], C.fmt_s(r["hvp_one_s"]["default"]), C.fmt_s(r["hvp_one_s"]["linearize"]),
-              r["reference"]["kind"]] for r in rows]
-    rep.table("Our operator and the reference", ["n", "HVP mode used", "one HVP (default)",
-                                                  "one HVP (linearize=True)", "reference"], hrows)
+        rep.table(
+            "PyTorch vs JAX model agreement (float32)",
+            ["n", "loss rel. diff", "HVP rel. diff"],
+            arows,
+        )
+    hrows = [
+        [
+            f"{r['n']:,}",
+            r["hvp_mode"],
+            C.fmt_s(r["hvp_one_s"]["default"]),
+            C.fmt_s(r["hvp_one_s"]["linearize"]),
+            r["reference"]["kind"],
+        ]
+        for r in rows
+    ]
+    rep.table(
+        "Our operator and the reference",
+        ["n", "HVP mode used", "one HVP (default)", "one HVP (linearize=True)", "reference"],
+        hrows,
+    )
 
     colors = {"hvp": "C0", "matfree": "C1", "pyhessian": "C2", "eigenthings": "C3"}
 

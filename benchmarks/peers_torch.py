@@ -20,7 +20,9 @@ def version(name: str) -> str | None:
     try:
         from importlib.metadata import version as v
 
-        return v({"pyhessian": "pyhessian", "hessian_eigenthings": "hessian-eigenthings"}.get(name, name))
+        return v(
+            {"pyhessian": "pyhessian", "hessian_eigenthings": "hessian-eigenthings"}.get(name, name)
+        )
     except Exception:
         return None
 

@@ -27,7 +27,10 @@ def init_mlp(key, sizes=(64, 16, 10)):
     params = {}
     for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
-        params[f"layer{i}"] = {"w": jax.random.normal(sub, (m, n)) * jnp.sqrt(2.0 / (m + n)), "b": jnp.zeros(n)}
+        params[f"layer{i}"] = {
+            "w": jax.random.normal(sub, (m, n)) * jnp.sqrt(2.0 / (m + n)),
+            "b": jnp.zeros(n),
+        }
     return params
 
 
@@ -48,15 +51,19 @@ def load_batches(num_examples=500, batch_size=128):
     digits = load_digits()
     x = jnp.asarray(digits.data[:num_examples] / 16.0 - 0.5)
     y = jnp.asarray(digits.target[:num_examples])
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_examples, batch_size)]
+    return [
+        (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_examples, batch_size)
+    ]
 
 
 def main() -> dict:
     batches = load_batches()
     params = init_mlp(jax.random.PRNGKey(0))
     n = hvp.tree.size(params)
-    print(f"tanh MLP 64-16-10: {n} parameters, {len(batches)} batches "
-          f"({', '.join(str(len(b[1])) for b in batches)} examples)")
+    print(
+        f"tanh MLP 64-16-10: {n} parameters, {len(batches)} batches "
+        f"({', '.join(str(len(b[1])) for b in batches)} examples)"
+    )
 
     # the Hessian of the mean loss over all 500 examples, as a matrix-free operator
     H = hvp.hessian(loss, params, batches)
@@ -84,7 +91,13 @@ def main() -> dict:
     print(f"H @ v: first call (compile) {t_first:.2f} s, then {t_mv * 1e3:.2f} ms per product")
     print(f"dense jax.hessian ({n} x {n}): {t_dense:.2f} s")
     print(f"relative error vs jax.hessian: {rel_err:.3e}")
-    return {"n": n, "relative_error": rel_err, "first_s": t_first, "matvec_s": t_mv, "dense_s": t_dense}
+    return {
+        "n": n,
+        "relative_error": rel_err,
+        "first_s": t_first,
+        "matvec_s": t_mv,
+        "dense_s": t_dense,
+    }
 
 
 if __name__ == "__main__":

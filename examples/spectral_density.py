@@ -38,7 +38,9 @@ def main(argv=None):
     parser.add_argument("--probes", type=int, default=32)
     parser.add_argument("--iters", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join("docs", "figures", "spectral_density_mlp.png"))
+    parser.add_argument(
+        "--out", default=os.path.join("docs", "figures", "spectral_density_mlp.png")
+    )
     args = parser.parse_args(argv)
 
     prob = mlp()
@@ -55,24 +57,41 @@ def main(argv=None):
     dens = sd.density(grid, sigma=sigma)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    counts, _, _ = ax.hist(exact, bins=120, density=True, color="0.8",
-                           label=f"exact eigenvalues (eigh, n={h.size})")
-    ax.plot(grid, dens, color="C0", lw=1.5,
-            label=f"SLQ: {args.probes} probes x {args.iters} Lanczos steps (sigma={sigma:.3g})")
+    counts, _, _ = ax.hist(
+        exact, bins=120, density=True, color="0.8", label=f"exact eigenvalues (eigh, n={h.size})"
+    )
+    ax.plot(
+        grid,
+        dens,
+        color="C0",
+        lw=1.5,
+        label=f"SLQ: {args.probes} probes x {args.iters} Lanczos steps (sigma={sigma:.3g})",
+    )
     for i, lam in enumerate(np.asarray(ends.eigenvalues)):
-        ax.axvline(lam, color="C3", lw=0.8, ls="--", label="eigsh: 5 smallest / 5 largest" if i == 0 else None)
+        ax.axvline(
+            lam,
+            color="C3",
+            lw=0.8,
+            ls="--",
+            label="eigsh: 5 smallest / 5 largest" if i == 0 else None,
+        )
     ax.set_yscale("log")
     ax.set_ylim(1e-4, 5 * max(float(dens.max()), float(counts.max())))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(f"tanh-MLP Hessian on digits: W1(SLQ, exact) = {w1 / rng:.2%} of the range, "
-                 f"negative mass {sd.negative_mass():.1%} (exact {np.mean(exact < 0):.1%})", fontsize=9)
+    ax.set_title(
+        f"tanh-MLP Hessian on digits: W1(SLQ, exact) = {w1 / rng:.2%} of the range, "
+        f"negative mass {sd.negative_mass():.1%} (exact {np.mean(exact < 0):.1%})",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=130)
-    print(f"wrote {args.out}; n={h.size}, SLQ matvecs {int(sd.num_matvecs)}, W1/range {w1 / rng:.4f}, "
-          f"eigsh matvecs {int(ends.num_matvecs)}")
+    print(
+        f"wrote {args.out}; n={h.size}, SLQ matvecs {int(sd.num_matvecs)}, W1/range {w1 / rng:.4f}, "
+        f"eigsh matvecs {int(ends.num_matvecs)}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ from hvp.monitor import CurvatureMonitor
 class MLP(nnx.Module):
     def __init__(self, sizes, *, init_scale: float = 1.0, rngs: nnx.Rngs):
         # kernels ~ N(0, init_scale^2 / fan_in): a small scale starts flat, so the sharpness has to grow
-        init = nnx.initializers.variance_scaling(init_scale ** 2, "fan_in", "normal")
-        self.layers = nnx.List([nnx.Linear(a, b, kernel_init=init, rngs=rngs)
-                                for a, b in zip(sizes[:-1], sizes[1:])])
+        init = nnx.initializers.variance_scaling(init_scale**2, "fan_in", "normal")
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, kernel_init=init, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
 
     def __call__(self, x):
         for layer in self.layers[:-1]:
@@ -61,13 +62,18 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300, help="training steps (full-batch GD)")
     p.add_argument("--every", type=int, default=10, help="monitor every N steps")
     p.add_argument("--lr", type=float, default=0.5, help="learning rate (the 2/lr line)")
-    p.add_argument("--init-scale", type=float, default=0.3, help="initial weight scale (times 1/sqrt(fan_in))")
+    p.add_argument(
+        "--init-scale", type=float, default=0.3, help="initial weight scale (times 1/sqrt(fan_in))"
+    )
     p.add_argument("--num-train", type=int, default=1000, help="training examples (one full batch)")
     p.add_argument("--hidden", type=int, default=32, help="hidden width")
     p.add_argument("--k", type=int, default=1, help="top eigenvalues to track")
     p.add_argument("--trace-matvecs", type=int, default=20, help="Hutchinson probes per evaluation")
-    p.add_argument("--measure-cold-start", action="store_true",
-                   help="also run cold-started Lanczos to measure the warm-start savings (slower)")
+    p.add_argument(
+        "--measure-cold-start",
+        action="store_true",
+        help="also run cold-started Lanczos to measure the warm-start savings (slower)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="./monitor-output", help="output folder")
     return p.parse_args(argv)
@@ -76,7 +82,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     x, y = load_digits(args.num_train, args.seed)
-    model = MLP([64, args.hidden, args.hidden, 10], init_scale=args.init_scale, rngs=nnx.Rngs(args.seed))
+    model = MLP(
+        [64, args.hidden, args.hidden, 10], init_scale=args.init_scale, rngs=nnx.Rngs(args.seed)
+    )
     optimizer = nnx.Optimizer(model, optax.sgd(args.lr), wrt=nnx.Param)
 
     @nnx.jit
@@ -89,9 +97,18 @@ def main(argv=None) -> dict:
     problem = hvp.flax.from_nnx(model, "cross_entropy")
     last = args.steps - 1
     monitor = CurvatureMonitor.from_flax(
-        problem, (x, y), every=args.every, k=args.k, trace_matvecs=args.trace_matvecs,
-        density_steps=[0, last], learning_rate=args.lr, output_dir=args.out, key=jax.random.key(args.seed),
-        measure_cold_start=args.measure_cold_start, verbose=False)
+        problem,
+        (x, y),
+        every=args.every,
+        k=args.k,
+        trace_matvecs=args.trace_matvecs,
+        density_steps=[0, last],
+        learning_rate=args.lr,
+        output_dir=args.out,
+        key=jax.random.key(args.seed),
+        measure_cold_start=args.measure_cold_start,
+        verbose=False,
+    )
 
     from rich.progress import Progress
 
@@ -103,30 +120,45 @@ def main(argv=None) -> dict:
             loss = train_step(model, optimizer, x, y)
             record = monitor(step, model)
             if record is not None:
-                progress.update(task, description=f"loss {float(loss):.3f}  sharpness {record.sharpness:.3f}")
+                progress.update(
+                    task, description=f"loss {float(loss):.3f}  sharpness {record.sharpness:.3f}"
+                )
             progress.advance(task)
     jax.block_until_ready(loss)
     total = time.perf_counter() - start
     # ------------------------------------------------------------------------------------------
 
-    png = monitor.plot(os.path.join(args.out, "sharpness.png"),
-                       title=f"NNX MLP on digits, full-batch GD, lr = {args.lr}")
+    png = monitor.plot(
+        os.path.join(args.out, "sharpness.png"),
+        title=f"NNX MLP on digits, full-batch GD, lr = {args.lr}",
+    )
     summary = monitor.summary(total).to_dict()
-    summary.update(lr=args.lr, two_over_lr=2.0 / args.lr, steps=args.steps,
-                   final_loss=None if loss is None else float(loss), plot=png)
+    summary.update(
+        lr=args.lr,
+        two_over_lr=2.0 / args.lr,
+        steps=args.steps,
+        final_loss=None if loss is None else float(loss),
+        plot=png,
+    )
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
     print(f"trained {args.steps} steps in {total:.1f} s; final loss {summary['final_loss']:.4f}")
-    print(f"sharpness: first {monitor.history[0].sharpness:.3f}, max {summary['max_sharpness']:.3f}, "
-          f"final {summary['final_sharpness']:.3f}; 2/lr = {2.0 / args.lr:.3f}")
-    print(f"monitor: {summary['num_evaluations']} evaluations, {summary['num_matvecs']} Hessian-vector "
-          f"products, {summary['seconds']:.1f} s = {100 * summary['overhead']:.1f}% of the wall time "
-          f"(the first evaluation, {summary['first_seconds']:.1f} s, includes compilation; after it "
-          f"{100 * summary['overhead_after_first']:.1f}%)")
+    print(
+        f"sharpness: first {monitor.history[0].sharpness:.3f}, max {summary['max_sharpness']:.3f}, "
+        f"final {summary['final_sharpness']:.3f}; 2/lr = {2.0 / args.lr:.3f}"
+    )
+    print(
+        f"monitor: {summary['num_evaluations']} evaluations, {summary['num_matvecs']} Hessian-vector "
+        f"products, {summary['seconds']:.1f} s = {100 * summary['overhead']:.1f}% of the wall time "
+        f"(the first evaluation, {summary['first_seconds']:.1f} s, includes compilation; after it "
+        f"{100 * summary['overhead_after_first']:.1f}%)"
+    )
     if summary["warm_start_savings"] is not None:
-        print(f"warm start: {summary['eig_matvecs']} Lanczos products vs {summary['cold_eig_matvecs']} cold "
-              f"({100 * summary['warm_start_savings']:.0f}% fewer)")
+        print(
+            f"warm start: {summary['eig_matvecs']} Lanczos products vs {summary['cold_eig_matvecs']} cold "
+            f"({100 * summary['warm_start_savings']:.0f}% fewer)"
+        )
     print(f"outputs in {os.path.abspath(args.out)}")
     return summary
 

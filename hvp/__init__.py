@@ -11,18 +11,6 @@ Layers (each imports only from the ones before it):
 
 from hvp import tree
 from hvp._version import __version__
-from hvp.operators import (
-    CurvatureOperator,
-    LinearOperator,
-    NonFiniteError,
-    empirical_fisher,
-    from_dense,
-    from_matvec,
-    ggn,
-    hessian,
-    hvp,
-    losses,
-)
 from hvp.linalg import (
     DiagonalResult,
     EigshResult,
@@ -40,6 +28,18 @@ from hvp.linalg import (
     spectrum_summary,
     trace,
     wasserstein1,
+)
+from hvp.operators import (
+    CurvatureOperator,
+    LinearOperator,
+    NonFiniteError,
+    empirical_fisher,
+    from_dense,
+    from_matvec,
+    ggn,
+    hessian,
+    hvp,
+    losses,
 )
 
 _LAZY = {
@@ -62,6 +62,7 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'hvp' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +127,7 @@ class Problem:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_np():
     from sklearn.datasets import load_digits
 
@@ -163,7 +164,11 @@ def _split(arrays, sizes=BATCH_SIZES):
 
 def _cast(tree, dtype):
     return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else jnp.asarray(a),
+        lambda a: (
+            jnp.asarray(a, dtype)
+            if np.issubdtype(np.asarray(a).dtype, np.floating)
+            else jnp.asarray(a)
+        ),
         tree,
     )
 
@@ -205,7 +210,9 @@ def quadratic(dtype=jnp.float64, *, n: int = 12) -> Problem:
         return jnp.mean(0.5 * cw * (x @ a_j @ x) + bw @ x)
 
     batches = [_cast(bt, dtype) for bt in _split((c, b))]
-    return Problem("quadratic", _cast(params, dtype), loss_fn, batches, hessian=np.mean(c) * a, dtype=dtype)
+    return Problem(
+        "quadratic", _cast(params, dtype), loss_fn, batches, hessian=np.mean(c) * a, dtype=dtype
+    )
 
 
 def linear_regression(dtype=jnp.float64) -> Problem:
@@ -222,8 +229,15 @@ def linear_regression(dtype=jnp.float64) -> Problem:
 
     loss = hvp.losses.mean_squared_error
     batches = [_cast(bt, dtype) for bt in _split((x, y))]
-    return Problem("linear_regression", _cast(params, dtype), _loss_from_model(model_fn, loss), batches,
-                   model_fn=model_fn, output_loss=loss, dtype=dtype)
+    return Problem(
+        "linear_regression",
+        _cast(params, dtype),
+        _loss_from_model(model_fn, loss),
+        batches,
+        model_fn=model_fn,
+        output_loss=loss,
+        dtype=dtype,
+    )
 
 
 class BinaryLogisticLoss:
@@ -248,8 +262,15 @@ def logistic_regression(dtype=jnp.float64) -> Problem:
 
     loss = BinaryLogisticLoss()
     batches = [_cast(bt, dtype) for bt in _split((x, y))]
-    return Problem("logistic_regression", _cast(params, dtype), _loss_from_model(model_fn, loss), batches,
-                   model_fn=model_fn, output_loss=loss, dtype=dtype)
+    return Problem(
+        "logistic_regression",
+        _cast(params, dtype),
+        _loss_from_model(model_fn, loss),
+        batches,
+        model_fn=model_fn,
+        output_loss=loss,
+        dtype=dtype,
+    )
 
 
 def _mlp_params(rng, sizes):
@@ -277,14 +298,26 @@ def mlp(dtype=jnp.float64) -> Problem:
     params = _mlp_params(rng, (16, 12, 10))
     loss = hvp.losses.softmax_cross_entropy
     batches = [_cast(bt, dtype) for bt in _split((x, y))]
-    return Problem("mlp", _cast(params, dtype), _loss_from_model(mlp_apply, loss), batches,
-                   model_fn=mlp_apply, output_loss=loss, dtype=dtype)
+    return Problem(
+        "mlp",
+        _cast(params, dtype),
+        _loss_from_model(mlp_apply, loss),
+        batches,
+        model_fn=mlp_apply,
+        output_loss=loss,
+        dtype=dtype,
+    )
 
 
 def cnn_apply(params, x):
     """conv 3x3 (VALID, NHWC) -> tanh -> 2x2 average pool -> flatten -> dense."""
-    h = lax.conv_general_dilated(x, params["conv"]["kernel"], window_strides=(1, 1), padding="VALID",
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = lax.conv_general_dilated(
+        x,
+        params["conv"]["kernel"],
+        window_strides=(1, 1),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     h = jnp.tanh(h + params["conv"]["bias"])  # (n, 6, 6, 4)
     n = h.shape[0]
     h = h.reshape(n, 3, 2, 3, 2, h.shape[-1]).mean(axis=(2, 4)).reshape(n, -1)  # (n, 36)
@@ -296,13 +329,23 @@ def cnn(dtype=jnp.float64) -> Problem:
     rng = np.random.default_rng(5)
     x, y = digits(pooled=False, seed=5)
     params = {
-        "conv": {"kernel": rng.normal(size=(3, 3, 1, 4)) * 0.6, "bias": 0.1 * rng.normal(size=(4,))},
+        "conv": {
+            "kernel": rng.normal(size=(3, 3, 1, 4)) * 0.6,
+            "bias": 0.1 * rng.normal(size=(4,)),
+        },
         "dense": {"kernel": _glorot(rng, 36, 10) * 2.0, "bias": np.zeros(10)},
     }
     loss = hvp.losses.softmax_cross_entropy
     batches = [_cast(bt, dtype) for bt in _split((x, y))]
-    return Problem("cnn", _cast(params, dtype), _loss_from_model(cnn_apply, loss), batches,
-                   model_fn=cnn_apply, output_loss=loss, dtype=dtype)
+    return Problem(
+        "cnn",
+        _cast(params, dtype),
+        _loss_from_model(cnn_apply, loss),
+        batches,
+        model_fn=cnn_apply,
+        output_loss=loss,
+        dtype=dtype,
+    )
 
 
 def dict_batch(dtype=jnp.float64) -> Problem:
@@ -316,8 +359,15 @@ def dict_batch(dtype=jnp.float64) -> Problem:
 
     loss = hvp.losses.softmax_cross_entropy
     batches = [_cast({"image": xi, "label": yi}, dtype) for xi, yi in _split((x, y))]
-    return Problem("dict_batch", _cast(params, dtype), _loss_from_model(model_fn, loss), batches,
-                   model_fn=model_fn, output_loss=loss, dtype=dtype)
+    return Problem(
+        "dict_batch",
+        _cast(params, dtype),
+        _loss_from_model(model_fn, loss),
+        batches,
+        model_fn=model_fn,
+        output_loss=loss,
+        dtype=dtype,
+    )
 
 
 def nested(dtype=jnp.float64) -> Problem:
@@ -329,7 +379,9 @@ def nested(dtype=jnp.float64) -> Problem:
     rng = np.random.default_rng(7)
     num = sum(BATCH_SIZES)
     x = rng.normal(size=(num, 3))
-    y = np.stack([np.sin(x[:, 0]) + x[:, 1], np.cos(x[:, 2])], axis=1) + 0.05 * rng.normal(size=(num, 2))
+    y = np.stack([np.sin(x[:, 0]) + x[:, 1], np.cos(x[:, 2])], axis=1) + 0.05 * rng.normal(
+        size=(num, 2)
+    )
     params = {
         "layers": [
             {"w": rng.normal(size=(3, 4)) * 0.8, "b": 0.1 * rng.normal(size=(4,))},
@@ -347,8 +399,15 @@ def nested(dtype=jnp.float64) -> Problem:
 
     loss = hvp.losses.mean_squared_error
     batches = [_cast(bt, dtype) for bt in _split((x, y))]
-    return Problem("nested", _cast(params, dtype), _loss_from_model(model_fn, loss), batches,
-                   model_fn=model_fn, output_loss=loss, dtype=dtype)
+    return Problem(
+        "nested",
+        _cast(params, dtype),
+        _loss_from_model(model_fn, loss),
+        batches,
+        model_fn=model_fn,
+        output_loss=loss,
+        dtype=dtype,
+    )
 
 
 #: every problem, name -> builder(dtype=jnp.float64)
@@ -366,7 +425,7 @@ ALL_PROBLEMS: dict[str, Callable[..., Problem]] = {
 GGN_PROBLEMS = tuple(k for k in ALL_PROBLEMS if k != "quadratic")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(name: str, dtype: str = "float64") -> Problem:
     """Cached ``ALL_PROBLEMS[name](dtype)`` (``dtype`` given by name so that it hashes)."""
     return ALL_PROBLEMS[name](jnp.dtype(dtype))
@@ -383,13 +442,18 @@ def concat_batches(batches):
 def to_float64(tree):
     """Cast the floating leaves of ``tree`` to float64 (integer leaves unchanged)."""
     return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree
+        lambda a: (
+            jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+        ),
+        tree,
     )
 
 
 def _require_x64():
     if not jax.config.jax_enable_x64:
-        raise RuntimeError("Dense references need float64: enable jax_enable_x64 (tests/conftest.py does).")
+        raise RuntimeError(
+            "Dense references need float64: enable jax_enable_x64 (tests/conftest.py does)."
+        )
 
 
 def _flat_problem(problem: Problem):
@@ -455,7 +519,7 @@ def dense_fisher(problem: Problem) -> np.ndarray:
 KINDS = ("hessian", "hessian_linearized", "ggn", "empirical_fisher")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str, kind: str, dtype: str = "float64") -> np.ndarray:
     """Cached dense float64 reference of ``kind`` for problem ``name`` (data of ``dtype``)."""
     p = build(name, dtype)
@@ -476,14 +540,20 @@ def make_operator(problem: Problem, kind: str, data=None, **kwargs):
     if kind == "hessian_linearized":
         return hvp.hessian(problem.loss_fn, problem.params, data, linearize=True, **kwargs)
     if kind == "ggn":
-        return hvp.ggn(problem.model_fn, problem.output_loss, problem.params, data, unpack=problem.unpack,
-                       **kwargs)
+        return hvp.ggn(
+            problem.model_fn,
+            problem.output_loss,
+            problem.params,
+            data,
+            unpack=problem.unpack,
+            **kwargs,
+        )
     if kind == "empirical_fisher":
         return hvp.empirical_fisher(problem.loss_fn, problem.params, data, **kwargs)
     raise ValueError(f"Unknown kind {kind!r}; expected one of {KINDS}.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def operator(name: str, kind: str, dtype: str = "float64"):
     """Cached :func:`make_operator` over the problem's batches (compiled functions are reused)."""
     return make_operator(build(name, dtype), kind)

@@ -27,9 +27,12 @@ def _namespace(tmp_path):
     X = jnp.asarray(digits.data[:600] / 16.0)
     y = jnp.asarray(digits.target[:600])
     rs = np.random.RandomState(0)
-    params = {"w1": jnp.asarray(rs.randn(64, 12) / 8.0), "b1": jnp.zeros(12),
-              "w2": jnp.asarray(rs.randn(12, 10) / 3.5)}
-    batches = [(X[i:i + 256], y[i:i + 256]) for i in range(0, 600, 256)]  # 256, 256, 88
+    params = {
+        "w1": jnp.asarray(rs.randn(64, 12) / 8.0),
+        "b1": jnp.zeros(12),
+        "w2": jnp.asarray(rs.randn(12, 10) / 3.5),
+    }
+    batches = [(X[i : i + 256], y[i : i + 256]) for i in range(0, 600, 256)]  # 256, 256, 88
 
     def model_fn(p, x):
         return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
@@ -54,9 +57,19 @@ def _namespace(tmp_path):
 
     v = hvp.tree.normal_like(jax.random.PRNGKey(1), params)
     return dict(
-        jax=jax, jnp=jnp, hvp=hvp, params=params, batches=batches, model_fn=model_fn, v=v,
-        vs=hvp.tree.stack([v, hvp.tree.scale(2.0, v)]), model=MLP(nnx.Rngs(0)), lr=lr,
-        probe_batch=batches[0], train_batches=batches * 2, opt_state=opt.init(params),
+        jax=jax,
+        jnp=jnp,
+        hvp=hvp,
+        params=params,
+        batches=batches,
+        model_fn=model_fn,
+        v=v,
+        vs=hvp.tree.stack([v, hvp.tree.scale(2.0, v)]),
+        model=MLP(nnx.Rngs(0)),
+        lr=lr,
+        probe_batch=batches[0],
+        train_batches=batches * 2,
+        opt_state=opt.init(params),
         train_step=train_step,
     )
 
@@ -74,12 +87,17 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
             raise AssertionError(f"README snippet {i} failed: {err!r}\n{code}") from err
         if i == 0:  # the operator snippet computed real products: check them against dense
             dense = np.asarray(ns["H"].dense())
-            np.testing.assert_allclose(np.asarray(hvp.tree.ravel(ns["Hv"])),
-                                       dense @ np.asarray(hvp.tree.ravel(ns["v"])), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                np.asarray(hvp.tree.ravel(ns["Hv"])),
+                dense @ np.asarray(hvp.tree.ravel(ns["v"])),
+                rtol=1e-10,
+                atol=1e-12,
+            )
         if i == 1:  # the algorithms snippet: Lanczos agrees with eigh of the same Hessian
             ref = np.linalg.eigvalsh(dense)
             got = np.asarray(ns["eig"].eigenvalues)
-            np.testing.assert_allclose(got, np.concatenate([ref[:5], ref[-5:]]), rtol=1e-4,
-                                       atol=1e-6 * np.abs(ref).max())
+            np.testing.assert_allclose(
+                got, np.concatenate([ref[:5], ref[-5:]]), rtol=1e-4, atol=1e-6 * np.abs(ref).max()
+            )
     assert os.path.exists(tmp_path / "runs" / "curvature" / "history.jsonl")
     assert len(ns["monitor"].history) >= 1

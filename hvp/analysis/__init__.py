@@ -28,7 +28,13 @@ from hvp.analysis._data import DataSet, digits, load_data
 from hvp.analysis._demo import DEMO_MODEL_SPEC, digits_mlp, run_demo
 from hvp.analysis._errors import AnalysisError, StructureMismatchError
 from hvp.analysis._plots import plot_density, plot_layers
-from hvp.analysis._report import REPORT_SCHEMA, load_report, print_summary, summary_table, validate_report
+from hvp.analysis._report import (
+    REPORT_SCHEMA,
+    load_report,
+    print_summary,
+    summary_table,
+    validate_report,
+)
 from hvp.analysis._specs import ModelSpec, load_model, resolve_callable
 
 __all__ = [

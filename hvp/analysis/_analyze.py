@@ -49,10 +49,8 @@ so the same checkpoint, data, settings and seed give the same figures.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,9 +87,21 @@ OPERATORS = ("hessian", "ggn")
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
 #: Default settings, shared by :func:`analyze`, ``hvp analyze`` and ``hvp demo``.
 DEFAULTS = dict(
-    data="digits", operator="hessian", k=5, num_probes=16, num_iters=64, eig_iters=None, tol=None,
-    trace_method="hutch++", trace_matvecs=99, layer_matvecs=64, batch_size=2048, num_batches=None, seed=0,
-    x64=False, grid_size=1000,
+    data="digits",
+    operator="hessian",
+    k=5,
+    num_probes=16,
+    num_iters=64,
+    eig_iters=None,
+    tol=None,
+    trace_method="hutch++",
+    trace_matvecs=99,
+    layer_matvecs=64,
+    batch_size=2048,
+    num_batches=None,
+    seed=0,
+    x64=False,
+    grid_size=1000,
 )
 _SEED_ORDER = ("top", "bottom", "trace", "density", "layers")
 
@@ -250,10 +260,18 @@ class AnalysisReport:
 
 def versions() -> dict:
     """Versions of the software that produced a report."""
-    out = {"hvp": __version__, "jax": jax.__version__, "python": platform.python_version(),
-           "numpy": np.__version__}
-    for name, mod in (("jaxlib", "jaxlib"), ("flax", "flax"), ("orbax-checkpoint", "orbax.checkpoint"),
-                      ("optax", "optax")):
+    out = {
+        "hvp": __version__,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    for name, mod in (
+        ("jaxlib", "jaxlib"),
+        ("flax", "flax"),
+        ("orbax-checkpoint", "orbax.checkpoint"),
+        ("optax", "optax"),
+    ):
         try:
             m = __import__(mod, fromlist=["__version__"])
             out[name] = getattr(m, "__version__", None) or _dist_version(name)
@@ -273,8 +291,12 @@ def _dist_version(name):
 
 def device_info() -> dict:
     devs = jax.devices()
-    return {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "count": len(devs),
-            "backend": jax.default_backend()}
+    return {
+        "platform": devs[0].platform,
+        "device_kind": devs[0].device_kind,
+        "count": len(devs),
+        "backend": jax.default_backend(),
+    }
 
 
 def _f(x) -> float:
@@ -295,10 +317,20 @@ def _check_positive(name, value, minimum=1):
 
 def _command_line(checkpoint, model, data, settings: dict) -> str:
     parts = ["hvp", "analyze", str(checkpoint), "--model", str(model), "--data", str(data)]
-    flags = [("operator", "--operator"), ("k", "-k"), ("num_probes", "--probes"), ("num_iters", "--iters"),
-             ("eig_iters", "--eig-iters"), ("tol", "--tol"), ("trace_method", "--trace-method"),
-             ("trace_matvecs", "--trace-matvecs"), ("layer_matvecs", "--layer-matvecs"),
-             ("batch_size", "--batch-size"), ("num_batches", "--num-batches"), ("seed", "--seed")]
+    flags = [
+        ("operator", "--operator"),
+        ("k", "-k"),
+        ("num_probes", "--probes"),
+        ("num_iters", "--iters"),
+        ("eig_iters", "--eig-iters"),
+        ("tol", "--tol"),
+        ("trace_method", "--trace-method"),
+        ("trace_matvecs", "--trace-matvecs"),
+        ("layer_matvecs", "--layer-matvecs"),
+        ("batch_size", "--batch-size"),
+        ("num_batches", "--num-batches"),
+        ("seed", "--seed"),
+    ]
     for key, flag in flags:
         v = settings.get(key)
         if v is not None and v != DEFAULTS.get(key, object()):
@@ -318,15 +350,32 @@ def _density_grid(lo: float, hi: float, num: int):
     return np.linspace(lo - pad, hi + pad, num), width
 
 
-def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = DEFAULTS["operator"],
-            k: int = DEFAULTS["k"], num_probes: int = DEFAULTS["num_probes"],
-            num_iters: int = DEFAULTS["num_iters"], eig_iters: int | None = DEFAULTS["eig_iters"],
-            tol: float | None = DEFAULTS["tol"], trace_method: str = DEFAULTS["trace_method"],
-            trace_matvecs: int = DEFAULTS["trace_matvecs"], layer_matvecs: int = DEFAULTS["layer_matvecs"],
-            batch_size: int | None = DEFAULTS["batch_size"], num_batches: int | None = DEFAULTS["num_batches"],
-            seed: int = DEFAULTS["seed"], x64: bool = DEFAULTS["x64"], step: int | None = None,
-            item: str | None = None, out_dir=None, plots: bool = True, progress: bool = False,
-            console=None, extra: dict | None = None) -> AnalysisReport:
+def analyze(
+    checkpoint,
+    *,
+    model,
+    data: Any = DEFAULTS["data"],
+    operator: str = DEFAULTS["operator"],
+    k: int = DEFAULTS["k"],
+    num_probes: int = DEFAULTS["num_probes"],
+    num_iters: int = DEFAULTS["num_iters"],
+    eig_iters: int | None = DEFAULTS["eig_iters"],
+    tol: float | None = DEFAULTS["tol"],
+    trace_method: str = DEFAULTS["trace_method"],
+    trace_matvecs: int = DEFAULTS["trace_matvecs"],
+    layer_matvecs: int = DEFAULTS["layer_matvecs"],
+    batch_size: int | None = DEFAULTS["batch_size"],
+    num_batches: int | None = DEFAULTS["num_batches"],
+    seed: int = DEFAULTS["seed"],
+    x64: bool = DEFAULTS["x64"],
+    step: int | None = None,
+    item: str | None = None,
+    out_dir=None,
+    plots: bool = True,
+    progress: bool = False,
+    console=None,
+    extra: dict | None = None,
+) -> AnalysisReport:
     r"""Curvature report of a model stored in an Orbax checkpoint (see the module docstring).
 
     Args:
@@ -367,7 +416,9 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
     if operator not in OPERATORS:
         raise AnalysisError(f"--operator must be one of {', '.join(OPERATORS)}, got {operator!r}.")
     if trace_method not in TRACE_METHODS:
-        raise AnalysisError(f"--trace-method must be one of {', '.join(TRACE_METHODS)}, got {trace_method!r}.")
+        raise AnalysisError(
+            f"--trace-method must be one of {', '.join(TRACE_METHODS)}, got {trace_method!r}."
+        )
     _check_positive("-k", k)
     _check_positive("--probes", num_probes, 2)
     _check_positive("--iters", num_iters, 2)
@@ -405,8 +456,9 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
         if restored.kind == "nnx":
             problem = hflax.from_nnx(restored.model, spec.loss)
         else:
-            problem = hflax.from_linen(restored.model, restored.variables, spec.loss,
-                                       apply_kwargs=spec.apply_kwargs)
+            problem = hflax.from_linen(
+                restored.model, restored.variables, spec.loss, apply_kwargs=spec.apply_kwargs
+            )
         params = problem.params
         bad = tu.nonfinite_leaves(params)
         if bad:
@@ -419,16 +471,25 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
         # 2. data ----------------------------------------------------------------------------
         with stages.stage("Reading the data", total=num_batches) as st:
             t0 = time.perf_counter()
-            ds = load_data(data, batch_size=batch_size, num_batches=num_batches, dtype=dtype,
-                           progress=st.advance_to)
+            ds = load_data(
+                data,
+                batch_size=batch_size,
+                num_batches=num_batches,
+                dtype=dtype,
+                progress=st.advance_to,
+            )
             timings["load_data"] = time.perf_counter() - t0
-            st.done(f"{ds.num_examples} examples in {ds.num_batches} batch{'es' if ds.num_batches > 1 else ''}")
+            st.done(
+                f"{ds.num_examples} examples in {ds.num_batches} batch{'es' if ds.num_batches > 1 else ''}"
+            )
 
         if out_dir is not None:  # fail before the expensive part if the output cannot be written
             try:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise AnalysisError(f"Cannot create the output directory '{out_dir}': {e.strerror or e}.") from e
+                raise AnalysisError(
+                    f"Cannot create the output directory '{out_dir}': {e.strerror or e}."
+                ) from e
 
         # 3. operator ------------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -443,7 +504,9 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
             ) from e
         timings["operator"] = time.perf_counter() - t0
         if 2 * k > n:
-            raise AnalysisError(f"-k {k} asks for {2 * k} eigenvalues but the model has only {n} parameters.")
+            raise AnalysisError(
+                f"-k {k} asks for {2 * k} eigenvalues but the model has only {n} parameters."
+            )
 
         keys = dict(zip(_SEED_ORDER, jax.random.split(jax.random.PRNGKey(seed), len(_SEED_ORDER))))
 
@@ -451,27 +514,39 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
         eig_kw = dict(tol=tol) if eig_iters is None else dict(tol=tol, num_iters=eig_iters)
         sections = {}
         for which, name in (("largest", "top"), ("smallest", "bottom")):
-            with stages.stage(f"{'Top' if name == 'top' else 'Bottom'}-{k} eigenvalues (Lanczos)") as st:
-                res, secs = _timed(lambda w=which, nm=name: _quiet_eigsh(linalg.eigsh, op, k, which=w,
-                                                                          key=keys[nm], **eig_kw))
+            with stages.stage(
+                f"{'Top' if name == 'top' else 'Bottom'}-{k} eigenvalues (Lanczos)"
+            ) as st:
+                res, secs = _timed(
+                    lambda w=which, nm=name: _quiet_eigsh(
+                        linalg.eigsh, op, k, which=w, key=keys[nm], **eig_kw
+                    )
+                )
                 sections[name] = res
                 timings[name] = secs
                 st.done(f"{int(res.num_matvecs)} matvecs")
         top, bottom = sections["top"], sections["bottom"]
 
         with stages.stage(f"Trace ({trace_method})") as st:
-            tr, timings["trace"] = _timed(lambda: linalg.trace(op, key=keys["trace"], num_matvecs=trace_matvecs,
-                                                               method=trace_method))
+            tr, timings["trace"] = _timed(
+                lambda: linalg.trace(
+                    op, key=keys["trace"], num_matvecs=trace_matvecs, method=trace_method
+                )
+            )
             st.done(f"{int(tr.num_matvecs)} matvecs")
 
         with stages.stage(f"Spectral density (SLQ, {num_probes} x {num_iters})") as st:
-            sd, timings["density"] = _timed(lambda: linalg.spectral_density(
-                op, key=keys["density"], num_probes=num_probes, num_iters=num_iters))
+            sd, timings["density"] = _timed(
+                lambda: linalg.spectral_density(
+                    op, key=keys["density"], num_probes=num_probes, num_iters=num_iters
+                )
+            )
             st.done(f"{int(sd.num_matvecs)} matvecs")
 
         with stages.stage("Per-layer trace and eigenvector mass") as st:
-            lt, timings["layers"] = _timed(lambda: hflax.layer_trace(op, key=keys["layers"],
-                                                                     num_matvecs=layer_matvecs))
+            lt, timings["layers"] = _timed(
+                lambda: hflax.layer_trace(op, key=keys["layers"], num_matvecs=layer_matvecs)
+            )
             st.done(f"{int(lt.num_matvecs)} matvecs")
 
     # 5. assemble ------------------------------------------------------------------------------
@@ -484,60 +559,125 @@ def analyze(checkpoint, *, model, data: Any = DEFAULTS["data"], operator: str = 
     sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width, num_iters)
     dens = np.asarray(sd.density(jnp.asarray(grid, dtype=dtype), sigma), dtype=np.float64)
     scale = float(max(np.abs(top_sec.eigenvalues).max(), np.abs(bot_sec.eigenvalues).max()))
-    zero = float(tol) * scale  # |lambda| <= tol * max|lambda| counts as zero (round-off, null space)
+    zero = (
+        float(tol) * scale
+    )  # |lambda| <= tol * max|lambda| counts as zero (round-off, null space)
     neg_mass = _f(sd.negative_mass(zero))
     dens_sec = DensitySection(
-        grid=grid, density=dens, sigma=float(sigma), nodes=np.asarray(sd.nodes, np.float64),
-        weights=np.asarray(sd.weights, np.float64), negative_mass=neg_mass, zero_threshold=zero,
+        grid=grid,
+        density=dens,
+        sigma=float(sigma),
+        nodes=np.asarray(sd.nodes, np.float64),
+        weights=np.asarray(sd.weights, np.float64),
+        negative_mass=neg_mass,
+        zero_threshold=zero,
         num_probes=int(num_probes),
-        num_iters=int(num_iters), num_matvecs=int(sd.num_matvecs), seconds=float(timings["density"]),
+        num_iters=int(num_iters),
+        num_matvecs=int(sd.num_matvecs),
+        seconds=float(timings["density"]),
     )
-    tr_sec = TraceSection(estimate=_f(tr.estimate), std_error=_f(tr.std_error), num_matvecs=int(tr.num_matvecs),
-                          seconds=float(timings["trace"]), method=trace_method)
+    tr_sec = TraceSection(
+        estimate=_f(tr.estimate),
+        std_error=_f(tr.std_error),
+        num_matvecs=int(tr.num_matvecs),
+        seconds=float(timings["trace"]),
+        method=trace_method,
+    )
 
     groups = hflax.group_by_layer(params)
-    sizes = dict(zip(tu.leaf_paths(params), (int(np.size(x)) for x in jax.tree_util.tree_leaves(params))))
+    sizes = dict(
+        zip(tu.leaf_paths(params), (int(np.size(x)) for x in jax.tree_util.tree_leaves(params)))
+    )
     mass = hflax.layer_norms(top.eigenvectors)
     layers = tuple(lt.layers)
     mass_mat = np.stack([np.asarray(mass[name], np.float64) for name in layers])
     layer_sec = LayerSection(
-        layers=layers, num_params=[sum(sizes[p] for p in groups[name]) for name in layers],
-        trace=np.asarray(lt.estimate, np.float64), trace_std_error=np.asarray(lt.std_error, np.float64),
-        top_eigenvector_mass=mass_mat[:, -1], eigenvector_mass=mass_mat, num_matvecs=int(lt.num_matvecs),
+        layers=layers,
+        num_params=[sum(sizes[p] for p in groups[name]) for name in layers],
+        trace=np.asarray(lt.estimate, np.float64),
+        trace_std_error=np.asarray(lt.std_error, np.float64),
+        top_eigenvector_mass=mass_mat[:, -1],
+        eigenvector_mass=mass_mat,
+        num_matvecs=int(lt.num_matvecs),
         seconds=float(timings["layers"]),
     )
     derived = _derived(top_sec, bot_sec, dens_sec)
 
-    settings = dict(operator=operator, k=int(k), num_probes=int(num_probes), num_iters=int(num_iters),
-                    eig_iters=eig_iters, tol=float(tol), trace_method=trace_method,
-                    trace_matvecs=int(trace_matvecs), layer_matvecs=int(layer_matvecs), batch_size=batch_size,
-                    num_batches=num_batches, seed=int(seed), x64=bool(x64), dtype=str(np.dtype(dtype)),
-                    density_grid_size=DEFAULTS["grid_size"], step=step, item=item)
+    settings = dict(
+        operator=operator,
+        k=int(k),
+        num_probes=int(num_probes),
+        num_iters=int(num_iters),
+        eig_iters=eig_iters,
+        tol=float(tol),
+        trace_method=trace_method,
+        trace_matvecs=int(trace_matvecs),
+        layer_matvecs=int(layer_matvecs),
+        batch_size=batch_size,
+        num_batches=num_batches,
+        seed=int(seed),
+        x64=bool(x64),
+        dtype=str(np.dtype(dtype)),
+        density_grid_size=DEFAULTS["grid_size"],
+        step=step,
+        item=item,
+    )
     model_name = spec.spec
     data_name = ds.spec
-    total_mv = (top_sec.num_matvecs + bot_sec.num_matvecs + tr_sec.num_matvecs + dens_sec.num_matvecs
-                + layer_sec.num_matvecs)
+    total_mv = (
+        top_sec.num_matvecs
+        + bot_sec.num_matvecs
+        + tr_sec.num_matvecs
+        + dens_sec.num_matvecs
+        + layer_sec.num_matvecs
+    )
     timings["total"] = time.perf_counter() - t_start
     report = AnalysisReport(
         schema_version=SCHEMA_VERSION,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         settings=settings,
-        seeds={"seed": int(seed),
-               "derivation": f"jax.random.split(jax.random.PRNGKey(seed), {len(_SEED_ORDER)})",
-               "order": list(_SEED_ORDER)},
+        seeds={
+            "seed": int(seed),
+            "derivation": f"jax.random.split(jax.random.PRNGKey(seed), {len(_SEED_ORDER)})",
+            "order": list(_SEED_ORDER),
+        },
         versions=versions(),
         device=device_info(),
-        checkpoint={"path": str(Path(ckpt.requested)), "item_dir": ckpt.path, "step": ckpt.step,
-                    "item": ckpt.item, "restored": list(restored.restored), "ignored": list(restored.ignored)},
-        model={"spec": model_name, "framework": restored.kind, "num_params": int(n),
-               "num_layers": len(layers), "operator": operator, "dtype": str(np.dtype(dtype))},
-        data={"spec": data_name, "num_examples": int(ds.num_examples), "num_batches": int(ds.num_batches),
-              "batch_size": batch_size},
-        top=top_sec, bottom=bot_sec, trace=tr_sec, density=dens_sec, layers=layer_sec, derived=derived,
+        checkpoint={
+            "path": str(Path(ckpt.requested)),
+            "item_dir": ckpt.path,
+            "step": ckpt.step,
+            "item": ckpt.item,
+            "restored": list(restored.restored),
+            "ignored": list(restored.ignored),
+        },
+        model={
+            "spec": model_name,
+            "framework": restored.kind,
+            "num_params": int(n),
+            "num_layers": len(layers),
+            "operator": operator,
+            "dtype": str(np.dtype(dtype)),
+        },
+        data={
+            "spec": data_name,
+            "num_examples": int(ds.num_examples),
+            "num_batches": int(ds.num_batches),
+            "batch_size": batch_size,
+        },
+        top=top_sec,
+        bottom=bot_sec,
+        trace=tr_sec,
+        density=dens_sec,
+        layers=layer_sec,
+        derived=derived,
         timings={k_: float(v) for k_, v in timings.items()},
         num_matvecs=int(total_mv),
-        command=(_command_line(checkpoint, model_name, data_name, {**settings, "tol": tol_given})
-                 if isinstance(data, str) and isinstance(model, str) else ""),
+        command=(
+            _command_line(checkpoint, model_name, data_name, {**settings, "tol": tol_given})
+            if isinstance(data, str) and isinstance(model, str)
+            else ""
+        ),
         extra=dict(extra or {}),
     )
     if out_dir is not None:
@@ -569,10 +709,15 @@ def _sigma(width: float, num_iters: int) -> float:
 
 
 def _eigen_section(res, which: str, seconds: float) -> EigenSection:
-    return EigenSection(eigenvalues=np.asarray(res.eigenvalues, np.float64),
-                        residuals=np.asarray(res.residuals, np.float64),
-                        converged=np.asarray(res.converged, bool), num_matvecs=int(res.num_matvecs),
-                        num_restarts=int(getattr(res, "num_restarts", 0)), seconds=float(seconds), which=which)
+    return EigenSection(
+        eigenvalues=np.asarray(res.eigenvalues, np.float64),
+        residuals=np.asarray(res.residuals, np.float64),
+        converged=np.asarray(res.converged, bool),
+        num_matvecs=int(res.num_matvecs),
+        num_restarts=int(getattr(res, "num_restarts", 0)),
+        seconds=float(seconds),
+        which=which,
+    )
 
 
 def _derived(top: EigenSection, bottom: EigenSection, dens: DensitySection) -> DerivedSection:
@@ -584,8 +729,12 @@ def _derived(top: EigenSection, bottom: EigenSection, dens: DensitySection) -> D
     cond = float(nonzero.max() / nonzero.min()) if nonzero.size else float("inf")
     neg_ratio = float(-lam_min / lam_max) if (lam_min < 0 and lam_max > 0) else 0.0
     return DerivedSection(
-        lambda_max=lam_max, lambda_min=lam_min, condition_estimate=cond, positive_definite=bool(lam_min > 0),
-        negative_ratio=neg_ratio, negative_mass=dens.negative_mass,
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        condition_estimate=cond,
+        positive_definite=bool(lam_min > 0),
+        negative_ratio=neg_ratio,
+        negative_mass=dens.negative_mass,
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),
         seconds=float(top.seconds + bottom.seconds + dens.seconds),
     )

@@ -87,8 +87,9 @@ def _step_dirs(root: Path) -> dict[int, Path]:
     return out
 
 
-def resolve_checkpoint(path, *, step: int | None = None, item: str | None = None) -> tuple[Path, int | None,
-                                                                                             str | None]:
+def resolve_checkpoint(
+    path, *, step: int | None = None, item: str | None = None
+) -> tuple[Path, int | None, str | None]:
     """Find the Orbax item directory under ``path`` (see the module docstring).
 
     Returns ``(item_dir, step, item)``.
@@ -121,14 +122,20 @@ def resolve_checkpoint(path, *, step: int | None = None, item: str | None = None
                 )
             root = steps[found_step]
         elif step is not None:
-            raise AnalysisError(f"--step {step} was given but '{root}' is not a CheckpointManager root "
-                                "(it has no numbered step directories).")
+            raise AnalysisError(
+                f"--step {step} was given but '{root}' is not a CheckpointManager root "
+                "(it has no numbered step directories)."
+            )
     elif step is not None:
-        raise AnalysisError(f"--step {step} was given but '{root}' is already a single checkpoint item.")
+        raise AnalysisError(
+            f"--step {step} was given but '{root}' is already a single checkpoint item."
+        )
 
     if _is_item_dir(root):
         if item is not None:
-            raise AnalysisError(f"--item {item!r} was given but '{root}' is already a single checkpoint item.")
+            raise AnalysisError(
+                f"--item {item!r} was given but '{root}' is already a single checkpoint item."
+            )
         return root, found_step, None
     items = sorted(c.name for c in root.iterdir() if c.is_dir() and _is_item_dir(c))
     if not items:
@@ -148,7 +155,9 @@ def resolve_checkpoint(path, *, step: int | None = None, item: str | None = None
                 "--item NAME."
             )
     elif item not in items:
-        raise AnalysisError(f"The checkpoint step '{root}' has no item {item!r}; items: {', '.join(items)}.")
+        raise AnalysisError(
+            f"The checkpoint step '{root}' has no item {item!r}; items: {', '.join(items)}."
+        )
     return root / item, found_step, item
 
 
@@ -189,25 +198,35 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
                 if tree_meta is None:
                     tree_meta = getattr(meta, "tree", meta)
             except Exception as e:
-                raise AnalysisError(f"Cannot read the checkpoint metadata in '{item_dir}': {_first_line(e)}") from e
+                raise AnalysisError(
+                    f"Cannot read the checkpoint metadata in '{item_dir}': {_first_line(e)}"
+                ) from e
             try:
                 cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
                 leaves = jax.tree_util.tree_leaves(tree_meta)
                 if not leaves:
                     raise AnalysisError(f"The checkpoint in '{item_dir}' holds no arrays.")
                 restore_args = jax.tree_util.tree_map(
-                    lambda m: ocp.ArrayRestoreArgs(sharding=cpu, global_shape=tuple(m.shape), dtype=m.dtype),
+                    lambda m: ocp.ArrayRestoreArgs(
+                        sharding=cpu, global_shape=tuple(m.shape), dtype=m.dtype
+                    ),
                     tree_meta,
                 )
-                tree = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+                tree = ckptr.restore(
+                    item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+                )
             except AnalysisError:
                 raise
             except Exception as e:
-                raise AnalysisError(f"Cannot read the checkpoint arrays in '{item_dir}': {_first_line(e)}") from e
+                raise AnalysisError(
+                    f"Cannot read the checkpoint arrays in '{item_dir}': {_first_line(e)}"
+                ) from e
     finally:
         ckptr.close()  # stop orbax's background threads (nothing is written)
     tree = jax.tree_util.tree_map(_to_numpy, tree)
-    return Checkpoint(path=str(item_dir), requested=str(path), step=found_step, item=found_item, tree=tree)
+    return Checkpoint(
+        path=str(item_dir), requested=str(path), step=found_step, item=found_item, tree=tree
+    )
 
 
 def _to_numpy(x):
@@ -235,10 +254,14 @@ def _cast(x, dtype):
     return jnp.asarray(x)
 
 
-def _match(model_flat: dict[str, Any], ckpt_flat: dict[str, Any], *, ignore=(), what: str, where: str):
+def _match(
+    model_flat: dict[str, Any], ckpt_flat: dict[str, Any], *, ignore=(), what: str, where: str
+):
     """Compare path -> array maps; raise a StructureMismatchError listing every difference."""
     missing = [k for k in model_flat if k not in ckpt_flat]
-    unexpected = [k for k in ckpt_flat if k not in model_flat and not any(k.startswith(i) for i in ignore)]
+    unexpected = [
+        k for k in ckpt_flat if k not in model_flat and not any(k.startswith(i) for i in ignore)
+    ]
     mismatched = [
         (k, tuple(np.shape(ckpt_flat[k])), tuple(np.shape(model_flat[k])))
         for k in model_flat
@@ -249,20 +272,28 @@ def _match(model_flat: dict[str, Any], ckpt_flat: dict[str, Any], *, ignore=(), 
 
         def show(title, items):
             if items:
-                head = ", ".join(items[:20]) + (f" ... ({len(items) - 20} more)" if len(items) > 20 else "")
+                head = ", ".join(items[:20]) + (
+                    f" ... ({len(items) - 20} more)" if len(items) > 20 else ""
+                )
                 lines.append(f"  {title} ({len(items)}): {head}")
 
         show("missing keys (in the model, not in the checkpoint)", missing)
         show("unexpected keys (in the checkpoint, not in the model)", unexpected)
         show("shape mismatches", [f"{k} checkpoint {c} vs model {m}" for k, c, m in mismatched])
-        lines.append("  Check that --model builds the same architecture the checkpoint was saved from.")
-        raise StructureMismatchError("\n".join(lines), missing=missing, unexpected=unexpected,
-                                     mismatched=mismatched)
+        lines.append(
+            "  Check that --model builds the same architecture the checkpoint was saved from."
+        )
+        raise StructureMismatchError(
+            "\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched
+        )
 
 
 def _check_finite(flat: dict[str, Any], where: str) -> None:
-    bad = [k for k, v in flat.items()
-           if jnp.issubdtype(v.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(v)))]
+    bad = [
+        k
+        for k, v in flat.items()
+        if jnp.issubdtype(v.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(v)))
+    ]
     if bad:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise AnalysisError(
@@ -312,16 +343,21 @@ def _restore_nnx(model, ckpt: Checkpoint, *, dtype) -> RestoredModel:
     # RNG keys are saved as raw key data: a checkpoint path `.../key` or `.../count` of the model's RNG state.
     ignored = [k for k in ckpt_flat if k in rng_paths]
     ckpt_flat = {k: v for k, v in ckpt_flat.items() if k not in rng_paths}
-    _match(model_flat, ckpt_flat, what="NNX model's state (RNG state excluded)", where=ckpt.requested)
+    _match(
+        model_flat, ckpt_flat, what="NNX model's state (RNG state excluded)", where=ckpt.requested
+    )
     new_flat = {k: _cast(ckpt_flat[k], dtype) for k in model_flat}
     _check_finite(new_flat, ckpt.requested)
     pure = nnx.to_pure_dict(rest)
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
-    new_pure = jax.tree_util.tree_unflatten(treedef, [new_flat[tu.path_str(p)] for p, _ in leaves_with_paths])
+    new_pure = jax.tree_util.tree_unflatten(
+        treedef, [new_flat[tu.path_str(p)] for p, _ in leaves_with_paths]
+    )
     nnx.replace_by_pure_dict(rest, new_pure)
     nnx.update(model, rest)
-    return RestoredModel(kind="nnx", model=model, variables=None, restored=tuple(model_flat),
-                         ignored=tuple(ignored))
+    return RestoredModel(
+        kind="nnx", model=model, variables=None, restored=tuple(model_flat), ignored=tuple(ignored)
+    )
 
 
 def _restore_linen(module, variables, ckpt: Checkpoint, *, dtype) -> RestoredModel:
@@ -338,6 +374,13 @@ def _restore_linen(module, variables, ckpt: Checkpoint, *, dtype) -> RestoredMod
     new_flat = {k: _cast(ckpt_flat[k], dtype) for k in model_flat}
     _check_finite(new_flat, ckpt.requested)
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    new_vars = jax.tree_util.tree_unflatten(treedef, [new_flat[tu.path_str(p)] for p, _ in leaves_with_paths])
-    return RestoredModel(kind="linen", model=module, variables=new_vars, restored=tuple(model_flat),
-                         ignored=tuple(ignored))
+    new_vars = jax.tree_util.tree_unflatten(
+        treedef, [new_flat[tu.path_str(p)] for p, _ in leaves_with_paths]
+    )
+    return RestoredModel(
+        kind="linen",
+        model=module,
+        variables=new_vars,
+        restored=tuple(model_flat),
+        ignored=tuple(ignored),
+    )

@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def _split(arrays, batch_size: int | None, num_batches: int | None) -> list:
     starts = range(0, n, bs)
     if num_batches is not None:
         starts = list(starts)[:num_batches]
-    return [jax.tree_util.tree_map(lambda a, s=s: a[s:s + bs], arrays) for s in starts]
+    return [jax.tree_util.tree_map(lambda a, s=s: a[s : s + bs], arrays) for s in starts]
 
 
 def _load_npz(path: Path):
@@ -94,7 +95,9 @@ def _load_npz(path: Path):
         with np.load(path, allow_pickle=False) as f:
             files = {k: f[k] for k in f.files}
     except Exception as e:
-        raise AnalysisError(f"Cannot read the data file '{path}' as .npz: {type(e).__name__}: {e}") from e
+        raise AnalysisError(
+            f"Cannot read the data file '{path}' as .npz: {type(e).__name__}: {e}"
+        ) from e
     for a, b in _KEY_PAIRS:
         if a in files and b in files:
             x, y = files[a], files[b]
@@ -148,7 +151,9 @@ def _check_batch(batch, i: int) -> int:
         raise AnalysisError(f"Batch {i} of the data has no arrays.")
     sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
     if -1 in sizes:
-        raise AnalysisError(f"Batch {i} of the data holds a scalar; every array needs a leading example axis.")
+        raise AnalysisError(
+            f"Batch {i} of the data holds a scalar; every array needs a leading example axis."
+        )
     if len(sizes) != 1:
         raise AnalysisError(
             f"The arrays of batch {i} disagree on the number of examples (leading axis sizes "
@@ -157,8 +162,14 @@ def _check_batch(batch, i: int) -> int:
     return sizes.pop()
 
 
-def load_data(spec: Any, *, batch_size: int | None = 256, num_batches: int | None = None, dtype=None,
-              progress=None) -> DataSet:
+def load_data(
+    spec: Any,
+    *,
+    batch_size: int | None = 256,
+    num_batches: int | None = None,
+    dtype=None,
+    progress=None,
+) -> DataSet:
     """Load the batches named by a data spec (see the module docstring).
 
     From Python, ``spec`` may also be a batch, a list of batches or ``(x, y)`` arrays.

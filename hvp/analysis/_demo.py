@@ -51,7 +51,9 @@ def digits_mlp():
     return DigitsMLP(32, rngs=nnx.Rngs(0)), "cross_entropy"
 
 
-def train(model, *, steps: int = 300, batch_size: int = 128, learning_rate: float = 1e-2, seed: int = 0):
+def train(
+    model, *, steps: int = 300, batch_size: int = 128, learning_rate: float = 1e-2, seed: int = 0
+):
     """Fit ``model`` (in place) on digits with Adam; return ``(train_loss, train_accuracy, seconds)``."""
     import optax
 
@@ -73,8 +75,11 @@ def train(model, *, steps: int = 300, batch_size: int = 128, learning_rate: floa
         return (optax.apply_updates(p, upd), s), loss
 
     rng = np.random.default_rng(seed)
-    idx = jnp.asarray(np.stack([rng.choice(len(x), size=min(batch_size, len(x)), replace=False)
-                                for _ in range(steps)]))
+    idx = jnp.asarray(
+        np.stack(
+            [rng.choice(len(x), size=min(batch_size, len(x)), replace=False) for _ in range(steps)]
+        )
+    )
     t0 = time.perf_counter()
     run = jax.jit(lambda p, s, idx: jax.lax.scan(step, (p, s), idx))
     (params, _), _ = run(params, opt.init(params), idx)
@@ -104,8 +109,15 @@ def save_checkpoint(model, path) -> Path:
     return path
 
 
-def run_demo(*, out="hvp-demo-output", steps: int = 300, seed: int = 0, progress: bool = False, console=None,
-             **analysis_kwargs):
+def run_demo(
+    *,
+    out="hvp-demo-output",
+    steps: int = 300,
+    seed: int = 0,
+    progress: bool = False,
+    console=None,
+    **analysis_kwargs,
+):
     """Train, checkpoint and analyse the demo model; return the :class:`~hvp.analysis.AnalysisReport`.
 
     ``analysis_kwargs`` are passed to :func:`hvp.analysis.analyze` (``k``,
@@ -121,7 +133,9 @@ def run_demo(*, out="hvp-demo-output", steps: int = 300, seed: int = 0, progress
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AnalysisError(f"Cannot create the output directory '{out}': {e.strerror or e}.") from e
+        raise AnalysisError(
+            f"Cannot create the output directory '{out}': {e.strerror or e}."
+        ) from e
     from hvp.analysis._progress import Stages
 
     model, _ = digits_mlp()
@@ -132,8 +146,26 @@ def run_demo(*, out="hvp-demo-output", steps: int = 300, seed: int = 0, progress
         with stages.stage("Saving the checkpoint (orbax)") as st:
             ckpt = save_checkpoint(model, out / "checkpoint")
             st.done(str(ckpt))
-    extra = {"demo": {"train_steps": steps, "train_seed": seed, "optimizer": "adam(1e-2)", "batch_size": 128,
-                      "train_loss": loss, "train_accuracy": acc, "train_seconds": seconds,
-                      "checkpoint": str(ckpt)}}
-    return analyze(ckpt, model=DEMO_MODEL_SPEC, data="digits", seed=seed, out_dir=out, progress=progress,
-                   console=console, extra=extra, **analysis_kwargs)
+    extra = {
+        "demo": {
+            "train_steps": steps,
+            "train_seed": seed,
+            "optimizer": "adam(1e-2)",
+            "batch_size": 128,
+            "train_loss": loss,
+            "train_accuracy": acc,
+            "train_seconds": seconds,
+            "checkpoint": str(ckpt),
+        }
+    }
+    return analyze(
+        ckpt,
+        model=DEMO_MODEL_SPEC,
+        data="digits",
+        seed=seed,
+        out_dir=out,
+        progress=progress,
+        console=console,
+        extra=extra,
+        **analysis_kwargs,
+    )

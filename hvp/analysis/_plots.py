@@ -35,7 +35,7 @@ def _as_dict(report) -> dict:
 
 
 def _short(spec: str, width: int = 48) -> str:
-    return spec if len(spec) <= width else "…" + spec[-(width - 1):]
+    return spec if len(spec) <= width else "…" + spec[-(width - 1) :]
 
 
 def plot_density(report, path) -> Path:
@@ -51,31 +51,57 @@ def plot_density(report, path) -> Path:
     op = _OPERATOR_NAMES.get(model["operator"], model["operator"])
 
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
-    ax.semilogy(grid, np.maximum(rho, floor), color="#1f77b4", lw=1.6,
-                label=f"SLQ density ({dens['num_probes']} probes × {dens['num_iters']} steps, σ={dens['sigma']:.2g})")
+    ax.semilogy(
+        grid,
+        np.maximum(rho, floor),
+        color="#1f77b4",
+        lw=1.6,
+        label=f"SLQ density ({dens['num_probes']} probes × {dens['num_iters']} steps, σ={dens['sigma']:.2g})",
+    )
     ax.fill_between(grid, floor, np.maximum(rho, floor), color="#1f77b4", alpha=0.15)
     neg = grid <= 0
     if neg.any() and dens["negative_mass"] and dens["negative_mass"] > 0:
-        ax.fill_between(grid[neg], floor, np.maximum(rho[neg], floor), color="#d62728", alpha=0.25,
-                        label=f"negative mass {dens['negative_mass']:.2%}")
+        ax.fill_between(
+            grid[neg],
+            floor,
+            np.maximum(rho[neg], floor),
+            color="#d62728",
+            alpha=0.25,
+            label=f"negative mass {dens['negative_mass']:.2%}",
+        )
     top = np.asarray(d["top"]["eigenvalues"], dtype=float)
     bot = np.asarray(d["bottom"]["eigenvalues"], dtype=float)
     for i, lam in enumerate(top):
-        ax.axvline(lam, color="#ff7f0e", lw=0.9, ls="--", alpha=0.9,
-                   label=f"top-{len(top)} eigenvalues (Lanczos)" if i == 0 else None)
+        ax.axvline(
+            lam,
+            color="#ff7f0e",
+            lw=0.9,
+            ls="--",
+            alpha=0.9,
+            label=f"top-{len(top)} eigenvalues (Lanczos)" if i == 0 else None,
+        )
     for i, lam in enumerate(bot):
-        ax.axvline(lam, color="#2ca02c", lw=0.9, ls=":", alpha=0.9,
-                   label=f"bottom-{len(bot)} eigenvalues (Lanczos)" if i == 0 else None)
+        ax.axvline(
+            lam,
+            color="#2ca02c",
+            lw=0.9,
+            ls=":",
+            alpha=0.9,
+            label=f"bottom-{len(bot)} eigenvalues (Lanczos)" if i == 0 else None,
+        )
     if grid[0] < 0 < grid[-1]:
         ax.axvline(0.0, color="0.3", lw=0.6)
     ax.set_ylim(floor, peak * 3)
     ax.set_xlim(grid[0], grid[-1])
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
-    ax.set_title(f"{op} eigenvalue density — {_short(model['spec'])}\n"
-                 f"{model['num_params']:,} parameters, {d['data']['num_examples']:,} examples "
-                 f"({_short(d['data']['spec'], 30)}), λ_max = {d['derived']['lambda_max']:.4g}, "
-                 f"λ_min = {d['derived']['lambda_min']:.4g}", fontsize=10)
+    ax.set_title(
+        f"{op} eigenvalue density — {_short(model['spec'])}\n"
+        f"{model['num_params']:,} parameters, {d['data']['num_examples']:,} examples "
+        f"({_short(d['data']['spec'], 30)}), λ_max = {d['derived']['lambda_max']:.4g}, "
+        f"λ_min = {d['derived']['lambda_min']:.4g}",
+        fontsize=10,
+    )
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper center", fontsize=8, framealpha=0.9)
     fig.tight_layout()
@@ -102,22 +128,36 @@ def plot_layers(report, path) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(min(width, 16), 4.6), dpi=120)
     colors = ["#1f77b4" if v >= 0 else "#d62728" for v in tr]
-    ax1.bar(x, tr, yerr=2 * se, color=colors, capsize=4, alpha=0.85,
-            label=f"estimate ± 2 s.e. ({lay['num_matvecs']} probes)")
+    ax1.bar(
+        x,
+        tr,
+        yerr=2 * se,
+        color=colors,
+        capsize=4,
+        alpha=0.85,
+        label=f"estimate ± 2 s.e. ({lay['num_matvecs']} probes)",
+    )
     ax1.axhline(0, color="0.3", lw=0.6)
     ax1.set_xticks(x, labels, fontsize=8, rotation=30 if len(names) > 6 else 0)
     ax1.set_xlabel("layer (parameters)")
     ax1.set_ylabel(f"trace of the layer's {op} block")
-    ax1.set_title(f"Per-layer trace (total {d['trace']['estimate']:.4g} ± {d['trace']['std_error']:.2g})",
-                  fontsize=10)
+    ax1.set_title(
+        f"Per-layer trace (total {d['trace']['estimate']:.4g} ± {d['trace']['std_error']:.2g})",
+        fontsize=10,
+    )
     ax1.grid(True, axis="y", alpha=0.3)
     top1 = float(np.max(np.maximum(tr + 2 * se, 0))) if tr.size else 1.0
     bot1 = float(np.min(np.minimum(tr - 2 * se, 0))) if tr.size else 0.0
     ax1.set_ylim(bot1 * 1.1, top1 * 1.25 if top1 > 0 else 1.0)
     ax1.legend(fontsize=7.5, loc="upper center")
 
-    ax2.bar(x, 100 * mass, color="#ff7f0e", alpha=0.85,
-            label=f"top eigenvector (λ = {d['derived']['lambda_max']:.4g})")
+    ax2.bar(
+        x,
+        100 * mass,
+        color="#ff7f0e",
+        alpha=0.85,
+        label=f"top eigenvector (λ = {d['derived']['lambda_max']:.4g})",
+    )
     share = 100 * np.asarray(counts, dtype=float) / max(sum(counts), 1)
     ax2.scatter(x, share, color="0.2", marker="_", s=400, zorder=3, label="share of parameters")
     ax2.set_xticks(x, labels, fontsize=8, rotation=30 if len(names) > 6 else 0)

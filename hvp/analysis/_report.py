@@ -15,8 +15,16 @@ from typing import Any
 
 from hvp.analysis._errors import AnalysisError
 
-__all__ = ["REPORT_SCHEMA", "validate_report", "write_outputs", "write_json", "load_report", "summary_table",
-           "print_summary", "FIGURE_KEYS"]
+__all__ = [
+    "REPORT_SCHEMA",
+    "validate_report",
+    "write_outputs",
+    "write_json",
+    "load_report",
+    "summary_table",
+    "print_summary",
+    "FIGURE_KEYS",
+]
 
 _COST = ["num_matvecs", "seconds"]
 
@@ -24,9 +32,25 @@ _COST = ["num_matvecs", "seconds"]
 REPORT_SCHEMA: dict[str, list[str] | None] = {
     "schema_version": None,
     "created": None,
-    "settings": ["operator", "k", "num_probes", "num_iters", "eig_iters", "tol", "trace_method",
-                 "trace_matvecs", "layer_matvecs", "batch_size", "num_batches", "seed", "x64", "dtype",
-                 "density_grid_size", "step", "item"],
+    "settings": [
+        "operator",
+        "k",
+        "num_probes",
+        "num_iters",
+        "eig_iters",
+        "tol",
+        "trace_method",
+        "trace_matvecs",
+        "layer_matvecs",
+        "batch_size",
+        "num_batches",
+        "seed",
+        "x64",
+        "dtype",
+        "density_grid_size",
+        "step",
+        "item",
+    ],
     "seeds": ["seed", "derivation", "order"],
     "versions": ["hvp", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "python"],
     "device": ["platform", "device_kind", "count", "backend"],
@@ -36,25 +60,73 @@ REPORT_SCHEMA: dict[str, list[str] | None] = {
     "top": ["eigenvalues", "residuals", "converged", "num_restarts", "which"] + _COST,
     "bottom": ["eigenvalues", "residuals", "converged", "num_restarts", "which"] + _COST,
     "trace": ["estimate", "std_error", "method"] + _COST,
-    "density": ["grid", "density", "sigma", "nodes", "weights", "negative_mass", "zero_threshold", "num_probes",
-                "num_iters"] + _COST,
-    "layers": ["layers", "num_params", "trace", "trace_std_error", "top_eigenvector_mass",
-               "eigenvector_mass"] + _COST,
-    "derived": ["lambda_max", "lambda_min", "condition_estimate", "positive_definite", "negative_ratio",
-                "negative_mass"] + _COST,
-    "timings": ["load_model", "load_checkpoint", "load_data", "operator", "top", "bottom", "trace", "density",
-                "layers", "total"],
+    "density": [
+        "grid",
+        "density",
+        "sigma",
+        "nodes",
+        "weights",
+        "negative_mass",
+        "zero_threshold",
+        "num_probes",
+        "num_iters",
+    ]
+    + _COST,
+    "layers": [
+        "layers",
+        "num_params",
+        "trace",
+        "trace_std_error",
+        "top_eigenvector_mass",
+        "eigenvector_mass",
+    ]
+    + _COST,
+    "derived": [
+        "lambda_max",
+        "lambda_min",
+        "condition_estimate",
+        "positive_definite",
+        "negative_ratio",
+        "negative_mass",
+    ]
+    + _COST,
+    "timings": [
+        "load_model",
+        "load_checkpoint",
+        "load_data",
+        "operator",
+        "top",
+        "bottom",
+        "trace",
+        "density",
+        "layers",
+        "total",
+    ],
     "num_matvecs": None,
     "command": None,
     "extra": [],
 }
 
 #: The figures compared when checking that two reports agree (``section.key`` paths).
-FIGURE_KEYS = ("top.eigenvalues", "top.residuals", "bottom.eigenvalues", "bottom.residuals", "trace.estimate",
-               "trace.std_error", "density.nodes", "density.weights", "density.density",
-               "density.negative_mass", "layers.trace", "layers.trace_std_error", "layers.top_eigenvector_mass",
-               "derived.lambda_max", "derived.lambda_min", "derived.condition_estimate",
-               "derived.negative_mass")
+FIGURE_KEYS = (
+    "top.eigenvalues",
+    "top.residuals",
+    "bottom.eigenvalues",
+    "bottom.residuals",
+    "trace.estimate",
+    "trace.std_error",
+    "density.nodes",
+    "density.weights",
+    "density.density",
+    "density.negative_mass",
+    "layers.trace",
+    "layers.trace_std_error",
+    "layers.top_eigenvector_mass",
+    "derived.lambda_max",
+    "derived.lambda_min",
+    "derived.condition_estimate",
+    "derived.negative_mass",
+)
 
 
 def validate_report(d: dict) -> None:
@@ -92,7 +164,9 @@ def write_outputs(report, out_dir, *, plots: bool = True) -> dict[str, str]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AnalysisError(f"Cannot create the output directory '{out}': {e.strerror or e}.") from e
+        raise AnalysisError(
+            f"Cannot create the output directory '{out}': {e.strerror or e}."
+        ) from e
     files = {"report": str(write_json(report, out / "report.json"))}
     if plots:
         from hvp.analysis._plots import plot_density, plot_layers
@@ -136,8 +210,10 @@ def summary_table(report):
     g = lambda s, k=None: _get(report, s, k)  # noqa: E731
     model = g("model")
     data = g("data")
-    title = (f"{model['operator'].upper()} of {model['spec']}  ·  {model['num_params']:,} parameters  ·  "
-             f"{data['num_examples']:,} examples  ·  {model['dtype']}")
+    title = (
+        f"{model['operator'].upper()} of {model['spec']}  ·  {model['num_params']:,} parameters  ·  "
+        f"{data['num_examples']:,} examples  ·  {model['dtype']}"
+    )
     t = Table(title=title, title_justify="left", show_lines=False)
     t.add_column("figure")
     t.add_column("value", justify="right")
@@ -151,27 +227,50 @@ def summary_table(report):
         order = range(len(vals) - 1, -1, -1) if name == "top" else range(len(vals))
         for j, i in enumerate(order):
             flag = "" if bool(conv[i]) else " [red](not converged)"
-            t.add_row(f"λ {label} #{j + 1}", _fmt(vals[i]), _fmt(res[i]) + flag,
-                      str(g(name, "num_matvecs")) if j == 0 else "",
-                      f"{g(name, 'seconds'):.2f}" if j == 0 else "")
+            t.add_row(
+                f"λ {label} #{j + 1}",
+                _fmt(vals[i]),
+                _fmt(res[i]) + flag,
+                str(g(name, "num_matvecs")) if j == 0 else "",
+                f"{g(name, 'seconds'):.2f}" if j == 0 else "",
+            )
         t.add_section()
-    t.add_row(f"trace ({g('trace', 'method')})", _fmt(g("trace", "estimate")), _fmt(g("trace", "std_error")),
-              str(g("trace", "num_matvecs")), f"{g('trace', 'seconds'):.2f}")
-    t.add_row("negative mass (SLQ)", _fmt(g("density", "negative_mass")), "",
-              str(g("density", "num_matvecs")), f"{g('density', 'seconds'):.2f}")
+    t.add_row(
+        f"trace ({g('trace', 'method')})",
+        _fmt(g("trace", "estimate")),
+        _fmt(g("trace", "std_error")),
+        str(g("trace", "num_matvecs")),
+        f"{g('trace', 'seconds'):.2f}",
+    )
+    t.add_row(
+        "negative mass (SLQ)",
+        _fmt(g("density", "negative_mass")),
+        "",
+        str(g("density", "num_matvecs")),
+        f"{g('density', 'seconds'):.2f}",
+    )
     t.add_row("condition estimate", _fmt(g("derived", "condition_estimate")), "", "", "")
     t.add_row("|λ_min| / λ_max", _fmt(g("derived", "negative_ratio")), "", "", "")
     t.add_section()
     layers = g("layers", "layers")
-    tr, se, mass = _list(g("layers", "trace")), _list(g("layers", "trace_std_error")), \
-        _list(g("layers", "top_eigenvector_mass"))
+    tr, se, mass = (
+        _list(g("layers", "trace")),
+        _list(g("layers", "trace_std_error")),
+        _list(g("layers", "top_eigenvector_mass")),
+    )
     for i, name in enumerate(layers):
-        t.add_row(f"layer {name}: trace", _fmt(tr[i]), _fmt(se[i]),
-                  str(g("layers", "num_matvecs")) if i == 0 else "",
-                  f"{g('layers', 'seconds'):.2f}" if i == 0 else "")
+        t.add_row(
+            f"layer {name}: trace",
+            _fmt(tr[i]),
+            _fmt(se[i]),
+            str(g("layers", "num_matvecs")) if i == 0 else "",
+            f"{g('layers', 'seconds'):.2f}" if i == 0 else "",
+        )
         t.add_row(f"layer {name}: top-vector mass", f"{mass[i]:.1%}", "", "", "")
-    t.caption = (f"total {g('num_matvecs')} matvecs, {g('timings')['total']:.1f} s; seed "
-                 f"{g('settings')['seed']}")
+    t.caption = (
+        f"total {g('num_matvecs')} matvecs, {g('timings')['total']:.1f} s; seed "
+        f"{g('settings')['seed']}"
+    )
     return t
 
 

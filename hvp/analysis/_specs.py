@@ -30,8 +30,9 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hvp.analysis._errors import AnalysisError
 
@@ -127,7 +128,9 @@ def resolve_callable(spec: str, *, what: str = "model spec") -> Callable:
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            names = sorted(
+                n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
+            )
             shown = ", ".join(names[:15]) + (" ..." if len(names) > 15 else "")
             raise AnalysisError(
                 f"{what} {spec!r}: '{target}' has no attribute '{attr}'. Callables it defines: "
@@ -161,8 +164,8 @@ def load_model(spec) -> ModelSpec:
     ``spec`` is a spec string, or (from Python) the factory itself or an
     already built ``(model, loss)`` pair.
     """
-    from flax import nnx
     import flax.linen as nn
+    from flax import nnx
 
     if isinstance(spec, str):
         factory = resolve_callable(spec, what="model spec")
@@ -192,7 +195,11 @@ def load_model(spec) -> ModelSpec:
     loss = _check_loss(loss, where)
     if isinstance(model, nnx.Module):
         return ModelSpec(kind="nnx", model=model, variables=None, loss=loss, spec=name)
-    if isinstance(model, (tuple, list)) and len(model) in (2, 3) and isinstance(model[0], nn.Module):
+    if (
+        isinstance(model, (tuple, list))
+        and len(model) in (2, 3)
+        and isinstance(model[0], nn.Module)
+    ):
         module, variables = model[0], model[1]
         apply_kwargs = model[2] if len(model) == 3 else None
         if not isinstance(variables, dict) and not hasattr(variables, "keys"):
@@ -211,8 +218,14 @@ def load_model(spec) -> ModelSpec:
                 f"{where} returned Linen apply_kwargs of type {type(apply_kwargs).__name__}; pass a dict such "
                 "as {'train': False}."
             )
-        return ModelSpec(kind="linen", model=module, variables=variables, loss=loss, spec=name,
-                         apply_kwargs=apply_kwargs)
+        return ModelSpec(
+            kind="linen",
+            model=module,
+            variables=variables,
+            loss=loss,
+            spec=name,
+            apply_kwargs=apply_kwargs,
+        )
     raise AnalysisError(
         f"{where} returned a model of type {type(model).__name__}; it must be an nnx.Module or a pair "
         "(linen_module, example_variables) (optionally with apply_kwargs as a third element)."

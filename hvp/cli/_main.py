@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from hvp._version import __version__
 
@@ -56,59 +56,145 @@ def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
     from hvp.analysis._analyze import DEFAULTS, OPERATORS, TRACE_METHODS
 
     g = p.add_argument_group("analysis")
-    g.add_argument("--operator", choices=OPERATORS, default=DEFAULTS["operator"],
-                   help="curvature operator: the Hessian or the generalised Gauss-Newton matrix "
-                        "(default: %(default)s)")
-    g.add_argument("-k", "--k", dest="k", type=_positive_int, default=DEFAULTS["k"],
-                   help="number of largest and of smallest eigenvalues (default: %(default)s)")
-    g.add_argument("--probes", dest="num_probes", type=_positive_int, default=DEFAULTS["num_probes"],
-                   help="random probes of the spectral density (SLQ) (default: %(default)s)")
-    g.add_argument("--iters", dest="num_iters", type=_positive_int, default=DEFAULTS["num_iters"],
-                   help="Lanczos steps per probe of the spectral density (default: %(default)s)")
-    g.add_argument("--eig-iters", dest="eig_iters", type=_positive_int, default=DEFAULTS["eig_iters"],
-                   help="Lanczos basis size for the eigenvalues (default: automatic)")
-    g.add_argument("--tol", type=_positive_float, default=DEFAULTS["tol"],
-                   help="eigenvalue residual tolerance relative to max|λ| (default: 1e-6 with --x64, "
-                        "1e-4 otherwise)")
-    g.add_argument("--trace-method", choices=TRACE_METHODS, default=DEFAULTS["trace_method"],
-                   help="trace estimator (default: %(default)s)")
-    g.add_argument("--trace-matvecs", type=_positive_int, default=DEFAULTS["trace_matvecs"],
-                   help="matvecs of the trace estimate (default: %(default)s)")
-    g.add_argument("--layer-matvecs", type=_positive_int, default=DEFAULTS["layer_matvecs"],
-                   help="probes of the per-layer traces (default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
-                   help="examples per batch when cutting arrays (default: %(default)s)")
-    g.add_argument("--num-batches", type=_positive_int, default=DEFAULTS["num_batches"],
-                   help="use only the first N batches (default: all)")
-    g.add_argument("--seed", type=_nonneg_int, default=DEFAULTS["seed"],
-                   help="seed of every random choice (default: %(default)s)")
+    g.add_argument(
+        "--operator",
+        choices=OPERATORS,
+        default=DEFAULTS["operator"],
+        help="curvature operator: the Hessian or the generalised Gauss-Newton matrix "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "-k",
+        "--k",
+        dest="k",
+        type=_positive_int,
+        default=DEFAULTS["k"],
+        help="number of largest and of smallest eigenvalues (default: %(default)s)",
+    )
+    g.add_argument(
+        "--probes",
+        dest="num_probes",
+        type=_positive_int,
+        default=DEFAULTS["num_probes"],
+        help="random probes of the spectral density (SLQ) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--iters",
+        dest="num_iters",
+        type=_positive_int,
+        default=DEFAULTS["num_iters"],
+        help="Lanczos steps per probe of the spectral density (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eig-iters",
+        dest="eig_iters",
+        type=_positive_int,
+        default=DEFAULTS["eig_iters"],
+        help="Lanczos basis size for the eigenvalues (default: automatic)",
+    )
+    g.add_argument(
+        "--tol",
+        type=_positive_float,
+        default=DEFAULTS["tol"],
+        help="eigenvalue residual tolerance relative to max|λ| (default: 1e-6 with --x64, "
+        "1e-4 otherwise)",
+    )
+    g.add_argument(
+        "--trace-method",
+        choices=TRACE_METHODS,
+        default=DEFAULTS["trace_method"],
+        help="trace estimator (default: %(default)s)",
+    )
+    g.add_argument(
+        "--trace-matvecs",
+        type=_positive_int,
+        default=DEFAULTS["trace_matvecs"],
+        help="matvecs of the trace estimate (default: %(default)s)",
+    )
+    g.add_argument(
+        "--layer-matvecs",
+        type=_positive_int,
+        default=DEFAULTS["layer_matvecs"],
+        help="probes of the per-layer traces (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULTS["batch_size"],
+        help="examples per batch when cutting arrays (default: %(default)s)",
+    )
+    g.add_argument(
+        "--num-batches",
+        type=_positive_int,
+        default=DEFAULTS["num_batches"],
+        help="use only the first N batches (default: all)",
+    )
+    g.add_argument(
+        "--seed",
+        type=_nonneg_int,
+        default=DEFAULTS["seed"],
+        help="seed of every random choice (default: %(default)s)",
+    )
     g.add_argument("--x64", action="store_true", help="compute in float64 (default: float32)")
-    g.add_argument("--no-plots", dest="plots", action="store_false", help="do not write the PNG figures")
+    g.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="do not write the PNG figures"
+    )
 
 
 def _analysis_kwargs(args) -> dict:
-    return dict(operator=args.operator, k=args.k, num_probes=args.num_probes, num_iters=args.num_iters,
-                eig_iters=args.eig_iters, tol=args.tol, trace_method=args.trace_method,
-                trace_matvecs=args.trace_matvecs, layer_matvecs=args.layer_matvecs,
-                batch_size=args.batch_size, num_batches=args.num_batches, x64=args.x64, plots=args.plots)
+    return dict(
+        operator=args.operator,
+        k=args.k,
+        num_probes=args.num_probes,
+        num_iters=args.num_iters,
+        eig_iters=args.eig_iters,
+        tol=args.tol,
+        trace_method=args.trace_method,
+        trace_matvecs=args.trace_matvecs,
+        layer_matvecs=args.layer_matvecs,
+        batch_size=args.batch_size,
+        num_batches=args.num_batches,
+        x64=args.x64,
+        plots=args.plots,
+    )
 
 
 # --- analyze ------------------------------------------------------------------------------------------
 
+
 def _analyze_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="Orbax checkpoint directory (StandardCheckpointer item, or a "
-                                      "CheckpointManager step or root); opened read-only")
-    p.add_argument("--model", required=True, metavar="SPEC",
-                   help="model factory 'module.path:function' or 'path/to/file.py:function' returning "
-                        "(model, loss): model an nnx.Module or (linen_module, example_variables), loss a "
-                        "callable on outputs or 'cross_entropy'/'mse'")
-    p.add_argument("--data", default="digits", metavar="SPEC",
-                   help="'digits', 'digits:images', a .npz file with x/y (or inputs/targets), or "
-                        "'module:function' returning batches (default: %(default)s)")
-    p.add_argument("--out", default="hvp-analysis-output", metavar="DIR",
-                   help="output directory for report.json and the plots (default: %(default)s)")
-    p.add_argument("--step", type=_nonneg_int, default=None, help="CheckpointManager step (default: latest)")
-    p.add_argument("--item", default=None, help="item of a CheckpointManager step (default: the only one)")
+    p.add_argument(
+        "checkpoint",
+        help="Orbax checkpoint directory (StandardCheckpointer item, or a "
+        "CheckpointManager step or root); opened read-only",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="model factory 'module.path:function' or 'path/to/file.py:function' returning "
+        "(model, loss): model an nnx.Module or (linen_module, example_variables), loss a "
+        "callable on outputs or 'cross_entropy'/'mse'",
+    )
+    p.add_argument(
+        "--data",
+        default="digits",
+        metavar="SPEC",
+        help="'digits', 'digits:images', a .npz file with x/y (or inputs/targets), or "
+        "'module:function' returning batches (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        default="hvp-analysis-output",
+        metavar="DIR",
+        help="output directory for report.json and the plots (default: %(default)s)",
+    )
+    p.add_argument(
+        "--step", type=_nonneg_int, default=None, help="CheckpointManager step (default: latest)"
+    )
+    p.add_argument(
+        "--item", default=None, help="item of a CheckpointManager step (default: the only one)"
+    )
     _add_analysis_flags(p)
     _add_common(p)
 
@@ -127,19 +213,35 @@ def _report_done(report, out, args) -> None:
 def _run_analyze(args) -> int:
     from hvp.analysis._analyze import analyze
 
-    report = analyze(args.checkpoint, model=args.model, data=args.data, seed=args.seed, step=args.step,
-                     item=args.item, out_dir=args.out, progress=not args.quiet, **_analysis_kwargs(args))
+    report = analyze(
+        args.checkpoint,
+        model=args.model,
+        data=args.data,
+        seed=args.seed,
+        step=args.step,
+        item=args.item,
+        out_dir=args.out,
+        progress=not args.quiet,
+        **_analysis_kwargs(args),
+    )
     _report_done(report, args.out, args)
     return 0
 
 
 # --- demo ---------------------------------------------------------------------------------------------
 
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="hvp-demo-output", metavar="DIR",
-                   help="output directory: checkpoint/, report.json, density.png, layers.png "
-                        "(default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="hvp-demo-output",
+        metavar="DIR",
+        help="output directory: checkpoint/, report.json, density.png, layers.png "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=300, help="training steps (default: %(default)s)"
+    )
     _add_analysis_flags(p)
     _add_common(p)
 
@@ -147,12 +249,19 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _run_demo(args) -> int:
     from hvp.analysis._demo import run_demo
 
-    report = run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet,
-                      **_analysis_kwargs(args))
+    report = run_demo(
+        out=args.out,
+        steps=args.steps,
+        seed=args.seed,
+        progress=not args.quiet,
+        **_analysis_kwargs(args),
+    )
     demo = report.extra.get("demo", {})
     if not args.quiet:
-        print(f"Trained {args.steps} steps: loss {demo.get('train_loss', float('nan')):.4f}, accuracy "
-              f"{demo.get('train_accuracy', float('nan')):.1%} ({demo.get('train_seconds', 0):.1f} s)")
+        print(
+            f"Trained {args.steps} steps: loss {demo.get('train_loss', float('nan')):.4f}, accuracy "
+            f"{demo.get('train_accuracy', float('nan')):.1%} ({demo.get('train_seconds', 0):.1f} s)"
+        )
     _report_done(report, args.out, args)
     print(f"Reproduce with: {report.command}")
     return 0
@@ -160,9 +269,16 @@ def _run_demo(args) -> int:
 
 #: name -> (help, add_arguments(parser), run(args) -> exit status). Room for `bench`.
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "analyze": ("curvature report of an Orbax checkpoint of a Flax model", _analyze_args, _run_analyze),
-    "demo": ("train a small model on digits, checkpoint it and analyse it (offline, < 1 min on CPU)",
-             _demo_args, _run_demo),
+    "analyze": (
+        "curvature report of an Orbax checkpoint of a Flax model",
+        _analyze_args,
+        _run_analyze,
+    ),
+    "demo": (
+        "train a small model on digits, checkpoint it and analyse it (offline, < 1 min on CPU)",
+        _demo_args,
+        _run_demo,
+    ),
 }
 
 
@@ -214,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"{prog}: error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         else:
-            print(f"{prog}: error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the "
-                  "traceback)", file=sys.stderr)
+            print(
+                f"{prog}: error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the "
+                "traceback)",
+                file=sys.stderr,
+            )
         return 1
 
 
@@ -230,7 +349,9 @@ def _enable_compilation_cache() -> None:
     """
     import os
 
-    where = os.environ.get("HVP_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "hvp", "jax"))
+    where = os.environ.get(
+        "HVP_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "hvp", "jax")
+    )
     if where.lower() in ("off", "0", "none", "") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     try:

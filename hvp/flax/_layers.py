@@ -9,10 +9,10 @@ alone (the path minus its last component: ``Dense_0/kernel`` and
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hvp import tree as tu
@@ -51,7 +51,9 @@ def _leaf_layer_index(tree, layer_fn) -> tuple[list[str], list[int]]:
     return names, [where[p] for p in tu.leaf_paths(tree)]
 
 
-def layer_norms(eigenvectors, *, layer_fn: Callable[[str], str] = layer_of) -> dict[str, np.ndarray]:
+def layer_norms(
+    eigenvectors, *, layer_fn: Callable[[str], str] = layer_of
+) -> dict[str, np.ndarray]:
     r"""Share of each vector's squared norm that lies in each layer.
 
     For vectors :math:`v_j` (rows of a stacked block) and layers :math:`l`,
@@ -78,8 +80,10 @@ def layer_norms(eigenvectors, *, layer_fn: Callable[[str], str] = layer_of) -> d
     try:
         k = tu.leading_dim(block)
     except ValueError as err:
-        raise ValueError(f"`eigenvectors` must be a stacked block (leading axis k on every leaf): {err} "
-                         "For a single vector pass `hvp.tree.map(lambda x: x[None], v)`.") from None
+        raise ValueError(
+            f"`eigenvectors` must be a stacked block (leading axis k on every leaf): {err} "
+            "For a single vector pass `hvp.tree.map(lambda x: x[None], v)`."
+        ) from None
     names, index = _leaf_layer_index(block, layer_fn)
     sq = np.zeros((len(names), k))
     for x, i in zip(leaves, index):
@@ -116,8 +120,10 @@ class LayerTrace:
 
     def as_dict(self) -> dict[str, tuple[float, float]]:
         """``{layer: (estimate, std_error)}``."""
-        return {n: (float(e), float(s)) for n, e, s in zip(self.layers, np.asarray(self.estimate),
-                                                          np.asarray(self.std_error))}
+        return {
+            n: (float(e), float(s))
+            for n, e, s in zip(self.layers, np.asarray(self.estimate), np.asarray(self.std_error))
+        }
 
     def fractions(self) -> dict[str, float]:
         """``{layer: estimate / total}``: each layer's share of the trace."""
@@ -125,9 +131,16 @@ class LayerTrace:
         return {n: float(e) / total for n, e in zip(self.layers, np.asarray(self.estimate))}
 
 
-def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchinson",
-                chunk_size: int | None = None, layer_fn: Callable[[str], str] = layer_of,
-                like=None) -> LayerTrace:
+def layer_trace(
+    op,
+    *,
+    key=None,
+    num_matvecs: int = 100,
+    method: str = "hutchinson",
+    chunk_size: int | None = None,
+    layer_fn: Callable[[str], str] = layer_of,
+    like=None,
+) -> LayerTrace:
     r"""Trace of each layer's diagonal block of a curvature operator, with standard errors.
 
     ``method="hutchinson"`` (Hutchinson, 1989) draws Rademacher probes
@@ -162,9 +175,13 @@ def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchins
     n = op.size
     if method == "hutchinson":
         if key is None:
-            raise ValueError("layer_trace(method='hutchinson') needs a PRNG key: pass `key=jax.random.key(0)`.")
+            raise ValueError(
+                "layer_trace(method='hutchinson') needs a PRNG key: pass `key=jax.random.key(0)`."
+            )
         if not isinstance(num_matvecs, (int, np.integer)) or num_matvecs < 2:
-            raise ValueError(f"`num_matvecs` must be an integer >= 2 (for a standard error), got {num_matvecs!r}.")
+            raise ValueError(
+                f"`num_matvecs` must be an integer >= 2 (for a standard error), got {num_matvecs!r}."
+            )
         m = int(num_matvecs)
     elif method == "exact":
         key, m = (jax.random.PRNGKey(0) if key is None else key), n
@@ -177,6 +194,12 @@ def layer_trace(op, *, key=None, num_matvecs: int = 100, method: str = "hutchins
     total = diag.trace()
     est = np.array([float(by_layer.estimate[k]) for k in names])
     se = np.array([float(by_layer.std_error[k]) for k in names])
-    return LayerTrace(layers=tuple(names), estimate=est, std_error=se, total=float(total.estimate),
-                      total_std_error=float(total.std_error), num_matvecs=int(diag.num_matvecs),
-                      method="exact" if diag.method == "exact" else "hutchinson")
+    return LayerTrace(
+        layers=tuple(names),
+        estimate=est,
+        std_error=se,
+        total=float(total.estimate),
+        total_std_error=float(total.std_error),
+        num_matvecs=int(diag.num_matvecs),
+        method="exact" if diag.method == "exact" else "hutchinson",
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,8 +21,14 @@ def _plain(tree):
     return flax_core.unfreeze(tree) if isinstance(tree, flax_core.FrozenDict) else tree
 
 
-def from_linen(module, variables, loss, *, apply_kwargs: Mapping[str, Any] | None = None,
-               unpack: Callable | None = None) -> FlaxProblem:
+def from_linen(
+    module,
+    variables,
+    loss,
+    *,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    unpack: Callable | None = None,
+) -> FlaxProblem:
     """Curvature problem of a Flax Linen module over ``variables["params"]``.
 
     The model function is
@@ -52,8 +59,10 @@ def from_linen(module, variables, loss, *, apply_kwargs: Mapping[str, Any] | Non
       ``merge(params)`` returns the full variables dict with new parameters.
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"from_linen expects a flax.linen.Module, got {type(module).__name__}. For NNX "
-                        "modules use hvp.flax.from_nnx(model, loss).")
+        raise TypeError(
+            f"from_linen expects a flax.linen.Module, got {type(module).__name__}. For NNX "
+            "modules use hvp.flax.from_nnx(model, loss)."
+        )
     if not isinstance(variables, Mapping) or "params" not in variables:
         keys = f" (keys {sorted(variables)})" if isinstance(variables, Mapping) else ""
         raise ValueError(
@@ -62,12 +71,16 @@ def from_linen(module, variables, loss, *, apply_kwargs: Mapping[str, Any] | Non
         )
     apply_kwargs = dict(apply_kwargs or {})
     if "mutable" in apply_kwargs:
-        raise ValueError("`apply_kwargs` must not contain 'mutable': the curvature is taken with every "
-                         "non-parameter collection fixed. Use evaluation mode (e.g. {'train': False}).")
+        raise ValueError(
+            "`apply_kwargs` must not contain 'mutable': the curvature is taken with every "
+            "non-parameter collection fixed. Use evaluation mode (e.g. {'train': False})."
+        )
     output_loss = resolve_loss(loss)
     unpack = default_unpack if unpack is None else unpack
     if not callable(unpack):
-        raise TypeError(f"`unpack` must be a callable batch -> (inputs, targets), got {type(unpack).__name__}.")
+        raise TypeError(
+            f"`unpack` must be a callable batch -> (inputs, targets), got {type(unpack).__name__}."
+        )
 
     params = _plain(variables["params"])
     rest = {k: _plain(v) for k, v in variables.items() if k != "params"}
@@ -91,5 +104,13 @@ def from_linen(module, variables, loss, *, apply_kwargs: Mapping[str, Any] | Non
     def merge(p):
         return {**rest, "params": p}
 
-    return FlaxProblem(loss_fn=loss_fn, params=params, model_fn=model_fn, output_loss=output_loss,
-                       unpack=unpack, framework="linen", train=False, _merge=merge)
+    return FlaxProblem(
+        loss_fn=loss_fn,
+        params=params,
+        model_fn=model_fn,
+        output_loss=output_loss,
+        unpack=unpack,
+        framework="linen",
+        train=False,
+        _merge=merge,
+    )

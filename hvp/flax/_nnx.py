@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -20,7 +20,9 @@ def _eval_view(model):
     otherwise ``nnx.clone`` + ``eval()``. The user's model is not modified.
     """
     if hasattr(nnx, "view"):
-        return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+        return nnx.view(
+            model, deterministic=True, use_running_average=True, raise_if_not_found=False
+        )
     copy = nnx.clone(model)  # pragma: no cover - older flax
     copy.eval()  # pragma: no cover
     return copy  # pragma: no cover
@@ -95,12 +97,16 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
         hint = ""
         if isinstance(model, nnx.State):
             hint = " To get parameters from a state use `hvp.flax.nnx_params(state)`."
-        raise TypeError(f"from_nnx expects an nnx.Module, got {type(model).__name__}.{hint} For Linen "
-                        "modules use hvp.flax.from_linen(module, variables, loss).")
+        raise TypeError(
+            f"from_nnx expects an nnx.Module, got {type(model).__name__}.{hint} For Linen "
+            "modules use hvp.flax.from_linen(module, variables, loss)."
+        )
     output_loss = resolve_loss(loss)
     unpack = default_unpack if unpack is None else unpack
     if not callable(unpack):
-        raise TypeError(f"`unpack` must be a callable batch -> (inputs, targets), got {type(unpack).__name__}.")
+        raise TypeError(
+            f"`unpack` must be a callable batch -> (inputs, targets), got {type(unpack).__name__}."
+        )
 
     # The user's graph (for merge) and the graph the loss runs (eval view unless train=True).
     user_graph, _, _ = nnx.split(model, nnx.Param, ...)
@@ -108,7 +114,9 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
     graphdef, param_state, rest = nnx.split(run_model, nnx.Param, ...)
     params = _pure(param_state)
     if not jax.tree_util.tree_leaves(params):
-        raise ValueError("The NNX model has no nnx.Param variables: there is nothing to differentiate.")
+        raise ValueError(
+            "The NNX model has no nnx.Param variables: there is nothing to differentiate."
+        )
 
     def to_state(p):
         state = _fresh(param_state)
@@ -126,5 +134,13 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
     def merge(p):
         return nnx.merge(user_graph, to_state(p), _fresh(rest), copy=True)
 
-    return FlaxProblem(loss_fn=loss_fn, params=params, model_fn=model_fn, output_loss=output_loss,
-                       unpack=unpack, framework="nnx", train=bool(train), _merge=merge)
+    return FlaxProblem(
+        loss_fn=loss_fn,
+        params=params,
+        model_fn=model_fn,
+        output_loss=output_loss,
+        unpack=unpack,
+        framework="nnx",
+        train=bool(train),
+        _merge=merge,
+    )

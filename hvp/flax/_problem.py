@@ -9,7 +9,8 @@ dict of parameter arrays, so that nothing downstream knows about Flax.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hvp import operators as _ops
 from hvp.operators import losses as _losses
@@ -77,20 +78,32 @@ class FlaxProblem:
     def ggn(self, data, *, params=None, **kwargs) -> _ops.CurvatureOperator:
         """:func:`hvp.ggn` of :attr:`model_fn` and :attr:`output_loss` at ``params`` over ``data``."""
         kwargs.setdefault("unpack", self.unpack)
-        return _ops.ggn(self.model_fn, self.output_loss, self.params if params is None else params, data,
-                        **kwargs)
+        return _ops.ggn(
+            self.model_fn,
+            self.output_loss,
+            self.params if params is None else params,
+            data,
+            **kwargs,
+        )
 
     def empirical_fisher(self, data, *, params=None, **kwargs) -> _ops.CurvatureOperator:
         """:func:`hvp.empirical_fisher` of :attr:`loss_fn` at ``params`` over ``data``."""
-        return _ops.empirical_fisher(self.loss_fn, self.params if params is None else params, data,
-                                     **kwargs)
+        return _ops.empirical_fisher(
+            self.loss_fn, self.params if params is None else params, data, **kwargs
+        )
 
     def operator(self, kind: str, data, *, params=None, **kwargs) -> _ops.CurvatureOperator:
         """``kind`` in ``{"hessian", "ggn", "empirical_fisher"}``: the matching method."""
-        fns = {"hessian": self.hessian, "ggn": self.ggn, "empirical_fisher": self.empirical_fisher,
-               "fisher": self.empirical_fisher}
+        fns = {
+            "hessian": self.hessian,
+            "ggn": self.ggn,
+            "empirical_fisher": self.empirical_fisher,
+            "fisher": self.empirical_fisher,
+        }
         if kind not in fns:
-            raise ValueError(f"Unknown operator kind {kind!r}; use 'hessian', 'ggn' or 'empirical_fisher'.")
+            raise ValueError(
+                f"Unknown operator kind {kind!r}; use 'hessian', 'ggn' or 'empirical_fisher'."
+            )
         return fns[kind](data, params=params, **kwargs)
 
     def merge(self, params):

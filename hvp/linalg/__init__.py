@@ -9,8 +9,16 @@ from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, 
 from hvp.linalg._summary import SpectrumSummary, spectrum_summary  # noqa: E402
 
 _EIGEN_ALL = [
-    "eigsh", "EigshResult", "power_iteration", "PowerResult", "spectral_density", "SpectralDensity",
-    "TraceFnEstimate", "wasserstein1", "spectrum_summary", "SpectrumSummary",
+    "eigsh",
+    "EigshResult",
+    "power_iteration",
+    "PowerResult",
+    "spectral_density",
+    "SpectralDensity",
+    "TraceFnEstimate",
+    "wasserstein1",
+    "spectrum_summary",
+    "SpectrumSummary",
 ]
 # --- end eigen ---
 

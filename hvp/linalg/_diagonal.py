@@ -27,8 +27,9 @@ products :math:`A e_i` (``method="exact"``, zero standard errors).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +119,9 @@ class DiagonalResult:
         is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
         est = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
         se = jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=is_pair)
-        return LeafTraces(estimate=est, std_error=se, num_matvecs=self.num_matvecs, method=self.method)
+        return LeafTraces(
+            estimate=est, std_error=se, num_matvecs=self.num_matvecs, method=self.method
+        )
 
     def sum_by(self, group: Callable[[str], str]) -> LeafTraces:
         """Traces of groups of leaves, e.g. per layer: ``group(path) -> name``.
@@ -130,7 +133,9 @@ class DiagonalResult:
         Example: ``res.sum_by(lambda p: p.rsplit("/", 1)[0])`` gives per-layer traces.
         """
         if not callable(group):
-            raise TypeError("`group` must be a function from a leaf path (str) to a group name (str).")
+            raise TypeError(
+                "`group` must be a function from a leaf path (str) to a group name (str)."
+            )
         paths = tu.leaf_paths(self.leaf_samples)
         groups: dict[str, jax.Array] = {}
         for path, s in zip(paths, jax.tree_util.tree_leaves(self.leaf_samples)):
@@ -139,15 +144,22 @@ class DiagonalResult:
         est, se = {}, {}
         for name, s in groups.items():
             est[name], se[name] = _stats(s, self._exact)
-        return LeafTraces(estimate=est, std_error=se, num_matvecs=self.num_matvecs, method=self.method)
+        return LeafTraces(
+            estimate=est, std_error=se, num_matvecs=self.num_matvecs, method=self.method
+        )
 
     def trace(self) -> TraceResult:
         """The Hutchinson trace estimate from the same probes (sum of all leaf samples)."""
         leaves = jax.tree_util.tree_leaves(self.leaf_samples)
         total = sum(leaves[1:], leaves[0])
         est, se = _stats(total, self._exact)
-        return TraceResult(estimate=est, std_error=se, num_matvecs=self.num_matvecs,
-                           method="exact" if self._exact else "hutchinson", samples=total)
+        return TraceResult(
+            estimate=est,
+            std_error=se,
+            num_matvecs=self.num_matvecs,
+            method="exact" if self._exact else "hutchinson",
+            samples=total,
+        )
 
 
 def _chan_update(acc, block_n: int, block_mean, block_m2):
@@ -163,13 +175,17 @@ def _chan_update(acc, block_n: int, block_mean, block_m2):
         d = mb - ma
         return qa + qb + (d * d) * (n_a * frac).astype(d.dtype)
 
-    return (n, tu.map(mean_fn, mean_a, block_mean), tu.map(m2_fn, m2_a, block_m2, mean_a, block_mean))
+    return (
+        n,
+        tu.map(mean_fn, mean_a, block_mean),
+        tu.map(m2_fn, m2_a, block_m2, mean_a, block_mean),
+    )
 
 
 def _block_stats(op, key, start, size: int):
     zs = probes(key, op.like, size, "rademacher", start=start)
     azs = jax.vmap(op._apply)(zs)
-    prods = tu.map(jnp.multiply, zs, azs)                       # z * A z, per probe
+    prods = tu.map(jnp.multiply, zs, azs)  # z * A z, per probe
     mean = tu.map(lambda x: jnp.mean(x, axis=0), prods)
     m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
     leaf_sums = tu.map(lambda x: jnp.sum(x.reshape(x.shape[0], -1), axis=1), prods)
@@ -182,8 +198,11 @@ def _diagonal(op, key, *, num_matvecs: int, chunk: int | None):
     c = m if chunk is None else min(chunk, m)
     n_full, rem = divmod(m, c)
     like = op.like
-    acc = (jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
-           tu.zeros_like(like), tu.zeros_like(like))
+    acc = (
+        jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
+        tu.zeros_like(like),
+        tu.zeros_like(like),
+    )
 
     def body(acc, b):
         mean, m2, sums = _block_stats(op, key, b * c, c)
@@ -211,7 +230,9 @@ def _exact_diagonal(op, *, chunk: int | None):
     return diag, tu.zeros_like(diag), sums
 
 
-def diagonal(op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None) -> DiagonalResult:
+def diagonal(
+    op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None
+) -> DiagonalResult:
     r"""Estimate :math:`\operatorname{diag}(A)` (Bekas, Kokiopoulou & Saad 2007).
 
     :math:`\hat d = \frac1m\sum_k z_k \odot A z_k` with Rademacher probes; the
@@ -242,7 +263,9 @@ def diagonal(op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, 
     chunk = check_chunk(chunk_size)
     if num_matvecs >= op.size:
         est, se, sums = _exact_diagonal(op, chunk=chunk)
-        res = DiagonalResult(estimate=est, std_error=se, num_matvecs=op.size, leaf_samples=sums, method="exact")
+        res = DiagonalResult(
+            estimate=est, std_error=se, num_matvecs=op.size, leaf_samples=sums, method="exact"
+        )
     else:
         est, se, sums = _diagonal(op, key, num_matvecs=num_matvecs, chunk=chunk)
         res = DiagonalResult(estimate=est, std_error=se, num_matvecs=num_matvecs, leaf_samples=sums)

@@ -65,7 +65,10 @@ class FrobeniusResult:
         """Normal interval for :math:`\\|A\\|_F` (or, with ``squared=True``, for :math:`\\|A\\|_F^2`)."""
         z = _normal_quantile(level)
         if squared:
-            return self.squared_estimate - z * self.squared_std_error, self.squared_estimate + z * self.squared_std_error
+            return (
+                self.squared_estimate - z * self.squared_std_error,
+                self.squared_estimate + z * self.squared_std_error,
+            )
         return self.estimate - z * self.std_error, self.estimate + z * self.std_error
 
 
@@ -96,8 +99,9 @@ def _exact_frobenius(op, *, chunk: int | None):
     return jnp.sqrt(f2), zero, f2, zero, samples
 
 
-def frobenius_norm(op, *, key, num_matvecs: int = 100, chunk_size: int | None = None,
-                   like=None) -> FrobeniusResult:
+def frobenius_norm(
+    op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None
+) -> FrobeniusResult:
     r"""Estimate :math:`\|A\|_F` from :math:`\|A\|_F^2 = \mathbb E\|Az\|^2` (Rademacher ``z``).
 
     Args:
@@ -127,5 +131,12 @@ def frobenius_norm(op, *, key, num_matvecs: int = 100, chunk_size: int | None = 
         method, cost = "hutchinson", num_matvecs
     f, se, f2, se2, samples = vals
     raise_if_nonfinite(op, "Frobenius norm estimate", f2)
-    return FrobeniusResult(estimate=f, std_error=se, squared_estimate=f2, squared_std_error=se2,
-                           num_matvecs=cost, method=method, samples=samples)
+    return FrobeniusResult(
+        estimate=f,
+        std_error=se,
+        squared_estimate=f2,
+        squared_std_error=se2,
+        num_matvecs=cost,
+        method=method,
+        samples=samples,
+    )

@@ -100,15 +100,21 @@ def _rows_dot(V, w):
     parts = []
     for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w)):
         ct = jnp.result_type(wl)
-        parts.append(jnp.tensordot(Vl.reshape(Vl.shape[0], -1).astype(ct), wl.reshape(-1), axes=1,
-                                   precision=_HI))
+        parts.append(
+            jnp.tensordot(
+                Vl.reshape(Vl.shape[0], -1).astype(ct), wl.reshape(-1), axes=1, precision=_HI
+            )
+        )
     return sum(parts[1:], parts[0])
 
 
 def _combine(c, V, like):
     """``sum_i c_i V_i`` (``c`` of shape ``(rows,)``) in the dtypes of ``like``; or ``C V`` for 2-D ``c``."""
     return jax.tree_util.tree_map(
-        lambda Vl, x: jnp.tensordot(c.astype(x.dtype), Vl.astype(x.dtype), axes=1, precision=_HI), V, like)
+        lambda Vl, x: jnp.tensordot(c.astype(x.dtype), Vl.astype(x.dtype), axes=1, precision=_HI),
+        V,
+        like,
+    )
 
 
 def _get_row(V, j, like):
@@ -121,7 +127,8 @@ def _set_row(V, j, v):
 
 def _empty_basis(like, rows, basis_dtype):
     return jax.tree_util.tree_map(
-        lambda x: jnp.zeros((rows,) + jnp.shape(x), basis_dtype or jnp.result_type(x)), like)
+        lambda x: jnp.zeros((rows,) + jnp.shape(x), basis_dtype or jnp.result_type(x)), like
+    )
 
 
 def _orthogonalize(V, w, mask, like):
@@ -238,15 +245,25 @@ def _split_keep(p):
 # ---------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("m", "k_total", "which", "p", "max_restarts", "basis_dtype", "eps"))
+@partial(
+    jax.jit, static_argnames=("m", "k_total", "which", "p", "max_restarts", "basis_dtype", "eps")
+)
 def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dtype, eps):
     like = op.like
     real = jnp.result_type(*jax.tree_util.tree_leaves(like))
     V = _set_row(_empty_basis(like, m + 1, basis_dtype), 0, v0)
     H = jnp.zeros((m + 1, m), real)
     zero_i = jnp.zeros((), jnp.int32)
-    state = dict(V=V, H=H, j=zero_i, restarts=zero_i, matvecs=zero_i, done=jnp.array(False),
-                 broke=jnp.array(False), anorm=jnp.zeros((), real))
+    state = dict(
+        V=V,
+        H=H,
+        j=zero_i,
+        restarts=zero_i,
+        matvecs=zero_i,
+        done=jnp.array(False),
+        broke=jnp.array(False),
+        anorm=jnp.zeros((), real),
+    )
 
     def restart(s, theta, S):
         if which == "both":
@@ -261,20 +278,33 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
         kept = _combine(Y.T, Vm, like)  # (p, ...) in the compute dtype
         last = _get_row(s["V"], m, like)
         newV = jax.tree_util.tree_map(
-            lambda Vl, K, L: jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype)),
-            s["V"], kept, last)
+            lambda Vl, K, L: (
+                jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
+            ),
+            s["V"],
+            kept,
+            last,
+        )
         b = s["H"][m, m - 1]
         newH = jnp.zeros_like(s["H"])
         newH = newH.at[jnp.arange(p), jnp.arange(p)].set(theta[idx])
         newH = newH.at[p, :p].set(b * S[m - 1, idx])
         newH = newH.at[:p, p].set(b * S[m - 1, idx])
-        return dict(s, V=newV, H=newH, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1,
-                    broke=jnp.array(False))
+        return dict(
+            s,
+            V=newV,
+            H=newH,
+            j=jnp.asarray(p, jnp.int32),
+            restarts=s["restarts"] + 1,
+            broke=jnp.array(False),
+        )
 
     def body(s):
         j = s["j"]
         step_key = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), j)
-        h, beta, v_next, anorm, broke = lanczos_step(op, s["V"], j, s["anorm"], step_key, like, eps=eps)
+        h, beta, v_next, anorm, broke = lanczos_step(
+            op, s["V"], j, s["anorm"], step_key, like, eps=eps
+        )
         H = s["H"].at[:, j].set(jnp.where(jnp.arange(m + 1) <= j, h, s["H"][:, j]))
         H = H.at[j + 1, j].set(beta)
         V = _set_row(s["V"], j + 1, v_next)
@@ -311,7 +341,9 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
     Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
     AY = jax.vmap(op._apply)(Y)
     lam = jax.vmap(tu.dot)(Y, AY)
-    res = jnp.sqrt(jax.vmap(lambda ay, y, l: tu.dot(tu.axpy(-l, y, ay), tu.axpy(-l, y, ay)))(AY, Y, lam))
+    res = jnp.sqrt(
+        jax.vmap(lambda ay, y, l: tu.dot(tu.axpy(-l, y, ay), tu.axpy(-l, y, ay)))(AY, Y, lam)
+    )
     order = jnp.argsort(lam)
     lam, res = lam[order], res[order]
     Y = jax.tree_util.tree_map(lambda x: x[order], Y)
@@ -331,27 +363,37 @@ _normal_like_jit = jax.jit(tu.normal_like)
 def _start_vector(v0, like, key, *, what="v0"):
     """A unit start vector: random, a params-shaped pytree, or the sum of a stacked block."""
     if v0 is None:
-        v = _normal_like_jit(key, like)  # compiled: eager generation cost ~15 ms per call (benchmarks/)
+        v = _normal_like_jit(
+            key, like
+        )  # compiled: eager generation cost ~15 ms per call (benchmarks/)
     else:
         try:
-            tu.assert_same_structure(v0, like, name=what, like_name="operator.like", check_dtype=False)
+            tu.assert_same_structure(
+                v0, like, name=what, like_name="operator.like", check_dtype=False
+            )
             v = v0
         except ValueError as single_err:
             try:
-                tu.assert_same_structure(v0, like, name=what, like_name="operator.like", check_dtype=False,
-                                         leading=1)
+                tu.assert_same_structure(
+                    v0, like, name=what, like_name="operator.like", check_dtype=False, leading=1
+                )
             except ValueError:
                 raise ValueError(
                     f"`{what}` must be a pytree shaped like the operator's parameters, or a stacked block "
                     f"of such vectors (leading axis on every leaf, e.g. a previous result's "
-                    f"`eigenvectors`). {single_err}") from None
+                    f"`eigenvectors`). {single_err}"
+                ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
         v = jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, jnp.result_type(l)), v, like)
     nv = float(tu.norm(v))
     if not np.isfinite(nv):
-        raise ValueError(f"`{what}` contains NaN or Inf; pass a finite start vector or `{what}=None`.")
+        raise ValueError(
+            f"`{what}` contains NaN or Inf; pass a finite start vector or `{what}=None`."
+        )
     if nv == 0.0:
-        raise ValueError(f"`{what}` is the zero vector; pass a non-zero start vector or `{what}=None`.")
+        raise ValueError(
+            f"`{what}` is the zero vector; pass a non-zero start vector or `{what}=None`."
+        )
     return tu.scale(1.0 / nv, v)
 
 
@@ -363,9 +405,20 @@ def _check_like(op: LinearOperator):
     return n
 
 
-def eigsh(op, k: int = 6, *, which: str = "largest", key=None, num_iters: int | None = None,
-          tol: float = 1e-6, max_restarts: int = 30, v0=None, reorthogonalize: str = "full",
-          basis_dtype=None, like=None) -> EigshResult:
+def eigsh(
+    op,
+    k: int = 6,
+    *,
+    which: str = "largest",
+    key=None,
+    num_iters: int | None = None,
+    tol: float = 1e-6,
+    max_restarts: int = 30,
+    v0=None,
+    reorthogonalize: str = "full",
+    basis_dtype=None,
+    like=None,
+) -> EigshResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Finds the algebraically largest (``which="largest"``), smallest
@@ -414,8 +467,10 @@ def eigsh(op, k: int = 6, *, which: str = "largest", key=None, num_iters: int | 
     if which not in WHICH:
         raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
     if reorthogonalize != "full":
-        raise ValueError(f"`reorthogonalize` must be 'full' for eigsh, got {reorthogonalize!r}. (Without "
-                         "it Lanczos produces spurious copies of converged eigenvalues.)")
+        raise ValueError(
+            f"`reorthogonalize` must be 'full' for eigsh, got {reorthogonalize!r}. (Without "
+            "it Lanczos produces spurious copies of converged eigenvalues.)"
+        )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"`k` must be an int, got {type(k).__name__}.")
     k = int(k)
@@ -424,9 +479,11 @@ def eigsh(op, k: int = 6, *, which: str = "largest", key=None, num_iters: int | 
         raise ValueError(f"`k` must be at least 1, got {k}.")
     if k_total > n:
         what = "2k" if which == "both" else "k"
-        raise ValueError(f"{what}={k_total} exceeds the operator size n={n}; ask for at most "
-                         f"{n // 2 if which == 'both' else n} eigenpairs"
-                         f"{' per end' if which == 'both' else ''}.")
+        raise ValueError(
+            f"{what}={k_total} exceeds the operator size n={n}; ask for at most "
+            f"{n // 2 if which == 'both' else n} eigenpairs"
+            f"{' per end' if which == 'both' else ''}."
+        )
     if not (isinstance(tol, (int, float, np.floating)) and tol >= 0):
         raise ValueError(f"`tol` must be a non-negative float, got {tol!r}.")
     if int(max_restarts) < 0:
@@ -436,7 +493,9 @@ def eigsh(op, k: int = 6, *, which: str = "largest", key=None, num_iters: int | 
     else:
         m = int(num_iters)
         if m < k_total:
-            raise ValueError(f"`num_iters`={m} must be at least the number of wanted pairs ({k_total}).")
+            raise ValueError(
+                f"`num_iters`={m} must be at least the number of wanted pairs ({k_total})."
+            )
     m = min(m, n)
     # Ritz vectors kept at a thick restart: the wanted ones plus half the spare room.
     p = max(min(m - 1, k_total + (m - k_total) // 2), 0)
@@ -447,21 +506,43 @@ def eigsh(op, k: int = 6, *, which: str = "largest", key=None, num_iters: int | 
     key = jax.random.PRNGKey(0) if key is None else key
     k_start, k_run = jax.random.split(key)
     start = _start_vector(v0, op.like, k_start)
-    out = _eigsh_run(op, start, k_run, jnp.asarray(tol, op.dtype), m=m, k_total=k_total, which=which, p=p,
-                     max_restarts=int(max_restarts), basis_dtype=basis_dtype, eps=_eps(op.like, basis_dtype))
+    out = _eigsh_run(
+        op,
+        start,
+        k_run,
+        jnp.asarray(tol, op.dtype),
+        m=m,
+        k_total=k_total,
+        which=which,
+        p=p,
+        max_restarts=int(max_restarts),
+        basis_dtype=basis_dtype,
+        eps=_eps(op.like, basis_dtype),
+    )
     lam, vecs, res, conv, nmv, nrs = out
     if not (bool(jnp.all(jnp.isfinite(lam))) and bool(tu.all_finite(vecs))):
         raise NonFiniteError(
             f"eigsh on the {op.name} operator produced NaN or Inf: its matvec returns non-finite values. "
             "Check the parameters and data (`hvp.tree.nonfinite_leaves`), or build the operator with "
-            "`check_finite=True` to find the leaf.")
-    result = EigshResult(eigenvalues=lam, eigenvectors=vecs, residuals=res, converged=conv,
-                         num_matvecs=nmv, num_restarts=nrs, which=which)
+            "`check_finite=True` to find the leaf."
+        )
+    result = EigshResult(
+        eigenvalues=lam,
+        eigenvectors=vecs,
+        residuals=res,
+        converged=conv,
+        num_matvecs=nmv,
+        num_restarts=nrs,
+        which=which,
+    )
     if not bool(jnp.all(conv)):
         nc = int(jnp.sum(conv))
         warnings.warn(
             f"eigsh ({which}, k={k}) on the {op.name} operator: only {nc} of {k_total} eigenpairs reached "
             f"tol={tol:g} after {int(nrs)} restarts and {int(nmv)} matvecs (largest residual "
             f"{float(jnp.max(res)):.3g}). Increase `num_iters` or `max_restarts`, or loosen `tol`; "
-            "`result.converged` marks the pairs that did converge.", RuntimeWarning, stacklevel=2)
+            "`result.converged` marks the pairs that did converge.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result

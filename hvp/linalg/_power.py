@@ -73,7 +73,9 @@ def _power_run(op, v, tol, *, num_iters):
     return v, lam, res, i, res <= tol * jnp.abs(lam)
 
 
-def power_iteration(op, *, key, num_iters: int = 100, tol: float = 1e-6, v0=None, like=None) -> PowerResult:
+def power_iteration(
+    op, *, key, num_iters: int = 100, tol: float = 1e-6, v0=None, like=None
+) -> PowerResult:
     r"""Top-magnitude eigenpair :math:`(\lambda, v)`, :math:`|\lambda| = \|A\|_2`, by power iteration.
 
     Args:
@@ -104,9 +106,14 @@ def power_iteration(op, *, key, num_iters: int = 100, tol: float = 1e-6, v0=None
     if key is None and v0 is None:
         raise ValueError("Pass a PRNG `key` (e.g. `jax.random.PRNGKey(0)`) or a start vector `v0`.")
     v = _start_vector(v0, op.like, key if key is not None else jax.random.PRNGKey(0))
-    vec, lam, res, nmv, conv = _power_run(op, v, jnp.asarray(tol, op.dtype), num_iters=int(num_iters))
+    vec, lam, res, nmv, conv = _power_run(
+        op, v, jnp.asarray(tol, op.dtype), num_iters=int(num_iters)
+    )
     if not (bool(jnp.isfinite(lam)) and bool(jnp.isfinite(res))):
         raise NonFiniteError(
             f"power_iteration on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
-            "values. Check the parameters and data, or build the operator with `check_finite=True`.")
-    return PowerResult(eigenvalue=lam, eigenvector=vec, residual=res, num_matvecs=nmv, converged=conv)
+            "values. Check the parameters and data, or build the operator with `check_finite=True`."
+        )
+    return PowerResult(
+        eigenvalue=lam, eigenvector=vec, residual=res, num_matvecs=nmv, converged=conv
+    )

@@ -45,7 +45,6 @@ from hvp.linalg._lanczos import (
     _empty_basis,
     _eps,
     _fresh_vector,
-    _get_row,
     _set_row,
     lanczos_step,
 )
@@ -127,8 +126,8 @@ class SpectralDensity:
         flat = grid.reshape(-1)
         res = out.reshape(-1)
         for start in range(0, flat.size, 512):
-            g = flat[start:start + 512, None]
-            res[start:start + 512] = np.exp(-0.5 * ((g - nodes[None]) / sigma) ** 2) @ weights
+            g = flat[start : start + 512, None]
+            res[start : start + 512] = np.exp(-0.5 * ((g - nodes[None]) / sigma) ** 2) @ weights
         return out / (sigma * np.sqrt(2 * np.pi))
 
     def cdf(self, x) -> np.ndarray:
@@ -181,11 +180,21 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
     relative figure.
     """
     if y is None:
-        raise TypeError("wasserstein1 needs two measures: wasserstein1(x, x_weights, y, y_weights=None).")
+        raise TypeError(
+            "wasserstein1 needs two measures: wasserstein1(x, x_weights, y, y_weights=None)."
+        )
     x = np.asarray(x, np.float64).ravel()
     y = np.asarray(y, np.float64).ravel()
-    wx = np.full(x.shape, 1.0 / x.size) if x_weights is None else np.asarray(x_weights, np.float64).ravel()
-    wy = np.full(y.shape, 1.0 / y.size) if y_weights is None else np.asarray(y_weights, np.float64).ravel()
+    wx = (
+        np.full(x.shape, 1.0 / x.size)
+        if x_weights is None
+        else np.asarray(x_weights, np.float64).ravel()
+    )
+    wy = (
+        np.full(y.shape, 1.0 / y.size)
+        if y_weights is None
+        else np.asarray(y_weights, np.float64).ravel()
+    )
     if wx.shape != x.shape or wy.shape != y.shape:
         raise ValueError("Each weight array must have one entry per support point.")
     wx, wy = wx / wx.sum(), wy / wy.sum()
@@ -214,12 +223,19 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
 
             def body(j, c):
                 V, alphas, betas, anorm = c
-                h, beta, v_next, anorm, _ = lanczos_step(op, V, j, anorm, jax.random.fold_in(kr, j), like,
-                                                         eps=eps)
-                return _set_row(V, j + 1, v_next), alphas.at[j].set(h[j]), betas.at[j].set(beta), anorm
+                h, beta, v_next, anorm, _ = lanczos_step(
+                    op, V, j, anorm, jax.random.fold_in(kr, j), like, eps=eps
+                )
+                return (
+                    _set_row(V, j + 1, v_next),
+                    alphas.at[j].set(h[j]),
+                    betas.at[j].set(beta),
+                    anorm,
+                )
 
             _, alphas, betas, _ = lax.fori_loop(0, m, body, (V, alphas, betas, anorm))
         else:
+
             def body(j, c):
                 v_prev, v, beta_prev, alphas, betas, anorm = c
                 w = op._apply(v)
@@ -231,8 +247,9 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
                 two = tu.stack([v_prev, v])
 
                 def fresh(_):
-                    return jnp.zeros_like(beta), _fresh_vector(jax.random.fold_in(kr, j), two, jnp.ones((2,), real),
-                                                               like)
+                    return jnp.zeros_like(beta), _fresh_vector(
+                        jax.random.fold_in(kr, j), two, jnp.ones((2,), real), like
+                    )
 
                 def normal(_):
                     return beta, tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
@@ -252,8 +269,17 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
     return lax.map(one, keys, batch_size=chunk_size)
 
 
-def spectral_density(op, *, key, num_probes: int = 16, num_iters: int = 64, chunk_size: int | None = None,
-                     reorthogonalize: bool = True, basis_dtype=None, like=None) -> SpectralDensity:
+def spectral_density(
+    op,
+    *,
+    key,
+    num_probes: int = 16,
+    num_iters: int = 64,
+    chunk_size: int | None = None,
+    reorthogonalize: bool = True,
+    basis_dtype=None,
+    like=None,
+) -> SpectralDensity:
     r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
     Runs ``num_probes`` independent ``num_iters``-step Lanczos processes from
@@ -302,12 +328,20 @@ def spectral_density(op, *, key, num_probes: int = 16, num_iters: int = 64, chun
     if basis_dtype is not None:
         basis_dtype = jnp.dtype(basis_dtype)
     keys = jax.random.split(key, int(num_probes))
-    nodes, weights = _slq_run(op, keys, m=m, reorth=bool(reorthogonalize),
-                              chunk_size=None if chunk_size is None else int(chunk_size),
-                              basis_dtype=basis_dtype, eps=_eps(op.like, basis_dtype))
+    nodes, weights = _slq_run(
+        op,
+        keys,
+        m=m,
+        reorth=bool(reorthogonalize),
+        chunk_size=None if chunk_size is None else int(chunk_size),
+        basis_dtype=basis_dtype,
+        eps=_eps(op.like, basis_dtype),
+    )
     if not (bool(jnp.all(jnp.isfinite(nodes))) and bool(jnp.all(jnp.isfinite(weights)))):
         raise NonFiniteError(
             f"spectral_density on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
-            "values. Check the parameters and data, or build the operator with `check_finite=True`.")
-    return SpectralDensity(nodes=nodes, weights=weights, num_matvecs=jnp.asarray(int(num_probes) * m),
-                           size=n)
+            "values. Check the parameters and data, or build the operator with `check_finite=True`."
+        )
+    return SpectralDensity(
+        nodes=nodes, weights=weights, num_matvecs=jnp.asarray(int(num_probes) * m), size=n
+    )

@@ -57,8 +57,16 @@ def _ratio(a: float, b: float) -> float:
     return float("inf") if a > 0 else 0.0
 
 
-def spectrum_summary(op, *, key, tol: float = 1e-6, num_probes: int = 8, num_iters: int = 64,
-                     zero_tol: float = 1e-6, like=None) -> SpectrumSummary:
+def spectrum_summary(
+    op,
+    *,
+    key,
+    tol: float = 1e-6,
+    num_probes: int = 8,
+    num_iters: int = 64,
+    zero_tol: float = 1e-6,
+    like=None,
+) -> SpectrumSummary:
     r"""Extreme eigenvalues, condition number and negative/positive spectral mass of ``op``.
 
     * :math:`\lambda_{\max}`, :math:`\lambda_{\min}`: ``eigsh(op, 1, which="both", tol=tol)``.
@@ -93,7 +101,11 @@ def spectrum_summary(op, *, key, tol: float = 1e-6, num_probes: int = 8, num_ite
     if key is None:
         raise ValueError("Pass a PRNG `key`, e.g. `jax.random.PRNGKey(0)`.")
     k_eig, k_slq = jax.random.split(key)
-    both = eigsh(op, 1, which="both", key=k_eig, tol=tol) if op.size >= 2 else eigsh(op, 1, key=k_eig, tol=tol)
+    both = (
+        eigsh(op, 1, which="both", key=k_eig, tol=tol)
+        if op.size >= 2
+        else eigsh(op, 1, key=k_eig, tol=tol)
+    )
     lam = np.asarray(both.eigenvalues, np.float64)
     lmin, lmax = float(lam.min()), float(lam.max())
     top = max(abs(lmin), abs(lmax))
@@ -114,7 +126,13 @@ def spectrum_summary(op, *, key, tol: float = 1e-6, num_probes: int = 8, num_ite
         small = float(mags.min()) if mags.size else 0.0
     cond = top / small if small > 0 else float("inf")
     return SpectrumSummary(
-        lambda_max=lmax, lambda_min=lmin, condition_number=float(cond), negative_mass=neg, positive_mass=pos,
-        negative_positive_ratio=_ratio(neg, pos), negative_positive_abs_ratio=_ratio(neg_abs, pos_abs),
+        lambda_max=lmax,
+        lambda_min=lmin,
+        condition_number=float(cond),
+        negative_mass=neg,
+        positive_mass=pos,
+        negative_positive_ratio=_ratio(neg, pos),
+        negative_positive_abs_ratio=_ratio(neg_abs, pos_abs),
         converged=bool(np.all(np.asarray(both.converged))),
-        num_matvecs=int(both.num_matvecs) + int(sd.num_matvecs))
+        num_matvecs=int(both.num_matvecs) + int(sd.num_matvecs),
+    )

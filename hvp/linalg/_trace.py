@@ -68,8 +68,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +94,14 @@ _ALIASES = {"hutchpp": "hutch++", "hutch_plus_plus": "hutch++", "girard": "hutch
 # results
 # ------------------------------------------------------------------------------------------------
 def _normal_quantile(level: float) -> float:
-    if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0.0 < float(level) < 1.0:
-        raise ValueError(f"`level` must be a probability strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+    if (
+        not isinstance(level, (int, float))
+        or isinstance(level, bool)
+        or not 0.0 < float(level) < 1.0
+    ):
+        raise ValueError(
+            f"`level` must be a probability strictly between 0 and 1 (e.g. 0.95), got {level!r}."
+        )
     return statistics.NormalDist().inv_cdf(0.5 + float(level) / 2.0)
 
 
@@ -146,7 +153,9 @@ def coerce_operator(op, like=None) -> LinearOperator:
     op = as_operator(op, like)
     tu.assert_floating(op.like, name="like")
     if op.size < 1:
-        raise ValueError("The operator acts on empty vectors (size 0): there is no trace to estimate.")
+        raise ValueError(
+            "The operator acts on empty vectors (size 0): there is no trace to estimate."
+        )
     return op
 
 
@@ -174,15 +183,21 @@ def check_int(name: str, value, *, minimum: int, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
     if value < minimum:
-        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.{(' ' + hint) if hint else ''}")
+        raise ValueError(
+            f"`{name}` must be at least {minimum}, got {value}.{(' ' + hint) if hint else ''}"
+        )
     return int(value)
 
 
 def check_chunk(chunk_size) -> int | None:
     if chunk_size is None:
         return None
-    return check_int("chunk_size", chunk_size, minimum=1,
-                     hint="It is the number of products computed at once; use None for all at once.")
+    return check_int(
+        "chunk_size",
+        chunk_size,
+        minimum=1,
+        hint="It is the number of products computed at once; use None for all at once.",
+    )
 
 
 def raise_if_nonfinite(op: LinearOperator, what: str, *values) -> None:
@@ -242,8 +257,16 @@ def matmat(op: LinearOperator, vs, chunk: int | None):
     return map_chunked(op._apply, vs, chunk)
 
 
-def probe_map(op: LinearOperator, key, count: int, kind: str, fn: Callable, chunk: int | None,
-              start=0, transform: Callable | None = None):
+def probe_map(
+    op: LinearOperator,
+    key,
+    count: int,
+    kind: str,
+    fn: Callable,
+    chunk: int | None,
+    start=0,
+    transform: Callable | None = None,
+):
     """``fn(z_i, A z_i)`` for probes ``i = start..start+count-1``, drawn inside the map.
 
     Generating the probe inside the mapped function keeps at most ``chunk``
@@ -321,7 +344,9 @@ def block_coeffs(xs, v) -> jax.Array:
 
 def block_apply(xs, c: jax.Array):
     """The vector ``sum_a c[a] x_a``."""
-    return jax.tree_util.tree_map(lambda x: jnp.tensordot(c.astype(x.dtype), x, axes=1, precision=_HIGHEST), xs)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.tensordot(c.astype(x.dtype), x, axes=1, precision=_HIGHEST), xs
+    )
 
 
 def _svqb(gram: jax.Array, tol: float):
@@ -403,7 +428,9 @@ def _hutchpp(op, key, *, num_matvecs: int, chunk: int | None):
     return hutchpp_from_probes(op, sketch, chunk, key_g, num_matvecs - 2 * k)
 
 
-def xtrace_from_probes(op, omega, chunk: int | None, shift: float | None = None, jackknife: bool = False):
+def xtrace_from_probes(
+    op, omega, chunk: int | None, shift: float | None = None, jackknife: bool = False
+):
     """XTrace samples ``t_i`` for a given block of (Gaussian) probes ``omega`` (``m`` rows).
 
     ``shift`` is the relative size of ``delta`` (default ``10 sqrt(eps)``; ``0`` sketches ``A Omega``).
@@ -411,7 +438,7 @@ def xtrace_from_probes(op, omega, chunk: int | None, shift: float | None = None,
     m = tu.leading_dim(omega)
     n = tu.size(op.like)
     dtype = _work_dtype(op.like)
-    y = matmat(op, omega, chunk)                         # A Omega            (m products)
+    y = matmat(op, omega, chunk)  # A Omega            (m products)
     g_y = block_gram(y, y)
     g_o = block_gram(omega, omega)
     # Well-conditioned range sketch of (A + delta I) Omega: delta = 10 sqrt(eps) ||Y|| / sigma_min(Omega).
@@ -420,28 +447,28 @@ def xtrace_from_probes(op, omega, chunk: int | None, shift: float | None = None,
     shift = 10.0 * math.sqrt(_eps(dtype)) if shift is None else shift
     delta = shift * s_max_y / jnp.where(s_min_o > 0, s_min_o, 1.0)
     q, c, rank = orthonormalize(tu.axpy(delta, omega, y))
-    z = matmat(op, q, chunk)                             # A Q                (m products)
+    z = matmat(op, q, chunk)  # A Q                (m products)
     h = block_gram(q, z)
-    h = 0.5 * (h + h.T)                                  # Q^T A Q
-    w = block_gram(q, omega)                             # W[:, i] = Q^T omega_i
-    r = block_gram(q, y)                                 # R[:, i] = Q^T A omega_i
-    oy = block_rowdots(omega, y)                         # omega_i^T A omega_i
-    oo = jnp.diagonal(g_o)                               # ||omega_i||^2
+    h = 0.5 * (h + h.T)  # Q^T A Q
+    w = block_gram(q, omega)  # W[:, i] = Q^T omega_i
+    r = block_gram(q, y)  # R[:, i] = Q^T A omega_i
+    oy = block_rowdots(omega, y)  # omega_i^T A omega_i
+    oo = jnp.diagonal(g_o)  # ||omega_i||^2
     # s_i: the unit vector (in Q coordinates) that range(Q) loses when omega_i is left out:
     # orthogonal to Q^T y'_j for all j != i, i.e. the i-th row of C = R'^{-1}.
     s = c.T
     s_norm = jnp.linalg.norm(s, axis=0)
     s = jnp.where(s_norm > 0, s / jnp.where(s_norm > 0, s_norm, 1.0), 0.0)
-    ss = jnp.sum(s * s, axis=0)                          # 1, or 0 where nothing is lost
+    ss = jnp.sum(s * s, axis=0)  # 1, or 0 where nothing is lost
     hs, hw = h @ s, h @ w
     sw, sr = jnp.sum(s * w, axis=0), jnp.sum(s * r, axis=0)
     shs, shw = jnp.sum(s * hs, axis=0), jnp.sum(s * hw, axis=0)
     whw, wr, ww = jnp.sum(w * hw, axis=0), jnp.sum(w * r, axis=0), jnp.sum(w * w, axis=0)
     # u_i = (I - P_i) omega_i = omega_i + Q v_i with v_i = -(w_i - s_i (s_i^T w_i)):
     # u^T A u = omega^T A omega + 2 v^T Q^T A omega + v^T H v.
-    quad = oy - 2.0 * wr + 2.0 * sw * sr + whw - 2.0 * sw * shw + sw ** 2 * shs
-    norm_u2 = oo - ww + sw ** 2                          # ||(I - P_i) omega_i||^2
-    dim = n - (rank.astype(dtype) - ss)                  # n - rank(P_i)
+    quad = oy - 2.0 * wr + 2.0 * sw * sr + whw - 2.0 * sw * shw + sw**2 * shs
+    norm_u2 = oo - ww + sw**2  # ||(I - P_i) omega_i||^2
+    dim = n - (rank.astype(dtype) - ss)  # n - rank(P_i)
     scale = dim / jnp.where(norm_u2 > 0, norm_u2, 1.0)
     scale = jnp.where(norm_u2 > 0, scale, 0.0)
     samples = jnp.trace(h) - shs + scale * quad
@@ -467,33 +494,33 @@ def _xtrace_jackknife_se(h, s, w, r, oy, oo, whw, wr, ww, rank, n: int):
     m = s.shape[1]
     if m < 2:
         return jnp.full((), jnp.inf, h.dtype)
-    sig = s.T @ s                                        # [a, b] = s_a . s_b
-    shs = s.T @ (h @ s)                                  # s_a^T H s_b
-    sw = s.T @ w                                         # s_a . w_b
-    sr = s.T @ r                                         # s_a . r_b
-    shw = s.T @ (h @ w)                                  # s_a^T H w_b
+    sig = s.T @ s  # [a, b] = s_a . s_b
+    shs = s.T @ (h @ s)  # s_a^T H s_b
+    sw = s.T @ w  # s_a . w_b
+    sr = s.T @ r  # s_a . r_b
+    shw = s.T @ (h @ w)  # s_a^T H w_b
     col = lambda v: v[:, None]  # noqa: E731  (index i: the probe whose residual is used)
     row = lambda v: v[None, :]  # noqa: E731  (index j: the probe left out)
     g11, g22, g12 = col(jnp.diagonal(sig)), row(jnp.diagonal(sig)), sig
-    det = g11 * g22 - g12 ** 2
+    det = g11 * g22 - g12**2
     ok = det > 1e-12
     inv_det = jnp.where(ok, 1.0 / jnp.where(ok, det, 1.0), 0.0)
-    bw1, bw2 = col(jnp.diagonal(sw)), sw.T               # s_i . w_i, s_j . w_i
+    bw1, bw2 = col(jnp.diagonal(sw)), sw.T  # s_i . w_i, s_j . w_i
     br1, br2 = col(jnp.diagonal(sr)), sr.T
     bh1, bh2 = col(jnp.diagonal(shw)), shw.T
     m11, m22, m12 = col(jnp.diagonal(shs)), row(jnp.diagonal(shs)), shs
-    a1 = (g22 * bw1 - g12 * bw2) * inv_det               # alpha = (B^T B)^{-1} B^T w_i, B = [s_i, s_j]
+    a1 = (g22 * bw1 - g12 * bw2) * inv_det  # alpha = (B^T B)^{-1} B^T w_i, B = [s_i, s_j]
     a2 = (g11 * bw2 - g12 * bw1) * inv_det
     tr_bhb = (g22 * m11 - 2.0 * g12 * m12 + g11 * m22) * inv_det
-    vr = -col(wr) + a1 * br1 + a2 * br2                  # v = -w_i + B alpha
-    vhv = col(whw) - 2.0 * (a1 * bh1 + a2 * bh2) + a1 ** 2 * m11 + 2.0 * a1 * a2 * m12 + a2 ** 2 * m22
+    vr = -col(wr) + a1 * br1 + a2 * br2  # v = -w_i + B alpha
+    vhv = col(whw) - 2.0 * (a1 * bh1 + a2 * bh2) + a1**2 * m11 + 2.0 * a1 * a2 * m12 + a2**2 * m22
     quad = col(oy) + 2.0 * vr + vhv
     norm_u2 = col(oo) - col(ww) + (a1 * bw1 + a2 * bw2)
     dim = n - (rank - jnp.where(ok, 2.0, 0.0))
     scale = jnp.where(norm_u2 > 0, dim / jnp.where(norm_u2 > 0, norm_u2, 1.0), 0.0)
-    t = jnp.trace(h) - tr_bhb + scale * quad             # t[i, j]: term i of XTrace without probe j
+    t = jnp.trace(h) - tr_bhb + scale * quad  # t[i, j]: term i of XTrace without probe j
     off = 1.0 - jnp.eye(m, dtype=t.dtype)
-    theta = jnp.sum(t * off, axis=0) / (m - 1)           # theta_{-j}
+    theta = jnp.sum(t * off, axis=0) / (m - 1)  # theta_{-j}
     return jnp.sqrt((m - 1) / m * jnp.sum((theta - jnp.mean(theta)) ** 2))
 
 
@@ -515,27 +542,48 @@ def _cost(method: str, num_matvecs: int) -> int:
     return num_matvecs
 
 
-def _run_fixed(op, key, method: str, num_matvecs: int, chunk: int | None,
-               jackknife: bool = False) -> TraceResult:
+def _run_fixed(
+    op, key, method: str, num_matvecs: int, chunk: int | None, jackknife: bool = False
+) -> TraceResult:
     n = op.size
     if num_matvecs >= n:
         est, se, samples = _exact_trace(op, chunk=chunk)
-        return TraceResult(estimate=est, std_error=se, num_matvecs=n, method="exact", samples=samples)
+        return TraceResult(
+            estimate=est, std_error=se, num_matvecs=n, method="exact", samples=samples
+        )
     if method == "xtrace":
-        est, se, samples = _xtrace(op, key, num_matvecs=num_matvecs, chunk=chunk, jackknife=jackknife)
+        est, se, samples = _xtrace(
+            op, key, num_matvecs=num_matvecs, chunk=chunk, jackknife=jackknife
+        )
     else:
         fn = {"hutchinson": _hutchinson, "hutch++": _hutchpp}[method]
         est, se, samples = fn(op, key, num_matvecs=num_matvecs, chunk=chunk)
-    return TraceResult(estimate=est, std_error=se, num_matvecs=_cost(method, num_matvecs), method=method,
-                       samples=samples)
+    return TraceResult(
+        estimate=est,
+        std_error=se,
+        num_matvecs=_cost(method, num_matvecs),
+        method=method,
+        samples=samples,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
-def trace(op, *, key, num_matvecs: int = 100, method: str = "hutchinson", rtol: float | None = None,
-          atol: float | None = None, max_matvecs: int | None = None, chunk_size: int | None = None,
-          error_estimate: str = "jackknife", like=None, progress: bool = False) -> TraceResult:
+def trace(
+    op,
+    *,
+    key,
+    num_matvecs: int = 100,
+    method: str = "hutchinson",
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_matvecs: int | None = None,
+    chunk_size: int | None = None,
+    error_estimate: str = "jackknife",
+    like=None,
+    progress: bool = False,
+) -> TraceResult:
     r"""Estimate :math:`\operatorname{tr}(A)` from matrix-vector products.
 
     Args:
@@ -590,42 +638,68 @@ def trace(op, *, key, num_matvecs: int = 100, method: str = "hutchinson", rtol: 
     op = coerce_operator(op, like)
     check_key(key)
     if not isinstance(method, str):
-        raise TypeError(f"`method` must be a string, one of {METHODS}; got {type(method).__name__}.")
+        raise TypeError(
+            f"`method` must be a string, one of {METHODS}; got {type(method).__name__}."
+        )
     method = _ALIASES.get(method.lower(), method.lower())
     if method not in METHODS:
-        raise ValueError(f"Unknown trace method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}.")
-    num_matvecs = check_int("num_matvecs", num_matvecs, minimum=_MIN_MATVECS[method],
-                            hint=f"Method {method!r} needs at least {_MIN_MATVECS[method]} products.")
+        raise ValueError(
+            f"Unknown trace method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}."
+        )
+    num_matvecs = check_int(
+        "num_matvecs",
+        num_matvecs,
+        minimum=_MIN_MATVECS[method],
+        hint=f"Method {method!r} needs at least {_MIN_MATVECS[method]} products.",
+    )
     chunk = check_chunk(chunk_size)
     if error_estimate not in ("sample", "jackknife"):
-        raise ValueError(f"`error_estimate` must be 'sample' or 'jackknife', got {error_estimate!r}.")
+        raise ValueError(
+            f"`error_estimate` must be 'sample' or 'jackknife', got {error_estimate!r}."
+        )
     jackknife = error_estimate == "jackknife"
     adaptive = rtol is not None or atol is not None
     if not adaptive:
         if max_matvecs is not None:
-            raise ValueError("`max_matvecs` only applies in adaptive mode: pass `rtol=` (and/or `atol=`) too, "
-                             "or set the budget with `num_matvecs=`.")
+            raise ValueError(
+                "`max_matvecs` only applies in adaptive mode: pass `rtol=` (and/or `atol=`) too, "
+                "or set the budget with `num_matvecs=`."
+            )
         res = _run_fixed(op, key, method, num_matvecs, chunk, jackknife)
         raise_if_nonfinite(op, "trace estimate", res.estimate)
         return res
 
     for name, val in (("rtol", rtol), ("atol", atol)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float, np.floating))
-                                or not val >= 0 or not math.isfinite(val)):
+        if val is not None and (
+            isinstance(val, bool)
+            or not isinstance(val, (int, float, np.floating))
+            or not val >= 0
+            or not math.isfinite(val)
+        ):
             raise ValueError(f"`{name}` must be a finite number >= 0, got {val!r}.")
     rtol = 0.0 if rtol is None else float(rtol)
     atol = 0.0 if atol is None else float(atol)
     if rtol == 0.0 and atol == 0.0:
-        raise ValueError("Adaptive mode needs a positive `rtol` or `atol` (a zero tolerance never stops).")
-    max_matvecs = 50 * num_matvecs if max_matvecs is None else check_int("max_matvecs", max_matvecs,
-                                                                          minimum=num_matvecs,
-                                                                          hint="It caps the total budget.")
+        raise ValueError(
+            "Adaptive mode needs a positive `rtol` or `atol` (a zero tolerance never stops)."
+        )
+    max_matvecs = (
+        50 * num_matvecs
+        if max_matvecs is None
+        else check_int(
+            "max_matvecs", max_matvecs, minimum=num_matvecs, hint="It caps the total budget."
+        )
+    )
     if tu.is_traced(key, op):
-        raise ValueError("Adaptive mode (`rtol=`/`atol=`) decides on concrete values and cannot run inside "
-                         "`jax.jit`; call it outside, or use a fixed `num_matvecs`.")
+        raise ValueError(
+            "Adaptive mode (`rtol=`/`atol=`) decides on concrete values and cannot run inside "
+            "`jax.jit`; call it outside, or use a fixed `num_matvecs`."
+        )
     if method == "hutchinson":
         return _adaptive_hutchinson(op, key, num_matvecs, max_matvecs, rtol, atol, chunk, progress)
-    return _adaptive_restart(op, key, method, num_matvecs, max_matvecs, rtol, atol, chunk, progress, jackknife)
+    return _adaptive_restart(
+        op, key, method, num_matvecs, max_matvecs, rtol, atol, chunk, progress, jackknife
+    )
 
 
 def _met(est, se, rtol, atol) -> bool:
@@ -661,18 +735,31 @@ def _adaptive_hutchinson(op, key, batch, max_matvecs, rtol, atol, chunk, progres
     finally:
         if bar is not None:
             bar[0].stop()
-    return TraceResult(estimate=est, std_error=se, num_matvecs=total, method="hutchinson", samples=samples,
-                       converged=converged)
+    return TraceResult(
+        estimate=est,
+        std_error=se,
+        num_matvecs=total,
+        method="hutchinson",
+        samples=samples,
+        converged=converged,
+    )
 
 
-def _adaptive_restart(op, key, method, budget, max_matvecs, rtol, atol, chunk, progress,
-                      jackknife) -> TraceResult:
+def _adaptive_restart(
+    op, key, method, budget, max_matvecs, rtol, atol, chunk, progress, jackknife
+) -> TraceResult:
     total, rnd, converged = 0, 0, False
     bar = _progress(progress, max_matvecs, f"trace ({method})")
     try:
         while True:
-            res = _run_fixed(op, key if rnd == 0 else jax.random.fold_in(key, rnd), method, budget, chunk,
-                             jackknife)
+            res = _run_fixed(
+                op,
+                key if rnd == 0 else jax.random.fold_in(key, rnd),
+                method,
+                budget,
+                chunk,
+                jackknife,
+            )
             total += res.num_matvecs
             raise_if_nonfinite(op, "trace estimate", res.estimate)
             if bar is not None:
@@ -687,5 +774,11 @@ def _adaptive_restart(op, key, method, budget, max_matvecs, rtol, atol, chunk, p
     finally:
         if bar is not None:
             bar[0].stop()
-    return TraceResult(estimate=res.estimate, std_error=res.std_error, num_matvecs=total, method=res.method,
-                       samples=res.samples, converged=converged)
+    return TraceResult(
+        estimate=res.estimate,
+        std_error=res.std_error,
+        num_matvecs=total,
+        method=res.method,
+        samples=res.samples,
+        converged=converged,
+    )

@@ -37,7 +37,8 @@ import csv
 import json
 import os
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -220,25 +221,48 @@ class CurvatureMonitor:
       verbose: print one line per evaluation.
     """
 
-    def __init__(self, operator_fn: Callable, *, every: int | None = None, steps: Iterable[int] | None = None,
-                 k: int = 1, tol: float = 1e-4, num_iters: int | None = None, max_restarts: int = 30,
-                 warm_start: bool = True, measure_cold_start: bool = False, trace: bool = True,
-                 trace_matvecs: int = 30, trace_method: str = "hutchinson",
-                 density_steps: Iterable[int] = (), density_probes: int = 4, density_iters: int = 40,
-                 key=None, output_dir: str | os.PathLike | None = None, callback: Callable | None = None,
-                 learning_rate=None, verbose: bool = False, like=None):
+    def __init__(
+        self,
+        operator_fn: Callable,
+        *,
+        every: int | None = None,
+        steps: Iterable[int] | None = None,
+        k: int = 1,
+        tol: float = 1e-4,
+        num_iters: int | None = None,
+        max_restarts: int = 30,
+        warm_start: bool = True,
+        measure_cold_start: bool = False,
+        trace: bool = True,
+        trace_matvecs: int = 30,
+        trace_method: str = "hutchinson",
+        density_steps: Iterable[int] = (),
+        density_probes: int = 4,
+        density_iters: int = 40,
+        key=None,
+        output_dir: str | os.PathLike | None = None,
+        callback: Callable | None = None,
+        learning_rate=None,
+        verbose: bool = False,
+        like=None,
+    ):
         if not callable(operator_fn):
-            raise TypeError("`operator_fn` must be a callable params -> LinearOperator; use "
-                            "CurvatureMonitor.from_loss(loss_fn, probe_data) for a loss function.")
+            raise TypeError(
+                "`operator_fn` must be a callable params -> LinearOperator; use "
+                "CurvatureMonitor.from_loss(loss_fn, probe_data) for a loss function."
+            )
         if every is None and steps is None:
             every = 100
-        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
-                                  or every < 1):
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
+        ):
             raise ValueError(f"`every` must be a positive int, got {every!r}.")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         if trace and (not isinstance(trace_matvecs, (int, np.integer)) or trace_matvecs < 2):
-            raise ValueError(f"`trace_matvecs` must be an int >= 2 (for a standard error), got {trace_matvecs!r}.")
+            raise ValueError(
+                f"`trace_matvecs` must be an int >= 2 (for a standard error), got {trace_matvecs!r}."
+            )
         if callback is not None and not callable(callback):
             raise TypeError("`callback` must be a callable record -> None.")
         if learning_rate is not None and not callable(learning_rate):
@@ -276,8 +300,9 @@ class CurvatureMonitor:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_loss(cls, loss_fn: Callable, probe_data, *, kind: str = "hessian", operator_kwargs=None,
-                  **kwargs) -> "CurvatureMonitor":
+    def from_loss(
+        cls, loss_fn: Callable, probe_data, *, kind: str = "hessian", operator_kwargs=None, **kwargs
+    ) -> CurvatureMonitor:
         """Monitor the Hessian (``kind="hessian"``) or empirical Fisher of ``loss_fn(params, batch)``.
 
         ``probe_data`` is a fixed batch or list of batches (a few hundred
@@ -288,10 +313,14 @@ class CurvatureMonitor:
         """
         builders = {"hessian": _ops.hessian, "empirical_fisher": _ops.empirical_fisher}
         if kind not in builders:
-            raise ValueError(f"from_loss supports kind='hessian' or 'empirical_fisher', got {kind!r}; for "
-                             "the GGN use from_flax(problem, ..., kind='ggn') or pass `operator_fn`.")
+            raise ValueError(
+                f"from_loss supports kind='hessian' or 'empirical_fisher', got {kind!r}; for "
+                "the GGN use from_flax(problem, ..., kind='ggn') or pass `operator_fn`."
+            )
         if not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be a callable loss_fn(params, batch), got {type(loss_fn).__name__}.")
+            raise TypeError(
+                f"`loss_fn` must be a callable loss_fn(params, batch), got {type(loss_fn).__name__}."
+            )
         dataset = _ops.as_dataset(probe_data)
         build, okw = builders[kind], dict(operator_kwargs or {})
 
@@ -301,8 +330,9 @@ class CurvatureMonitor:
         return cls(operator_fn, **kwargs)
 
     @classmethod
-    def from_flax(cls, problem, probe_data, *, kind: str = "hessian", operator_kwargs=None,
-                  **kwargs) -> "CurvatureMonitor":
+    def from_flax(
+        cls, problem, probe_data, *, kind: str = "hessian", operator_kwargs=None, **kwargs
+    ) -> CurvatureMonitor:
         """Monitor a :class:`hvp.flax.FlaxProblem` (``kind`` = ``"hessian"``, ``"ggn"`` or ``"empirical_fisher"``).
 
         Non-parameter state (BatchNorm statistics, ...) stays as it was when the
@@ -310,11 +340,15 @@ class CurvatureMonitor:
         state.params)`` with the current parameters.
         """
         if not hasattr(problem, "operator") or not hasattr(problem, "params"):
-            raise TypeError("from_flax expects a problem from hvp.flax.from_nnx / from_linen; for a plain "
-                            "loss use CurvatureMonitor.from_loss(loss_fn, probe_data).")
+            raise TypeError(
+                "from_flax expects a problem from hvp.flax.from_nnx / from_linen; for a plain "
+                "loss use CurvatureMonitor.from_loss(loss_fn, probe_data)."
+            )
         dataset = _ops.as_dataset(probe_data)
         okw = dict(operator_kwargs or {})
-        problem.operator(kind, dataset, **okw)  # validate kind and shapes now, not at the first step
+        problem.operator(
+            kind, dataset, **okw
+        )  # validate kind and shapes now, not at the first step
 
         def operator_fn(params):
             return problem.operator(kind, dataset, params=params, **okw)
@@ -329,7 +363,8 @@ class CurvatureMonitor:
         if self.history and self.history[-1].step == step:
             return False
         scheduled = (self.every is not None and step % self.every == 0) or (
-            self.steps is not None and step in self.steps)
+            self.steps is not None and step in self.steps
+        )
         return scheduled or step in self.density_steps
 
     def maybe_update(self, step: int, params) -> MonitorRecord | None:
@@ -346,18 +381,33 @@ class CurvatureMonitor:
         step = int(step)
         params = extract_params(params)
         if self.like is not None:
-            tu.assert_same_structure(params, self.like, name="params", like_name="the monitored model's "
-                                     "parameters", check_dtype=False)
+            tu.assert_same_structure(
+                params,
+                self.like,
+                name="params",
+                like_name="the monitored model's parameters",
+                check_dtype=False,
+            )
         else:  # shapes only: the user's step may donate (delete) these buffers later
-            self.like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
+            self.like = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params
+            )
         start = time.perf_counter()
         key = jax.random.fold_in(self.key, step)
         k_eig, k_trace, k_density = jax.random.split(key, 3)
         op = self.operator_fn(params)
         self.operator_name = getattr(op, "name", "operator")
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
-        eig = _linalg.eigsh(op, self.k, which="largest", key=k_eig, num_iters=self.num_iters, tol=self.tol,
-                            max_restarts=self.max_restarts, v0=v0)
+        eig = _linalg.eigsh(
+            op,
+            self.k,
+            which="largest",
+            key=k_eig,
+            num_iters=self.num_iters,
+            tol=self.tol,
+            max_restarts=self.max_restarts,
+            v0=v0,
+        )
         lam = np.asarray(eig.eigenvalues)[::-1]
         res = np.asarray(eig.residuals)[::-1]
         conv = np.asarray(eig.converged)[::-1]
@@ -366,26 +416,49 @@ class CurvatureMonitor:
         tr = tr_se = None
         tr_mv = 0
         if self.trace:
-            t = _linalg.trace(op, key=k_trace, num_matvecs=self.trace_matvecs, method=self.trace_method)
+            t = _linalg.trace(
+                op, key=k_trace, num_matvecs=self.trace_matvecs, method=self.trace_method
+            )
             tr, tr_se, tr_mv = float(t.estimate), float(t.std_error), int(t.num_matvecs)
         neg = None
         den_mv = 0
         if step in self.density_steps:
-            dens = _linalg.spectral_density(op, key=k_density, num_probes=self.density_probes,
-                                            num_iters=self.density_iters)
+            dens = _linalg.spectral_density(
+                op, key=k_density, num_probes=self.density_probes, num_iters=self.density_iters
+            )
             self.densities[step] = dens
             neg = float(dens.negative_mass())
             den_mv = int(dens.num_matvecs)
         seconds = time.perf_counter() - start
         cold = None
         if self.measure_cold_start:  # diagnostics, not counted in `seconds`
-            cold = int(_linalg.eigsh(op, self.k, which="largest", key=k_eig, num_iters=self.num_iters,
-                                     tol=self.tol, max_restarts=self.max_restarts).num_matvecs)
+            cold = int(
+                _linalg.eigsh(
+                    op,
+                    self.k,
+                    which="largest",
+                    key=k_eig,
+                    num_iters=self.num_iters,
+                    tol=self.tol,
+                    max_restarts=self.max_restarts,
+                ).num_matvecs
+            )
         record = MonitorRecord(
-            step=step, eigenvalues=lam, residuals=res, converged=conv, trace=tr, trace_std_error=tr_se,
-            eig_matvecs=eig_mv, trace_matvecs=tr_mv, density_matvecs=den_mv,
-            num_matvecs=eig_mv + tr_mv + den_mv, cold_matvecs=cold, negative_mass=neg,
-            lr_threshold=_lr_at(self.learning_rate, step), seconds=seconds)
+            step=step,
+            eigenvalues=lam,
+            residuals=res,
+            converged=conv,
+            trace=tr,
+            trace_std_error=tr_se,
+            eig_matvecs=eig_mv,
+            trace_matvecs=tr_mv,
+            density_matvecs=den_mv,
+            num_matvecs=eig_mv + tr_mv + den_mv,
+            cold_matvecs=cold,
+            negative_mass=neg,
+            lr_threshold=_lr_at(self.learning_rate, step),
+            seconds=seconds,
+        )
         self.seconds += seconds
         self.history.append(record)
         self._write(record)
@@ -397,21 +470,51 @@ class CurvatureMonitor:
 
     # ------------------------------------------------------------------ output
     def _paths(self):
-        return (os.path.join(self.output_dir, "history.jsonl"), os.path.join(self.output_dir, "history.csv"))
+        return (
+            os.path.join(self.output_dir, "history.jsonl"),
+            os.path.join(self.output_dir, "history.csv"),
+        )
 
     def _csv_row(self, r: MonitorRecord) -> list:
         def num(x):
             return "" if x is None else repr(float(x))
 
-        return ([r.step] + [num(x) for x in np.asarray(r.eigenvalues)] + [num(x) for x in np.asarray(r.residuals)]
-                + [num(r.trace), num(r.trace_std_error), r.eig_matvecs, r.trace_matvecs, r.density_matvecs,
-                   r.num_matvecs, "" if r.cold_matvecs is None else r.cold_matvecs, num(r.negative_mass),
-                   num(r.lr_threshold), num(r.seconds)])
+        return (
+            [r.step]
+            + [num(x) for x in np.asarray(r.eigenvalues)]
+            + [num(x) for x in np.asarray(r.residuals)]
+            + [
+                num(r.trace),
+                num(r.trace_std_error),
+                r.eig_matvecs,
+                r.trace_matvecs,
+                r.density_matvecs,
+                r.num_matvecs,
+                "" if r.cold_matvecs is None else r.cold_matvecs,
+                num(r.negative_mass),
+                num(r.lr_threshold),
+                num(r.seconds),
+            ]
+        )
 
     def _csv_header(self) -> list:
-        return (["step"] + [f"eigenvalue_{i + 1}" for i in range(self.k)] + [f"residual_{i + 1}" for i in range(self.k)]
-                + ["trace", "trace_std_error", "eig_matvecs", "trace_matvecs", "density_matvecs", "num_matvecs",
-                   "cold_matvecs", "negative_mass", "lr_threshold", "seconds"])
+        return (
+            ["step"]
+            + [f"eigenvalue_{i + 1}" for i in range(self.k)]
+            + [f"residual_{i + 1}" for i in range(self.k)]
+            + [
+                "trace",
+                "trace_std_error",
+                "eig_matvecs",
+                "trace_matvecs",
+                "density_matvecs",
+                "num_matvecs",
+                "cold_matvecs",
+                "negative_mass",
+                "lr_threshold",
+                "seconds",
+            ]
+        )
 
     def _write(self, record: MonitorRecord) -> None:
         if self.output_dir is None:
@@ -453,7 +556,9 @@ class CurvatureMonitor:
         """Fraction of ``total_train_seconds`` (the wall time of the whole loop) spent in the monitor."""
         total = float(total_train_seconds)
         if not total > 0:
-            raise ValueError(f"`total_train_seconds` must be positive, got {total_train_seconds!r}.")
+            raise ValueError(
+                f"`total_train_seconds` must be positive, got {total_train_seconds!r}."
+            )
         return self.seconds / total
 
     def summary(self, total_train_seconds: float | None = None) -> MonitorSummary:
@@ -468,13 +573,21 @@ class CurvatureMonitor:
         first = h[0].seconds if h else None
         given = total_train_seconds is not None
         return MonitorSummary(
-            num_evaluations=len(h), seconds=self.seconds, first_seconds=first,
+            num_evaluations=len(h),
+            seconds=self.seconds,
+            first_seconds=first,
             train_seconds=float(total_train_seconds) if given else None,
             overhead=self.overhead(total_train_seconds) if given else None,
-            overhead_after_first=_after_first(self.seconds, first, total_train_seconds) if given else None,
-            num_matvecs=sum(r.num_matvecs for r in h), eig_matvecs=eig_mv, cold_eig_matvecs=cold,
-            warm_start_savings=savings, max_sharpness=max((r.sharpness for r in h), default=None),
-            final_sharpness=h[-1].sharpness if h else None)
+            overhead_after_first=_after_first(self.seconds, first, total_train_seconds)
+            if given
+            else None,
+            num_matvecs=sum(r.num_matvecs for r in h),
+            eig_matvecs=eig_mv,
+            cold_eig_matvecs=cold,
+            warm_start_savings=savings,
+            max_sharpness=max((r.sharpness for r in h), default=None),
+            final_sharpness=h[-1].sharpness if h else None,
+        )
 
     def steps_recorded(self) -> np.ndarray:
         return np.array([r.step for r in self.history])
@@ -492,10 +605,17 @@ class CurvatureMonitor:
 
         if path is None:
             if self.output_dir is None:
-                raise ValueError("Pass a path: monitor.plot('curvature.png') (no output_dir was given).")
+                raise ValueError(
+                    "Pass a path: monitor.plot('curvature.png') (no output_dir was given)."
+                )
             path = os.path.join(self.output_dir, "sharpness.png")
-        return plot_history(self.history, path, densities=self.densities, title=title,
-                            operator_name=self.operator_name)
+        return plot_history(
+            self.history,
+            path,
+            densities=self.densities,
+            title=title,
+            operator_name=self.operator_name,
+        )
 
     def __repr__(self) -> str:
         sched = f"every={self.every}" if self.every is not None else f"steps={sorted(self.steps)}"

@@ -30,7 +30,9 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
     except ImportError as err:  # pragma: no cover
         raise ImportError("Plotting needs matplotlib: pip install 'hvp-jax[plots]'.") from err
     if not history:
-        raise ValueError("The monitor has no records yet: call it at a scheduled step before plotting.")
+        raise ValueError(
+            "The monitor has no records yet: call it at a scheduled step before plotting."
+        )
 
     steps = np.array([r.step for r in history])
     eigs = np.array([np.asarray(r.eigenvalues, dtype=float) for r in history])  # (T, k) descending
@@ -43,10 +45,18 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
     ax = axes[0]
     k = eigs.shape[1]
     for i in range(k - 1, -1, -1):
-        ax.plot(steps, eigs[:, i], marker="o" if i == 0 else None, ms=3,
-                lw=2.0 if i == 0 else 1.0, alpha=1.0 if i == 0 else 0.5,
-                color="C0" if i == 0 else "C7", label=r"sharpness $\lambda_1$" if i == 0 else
-                (rf"$\lambda_2 \ldots \lambda_{k}$" if i == 1 else None))
+        ax.plot(
+            steps,
+            eigs[:, i],
+            marker="o" if i == 0 else None,
+            ms=3,
+            lw=2.0 if i == 0 else 1.0,
+            alpha=1.0 if i == 0 else 0.5,
+            color="C0" if i == 0 else "C7",
+            label=r"sharpness $\lambda_1$"
+            if i == 0
+            else (rf"$\lambda_2 \ldots \lambda_{k}$" if i == 1 else None),
+        )
     thr = [(r.step, r.lr_threshold) for r in history if r.lr_threshold is not None]
     if thr:
         ts, tv = np.array(thr).T
@@ -54,7 +64,9 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
             ax.axhline(tv[0], ls="--", color="C3", lw=1.5, label=rf"$2/\eta$ = {tv[0]:.3g}")
         else:
             ax.plot(ts, tv, ls="--", color="C3", lw=1.5, label=r"$2/\eta$ (schedule)")
-    label = {"hessian": "Hessian", "ggn": "GGN", "empirical_fisher": "Fisher"}.get(operator_name, operator_name)
+    label = {"hessian": "Hessian", "ggn": "GGN", "empirical_fisher": "Fisher"}.get(
+        operator_name, operator_name
+    )
     ax.set_ylabel(f"top {label} eigenvalue")
     ax.set_title(title or "Sharpness during training")
     ax.grid(alpha=0.3)
@@ -64,8 +76,17 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
         ax = axes[1]
         pts = [(r.step, r.trace, r.trace_std_error or 0.0) for r in history if r.trace is not None]
         ts, tv, te = (np.array(x) for x in zip(*pts))
-        ax.errorbar(ts, tv, yerr=2 * te, marker="o", ms=3, color="C1", capsize=2, lw=1.5,
-                    label="trace (Hutchinson, $\\pm 2$ s.e.)")
+        ax.errorbar(
+            ts,
+            tv,
+            yerr=2 * te,
+            marker="o",
+            ms=3,
+            color="C1",
+            capsize=2,
+            lw=1.5,
+            label="trace (Hutchinson, $\\pm 2$ s.e.)",
+        )
         ax.set_ylabel(f"{label} trace")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=9)
@@ -82,8 +103,13 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
         sigma = (hi - lo if hi > lo else 1.0) / 200
         for j, (s, d) in enumerate(items):
             y = np.asarray(d.density(grid, sigma))
-            ax.semilogy(grid, np.maximum(y, 1e-8), color=cmap(j / max(len(items) - 1, 1)), lw=1.2,
-                        label=f"step {s}")
+            ax.semilogy(
+                grid,
+                np.maximum(y, 1e-8),
+                color=cmap(j / max(len(items) - 1, 1)),
+                lw=1.2,
+                label=f"step {s}",
+            )
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("spectral density")
         ax.set_ylim(bottom=1e-6)

@@ -16,7 +16,14 @@ from hvp.operators._base import (
     from_matvec,
 )
 from hvp.operators._blocks import merge, select
-from hvp.operators._curvature import CurvatureOperator, default_unpack, empirical_fisher, ggn, hessian, hvp
+from hvp.operators._curvature import (
+    CurvatureOperator,
+    default_unpack,
+    empirical_fisher,
+    ggn,
+    hessian,
+    hvp,
+)
 from hvp.operators._data import Dataset, as_dataset
 
 __all__ = [

@@ -20,7 +20,8 @@ Three concrete kinds exist:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,9 @@ class LinearOperator:
         """``A`` applied to a block of vectors stacked on a leading axis (one compiled, vmapped call)."""
         if tu.is_traced(vs, self._children()):
             return jax.vmap(self._apply)(vs)
-        tu.assert_same_structure(vs, self.like, name="vs", like_name=f"{self.name} params", leading=1)
+        tu.assert_same_structure(
+            vs, self.like, name="vs", like_name=f"{self.name} params", leading=1
+        )
         out = _jit_matmat(self, vs)
         if self.check_finite:
             self._raise_if_nonfinite(out, "matmat")
@@ -199,7 +202,9 @@ class MatvecOperator(LinearOperator):
     structure, shapes and dtypes.
     """
 
-    def __init__(self, matvec: Callable, like, *, name: str = "operator", check_finite: bool = False):
+    def __init__(
+        self, matvec: Callable, like, *, name: str = "operator", check_finite: bool = False
+    ):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable, got {type(matvec).__name__}.")
         self._fn = matvec
@@ -235,8 +240,10 @@ class DenseOperator(LinearOperator):
         if like is None:
             like = jax.ShapeDtypeStruct((matrix.shape[0],), matrix.dtype)
         elif tu.size(like) != matrix.shape[0]:
-            raise ValueError(f"`like` has {tu.size(like)} entries but the matrix is {matrix.shape[0]} x "
-                             f"{matrix.shape[0]}.")
+            raise ValueError(
+                f"`like` has {tu.size(like)} entries but the matrix is {matrix.shape[0]} x "
+                f"{matrix.shape[0]}."
+            )
         self.matrix = matrix
         self.like = as_zeros(like)
         self.name = name
@@ -267,7 +274,9 @@ def as_zeros(like):
     )
 
 
-def from_matvec(matvec: Callable, like, *, name: str = "operator", check_finite: bool = False) -> MatvecOperator:
+def from_matvec(
+    matvec: Callable, like, *, name: str = "operator", check_finite: bool = False
+) -> MatvecOperator:
     """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``."""
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 
@@ -287,10 +296,12 @@ def as_operator(op, like=None) -> LinearOperator:
         return op
     if callable(op):
         if like is None:
-            raise TypeError("A plain matvec function needs an example vector: pass `like=` (a pytree "
-                            "shaped like the vectors it acts on).")
+            raise TypeError(
+                "A plain matvec function needs an example vector: pass `like=` (a pytree "
+                "shaped like the vectors it acts on)."
+            )
         return MatvecOperator(op, like)
-    if hasattr(op, "shape") and len(getattr(op, "shape")) == 2:
+    if hasattr(op, "shape") and len(op.shape) == 2:
         return DenseOperator(op, like)
     raise TypeError(
         f"Expected an hvp operator, a matvec callable with `like=`, or a square matrix; got "

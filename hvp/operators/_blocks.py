@@ -16,7 +16,8 @@ the model's structure and only carry the selected leaves.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -57,7 +58,9 @@ def select(params, wrt) -> tuple[Any, tuple[bool, ...]]:
         paths = [tu.path_str(p) for p, _ in flat]
         shown = ", ".join(paths[:20]) + (" ..." if len(paths) > 20 else "")
         raise ValueError(f"`wrt={wrt!r}` selects no parameter. Parameter paths are: {shown}.")
-    block = jax.tree_util.tree_unflatten(treedef, [x if m else None for (_, x), m in zip(flat, mask)])
+    block = jax.tree_util.tree_unflatten(
+        treedef, [x if m else None for (_, x), m in zip(flat, mask)]
+    )
     return block, mask
 
 

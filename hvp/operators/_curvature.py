@@ -35,7 +35,7 @@ pytree whose arrays are jit arguments, not constants).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +130,21 @@ class CurvatureOperator(LinearOperator):
       size, shape, dtype: see :class:`~hvp.operators.LinearOperator`.
     """
 
-    def __init__(self, *, kind, fns, params, full, mask, dataset: Dataset, reduction, lins,
-                 check_finite, name, shardings=None):
+    def __init__(
+        self,
+        *,
+        kind,
+        fns,
+        params,
+        full,
+        mask,
+        dataset: Dataset,
+        reduction,
+        lins,
+        check_finite,
+        name,
+        shardings=None,
+    ):
         self.kind = kind
         # Per-leaf shardings of the parameters (None for single-device leaves), applied to every
         # product so that matvecs keep each leaf's sharding, also inside compiled algorithms.
@@ -151,16 +164,35 @@ class CurvatureOperator(LinearOperator):
         return (self.params, self._full, self.dataset.groups, self._lins)
 
     def _static(self):
-        return (self.kind, self._fns, self._mask, self.dataset.meta, self.dataset.num_examples,
-                self.reduction, self.check_finite, self.name, self._shardings)
+        return (
+            self.kind,
+            self._fns,
+            self._mask,
+            self.dataset.meta,
+            self.dataset.num_examples,
+            self.reduction,
+            self.check_finite,
+            self.name,
+            self._shardings,
+        )
 
     @classmethod
     def _rebuild(cls, static, children):
         kind, fns, mask, meta, n, reduction, check, name, shardings = static
         params, full, groups, lins = children
-        return cls(kind=kind, fns=fns, params=params, full=full, mask=mask,
-                   dataset=Dataset(groups=groups, meta=meta, num_examples=n), reduction=reduction,
-                   lins=lins, check_finite=check, name=name, shardings=shardings)
+        return cls(
+            kind=kind,
+            fns=fns,
+            params=params,
+            full=full,
+            mask=mask,
+            dataset=Dataset(groups=groups, meta=meta, num_examples=n),
+            reduction=reduction,
+            lins=lins,
+            check_finite=check,
+            name=name,
+            shardings=shardings,
+        )
 
     # public attributes -------------------------------------------------------
     @property
@@ -221,6 +253,7 @@ class CurvatureOperator(LinearOperator):
         for src, meta, w in zip(sources, self.dataset.meta, weights):
             mv = (lambda s: s(v)) if self._lins is not None else (lambda s: self._batch_mv(s, v))
             if meta.stacked:
+
                 def body(acc, s, mv=mv, w=w):
                     return tu.axpy(w, mv(s), acc), None
 
@@ -246,7 +279,10 @@ def _constrain(tree, shardings: tuple):
     if not any(s is not None for s in shardings):
         return tree
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    leaves = [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)]
+    leaves = [
+        x if s is None else jax.lax.with_sharding_constraint(x, s)
+        for x, s in zip(leaves, shardings)
+    ]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -263,8 +299,16 @@ def _prepare(params, data, *, wrt, reduction, check_finite):
     return dataset, block, full, mask
 
 
-def hessian(loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean",
-            linearize: bool = False, check_finite: bool = True) -> CurvatureOperator:
+def hessian(
+    loss_fn: Callable,
+    params,
+    data,
+    *,
+    wrt=None,
+    reduction: str = "mean",
+    linearize: bool = False,
+    check_finite: bool = True,
+) -> CurvatureOperator:
     """The Hessian of ``loss_fn(params, batch) -> scalar`` over a data set, as an operator.
 
     Args:
@@ -291,12 +335,24 @@ def hessian(loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
     """
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction,
-                                          check_finite=check_finite)
-    _check_scalar(jax.eval_shape(loss_fn, params, dataset.first_batch()), "`loss_fn(params, batch)`")
-    op = CurvatureOperator(kind="hessian", fns=(loss_fn,), params=block, full=full, mask=mask,
-                           dataset=dataset, reduction=reduction, lins=None, check_finite=check_finite,
-                           name="hessian" if wrt is None else f"hessian[{wrt}]")
+    dataset, block, full, mask = _prepare(
+        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
+    )
+    _check_scalar(
+        jax.eval_shape(loss_fn, params, dataset.first_batch()), "`loss_fn(params, batch)`"
+    )
+    op = CurvatureOperator(
+        kind="hessian",
+        fns=(loss_fn,),
+        params=block,
+        full=full,
+        mask=mask,
+        dataset=dataset,
+        reduction=reduction,
+        lins=None,
+        check_finite=check_finite,
+        name="hessian" if wrt is None else f"hessian[{wrt}]",
+    )
     if linearize:
         op._lins = _linearize_all(op)
     return op
@@ -317,8 +373,17 @@ def _linearize_all(op: CurvatureOperator):
     return tuple(lins)
 
 
-def ggn(model_fn: Callable, loss_fn: Callable, params, data, *, unpack: Callable | None = None,
-        wrt=None, reduction: str = "mean", check_finite: bool = True) -> CurvatureOperator:
+def ggn(
+    model_fn: Callable,
+    loss_fn: Callable,
+    params,
+    data,
+    *,
+    unpack: Callable | None = None,
+    wrt=None,
+    reduction: str = "mean",
+    check_finite: bool = True,
+) -> CurvatureOperator:
     """The generalised Gauss-Newton matrix ``J^T H_L J`` over a data set, matrix-free.
 
     Args:
@@ -335,18 +400,29 @@ def ggn(model_fn: Callable, loss_fn: Callable, params, data, *, unpack: Callable
     outputs (cross-entropy, squared error).
     """
     unpack = default_unpack if unpack is None else unpack
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction,
-                                          check_finite=check_finite)
+    dataset, block, full, mask = _prepare(
+        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
+    )
     x, y = unpack(dataset.first_batch())
     out = jax.eval_shape(model_fn, params, x)
     _check_scalar(jax.eval_shape(loss_fn, out, y), "`loss_fn(model_fn(params, inputs), targets)`")
-    return CurvatureOperator(kind="ggn", fns=(model_fn, loss_fn, unpack), params=block, full=full,
-                             mask=mask, dataset=dataset, reduction=reduction, lins=None,
-                             check_finite=check_finite, name="ggn" if wrt is None else f"ggn[{wrt}]")
+    return CurvatureOperator(
+        kind="ggn",
+        fns=(model_fn, loss_fn, unpack),
+        params=block,
+        full=full,
+        mask=mask,
+        dataset=dataset,
+        reduction=reduction,
+        lins=None,
+        check_finite=check_finite,
+        name="ggn" if wrt is None else f"ggn[{wrt}]",
+    )
 
 
-def empirical_fisher(loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean",
-                     check_finite: bool = True) -> CurvatureOperator:
+def empirical_fisher(
+    loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean", check_finite: bool = True
+) -> CurvatureOperator:
     """The empirical Fisher ``(1/N) sum_i g_i g_i^T`` (``sum_i`` with ``reduction="sum"``).
 
     ``g_i`` is the gradient of ``loss_fn(params, example_batch)`` on a batch
@@ -354,10 +430,20 @@ def empirical_fisher(loss_fn: Callable, params, data, *, wrt=None, reduction: st
     single-example batches). Positive semi-definite by construction. Arguments
     as in :func:`hessian`.
     """
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction,
-                                          check_finite=check_finite)
+    dataset, block, full, mask = _prepare(
+        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
+    )
     one = tu.map(lambda a: a[:1], dataset.first_batch())
     _check_scalar(jax.eval_shape(loss_fn, params, one), "`loss_fn(params, batch)`")
-    return CurvatureOperator(kind="empirical_fisher", fns=(loss_fn,), params=block, full=full, mask=mask,
-                             dataset=dataset, reduction=reduction, lins=None, check_finite=check_finite,
-                             name="empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]")
+    return CurvatureOperator(
+        kind="empirical_fisher",
+        fns=(loss_fn,),
+        params=block,
+        full=full,
+        mask=mask,
+        dataset=dataset,
+        reduction=reduction,
+        lins=None,
+        check_finite=check_finite,
+        name="empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]",
+    )

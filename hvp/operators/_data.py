@@ -95,8 +95,10 @@ def _check_batch(batch, i: int | None) -> int:
     where = "the batch" if i is None else f"batch {i}"
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
     if not leaves:
-        raise ValueError(f"{where.capitalize()} has no array leaves; a batch is a pytree of arrays "
-                         "with a leading example axis.")
+        raise ValueError(
+            f"{where.capitalize()} has no array leaves; a batch is a pytree of arrays "
+            "with a leading example axis."
+        )
     dims = {}
     for path, x in leaves:
         if np.ndim(x) == 0:
@@ -113,7 +115,9 @@ def _check_batch(batch, i: int | None) -> int:
         )
     n = next(iter(dims))
     if n == 0:
-        raise ValueError(f"{where.capitalize()} has zero examples; drop empty batches from the data set.")
+        raise ValueError(
+            f"{where.capitalize()} has zero examples; drop empty batches from the data set."
+        )
     return n
 
 
@@ -134,8 +138,10 @@ def as_dataset(data: Any) -> Dataset:
     if is_batch_sequence(data):
         batches = list(data)
         if not batches:
-            raise ValueError("The data set is empty: pass at least one batch (a pytree of arrays "
-                             "with a leading example axis) or a non-empty list of batches.")
+            raise ValueError(
+                "The data set is empty: pass at least one batch (a pytree of arrays "
+                "with a leading example axis) or a non-empty list of batches."
+            )
         sizes = [_check_batch(b, i) for i, b in enumerate(batches)]
     else:
         batches = [data]

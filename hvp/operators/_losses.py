@@ -25,7 +25,8 @@ __all__ = ["softmax_cross_entropy", "mean_squared_error", "SoftmaxCrossEntropy",
 
 class SoftmaxCrossEntropy:
     """Mean softmax cross-entropy of logits ``(..., C)`` against integer labels ``(...)``
-    or against probability/one-hot targets ``(..., C)``."""
+    or against probability/one-hot targets ``(..., C)``.
+    """
 
     name = "softmax_cross_entropy"
 

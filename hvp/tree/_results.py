@@ -37,7 +37,11 @@ def to_jsonable(x: Any) -> Any:
         if arr.ndim == 0:
             return to_jsonable(arr.item())
         if np.issubdtype(arr.dtype, np.floating):
-            return [to_jsonable(v) for v in arr.tolist()] if arr.ndim == 1 else [to_jsonable(a) for a in arr]
+            return (
+                [to_jsonable(v) for v in arr.tolist()]
+                if arr.ndim == 1
+                else [to_jsonable(a) for a in arr]
+            )
         return arr.tolist()
     if isinstance(x, dict):
         return {str(k): to_jsonable(v) for k, v in x.items()}

@@ -14,7 +14,8 @@ return a scalar array; they are safe to call under ``jit`` and ``vmap``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,9 @@ def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
 
 def dot(a: PyTree, b: PyTree) -> jax.Array:
     """Euclidean inner product ``<a, b>`` summed over all leaves."""
-    leaves = [jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+    leaves = [
+        jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    ]
     if not leaves:
         return jnp.zeros(())
     return sum(leaves[1:], leaves[0])
@@ -171,8 +174,8 @@ def _random_like(key, like, kind: str):
             b = _leaf_bits(seeds[i, :2], shape)
             val = jnp.where((b >> 31) == 1, 1.0, -1.0).astype(dtype)
         else:
-            u1 = ((_leaf_bits(seeds[i, :2], shape) >> 8).astype(jnp.float32) + 1.0) * (2.0 ** -24)
-            u2 = (_leaf_bits(seeds[i, 2:], shape) >> 8).astype(jnp.float32) * (2.0 ** -24)
+            u1 = ((_leaf_bits(seeds[i, :2], shape) >> 8).astype(jnp.float32) + 1.0) * (2.0**-24)
+            u2 = (_leaf_bits(seeds[i, 2:], shape) >> 8).astype(jnp.float32) * (2.0**-24)
             val = (jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)).astype(dtype)
         out.append(_keep_sharding(val, x))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -288,8 +291,15 @@ def _describe(tree: PyTree) -> list[tuple[str, tuple, Any]]:
     ]
 
 
-def assert_same_structure(v: PyTree, like: PyTree, *, name: str = "v", like_name: str = "params",
-                          check_dtype: bool = True, leading: int = 0) -> None:
+def assert_same_structure(
+    v: PyTree,
+    like: PyTree,
+    *,
+    name: str = "v",
+    like_name: str = "params",
+    check_dtype: bool = True,
+    leading: int = 0,
+) -> None:
     """Raise a clear ``ValueError`` if ``v`` is not shaped like ``like``.
 
     ``leading`` extra leading axes on ``v``'s leaves are allowed (e.g. 1 for a

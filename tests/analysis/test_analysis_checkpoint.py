@@ -12,8 +12,14 @@ import pytest
 from flax import nnx
 
 from hvp import tree as tu
-from hvp.analysis import (AnalysisError, StructureMismatchError, load_model, read_checkpoint,
-                          resolve_checkpoint, restore_into)
+from hvp.analysis import (
+    AnalysisError,
+    StructureMismatchError,
+    load_model,
+    read_checkpoint,
+    resolve_checkpoint,
+    restore_into,
+)
 from hvp.analysis._demo import DigitsMLP, digits_mlp
 
 
@@ -52,7 +58,11 @@ def test_nnx_state_roundtrip_values_and_read_only(tmp_path, pure):
     restored = restore_into(spec, read_checkpoint(path), dtype=jnp.float64)
     assert _hash_tree(path) == before  # nothing written, nothing changed
     got, want = _params(restored.model), _params(src)
-    assert tu.leaf_paths(got) == tu.leaf_paths(want) == ["hidden/bias", "hidden/kernel", "out/bias", "out/kernel"]
+    assert (
+        tu.leaf_paths(got)
+        == tu.leaf_paths(want)
+        == ["hidden/bias", "hidden/kernel", "out/bias", "out/kernel"]
+    )
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert a.dtype == jnp.float64
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b, dtype=np.float64))
@@ -65,23 +75,35 @@ def test_manager_layouts_step_and_item(tmp_path):
         mgr.save(s, args=ocp.args.StandardSave(st))
     mgr.wait_until_finished()
     mgr.close()
-    spec_params = lambda ck: _params(restore_into(load_model("hvp.analysis._demo:digits_mlp"), ck).model)  # noqa
+    spec_params = lambda ck: _params(
+        restore_into(load_model("hvp.analysis._demo:digits_mlp"), ck).model
+    )  # noqa
 
     latest = read_checkpoint(tmp_path / "run")
     assert latest.step == 2 and latest.item == "default"
-    np.testing.assert_array_equal(spec_params(latest)["out"]["bias"], _params(_trained_like_model(2))["out"]["bias"])
+    np.testing.assert_array_equal(
+        spec_params(latest)["out"]["bias"], _params(_trained_like_model(2))["out"]["bias"]
+    )
     first = read_checkpoint(tmp_path / "run", step=1)
-    np.testing.assert_array_equal(spec_params(first)["out"]["bias"], _params(_trained_like_model(1))["out"]["bias"])
+    np.testing.assert_array_equal(
+        spec_params(first)["out"]["bias"], _params(_trained_like_model(1))["out"]["bias"]
+    )
     assert read_checkpoint(tmp_path / "run" / "1").step is None  # a step directory
     with pytest.raises(AnalysisError, match="has no step 5; steps: 1, 2"):
         resolve_checkpoint(tmp_path / "run", step=5)
 
     mgr2 = ocp.CheckpointManager(os.path.abspath(tmp_path / "multi"), item_names=("model", "other"))
-    mgr2.save(3, args=ocp.args.Composite(model=ocp.args.StandardSave(trees[1]),
-                                         other=ocp.args.StandardSave({"a": np.ones(2)})))
+    mgr2.save(
+        3,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(trees[1]), other=ocp.args.StandardSave({"a": np.ones(2)})
+        ),
+    )
     mgr2.wait_until_finished()
     mgr2.close()
-    with pytest.raises(AnalysisError, match=r"holds several items \(model, other\); choose one with --item"):
+    with pytest.raises(
+        AnalysisError, match=r"holds several items \(model, other\); choose one with --item"
+    ):
         resolve_checkpoint(tmp_path / "multi")
     path, step, item = resolve_checkpoint(tmp_path / "multi", item="model")
     assert step == 3 and item == "model" and path.name == "model"
@@ -125,10 +147,19 @@ def test_structure_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
     e = info.value
     assert sorted(e.missing) == ["out/bias", "out/kernel"]
     assert sorted(e.unexpected) == ["extra/bias", "extra/kernel"]
-    assert sorted(e.mismatched) == [("hidden/bias", (16,), (32,)), ("hidden/kernel", (64, 16), (64, 32))]
+    assert sorted(e.mismatched) == [
+        ("hidden/bias", (16,), (32,)),
+        ("hidden/kernel", (64, 16), (64, 32)),
+    ]
     msg = str(e)
-    for s in ("missing keys", "out/kernel", "unexpected keys", "extra/kernel", "shape mismatches",
-              "hidden/kernel checkpoint (64, 16) vs model (64, 32)"):
+    for s in (
+        "missing keys",
+        "out/kernel",
+        "unexpected keys",
+        "extra/kernel",
+        "shape mismatches",
+        "hidden/kernel checkpoint (64, 16) vs model (64, 32)",
+    ):
         assert s in msg
 
 
@@ -165,14 +196,24 @@ def test_linen_variables_params_only_and_trainstate(tmp_path):
     other = jax.tree_util.tree_map(lambda a: np.asarray(a) + 1.0, spec.variables)
     full = _save(tmp_path / "full", other)
     r = restore_into(spec, read_checkpoint(full))
-    np.testing.assert_array_equal(r.variables["batch_stats"]["BatchNorm_0"]["var"],
-                                  other["batch_stats"]["BatchNorm_0"]["var"])
+    np.testing.assert_array_equal(
+        r.variables["batch_stats"]["BatchNorm_0"]["var"], other["batch_stats"]["BatchNorm_0"]["var"]
+    )
     assert r.ignored == ()
-    ts = _save(tmp_path / "ts", {"step": np.int32(10), "params": other["params"],
-                                 "batch_stats": other["batch_stats"], "opt_state": {"mu": np.zeros(3)}})
+    ts = _save(
+        tmp_path / "ts",
+        {
+            "step": np.int32(10),
+            "params": other["params"],
+            "batch_stats": other["batch_stats"],
+            "opt_state": {"mu": np.zeros(3)},
+        },
+    )
     r = restore_into(spec, read_checkpoint(ts))
     assert sorted(r.ignored) == ["opt_state", "step"]
-    np.testing.assert_array_equal(r.variables["params"]["Dense_1"]["kernel"], other["params"]["Dense_1"]["kernel"])
+    np.testing.assert_array_equal(
+        r.variables["params"]["Dense_1"]["kernel"], other["params"]["Dense_1"]["kernel"]
+    )
     # a bare params tree lacks the batch statistics the model needs
     bare = _save(tmp_path / "bare", other["params"])
     with pytest.raises(StructureMismatchError, match="batch_stats/BatchNorm_0/mean"):

@@ -17,6 +17,7 @@ def _write(tmp_path, name, text):
 
 # --- model specs ----------------------------------------------------------------------------------------
 
+
 def test_demo_factory_spec_builds_nnx_model():
     spec = load_model("hvp.analysis._demo:digits_mlp")
     assert spec.kind == "nnx"
@@ -26,7 +27,10 @@ def test_demo_factory_spec_builds_nnx_model():
 
 
 def test_file_spec_with_linen_factory(tmp_path):
-    f = _write(tmp_path, "linen_model.py", """
+    f = _write(
+        tmp_path,
+        "linen_model.py",
+        """
         import jax, jax.numpy as jnp
         import flax.linen as nn
 
@@ -46,7 +50,8 @@ def test_file_spec_with_linen_factory(tmp_path):
         def bad_kwargs():
             (m, v), loss = factory()
             return (m, v, ["train"]), loss
-        """)
+        """,
+    )
     spec = load_model(f"{f}:factory")
     assert spec.kind == "linen"
     assert spec.loss == "mse"
@@ -72,7 +77,10 @@ def test_bad_model_specs(spec, match):
 
 
 def test_factory_return_value_is_checked(tmp_path):
-    f = _write(tmp_path, "bad_factories.py", """
+    f = _write(
+        tmp_path,
+        "bad_factories.py",
+        """
         from hvp.analysis._demo import digits_mlp
 
         def not_a_pair():
@@ -89,7 +97,8 @@ def test_factory_return_value_is_checked(tmp_path):
 
         def needs_args(width):
             return None
-        """)
+        """,
+    )
     with pytest.raises(AnalysisError, match=r"must return \(model, loss\)"):
         load_model(f"{f}:not_a_pair")
     with pytest.raises(AnalysisError, match="'hinge'.*'cross_entropy', 'mse'"):
@@ -109,6 +118,7 @@ def test_file_with_syntax_error(tmp_path):
 
 
 # --- data specs -----------------------------------------------------------------------------------------
+
 
 def test_digits_spec_batches_and_dtype():
     ds = load_data("digits", batch_size=500, dtype=jnp.float32)
@@ -160,7 +170,10 @@ def test_npz_errors(tmp_path):
 
 
 def test_function_spec_generator_with_batch_size(tmp_path):
-    f = _write(tmp_path, "my_data.py", """
+    f = _write(
+        tmp_path,
+        "my_data.py",
+        """
         import numpy as np
 
         def batches(batch_size=4):
@@ -175,7 +188,8 @@ def test_function_spec_generator_with_batch_size(tmp_path):
 
         def broken():
             raise KeyError("no data today")
-        """)
+        """,
+    )
     ds = load_data(f"{f}:batches", batch_size=7, num_batches=3, dtype=jnp.float64)
     assert ds.num_batches == 3 and ds.num_examples == 21
     assert float(ds.batches[2]["x"][0, 0]) == 2.0 and ds.batches[0]["y"].dtype == jnp.int32

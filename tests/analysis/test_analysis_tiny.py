@@ -21,7 +21,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hvp import tree as tu
-from hvp.analysis import AnalysisReport, analyze, load_model, load_report, summary_table, validate_report
+from hvp.analysis import (
+    AnalysisReport,
+    analyze,
+    load_model,
+    load_report,
+    summary_table,
+    validate_report,
+)
 
 TINY = """
 import jax, jax.numpy as jnp
@@ -48,7 +55,9 @@ def tiny(tmp_path_factory):
     spec = f"{root / 'tiny_model.py'}:tiny"
     module, variables = load_model(spec).model, load_model(spec).variables
     rng = np.random.default_rng(1)
-    saved = jax.tree_util.tree_map(lambda a: np.asarray(rng.normal(size=a.shape) * 0.5, np.float32), variables)
+    saved = jax.tree_util.tree_map(
+        lambda a: np.asarray(rng.normal(size=a.shape) * 0.5, np.float32), variables
+    )
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.abspath(root / "ckpt"), saved)
     ck.wait_until_finished()
@@ -57,9 +66,22 @@ def tiny(tmp_path_factory):
     # curvature (a multiple zero eigenvalue that Lanczos reports once).
     x = rng.normal(size=(150, 64)).astype(np.float32)
     np.savez(root / "data.npz", x=x, y=np.eye(10, dtype=np.float32)[rng.integers(0, 10, size=150)])
-    report = analyze(root / "ckpt", model=spec, data=str(root / "data.npz"), operator="ggn", k=3, num_probes=4,
-                     num_iters=12, trace_matvecs=12, layer_matvecs=8, batch_size=150, num_batches=1, seed=11,
-                     x64=True, out_dir=root / "out")
+    report = analyze(
+        root / "ckpt",
+        model=spec,
+        data=str(root / "data.npz"),
+        operator="ggn",
+        k=3,
+        num_probes=4,
+        num_iters=12,
+        trace_matvecs=12,
+        layer_matvecs=8,
+        batch_size=150,
+        num_batches=1,
+        seed=11,
+        x64=True,
+        out_dir=root / "out",
+    )
     return root, spec, module, saved, report
 
 
@@ -70,7 +92,9 @@ def test_tiny_linen_ggn_against_dense_eigh(tiny):
     with np.load(root / "data.npz") as f:
         x = jnp.asarray(f["x"], jnp.float64)
     unravel = tu.unravel_fn(params)
-    J = jax.jacfwd(lambda t: module.apply({"params": unravel(t)}, x))(tu.ravel(params))  # (150, 10, n)
+    J = jax.jacfwd(lambda t: module.apply({"params": unravel(t)}, x))(
+        tu.ravel(params)
+    )  # (150, 10, n)
     J = np.asarray(J).reshape(1500, -1)
     G = 2.0 / 1500 * J.T @ J  # mean squared error over 1500 entries: H_out = (2 / 1500) I
     lam = np.linalg.eigh(G)[0]
@@ -89,11 +113,21 @@ def test_tiny_linen_ggn_against_dense_eigh(tiny):
     d = report.derived
     assert lam[0] > 1e-8 * scale and d.positive_definite
     assert d.condition_estimate == pytest.approx(report.top.eigenvalues[-1] / bottom[0], rel=1e-12)
-    assert d.condition_estimate <= lam[-1] / lam[0] * (1 + 1e-6)  # a lower bound of the condition number
+    assert d.condition_estimate <= lam[-1] / lam[0] * (
+        1 + 1e-6
+    )  # a lower bound of the condition number
     assert d.negative_ratio == 0.0 and d.negative_mass < 0.05  # the GGN is positive semi-definite
     assert report.checkpoint["ignored"] == [] and report.model["framework"] == "linen"
-    for part in ("hvp analyze", "--operator ggn", "-k 3", "--seed 11", "--batch-size 150", "--num-batches 1",
-                 "--x64", f"--model {spec}"):
+    for part in (
+        "hvp analyze",
+        "--operator ggn",
+        "-k 3",
+        "--seed 11",
+        "--batch-size 150",
+        "--num-batches 1",
+        "--x64",
+        f"--model {spec}",
+    ):
         assert part in report.command
 
 
@@ -114,7 +148,15 @@ def test_written_report_equals_the_result_and_renders(tiny):
     buf = io.StringIO()
     Console(file=buf, width=120).print(summary_table(loaded))
     text = buf.getvalue()
-    for needle in ("GGN of", "λ largest #1", "λ smallest #1", "trace (hutch++)", "negative mass (SLQ)",
-                   "condition estimate", "layer Dense_0: trace", "layer Dense_1: top-vector mass"):
+    for needle in (
+        "GGN of",
+        "λ largest #1",
+        "λ smallest #1",
+        "trace (hutch++)",
+        "negative mass (SLQ)",
+        "condition estimate",
+        "layer Dense_0: trace",
+        "layer Dense_1: top-vector mass",
+    ):
         assert needle in text, needle
     assert f"{report.top.eigenvalues[-1]:.5g}" in text

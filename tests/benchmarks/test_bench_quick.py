@@ -16,17 +16,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GROUPS = {"dense": "dense_vs_hvp", "modes": "hvp_modes", "estimators": "estimators", "peers": "peers"}
+GROUPS = {
+    "dense": "dense_vs_hvp",
+    "modes": "hvp_modes",
+    "estimators": "estimators",
+    "peers": "peers",
+}
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, HVP_BENCH_HIDE_PEERS="all", JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        HVP_BENCH_HIDE_PEERS="all",
+        JAX_PLATFORMS="cpu",
+        MPLBACKEND="Agg",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 

@@ -7,7 +7,6 @@ bit-identical, only compile time is saved).
 """
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -25,12 +24,35 @@ from flax import nnx
 
 import hvp
 from hvp import tree as tu
-from hvp.analysis import DEMO_MODEL_SPEC, digits, load_model, load_report, read_checkpoint, restore_into
+from hvp.analysis import (
+    DEMO_MODEL_SPEC,
+    digits,
+    load_model,
+    load_report,
+    read_checkpoint,
+    restore_into,
+)
 from hvp.analysis._report import FIGURE_KEYS
 from hvp.cli import main
 
-FLAGS = ["-k", "3", "--probes", "4", "--iters", "12", "--trace-matvecs", "12", "--layer-matvecs", "8",
-         "--batch-size", "100", "--num-batches", "2", "--x64", "--quiet"]
+FLAGS = [
+    "-k",
+    "3",
+    "--probes",
+    "4",
+    "--iters",
+    "12",
+    "--trace-matvecs",
+    "12",
+    "--layer-matvecs",
+    "8",
+    "--batch-size",
+    "100",
+    "--num-batches",
+    "2",
+    "--x64",
+    "--quiet",
+]
 SEED = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,8 +76,11 @@ def _get(d, dotted):
 def compile_cache(tmp_path_factory):
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {n: getattr(jax.config, n) for n in names}
     path = tmp_path_factory.mktemp("jax-cache")
     jax.config.update("jax_compilation_cache_dir", str(path))
@@ -82,15 +107,26 @@ def test_demo_writes_checkpoint_report_and_plots(demo, capsys):
     assert report["schema_version"] == 1
     assert report["settings"]["seed"] == SEED and report["settings"]["x64"] is True
     assert report["settings"]["k"] == 3 and report["settings"]["dtype"] == "float64"
-    assert report["data"] == {"spec": "digits", "num_examples": 200, "num_batches": 2, "batch_size": 100}
+    assert report["data"] == {
+        "spec": "digits",
+        "num_examples": 200,
+        "num_batches": 2,
+        "batch_size": 100,
+    }
     assert report["model"]["num_params"] == 2410 and report["model"]["framework"] == "nnx"
-    assert report["versions"]["hvp"] == hvp.__version__ and report["versions"]["jax"] == jax.__version__
+    assert (
+        report["versions"]["hvp"] == hvp.__version__
+        and report["versions"]["jax"] == jax.__version__
+    )
     assert report["device"]["platform"] == jax.devices()[0].platform
     for section in ("top", "bottom", "trace", "density", "layers", "derived"):
         assert report[section]["num_matvecs"] > 0 and report[section]["seconds"] >= 0
     assert len(report["top"]["eigenvalues"]) == 3 and len(report["bottom"]["eigenvalues"]) == 3
     assert np.asarray(report["density"]["nodes"]).shape == (4, 12)
-    assert report["layers"]["layers"] == ["hidden", "out"] and report["layers"]["num_params"] == [2080, 330]
+    assert report["layers"]["layers"] == ["hidden", "out"] and report["layers"]["num_params"] == [
+        2080,
+        330,
+    ]
     assert abs(sum(report["layers"]["top_eigenvector_mass"]) - 1) < 1e-9
     assert report["extra"]["demo"]["train_steps"] == 60
     assert f"--seed {SEED}" in report["command"] and "--x64" in report["command"]
@@ -104,8 +140,21 @@ def test_analyze_reproduces_demo_and_never_writes_the_checkpoint(demo, tmp_path,
     before = _hash_tree(ckpt)
     mtimes = {p: os.stat(os.path.join(ckpt, p)).st_mtime_ns for p in before}
     out = tmp_path / "again"
-    rc = main(["analyze", str(ckpt), "--model", DEMO_MODEL_SPEC, "--data", "digits", "--seed", str(SEED),
-               *FLAGS, "--out", str(out)])
+    rc = main(
+        [
+            "analyze",
+            str(ckpt),
+            "--model",
+            DEMO_MODEL_SPEC,
+            "--data",
+            "digits",
+            "--seed",
+            str(SEED),
+            *FLAGS,
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert _hash_tree(ckpt) == before
     assert {p: os.stat(os.path.join(ckpt, p)).st_mtime_ns for p in before} == mtimes
@@ -115,8 +164,20 @@ def test_analyze_reproduces_demo_and_never_writes_the_checkpoint(demo, tmp_path,
     assert a["command"].replace(str(ckpt), "CKPT") == b["command"].replace(str(ckpt), "CKPT")
     assert (out / "density.png").is_file() and (out / "layers.png").is_file()
     # another seed changes the random estimates but not the eigenvalues
-    rc = main(["analyze", str(ckpt), "--model", DEMO_MODEL_SPEC, "--seed", str(SEED + 1), *FLAGS, "--no-plots",
-               "--out", str(tmp_path / "seed")])
+    rc = main(
+        [
+            "analyze",
+            str(ckpt),
+            "--model",
+            DEMO_MODEL_SPEC,
+            "--seed",
+            str(SEED + 1),
+            *FLAGS,
+            "--no-plots",
+            "--out",
+            str(tmp_path / "seed"),
+        ]
+    )
     assert rc == 0
     c = load_report(tmp_path / "seed" / "report.json")
     assert c["trace"]["estimate"] != a["trace"]["estimate"]
@@ -126,7 +187,9 @@ def test_analyze_reproduces_demo_and_never_writes_the_checkpoint(demo, tmp_path,
 
 def test_report_matches_dense_float64_reference(demo):
     report = load_report(demo / "report.json")
-    restored = restore_into(load_model(DEMO_MODEL_SPEC), read_checkpoint(demo / "checkpoint"), dtype=jnp.float64)
+    restored = restore_into(
+        load_model(DEMO_MODEL_SPEC), read_checkpoint(demo / "checkpoint"), dtype=jnp.float64
+    )
     params = nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))
     x, y = digits(dtype=np.float64)
     x, y = jnp.asarray(x[:200]), jnp.asarray(y[:200])
@@ -135,7 +198,10 @@ def test_report_matches_dense_float64_reference(demo):
 
     def loss(theta):  # the demo MLP written out by hand: out(tanh(hidden(x)))
         p = unravel(theta)
-        logits = jnp.tanh(x @ p["hidden"]["kernel"] + p["hidden"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
+        logits = (
+            jnp.tanh(x @ p["hidden"]["kernel"] + p["hidden"]["bias"]) @ p["out"]["kernel"]
+            + p["out"]["bias"]
+        )
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
     H = np.asarray(jax.jit(jax.hessian(loss))(flat))
@@ -143,12 +209,17 @@ def test_report_matches_dense_float64_reference(demo):
     lam_top, vecs = scipy.sparse.linalg.eigsh(H, k=1, which="LA", tol=1e-12)  # the top eigenvector
     assert abs(lam_top[0] - lam[-1]) <= 1e-10 * abs(lam).max()
     scale = np.abs(lam).max()
-    top, bottom = np.asarray(report["top"]["eigenvalues"]), np.asarray(report["bottom"]["eigenvalues"])
+    top, bottom = (
+        np.asarray(report["top"]["eigenvalues"]),
+        np.asarray(report["bottom"]["eigenvalues"]),
+    )
     np.testing.assert_allclose(top, lam[-3:], rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(bottom, lam[:3], rtol=0, atol=1e-6 * scale)
     assert all(report["top"]["converged"]) and all(report["bottom"]["converged"])
     assert max(report["top"]["residuals"]) <= 1e-6 * scale * 1.01
-    assert report["derived"]["lambda_max"] == top[-1] and report["derived"]["lambda_min"] == bottom[0]
+    assert (
+        report["derived"]["lambda_max"] == top[-1] and report["derived"]["lambda_min"] == bottom[0]
+    )
     # trace and per-layer traces within 4 standard errors of the exact values
     assert abs(report["trace"]["estimate"] - np.trace(H)) <= 4 * report["trace"]["std_error"] + 1e-9
     paths = tu.leaf_paths(params)
@@ -164,17 +235,26 @@ def test_report_matches_dense_float64_reference(demo):
     # negative mass: the weight of the SLQ nodes below -zero_threshold (with 12 Lanczos steps the node that
     # stands for the near-zero bulk may fall on either side of 0, so it is not compared with the exact
     # fraction here; hvp.linalg's tests check SLQ accuracy), and the density integrates to 1
-    nodes, weights = np.asarray(report["density"]["nodes"]), np.asarray(report["density"]["weights"])
+    nodes, weights = (
+        np.asarray(report["density"]["nodes"]),
+        np.asarray(report["density"]["weights"]),
+    )
     thr = report["density"]["zero_threshold"]
     assert thr == pytest.approx(1e-6 * max(abs(top).max(), abs(bottom).max()))
-    assert report["derived"]["negative_mass"] == pytest.approx(np.sum(weights[nodes < -thr]) / len(nodes))
+    assert report["derived"]["negative_mass"] == pytest.approx(
+        np.sum(weights[nodes < -thr]) / len(nodes)
+    )
     grid, rho = np.asarray(report["density"]["grid"]), np.asarray(report["density"]["density"])
     assert np.all(rho >= 0) and abs(np.sum(rho) * (grid[1] - grid[0]) - 1) < 0.02
-    assert lam[0] < 0 and bottom[0] < 0 and report["derived"]["negative_ratio"] == pytest.approx(-lam[0] / lam[-1],
-                                                                                                 rel=1e-5)
+    assert (
+        lam[0] < 0
+        and bottom[0] < 0
+        and report["derived"]["negative_ratio"] == pytest.approx(-lam[0] / lam[-1], rel=1e-5)
+    )
 
 
 # --- bad inputs: message and exit status ------------------------------------------------------------------
+
 
 def _run(capsys, *argv):
     rc = main(list(argv))
@@ -216,15 +296,25 @@ def test_unreadable_checkpoint(demo, tmp_path, capsys):
 
 def test_structure_mismatch_lists_keys(demo, tmp_path, capsys):
     f = tmp_path / "narrow.py"
-    f.write_text(textwrap.dedent("""
+    f.write_text(
+        textwrap.dedent("""
         from flax import nnx
         from hvp.analysis._demo import DigitsMLP
 
         def narrow():
             return DigitsMLP(16, rngs=nnx.Rngs(0)), "cross_entropy"
-        """))
-    rc, _, err = _run(capsys, "analyze", str(demo / "checkpoint"), "--model", f"{f}:narrow", *FLAGS,
-                      "--out", str(tmp_path / "o"))
+        """)
+    )
+    rc, _, err = _run(
+        capsys,
+        "analyze",
+        str(demo / "checkpoint"),
+        "--model",
+        f"{f}:narrow",
+        *FLAGS,
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert rc == 1 and "Traceback" not in err
     assert "does not match" in err and "shape mismatches (3)" in err
     assert "hidden/kernel checkpoint (64, 32) vs model (64, 16)" in err
@@ -245,15 +335,26 @@ def test_nan_parameters(tmp_path, capsys):
 def test_empty_data_and_bad_specs(demo, tmp_path, capsys):
     empty = tmp_path / "empty.npz"
     np.savez(empty, x=np.zeros((0, 64), np.float32), y=np.zeros((0,), np.int32))
-    rc, _, err = _run(capsys, *_analyze_args(demo / "checkpoint", "--data", str(empty), "--out", str(tmp_path / "o")))
+    rc, _, err = _run(
+        capsys,
+        *_analyze_args(demo / "checkpoint", "--data", str(empty), "--out", str(tmp_path / "o")),
+    )
     _assert_one_line_error(rc, err, "is empty")
-    rc, _, err = _run(capsys, *_analyze_args(demo / "checkpoint", "--data", "imagenet", "--out", str(tmp_path / "o")))
+    rc, _, err = _run(
+        capsys,
+        *_analyze_args(demo / "checkpoint", "--data", "imagenet", "--out", str(tmp_path / "o")),
+    )
     _assert_one_line_error(rc, err, "Unknown data spec 'imagenet'")
-    rc, _, err = _run(capsys, "analyze", str(demo / "checkpoint"), "--model", "nowhere_pkg:model", *FLAGS)
+    rc, _, err = _run(
+        capsys, "analyze", str(demo / "checkpoint"), "--model", "nowhere_pkg:model", *FLAGS
+    )
     _assert_one_line_error(rc, err, "cannot import module 'nowhere_pkg'")
     wrong = tmp_path / "wrong.npz"  # 10 features: the model expects 64
     np.savez(wrong, x=np.zeros((5, 10), np.float32), y=np.zeros((5,), np.int32))
-    rc, _, err = _run(capsys, *_analyze_args(demo / "checkpoint", "--data", str(wrong), "--out", str(tmp_path / "o")))
+    rc, _, err = _run(
+        capsys,
+        *_analyze_args(demo / "checkpoint", "--data", str(wrong), "--out", str(tmp_path / "o")),
+    )
     _assert_one_line_error(rc, err, "cannot be evaluated on the data")
 
 
@@ -262,13 +363,16 @@ def test_debug_shows_traceback(tmp_path, capsys):
     assert rc == 1 and "Traceback" in err and "does not exist" in err
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["analyze", "ck"], "the following arguments are required: --model"),
-    (["analyze", "ck", "--model", "a:b", "-k", "0"], "expected a positive integer"),
-    (["analyze", "ck", "--model", "a:b", "--operator", "fisher"], "invalid choice: 'fisher'"),
-    (["demo", "--seed", "-1"], "expected a non-negative integer"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["analyze", "ck"], "the following arguments are required: --model"),
+        (["analyze", "ck", "--model", "a:b", "-k", "0"], "expected a positive integer"),
+        (["analyze", "ck", "--model", "a:b", "--operator", "fisher"], "invalid choice: 'fisher'"),
+        (["demo", "--seed", "-1"], "expected a non-negative integer"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_usage_errors_exit_2(capsys, argv, needle):
     rc, _, err = _run(capsys, *argv)
     assert rc == 2 and needle in err
@@ -278,19 +382,54 @@ def test_usage_errors_exit_2(capsys, argv, needle):
 def test_help_for_every_subcommand(capsys, cmd):
     rc, out, _ = _run(capsys, *cmd, "--help")
     assert rc == 0 and out.startswith(f"usage: hvp{' ' + cmd[0] if cmd else ''}")
-    common = ["--operator", "--probes", "--iters", "--batch-size", "--num-batches", "--seed", "--x64", "--out", "-k"]
-    expected = {"analyze": common + ["--model", "--data", "--step", "--item"], "demo": common + ["--steps"]}
+    common = [
+        "--operator",
+        "--probes",
+        "--iters",
+        "--batch-size",
+        "--num-batches",
+        "--seed",
+        "--x64",
+        "--out",
+        "-k",
+    ]
+    expected = {
+        "analyze": common + ["--model", "--data", "--step", "--item"],
+        "demo": common + ["--steps"],
+    }
     for flag in expected[cmd[0]] if cmd else ["analyze", "demo"]:
         assert flag in out
 
 
 def test_subprocess_console_entry(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "hvp.cli", "analyze", str(tmp_path / "missing"), "--model",
-                           DEMO_MODEL_SPEC], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvp.cli",
+            "analyze",
+            str(tmp_path / "missing"),
+            "--model",
+            DEMO_MODEL_SPEC,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1
     missing = tmp_path / "missing"
-    assert proc.stderr.strip() == f"hvp analyze: error: The checkpoint directory '{missing}' does not exist."
-    proc = subprocess.run([sys.executable, "-m", "hvp.cli", "--version"], capture_output=True, text=True, env=env,
-                          timeout=120)
+    assert (
+        proc.stderr.strip()
+        == f"hvp analyze: error: The checkpoint directory '{missing}' does not exist."
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvp.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"hvp {hvp.__version__}"

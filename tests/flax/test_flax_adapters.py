@@ -25,19 +25,27 @@ def _batches(pooled: bool, sizes=(16, 16, 9), seed=0):
     x, y = digits(sum(sizes), pooled=pooled, seed=seed)
     out, s = [], 0
     for n in sizes:
-        out.append((jnp.asarray(x[s:s + n], F64), jnp.asarray(y[s:s + n])))
+        out.append((jnp.asarray(x[s : s + n], F64), jnp.asarray(y[s : s + n])))
         s += n
     return out
 
 
 def _probes(params, k=3, seed=1):
-    return jax.vmap(lambda key: tu.normal_like(key, params))(jax.random.split(jax.random.key(seed), k))
+    return jax.vmap(lambda key: tu.normal_like(key, params))(
+        jax.random.split(jax.random.key(seed), k)
+    )
 
 
 def _check_products(problem, ref_model, batches, *, hess=True, ggn=True, fisher=False):
     """Adapter operators vs dense float64 references of a hand-written model function."""
-    ref = Problem("ref", problem.params, lambda p, b: CE(ref_model(p, b[0]), b[1]), batches,
-                  model_fn=ref_model, output_loss=CE)
+    ref = Problem(
+        "ref",
+        problem.params,
+        lambda p, b: CE(ref_model(p, b[0]), b[1]),
+        batches,
+        model_fn=ref_model,
+        output_loss=CE,
+    )
     vs = _probes(problem.params)
     flat_vs = jax.vmap(tu.ravel)(vs)
     checks = []
@@ -55,8 +63,12 @@ def _check_products(problem, ref_model, batches, *, hess=True, ggn=True, fisher=
 
 
 def _state_snapshot(model):
-    return jax.tree_util.tree_map(lambda x: np.array(jax.random.key_data(x) if jnp.issubdtype(
-        x.dtype, jax.dtypes.prng_key) else x), nnx.to_pure_dict(nnx.state(model)))
+    return jax.tree_util.tree_map(
+        lambda x: np.array(
+            jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        ),
+        nnx.to_pure_dict(nnx.state(model)),
+    )
 
 
 def _assert_same_snapshot(a, b):
@@ -72,8 +84,12 @@ def _assert_same_snapshot(a, b):
 # --------------------------------------------------------------------------------------------
 class NnxMLP(nnx.Module):
     def __init__(self, rngs):
-        self.layers = nnx.List([nnx.Linear(16, 8, param_dtype=F64, dtype=F64, rngs=rngs),
-                                nnx.Linear(8, 10, param_dtype=F64, dtype=F64, rngs=rngs)])
+        self.layers = nnx.List(
+            [
+                nnx.Linear(16, 8, param_dtype=F64, dtype=F64, rngs=rngs),
+                nnx.Linear(8, 10, param_dtype=F64, dtype=F64, rngs=rngs),
+            ]
+        )
 
     def __call__(self, x):
         return self.layers[1](jnp.tanh(self.layers[0](x)))
@@ -101,8 +117,12 @@ class NnxCNN(nnx.Module):
 
 def _cnn_ref(mean, var):
     def ref(p, x):
-        h = lax.conv_general_dilated(x, p["conv"]["kernel"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["conv"]["bias"]
+        h = (
+            lax.conv_general_dilated(
+                x, p["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            + p["conv"]["bias"]
+        )
         h = (h - mean) / jnp.sqrt(var + EPS) * p["bn"]["scale"] + p["bn"]["bias"]
         h = jnp.tanh(h)
         n = h.shape[0]
@@ -128,11 +148,17 @@ def test_nnx_mlp_products_match_dense_reference():
     model = NnxMLP(nnx.Rngs(0))
     problem = hf.from_nnx(model, "cross_entropy")
     assert problem.framework == "nnx" and not problem.train
-    assert tu.leaf_paths(problem.params) == ["layers/0/bias", "layers/0/kernel", "layers/1/bias",
-                                             "layers/1/kernel"]
+    assert tu.leaf_paths(problem.params) == [
+        "layers/0/bias",
+        "layers/0/kernel",
+        "layers/1/bias",
+        "layers/1/kernel",
+    ]
     batches = _batches(pooled=True)
     x, y = batches[0]
-    np.testing.assert_allclose(problem.loss_fn(problem.params, batches[0]), CE(model(x), y), rtol=1e-12)
+    np.testing.assert_allclose(
+        problem.loss_fn(problem.params, batches[0]), CE(model(x), y), rtol=1e-12
+    )
     _check_products(problem, ref_nnx_mlp, batches, fisher=True)
 
 
@@ -201,8 +227,13 @@ class LinenCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         h = nn.Conv(3, (3, 3), padding="SAME", param_dtype=F64, dtype=F64)(x)
-        h = nn.BatchNorm(use_running_average=not train, epsilon=EPS, param_dtype=F64, dtype=F64,
-                         force_float32_reductions=False)(h)
+        h = nn.BatchNorm(
+            use_running_average=not train,
+            epsilon=EPS,
+            param_dtype=F64,
+            dtype=F64,
+            force_float32_reductions=False,
+        )(h)
         h = jnp.tanh(h)
         h = nn.Dropout(0.5, deterministic=not train)(h)
         n = h.shape[0]  # 2x2 average pooling
@@ -215,8 +246,12 @@ def test_linen_mlp_products_match_dense_reference():
     batches = _batches(pooled=True)
     variables = module.init(jax.random.key(0), batches[0][0])
     problem = hf.from_linen(module, variables, "cross_entropy")
-    assert tu.leaf_paths(problem.params) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias",
-                                             "Dense_1/kernel"]
+    assert tu.leaf_paths(problem.params) == [
+        "Dense_0/bias",
+        "Dense_0/kernel",
+        "Dense_1/bias",
+        "Dense_1/kernel",
+    ]
     _check_products(problem, ref_linen_mlp, batches)
     merged = problem.merge(tu.zeros_like(problem.params))
     assert float(module.apply(merged, batches[0][0]).sum()) == 0.0
@@ -226,10 +261,17 @@ def test_linen_cnn_batchnorm_matches_reference_and_never_mutates():
     module = LinenCNN()
     batches = _batches(pooled=False, sizes=(24,))
     variables = module.init(jax.random.key(0), batches[0][0], train=False)
-    stats = {"BatchNorm_0": {"mean": jnp.array([0.05, -0.1, 0.2], F64),
-                             "var": jnp.array([0.5, 1.5, 0.8], F64)}}
+    stats = {
+        "BatchNorm_0": {
+            "mean": jnp.array([0.05, -0.1, 0.2], F64),
+            "var": jnp.array([0.5, 1.5, 0.8], F64),
+        }
+    }
     params = jax.tree_util.tree_map(lambda a: a, dict(variables["params"]))
-    params["BatchNorm_0"] = {"scale": jnp.array([1.2, 0.7, 1.1], F64), "bias": jnp.array([0.1, -0.2, 0.05], F64)}
+    params["BatchNorm_0"] = {
+        "scale": jnp.array([1.2, 0.7, 1.1], F64),
+        "bias": jnp.array([0.1, -0.2, 0.05], F64),
+    }
     variables = {"params": params, "batch_stats": stats}
     problem = hf.from_linen(module, variables, CE, apply_kwargs={"train": False})
     p = problem.params
@@ -240,11 +282,17 @@ def test_linen_cnn_batchnorm_matches_reference_and_never_mutates():
         return ref({"conv": q["Conv_0"], "bn": q["BatchNorm_0"], "head": q["Dense_0"]}, x)
 
     x, y = batches[0]
-    np.testing.assert_allclose(problem.loss_fn(p, batches[0]), CE(ref(translated, x), y), rtol=1e-12)
+    np.testing.assert_allclose(
+        problem.loss_fn(p, batches[0]), CE(ref(translated, x), y), rtol=1e-12
+    )
     _check_products(problem, ref_model, batches)
-    np.testing.assert_array_equal(variables["batch_stats"]["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"])
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"]
+    )
     # training mode would update batch_stats: refused with a clear message
-    bad = hf.from_linen(module, variables, CE, apply_kwargs={"train": True, "rngs": {"dropout": jax.random.key(1)}})
+    bad = hf.from_linen(
+        module, variables, CE, apply_kwargs={"train": True, "rngs": {"dropout": jax.random.key(1)}}
+    )
     with pytest.raises(ValueError, match="evaluation mode"):
         bad.loss_fn(bad.params, batches[0])
 
@@ -263,6 +311,8 @@ def test_adapter_errors():
     with pytest.raises(ValueError, match="'params'"):
         hf.from_linen(LinenMLP(), {"batch_stats": {}}, "mse")
     with pytest.raises(ValueError, match="mutable"):
-        hf.from_linen(LinenMLP(), {"params": {"a": jnp.ones(2)}}, "mse", apply_kwargs={"mutable": True})
+        hf.from_linen(
+            LinenMLP(), {"params": {"a": jnp.ones(2)}}, "mse", apply_kwargs={"mutable": True}
+        )
     with pytest.raises(ValueError, match="operator kind"):
         hf.from_nnx(model, "mse").operator("hessian2", _batches(pooled=True)[0])

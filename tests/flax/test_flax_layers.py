@@ -19,8 +19,14 @@ F64 = jnp.float64
 def _params():
     rng = np.random.default_rng(0)
     return {
-        "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(4, 3))), "bias": jnp.asarray(rng.normal(size=(3,)))},
-        "blocks": [{"w": jnp.asarray(rng.normal(size=(3, 2)))}, {"w": jnp.asarray(rng.normal(size=(2,)))}],
+        "Dense_0": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 3))),
+            "bias": jnp.asarray(rng.normal(size=(3,))),
+        },
+        "blocks": [
+            {"w": jnp.asarray(rng.normal(size=(3, 2)))},
+            {"w": jnp.asarray(rng.normal(size=(2,)))},
+        ],
         "scale": jnp.asarray(rng.normal(size=(1,))),
     }
 
@@ -71,7 +77,9 @@ def test_layer_trace_exact_and_hutchinson_on_dense():
     op = hvp.from_dense(a, like=params)
     exact = hf.layer_trace(op, method="exact", chunk_size=7)
     d = np.diag(a)
-    np.testing.assert_allclose(exact.estimate, [d[:15].sum(), d[15:21].sum(), d[21:23].sum(), d[23]], rtol=1e-12)
+    np.testing.assert_allclose(
+        exact.estimate, [d[:15].sum(), d[15:21].sum(), d[21:23].sum(), d[23]], rtol=1e-12
+    )
     np.testing.assert_allclose(exact.total, np.trace(a), rtol=1e-12)
     assert exact.num_matvecs == n and exact.layers == ("Dense_0", "blocks/0", "blocks/1", "scale")
     est = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=20, chunk_size=8)  # 20 < n = 24

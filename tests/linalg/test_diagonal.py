@@ -25,7 +25,10 @@ import hvp
 from hvp import tree as tu
 from hvp.linalg import DiagonalResult, LeafTraces, diagonal, trace
 
-LIKE = {"layer0": {"w": jnp.zeros((8, 6)), "b": jnp.zeros((6,))}, "layer1": {"w": jnp.zeros((6, 11))}}
+LIKE = {
+    "layer0": {"w": jnp.zeros((8, 6)), "b": jnp.zeros((6,))},
+    "layer1": {"w": jnp.zeros((6, 11))},
+}
 N = tu.size(LIKE)  # 48 + 6 + 66 = 120
 
 
@@ -50,18 +53,22 @@ def test_entries_calibrated_single_key():
     z = (_flat(res.estimate) - DIAG) / _flat(res.std_error)
     assert np.mean(np.abs(z) <= 2) >= 0.88 and np.all(np.abs(z) <= 5)
     # per-entry variance theory: Var((z * Az)_i) = sum_{j != i} A_ij^2
-    se_theory = np.sqrt((np.sum(A ** 2, axis=1) - DIAG ** 2) / 100)
+    se_theory = np.sqrt((np.sum(A**2, axis=1) - DIAG**2) / 100)
     ratio = _flat(res.std_error) / se_theory
     assert 0.75 <= np.median(ratio) <= 1.25
 
 
 def test_standard_error_matches_spread_and_rate():
-    ests = {m: np.stack([_flat(diagonal(OP, key=jax.random.key(k), num_matvecs=m).estimate) for k in range(30)])
-            for m in (8, 32)}
+    ests = {
+        m: np.stack(
+            [_flat(diagonal(OP, key=jax.random.key(k), num_matvecs=m).estimate) for k in range(30)]
+        )
+        for m in (8, 32)
+    }
     res = [diagonal(OP, key=jax.random.key(k), num_matvecs=100) for k in range(30)]
     est = np.stack([_flat(r.estimate) for r in res])
     se = np.stack([_flat(r.std_error) for r in res])
-    ratio = np.std(est - DIAG, axis=0) / np.sqrt(np.mean(se ** 2, axis=0))
+    ratio = np.std(est - DIAG, axis=0) / np.sqrt(np.mean(se**2, axis=0))
     assert 0.8 <= np.median(ratio) <= 1.25, np.median(ratio)
     ests[100] = est
     budgets = np.array(sorted(ests))
@@ -74,14 +81,18 @@ def test_leaf_traces_calibrated_and_consistent():
     paths = tu.leaf_paths(LIKE)
     sizes = [int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(LIKE)]
     offsets = np.cumsum([0] + sizes)
-    truth = {p: DIAG[offsets[i]:offsets[i + 1]].sum() for i, p in enumerate(paths)}
+    truth = {p: DIAG[offsets[i] : offsets[i + 1]].sum() for i, p in enumerate(paths)}
     outside = {p: 0 for p in paths}
     for k in range(40):
         res = diagonal(OP, key=jax.random.key(k), num_matvecs=60)
         lt = res.sum_by_leaf()
         assert isinstance(lt, LeafTraces)
-        for p, e, s, leaf in zip(paths, jax.tree_util.tree_leaves(lt.estimate),
-                                 jax.tree_util.tree_leaves(lt.std_error), jax.tree_util.tree_leaves(res.estimate)):
+        for p, e, s, leaf in zip(
+            paths,
+            jax.tree_util.tree_leaves(lt.estimate),
+            jax.tree_util.tree_leaves(lt.std_error),
+            jax.tree_util.tree_leaves(res.estimate),
+        ):
             np.testing.assert_allclose(float(e), float(jnp.sum(leaf)), rtol=1e-10, atol=1e-12)
             z = (float(e) - truth[p]) / float(s)
             assert abs(z) <= 4.0, (p, k, z)
@@ -94,13 +105,17 @@ def test_sum_by_groups_and_trace():
     per_layer = res.sum_by(lambda path: path.split("/")[0])
     assert list(per_layer.estimate) == ["layer0", "layer1"]
     leaves = res.sum_by_leaf().estimate
-    np.testing.assert_allclose(float(per_layer.estimate["layer0"]),
-                               float(leaves["layer0"]["w"] + leaves["layer0"]["b"]), rtol=1e-12)
+    np.testing.assert_allclose(
+        float(per_layer.estimate["layer0"]),
+        float(leaves["layer0"]["w"] + leaves["layer0"]["b"]),
+        rtol=1e-12,
+    )
     # the group's standard error comes from per-probe sums, not from adding the leaves' errors
     s = res.leaf_samples
     both = s["layer0"]["w"] + s["layer0"]["b"]
-    np.testing.assert_allclose(float(per_layer.std_error["layer0"]), float(jnp.std(both, ddof=1) / np.sqrt(60)),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        float(per_layer.std_error["layer0"]), float(jnp.std(both, ddof=1) / np.sqrt(60)), rtol=1e-10
+    )
     # trace() is Hutchinson with the same probes as hvp.linalg.trace
     t = res.trace()
     ref = trace(OP, key=jax.random.key(3), num_matvecs=60)
@@ -109,7 +124,9 @@ def test_sum_by_groups_and_trace():
     lo, hi = per_layer.confidence_interval(0.9)
     assert float(lo["layer1"]) < float(per_layer.estimate["layer1"]) < float(hi["layer1"])
     d = res.sum_by_leaf().to_dict()
-    assert set(d["estimate"]["layer0"]) == {"w", "b"} and isinstance(d["std_error"]["layer1"]["w"], float)
+    assert set(d["estimate"]["layer0"]) == {"w", "b"} and isinstance(
+        d["std_error"]["layer1"]["w"], float
+    )
 
 
 def test_exact_mode_and_chunking():
@@ -158,6 +175,8 @@ def test_errors():
     with pytest.raises(TypeError, match="like="):
         diagonal(lambda v: v, key=jax.random.key(0))
     with pytest.raises(hvp.NonFiniteError):
-        diagonal(hvp.from_matvec(lambda v: v / 0.0, jnp.zeros(5)), key=jax.random.key(0), num_matvecs=3)
+        diagonal(
+            hvp.from_matvec(lambda v: v / 0.0, jnp.zeros(5)), key=jax.random.key(0), num_matvecs=3
+        )
     with pytest.raises(TypeError, match="function"):
         diagonal(OP, key=jax.random.key(0), num_matvecs=4).sum_by("layer")

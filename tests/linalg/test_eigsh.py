@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import sym
 
 import hvp
 from hvp import tree as tu
 from hvp.linalg import eigsh
-from problems import sym
 
 N = 60  # one size for the dense tests, so that the compiled Lanczos is reused
-
 
 
 SPECTRA = {
@@ -25,7 +24,9 @@ SPECTRA = {
 
 def expected(ev, k, which):
     ev = np.sort(ev)
-    return {"largest": ev[-k:], "smallest": ev[:k], "both": np.concatenate([ev[:k], ev[-k:]])}[which]
+    return {"largest": ev[-k:], "smallest": ev[:k], "both": np.concatenate([ev[:k], ev[-k:]])}[
+        which
+    ]
 
 
 def check_pairs(res, a, k, which, *, rtol=1e-10):
@@ -52,7 +53,14 @@ def test_known_spectra(name, which):
     assert res.which == which
     assert int(res.num_matvecs) >= 4
     d = res.to_dict()
-    assert set(d) >= {"eigenvalues", "eigenvectors", "residuals", "converged", "num_matvecs", "num_restarts"}
+    assert set(d) >= {
+        "eigenvalues",
+        "eigenvectors",
+        "residuals",
+        "converged",
+        "num_matvecs",
+        "num_restarts",
+    }
 
 
 def test_rank_deficient_finds_repeated_eigenvalues_without_nan():
@@ -80,7 +88,9 @@ def test_pytree_like_mixed_shapes():
     params = {"w": jnp.zeros((3, 4)), "b": [jnp.zeros((2,)), jnp.zeros((1,))], "s": jnp.zeros(())}
     n = tu.size(params)  # 15
     a = sym(np.linspace(-3, 7, n) + 0.1 * np.arange(n) ** 1.5, seed=3)
-    res = eigsh(hvp.from_dense(a, like=params), 3, which="both", key=jax.random.PRNGKey(4), tol=1e-10)
+    res = eigsh(
+        hvp.from_dense(a, like=params), 3, which="both", key=jax.random.PRNGKey(4), tol=1e-10
+    )
     tu.assert_same_structure(res.eigenvectors, params, leading=1)
     assert jax.tree_util.tree_leaves(res.eigenvectors)[0].shape[0] == 6
     check_pairs(res, a, 3, "both")
@@ -104,9 +114,11 @@ def test_mlp_hessian_top_and_bottom_five():
     lam = np.asarray(res.eigenvalues)
     want = np.concatenate([ev[:5], ev[-5:]])
     rel = np.abs(lam - want) / np.abs(want)
-    print(f"mlp hessian (n={h.size}): both ends k=5, {int(res.num_matvecs)} matvecs, "
-          f"{int(res.num_restarts)} restarts, max rel err {rel.max():.2e}, max residual "
-          f"{np.asarray(res.residuals).max():.2e}")
+    print(
+        f"mlp hessian (n={h.size}): both ends k=5, {int(res.num_matvecs)} matvecs, "
+        f"{int(res.num_restarts)} restarts, max rel err {rel.max():.2e}, max residual "
+        f"{np.asarray(res.residuals).max():.2e}"
+    )
     assert rel.max() < 1e-8
     assert np.asarray(res.residuals).max() < 1e-6
     assert bool(np.all(np.asarray(res.converged)))
@@ -121,26 +133,40 @@ def test_warm_start_reduces_matvecs():
     b = a + 1e-4 * (e + e.T)  # the "next training step": a nearby operator
     cold_a = eigsh(hvp.from_dense(a), 4, key=jax.random.PRNGKey(0), tol=1e-9)
     cold_b = eigsh(hvp.from_dense(b), 4, key=jax.random.PRNGKey(1), tol=1e-9)
-    warm_b = eigsh(hvp.from_dense(b), 4, key=jax.random.PRNGKey(1), tol=1e-9, v0=cold_a.eigenvectors)
+    warm_b = eigsh(
+        hvp.from_dense(b), 4, key=jax.random.PRNGKey(1), tol=1e-9, v0=cold_a.eigenvectors
+    )
     check_pairs(warm_b, b, 4, "largest")
-    print(f"warm start: cold {int(cold_b.num_matvecs)} matvecs, warm {int(warm_b.num_matvecs)} matvecs")
+    print(
+        f"warm start: cold {int(cold_b.num_matvecs)} matvecs, warm {int(warm_b.num_matvecs)} matvecs"
+    )
     assert int(warm_b.num_matvecs) < int(cold_b.num_matvecs)
     # a single pytree start vector is accepted too
-    single = eigsh(hvp.from_dense(b), 4, key=jax.random.PRNGKey(1), tol=1e-9, v0=tu.index(cold_a.eigenvectors, 0))
+    single = eigsh(
+        hvp.from_dense(b),
+        4,
+        key=jax.random.PRNGKey(1),
+        tol=1e-9,
+        v0=tu.index(cold_a.eigenvectors, 0),
+    )
     check_pairs(single, b, 4, "largest")
 
 
 def test_not_converged_is_flagged():
     a = sym(SPECTRA["clustered"], seed=7)
     with pytest.warns(RuntimeWarning, match="eigenpairs reached"):
-        res = eigsh(hvp.from_dense(a), 4, key=jax.random.PRNGKey(0), num_iters=6, max_restarts=0, tol=1e-10)
+        res = eigsh(
+            hvp.from_dense(a), 4, key=jax.random.PRNGKey(0), num_iters=6, max_restarts=0, tol=1e-10
+        )
     conv = np.asarray(res.converged)
     assert not conv.all()
     assert int(res.num_matvecs) == 6 + 4  # 6 Lanczos steps + 4 residual products, reported honestly
     # the flags agree with the residuals
     scale = np.abs(np.linalg.eigvalsh(a)).max()
     assert np.all(np.asarray(res.residuals)[conv] <= 1e-10 * scale * 1.001)
-    assert np.all(np.asarray(res.residuals)[~conv] > 1e-10 * np.abs(np.asarray(res.eigenvalues)).max())
+    assert np.all(
+        np.asarray(res.residuals)[~conv] > 1e-10 * np.abs(np.asarray(res.eigenvalues)).max()
+    )
 
 
 def test_deterministic_for_a_key():
@@ -148,7 +174,9 @@ def test_deterministic_for_a_key():
     r1 = eigsh(op, 4, key=jax.random.PRNGKey(3), tol=1e-9)
     r2 = eigsh(op, 4, key=jax.random.PRNGKey(3), tol=1e-9)
     np.testing.assert_array_equal(np.asarray(r1.eigenvalues), np.asarray(r2.eigenvalues))
-    np.testing.assert_array_equal(np.asarray(tu.ravel(r1.eigenvectors)), np.asarray(tu.ravel(r2.eigenvectors)))
+    np.testing.assert_array_equal(
+        np.asarray(tu.ravel(r1.eigenvectors)), np.asarray(tu.ravel(r2.eigenvectors))
+    )
     assert int(r1.num_matvecs) == int(r2.num_matvecs)
 
 
@@ -164,8 +192,9 @@ def test_float32_operator():
     a = sym(SPECTRA["separated"], seed=10).astype(np.float32)
     res = eigsh(hvp.from_dense(jnp.asarray(a)), 2, key=jax.random.PRNGKey(0), tol=1e-4)
     assert res.eigenvalues.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(res.eigenvalues), np.linalg.eigvalsh(a.astype(np.float64))[-2:],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(res.eigenvalues), np.linalg.eigvalsh(a.astype(np.float64))[-2:], rtol=1e-4
+    )
 
 
 def test_nonfinite_operator_raises():

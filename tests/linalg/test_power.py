@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import sym
 
 import hvp
 from hvp import tree as tu
 from hvp.linalg import power_iteration
-from problems import sym
 
 N = 60
-
 
 
 @pytest.mark.parametrize("top", [4.0, -4.0])

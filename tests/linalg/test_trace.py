@@ -63,8 +63,10 @@ def _runs(op, method, m, keys=range(K), **kw):
 def _check_calibrated(est, se, truth, *, band=(0.7, 1.4)):
     z = (est - truth) / se
     assert np.all(np.abs(z) <= 4.0), f"an estimate is {np.max(np.abs(z)):.2f} standard errors off"
-    assert np.sum(np.abs(z) > 2.0) <= 7, f"{np.sum(np.abs(z) > 2.0)} of {len(z)} keys outside 2 standard errors"
-    ratio = np.std(est - truth) / np.sqrt(np.mean(se ** 2))
+    assert np.sum(np.abs(z) > 2.0) <= 7, (
+        f"{np.sum(np.abs(z) > 2.0)} of {len(z)} keys outside 2 standard errors"
+    )
+    ratio = np.std(est - truth) / np.sqrt(np.mean(se**2))
     assert band[0] <= ratio <= band[1], f"empirical spread / standard error = {ratio:.2f}"
     return ratio
 
@@ -85,14 +87,17 @@ def test_xtrace_sample_error_estimate_is_the_papers():
     est, se = _runs(OPS["decaying"], "xtrace", 60, keys=range(30), error_estimate="sample")
     est_j, se_j = _runs(OPS["decaying"], "xtrace", 60, keys=range(30))
     np.testing.assert_array_equal(est, est_j)  # same estimate, different error bar
-    ratio = np.std(est - truth) / np.sqrt(np.mean(se ** 2))
+    ratio = np.std(est - truth) / np.sqrt(np.mean(se**2))
     assert 0.9 <= ratio <= 2.0  # optimistic: the t_i are positively correlated
     assert np.mean(se_j > se) > 0.8
 
 
 def test_hutchpp_and_xtrace_beat_hutchinson_on_decaying_spectrum():
     truth = float(np.sum(SPECTRA["decaying"]))
-    mae = {m: np.mean(np.abs(_runs(OPS["decaying"], m, 60, keys=range(30))[0] - truth)) for m in METHODS}
+    mae = {
+        m: np.mean(np.abs(_runs(OPS["decaying"], m, 60, keys=range(30))[0] - truth))
+        for m in METHODS
+    }
     # measured: hutchinson 0.10, hutch++ 0.002, xtrace 0.0014 (error ~ 1/m instead of 1/sqrt(m))
     assert mae["hutch++"] < 0.1 * mae["hutchinson"]
     assert mae["xtrace"] < 0.1 * mae["hutchinson"]
@@ -101,8 +106,10 @@ def test_hutchpp_and_xtrace_beat_hutchinson_on_decaying_spectrum():
 def test_hutchinson_error_falls_like_inverse_sqrt_matvecs():
     truth = float(np.sum(SPECTRA["flat"]))
     budgets = np.array([4, 16, 64, 256])
-    rmse = [np.sqrt(np.mean((_runs(OPS["flat"], "hutchinson", int(m), keys=range(40))[0] - truth) ** 2))
-            for m in budgets]
+    rmse = [
+        np.sqrt(np.mean((_runs(OPS["flat"], "hutchinson", int(m), keys=range(40))[0] - truth) ** 2))
+        for m in budgets
+    ]
     slope = np.polyfit(np.log(budgets), np.log(rmse), 1)[0]
     assert -0.65 <= slope <= -0.35, slope
 
@@ -110,7 +117,7 @@ def test_hutchinson_error_falls_like_inverse_sqrt_matvecs():
 def test_hutchinson_variance_matches_theory():
     # Var(z^T A z) = 2 sum_{i != j} A_ij^2 for Rademacher z.
     a = _matrix(SPECTRA["indefinite"])
-    theory = 2.0 * (np.sum(a ** 2) - np.sum(np.diag(a) ** 2))
+    theory = 2.0 * (np.sum(a**2) - np.sum(np.diag(a) ** 2))
     res = trace(OPS["indefinite"], key=jax.random.key(0), num_matvecs=299)
     var = float(np.var(np.asarray(res.samples), ddof=1))
     # the sample variance of 299 samples has relative s.e. ~ sqrt(2/298) ~ 8 % (near-normal samples)
@@ -125,7 +132,9 @@ def test_xtrace_matches_brute_force_leave_one_out():
     a = _matrix(0.8 ** np.arange(n), _orth(n, 3))
     op = hvp.from_dense(a)
     omega = jax.random.normal(jax.random.key(3), (m, n))
-    xt = jax.jit(lambda o, w, jk: T.xtrace_from_probes(o, w, None, shift=0.0, jackknife=jk), static_argnums=2)
+    xt = jax.jit(
+        lambda o, w, jk: T.xtrace_from_probes(o, w, None, shift=0.0, jackknife=jk), static_argnums=2
+    )
     _, se_j, samples = xt(op, omega, True)
     o = np.asarray(omega)
     y = a @ o.T
@@ -137,8 +146,9 @@ def test_xtrace_matches_brute_force_leave_one_out():
     np.testing.assert_allclose(np.asarray(samples), ref, rtol=1e-9, atol=1e-12)
     theta = [float(xt(op, jnp.delete(omega, j, axis=0), False)[0]) for j in range(m)]
     theta = np.array(theta)
-    np.testing.assert_allclose(float(se_j), math.sqrt((m - 1) / m * np.sum((theta - theta.mean()) ** 2)),
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        float(se_j), math.sqrt((m - 1) / m * np.sum((theta - theta.mean()) ** 2)), rtol=1e-8
+    )
 
 
 def test_hutchpp_matches_brute_force():
@@ -146,8 +156,9 @@ def test_hutchpp_matches_brute_force():
     a = _matrix(np.random.default_rng(5).normal(size=n), _orth(n, 4))
     op = hvp.from_dense(a)
     sketch = T.probes(jax.random.key(1), op.like, k, "rademacher")
-    est, se, samples = jax.jit(lambda o, s, k: T.hutchpp_from_probes(o, s, None, k, r))(op, sketch,
-                                                                                          jax.random.key(2))
+    est, se, samples = jax.jit(lambda o, s, k: T.hutchpp_from_probes(o, s, None, k, r))(
+        op, sketch, jax.random.key(2)
+    )
     q, _ = np.linalg.qr(a @ np.asarray(sketch).T)
     p = np.eye(n) - q @ q.T
     g = np.asarray(T.probes(jax.random.key(2), op.like, r, "rademacher"))
@@ -168,7 +179,9 @@ def test_low_rank_is_exact(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_at_least_n_is_exact(method):
     a = _matrix(SPECTRA["indefinite"][:40], _orth(40, 7))
-    res = trace(hvp.from_dense(a), key=jax.random.key(0), num_matvecs=40, method=method, chunk_size=16)
+    res = trace(
+        hvp.from_dense(a), key=jax.random.key(0), num_matvecs=40, method=method, chunk_size=16
+    )
     assert res.method == "exact" and res.num_matvecs == 40
     assert abs(float(res.estimate) - np.trace(a)) < 1e-10 and float(res.std_error) == 0.0
 
@@ -177,8 +190,11 @@ def test_budget_at_least_n_is_exact(method):
 # pytree vectors and a real Hessian
 # ------------------------------------------------------------------------------------------------
 def _pytree_like():
-    return {"conv": {"kernel": jnp.zeros((3, 3, 2)), "bias": jnp.zeros((2,))},
-            "dense": [jnp.zeros((5, 8)), jnp.zeros(())], "scale": jnp.zeros((1,))}
+    return {
+        "conv": {"kernel": jnp.zeros((3, 3, 2)), "bias": jnp.zeros((2,))},
+        "dense": [jnp.zeros((5, 8)), jnp.zeros(())],
+        "scale": jnp.zeros((1,)),
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -260,15 +276,27 @@ def test_adaptive_pools_the_fixed_budget_probes():
 @pytest.mark.parametrize("method", ["hutch++", "xtrace"])
 def test_adaptive_restart_methods(method):
     truth = float(np.sum(SPECTRA["decaying"]))
-    res = trace(OPS["decaying"], key=jax.random.key(0), num_matvecs=24, method=method, rtol=5e-3,
-                max_matvecs=1000)
+    res = trace(
+        OPS["decaying"],
+        key=jax.random.key(0),
+        num_matvecs=24,
+        method=method,
+        rtol=5e-3,
+        max_matvecs=1000,
+    )
     assert res.converged and float(res.std_error) <= 5e-3 * abs(float(res.estimate))
     assert abs(float(res.estimate) - truth) <= 4 * float(res.std_error) + 1e-12
     # budgets double from 24: the total is 24 * (2^r - 1), here with r >= 2 rounds
     rounds = res.num_matvecs // 24 + 1
     assert res.num_matvecs % 24 == 0 and rounds & (rounds - 1) == 0 and rounds >= 4
-    cap = trace(OPS["decaying"], key=jax.random.key(0), num_matvecs=24, method=method, rtol=1e-12,
-                max_matvecs=50)
+    cap = trace(
+        OPS["decaying"],
+        key=jax.random.key(0),
+        num_matvecs=24,
+        method=method,
+        rtol=1e-12,
+        max_matvecs=50,
+    )
     assert not cap.converged and cap.num_matvecs == 24
 
 
@@ -326,13 +354,15 @@ def test_result_fields_and_confidence_interval():
 def test_frobenius_calibrated():
     a = _matrix(SPECTRA["indefinite"])
     truth = np.linalg.norm(a)
-    res = [frobenius_norm(OPS["indefinite"], key=jax.random.key(k), num_matvecs=60) for k in range(K)]
+    res = [
+        frobenius_norm(OPS["indefinite"], key=jax.random.key(k), num_matvecs=60) for k in range(K)
+    ]
     est = np.array([float(r.estimate) for r in res])
     se = np.array([float(r.std_error) for r in res])
     _check_calibrated(est, se, truth)
     est2 = np.array([float(r.squared_estimate) for r in res])
     se2 = np.array([float(r.squared_std_error) for r in res])
-    _check_calibrated(est2, se2, truth ** 2)
+    _check_calibrated(est2, se2, truth**2)
     np.testing.assert_allclose(se, se2 / (2 * est), rtol=1e-12)  # delta method
 
 
@@ -344,8 +374,11 @@ def test_frobenius_exact_pytree():
     assert res.method == "exact"
     np.testing.assert_allclose(float(res.estimate), np.linalg.norm(a), rtol=1e-12)
     r = frobenius_norm(OPS["flat"], key=jax.random.key(0), num_matvecs=60, chunk_size=16)
-    np.testing.assert_allclose(float(r.estimate), float(frobenius_norm(OPS["flat"], key=jax.random.key(0),
-                                                                       num_matvecs=60).estimate), rtol=1e-12)
+    np.testing.assert_allclose(
+        float(r.estimate),
+        float(frobenius_norm(OPS["flat"], key=jax.random.key(0), num_matvecs=60).estimate),
+        rtol=1e-12,
+    )
     lo, hi = r.confidence_interval(0.99, squared=True)
     assert float(lo) < float(r.squared_estimate) < float(hi)
 
@@ -353,19 +386,22 @@ def test_frobenius_exact_pytree():
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(num_matvecs=0), ValueError, "at least 1"),
-    (dict(num_matvecs=2, method="hutch++"), ValueError, "at least 3"),
-    (dict(num_matvecs=1, method="xtrace"), ValueError, "at least 2"),
-    (dict(num_matvecs=2.5), TypeError, "must be an int"),
-    (dict(method="lanczos"), ValueError, "Unknown trace method"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-    (dict(rtol=-1.0), ValueError, "rtol"),
-    (dict(rtol=0.0), ValueError, "positive"),
-    (dict(max_matvecs=500), ValueError, "adaptive mode"),
-    (dict(rtol=0.1, max_matvecs=10), ValueError, "max_matvecs"),
-    (dict(error_estimate="bootstrap"), ValueError, "error_estimate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(num_matvecs=0), ValueError, "at least 1"),
+        (dict(num_matvecs=2, method="hutch++"), ValueError, "at least 3"),
+        (dict(num_matvecs=1, method="xtrace"), ValueError, "at least 2"),
+        (dict(num_matvecs=2.5), TypeError, "must be an int"),
+        (dict(method="lanczos"), ValueError, "Unknown trace method"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(rtol=-1.0), ValueError, "rtol"),
+        (dict(rtol=0.0), ValueError, "positive"),
+        (dict(max_matvecs=500), ValueError, "adaptive mode"),
+        (dict(rtol=0.1, max_matvecs=10), ValueError, "max_matvecs"),
+        (dict(error_estimate="bootstrap"), ValueError, "error_estimate"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         trace(OPS["flat"], key=jax.random.key(0), **kwargs)

@@ -75,8 +75,9 @@ def _monitor(**kw):
 
 def test_monitor_matches_dense_eigh_on_schedule_with_callback():
     seen = []
-    mon = _monitor(every=3, trace_matvecs=30, learning_rate=0.5, callback=seen.append,
-                   key=jax.random.key(1))
+    mon = _monitor(
+        every=3, trace_matvecs=30, learning_rate=0.5, callback=seen.append, key=jax.random.key(1)
+    )
     _, kept = _train(0.5, 10, mon, keep=(0, 3, 6, 9))
     assert [r.step for r in mon.history] == [0, 3, 6, 9]
     assert seen == mon.history and all(isinstance(r, MonitorRecord) for r in seen)
@@ -107,7 +108,9 @@ def test_files_survive_a_crash_and_plot(tmp_path):
     assert len(lines) == 3  # steps 0, 3, 6 were written before the crash
     recs = [json.loads(line) for line in lines]
     assert [r["step"] for r in recs] == [0, 3, 6]
-    np.testing.assert_allclose([r["eigenvalues"] for r in recs], [r.eigenvalues for r in mon.history])
+    np.testing.assert_allclose(
+        [r["eigenvalues"] for r in recs], [r.eigenvalues for r in mon.history]
+    )
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 3, 6]
@@ -134,7 +137,9 @@ def test_warm_start_saves_matvecs_and_cost_accounting():
     s = warm.summary(total_train_seconds=warm.seconds * 4)
     assert s.cold_eig_matvecs == c and s.eig_matvecs == w
     assert s.warm_start_savings == pytest.approx(1 - w / c) and s.warm_start_savings > 0
-    assert s.overhead == pytest.approx(0.25) and warm.overhead(warm.seconds * 2) == pytest.approx(0.5)
+    assert s.overhead == pytest.approx(0.25) and warm.overhead(warm.seconds * 2) == pytest.approx(
+        0.5
+    )
     assert s.num_evaluations == 6 and s.final_sharpness == warm.history[-1].sharpness
     assert json.loads(s.to_json())["eig_matvecs"] == w
     assert cold.summary().warm_start_savings is None
@@ -159,11 +164,15 @@ def test_flax_params_extraction_and_linen_trainstate():
     class LNet(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(nn.Dense(5, param_dtype=jnp.float64)(x)))
+            return nn.Dense(3, param_dtype=jnp.float64)(
+                jnp.tanh(nn.Dense(5, param_dtype=jnp.float64)(x))
+            )
 
     module = LNet()
     variables = module.init(jax.random.key(0), X)
-    state = train_state.TrainState.create(apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1))
+    state = train_state.TrainState.create(
+        apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1)
+    )
     lproblem = hvp.flax.from_linen(module, variables, "cross_entropy")
     lmon = CurvatureMonitor.from_flax(lproblem, BATCH, every=1, k=2, tol=1e-8, trace=False)
     r1 = lmon(0, state)

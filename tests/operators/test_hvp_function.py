@@ -51,7 +51,9 @@ def test_hvp_kwargs_and_quadratic():
         return 0.5 * scale * x @ a @ x
 
     v = jnp.array([1.0, 2.0])
-    np.testing.assert_allclose(hvp.hvp(fun, jnp.array([0.3, -0.2]), v, scale=2.0), 2.0 * a @ v, rtol=1e-14)
+    np.testing.assert_allclose(
+        hvp.hvp(fun, jnp.array([0.3, -0.2]), v, scale=2.0), 2.0 * a @ v, rtol=1e-14
+    )
 
 
 def test_hvp_errors(nested):

@@ -31,7 +31,8 @@ FILTERS = {
 
 
 @pytest.mark.parametrize(
-    "filt,kind", [(f, "hessian") for f in sorted(FILTERS)] + [("regex", "ggn"), ("regex", "empirical_fisher")]
+    "filt,kind",
+    [(f, "hessian") for f in sorted(FILTERS)] + [("regex", "ggn"), ("regex", "empirical_fisher")],
 )
 def test_block_equals_dense_sub_block(filt, kind):
     p = build("nested")
@@ -55,14 +56,23 @@ def test_block_full_params_puts_block_in_place():
     p = build("nested")
     op = make_operator(p, "hessian", wrt="scale")
     assert op.size == 1
-    full = op.full_params({"extra": (None, None), "layers": [{"b": None, "w": None}, (None, None)],
-                           "scale": p.params["scale"] * 0 + 7.0})
+    full = op.full_params(
+        {
+            "extra": (None, None),
+            "layers": [{"b": None, "w": None}, (None, None)],
+            "scale": p.params["scale"] * 0 + 7.0,
+        }
+    )
     assert float(full["scale"][0]) == 7.0
     np.testing.assert_array_equal(full["layers"][0]["w"], p.params["layers"][0]["w"])
     # the 1 x 1 block is the last diagonal entry of the full Hessian
     ref = reference("nested", "hessian")
     n = p.size
-    h = op @ {"extra": (None, None), "layers": [{"b": None, "w": None}, (None, None)], "scale": jnp.ones(1)}
+    h = op @ {
+        "extra": (None, None),
+        "layers": [{"b": None, "w": None}, (None, None)],
+        "scale": jnp.ones(1),
+    }
     assert abs(float(h["scale"][0]) - ref[n - 1, n - 1]) <= 1e-10 * abs(ref[n - 1, n - 1])
 
 

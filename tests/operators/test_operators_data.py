@@ -39,7 +39,9 @@ def test_batch_weights_are_by_size_not_uniform():
     weighted = operator("nested", "hessian") @ v
     assert relative_error(tu.ravel(uniform), tu.ravel(weighted)) > 1e-3
     sizes = [24, 24, 24, 13]
-    by_size = jax.tree_util.tree_map(lambda *xs: sum(n * x for n, x in zip(sizes, xs)) / 85, *per_batch)
+    by_size = jax.tree_util.tree_map(
+        lambda *xs: sum(n * x for n, x in zip(sizes, xs)) / 85, *per_batch
+    )
     assert _close(by_size, weighted)
 
 
@@ -102,5 +104,9 @@ def test_dict_batches_over_data_set():
     assert sorted(op.dataset.groups[0]) == ["image", "label"]
     assert op.dataset.groups[0]["image"].shape == (3, 24, 16)
     v = _v(op)
-    np.testing.assert_allclose(tu.ravel(op @ v), reference("dict_batch", "ggn") @ np.asarray(tu.ravel(v)),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        tu.ravel(op @ v),
+        reference("dict_batch", "ggn") @ np.asarray(tu.ravel(v)),
+        rtol=1e-10,
+        atol=1e-12,
+    )

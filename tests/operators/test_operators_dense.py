@@ -109,7 +109,8 @@ def test_matmat_equals_stacked_matvecs(name, kind):
 
 
 @pytest.mark.parametrize(
-    "name,kind", [c for c in FAST_CASES if c[1] in ("ggn", "empirical_fisher") and c[0] in GGN_PROBLEMS]
+    "name,kind",
+    [c for c in FAST_CASES if c[1] in ("ggn", "empirical_fisher") and c[0] in GGN_PROBLEMS],
 )
 def test_gauss_newton_and_fisher_are_psd(name, kind):
     # every output loss in problems.py is convex in the outputs, so the GGN is PSD

@@ -69,7 +69,9 @@ def test_empty_data_set(prob):
 
 def test_batch_leaves_disagree(prob):
     x, y = prob.batches[0]
-    with pytest.raises(ValueError, match=r"leaves of batch 1 disagree.*leading axis\): 23: 1; 24: 0"):
+    with pytest.raises(
+        ValueError, match=r"leaves of batch 1 disagree.*leading axis\): 23: 1; 24: 0"
+    ):
         hvp.hessian(prob.loss_fn, prob.params, [prob.batches[0], (x, y[:23])])
     with pytest.raises(ValueError, match=r"The leaves of the batch disagree"):
         hvp.hessian(prob.loss_fn, prob.params, (x, y[:23]))
@@ -98,7 +100,9 @@ def test_nonfinite_matvec_raises_naming_the_leaf():
     data = (jnp.ones((4, 3)), jnp.zeros((4, 2)))
     v = tu.ones_like(params)
     op = hvp.hessian(_exploding_loss, params, data)
-    with pytest.raises(hvp.NonFiniteError, match=r"NaN or Inf in leaf\(s\) 'c'\..*check_finite=False") as info:
+    with pytest.raises(
+        hvp.NonFiniteError, match=r"NaN or Inf in leaf\(s\) 'c'\..*check_finite=False"
+    ) as info:
         op @ v
     assert "'w'" not in str(info.value)
     assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
@@ -121,8 +125,13 @@ def test_ggn_batch_that_cannot_be_unpacked(prob):
         hvp.ggn(prob.model_fn, prob.output_loss, prob.params, {"a": x, "b": y})
     with pytest.raises(TypeError, match="into \\(inputs, targets\\)"):
         hvp.ggn(prob.model_fn, prob.output_loss, prob.params, (x, y, y))
-    op = hvp.ggn(prob.model_fn, prob.output_loss, prob.params, {"a": x, "b": y},
-                 unpack=lambda b: (b["a"], b["b"]))
+    op = hvp.ggn(
+        prob.model_fn,
+        prob.output_loss,
+        prob.params,
+        {"a": x, "b": y},
+        unpack=lambda b: (b["a"], b["b"]),
+    )
     assert op.num_examples == 24
 
 

@@ -33,7 +33,11 @@ def test_random_symmetric_quadratic(data, n_tail):
     op = hvp.hessian(quadratic_loss, params, (jnp.asarray(a), jnp.asarray(b)))
     expected = a.mean(axis=0)
     dense = np.asarray(op.dense())
-    np.testing.assert_allclose(dense, expected, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(
+        dense, expected, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(expected).max())
+    )
     v = data.draw(arrays(np.float64, (n,), elements=finite))
     hv = op @ tu.unravel_fn(params)(jnp.asarray(v))
-    np.testing.assert_allclose(tu.ravel(hv), expected @ v, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(v).max()))
+    np.testing.assert_allclose(
+        tu.ravel(hv), expected @ v, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(v).max())
+    )

@@ -69,8 +69,16 @@ def test_stack_index_and_batched_dots(mixed):
 
 
 def test_paths_and_nonfinite_leaves(mixed):
-    assert tu.leaf_paths(mixed) == ["extra/0", "extra/1", "f32", "layers/0/b", "layers/0/w",
-                                    "layers/1/0", "layers/1/1", "scale"]
+    assert tu.leaf_paths(mixed) == [
+        "extra/0",
+        "extra/1",
+        "f32",
+        "layers/0/b",
+        "layers/0/w",
+        "layers/1/0",
+        "layers/1/1",
+        "scale",
+    ]
     bad = {**mixed, "scale": jnp.array([jnp.nan])}
     assert tu.nonfinite_leaves(bad) == ["scale"]
     assert bool(tu.all_finite(mixed)) and not bool(tu.all_finite(bad))
