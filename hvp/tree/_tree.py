@@ -7,8 +7,12 @@ on every leaf. These helpers never ravel to one flat vector (except
 :func:`ravel`, which exists for dense validation), so each leaf keeps its own
 shape and its own sharding.
 
-Reductions (:func:`dot`, :func:`norm`) accumulate in the leaves' dtype and
-return a scalar array; they are safe to call under ``jit`` and ``vmap``.
+Precision policy: reductions (:func:`dot`, :func:`vdot_batched`, :func:`norm`,
+:func:`leaf_dots`, :func:`leaf_norms`) accumulate in at least float32, whatever the
+leaves' dtype (:func:`accumulation_dtype`): a bfloat16 or float16 vector's norm neither
+overflows nor loses its digits, and the algorithms of :mod:`hvp.linalg` keep their
+small projected matrices and scalars in that dtype. They return a scalar array and are
+safe to call under ``jit`` and ``vmap``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ PyTree = Any
 
 __all__ = [
     "PyTree",
+    "accumulation_dtype",
     "dot",
     "vdot_batched",
     "norm",
@@ -62,10 +67,32 @@ def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
     return jax.tree_util.tree_map(fn, tree, *rest)
 
 
+def accumulation_dtype(*dtypes) -> np.dtype:
+    """The dtype in which reductions over vectors of ``dtypes`` accumulate: at least float32.
+
+    ``bfloat16``/``float16`` -> ``float32``; ``float32`` -> ``float32``; ``float64`` ->
+    ``float64`` (complex types keep their kind). This is the one precision policy of
+    :mod:`hvp`: products run in the parameters' dtype, inner products, norms and small
+    dense factorisations in this one.
+
+    >>> import jax.numpy as jnp
+    >>> from hvp.tree import accumulation_dtype
+    >>> accumulation_dtype(jnp.bfloat16).name
+    'float32'
+    """
+    dts = [jnp.dtype(d) for d in dtypes] or [jnp.dtype(jnp.float32)]
+    return jnp.dtype(jnp.result_type(jnp.float32, *dts))
+
+
+def _acc(x):
+    return x.astype(accumulation_dtype(x.dtype)) if x.dtype != accumulation_dtype(x.dtype) else x
+
+
 def dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Euclidean inner product ``<a, b>`` summed over all leaves."""
+    """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32."""
     leaves = [
-        jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+        jnp.vdot(_acc(x), _acc(y))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
     ]
     if not leaves:
         return jnp.zeros(())
@@ -73,14 +100,17 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
-    """Per-leaf inner products ``<a_l, b_l>``, as a pytree of scalars."""
-    return jax.tree_util.tree_map(lambda x, y: jnp.vdot(x, y), a, b)
+    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars."""
+    return jax.tree_util.tree_map(lambda x, y: jnp.vdot(_acc(x), _acc(y)), a, b)
 
 
 def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
-    """Inner products of each row of ``stacked`` (leading axis ``k``) with ``b``: shape ``(k,)``."""
+    """Inner products of each row of ``stacked`` (leading axis ``k``) with ``b``: shape ``(k,)``.
+
+    Accumulated in >= float32 (see :func:`accumulation_dtype`).
+    """
     parts = [
-        jnp.tensordot(x.reshape(x.shape[0], -1), y.reshape(-1), axes=1)
+        jnp.tensordot(_acc(x).reshape(x.shape[0], -1), _acc(y).reshape(-1), axes=1)
         for x, y in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(b))
     ]
     return sum(parts[1:], parts[0])
@@ -92,8 +122,8 @@ def norm(a: PyTree) -> jax.Array:
 
 
 def leaf_norms(a: PyTree) -> PyTree:
-    """Per-leaf Euclidean norms, as a pytree of scalars shaped like ``a``."""
-    return jax.tree_util.tree_map(lambda x: jnp.sqrt(jnp.vdot(x, x)), a)
+    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``."""
+    return jax.tree_util.tree_map(lambda x: jnp.sqrt(jnp.vdot(_acc(x), _acc(x))), a)
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
