@@ -23,6 +23,7 @@ _EIGEN_ALL = [
 # --- end eigen ---
 
 # --- estimators: trace / diagonal / Frobenius (owned by the estimator work) ---
+from hvp.linalg._checks import DtypePolicy  # noqa: E402
 from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal  # noqa: E402
 from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm  # noqa: E402
 from hvp.linalg._trace import TraceResult, trace  # noqa: E402

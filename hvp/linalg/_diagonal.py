@@ -36,17 +36,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from hvp import tree as tu
+from hvp.linalg._checks import (
+    DtypePolicy,
+    acc_dtype,
+    apply_in_dtype,
+    check_int,
+    check_key,
+    coerce_operator,
+    dtype_policy,
+    raise_if_nonfinite,
+    resolve_chunk,
+)
 from hvp.linalg._trace import (
     TraceResult,
     _mean_se,
     _normal_quantile,
-    check_chunk,
-    check_int,
-    check_key,
-    coerce_operator,
     exact_map,
     probes,
-    raise_if_nonfinite,
 )
 
 __all__ = ["DiagonalResult", "LeafTraces", "diagonal"]
@@ -86,7 +92,7 @@ def _stats(samples: jax.Array, exact: bool):
     return _mean_se(samples)
 
 
-@tu.result(static=("num_matvecs", "method"))
+@tu.result(static=("num_matvecs", "method", "dtype_policy"))
 class DiagonalResult:
     """Estimate of :math:`\\operatorname{diag}(A)` as a pytree shaped like the parameters.
 
@@ -97,6 +103,9 @@ class DiagonalResult:
       method: ``"hutchinson"`` (Bekas et al. 2007) or ``"exact"`` (``num_matvecs >= n``).
       leaf_samples: per-probe leaf sums :math:`z_{k,\\ell}^\\top (A z_k)_\\ell`, one
         ``(m,)`` array per leaf (for ``"exact"``: the exact leaf traces, shape ``(1,)``).
+      dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: products in the parameters'
+        dtype, ``estimate``/``std_error`` accumulated and returned in ``accumulate``
+        (at least float32).
     """
 
     estimate: PyTree
@@ -104,6 +113,7 @@ class DiagonalResult:
     num_matvecs: int
     leaf_samples: PyTree
     method: str = "hutchinson"
+    dtype_policy: DtypePolicy | None = None
 
     @property
     def _exact(self) -> bool:
@@ -159,6 +169,7 @@ class DiagonalResult:
             num_matvecs=self.num_matvecs,
             method="exact" if self._exact else "hutchinson",
             samples=total,
+            dtype_policy=self.dtype_policy,
         )
 
 
@@ -184,8 +195,9 @@ def _chan_update(acc, block_n: int, block_mean, block_m2):
 
 def _block_stats(op, key, start, size: int):
     zs = probes(key, op.like, size, "rademacher", start=start)
-    azs = jax.vmap(op._apply)(zs)
-    prods = tu.map(jnp.multiply, zs, azs)  # z * A z, per probe
+    azs = jax.vmap(lambda z: apply_in_dtype(op, z))(zs)
+    acc = acc_dtype(op.like)
+    prods = tu.map(lambda z, az: z.astype(acc) * az.astype(acc), zs, azs)  # z * A z, per probe
     mean = tu.map(lambda x: jnp.mean(x, axis=0), prods)
     m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
     leaf_sums = tu.map(lambda x: jnp.sum(x.reshape(x.shape[0], -1), axis=1), prods)
@@ -197,7 +209,7 @@ def _diagonal(op, key, *, num_matvecs: int, chunk: int | None):
     m = num_matvecs
     c = m if chunk is None else min(chunk, m)
     n_full, rem = divmod(m, c)
-    like = op.like
+    like = tu.cast(op.like, acc_dtype(op.like))  # accumulators in >= float32
     acc = (
         jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
         tu.zeros_like(like),
@@ -224,7 +236,7 @@ def _diagonal(op, key, *, num_matvecs: int, chunk: int | None):
 
 @partial(jax.jit, static_argnames=("chunk",))
 def _exact_diagonal(op, *, chunk: int | None):
-    unravel = tu.unravel_fn(op.like)
+    unravel = tu.unravel_fn(tu.cast(op.like, acc_dtype(op.like)))
     diag = unravel(exact_map(op, tu.dot, chunk))
     sums = tu.map(lambda x: jnp.sum(x).reshape(1), diag)
     return diag, tu.zeros_like(diag), sums
@@ -249,25 +261,40 @@ def diagonal(
       num_matvecs: number of probes (products), >= 1; with ``num_matvecs >= n``
         the exact diagonal is computed from ``n`` products.
       chunk_size: at most this many products at once (a ``lax.scan`` over
-        chunks keeps the memory at a few parameter-sized pytrees); ``None``: all at once.
+        chunks keeps the memory at a few parameter-sized pytrees); ``None`` (default):
+        the memory rule of :func:`hvp.linalg.trace`, at most 8 at once.
       like: example pytree of the vectors when ``op`` is a plain callable.
 
     Returns:
       :class:`DiagonalResult`: ``estimate`` and ``std_error`` shaped like the
-      parameters, ``num_matvecs``, and :meth:`~DiagonalResult.sum_by_leaf` /
+      parameters (in the accumulation dtype, at least float32), ``num_matvecs``,
+      ``dtype_policy``, and :meth:`~DiagonalResult.sum_by_leaf` /
       :meth:`~DiagonalResult.sum_by` / :meth:`~DiagonalResult.trace` for block traces.
     """
     op = coerce_operator(op, like)
     check_key(key)
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=1)
-    chunk = check_chunk(chunk_size)
+    policy = dtype_policy(op.like)
     if num_matvecs >= op.size:
+        chunk = resolve_chunk(chunk_size, op.size)
         est, se, sums = _exact_diagonal(op, chunk=chunk)
         res = DiagonalResult(
-            estimate=est, std_error=se, num_matvecs=op.size, leaf_samples=sums, method="exact"
+            estimate=est,
+            std_error=se,
+            num_matvecs=op.size,
+            leaf_samples=sums,
+            method="exact",
+            dtype_policy=policy,
         )
     else:
+        chunk = resolve_chunk(chunk_size, num_matvecs)
         est, se, sums = _diagonal(op, key, num_matvecs=num_matvecs, chunk=chunk)
-        res = DiagonalResult(estimate=est, std_error=se, num_matvecs=num_matvecs, leaf_samples=sums)
+        res = DiagonalResult(
+            estimate=est,
+            std_error=se,
+            num_matvecs=num_matvecs,
+            leaf_samples=sums,
+            dtype_policy=policy,
+        )
     raise_if_nonfinite(op, "diagonal estimate", *jax.tree_util.tree_leaves(res.estimate))
     return res

@@ -24,22 +24,26 @@ import jax
 import jax.numpy as jnp
 
 from hvp import tree as tu
-from hvp.linalg._trace import (
-    _mean_se,
-    _normal_quantile,
-    check_chunk,
+from hvp.linalg._checks import (
+    DtypePolicy,
     check_int,
     check_key,
     coerce_operator,
+    dtype_policy,
+    raise_if_nonfinite,
+    resolve_chunk,
+)
+from hvp.linalg._trace import (
+    _mean_se,
+    _normal_quantile,
     exact_map,
     probe_map,
-    raise_if_nonfinite,
 )
 
 __all__ = ["FrobeniusResult", "frobenius_norm"]
 
 
-@tu.result(static=("num_matvecs", "method"))
+@tu.result(static=("num_matvecs", "method", "dtype_policy"))
 class FrobeniusResult:
     """Estimate of :math:`\\|A\\|_F` and :math:`\\|A\\|_F^2`.
 
@@ -51,6 +55,8 @@ class FrobeniusResult:
       num_matvecs: operator products spent.
       method: ``"hutchinson"`` or ``"exact"``.
       samples: :math:`\\|A z_k\\|^2` per probe (``"exact"``: :math:`\\|A e_i\\|^2`, whose sum is the estimate).
+      dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in the parameters'
+        dtype, ``||A z||^2`` and the sums in at least float32).
     """
 
     estimate: jax.Array
@@ -60,6 +66,7 @@ class FrobeniusResult:
     num_matvecs: int
     method: str
     samples: jax.Array
+    dtype_policy: DtypePolicy | None = None
 
     def confidence_interval(self, level: float = 0.95, *, squared: bool = False):
         """Normal interval for :math:`\\|A\\|_F` (or, with ``squared=True``, for :math:`\\|A\\|_F^2`)."""
@@ -110,7 +117,8 @@ def frobenius_norm(
       key: a JAX PRNG key; the same key gives the same result.
       num_matvecs: number of probes (one product each), >= 1; with
         ``num_matvecs >= n`` the norm is computed exactly from ``n`` products.
-      chunk_size: at most this many products at once; ``None``: all at once.
+      chunk_size: at most this many products at once; ``None`` (default): the memory
+        rule of :func:`hvp.linalg.trace`, at most 8 at once.
       like: example pytree of the vectors when ``op`` is a plain callable.
 
     Returns:
@@ -122,12 +130,13 @@ def frobenius_norm(
     op = coerce_operator(op, like)
     check_key(key)
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=1)
-    chunk = check_chunk(chunk_size)
     if num_matvecs >= op.size:
-        vals = _exact_frobenius(op, chunk=chunk)
+        vals = _exact_frobenius(op, chunk=resolve_chunk(chunk_size, op.size))
         method, cost = "exact", op.size
     else:
-        vals = _frobenius(op, key, num_matvecs=num_matvecs, chunk=chunk)
+        vals = _frobenius(
+            op, key, num_matvecs=num_matvecs, chunk=resolve_chunk(chunk_size, num_matvecs)
+        )
         method, cost = "hutchinson", num_matvecs
     f, se, f2, se2, samples = vals
     raise_if_nonfinite(op, "Frobenius norm estimate", f2)
@@ -139,4 +148,5 @@ def frobenius_norm(
         num_matvecs=cost,
         method=method,
         samples=samples,
+        dtype_policy=dtype_policy(op.like),
     )

@@ -22,22 +22,35 @@ import jax.numpy as jnp
 from jax import lax
 
 from hvp import tree as tu
-from hvp.linalg._lanczos import _check_like, _start_vector
-from hvp.operators import NonFiniteError, as_operator
+from hvp.linalg._checks import (
+    DtypePolicy,
+    acc_dtype,
+    apply_in_dtype,
+    check_finite_float,
+    check_int,
+    check_key,
+    coerce_operator,
+    dtype_policy,
+)
+from hvp.operators import NonFiniteError
 
 __all__ = ["power_iteration", "PowerResult"]
 
 
-@tu.result
+@tu.result(static=("dtype_policy",))
 class PowerResult:
     """Result of :func:`power_iteration`.
 
     Attributes:
-      eigenvalue: Rayleigh quotient ``v^T A v`` (signed) of the final iterate.
-      eigenvector: unit pytree like the parameters.
+      eigenvalue: Rayleigh quotient ``v^T A v`` (signed) of the final iterate, in the
+        accumulation dtype (at least float32).
+      eigenvector: unit pytree like the parameters (in their dtype).
       residual: ``||A v - eigenvalue * v||``.
       num_matvecs: operator products used.
       converged: ``residual <= tol * |eigenvalue|``.
+      dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in the parameters'
+        dtype, norms, the Rayleigh quotient, the residual and the normalisation in
+        ``accumulate``).
     """
 
     eigenvalue: jax.Array
@@ -45,32 +58,69 @@ class PowerResult:
     residual: jax.Array
     num_matvecs: jax.Array
     converged: jax.Array
+    dtype_policy: DtypePolicy | None = None
+
+
+def _to(v, like):
+    return jax.tree_util.tree_map(lambda x, lk: x.astype(jnp.result_type(lk)), v, like)
 
 
 @partial(jax.jit, static_argnames=("num_iters",))
 def _power_run(op, v, tol, *, num_iters):
-    def measure(v):
-        av = op._apply(v)
-        lam = tu.dot(v, av)
-        r = tu.axpy(-lam, v, av)
-        return av, lam, tu.norm(r)
+    like = op.like
+    acc = acc_dtype(like)
 
-    av, lam, res = measure(v)
-    state = (v, av, lam, res, jnp.ones((), jnp.int32))
+    def measure(v):
+        # v: unit vector in the accumulation dtype; the product runs in the parameters' dtype.
+        av = tu.cast(apply_in_dtype(op, v), acc)
+        lam = tu.dot(v, av)
+        res = tu.norm(tu.axpy(-lam, v, av))
+        ok = tu.all_finite(av)
+        return av, lam, res, ok
+
+    def normalise(w):
+        nw = tu.norm(w)
+        return tu.scale(1.0 / jnp.where(nw > 0, nw, 1.0), w), nw
+
+    v, _ = normalise(tu.cast(v, acc))
+    av, lam, res, ok = measure(v)
+    state = (v, av, lam, res, ok, jnp.ones((), jnp.int32))
 
     def cond(s):
-        _, _, lam, res, i = s
-        return (i < num_iters) & (res > tol * jnp.abs(lam))
+        _, _, lam, res, ok, i = s
+        return ok & (i < num_iters) & (res > tol * jnp.abs(lam))
 
     def body(s):
-        _, av, _, _, i = s
-        na = tu.norm(av)
-        v = tu.scale(1.0 / jnp.where(na > 0, na, 1.0), av)
-        av, lam, res = measure(v)
-        return v, av, lam, res, i + 1
+        v, av, _, _, _, i = s
+        w, na = normalise(av)
+        # A v = 0 (zero operator, or v in the null space): keep v, whose eigenvalue 0 is exact.
+        v = jax.tree_util.tree_map(lambda a, b: jnp.where(na > 0, a, b), w, v)
+        av, lam, res, ok = measure(v)
+        return v, av, lam, res, ok, i + 1
 
-    v, _, lam, res, i = lax.while_loop(cond, body, state)
-    return v, lam, res, i, res <= tol * jnp.abs(lam)
+    v, _, lam, res, ok, i = lax.while_loop(cond, body, state)
+    finite = ok & jnp.isfinite(lam) & jnp.isfinite(res)
+    return _to(v, like), lam, res, i, finite & (res <= tol * jnp.abs(lam)), finite
+
+
+def _start(v0, like, key):
+    """The start vector: random normal (from ``key``), ``v0``, or the sum of a stacked block ``v0``."""
+    if v0 is None:
+        return tu.normal_like(key, like)
+    try:
+        tu.assert_same_structure(v0, like, name="v0", like_name="operator.like", check_dtype=False)
+        return v0
+    except ValueError as single_err:
+        try:
+            tu.assert_same_structure(
+                v0, like, name="v0", like_name="operator.like", check_dtype=False, leading=1
+            )
+        except ValueError:
+            raise ValueError(
+                "`v0` must be a pytree shaped like the operator's parameters, or a stacked block "
+                f"of such vectors (leading axis on every leaf). {single_err}"
+            ) from None
+        return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
 
 
 def power_iteration(
@@ -80,9 +130,13 @@ def power_iteration(
 
     Args:
       op: a :class:`hvp.LinearOperator`, or a matvec callable with ``like=``.
-      key: PRNG key for the random start vector (ignored when ``v0`` is given).
+      key: PRNG key for the random start vector (``jax.random.key(seed)``; ignored when
+        ``v0`` is given, and then it may be ``None``).
       num_iters: maximum number of matvecs (>= 1).
-      tol: stop when :math:`\|A v - \lambda v\| \le \mathrm{tol} \cdot |\lambda|`.
+      tol: stop when :math:`\|A v - \lambda v\| \le \mathrm{tol} \cdot |\lambda|`
+        (finite, ``>= 0``). With bfloat16/float16 parameters the residual cannot fall
+        much below ``eps * |lambda|`` of that dtype (``7.8e-3`` / ``9.8e-4``), so a
+        smaller ``tol`` ends with ``converged=False`` after ``num_iters`` products.
       v0: optional start vector (pytree like the parameters, or a stacked
         block whose sum is used).
       like: example pytree when ``op`` is a plain matvec callable.
@@ -93,27 +147,47 @@ def power_iteration(
       the two largest magnitudes are close; when ``-lambda`` and ``lambda``
       are both eigenvalues the iterate oscillates and ``converged`` stays False.
 
+    Precision: products run in the parameters' dtype; the iterate, its normalisation, the
+    Rayleigh quotient and the residual in at least float32 (``dtype_policy``), so a
+    float16 norm cannot overflow into a zero vector. Works under ``jax.jit`` (then a
+    non-finite result is returned as NaN instead of raising).
+
     Raises:
-      ValueError: ``num_iters < 1``, negative ``tol``, ``v0`` of the wrong structure.
-      NonFiniteError: the operator produced NaN or Inf.
+      TypeError: ``key`` is not a PRNG key (e.g. an int: pass ``key=jax.random.key(seed)``).
+      ValueError: ``num_iters < 1``, negative or non-finite ``tol``, ``v0`` of the wrong structure.
+      NonFiniteError: the operator produced NaN or Inf (e.g. a float16 overflow).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> r = hvp.power_iteration(hvp.from_dense(jnp.diag(jnp.array([1.0, -3.0]))),
+      ...                         key=jax.random.key(0), tol=1e-5)
+      >>> round(float(r.eigenvalue), 3), bool(r.converged)
+      (-3.0, True)
     """
-    op = as_operator(op, like)
-    _check_like(op)
-    if int(num_iters) < 1:
-        raise ValueError(f"`num_iters` must be at least 1, got {num_iters}.")
-    if not tol >= 0:
-        raise ValueError(f"`tol` must be a non-negative float, got {tol!r}.")
-    if key is None and v0 is None:
-        raise ValueError("Pass a PRNG `key` (e.g. `jax.random.PRNGKey(0)`) or a start vector `v0`.")
-    v = _start_vector(v0, op.like, key if key is not None else jax.random.PRNGKey(0))
-    vec, lam, res, nmv, conv = _power_run(
-        op, v, jnp.asarray(tol, op.dtype), num_iters=int(num_iters)
+    op = coerce_operator(op, like, what="eigenvalue")
+    num_iters = check_int("num_iters", num_iters, minimum=1)
+    tol = check_finite_float("tol", tol)
+    if v0 is None:
+        check_key(key)
+    v = _start(v0, op.like, key)
+    if v0 is not None and not tu.is_traced(v) and float(tu.norm(v)) == 0.0:
+        raise ValueError("`v0` is the zero vector: pass a non-zero start vector or `v0=None`.")
+    vec, lam, res, nmv, conv, finite = _power_run(
+        op, v, jnp.asarray(tol, acc_dtype(op.like)), num_iters=num_iters
     )
-    if not (bool(jnp.isfinite(lam)) and bool(jnp.isfinite(res))):
+    if not tu.is_traced(lam, finite) and not bool(finite):
         raise NonFiniteError(
-            f"power_iteration on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
-            "values. Check the parameters and data, or build the operator with `check_finite=True`."
+            f"power_iteration on the {op.name} operator produced NaN or Inf (within "
+            f"{int(nmv)} matvec(s)): its matvec returned non-finite values (with float16 "
+            "parameters, values above 65504 overflow). Find the leaf with "
+            "`hvp.tree.nonfinite_leaves(op @ v)`, check the parameters, the data and the loss, "
+            "or run in float32."
         )
     return PowerResult(
-        eigenvalue=lam, eigenvector=vec, residual=res, num_matvecs=nmv, converged=conv
+        eigenvalue=lam,
+        eigenvector=vec,
+        residual=res,
+        num_matvecs=nmv,
+        converged=conv,
+        dtype_policy=dtype_policy(op.like),
     )

@@ -40,15 +40,17 @@ import numpy as np
 from jax import lax
 
 from hvp import tree as tu
-from hvp.linalg._lanczos import (
-    _check_like,
-    _empty_basis,
-    _eps,
-    _fresh_vector,
-    _set_row,
-    lanczos_step,
+from hvp.linalg._checks import (
+    DtypePolicy,
+    acc_dtype,
+    apply_in_dtype,
+    check_int,
+    check_key,
+    coerce_operator,
+    dtype_policy,
+    raise_if_nonfinite,
+    resolve_chunk,
 )
-from hvp.operators import NonFiniteError, as_operator
 
 __all__ = ["spectral_density", "SpectralDensity", "TraceFnEstimate", "wasserstein1"]
 
@@ -59,30 +61,39 @@ class TraceFnEstimate:
 
     Attributes:
       estimate: mean over probes of ``n * sum_j w_j f(theta_j)``.
-      stderr: standard error of that mean (sample std / sqrt(probes); ``inf`` with one probe).
+      std_error: standard error of that mean (sample std / sqrt(probes); ``inf`` with one probe).
       samples: the per-probe estimates, shape ``(num_probes,)``.
     """
 
     estimate: jax.Array
-    stderr: jax.Array
+    std_error: jax.Array
     samples: jax.Array
 
+    @property
+    def stderr(self) -> jax.Array:
+        """Deprecated alias of ``std_error`` (the field name shared by every result)."""
+        return self.std_error
 
-@tu.result(static=("size",))
+
+@tu.result(static=("size", "dtype_policy"))
 class SpectralDensity:
     """SLQ estimate of a spectral density (result of :func:`spectral_density`).
 
     Attributes:
-      nodes: Ritz values, shape ``(num_probes, num_iters)``.
+      nodes: Ritz values, shape ``(num_probes, num_iters)``, in the accumulation dtype.
       weights: Gauss quadrature weights, same shape; each row sums to 1.
       num_matvecs: operator products used (``num_probes * num_iters``).
       size: ``n``, the operator size.
+      dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: products in the parameters'
+        dtype, the Lanczos coefficients, the tridiagonal matrix and its ``eigh`` in
+        ``accumulate`` (at least float32).
     """
 
     nodes: jax.Array
     weights: jax.Array
     num_matvecs: jax.Array
     size: int = 0
+    dtype_policy: DtypePolicy | None = None
 
     @property
     def num_probes(self) -> int:
@@ -162,7 +173,7 @@ class SpectralDensity:
             se = jnp.std(samples, ddof=1) / np.sqrt(p)
         else:
             se = jnp.asarray(np.inf, est.dtype)
-        return TraceFnEstimate(estimate=est, stderr=se, samples=samples)
+        return TraceFnEstimate(estimate=est, std_error=se, samples=samples)
 
     def wasserstein1(self, eigenvalues, weights=None) -> float:
         """Wasserstein-1 distance between this estimate and a reference spectrum (see :func:`wasserstein1`)."""
@@ -206,58 +217,113 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
     return float(np.sum(np.abs(diff) * np.diff(pts)))
 
 
+def _rows_coeffs(V, w, acc):
+    """``V^T w`` (one coefficient per row of the block ``V``), accumulated in ``acc``."""
+    parts = [
+        jnp.matmul(
+            Vl.reshape(Vl.shape[0], -1),
+            wl.reshape(-1).astype(Vl.dtype) if Vl.dtype == wl.dtype else wl.reshape(-1),
+            preferred_element_type=acc,
+            precision=lax.Precision.HIGHEST,
+        ).astype(acc)
+        for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w))
+    ]
+    return sum(parts[1:], parts[0])
+
+
+def _rows_combine(c, V, acc):
+    """``sum_i c_i V_i`` in ``acc``."""
+    return tu.map(
+        lambda Vl: jnp.tensordot(c, Vl.astype(acc), axes=1, precision=lax.Precision.HIGHEST), V
+    )
+
+
+def _orthogonalize(V, w, mask, acc):
+    """Two passes of classical Gram-Schmidt of ``w`` against the rows of ``V`` in ``mask``."""
+    h = jnp.zeros(mask.shape, acc)
+    for _ in range(2):
+        c = _rows_coeffs(V, w, acc) * mask
+        w = tu.sub(w, _rows_combine(c, V, acc))
+        h = h + c
+    return h, w
+
+
+def _unit_or_fresh(w, beta, broke, key, V, mask, like, acc):
+    """``w / beta``, or (breakdown) a random unit vector orthogonal to the rows in ``mask``."""
+
+    def normal(_):
+        return tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
+
+    def fresh(_):
+        r = tu.cast(tu.normal_like(key, like), acc)
+        _, r = _orthogonalize(V, r, mask, acc)
+        nr = tu.norm(r)
+        ok = nr > 1e-3
+        return tu.scale(jnp.where(ok, 1.0 / jnp.where(ok, nr, 1.0), 0.0), r)
+
+    return lax.cond(broke, fresh, normal, None)
+
+
 @partial(jax.jit, static_argnames=("m", "reorth", "chunk_size", "basis_dtype", "eps"))
 def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
+    """Nodes and weights of ``m``-step Lanczos quadrature from each key's Rademacher probe.
+
+    Precision: products in the parameters' dtype; the iterates and their orthogonalisation,
+    alpha/beta, ``T`` and its ``eigh`` in the accumulation dtype; the basis is stored in
+    ``basis_dtype`` (default: the parameters' dtype).
+    """
     like = op.like
     n = tu.size(like)
-    real = jnp.result_type(*jax.tree_util.tree_leaves(like))
+    acc = acc_dtype(like)
+
+    def apply(v):
+        return tu.cast(apply_in_dtype(op, v), acc)
 
     def one(key):
         kz, kr = jax.random.split(key)
-        v0 = tu.scale(1.0 / np.sqrt(n), tu.rademacher_like(kz, like))
-        alphas = jnp.zeros((m,), real)
-        betas = jnp.zeros((m,), real)
-        anorm = jnp.zeros((), real)
+        v0 = tu.scale(1.0 / np.sqrt(n), tu.cast(tu.rademacher_like(kz, like), acc))
+        alphas = jnp.zeros((m,), acc)
+        betas = jnp.zeros((m,), acc)
+        anorm = jnp.zeros((), acc)
         if reorth:
-            V = _set_row(_empty_basis(like, m + 1, basis_dtype), 0, v0)
+            V = tu.map(lambda x: jnp.zeros((m + 1,) + jnp.shape(x), basis_dtype or x.dtype), like)
+            V = tu.map(lambda Vl, x: Vl.at[0].set(x.astype(Vl.dtype)), V, v0)
 
             def body(j, c):
                 V, alphas, betas, anorm = c
-                h, beta, v_next, anorm, _ = lanczos_step(
-                    op, V, j, anorm, jax.random.fold_in(kr, j), like, eps=eps
+                v = tu.map(lambda Vl: Vl[j].astype(acc), V)
+                w = apply(v)
+                anorm = jnp.maximum(anorm, tu.norm(w))
+                mask = (jnp.arange(m + 1) <= j).astype(acc)
+                h, w = _orthogonalize(V, w, mask, acc)
+                beta = tu.norm(w)
+                broke = beta <= 10.0 * eps * anorm
+                v_next = _unit_or_fresh(
+                    w, beta, broke, jax.random.fold_in(kr, j), V, mask, like, acc
                 )
-                return (
-                    _set_row(V, j + 1, v_next),
-                    alphas.at[j].set(h[j]),
-                    betas.at[j].set(beta),
-                    anorm,
-                )
+                beta = jnp.where(broke, 0.0, beta)
+                V = tu.map(lambda Vl, x: Vl.at[j + 1].set(x.astype(Vl.dtype)), V, v_next)
+                return V, alphas.at[j].set(h[j]), betas.at[j].set(beta), anorm
 
             _, alphas, betas, _ = lax.fori_loop(0, m, body, (V, alphas, betas, anorm))
         else:
 
             def body(j, c):
                 v_prev, v, beta_prev, alphas, betas, anorm = c
-                w = op._apply(v)
+                w = apply(v)
                 anorm = jnp.maximum(anorm, tu.norm(w))
                 alpha = tu.dot(v, w)
                 w = tu.sub(tu.axpy(-alpha, v, w), tu.scale(beta_prev, v_prev))
                 beta = tu.norm(w)
                 broke = beta <= 10.0 * eps * anorm
                 two = tu.stack([v_prev, v])
-
-                def fresh(_):
-                    return jnp.zeros_like(beta), _fresh_vector(
-                        jax.random.fold_in(kr, j), two, jnp.ones((2,), real), like
-                    )
-
-                def normal(_):
-                    return beta, tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
-
-                beta, v_next = lax.cond(broke, fresh, normal, None)
+                v_next = _unit_or_fresh(
+                    w, beta, broke, jax.random.fold_in(kr, j), two, jnp.ones((2,), acc), like, acc
+                )
+                beta = jnp.where(broke, 0.0, beta)
                 return v, v_next, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), anorm
 
-            c0 = (tu.zeros_like(v0), v0, jnp.zeros((), real), alphas, betas, anorm)
+            c0 = (tu.zeros_like(v0), v0, jnp.zeros((), acc), alphas, betas, anorm)
             _, _, _, alphas, betas, _ = lax.fori_loop(0, m, body, c0)
         off = betas[: m - 1]
         T = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
@@ -267,6 +333,14 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
     if chunk_size is None:
         return jax.vmap(one)(keys)
     return lax.map(one, keys, batch_size=chunk_size)
+
+
+def _slq_eps(like, basis_dtype) -> float:
+    """Breakdown threshold unit: the roundoff of the coarsest dtype the vectors pass through."""
+    dts = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)]
+    if basis_dtype is not None:
+        dts.append(jnp.dtype(basis_dtype))
+    return max(float(jnp.finfo(d).eps) for d in dts)
 
 
 def spectral_density(
@@ -290,58 +364,78 @@ def spectral_density(
 
     Args:
       op: a :class:`hvp.LinearOperator`, or a matvec callable with ``like=``.
-      key: PRNG key (same key, same result).
+      key: PRNG key, ``jax.random.key(seed)`` (same key, same result).
       num_probes: number of random probes ``P`` (>= 1); statistical error ~ ``1/sqrt(P)``.
       num_iters: Lanczos steps ``m`` per probe (capped at ``n``); resolution of
         the density and degree ``2m - 1`` of exact quadrature.
-      chunk_size: probes run at once (``None``: all). Memory with full
-        reorthogonalisation: ``chunk_size * (num_iters + 1) * n`` numbers of
-        ``basis_dtype``.
+      chunk_size: probes run at once. ``None`` (default): the memory rule of
+        :func:`hvp.linalg.trace` (at most 8 probes at once), further limited so
+        that the probes' Lanczos bases, ``chunk_size * (num_iters + 1) * n``
+        numbers of ``basis_dtype`` with full reorthogonalisation, fit in 1 GiB.
       reorthogonalize: ``True`` (default) for full reorthogonalisation against
         each probe's own basis; ``False`` stores only 3 vectors per probe at
         the price of ghost eigenvalues (module docstring).
-      basis_dtype: storage dtype for the basis (memory saving; accuracy
-        limited to that precision).
+      basis_dtype: storage dtype for the basis (default: the parameters' dtype;
+        a smaller one saves memory, accuracy limited to that precision).
       like: example pytree when ``op`` is a plain matvec callable.
 
     Returns:
-      :class:`SpectralDensity` with ``nodes``, ``weights`` (``(P, m)``) and
-      helpers ``density``, ``grid``, ``negative_mass``, ``trace_fn``,
+      :class:`SpectralDensity` with ``nodes``, ``weights`` (``(P, m)``), ``dtype_policy``
+      and helpers ``density``, ``grid``, ``negative_mass``, ``trace_fn``,
       ``wasserstein1``.
 
+    Precision: products run in the parameters' dtype (bfloat16/float16 included); the
+    Lanczos iterates are orthogonalised, and ``alpha``, ``beta``, the tridiagonal matrix
+    and its ``eigh`` computed, in at least float32.
+
+    Transformations: works inside ``jax.jit`` (pass the operator and the key as
+    arguments) and under ``jax.vmap`` over keys; there a non-finite result is returned
+    as NaN instead of raising :class:`~hvp.NonFiniteError`.
+
     Raises:
+      TypeError: ``key`` is not a PRNG key (pass ``key=jax.random.key(seed)``), or a count
+        is not an int.
       ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``.
       NonFiniteError: the operator produced NaN or Inf.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.arange(1.0, 5.0))),
+      ...                           key=jax.random.key(0), num_probes=2, num_iters=4)
+      >>> sd.nodes.shape, round(float(sd.trace_fn(lambda t: t).estimate), 4)
+      ((2, 4), 10.0)
     """
-    op = as_operator(op, like)
-    n = _check_like(op)
-    for name, val in (("num_probes", num_probes), ("num_iters", num_iters)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {val!r}.")
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    if key is None:
-        raise ValueError("Pass a PRNG `key`, e.g. `jax.random.PRNGKey(0)`.")
-    m = min(int(num_iters), n)
-    if chunk_size is not None and int(chunk_size) >= num_probes:
-        chunk_size = None
+    op = coerce_operator(op, like, what="spectrum")
+    n = op.size
+    num_probes = check_int("num_probes", num_probes, minimum=1)
+    num_iters = check_int("num_iters", num_iters, minimum=1)
+    check_key(key)
+    m = min(num_iters, n)
     if basis_dtype is not None:
         basis_dtype = jnp.dtype(basis_dtype)
-    keys = jax.random.split(key, int(num_probes))
+    if reorthogonalize:
+        item = max(
+            (basis_dtype or jnp.result_type(x)).itemsize for x in jax.tree_util.tree_leaves(op.like)
+        )
+        per_probe = (m + 1) * n * item
+    else:
+        per_probe = 4 * n * acc_dtype(op.like).itemsize
+    chunk = resolve_chunk(chunk_size, num_probes, per_probe)
+    keys = jax.random.split(key, num_probes)
     nodes, weights = _slq_run(
         op,
         keys,
         m=m,
         reorth=bool(reorthogonalize),
-        chunk_size=None if chunk_size is None else int(chunk_size),
+        chunk_size=None if chunk >= num_probes else chunk,
         basis_dtype=basis_dtype,
-        eps=_eps(op.like, basis_dtype),
+        eps=_slq_eps(op.like, basis_dtype),
     )
-    if not (bool(jnp.all(jnp.isfinite(nodes))) and bool(jnp.all(jnp.isfinite(weights)))):
-        raise NonFiniteError(
-            f"spectral_density on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
-            "values. Check the parameters and data, or build the operator with `check_finite=True`."
-        )
+    raise_if_nonfinite(op, "spectral density (SLQ nodes and weights)", nodes, weights)
     return SpectralDensity(
-        nodes=nodes, weights=weights, num_matvecs=jnp.asarray(int(num_probes) * m), size=n
+        nodes=nodes,
+        weights=weights,
+        num_matvecs=jnp.asarray(num_probes * m),
+        size=n,
+        dtype_policy=dtype_policy(op.like),
     )

@@ -2,8 +2,10 @@ r"""Stochastic trace estimation: Hutchinson, Hutch++ and XTrace.
 
 All three estimate :math:`\operatorname{tr}(A)` of a symmetric operator from
 matrix-vector products only, with random probes drawn like the parameters
-(Rademacher or Gaussian pytrees) and applied in one compiled, vmapped call
-(``chunk_size`` bounds how many products run at once).
+(Rademacher or Gaussian pytrees) and applied in one compiled call, ``chunk_size``
+products at a time (default: at most 8, :func:`hvp.linalg._checks.default_chunk_size`).
+Products run in the parameters' dtype; dot products, Gram matrices, the orthonormal bases
+and their ``eigh`` in at least float32 (:func:`hvp.tree.accumulation_dtype`).
 
 * **Hutchinson** (Girard 1989; Hutchinson 1989): for i.i.d. Rademacher probes
   :math:`z_i` (:math:`\mathbb E[z z^\top] = I`),
@@ -66,6 +68,7 @@ no randomised method can beat that for the same cost.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -74,11 +77,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from hvp import tree as tu
-from hvp.operators import LinearOperator, NonFiniteError, as_operator, as_zeros
+from hvp.linalg._checks import (
+    DtypePolicy,
+    acc_dtype,
+    apply_in_dtype,
+    check_finite_float,
+    check_int,
+    check_key,
+    coerce_operator,
+    dtype_policy,
+    raise_if_nonfinite,
+    resolve_chunk,
+)
+from hvp.operators import LinearOperator
 
 __all__ = ["TraceResult", "trace"]
 
@@ -105,7 +119,7 @@ def _normal_quantile(level: float) -> float:
     return statistics.NormalDist().inv_cdf(0.5 + float(level) / 2.0)
 
 
-@tu.result(static=("num_matvecs", "method", "converged"))
+@tu.result(static=("num_matvecs", "method", "converged", "dtype_policy"))
 class TraceResult:
     """Estimate of :math:`\\operatorname{tr}(A)`.
 
@@ -120,7 +134,10 @@ class TraceResult:
         g_j^\\top P A P g_j` (Hutch++), the leave-one-out estimates :math:`t_i`
         (XTrace), or the diagonal entries (exact; their *sum* is the estimate).
       converged: adaptive mode only: whether ``std_error <= max(rtol*|estimate|, atol)``
-        was reached within ``max_matvecs``; ``None`` for a fixed budget.
+        was reached within ``max_matvecs`` (``True`` for an exact result); ``None`` for a
+        fixed budget.
+      dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in ``compute``,
+        sums, Gram matrices and factorisations in ``accumulate``).
     """
 
     estimate: jax.Array
@@ -129,6 +146,7 @@ class TraceResult:
     method: str
     samples: jax.Array
     converged: bool | None = None
+    dtype_policy: DtypePolicy | None = None
 
     def confidence_interval(self, level: float = 0.95) -> tuple[jax.Array, jax.Array]:
         """Normal-approximation interval ``estimate -+ z_{(1+level)/2} * std_error``."""
@@ -141,85 +159,17 @@ class TraceResult:
         return jnp.where(self.estimate != 0, self.std_error / jnp.abs(self.estimate), jnp.inf)
 
 
-# ------------------------------------------------------------------------------------------------
-# input validation shared by the estimators
-# ------------------------------------------------------------------------------------------------
-def coerce_operator(op, like=None) -> LinearOperator:
-    """``as_operator`` plus the checks every estimator needs (floating vectors, n >= 1)."""
-    if like is not None:
-        like = as_zeros(like)
-    if isinstance(op, LinearOperator) and like is not None:
-        tu.assert_same_structure(like, op.like, name="like", like_name=f"{op.name} vectors")
-    op = as_operator(op, like)
-    tu.assert_floating(op.like, name="like")
-    if op.size < 1:
-        raise ValueError(
-            "The operator acts on empty vectors (size 0): there is no trace to estimate."
-        )
-    return op
-
-
-def check_key(key) -> None:
-    if key is None:
-        raise TypeError("`key` is required: pass a JAX PRNG key, e.g. `key=jax.random.key(0)`.")
-    dtype = getattr(key, "dtype", None)
-    if dtype is None:
-        raise TypeError(
-            f"`key` must be a JAX PRNG key, got {type(key).__name__}. Use `jax.random.key(seed)` "
-            "(or `jax.random.PRNGKey(seed)`) instead of a plain integer."
-        )
-    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"`key` must be a single key, got a batch of shape {key.shape}.")
-        return
-    if dtype != jnp.uint32 or key.shape[-1:] != (2,) or key.ndim != 1:
-        raise TypeError(
-            f"`key` must be a JAX PRNG key (`jax.random.key(seed)`), got an array of dtype {dtype} and "
-            f"shape {key.shape}."
-        )
-
-
-def check_int(name: str, value, *, minimum: int, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be at least {minimum}, got {value}.{(' ' + hint) if hint else ''}"
-        )
-    return int(value)
-
-
-def check_chunk(chunk_size) -> int | None:
-    if chunk_size is None:
-        return None
-    return check_int(
-        "chunk_size",
-        chunk_size,
-        minimum=1,
-        hint="It is the number of products computed at once; use None for all at once.",
-    )
-
-
-def raise_if_nonfinite(op: LinearOperator, what: str, *values) -> None:
-    """Raise :class:`~hvp.NonFiniteError` when a concrete result is NaN/Inf (skipped under jit)."""
-    if tu.is_traced(*values):
-        return
-    if all(bool(np.all(np.isfinite(np.asarray(v)))) for v in values):
-        return
-    raise NonFiniteError(
-        f"The {what} of the {op.name} operator is NaN or Inf: its matrix-vector products produced "
-        "non-finite values. Check the parameters (`hvp.tree.nonfinite_leaves(params)`), the data and "
-        "the loss for overflow (float64 may help), or test the operator on one vector (`op @ v`)."
-    )
-
-
 def _eps(dtype) -> float:
     return float(jnp.finfo(dtype).eps)
 
 
 def _work_dtype(like):
-    leaves = jax.tree_util.tree_leaves(like)
-    return jnp.result_type(*leaves)
+    """The dtype of the scalars, small matrices and derived blocks: >= float32 (precision policy)."""
+    return acc_dtype(like)
+
+
+def _acc(x):
+    return x.astype(tu.accumulation_dtype(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +204,7 @@ def map_chunked(fn: Callable, xs, chunk: int | None):
 
 def matmat(op: LinearOperator, vs, chunk: int | None):
     """``A`` applied to each row of the block ``vs`` (chunked)."""
-    return map_chunked(op._apply, vs, chunk)
+    return map_chunked(lambda v: apply_in_dtype(op, v), vs, chunk)
 
 
 def probe_map(
@@ -279,7 +229,7 @@ def probe_map(
         z = probe(jax.random.fold_in(key, i), like, kind)
         if transform is not None:
             z = transform(z)
-        return fn(z, op._apply(z))
+        return fn(z, apply_in_dtype(op, z))
 
     return map_chunked(one, start + jnp.arange(count), chunk)
 
@@ -289,7 +239,7 @@ def exact_map(op: LinearOperator, fn: Callable, chunk: int | None):
     like = op.like
     n = tu.size(like)
     unravel = tu.unravel_fn(like)
-    dtype = _work_dtype(like)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
 
     def one(i):
         e = unravel(jax.nn.one_hot(i, n, dtype=dtype))
@@ -308,7 +258,7 @@ def _rows(x):
 def block_gram(xs, ys) -> jax.Array:
     """``G[a, b] = <x_a, y_b>`` for two stacked blocks (summed over leaves)."""
     parts = [
-        jnp.matmul(_rows(x), _rows(y).T, precision=_HIGHEST)
+        jnp.matmul(_acc(_rows(x)), _acc(_rows(y)).T, precision=_HIGHEST)
         for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys))
     ]
     dtype = jnp.result_type(*parts)
@@ -318,7 +268,7 @@ def block_gram(xs, ys) -> jax.Array:
 def block_rowdots(xs, ys) -> jax.Array:
     """``d[a] = <x_a, y_a>`` for two stacked blocks of the same length."""
     parts = [
-        jnp.einsum("ij,ij->i", _rows(x), _rows(y), precision=_HIGHEST)
+        jnp.einsum("ij,ij->i", _acc(_rows(x)), _acc(_rows(y)), precision=_HIGHEST)
         for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys))
     ]
     dtype = jnp.result_type(*parts)
@@ -328,14 +278,17 @@ def block_rowdots(xs, ys) -> jax.Array:
 def block_combine(xs, coeffs: jax.Array):
     """The block ``y_b = sum_a coeffs[a, b] x_a`` (``coeffs`` is ``k x k'``)."""
     return jax.tree_util.tree_map(
-        lambda x: jnp.tensordot(coeffs.astype(x.dtype), x, axes=([0], [0]), precision=_HIGHEST), xs
+        lambda x: jnp.tensordot(
+            coeffs.astype(_acc(x).dtype), _acc(x), axes=([0], [0]), precision=_HIGHEST
+        ),
+        xs,
     )
 
 
 def block_coeffs(xs, v) -> jax.Array:
     """``c[a] = <x_a, v>`` for a block and one vector."""
     parts = [
-        jnp.matmul(_rows(x), jnp.ravel(y), precision=_HIGHEST)
+        jnp.matmul(_acc(_rows(x)), _acc(jnp.ravel(y)), precision=_HIGHEST)
         for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(v))
     ]
     dtype = jnp.result_type(*parts)
@@ -345,7 +298,7 @@ def block_coeffs(xs, v) -> jax.Array:
 def block_apply(xs, c: jax.Array):
     """The vector ``sum_a c[a] x_a``."""
     return jax.tree_util.tree_map(
-        lambda x: jnp.tensordot(c.astype(x.dtype), x, axes=1, precision=_HIGHEST), xs
+        lambda x: jnp.tensordot(c.astype(_acc(x).dtype), _acc(x), axes=1, precision=_HIGHEST), xs
     )
 
 
@@ -406,15 +359,89 @@ def _hutchinson(op, key, *, num_matvecs: int, chunk: int | None):
     return est, se, samples
 
 
+def _deflate(q, g):
+    """``(I - Q Q^T) g`` in the accumulation dtype."""
+    return tu.sub(tu.map(_acc, g), block_apply(q, block_coeffs(q, g)))
+
+
+def _extend_basis(q_old, ys):
+    """Orthonormal ``Q_add`` spanning ``(I - Q_old Q_old^T) ys`` (block Gram-Schmidt, twice).
+
+    Returns ``(Q_add, B, C_add, rank_add)`` with ``Q_add = (ys - Q_old B) C_add``.
+    ``q_old=None`` orthonormalises ``ys`` itself (``B = None``).
+    """
+    if q_old is None:
+        q, c, rank = orthonormalize(ys)
+        return q, None, c, rank
+    b1 = block_gram(q_old, ys)
+    r1 = tu.sub(tu.map(_acc, ys), block_combine(q_old, b1))
+    b2 = block_gram(q_old, r1)
+    r2 = tu.sub(r1, block_combine(q_old, b2))
+    q, c, rank = orthonormalize(r2)
+    return q, b1 + b2, c, rank
+
+
+def _concat(a, b):
+    def cat(x, y):
+        dt = jnp.result_type(x, y)
+        return jnp.concatenate([x.astype(dt), y.astype(dt)])
+
+    return tu.map(cat, a, b)
+
+
 def hutchpp_from_probes(op, sketch, chunk: int | None, resid_key, num_resid: int):
-    """Hutch++ with a given range sketch block ``sketch`` (``k`` rows) and Rademacher residual probes."""
-    q, _, _ = orthonormalize(matmat(op, sketch, chunk))
+    """Hutch++ with a given range sketch block ``sketch`` (``k`` rows) and Rademacher residual probes.
+
+    The residual probes are drawn, deflated and applied chunk by chunk (at most ``chunk``
+    of them in memory); the adaptive mode keeps them instead (:func:`_hutchpp_extend`).
+    """
+    q, _, _, _ = _extend_basis(None, matmat(op, sketch, chunk))
     low = jnp.sum(block_rowdots(q, matmat(op, q, chunk)))
+    resid = probe_map(
+        op, resid_key, num_resid, "rademacher", tu.dot, chunk, transform=lambda g: _deflate(q, g)
+    )
+    _, se = _mean_se(resid)
+    samples = low + resid
+    return jnp.mean(samples), se, samples
 
-    def deflate(g):
-        return tu.sub(g, block_apply(q, block_coeffs(q, g)))
 
-    resid = probe_map(op, resid_key, num_resid, "rademacher", tu.dot, chunk, transform=deflate)
+def _hutchpp_extend(op, state, sketch, resid_key, resid_start: int, num_resid: int, chunk):
+    """Add sketch probes and residual probes to a Hutch++ state, reusing every earlier product.
+
+    ``state`` holds ``Q`` (orthonormal range basis), ``Z = A Q``, and the deflated residual
+    probes ``P g_j`` with their products ``A P g_j``. New sketch directions ``Q_add`` are
+    orthogonal to ``Q``, so ``P' g = P g - Q_add Q_add^T g`` and
+    ``A P' g = A P g - Z_add Q_add^T g``: old residual samples are updated without products.
+    Cost: ``2 * rows(sketch) + num_resid`` products.
+    """
+    q_old = None if state is None else state["q"]
+    if tu.leading_dim(sketch) == 0:  # no new sketch directions this round
+        q, z, pg, apg = state["q"], state["z"], state["pg"], state["apg"]
+        q_add = None
+    else:
+        q_add, _, _, _ = _extend_basis(q_old, matmat(op, sketch, chunk))
+        z_add = matmat(op, q_add, chunk)
+    if q_add is None:
+        pass
+    elif state is None:
+        q, z, pg, apg = q_add, z_add, None, None
+    else:
+        q, z = _concat(state["q"], q_add), _concat(state["z"], z_add)
+        coeffs = block_gram(q_add, state["pg"])  # (k_add, r): Q_add^T P g_j
+        pg = tu.sub(state["pg"], block_combine(q_add, coeffs))
+        apg = tu.sub(tu.map(_acc, state["apg"]), block_combine(z_add, coeffs))
+    if num_resid:
+        g = probes(resid_key, op.like, num_resid, "rademacher", start=resid_start)
+        g = jax.vmap(lambda v: _deflate(q, v))(g)
+        ag = tu.map(_acc, matmat(op, g, chunk))
+        pg = g if pg is None else _concat(pg, g)
+        apg = ag if apg is None else _concat(apg, ag)
+    return {"q": q, "z": z, "pg": pg, "apg": apg}
+
+
+def _hutchpp_finish(state):
+    low = jnp.sum(block_rowdots(state["q"], state["z"]))  # tr(Q^T A Q)
+    resid = block_rowdots(state["pg"], state["apg"])  # g_j^T P A P g_j
     _, se = _mean_se(resid)
     samples = low + resid
     return jnp.mean(samples), se, samples
@@ -428,6 +455,57 @@ def _hutchpp(op, key, *, num_matvecs: int, chunk: int | None):
     return hutchpp_from_probes(op, sketch, chunk, key_g, num_matvecs - 2 * k)
 
 
+def _xtrace_delta(omega, y, shift):
+    """``delta = shift * ||Y||_2 / sigma_min(Omega)`` for the shifted sketch ``Y + delta Omega``."""
+    g_y = block_gram(y, y)
+    g_o = block_gram(omega, omega)
+    s_max_y = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (g_y + g_y.T))[-1], 0.0))
+    s_min_o = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (g_o + g_o.T))[0], 0.0))
+    return shift * s_max_y / jnp.where(s_min_o > 0, s_min_o, 1.0)
+
+
+def _xtrace_extend(op, state, omega, chunk, shift):
+    """Add Gaussian probes ``omega`` to an XTrace state (2 products per new probe, none redone).
+
+    The state holds ``Omega``, ``Y = A Omega``, the orthonormal ``Q = (Y + delta Omega) C``
+    with its coefficient matrix ``C`` (block upper triangular across rounds), ``rank`` and
+    ``Z = A Q``. New probes extend ``Q`` by block Gram-Schmidt, so ``A Q`` of the old
+    columns is reused; ``delta`` is fixed by the first block.
+    """
+    y = matmat(op, omega, chunk)  # A Omega_new        (new products)
+    if state is None:
+        shift = 10.0 * math.sqrt(_eps(_work_dtype(op.like))) if shift is None else shift
+        delta = _xtrace_delta(omega, y, shift)
+    else:
+        delta = state["delta"]
+    ys = tu.map(lambda o, a: delta.astype(_acc(o).dtype) * _acc(o) + _acc(a), omega, y)
+    q_add, b, c_add, rank_add = _extend_basis(None if state is None else state["q"], ys)
+    z_add = matmat(op, q_add, chunk)  # A Q_add            (new products)
+    if state is None:
+        return {
+            "omega": omega,
+            "y": y,
+            "q": q_add,
+            "c": c_add,
+            "rank": rank_add,
+            "z": z_add,
+            "delta": delta,
+        }
+    c_old = state["c"]
+    k_old, k_add = c_old.shape[0], c_add.shape[0]
+    top = jnp.concatenate([c_old, -(c_old @ b) @ c_add], axis=1)
+    bottom = jnp.concatenate([jnp.zeros((k_add, k_old), c_add.dtype), c_add], axis=1)
+    return {
+        "omega": _concat(state["omega"], omega),
+        "y": _concat(state["y"], y),
+        "q": _concat(state["q"], q_add),
+        "c": jnp.concatenate([top, bottom], axis=0),
+        "rank": state["rank"] + rank_add,
+        "z": _concat(state["z"], z_add),
+        "delta": delta,
+    }
+
+
 def xtrace_from_probes(
     op, omega, chunk: int | None, shift: float | None = None, jackknife: bool = False
 ):
@@ -435,25 +513,19 @@ def xtrace_from_probes(
 
     ``shift`` is the relative size of ``delta`` (default ``10 sqrt(eps)``; ``0`` sketches ``A Omega``).
     """
-    m = tu.leading_dim(omega)
-    n = tu.size(op.like)
-    dtype = _work_dtype(op.like)
-    y = matmat(op, omega, chunk)  # A Omega            (m products)
-    g_y = block_gram(y, y)
-    g_o = block_gram(omega, omega)
-    # Well-conditioned range sketch of (A + delta I) Omega: delta = 10 sqrt(eps) ||Y|| / sigma_min(Omega).
-    s_max_y = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (g_y + g_y.T))[-1], 0.0))
-    s_min_o = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (g_o + g_o.T))[0], 0.0))
-    shift = 10.0 * math.sqrt(_eps(dtype)) if shift is None else shift
-    delta = shift * s_max_y / jnp.where(s_min_o > 0, s_min_o, 1.0)
-    q, c, rank = orthonormalize(tu.axpy(delta, omega, y))
-    z = matmat(op, q, chunk)  # A Q                (m products)
+    state = _xtrace_extend(op, None, omega, chunk, shift)
+    return _xtrace_finish(state, tu.size(op.like), jackknife)
+
+
+def _xtrace_finish(state, n: int, jackknife: bool):
+    omega, y, q, c, rank, z = (state[k] for k in ("omega", "y", "q", "c", "rank", "z"))
+    dtype = c.dtype
     h = block_gram(q, z)
     h = 0.5 * (h + h.T)  # Q^T A Q
     w = block_gram(q, omega)  # W[:, i] = Q^T omega_i
     r = block_gram(q, y)  # R[:, i] = Q^T A omega_i
     oy = block_rowdots(omega, y)  # omega_i^T A omega_i
-    oo = jnp.diagonal(g_o)  # ||omega_i||^2
+    oo = block_rowdots(omega, omega)  # ||omega_i||^2
     # s_i: the unit vector (in Q coordinates) that range(Q) loses when omega_i is left out:
     # orthogonal to Q^T y'_j for all j != i, i.e. the i-th row of C = R'^{-1}.
     s = c.T
@@ -543,14 +615,12 @@ def _cost(method: str, num_matvecs: int) -> int:
 
 
 def _run_fixed(
-    op, key, method: str, num_matvecs: int, chunk: int | None, jackknife: bool = False
+    op, key, method: str, num_matvecs: int, chunk: int, jackknife: bool = False
 ) -> TraceResult:
     n = op.size
+    policy = dtype_policy(op.like)
     if num_matvecs >= n:
-        est, se, samples = _exact_trace(op, chunk=chunk)
-        return TraceResult(
-            estimate=est, std_error=se, num_matvecs=n, method="exact", samples=samples
-        )
+        return _exact_result(op, chunk)
     if method == "xtrace":
         est, se, samples = _xtrace(
             op, key, num_matvecs=num_matvecs, chunk=chunk, jackknife=jackknife
@@ -564,6 +634,20 @@ def _run_fixed(
         num_matvecs=_cost(method, num_matvecs),
         method=method,
         samples=samples,
+        dtype_policy=policy,
+    )
+
+
+def _exact_result(op, chunk: int, *, spent: int = 0, converged: bool | None = None):
+    est, se, samples = _exact_trace(op, chunk=chunk)
+    return TraceResult(
+        estimate=est,
+        std_error=se,
+        num_matvecs=spent + op.size,
+        method="exact",
+        samples=samples,
+        converged=converged,
+        dtype_policy=dtype_policy(op.like),
     )
 
 
@@ -599,18 +683,26 @@ def trace(
       method: ``"hutchinson"`` (Hutchinson 1989, Rademacher probes), ``"hutch++"``
         (Meyer et al. 2021) or ``"xtrace"`` (Epperly, Tropp & Webber 2024); see
         the module docstring for the formulas and their standard errors.
-      rtol, atol: adaptive mode (either one turns it on): stop as soon as
+      rtol: adaptive mode (``rtol`` or ``atol`` turns it on): stop as soon as
         ``std_error <= max(rtol * |estimate|, atol)``. Hutchinson runs rounds
         of ``num_matvecs`` new probes and pools all samples; Hutch++ and XTrace
-        restart with a doubled budget (a fresh key each round) and report the
-        last round, while ``num_matvecs`` in the result counts all rounds.
+        double their total budget each round and extend their sketch, reusing
+        every earlier product (``num_matvecs`` in the result is the total
+        spent). A round that would bring the total to ``n`` products or more,
+        or an error that predicts ``n`` or more are needed, switches to the
+        exact trace (``n`` products, ``method="exact"``, ``std_error=0``): the
+        random rounds never spend ``n`` products without returning the exact value.
+        Must be finite and ``>= 0``.
+      atol: absolute tolerance of adaptive mode (finite, ``>= 0``), see ``rtol``.
       max_matvecs: adaptive mode only: the cap on the total number of products
         (default ``50 * num_matvecs``). ``converged`` reports whether the
         tolerance was met.
       chunk_size: at most this many products run at once (``lax.map`` over
-        chunks of a ``vmap``); ``None`` runs all of them in one vmapped call.
-        Results do not depend on it (probe ``i`` always comes from
-        ``fold_in(key, i)``).
+        chunks of a ``vmap``). ``None`` (default) chooses it by the memory rule
+        of :func:`hvp.linalg._checks.default_chunk_size`: at most 8 products at
+        once (one product of a curvature operator over a data set holds that
+        data set's activations). Results do not depend on it (probe ``i`` always
+        comes from ``fold_in(key, i)``).
       error_estimate: how XTrace's standard error is computed (for Hutchinson
         and Hutch++ both choices give the same number, the sample standard
         deviation of ``samples`` over the square root of their number, since
@@ -626,7 +718,10 @@ def trace(
 
     Returns:
       :class:`TraceResult` with ``estimate``, ``std_error``, ``num_matvecs``,
-      ``method``, ``samples``, ``converged`` and ``confidence_interval(level)``.
+      ``method``, ``samples``, ``converged``, ``dtype_policy`` and
+      ``confidence_interval(level)``. Precision: products run in the parameters'
+      dtype (bfloat16/float16 included); probe dot products, Gram matrices and
+      the small ``eigh`` factorisations run in at least float32.
 
     Raises:
       ValueError / TypeError: bad budget, method, tolerance or key, with the fix.
@@ -652,7 +747,7 @@ def trace(
         minimum=_MIN_MATVECS[method],
         hint=f"Method {method!r} needs at least {_MIN_MATVECS[method]} products.",
     )
-    chunk = check_chunk(chunk_size)
+    chunk = resolve_chunk(chunk_size, max(num_matvecs, 1))
     if error_estimate not in ("sample", "jackknife"):
         raise ValueError(
             f"`error_estimate` must be 'sample' or 'jackknife', got {error_estimate!r}."
@@ -669,16 +764,10 @@ def trace(
         raise_if_nonfinite(op, "trace estimate", res.estimate)
         return res
 
-    for name, val in (("rtol", rtol), ("atol", atol)):
-        if val is not None and (
-            isinstance(val, bool)
-            or not isinstance(val, (int, float, np.floating))
-            or not val >= 0
-            or not math.isfinite(val)
-        ):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {val!r}.")
-    rtol = 0.0 if rtol is None else float(rtol)
-    atol = 0.0 if atol is None else float(atol)
+    rtol = check_finite_float("rtol", rtol, allow_none=True)
+    atol = check_finite_float("atol", atol, allow_none=True)
+    rtol = 0.0 if rtol is None else rtol
+    atol = 0.0 if atol is None else atol
     if rtol == 0.0 and atol == 0.0:
         raise ValueError(
             "Adaptive mode needs a positive `rtol` or `atol` (a zero tolerance never stops)."
@@ -695,15 +784,21 @@ def trace(
             "Adaptive mode (`rtol=`/`atol=`) decides on concrete values and cannot run inside "
             "`jax.jit`; call it outside, or use a fixed `num_matvecs`."
         )
-    if method == "hutchinson":
-        return _adaptive_hutchinson(op, key, num_matvecs, max_matvecs, rtol, atol, chunk, progress)
-    return _adaptive_restart(
+    return _adaptive(
         op, key, method, num_matvecs, max_matvecs, rtol, atol, chunk, progress, jackknife
     )
 
 
 def _met(est, se, rtol, atol) -> bool:
     return float(se) <= max(rtol * abs(float(est)), atol)
+
+
+def _predicted_total(total: int, est, se, rtol, atol, power: float) -> float:
+    """Products needed to reach the tolerance if the error falls like ``total^-power``."""
+    target = max(rtol * abs(float(est)), atol)
+    if not target > 0 or not math.isfinite(float(se)):
+        return math.inf
+    return total * (float(se) / target) ** (1.0 / power)
 
 
 def _progress(enabled: bool, total: int, what: str):
@@ -716,69 +811,104 @@ def _progress(enabled: bool, total: int, what: str):
     return bar, bar.add_task(what, total=total)
 
 
-def _adaptive_hutchinson(op, key, batch, max_matvecs, rtol, atol, chunk, progress) -> TraceResult:
-    parts, total, converged = [], 0, False
-    bar = _progress(progress, max_matvecs, "trace (hutchinson)")
-    try:
-        while total < max_matvecs:
-            count = min(batch, max_matvecs - total)
-            parts.append(_hutchinson_samples(op, key, jnp.asarray(total), count=count, chunk=chunk))
-            total += count
-            samples = jnp.concatenate(parts)
-            est, se = _mean_se(samples)
-            raise_if_nonfinite(op, "trace estimate", est)
-            if bar is not None:
-                bar[0].update(bar[1], completed=total)
-            if total >= 2 and _met(est, se, rtol, atol):
-                converged = True
-                break
-    finally:
-        if bar is not None:
-            bar[0].stop()
-    return TraceResult(
-        estimate=est,
-        std_error=se,
-        num_matvecs=total,
-        method="hutchinson",
-        samples=samples,
-        converged=converged,
-    )
+def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, progress, jackknife):
+    """Adaptive rounds; every product is used once and the total never passes ``n`` unless exact.
 
-
-def _adaptive_restart(
-    op, key, method, budget, max_matvecs, rtol, atol, chunk, progress, jackknife
-) -> TraceResult:
-    total, rnd, converged = 0, 0, False
+    Hutchinson pools rounds of ``batch`` new probes; Hutch++ and XTrace double their total
+    budget each round and *extend* their sketch (:func:`_hutchpp_extend`,
+    :func:`_xtrace_extend`), reusing every earlier product. Before a round, if it would
+    bring the total to ``n`` or more, or if the error so far predicts that ``n`` or more
+    products are needed (``1/sqrt(m)`` decay for Hutchinson, ``1/m`` for Hutch++ and
+    XTrace), the exact trace is computed instead when ``max_matvecs`` allows it (``n``
+    more products); when it does not, rounds continue while their total stays below ``n``.
+    """
+    n = op.size
+    policy = dtype_policy(op.like)
+    power = 0.5 if method == "hutchinson" else 1.0
     bar = _progress(progress, max_matvecs, f"trace ({method})")
+    total, state, parts = 0, None, []
+    k_old = r_old = p_old = 0  # sketch / residual / XTrace probes used so far
+    key_s, key_g = jax.random.split(key)
+    res = None
     try:
         while True:
-            res = _run_fixed(
-                op,
-                key if rnd == 0 else jax.random.fold_in(key, rnd),
-                method,
-                budget,
-                chunk,
-                jackknife,
+            if total == 0:
+                target = batch
+            elif method == "hutchinson":
+                target = total + min(batch, max_matvecs - total)
+            else:
+                target = min(2 * total, max_matvecs)
+            if total > 0:
+                predicted = _predicted_total(total, res.estimate, res.std_error, rtol, atol, power)
+            else:
+                predicted = 0.0
+            exact_affordable = total + n <= max_matvecs
+            if (target >= n or predicted >= n) and exact_affordable:
+                return _exact_result(op, chunk, spent=total, converged=True)
+            if target >= n:  # random rounds never reach n products: stop, unconverged
+                break
+            if target <= total or _cost(method, target) <= total:
+                break
+            if method == "hutchinson":
+                count = target - total
+                parts.append(
+                    _hutchinson_samples(op, key, jnp.asarray(total), count=count, chunk=chunk)
+                )
+                samples = jnp.concatenate(parts)
+                est, se = _mean_se(samples)
+                total = target
+            elif method == "hutch++":
+                k = max(k_old, target // 3)
+                r = target - 2 * k
+                if r < r_old:
+                    k, r = k_old, target - 2 * k_old
+                state = _hutchpp_round(
+                    op, state, key_s, key_g, k_old=k_old, k=k, r_old=r_old, r=r, chunk=chunk
+                )
+                est, se, samples = _hutchpp_finish_jit(state)
+                k_old, r_old, total = k, r, 2 * k + r
+            else:
+                p = target // 2
+                state = _xtrace_round(op, state, key, p_old=p_old, p=p, chunk=chunk)
+                est, se, samples = _xtrace_finish_jit(state, n=n, jackknife=jackknife)
+                p_old, total = p, 2 * p
+            res = TraceResult(
+                estimate=est,
+                std_error=se,
+                num_matvecs=total,
+                method=method,
+                samples=samples,
+                converged=False,
+                dtype_policy=policy,
             )
-            total += res.num_matvecs
-            raise_if_nonfinite(op, "trace estimate", res.estimate)
+            raise_if_nonfinite(op, "trace estimate", est)
             if bar is not None:
                 bar[0].update(bar[1], completed=min(total, max_matvecs))
-            if res.method == "exact" or _met(res.estimate, res.std_error, rtol, atol):
-                converged = True
-                break
-            budget *= 2
-            if total + min(_cost(method, budget), op.size) > max_matvecs:
-                break
-            rnd += 1
+            if total >= 2 and _met(est, se, rtol, atol):
+                return dataclasses.replace(res, converged=True)
     finally:
         if bar is not None:
             bar[0].stop()
-    return TraceResult(
-        estimate=res.estimate,
-        std_error=res.std_error,
-        num_matvecs=total,
-        method=res.method,
-        samples=res.samples,
-        converged=converged,
-    )
+    return res
+
+
+@partial(jax.jit, static_argnames=("k_old", "k", "r_old", "r", "chunk"))
+def _hutchpp_round(op, state, key_s, key_g, *, k_old, k, r_old, r, chunk):
+    sketch = probes(key_s, op.like, k - k_old, "rademacher", start=k_old)
+    return _hutchpp_extend(op, state, sketch, key_g, r_old, r - r_old, chunk)
+
+
+@jax.jit
+def _hutchpp_finish_jit(state):
+    return _hutchpp_finish(state)
+
+
+@partial(jax.jit, static_argnames=("p_old", "p", "chunk"))
+def _xtrace_round(op, state, key, *, p_old, p, chunk):
+    omega = probes(key, op.like, p - p_old, "normal", start=p_old)
+    return _xtrace_extend(op, state, omega, chunk, None)
+
+
+@partial(jax.jit, static_argnames=("n", "jackknife"))
+def _xtrace_finish_jit(state, *, n, jackknife):
+    return _xtrace_finish(state, n, jackknife)

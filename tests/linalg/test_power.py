@@ -65,7 +65,15 @@ def test_v0_and_errors():
         power_iteration(op, key=jax.random.PRNGKey(0), v0=jnp.ones(N + 2))
     with pytest.raises(ValueError, match="num_iters"):
         power_iteration(op, key=jax.random.PRNGKey(0), num_iters=0)
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(TypeError, match=r"pass key=jax\.random\.key\(seed\)"):
         power_iteration(op, key=None)
     d = r1.to_dict()
-    assert set(d) == {"eigenvalue", "eigenvector", "residual", "num_matvecs", "converged"}
+    assert set(d) == {
+        "eigenvalue",
+        "eigenvector",
+        "residual",
+        "num_matvecs",
+        "converged",
+        "dtype_policy",
+    }
+    assert d["dtype_policy"] == {"compute": "float64", "accumulate": "float64"}

@@ -178,5 +178,5 @@ def test_errors(op):
     for kwargs in ({"num_probes": 0}, {"num_iters": 0}, {"chunk_size": 0}):
         with pytest.raises(ValueError):
             spectral_density(op, key=jax.random.PRNGKey(0), **kwargs)
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(TypeError, match=r"pass key=jax\.random\.key\(seed\)"):
         spectral_density(op, key=None)

@@ -286,9 +286,9 @@ def test_adaptive_restart_methods(method):
     )
     assert res.converged and float(res.std_error) <= 5e-3 * abs(float(res.estimate))
     assert abs(float(res.estimate) - truth) <= 4 * float(res.std_error) + 1e-12
-    # budgets double from 24: the total is 24 * (2^r - 1), here with r >= 2 rounds
-    rounds = res.num_matvecs // 24 + 1
-    assert res.num_matvecs % 24 == 0 and rounds & (rounds - 1) == 0 and rounds >= 4
+    # budgets double from 24 and every product is reused: the total is 24 * 2^(r-1), r >= 2
+    rounds = res.num_matvecs // 24
+    assert res.num_matvecs % 24 == 0 and rounds & (rounds - 1) == 0 and rounds >= 2
     cap = trace(
         OPS["decaying"],
         key=jax.random.key(0),
@@ -297,7 +297,8 @@ def test_adaptive_restart_methods(method):
         rtol=1e-12,
         max_matvecs=50,
     )
-    assert not cap.converged and cap.num_matvecs == 24
+    # rounds of 24, 48 and a last one capped at 50 (all earlier products reused)
+    assert not cap.converged and 48 < cap.num_matvecs <= 50
 
 
 def test_atol_stops_on_zero_trace():
