@@ -44,6 +44,7 @@ from hvp.linalg._checks import (
     DtypePolicy,
     acc_dtype,
     apply_in_dtype,
+    check_finite_float,
     check_int,
     check_key,
     coerce_operator,
@@ -117,7 +118,12 @@ class SpectralDensity:
         ``4 sigma`` on each side, so :meth:`density` integrates to about 1 over it.
         """
         nodes, _ = self._pooled()
-        sigma = self.default_sigma() if sigma is None else float(sigma)
+        sigma = (
+            self.default_sigma()
+            if sigma is None
+            else check_finite_float("sigma", sigma, positive=True)
+        )
+        pad = check_finite_float("pad", pad)
         lo, hi = float(nodes.min()), float(nodes.max())
         width = hi - lo
         return np.linspace(lo - pad * width - 4 * sigma, hi + pad * width + 4 * sigma, int(num))
@@ -129,9 +135,11 @@ class SpectralDensity:
         see the bulk and the outliers (Ghorbani et al., 2019).
         """
         grid = np.asarray(grid, dtype=np.float64)
-        sigma = self.default_sigma() if sigma is None else float(sigma)
-        if not sigma > 0:
-            raise ValueError(f"`sigma` must be positive, got {sigma}.")
+        sigma = (
+            self.default_sigma()
+            if sigma is None
+            else check_finite_float("sigma", sigma, positive=True)
+        )
         nodes, weights = self._pooled()
         out = np.zeros(grid.shape)
         flat = grid.reshape(-1)
@@ -150,12 +158,14 @@ class SpectralDensity:
         return cum[np.searchsorted(nodes[order], x, side="right")]
 
     def negative_mass(self, threshold: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-threshold`` (``threshold >= 0``)."""
+        """Estimated fraction of eigenvalues below ``-threshold`` (``threshold >= 0``, finite)."""
+        threshold = check_finite_float("threshold", abs(float(threshold)))
         nodes, weights = self._pooled()
         return float(np.sum(weights[nodes < -abs(threshold)]))
 
     def positive_mass(self, threshold: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues above ``threshold``."""
+        """Estimated fraction of eigenvalues above ``threshold`` (finite; its sign is ignored)."""
+        threshold = check_finite_float("threshold", abs(float(threshold)))
         nodes, weights = self._pooled()
         return float(np.sum(weights[nodes > abs(threshold)]))
 
@@ -222,7 +232,7 @@ def _rows_coeffs(V, w, acc):
     parts = [
         jnp.matmul(
             Vl.reshape(Vl.shape[0], -1),
-            wl.reshape(-1).astype(Vl.dtype) if Vl.dtype == wl.dtype else wl.reshape(-1),
+            wl.reshape(-1),
             preferred_element_type=acc,
             precision=lax.Precision.HIGHEST,
         ).astype(acc)

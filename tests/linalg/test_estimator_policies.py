@@ -285,6 +285,21 @@ def test_non_finite_floats_refused(bad):
         trace(op, key=key, atol=bad)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -1.0])
+def test_spectral_density_helpers_refuse_non_finite(bad):
+    sd = hvp.SpectralDensity(
+        nodes=jnp.array([[1.0, 2.0]]), weights=jnp.array([[0.5, 0.5]]), num_matvecs=2, size=2
+    )
+    with pytest.raises(ValueError, match="`sigma` must be a finite number > 0"):
+        sd.density(np.linspace(0.0, 3.0, 5), sigma=bad)
+    with pytest.raises(ValueError, match="`sigma` must be a finite number > 0"):
+        sd.grid(10, sigma=bad)
+    if not np.isfinite(bad):
+        with pytest.raises(ValueError, match="`threshold` must be a finite number"):
+            sd.negative_mass(threshold=bad)
+    assert sd.negative_mass() == 0.0 and sd.positive_mass(threshold=1.5) == 0.5
+
+
 # ------------------------------------------------------------------------------------------------
 # transformations
 # ------------------------------------------------------------------------------------------------
