@@ -91,9 +91,10 @@ def check_key(key, *, name: str = "key") -> None:
                 f"{KEY_HINT} (use `jax.vmap` over the call to run several keys)."
             )
         return
-    if dtype == jnp.uint32 and shape == (2,):
+    raw_sizes = (2, 4)  # threefry (default) and rbg raw keys
+    if dtype == jnp.uint32 and len(shape) == 1 and shape[0] in raw_sizes:
         return
-    if dtype == jnp.uint32 and len(shape) > 1 and shape[-1] == 2:
+    if dtype == jnp.uint32 and len(shape) > 1 and shape[-1] in raw_sizes:
         raise ValueError(
             f"`{name}` must be a single PRNG key, got a batch of raw keys of shape {shape}: "
             f"{KEY_HINT} (use `jax.vmap` over the call to run several keys)."
