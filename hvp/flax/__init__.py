@@ -12,11 +12,12 @@ See ``docs/flax.md``.
 from hvp.flax._layers import LayerTrace, group_by_layer, layer_norms, layer_of, layer_trace
 from hvp.flax._linen import from_linen
 from hvp.flax._nnx import from_nnx, nnx_params
-from hvp.flax._problem import FlaxProblem, resolve_loss
+from hvp.flax._problem import FlaxProblem, StaleStateWarning, resolve_loss
 
 __all__ = [
     "FlaxProblem",
     "LayerTrace",
+    "StaleStateWarning",
     "from_linen",
     "from_nnx",
     "group_by_layer",

@@ -14,7 +14,7 @@ import pytest
 import hvp
 import hvp.flax
 from hvp import tree as tu
-from hvp.monitor import CurvatureMonitor, MonitorRecord
+from hvp.monitor import CurvatureMonitor, MonitorError, MonitorRecord
 
 # A tiny tanh MLP 4-5-3 with cross-entropy on fixed random data (n = 43), shared by the tests
 # so that the operator, Lanczos and the trace estimator compile once for the whole file.
@@ -199,5 +199,9 @@ def test_monitor_errors():
     with pytest.raises(ValueError, match="no records"):
         mon.plot("never-written.png")
     mon(0, PARAMS0)
-    with pytest.raises(ValueError, match="same pytree structure"):
+    with pytest.raises(MonitorError, match="step 1 failed while reading the parameters") as info:
         mon(1, {"l0": PARAMS0["l0"]})
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "same pytree structure" in str(info.value)
+    with pytest.raises(ValueError, match="on_error"):
+        _monitor(on_error="ignore")
