@@ -16,8 +16,12 @@ __all__ = ["from_linen"]
 
 
 def _plain(tree):
-    """``FrozenDict`` -> ``dict`` recursively (plain dicts pass through)."""
-    return flax_core.unfreeze(tree) if isinstance(tree, flax_core.FrozenDict) else tree
+    """``FrozenDict`` -> ``dict`` recursively, as new containers.
+
+    A later in-place change of the user's dicts does not reach the problem.
+    """
+    tree = flax_core.unfreeze(tree) if isinstance(tree, flax_core.FrozenDict) else tree
+    return jax.tree_util.tree_map(lambda x: x, tree)
 
 
 def from_linen(

@@ -164,6 +164,9 @@ def from_nnx(
     user_graph, _, _ = nnx.split(model, nnx.Param, ...)
     run_model = model if train else _eval_view(model)
     graphdef, param_state, rest = nnx.split(run_model, nnx.Param, ...)
+    # Snapshots: the split state shares Variable objects with the live model, whose values
+    # training (nnx.jit, in-place `[...] =`) replaces; the problem holds the values of now.
+    param_state, rest = _fresh(param_state), _fresh(rest)
     params = _pure(param_state)
     if not jax.tree_util.tree_leaves(params):
         raise ValueError(
@@ -182,8 +185,8 @@ def from_nnx(
         if isinstance(source, nnx.Module):
             _, p_state, other = nnx.split(source, nnx.Param, ...)
         elif isinstance(source, nnx.State):
-            p_state = source.filter(nnx.Param)
-            other = source.filter(nnx.Not(nnx.Param))
+            p_state = nnx.filter_state(source, nnx.Param)
+            other = nnx.filter_state(source, nnx.Not(nnx.Param))
             if not jax.tree_util.tree_leaves(other):
                 other = None
         else:
@@ -202,7 +205,7 @@ def from_nnx(
                 else ()
             )
             return new_params, None, missing
-        return new_params, other, ()
+        return new_params, _fresh(other), ()
 
     def build(state) -> FlaxProblem:
         def model_fn(p, inputs):

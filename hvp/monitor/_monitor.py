@@ -103,7 +103,7 @@ def read_history(path) -> list[dict]:
       >>> import os, tempfile
       >>> from hvp.monitor import read_history
       >>> path = os.path.join(tempfile.mkdtemp(), "history.jsonl")
-      >>> _ = open(path, "w").write('{"step": 0}\n{"step": 10}\n{"step": 2')  # cut mid-write
+      >>> _ = open(path, "w").write('{"step": 0}\\n{"step": 10}\\n{"step": 2')  # cut mid-write
       >>> [r["step"] for r in read_history(path)]
       [0, 10]
     """
@@ -467,6 +467,7 @@ class CurvatureMonitor:
             )
         if isinstance(probe_data, Iterator):
             probe_data = list(probe_data)  # read once, used at every evaluation
+        probe_data = jax.tree_util.tree_map(jnp.asarray, probe_data)  # on the device once
         dataset = _ops.as_dataset(probe_data)
         okw = dict(operator_kwargs or {})
         problem.operator(
