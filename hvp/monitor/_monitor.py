@@ -49,6 +49,7 @@ Usage with optax::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -232,6 +233,34 @@ def extract_params(obj):
     except ImportError:  # pragma: no cover
         pass
     return obj
+
+
+def _ignored_state(obj) -> list[str]:
+    """Non-parameter state that ``obj`` carries and a loss of the parameters alone cannot see.
+
+    NNX modules: variables that are neither ``nnx.Param`` nor RNG state (BatchNorm
+    statistics, custom variables); ``TrainState``-like dataclasses: fields holding
+    arrays other than the standard ``step``, ``params``, ``opt_state`` (e.g.
+    ``batch_stats``).
+    """
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return []
+    if isinstance(obj, nnx.Module):
+        other = nnx.state(obj, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
+        return ["/".join(str(k) for k in path) for path, _ in nnx.to_flat_state(other)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and hasattr(obj, "params"):
+        standard = {"step", "apply_fn", "params", "tx", "opt_state"}
+        return [
+            f.name
+            for f in dataclasses.fields(obj)
+            if f.name not in standard
+            and any(
+                isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(getattr(obj, f.name))
+            )
+        ]
+    return []
 
 
 def _after_first(seconds, first, total):
@@ -550,6 +579,22 @@ class CurvatureMonitor:
     def _load(self, obj, where: list):
         """Parameters (and, for a Flax problem, the model state) from what the user passed."""
         if self._problem is None:
+            names = [] if self._warned_state else _ignored_state(obj)
+            if names:
+                self._warned_state = True
+                from hvp.flax import StaleStateWarning
+
+                shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+                warnings.warn(
+                    StaleStateWarning(
+                        f"monitor(step, ...) got a model with non-parameter state ({shown}), but "
+                        "this monitor evaluates a function of the parameters alone, which cannot "
+                        "see that state: if the model reads it (BatchNorm statistics), build the "
+                        "monitor with CurvatureMonitor.from_flax(hvp.flax.from_nnx/from_linen(...)) "
+                        "so that it is taken from each call."
+                    ),
+                    stacklevel=5,
+                )
             return extract_params(obj)
         where[0] = "reading the parameters and model state passed to monitor(step, ...)"
         params, state, missing = self._problem.split(obj)

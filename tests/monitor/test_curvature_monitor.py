@@ -289,3 +289,23 @@ def test_plot_scales_to_measurements_with_adam_learning_rate(tmp_path):
     png = mon.plot(tmp_path / "adam.png")
     assert open(png, "rb").read()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["adam.png"]  # no temporary file left
+
+
+def test_from_loss_given_a_model_with_state_warns_once():
+    import warnings
+
+    from flax.training import train_state
+
+    class BNState(train_state.TrainState):  # as in the Linen ImageNet example
+        batch_stats: dict
+
+    state = BNState.create(
+        apply_fn=None, params=PARAMS0, tx=optax.sgd(0.1), batch_stats={"mean": jnp.zeros(3)}
+    )
+    mon = _monitor(every=1, trace=False)
+    with pytest.warns(hvp.flax.StaleStateWarning, match=r"batch_stats.*from_flax"):
+        mon(0, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        mon(1, state)
+    assert [r.step for r in mon.history] == [0, 1]

@@ -215,6 +215,9 @@ class CNN(nnx.Module):
         kw = {"param_dtype": F64, "dtype": F64, "rngs": rngs}
         self.conv1 = nnx.Conv(1, 3, kernel_size=(3, 3), **kw)
         self.batch_norm1 = nnx.BatchNorm(3, **kw)
+        # float64 statistics (NNX keeps them in float32 whatever the parameters' dtype)
+        self.batch_norm1.mean = nnx.BatchStat(jnp.zeros(3, F64))
+        self.batch_norm1.var = nnx.BatchStat(jnp.ones(3, F64))
         self.dropout1 = nnx.Dropout(rate=0.1)
         self.avg_pool = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
         self.linear1 = nnx.Linear(48, 10, **kw)
