@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -297,6 +297,13 @@ class _StateOperator(_ops.LinearOperator):
     @classmethod
     def build(cls, problem, kind, data, params, state, options):
         params = problem.params if params is None else params
+        if isinstance(data, _ops.Dataset):
+            raise TypeError(
+                "With `state=`, pass the batches themselves (one batch or a list of batches), "
+                "not an hvp.operators.Dataset: they become an argument of the compiled products."
+            )
+        if isinstance(data, Iterator):
+            data = list(data)
         options = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
         # built once concretely: validates kind, data and shapes now, and gives the name
         inner = problem.with_state(state).operator(kind, data, params=params, **dict(options))

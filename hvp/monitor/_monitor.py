@@ -64,7 +64,7 @@ import numpy as np
 from hvp import linalg as _linalg
 from hvp import operators as _ops
 from hvp import tree as tu
-from hvp._io import atomic_write_text
+from hvp._io import atomic_write_text, check_writable_dir
 
 __all__ = [
     "CurvatureMonitor",
@@ -422,6 +422,8 @@ class CurvatureMonitor:
         self.density_iters = int(density_iters)
         self.key = jax.random.key(0) if key is None else key
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        if self.output_dir is not None:  # fail now, not after the first evaluation
+            check_writable_dir(self.output_dir, what="monitor output_dir")
         self.callback = callback
         self.learning_rate = learning_rate
         self.verbose = bool(verbose)

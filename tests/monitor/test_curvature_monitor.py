@@ -184,7 +184,10 @@ def test_flax_params_extraction_and_linen_trainstate():
     np.testing.assert_allclose(r2.eigenvalues, ref, rtol=1e-8)
 
 
-def test_monitor_errors():
+def test_monitor_errors(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="monitor output_dir"):
+        _monitor(output_dir=tmp_path / "file")  # at construction, not after an evaluation
     with pytest.raises(ValueError, match="every"):
         _monitor(every=0)
     with pytest.raises(ValueError, match="`k`"):
