@@ -2,7 +2,9 @@
 
 * :func:`from_nnx` / :func:`from_linen` turn a model and a loss on its
   outputs into a :class:`FlaxProblem`: a loss over a plain parameter pytree,
-  a model function, and ``hessian`` / ``ggn`` / ``empirical_fisher`` methods.
+  a model function, and ``hessian`` / ``ggn`` / ``empirical_fisher`` methods;
+  ``problem.at(model_or_train_state)`` takes the current parameters *and*
+  non-parameter state (BatchNorm statistics, ...) after training steps.
 * :func:`group_by_layer`, :func:`layer_norms`, :func:`layer_trace` break
   curvature down by layer (model-agnostic, from parameter paths).
 

@@ -28,6 +28,17 @@ class StaleStateWarning(UserWarning):
 
     The curvature then uses the state (BatchNorm statistics, ...) held by the
     problem, which may be older than the parameters.
+
+    Example:
+      >>> import warnings, hvp.flax
+      >>> from flax import nnx
+      >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))  # running mean and variance
+      >>> problem = hvp.flax.from_nnx(model, "mse")
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     _ = problem.at(hvp.flax.nnx_params(model))  # parameters only
+      >>> caught[0].category.__name__
+      'StaleStateWarning'
     """
 
 
@@ -200,6 +211,14 @@ class FlaxProblem:
         rebuild, so compiled products are reused). Otherwise the new problem's
         functions close over the new arrays: operators built from it compile
         anew (once per distinct state).
+
+        Example:
+          >>> import jax, hvp.flax
+          >>> from flax import nnx
+          >>> problem = hvp.flax.from_nnx(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), "mse")
+          >>> doubled = jax.tree_util.tree_map(lambda a: 2 * a, problem.state)
+          >>> problem.with_state(problem.state) is problem, problem.with_state(doubled) is problem
+          (True, False)
         """
         if state is None or _same_leaves(state, self.state):
             return self
@@ -222,6 +241,17 @@ class FlaxProblem:
         Raises:
           ValueError: when ``source`` holds state of another structure
             (another model).
+
+        Example:
+          >>> import hvp.flax
+          >>> from flax import nnx
+          >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+          >>> problem = hvp.flax.from_nnx(model, "mse")
+          >>> params, state, missing = problem.split(model)
+          >>> sorted(params), missing
+          (['bias', 'scale'], ())
+          >>> problem.split(params)[2]
+          ('nnx variables mean, var',)
         """
         if self._split is None:  # pragma: no cover - problems built by hand
             raise ValueError("This FlaxProblem was not built by from_nnx/from_linen.")

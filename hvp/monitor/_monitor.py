@@ -83,11 +83,36 @@ class MonitorError(RuntimeError):
     """An evaluation of :class:`CurvatureMonitor` failed; the message says at which step and where.
 
     The original exception is chained (``__cause__``).
+
+    Example:
+      >>> import jax.numpy as jnp, hvp
+      >>> from hvp.monitor import MonitorError
+      >>> def loss(w, x):
+      ...     return jnp.mean((x @ w) ** 2)
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False)
+      >>> try:
+      ...     monitor.update(0, jnp.array([jnp.nan, 1.0]))  # a diverged run
+      ... except MonitorError as err:
+      ...     print(str(err)[:71])
+      CurvatureMonitor: the evaluation at step 0 failed while building the cu
     """
 
 
 class MonitorWarning(RuntimeWarning):
-    """An evaluation of :class:`CurvatureMonitor` failed and ``on_error="warn"`` let training go on."""
+    """An evaluation of :class:`CurvatureMonitor` failed and ``on_error="warn"`` let training go on.
+
+    Example:
+      >>> import warnings, jax.numpy as jnp, hvp
+      >>> def loss(w, x):
+      ...     return jnp.mean((x @ w) ** 2)
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False, on_error="warn")
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore")
+      ...     monitor.update(3, jnp.array([jnp.nan, 1.0])) is None
+      True
+      >>> [step for step, message in monitor.failures]
+      [3]
+    """
 
 
 def read_history(path) -> list[dict]:
