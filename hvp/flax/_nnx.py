@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 from flax import nnx
 
-from hvp.flax._problem import FlaxProblem, resolve_loss
+from hvp.flax._problem import FlaxProblem, eval_mode_errors, resolve_loss
 from hvp.operators import default_unpack
 
 __all__ = ["from_nnx", "nnx_params"]
@@ -49,15 +50,34 @@ def nnx_params(model_or_state):
     raise TypeError(f"Expected an nnx.Module or nnx.State, got {type(model_or_state).__name__}.")
 
 
-def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None) -> FlaxProblem:
+def _structure(state):
+    return jax.tree_util.tree_structure(_pure(state))
+
+
+def _describe(state) -> str:
+    """``'bn/mean, bn/var, ...'``: the paths of a state (at most 6 shown)."""
+    paths = ["/".join(str(k) for k in path) for path, _ in nnx.to_flat_state(state)]
+    return ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+
+
+def from_nnx(
+    model,
+    loss,
+    *,
+    train: bool = False,
+    unpack: Callable | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
+) -> FlaxProblem:
     """Curvature problem of a Flax NNX module: a loss over its ``nnx.Param`` state.
 
     The module is split with ``nnx.split(model, nnx.Param, ...)``; the
     parameters become a plain nested dict (``nnx.State.to_pure_dict()``, paths
     like ``layers/0/kernel``) and every other variable (``BatchStat``, RNG
-    state, custom variables) is held fixed at its current value. The returned
-    functions merge the state back inside the loss, so they are pure and can
-    be traced, differentiated twice and compiled:
+    state, custom variables) is held fixed: at its value in ``model`` now, or
+    in the module given later to :meth:`~hvp.flax.FlaxProblem.at` (do that
+    after training steps: BatchNorm statistics move during training). The
+    returned functions merge the state back inside the loss, so they are pure
+    and can be traced, differentiated twice and compiled:
 
     .. math::
 
@@ -82,16 +102,39 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
         the curvature of a data-set loss. Running statistics are NOT updated.
       unpack: ``batch -> (inputs, targets)``; default
         :func:`hvp.operators.default_unpack` (``(x, y)`` tuples, common dict keys).
+      call_kwargs: keyword arguments of every call ``model(inputs, **call_kwargs)``,
+        for a ``__call__`` with more arguments than the inputs (as Linen's
+        ``apply_kwargs``), e.g. ``{"rngs": nnx.Rngs(0)}`` for
+        ``__call__(self, x, rngs)`` or ``{"deterministic": True}``. NNX objects
+        among them (``nnx.Rngs``, modules) are split and merged like the model:
+        each call starts from their state at this call, so random draws are the
+        same in every product and the objects are never modified.
 
     Returns:
       A :class:`~hvp.flax.FlaxProblem`; ``problem.hessian(data)``,
       ``problem.ggn(data)``, ``problem.empirical_fisher(data)`` build operators,
-      ``problem.merge(params)`` returns a new module with those parameters.
+      ``problem.merge(params)`` returns a new module with those parameters,
+      ``problem.at(model)`` takes the module's current parameters and state.
 
-    Example::
+    Raises:
+      TypeError: ``model`` is not an ``nnx.Module``, ``call_kwargs`` not a mapping.
+      ValueError: the model has no ``nnx.Param``; (when called) the model in
+        training mode needs a device axis (``BatchNorm(axis_name=...)``): use
+        ``train=False``.
 
-      problem = hvp.flax.from_nnx(model, "cross_entropy")
-      top = hvp.eigsh(problem.hessian((x, y)), k=5, key=jax.random.key(0))
+    Example:
+      >>> import jax, jax.numpy as jnp, hvp, hvp.flax
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.dense = nnx.Linear(3, 2, rngs=rngs)
+      ...         self.drop = nnx.Dropout(0.1)
+      ...     def __call__(self, x, rngs):
+      ...         return self.drop(self.dense(x), rngs=rngs)
+      >>> problem = hvp.flax.from_nnx(Net(nnx.Rngs(0)), "mse", call_kwargs={"rngs": nnx.Rngs(1)})
+      >>> H = problem.hessian((jnp.ones((4, 3)), jnp.zeros((4, 2))))
+      >>> H.shape
+      (8, 8)
     """
     if not isinstance(model, nnx.Module):
         hint = ""
@@ -107,40 +150,89 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
         raise TypeError(
             f"`unpack` must be a callable batch -> (inputs, targets), got {type(unpack).__name__}."
         )
+    if call_kwargs is not None and not isinstance(call_kwargs, Mapping):
+        raise TypeError(
+            "`call_kwargs` must be a dict of keyword arguments for model(inputs, **call_kwargs), "
+            f"got {type(call_kwargs).__name__}."
+        )
+    call_kwargs = dict(call_kwargs or {})
+    if not all(isinstance(k, str) for k in call_kwargs):
+        raise TypeError(f"`call_kwargs` keys must be argument names, got {list(call_kwargs)}.")
+    kw_graph, kw_state = nnx.split(call_kwargs)
 
     # The user's graph (for merge) and the graph the loss runs (eval view unless train=True).
     user_graph, _, _ = nnx.split(model, nnx.Param, ...)
     run_model = model if train else _eval_view(model)
     graphdef, param_state, rest = nnx.split(run_model, nnx.Param, ...)
+    # Snapshots: the split state shares Variable objects with the live model, whose values
+    # training (nnx.jit, in-place `[...] =`) replaces; the problem holds the values of now.
+    param_state, rest = _fresh(param_state), _fresh(rest)
     params = _pure(param_state)
     if not jax.tree_util.tree_leaves(params):
         raise ValueError(
             "The NNX model has no nnx.Param variables: there is nothing to differentiate."
         )
+    rest_structure = _structure(rest)
+    fix = "the default `from_nnx(model, loss, train=False)`" if train else "`train=False`"
 
     def to_state(p):
         state = _fresh(param_state)
         nnx.replace_by_pure_dict(state, p)
         return state
 
-    def model_fn(p, inputs):
-        module = nnx.merge(graphdef, to_state(p), _fresh(rest), copy=True)
-        return module(inputs)
+    def split(source, current):
+        """(params, state, missing) of a module / nnx.State / parameter dict."""
+        if isinstance(source, nnx.Module):
+            _, p_state, other = nnx.split(source, nnx.Param, ...)
+        elif isinstance(source, nnx.State):
+            p_state = nnx.filter_state(source, nnx.Param)
+            other = nnx.filter_state(source, nnx.Not(nnx.Param))
+            if not jax.tree_util.tree_leaves(other):
+                other = None
+        else:
+            p_state, other = None, None
+        new_params = source if p_state is None else _pure(p_state)
+        if other is not None and _structure(other) != rest_structure:
+            raise ValueError(
+                f"The module given has other non-parameter variables ({_describe(other) or 'none'}) "
+                f"than the model this problem was built from ({_describe(rest) or 'none'}). "
+                "Pass the same model (or build a new problem with hvp.flax.from_nnx)."
+            )
+        if other is None:
+            missing = (
+                (f"nnx variables {_describe(current)}",)
+                if jax.tree_util.tree_leaves(current)
+                else ()
+            )
+            return new_params, None, missing
+        return new_params, _fresh(other), ()
 
-    def loss_fn(p, batch):
-        inputs, targets = unpack(batch)
-        return output_loss(model_fn(p, inputs), targets)
+    def build(state) -> FlaxProblem:
+        def model_fn(p, inputs):
+            module = nnx.merge(graphdef, to_state(p), _fresh(state), copy=True)
+            kwargs = nnx.merge(kw_graph, _fresh(kw_state), copy=True)
+            with eval_mode_errors(fix):
+                return module(inputs, **kwargs)
 
-    def merge(p):
-        return nnx.merge(user_graph, to_state(p), _fresh(rest), copy=True)
+        def loss_fn(p, batch):
+            inputs, targets = unpack(batch)
+            return output_loss(model_fn(p, inputs), targets)
 
-    return FlaxProblem(
-        loss_fn=loss_fn,
-        params=params,
-        model_fn=model_fn,
-        output_loss=output_loss,
-        unpack=unpack,
-        framework="nnx",
-        train=bool(train),
-        _merge=merge,
-    )
+        def merge(p):
+            return nnx.merge(user_graph, to_state(p), _fresh(state), copy=True)
+
+        return FlaxProblem(
+            loss_fn=loss_fn,
+            params=params,
+            model_fn=model_fn,
+            output_loss=output_loss,
+            unpack=unpack,
+            framework="nnx",
+            train=bool(train),
+            _merge=merge,
+            state=state,
+            _rebind=build,
+            _split=split,
+        )
+
+    return build(rest)

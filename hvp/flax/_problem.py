@@ -8,14 +8,78 @@ dict of parameter arrays, so that nothing downstream knows about Flax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import jax
+from flax import errors as flax_errors
 
 from hvp import operators as _ops
 from hvp.operators import losses as _losses
 
-__all__ = ["FlaxProblem", "resolve_loss"]
+__all__ = ["FlaxProblem", "StaleStateWarning", "resolve_loss"]
+
+
+class StaleStateWarning(UserWarning):
+    """Only parameters were given for a model that also reads non-parameter state.
+
+    The curvature then uses the state (BatchNorm statistics, ...) held by the
+    problem, which may be older than the parameters.
+
+    Example:
+      >>> import warnings, hvp.flax
+      >>> from flax import nnx
+      >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))  # running mean and variance
+      >>> problem = hvp.flax.from_nnx(model, "mse")
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     _ = problem.at(hvp.flax.nnx_params(model))  # parameters only
+      >>> caught[0].category.__name__
+      'StaleStateWarning'
+    """
+
+
+@contextlib.contextmanager
+def eval_mode_errors(fix: str):
+    """Turn the errors of a model run in training mode into one clear ``ValueError``.
+
+    Two errors mean that the model runs in training mode although the curvature
+    is taken with every non-parameter collection fixed:
+
+    * ``NameError: Found an unbound axis name: batch``: a BatchNorm with
+      ``axis_name=`` (as in the Flax ImageNet example) averages its batch
+      statistics across devices, which only works inside ``pmap``/``shard_map``;
+    * ``ModifyScopeVariableError``: a Linen module tries to update ``batch_stats``.
+
+    ``fix`` says how to choose evaluation mode for the adapter in use.
+    """
+    try:
+        yield
+    except NameError as err:
+        if "unbound axis name" not in str(err):
+            raise
+        raise ValueError(
+            f"The model ran a collective over an unbound axis ({err}): a layer such as "
+            "BatchNorm(axis_name=...) computes batch statistics across devices, which means the "
+            "model runs in training mode. hvp takes the curvature of the model with its running "
+            f"statistics fixed: run it in evaluation mode, {fix}."
+        ) from None
+    except flax_errors.ModifyScopeVariableError as err:
+        raise ValueError(
+            f"The module tried to update a variable collection ({err}). hvp never makes "
+            f"collections mutable; run the module in evaluation mode, {fix}."
+        ) from None
+
+
+def _same_leaves(a, b) -> bool:
+    """Whether two pytrees have the same structure and the very same leaf objects."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    return ta == tb and all(x is y for x, y in zip(la, lb))
+
 
 _LOSS_NAMES = {
     "cross_entropy": _losses.softmax_cross_entropy,
@@ -60,6 +124,12 @@ class FlaxProblem:
       framework: ``"nnx"`` or ``"linen"``.
       train: whether the model runs in training mode (dropout on, batch
         statistics from the batch); see :func:`hvp.flax.from_nnx`.
+      state: the non-parameter state that :attr:`loss_fn` and :attr:`model_fn`
+        hold fixed: the Linen collections other than ``"params"`` (a dict such
+        as ``{"batch_stats": ...}``) or the NNX variables that are not
+        ``nnx.Param`` (an ``nnx.State``: BatchNorm statistics, RNG state, custom
+        variables). Empty when the model has none. Take it from the current
+        model with :meth:`at` (or :meth:`with_state`).
     """
 
     loss_fn: Callable
@@ -70,6 +140,9 @@ class FlaxProblem:
     framework: str
     train: bool
     _merge: Callable = dataclasses.field(repr=False)
+    state: Any = dataclasses.field(default=None, repr=False)
+    _rebind: Callable | None = dataclasses.field(default=None, repr=False)
+    _split: Callable | None = dataclasses.field(default=None, repr=False)
 
     def hessian(self, data, *, params=None, **kwargs) -> _ops.CurvatureOperator:
         """:func:`hvp.hessian` of :attr:`loss_fn` at ``params`` (default :attr:`params`) over ``data``."""
@@ -92,8 +165,19 @@ class FlaxProblem:
             self.loss_fn, self.params if params is None else params, data, **kwargs
         )
 
-    def operator(self, kind: str, data, *, params=None, **kwargs) -> _ops.CurvatureOperator:
-        """``kind`` in ``{"hessian", "ggn", "empirical_fisher"}``: the matching method."""
+    def operator(self, kind: str, data, *, params=None, state=None, **kwargs):
+        """``kind`` in ``{"hessian", "ggn", "empirical_fisher"}``: the matching method.
+
+        With ``state`` (non-parameter state shaped like :attr:`state`, e.g. from
+        :meth:`split`), the operator is that of ``self.with_state(state)``, but
+        the state is an argument of its compiled products instead of a constant:
+        operators built this way for new parameters *and* new state (a training
+        loop) reuse one compilation. It is a
+        :class:`~hvp.operators.LinearOperator` with the same products, ``name``
+        and ``like``.
+        """
+        if state is not None:
+            return _StateOperator.build(self, kind, data, params, state, kwargs)
         fns = {
             "hessian": self.hessian,
             "ggn": self.ggn,
@@ -113,3 +197,183 @@ class FlaxProblem:
         original). Linen: the full ``variables`` dict with ``"params"`` replaced.
         """
         return self._merge(params)
+
+    # ------------------------------------------------------------------ model state
+    @property
+    def has_state(self) -> bool:
+        """Whether the model reads non-parameter state (BatchNorm statistics, RNG state, ...)."""
+        return bool(jax.tree_util.tree_leaves(self.state))
+
+    def with_state(self, state) -> FlaxProblem:
+        """The same problem with the non-parameter state ``state`` (same structure as :attr:`state`).
+
+        Returns ``self`` when ``state`` holds the very same arrays (nothing to
+        rebuild, so compiled products are reused). Otherwise the new problem's
+        functions close over the new arrays: operators built from it compile
+        anew (once per distinct state).
+
+        Example:
+          >>> import jax, hvp.flax
+          >>> from flax import nnx
+          >>> problem = hvp.flax.from_nnx(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), "mse")
+          >>> doubled = jax.tree_util.tree_map(lambda a: 2 * a, problem.state)
+          >>> problem.with_state(problem.state) is problem, problem.with_state(doubled) is problem
+          (True, False)
+        """
+        if state is None or _same_leaves(state, self.state):
+            return self
+        if self._rebind is None:  # pragma: no cover - problems built by hand
+            raise ValueError("This FlaxProblem was not built by from_nnx/from_linen.")
+        return dataclasses.replace(self._rebind(state), params=self.params)
+
+    def split(self, source):
+        """``(params, state, missing)`` of a model, a ``TrainState`` or a parameter tree.
+
+        ``source`` may be (NNX) the module or ``nnx.state(model)``; (Linen) a
+        ``TrainState`` (``state.params`` and the collections it holds as
+        attributes, e.g. ``state.batch_stats``) or a variables dict
+        ``{"params": ..., "batch_stats": ...}``; or only the parameters.
+        ``state`` is the non-parameter state found in ``source``, completed by
+        :attr:`state` for the parts it does not hold (``None`` when it holds
+        none); ``missing`` names those parts (empty when everything was given,
+        or when the model has no such state).
+
+        Raises:
+          ValueError: when ``source`` holds state of another structure
+            (another model).
+
+        Example:
+          >>> import hvp.flax
+          >>> from flax import nnx
+          >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+          >>> problem = hvp.flax.from_nnx(model, "mse")
+          >>> params, state, missing = problem.split(model)
+          >>> sorted(params), missing
+          (['bias', 'scale'], ())
+          >>> problem.split(params)[2]
+          ('nnx variables mean, var',)
+        """
+        if self._split is None:  # pragma: no cover - problems built by hand
+            raise ValueError("This FlaxProblem was not built by from_nnx/from_linen.")
+        return self._split(source, self.state)
+
+    def stale_state_message(self, missing) -> str:
+        """The warning text for :meth:`split`'s ``missing`` (parts of the state that were not given)."""
+        names = ", ".join(missing)
+        if self.framework == "linen":
+            how = (
+                "pass the TrainState (e.g. `monitor(step, state)`, `problem.at(state)`) or the "
+                "variables dict {'params': ..., 'batch_stats': ...}"
+            )
+        else:
+            how = "pass the NNX module itself (e.g. `monitor(step, model)`, `problem.at(model)`)"
+        return (
+            f"Only parameters were given, but the model also reads non-parameter state ({names}). "
+            "The curvature uses that state as the problem holds it (from when it was built or "
+            f"last given), which is stale if training has changed it: {how}."
+        )
+
+    def at(self, source, *, warn: bool = True) -> FlaxProblem:
+        """The problem at the parameters and non-parameter state of ``source`` (see :meth:`split`).
+
+        Use it whenever the model has changed since the problem was built, e.g.
+        after training steps: ``problem.at(model).hessian(data)`` (NNX) or
+        ``problem.at(train_state).hessian(data)`` (Linen). When ``source`` holds
+        only parameters but the model has other state, a
+        :class:`StaleStateWarning` says so (unless ``warn=False``) and the
+        current :attr:`state` is kept.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, hvp.flax
+          >>> from flax import nnx
+          >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+          >>> problem = hvp.flax.from_nnx(model, "mse")
+          >>> model.layers[1].mean[...] = jnp.ones(3)   # training moved the statistics
+          >>> now = problem.at(model)
+          >>> float(now.state["layers"][1]["mean"][...][0]), float(problem.state["layers"][1]["mean"][...][0])
+          (1.0, 0.0)
+        """
+        params, state, missing = self.split(source)
+        if missing and warn:
+            warnings.warn(StaleStateWarning(self.stale_state_message(missing)), stacklevel=2)
+        return dataclasses.replace(self.with_state(state), params=params)
+
+
+def _hashable(value):
+    """Lists (e.g. ``wrt=[...]``) as tuples, so that operator options can be static."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+class _StateOperator(_ops.LinearOperator):
+    """``problem.with_state(state).operator(kind, data, params=params)`` with ``state`` dynamic.
+
+    The products rebuild the adapter's functions from the (traced) state inside
+    the compiled function, so the compiled code depends only on the adapter
+    (``problem._rebind``), the kind and the options, not on the state values.
+    """
+
+    def __init__(self, *, rebind, kind, options, params, state, data, name, check_finite):
+        self._rebind_fn = rebind
+        self.kind = kind
+        self._options = options
+        self.params = params
+        self.state = state
+        self.data = data
+        self.name = name
+        self.check_finite = check_finite
+
+    @classmethod
+    def build(cls, problem, kind, data, params, state, options):
+        params = problem.params if params is None else params
+        if isinstance(data, _ops.Dataset):
+            raise TypeError(
+                "With `state=`, pass the batches themselves (one batch or a list of batches), "
+                "not an hvp.operators.Dataset: they become an argument of the compiled products."
+            )
+        if isinstance(data, Iterator):
+            data = list(data)
+        options = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
+        # built once concretely: validates kind, data and shapes now, and gives the name
+        inner = problem.with_state(state).operator(kind, data, params=params, **dict(options))
+        return cls(
+            rebind=problem._rebind,
+            kind=kind,
+            options=options,
+            params=params,
+            state=state,
+            data=data,
+            name=inner.name,
+            check_finite=inner.check_finite,
+        )
+
+    @property
+    def like(self):
+        return self.params
+
+    def _apply(self, v):
+        problem = self._rebind_fn(self.state)
+        op = problem.operator(self.kind, self.data, params=self.params, **dict(self._options))
+        return op.matvec(v)
+
+    def _children(self):
+        return (self.params, self.state, self.data)
+
+    def _static(self):
+        return (self._rebind_fn, self.kind, self._options, self.name, self.check_finite)
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        rebind, kind, options, name, check = static
+        params, state, data = children
+        return cls(
+            rebind=rebind,
+            kind=kind,
+            options=options,
+            params=params,
+            state=state,
+            data=data,
+            name=name,
+            check_finite=check,
+        )

@@ -20,6 +20,21 @@ at scheduled steps of an existing training loop:
 
 Records go to ``history.jsonl`` (one JSON object per line, flushed as written,
 so an interrupted run keeps every finished evaluation) and ``history.csv``.
+Lines are appended: a crash in the middle of a write can at worst leave a
+partial last line, which :func:`read_history` skips. Plots and density files
+are written atomically (temporary file + rename).
+
+Model state: with :meth:`CurvatureMonitor.from_flax`, every call
+``monitor(step, model_or_train_state)`` takes the parameters *and* the
+non-parameter state (BatchNorm statistics, other NNX variables, Linen
+collections other than ``params``) from what it is given, so the curvature is
+that of the model as it is at that step. Given only parameters for a model
+with such state, the monitor warns once (:class:`hvp.flax.StaleStateWarning`).
+
+Errors: an evaluation that fails raises :class:`MonitorError` saying at which
+step and in which part (``on_error="raise"``, the default), or, with
+``on_error="warn"``, emits a :class:`MonitorWarning`, is listed in
+:attr:`CurvatureMonitor.failures` and lets training continue.
 
 Usage with optax::
 
@@ -34,10 +49,12 @@ Usage with optax::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -47,8 +64,88 @@ import numpy as np
 from hvp import linalg as _linalg
 from hvp import operators as _ops
 from hvp import tree as tu
+from hvp._io import atomic_write_text, check_writable_dir
 
-__all__ = ["CurvatureMonitor", "MonitorRecord", "MonitorSummary", "extract_params"]
+__all__ = [
+    "CurvatureMonitor",
+    "MonitorError",
+    "MonitorRecord",
+    "MonitorSummary",
+    "MonitorWarning",
+    "extract_params",
+    "read_history",
+]
+
+_ON_ERROR = ("raise", "warn")
+
+
+class MonitorError(RuntimeError):
+    """An evaluation of :class:`CurvatureMonitor` failed; the message says at which step and where.
+
+    The original exception is chained (``__cause__``).
+
+    Example:
+      >>> import jax.numpy as jnp, hvp
+      >>> from hvp.monitor import MonitorError
+      >>> def loss(w, x):
+      ...     return jnp.mean((x @ w) ** 2)
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False)
+      >>> try:
+      ...     monitor.update(0, jnp.array([jnp.nan, 1.0]))  # a diverged run
+      ... except MonitorError as err:
+      ...     print(str(err)[:71])
+      CurvatureMonitor: the evaluation at step 0 failed while building the cu
+    """
+
+
+class MonitorWarning(RuntimeWarning):
+    """An evaluation of :class:`CurvatureMonitor` failed and ``on_error="warn"`` let training go on.
+
+    Example:
+      >>> import warnings, jax.numpy as jnp, hvp
+      >>> def loss(w, x):
+      ...     return jnp.mean((x @ w) ** 2)
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False, on_error="warn")
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore")
+      ...     monitor.update(3, jnp.array([jnp.nan, 1.0])) is None
+      True
+      >>> [step for step, message in monitor.failures]
+      [3]
+    """
+
+
+def read_history(path) -> list[dict]:
+    """The records of a monitor's ``history.jsonl``, as dicts, skipping a partial last line.
+
+    Lines are appended one per evaluation; a run killed while writing can leave
+    an incomplete last line, which is skipped. A malformed line elsewhere is an
+    error (the file is not a monitor history).
+
+    Raises:
+      ValueError: a line other than the last is not valid JSON (naming the line).
+
+    Example:
+      >>> import os, tempfile
+      >>> from hvp.monitor import read_history
+      >>> path = os.path.join(tempfile.mkdtemp(), "history.jsonl")
+      >>> _ = open(path, "w").write('{"step": 0}\\n{"step": 10}\\n{"step": 2')  # cut mid-write
+      >>> [r["step"] for r in read_history(path)]
+      [0, 10]
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # no newline after it: a partial last line
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({err}).") from None
+    return out
 
 
 @tu.result
@@ -163,16 +260,53 @@ def extract_params(obj):
     return obj
 
 
+def _ignored_state(obj) -> list[str]:
+    """Non-parameter state that ``obj`` carries and a loss of the parameters alone cannot see.
+
+    NNX modules: variables that are neither ``nnx.Param`` nor RNG state (BatchNorm
+    statistics, custom variables); ``TrainState``-like dataclasses: fields holding
+    arrays other than the standard ``step``, ``params``, ``opt_state`` (e.g.
+    ``batch_stats``).
+    """
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return []
+    if isinstance(obj, nnx.Module):
+        other = nnx.state(obj, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
+        return ["/".join(str(k) for k in path) for path, _ in nnx.to_flat_state(other)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and hasattr(obj, "params"):
+        standard = {"step", "apply_fn", "params", "tx", "opt_state"}
+        return [
+            f.name
+            for f in dataclasses.fields(obj)
+            if f.name not in standard
+            and any(
+                isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(getattr(obj, f.name))
+            )
+        ]
+    return []
+
+
 def _after_first(seconds, first, total):
     rest = float(total) - (first or 0.0)
     return (seconds - (first or 0.0)) / rest if rest > 0 else None
 
 
 def _lr_at(learning_rate, step):
+    """``2 / lr`` at ``step`` (``None`` without a learning rate or where ``lr <= 0``).
+
+    A schedule is called as optax calls it, with the step count as a ``jnp``
+    int32 array (``optax.join_schedules`` and rsqrt schedules evaluate every
+    branch, e.g. ``0 ** -0.5``, which a Python int turns into ZeroDivisionError).
+    """
     if learning_rate is None:
         return None
-    lr = float(learning_rate(step)) if callable(learning_rate) else float(learning_rate)
-    return 2.0 / lr if lr > 0 else None
+    if callable(learning_rate):
+        lr = float(learning_rate(jnp.asarray(step, dtype=jnp.int32)))
+    else:
+        lr = float(learning_rate)
+    return 2.0 / lr if lr > 0 and np.isfinite(lr) else None
 
 
 class CurvatureMonitor:
@@ -216,9 +350,34 @@ class CurvatureMonitor:
         there (overwritten by a new monitor), one line per evaluation,
         flushed immediately; densities go to ``density_step<N>.json``.
       callback: ``callback(record)`` after each evaluation (for a logger).
-      learning_rate: float or schedule ``step -> lr``; records and plots the
-        edge-of-stability threshold ``2 / lr``.
+      learning_rate: float or schedule ``step -> lr`` (an optax schedule: it
+        is called with a ``jnp`` int32 step, as optax does); records and plots
+        the edge-of-stability threshold ``2 / lr`` of (full-batch) gradient
+        descent. With adaptive optimisers (Adam) that line is not the stability
+        limit of the raw Hessian and is usually far above it: the plot scales to
+        the measured eigenvalues and draws the line only where it is in range.
       verbose: print one line per evaluation.
+      on_error: ``"raise"`` (default): a failed evaluation raises
+        :class:`MonitorError` naming the step and what failed (the eigenvalue
+        solver, the trace, the schedule, writing files, the callback, ...), with
+        the original exception chained. ``"warn"``: it emits a
+        :class:`MonitorWarning` with the same message, appends ``(step,
+        message)`` to :attr:`failures` and returns ``None``, so the training
+        loop goes on.
+
+    Raises:
+      ValueError, TypeError: invalid options (at construction).
+      MonitorError: an evaluation failed (``on_error="raise"``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> def loss(p, batch):
+      ...     return jnp.mean((batch[0] @ p["w"] - batch[1]) ** 2)
+      >>> batch = (jnp.eye(3), jnp.ones(3))
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, batch, every=10, trace=False)
+      >>> record = monitor(0, {"w": jnp.zeros(3)})
+      >>> round(record.sharpness, 4), monitor(5, {"w": jnp.zeros(3)}) is None
+      (0.6667, True)
     """
 
     def __init__(
@@ -244,6 +403,7 @@ class CurvatureMonitor:
         callback: Callable | None = None,
         learning_rate=None,
         verbose: bool = False,
+        on_error: str = "raise",
         like=None,
     ):
         if not callable(operator_fn):
@@ -263,6 +423,8 @@ class CurvatureMonitor:
             raise ValueError(
                 f"`trace_matvecs` must be an int >= 2 (for a standard error), got {trace_matvecs!r}."
             )
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"`on_error` must be 'raise' or 'warn', got {on_error!r}.")
         if callback is not None and not callable(callback):
             raise TypeError("`callback` must be a callable record -> None.")
         if learning_rate is not None and not callable(learning_rate):
@@ -285,10 +447,18 @@ class CurvatureMonitor:
         self.density_iters = int(density_iters)
         self.key = jax.random.key(0) if key is None else key
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        if self.output_dir is not None:  # fail now, not after the first evaluation
+            check_writable_dir(self.output_dir, what="monitor output_dir")
         self.callback = callback
         self.learning_rate = learning_rate
         self.verbose = bool(verbose)
+        self.on_error = on_error
         self.like = like
+        #: ``(step, message)`` of every evaluation that failed with ``on_error="warn"``.
+        self.failures: list[tuple[int, str]] = []
+        self._problem = None  # a FlaxProblem (from_flax): parameters and state from each call
+        self._state = None  # its non-parameter state at the current evaluation
+        self._warned_state = False
         self.history: list[MonitorRecord] = []
         #: spectral densities computed at ``density_steps``: ``{step: SpectralDensity}``.
         self.densities: dict[int, Any] = {}
@@ -335,26 +505,43 @@ class CurvatureMonitor:
     ) -> CurvatureMonitor:
         """Monitor a :class:`hvp.flax.FlaxProblem` (``kind`` = ``"hessian"``, ``"ggn"`` or ``"empirical_fisher"``).
 
-        Non-parameter state (BatchNorm statistics, ...) stays as it was when the
-        problem was built; call ``monitor(step, model)`` / ``monitor(step,
-        state.params)`` with the current parameters.
+        Call ``monitor(step, model)`` (NNX) or ``monitor(step, train_state)``
+        (Linen ``TrainState``, or a variables dict): each evaluation takes the
+        parameters and the non-parameter state (BatchNorm statistics, other NNX
+        variables, Linen collections such as ``batch_stats``) from it, so it
+        measures the model as it is at that step (see
+        :meth:`hvp.flax.FlaxProblem.at`). Given only parameters
+        (``state.params``) for a model with such state, the monitor warns once
+        (:class:`hvp.flax.StaleStateWarning`) and uses the state it holds. A
+        model without non-parameter state is compiled once; otherwise each
+        evaluation with new state arrays compiles the products anew.
         """
         if not hasattr(problem, "operator") or not hasattr(problem, "params"):
             raise TypeError(
                 "from_flax expects a problem from hvp.flax.from_nnx / from_linen; for a plain "
                 "loss use CurvatureMonitor.from_loss(loss_fn, probe_data)."
             )
+        if isinstance(probe_data, Iterator):
+            probe_data = list(probe_data)  # read once, used at every evaluation
+        probe_data = jax.tree_util.tree_map(jnp.asarray, probe_data)  # on the device once
         dataset = _ops.as_dataset(probe_data)
         okw = dict(operator_kwargs or {})
         problem.operator(
             kind, dataset, **okw
         )  # validate kind and shapes now, not at the first step
+        monitor = None
 
         def operator_fn(params):
-            return problem.operator(kind, dataset, params=params, **okw)
+            if monitor is None or not problem.has_state:
+                return problem.operator(kind, dataset, params=params, **okw)
+            # the state of this call is an argument of the compiled products: one compilation
+            return problem.operator(kind, probe_data, params=params, state=monitor._state, **okw)
 
         kwargs.setdefault("like", problem.params)
-        return cls(operator_fn, **kwargs)
+        monitor = cls(operator_fn, **kwargs)
+        monitor._problem = problem
+        monitor._state = problem.state
+        return monitor
 
     # ------------------------------------------------------------------ schedule
     def should_run(self, step: int) -> bool:
@@ -376,10 +563,81 @@ class CurvatureMonitor:
     __call__ = maybe_update
 
     # ------------------------------------------------------------------ evaluation
-    def update(self, step: int, params) -> MonitorRecord:
-        """Evaluate now at ``params`` (whatever the schedule) and record the result."""
+    def update(self, step: int, params) -> MonitorRecord | None:
+        """Evaluate now at ``params`` (whatever the schedule) and record the result.
+
+        Returns the record, or ``None`` when the evaluation failed with
+        ``on_error="warn"``. Raises :class:`MonitorError` when it failed with
+        ``on_error="raise"``.
+        """
         step = int(step)
-        params = extract_params(params)
+        where = ["reading the parameters passed to monitor(step, ...)"]
+        try:
+            record = self._evaluate(step, params, where)
+        except Exception as err:  # noqa: BLE001 - reported with its cause, see on_error
+            return self._failed(step, where[0], err)
+        for what, act in (
+            (f"writing the history files in {self.output_dir}", self._write),
+            ("printing the record", self._print if self.verbose else None),
+            ("running the callback", self.callback),
+        ):
+            if act is None:
+                continue
+            try:
+                act(record)
+            except Exception as err:  # noqa: BLE001
+                self._failed(step, what, err)
+        return record
+
+    def _failed(self, step: int, what: str, err: Exception) -> None:
+        msg = (
+            f"CurvatureMonitor: the evaluation at step {step} failed while {what}: "
+            f"{type(err).__name__}: {err}"
+        )
+        if self.on_error == "raise":
+            raise MonitorError(
+                msg + " (pass on_error='warn' to CurvatureMonitor to log such failures and "
+                "continue training)"
+            ) from err
+        self.failures.append((step, msg))
+        warnings.warn(MonitorWarning(msg), stacklevel=4)
+        return None
+
+    def _load(self, obj, where: list):
+        """Parameters (and, for a Flax problem, the model state) from what the user passed."""
+        if self._problem is None:
+            names = [] if self._warned_state else _ignored_state(obj)
+            if names:
+                self._warned_state = True
+                from hvp.flax import StaleStateWarning
+
+                shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+                warnings.warn(
+                    StaleStateWarning(
+                        f"monitor(step, ...) got a model with non-parameter state ({shown}), but "
+                        "this monitor evaluates a function of the parameters alone, which cannot "
+                        "see that state: if the model reads it (BatchNorm statistics), build the "
+                        "monitor with CurvatureMonitor.from_flax(hvp.flax.from_nnx/from_linen(...)) "
+                        "so that it is taken from each call."
+                    ),
+                    stacklevel=5,
+                )
+            return extract_params(obj)
+        where[0] = "reading the parameters and model state passed to monitor(step, ...)"
+        params, state, missing = self._problem.split(obj)
+        if missing and not self._warned_state:
+            self._warned_state = True
+            from hvp.flax import StaleStateWarning
+
+            warnings.warn(
+                StaleStateWarning(self._problem.stale_state_message(missing)), stacklevel=5
+            )
+        if state is not None:
+            self._state = state
+        return extract_params(params)
+
+    def _evaluate(self, step: int, params, where: list) -> MonitorRecord:
+        params = self._load(params, where)
         if self.like is not None:
             tu.assert_same_structure(
                 params,
@@ -392,12 +650,16 @@ class CurvatureMonitor:
             self.like = jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params
             )
+        where[0] = "evaluating the learning rate (schedule) for 2/lr"
+        lr_threshold = _lr_at(self.learning_rate, step)
         start = time.perf_counter()
         key = jax.random.fold_in(self.key, step)
         k_eig, k_trace, k_density = jax.random.split(key, 3)
+        where[0] = "building the curvature operator (operator_fn(params))"
         op = self.operator_fn(params)
         self.operator_name = getattr(op, "name", "operator")
         v0 = self._vectors if (self.warm_start and self._vectors is not None) else None
+        where[0] = f"computing the top-{self.k} eigenvalues (hvp.linalg.eigsh)"
         eig = _linalg.eigsh(
             op,
             self.k,
@@ -412,26 +674,28 @@ class CurvatureMonitor:
         res = np.asarray(eig.residuals)[::-1]
         conv = np.asarray(eig.converged)[::-1]
         eig_mv = int(eig.num_matvecs)
-        self._vectors = eig.eigenvectors
         tr = tr_se = None
         tr_mv = 0
         if self.trace:
+            where[0] = "estimating the trace (hvp.linalg.trace)"
             t = _linalg.trace(
                 op, key=k_trace, num_matvecs=self.trace_matvecs, method=self.trace_method
             )
             tr, tr_se, tr_mv = float(t.estimate), float(t.std_error), int(t.num_matvecs)
         neg = None
         den_mv = 0
+        dens = None
         if step in self.density_steps:
+            where[0] = "estimating the spectral density (hvp.linalg.spectral_density)"
             dens = _linalg.spectral_density(
                 op, key=k_density, num_probes=self.density_probes, num_iters=self.density_iters
             )
-            self.densities[step] = dens
             neg = float(dens.negative_mass())
             den_mv = int(dens.num_matvecs)
         seconds = time.perf_counter() - start
         cold = None
         if self.measure_cold_start:  # diagnostics, not counted in `seconds`
+            where[0] = "measuring the cold-start Lanczos (measure_cold_start=True)"
             cold = int(
                 _linalg.eigsh(
                     op,
@@ -456,16 +720,15 @@ class CurvatureMonitor:
             num_matvecs=eig_mv + tr_mv + den_mv,
             cold_matvecs=cold,
             negative_mass=neg,
-            lr_threshold=_lr_at(self.learning_rate, step),
+            lr_threshold=lr_threshold,
             seconds=seconds,
         )
+        # commit the state only once the evaluation has succeeded
+        self._vectors = eig.eigenvectors
+        if dens is not None:
+            self.densities[step] = dens
         self.seconds += seconds
         self.history.append(record)
-        self._write(record)
-        if self.verbose:
-            self._print(record)
-        if self.callback is not None:
-            self.callback(record)
         return record
 
     # ------------------------------------------------------------------ output
@@ -537,8 +800,7 @@ class CurvatureMonitor:
             f.flush()
         if record.step in self.densities:
             path = os.path.join(self.output_dir, f"density_step{record.step}.json")
-            with open(path, "w") as f:
-                f.write(self.densities[record.step].to_json())
+            atomic_write_text(path, self.densities[record.step].to_json())
 
     def _print(self, r: MonitorRecord) -> None:
         from rich.console import Console

@@ -6,11 +6,59 @@ import os
 
 import numpy as np
 
+from hvp._io import atomic_savefig
+
 __all__ = ["plot_history"]
+
+
+def sharpness_axis(eigenvalues, thresholds):
+    """y-limits of the sharpness panel and whether the ``2/lr`` line is in them.
+
+    The axis is scaled to the measured eigenvalues (padded by 8 % of their
+    range); the threshold values extend it only up to half a range (or half the
+    largest magnitude) above the largest eigenvalue, so that a far-away ``2/lr``
+    (adaptive optimisers such as Adam, warm-up schedules) does not flatten the
+    measured curve. The line is drawn where it falls in those limits, else a
+    note gives its value.
+
+    Args:
+      eigenvalues: array of the plotted eigenvalues (any shape, NaN ignored).
+      thresholds: the ``2/lr`` values (may be empty).
+
+    Returns:
+      ``((low, high), in_range)``; ``in_range`` is true when some threshold is
+      inside the limits.
+
+    Example:
+      >>> from hvp.monitor._plot import sharpness_axis
+      >>> (lo, hi), shown = sharpness_axis([1.0, 2.0, 3.0], [2000.0])
+      >>> hi < 5, shown
+      (True, False)
+      >>> sharpness_axis([1.0, 3.0], [3.5])[1]
+      True
+    """
+    vals = np.asarray(eigenvalues, dtype=float).ravel()
+    vals = vals[np.isfinite(vals)]
+    lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)
+    low, high = lo - 0.08 * span, hi + 0.08 * span
+    thr = np.asarray(thresholds, dtype=float).ravel()
+    thr = thr[np.isfinite(thr)]
+    cap = hi + 0.5 * max(span, abs(hi))
+    near = thr[thr <= cap]
+    if near.size:
+        high = max(high, float(near.max()) + 0.04 * span)
+        low = min(low, float(near.min()) - 0.04 * span)
+    in_range = bool(np.any((thr >= low) & (thr <= high)))
+    return (low, high), in_range
 
 
 def plot_history(history, path, *, densities=None, title=None, operator_name="hessian"):
     """Sharpness (top eigenvalues) vs step with the ``2/lr`` line; trace vs step; densities.
+
+    The sharpness axis is scaled to the measured eigenvalues; the ``2/lr`` line
+    is drawn only where it is in range (see :func:`sharpness_axis`), otherwise a
+    note gives its smallest value. The file is written atomically.
 
     Args:
       history: list of :class:`~hvp.monitor.MonitorRecord`.
@@ -55,15 +103,30 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
             color="C0" if i == 0 else "C7",
             label=r"sharpness $\lambda_1$"
             if i == 0
-            else (rf"$\lambda_2 \ldots \lambda_{k}$" if i == 1 else None),
+            else (
+                (rf"$\lambda_2 \ldots \lambda_{k}$" if k > 2 else r"$\lambda_2$")
+                if i == 1
+                else None
+            ),
         )
     thr = [(r.step, r.lr_threshold) for r in history if r.lr_threshold is not None]
-    if thr:
-        ts, tv = np.array(thr).T
+    ts, tv = np.array(thr).T if thr else (np.array([]), np.array([]))
+    ylim, in_range = sharpness_axis(eigs, tv)
+    ax.set_ylim(*ylim)
+    if thr and in_range:
         if np.allclose(tv, tv[0]):
             ax.axhline(tv[0], ls="--", color="C3", lw=1.5, label=rf"$2/\eta$ = {tv[0]:.3g}")
         else:
             ax.plot(ts, tv, ls="--", color="C3", lw=1.5, label=r"$2/\eta$ (schedule)")
+    elif thr:  # a legend entry only: the line would flatten the measured curve
+        ax.plot(
+            [],
+            [],
+            ls="--",
+            color="C3",
+            lw=1.5,
+            label=rf"$2/\eta \geq$ {tv.min():.3g} (off this scale)",
+        )
     label = {"hessian": "Hessian", "ggn": "GGN", "empirical_fisher": "Fisher"}.get(
         operator_name, operator_name
     )
@@ -120,6 +183,8 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
     folder = os.path.dirname(os.fspath(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

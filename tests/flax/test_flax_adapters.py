@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax import lax
@@ -316,3 +317,116 @@ def test_adapter_errors():
         )
     with pytest.raises(ValueError, match="operator kind"):
         hf.from_nnx(model, "mse").operator("hessian2", _batches(pooled=True)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# model state from each call (issue 17 §1) and NNX call_kwargs (issue 18)
+# --------------------------------------------------------------------------------------------
+def test_at_takes_current_state_and_warns_once_given_only_parameters():
+    import warnings
+
+    model = _nnx_cnn()
+    problem = hf.from_nnx(model, CE)
+    batch = _batches(pooled=False, sizes=(12,))[0]
+    v = _probes(problem.params, k=1)
+    v = jax.tree_util.tree_map(lambda a: a[0], v)
+    model.bn.mean[...] = jnp.array([0.3, 0.1, -0.4], F64)  # training moved them (in place)
+    assert float(problem.state["bn"]["mean"][...][0]) == 0.05  # the problem holds a snapshot
+    want = hf.from_nnx(model, CE)
+    for source in (model, nnx.state(model)):
+        now = problem.at(source)
+        np.testing.assert_array_equal(now.state["bn"]["mean"][...], model.bn.mean[...])
+        np.testing.assert_allclose(
+            now.loss_fn(now.params, batch), want.loss_fn(want.params, batch), rtol=1e-14
+        )
+    # state as an argument of the compiled products: same products as a fresh problem
+    _, state, missing = problem.split(model)
+    assert missing == ()
+    op = problem.operator("hessian", batch, state=state)
+    assert op.name == "hessian" and op.shape == want.hessian(batch).shape
+    np.testing.assert_allclose(
+        tu.ravel(op @ v), tu.ravel(want.hessian(batch) @ v), rtol=1e-12, atol=1e-14
+    )
+    old = problem.loss_fn(problem.params, batch)
+    assert abs(float(old - want.loss_fn(want.params, batch))) > 1e-4  # the state matters
+    # only parameters: a warning naming the state, and the state held is kept
+    with pytest.warns(hf.StaleStateWarning, match="bn/mean.*NNX module"):
+        stale = problem.at(hf.nnx_params(model))
+    assert stale.state is problem.state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        problem.at(hf.nnx_params(model), warn=False)
+        stateless = hf.from_nnx(NnxMLP(nnx.Rngs(0)), CE)  # no state: nothing to warn about
+        assert not stateless.has_state
+        stateless.at(hf.nnx_params(NnxMLP(nnx.Rngs(1))))
+    with pytest.raises(ValueError, match="other non-parameter variables"):
+        problem.at(NnxMLP(nnx.Rngs(0)))
+
+
+def test_linen_at_trainstate_variables_and_params():
+    from flax.training import train_state
+
+    module = LinenCNN()
+    batch = _batches(pooled=False, sizes=(12,))[0]
+    variables = module.init(jax.random.key(0), batch[0], train=False)
+    problem = hf.from_linen(module, variables, CE, apply_kwargs={"train": False})
+    assert sorted(problem.state) == ["batch_stats"] and problem.has_state
+    new_stats = jax.tree_util.tree_map(lambda a: a + 0.25, variables["batch_stats"])
+    state = train_state.TrainState.create(
+        apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1)
+    )
+
+    class BNState(train_state.TrainState):
+        batch_stats: object
+
+    bn_state = BNState.create(
+        apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1), batch_stats=new_stats
+    )
+    want = hf.from_linen(
+        module,
+        {"params": variables["params"], "batch_stats": new_stats},
+        CE,
+        apply_kwargs={"train": False},
+    )
+    for source in (bn_state, {"params": variables["params"], "batch_stats": new_stats}):
+        now = problem.at(source)
+        np.testing.assert_allclose(
+            now.loss_fn(now.params, batch), want.loss_fn(want.params, batch), rtol=1e-14
+        )
+    for source in (state, variables["params"]):  # a TrainState without batch_stats, params only
+        with pytest.warns(hf.StaleStateWarning, match="'batch_stats'.*TrainState"):
+            assert problem.at(source).state is problem.state
+
+
+class NnxDropoutNet(nnx.Module):
+    """``__call__(x, rngs)`` as in the NNX MNIST tutorial: the RNGs are an argument."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(16, 10, param_dtype=F64, dtype=F64, rngs=rngs)
+        self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs):
+        return self.drop(self.dense(x), rngs=rngs)
+
+
+def test_nnx_call_kwargs_for_extra_call_arguments():
+    model = NnxDropoutNet(nnx.Rngs(0))
+    x, y = batch = _batches(pooled=True, sizes=(12,))[0]
+    with pytest.raises(TypeError, match="rngs"):  # what a missing argument looked like
+        hf.from_nnx(model, CE).hessian(batch)
+    with pytest.raises(TypeError, match="call_kwargs"):
+        hf.from_nnx(model, CE, call_kwargs=[("rngs", None)])
+    rngs = nnx.Rngs(7)
+    ev = hf.from_nnx(model, CE, call_kwargs={"rngs": rngs})
+    p = ev.params
+    plain = CE(x @ p["dense"]["kernel"] + p["dense"]["bias"], y)  # dropout off
+    np.testing.assert_allclose(ev.loss_fn(p, batch), plain, rtol=1e-13)
+    # training mode: the draw of the RNGs as given, the same in every product
+    tr = hf.from_nnx(model, CE, train=True, call_kwargs={"rngs": rngs})
+    want = CE(model(x, nnx.clone(rngs)), y)
+    np.testing.assert_allclose(tr.loss_fn(p, batch), want, rtol=1e-13)
+    assert abs(float(want - plain)) > 1e-3
+    flat, unravel = tu.ravel(p), tu.unravel_fn(p)
+    dense = jax.hessian(lambda f: tr.loss_fn(unravel(f), batch))(flat)
+    np.testing.assert_allclose(tr.hessian(batch).dense(), dense, rtol=1e-10, atol=1e-13)
+    assert int(rngs.default.count[...]) == 0  # the user's RNGs were not advanced

@@ -14,7 +14,7 @@ import pytest
 import hvp
 import hvp.flax
 from hvp import tree as tu
-from hvp.monitor import CurvatureMonitor, MonitorRecord
+from hvp.monitor import CurvatureMonitor, MonitorError, MonitorRecord, MonitorWarning, read_history
 
 # A tiny tanh MLP 4-5-3 with cross-entropy on fixed random data (n = 43), shared by the tests
 # so that the operator, Lanczos and the trace estimator compile once for the whole file.
@@ -184,7 +184,10 @@ def test_flax_params_extraction_and_linen_trainstate():
     np.testing.assert_allclose(r2.eigenvalues, ref, rtol=1e-8)
 
 
-def test_monitor_errors():
+def test_monitor_errors(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="monitor output_dir"):
+        _monitor(output_dir=tmp_path / "file")  # at construction, not after an evaluation
     with pytest.raises(ValueError, match="every"):
         _monitor(every=0)
     with pytest.raises(ValueError, match="`k`"):
@@ -199,5 +202,113 @@ def test_monitor_errors():
     with pytest.raises(ValueError, match="no records"):
         mon.plot("never-written.png")
     mon(0, PARAMS0)
-    with pytest.raises(ValueError, match="same pytree structure"):
+    with pytest.raises(MonitorError, match="step 1 failed while reading the parameters") as info:
         mon(1, {"l0": PARAMS0["l0"]})
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "same pytree structure" in str(info.value)
+    with pytest.raises(ValueError, match="on_error"):
+        _monitor(on_error="ignore")
+
+
+# --------------------------------------------------------------------------------------------
+# issue 18 "Monitor": optax schedules, errors that do not stop training silently, plot scale
+# --------------------------------------------------------------------------------------------
+def rsqrt_schedule(init_value: float, shift: int = 0):
+    """The Linen lm1b example's schedule (train.py), verbatim."""
+
+    def schedule(count):
+        return init_value * (count + shift) ** -0.5 * shift**0.5
+
+    return schedule
+
+
+def create_learning_rate_schedule(learning_rate: float, warmup_steps: int):
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(
+                init_value=0, end_value=learning_rate, transition_steps=warmup_steps
+            ),
+            rsqrt_schedule(init_value=learning_rate, shift=warmup_steps),
+        ],
+        boundaries=[warmup_steps],
+    )
+
+
+def test_lm1b_schedule_is_called_as_optax_does():
+    schedule = create_learning_rate_schedule(0.4, warmup_steps=3)
+    with pytest.raises(ZeroDivisionError):
+        schedule(0)  # what calling it with a Python int did at step 0
+    mon = _monitor(every=2, trace=False, learning_rate=schedule)
+    _train(0.1, 6, mon)
+    assert [r.step for r in mon.history] == [0, 2, 4]
+    assert mon.history[0].lr_threshold is None  # lr = 0 during the first warm-up step
+    for r in mon.history[1:]:
+        lr = float(schedule(jnp.asarray(r.step, jnp.int32)))
+        assert lr > 0 and r.lr_threshold == pytest.approx(2.0 / lr)
+
+
+def test_errors_name_step_and_part_and_warn_mode_keeps_training(tmp_path):
+    # default: a clear error naming the step and the part that failed, cause chained
+    def bad_callback(record):
+        raise KeyError("wandb run not initialised")
+
+    mon = _monitor(every=1, trace=False, callback=bad_callback)
+    with pytest.raises(MonitorError, match="step 0 failed while running the callback.*wandb"):
+        mon(0, PARAMS0)
+    assert len(mon.history) == 1  # the evaluation itself was recorded
+    # a diverged run (NaN parameters): with on_error="warn" training goes on
+    mon = _monitor(every=1, trace=False, on_error="warn", output_dir=tmp_path)
+    nan_params = tu.map(lambda a: a * jnp.nan, PARAMS0)
+    assert mon(0, PARAMS0) is not None
+    with pytest.warns(MonitorWarning, match="step 1 failed while building the curvature operator"):
+        assert mon(1, nan_params) is None
+    assert mon(2, PARAMS0) is not None
+    assert [r.step for r in mon.history] == [0, 2]
+    assert [s for s, _ in mon.failures] == [1] and "NaN" in mon.failures[0][1]
+    # history files: append-only lines; a partial last line (a crash mid-write) is skipped
+    path = tmp_path / "history.jsonl"
+    assert [r["step"] for r in read_history(path)] == [0, 2]
+    with open(path, "a") as f:
+        f.write('{"step": 3, "eigenval')
+    assert [r["step"] for r in read_history(path)] == [0, 2]
+    with pytest.raises(MonitorError, match="learning rate"):
+        _monitor(every=1, trace=False, learning_rate=lambda s: 1 / 0)(0, PARAMS0)
+
+
+def test_plot_scales_to_measurements_with_adam_learning_rate(tmp_path):
+    from hvp.monitor._plot import sharpness_axis
+
+    # Adam, lr = 1e-3: 2/lr = 2000 far above sharpness ~ 1-3: axis from the data, line hidden
+    (lo, hi), shown = sharpness_axis([[1.0, 0.5], [3.0, 2.0]], [2000.0, 2000.0])
+    assert not shown and 0 < hi < 4 and lo < 0.5
+    # a threshold near the data is drawn and included in the axis
+    (lo, hi), shown = sharpness_axis([1.0, 3.0], [3.5])
+    assert shown and hi > 3.5
+    # warm-up: 2/lr falls from far away into range: drawn, axis not stretched to the far part
+    (lo, hi), shown = sharpness_axis([1.0, 3.0], [3000.0, 4.0, 3.2])
+    assert shown and 4.0 < hi < 6
+    mon = _monitor(every=3, trace=True, learning_rate=1e-3)
+    _train(1e-3, 4, mon)
+    png = mon.plot(tmp_path / "adam.png")
+    assert open(png, "rb").read()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["adam.png"]  # no temporary file left
+
+
+def test_from_loss_given_a_model_with_state_warns_once():
+    import warnings
+
+    from flax.training import train_state
+
+    class BNState(train_state.TrainState):  # as in the Linen ImageNet example
+        batch_stats: dict
+
+    state = BNState.create(
+        apply_fn=None, params=PARAMS0, tx=optax.sgd(0.1), batch_stats={"mean": jnp.zeros(3)}
+    )
+    mon = _monitor(every=1, trace=False)
+    with pytest.warns(hvp.flax.StaleStateWarning, match=r"batch_stats.*from_flax"):
+        mon(0, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        mon(1, state)
+    assert [r.step for r in mon.history] == [0, 1]
