@@ -244,11 +244,8 @@ def layer_table(report, *, view: str | None = None, top: int | None = None):
     notes = []
     if rest:
         rest_tr = sum(r["trace"] for r in rows) - sum(r["trace"] for r in shown)
-        notes.append(
-            f"{rest} more {what}s hold {rest_tr / total:.1%} of the trace"
-            if total
-            else f"{rest} more {what}s"
-        )
+        them = f"{rest} more {what}" + (" holds" if rest == 1 else "s hold")
+        notes.append(f"{them} {rest_tr / total:.1%} of the trace" if total else them)
     notes.append("every layer is in report.json (layers)")
     if view == "grouped" and any(len(r["layers"]) > 1 for r in rows):
         notes.append("--layers all for single layers")
