@@ -240,7 +240,7 @@ def layer_table(report, *, view: str | None = None, top: int | None = None):
             f"{r['mass']:.1%}",
         ]
         t.add_row(*cells)
-    rest = rows and len(rows) - len(shown)
+    rest = len(rows) - len(shown)
     notes = []
     if rest:
         rest_tr = sum(r["trace"] for r in rows) - sum(r["trace"] for r in shown)
