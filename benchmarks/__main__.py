@@ -24,16 +24,19 @@ GROUPS = {
     "modes": "benchmarks.bench_hvp_modes",
     "estimators": "benchmarks.bench_estimators",
     "peers": "benchmarks.bench_peers",
+    "analysis": "benchmarks.bench_analysis",
 }
 ALIASES = {
     "1": "dense",
     "2": "modes",
     "3": "estimators",
     "4": "peers",
+    "5": "analysis",
     "dense_vs_hvp": "dense",
     "hvp_modes": "modes",
     "estimator": "estimators",
     "peer": "peers",
+    "analyze": "analysis",
 }
 
 
@@ -53,7 +56,7 @@ def _parse(argv):
         action="append",
         default=None,
         metavar="GROUP",
-        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-4)",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-5)",
     )
     p.add_argument(
         "--out",
@@ -75,7 +78,7 @@ def _groups(only):
             name = ALIASES.get(name, name)
             if name not in GROUPS:
                 raise SystemExit(
-                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-4)."
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-5)."
                 )
             if name not in names:
                 names.append(name)

@@ -177,3 +177,158 @@ def transformer(
 
 def num_params(params) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+# ------------------------------------------------------------------------------------------
+# Flax-example shapes for the analysis benchmark (``hvp analyze`` factories)
+# ------------------------------------------------------------------------------------------
+def resnet_bn(*, stage_sizes=(1, 1), filters=8, image=16, num_classes=10, batch=32, seed=0):
+    """A ResNet with BatchNorm in the style of the Flax ImageNet example, shrunk.
+
+    ``conv_init`` (3x3; the example's 7x7 stride 2 stem is shrunk with the images) ->
+    ``bn_init`` -> ReLU -> 2x2 max-pool -> ``ResNetBlock``\\ s (3x3 conv, BatchNorm, ReLU, 3x3
+    conv, BatchNorm with zero-initialised scale, a 1x1 ``conv_proj``/``norm_proj`` shortcut when
+    the shape changes; stage ``i`` has ``filters * 2**i`` channels, stride 2 from the second
+    stage) -> global mean -> ``Dense``. Evaluated with ``train=False`` (BatchNorm's running
+    statistics, as at evaluation), softmax cross-entropy on integer labels.
+
+    Returns ``(factory, variables, batches)``: ``factory()`` is an ``hvp analyze`` model factory
+    returning ``((module, variables, {"train": False}), "cross_entropy")``; ``variables`` holds
+    ``params`` and ``batch_stats`` (running statistics perturbed away from their initial 0/1,
+    as after training); ``batches`` is one ``(images NHWC, labels)`` batch of random data.
+    """
+    import flax.linen as nn
+
+    class ResNetBlock(nn.Module):
+        filters: int
+        strides: tuple = (1, 1)
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+            residual = x
+            y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False)(x)
+            y = nn.relu(norm()(y))
+            y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
+            y = norm(scale_init=nn.initializers.zeros_init())(y)
+            if residual.shape != y.shape:
+                residual = nn.Conv(
+                    self.filters, (1, 1), self.strides, use_bias=False, name="conv_proj"
+                )(residual)
+                residual = norm(name="norm_proj")(residual)
+            return nn.relu(residual + y)
+
+    class ResNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Conv(filters, (3, 3), use_bias=False, name="conv_init")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_init")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
+            for i, size in enumerate(stage_sizes):
+                for j in range(size):
+                    strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                    x = ResNetBlock(filters * 2**i, strides)(x, train)
+            x = jnp.mean(x, axis=(1, 2))
+            return nn.Dense(num_classes)(x)
+
+    model = ResNet()
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, num_classes, size=batch), jnp.int32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])  # one compile, not op by op
+    # trained-looking values: nonzero BatchNorm scales (the example zero-initialises the last one
+    # of each block, where the Hessian of its conv would vanish) and running statistics
+    variables = jax.tree_util.tree_map(
+        lambda a: (
+            jnp.asarray(np.abs(np.asarray(a) + 0.3 * rng.normal(size=a.shape)) + 0.5, a.dtype)
+            if a.ndim == 1
+            else a
+        ),
+        variables,
+    )
+
+    def factory():
+        return (model, variables, {"train": False}), "cross_entropy"
+
+    return factory, variables, [(x, y)]
+
+
+def lm1b_like(*, num_layers=2, vocab=32, emb=16, heads=2, mlp=32, seq_len=16, batch=8, seed=0):
+    """A decoder-only Transformer LM in the style of the Flax lm1b example (Linen), tiny.
+
+    Module names as the example's: ``decoder/Embed_0``, ``decoder/encoderdecoderblock_{i}``
+    (``LayerNorm_0``, ``SelfAttention_0`` (``query``/``key``/``value``/``out``), ``LayerNorm_1``,
+    ``MlpBlock_0`` (``Dense_0``/``Dense_1``)), ``decoder/encoderdecoder_norm``,
+    ``decoder/logitdense``; fixed sinusoidal positions, causal mask combined with the padding
+    mask, inputs shifted right inside the model. The loss is the example's: token
+    cross-entropy weighted by ``targets > 0`` (padding excluded) and divided by the number of
+    real tokens.
+
+    Returns ``(factory, variables, batches)`` like :func:`resnet_bn`; the batch is
+    ``(tokens, tokens)`` (the example trains on ``inputs == targets``) with trailing padding
+    (token 0) on about a quarter of the positions.
+    """
+    import flax.linen as nn
+
+    def sinusoid(length, d):
+        pos = np.arange(length)[:, None]
+        div = np.exp(np.arange(0, d, 2) * -(np.log(10000.0) / d))
+        pe = np.zeros((length, d), np.float32)
+        pe[:, 0::2] = np.sin(pos * div)
+        pe[:, 1::2] = np.cos(pos * div)
+        return jnp.asarray(pe)
+
+    class MlpBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(mlp)(x))
+            return nn.Dense(x.shape[-1])(h)
+
+    class EncoderDecoder1DBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask):
+            y = nn.LayerNorm()(x)
+            y = nn.MultiHeadDotProductAttention(num_heads=heads, name="SelfAttention_0")(
+                y, y, mask=mask
+            )
+            x = x + y
+            z = MlpBlock(name="MlpBlock_0")(nn.LayerNorm()(x))
+            return x + z
+
+    class Decoder(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            mask = nn.combine_masks(
+                nn.make_attention_mask(tokens > 0, tokens > 0), nn.make_causal_mask(tokens)
+            )
+            shifted = jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]  # shift right (BOS = 0)
+            embed = nn.Embed(vocab, emb, embedding_init=nn.initializers.normal(1.0), name="Embed_0")
+            y = embed(shifted) + sinusoid(tokens.shape[1], emb)[None]
+            for i in range(num_layers):
+                y = EncoderDecoder1DBlock(name=f"encoderdecoderblock_{i}")(y, mask)
+            y = nn.LayerNorm(name="encoderdecoder_norm")(y)
+            return nn.Dense(vocab, name="logitdense")(y)
+
+    class TransformerLM(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return Decoder(name="decoder")(tokens)
+
+    model = TransformerLM()
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab, size=(batch, seq_len))
+    lengths = rng.integers(seq_len // 2, seq_len + 1, size=batch)  # ~25% padding on average
+    tokens = np.where(np.arange(seq_len)[None] < lengths[:, None], tokens, 0)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens[:1])
+
+    def masked_cross_entropy(logits, targets):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        weights = (targets > 0).astype(nll.dtype)
+        return jnp.sum(nll * weights) / jnp.sum(weights)
+
+    def factory():
+        return (model, variables), masked_cross_entropy
+
+    return factory, variables, [(tokens, tokens)]

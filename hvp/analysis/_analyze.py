@@ -64,7 +64,8 @@ from hvp._version import __version__
 from hvp.analysis._checkpoint import read_checkpoint, restore_into
 from hvp.analysis._data import load_data
 from hvp.analysis._errors import AnalysisError
-from hvp.analysis._progress import Stages
+from hvp.analysis._layer_report import block_groups
+from hvp.analysis._progress import Stages, stage_products
 from hvp.analysis._specs import load_model
 
 __all__ = [
@@ -102,6 +103,8 @@ DEFAULTS = dict(
     seed=0,
     x64=False,
     grid_size=1000,
+    layer_view="grouped",
+    top_layers=10,
 )
 _SEED_ORDER = ("top", "bottom", "trace", "density", "layers")
 
@@ -164,12 +167,16 @@ class DensitySection:
     seconds: float
 
 
-@tu.result(static=("layers",))
+@tu.result(static=("layers", "labels", "block", "kind"))
 class LayerSection:
     """Per-layer breakdown (layers in parameter order).
 
     Attributes:
       layers: layer names (module paths).
+      labels, block, kind: each layer's short unique label, its block and its kind within the
+        block (:func:`hvp.flax.layer_labels`: ``block_7/attn/query``, ``block_7``, ``attn/query``).
+      groups: per block (``names``, ``num_layers``, ``trace``, ``trace_std_error``; standard
+        errors from the per-probe block sums), for the grouped table and plot.
       num_params: parameters per layer.
       trace, trace_std_error: ``tr A_ll`` (Hutchinson on the diagonal block) and its standard error.
       top_eigenvector_mass: share of the top eigenvector's squared norm in each layer (sums to 1).
@@ -186,6 +193,10 @@ class LayerSection:
     eigenvector_mass: Any
     num_matvecs: int
     seconds: float
+    labels: tuple = ()
+    block: tuple = ()
+    kind: tuple = ()
+    groups: Any = None
 
 
 @tu.result()
@@ -330,6 +341,8 @@ def _command_line(checkpoint, model, data, settings: dict) -> str:
         ("batch_size", "--batch-size"),
         ("num_batches", "--num-batches"),
         ("seed", "--seed"),
+        ("layer_view", "--layers"),
+        ("top_layers", "--top-layers"),
     ]
     for key, flag in flags:
         v = settings.get(key)
@@ -372,6 +385,8 @@ def analyze(
     item: str | None = None,
     out_dir=None,
     plots: bool = True,
+    layer_view: str = DEFAULTS["layer_view"],
+    top_layers: int = DEFAULTS["top_layers"],
     progress: bool = False,
     console=None,
     extra: dict | None = None,
@@ -400,6 +415,10 @@ def analyze(
       step, item: choose a step / item of a ``CheckpointManager`` layout.
       out_dir: if given, write ``report.json``, ``density.png``, ``layers.png`` there.
       plots: write the PNGs (with ``out_dir``).
+      layer_view: ``"grouped"`` (one row per block of layers, e.g. a transformer block) or
+        ``"all"`` (one per layer) in the terminal table and ``layers.png``; ``report.json`` has
+        both.
+      top_layers: rows of the terminal's per-layer table (the largest by ``|trace|``).
       progress: show rich progress bars (stderr).
       console: a ``rich.console.Console`` for the progress bars.
       extra: free-form dict stored in the report's ``extra`` field.
@@ -426,6 +445,9 @@ def analyze(
     _check_positive("--layer-matvecs", layer_matvecs, 2)
     if eig_iters is not None:
         _check_positive("--eig-iters", eig_iters, 2)
+    if layer_view not in ("grouped", "all"):
+        raise AnalysisError(f"--layers must be 'grouped' or 'all', got {layer_view!r}.")
+    _check_positive("--top-layers", top_layers)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise AnalysisError(f"--seed must be a non-negative integer, got {seed!r}.")
     if x64 and not jax.config.jax_enable_x64:
@@ -509,13 +531,26 @@ def analyze(
             )
 
         keys = dict(zip(_SEED_ORDER, jax.random.split(jax.random.PRNGKey(seed), len(_SEED_ORDER))))
+        stages.estimate(  # expected products and seconds per stage (only with the display on)
+            op,
+            stage_products(
+                n=n,
+                k=k,
+                eig_iters=eig_iters,
+                trace_matvecs=trace_matvecs,
+                num_probes=num_probes,
+                num_iters=num_iters,
+                layer_matvecs=layer_matvecs,
+            ),
+            block_size=num_probes,
+        )
 
         # 4. figures -------------------------------------------------------------------------
         eig_kw = dict(tol=tol) if eig_iters is None else dict(tol=tol, num_iters=eig_iters)
         sections = {}
         for which, name in (("largest", "top"), ("smallest", "bottom")):
             with stages.stage(
-                f"{'Top' if name == 'top' else 'Bottom'}-{k} eigenvalues (Lanczos)"
+                f"{'Top' if name == 'top' else 'Bottom'}-{k} eigenvalues (Lanczos)", expect=name
             ) as st:
                 res, secs = _timed(
                     lambda w=which, nm=name: _quiet_eigsh(
@@ -527,7 +562,7 @@ def analyze(
                 st.done(f"{int(res.num_matvecs)} matvecs")
         top, bottom = sections["top"], sections["bottom"]
 
-        with stages.stage(f"Trace ({trace_method})") as st:
+        with stages.stage(f"Trace ({trace_method})", expect="trace") as st:
             tr, timings["trace"] = _timed(
                 lambda: linalg.trace(
                     op, key=keys["trace"], num_matvecs=trace_matvecs, method=trace_method
@@ -535,7 +570,9 @@ def analyze(
             )
             st.done(f"{int(tr.num_matvecs)} matvecs")
 
-        with stages.stage(f"Spectral density (SLQ, {num_probes} x {num_iters})") as st:
+        with stages.stage(
+            f"Spectral density (SLQ, {num_probes} x {num_iters})", expect="density"
+        ) as st:
             sd, timings["density"] = _timed(
                 lambda: linalg.spectral_density(
                     op, key=keys["density"], num_probes=num_probes, num_iters=num_iters
@@ -543,7 +580,7 @@ def analyze(
             )
             st.done(f"{int(sd.num_matvecs)} matvecs")
 
-        with stages.stage("Per-layer trace and eigenvector mass") as st:
+        with stages.stage("Per-layer trace and eigenvector mass", expect="layers") as st:
             lt, timings["layers"] = _timed(
                 lambda: hflax.layer_trace(op, key=keys["layers"], num_matvecs=layer_matvecs)
             )
@@ -590,6 +627,7 @@ def analyze(
     )
     mass = hflax.layer_norms(top.eigenvectors)
     layers = tuple(lt.layers)
+    labels = hflax.layer_labels(layers)
     mass_mat = np.stack([np.asarray(mass[name], np.float64) for name in layers])
     layer_sec = LayerSection(
         layers=layers,
@@ -600,6 +638,10 @@ def analyze(
         eigenvector_mass=mass_mat,
         num_matvecs=int(lt.num_matvecs),
         seconds=float(timings["layers"]),
+        labels=labels.short,
+        block=labels.block,
+        kind=labels.kind,
+        groups=block_groups(lt, labels),
     )
     derived = _derived(top_sec, bot_sec, dens_sec)
 
@@ -621,6 +663,8 @@ def analyze(
         density_grid_size=DEFAULTS["grid_size"],
         step=step,
         item=item,
+        layer_view=layer_view,
+        top_layers=int(top_layers),
     )
     model_name = spec.spec
     data_name = ds.spec

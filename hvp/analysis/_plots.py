@@ -3,8 +3,9 @@
 * :func:`plot_density`: the eigenvalue density on a log scale (like PyHessian's
   ESD plot) with the Lanczos extreme eigenvalues marked and the negative mass
   in the legend.
-* :func:`plot_layers`: per-layer trace (with standard-error bars) and the
-  share of the top eigenvector in each layer.
+* :func:`plot_layers`: per-block or per-layer trace (with standard-error bars)
+  and the share of the top eigenvector, legible for deep models (see
+  :mod:`hvp.analysis._layer_report`).
 
 Both accept an :class:`~hvp.analysis.AnalysisReport` or its dict (a loaded
 ``report.json``).
@@ -111,66 +112,13 @@ def plot_density(report, path) -> Path:
     return path
 
 
-def plot_layers(report, path) -> Path:
-    """Write the per-layer bar chart (trace ± standard error, top-eigenvector mass) to ``path`` (PNG)."""
-    plt = _plt()
-    d = _as_dict(report)
-    lay, model = d["layers"], d["model"]
-    names = list(lay["layers"])
-    tr = np.asarray(lay["trace"], dtype=float)
-    se = np.asarray(lay["trace_std_error"], dtype=float)
-    mass = np.asarray(lay["top_eigenvector_mass"], dtype=float)
-    counts = list(lay["num_params"])
-    op = _OPERATOR_NAMES.get(model["operator"], model["operator"])
-    labels = [f"{n}\n({c:,})" for n, c in zip(names, counts)]
-    x = np.arange(len(names))
-    width = max(7.0, 1.1 * len(names) + 3)
+def plot_layers(report, path, *, view: str | None = None) -> Path:
+    """Write the per-layer figure of a report to ``path`` (PNG).
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(min(width, 16), 4.6), dpi=120)
-    colors = ["#1f77b4" if v >= 0 else "#d62728" for v in tr]
-    ax1.bar(
-        x,
-        tr,
-        yerr=2 * se,
-        color=colors,
-        capsize=4,
-        alpha=0.85,
-        label=f"estimate ± 2 s.e. ({lay['num_matvecs']} probes)",
-    )
-    ax1.axhline(0, color="0.3", lw=0.6)
-    ax1.set_xticks(x, labels, fontsize=8, rotation=30 if len(names) > 6 else 0)
-    ax1.set_xlabel("layer (parameters)")
-    ax1.set_ylabel(f"trace of the layer's {op} block")
-    ax1.set_title(
-        f"Per-layer trace (total {d['trace']['estimate']:.4g} ± {d['trace']['std_error']:.2g})",
-        fontsize=10,
-    )
-    ax1.grid(True, axis="y", alpha=0.3)
-    top1 = float(np.max(np.maximum(tr + 2 * se, 0))) if tr.size else 1.0
-    bot1 = float(np.min(np.minimum(tr - 2 * se, 0))) if tr.size else 0.0
-    ax1.set_ylim(bot1 * 1.1, top1 * 1.25 if top1 > 0 else 1.0)
-    ax1.legend(fontsize=7.5, loc="upper center")
+    Sorted bars of trace ± 2 s.e. and top-eigenvector share per block or layer, and a
+    blocks x layer heat map for stacks of blocks. See :mod:`hvp.analysis._layer_report`; ``view`` is ``"grouped"`` or ``"all"`` (default:
+    the report's ``settings.layer_view``).
+    """
+    from hvp.analysis._layer_report import plot_layers as _plot_layers
 
-    ax2.bar(
-        x,
-        100 * mass,
-        color="#ff7f0e",
-        alpha=0.85,
-        label=f"top eigenvector (λ = {d['derived']['lambda_max']:.4g})",
-    )
-    share = 100 * np.asarray(counts, dtype=float) / max(sum(counts), 1)
-    ax2.scatter(x, share, color="0.2", marker="_", s=400, zorder=3, label="share of parameters")
-    ax2.set_xticks(x, labels, fontsize=8, rotation=30 if len(names) > 6 else 0)
-    ax2.set_xlabel("layer (parameters)")
-    ax2.set_ylabel("share of squared norm (%)")
-    ax2.set_ylim(0, 130)
-    ax2.set_yticks(np.arange(0, 101, 20))
-    ax2.set_title("Top-eigenvector mass per layer", fontsize=10)
-    ax2.grid(True, axis="y", alpha=0.3)
-    ax2.legend(fontsize=7.5, loc="upper right", handlelength=1.5)
-    fig.suptitle(f"{op} by layer — {_short(model['spec'], 60)}", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _plot_layers(report, path, view=view)

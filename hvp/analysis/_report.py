@@ -204,7 +204,11 @@ def _list(x):
 
 
 def summary_table(report):
-    """A ``rich.table.Table`` with every figure, its error, matvecs and seconds."""
+    """A ``rich.table.Table`` with every global figure, its error, matvecs and seconds.
+
+    The per-layer figures have their own table
+    (:func:`hvp.analysis._layer_report.layer_table`); :func:`print_summary` prints both.
+    """
     from rich.table import Table
 
     g = lambda s, k=None: _get(report, s, k)  # noqa: E731
@@ -249,24 +253,15 @@ def summary_table(report):
         str(g("density", "num_matvecs")),
         f"{g('density', 'seconds'):.2f}",
     )
+    t.add_row(
+        f"per-layer traces ({len(g('layers', 'layers'))} layers)",
+        "table below",
+        "",
+        str(g("layers", "num_matvecs")),
+        f"{g('layers', 'seconds'):.2f}",
+    )
     t.add_row("condition estimate", _fmt(g("derived", "condition_estimate")), "", "", "")
     t.add_row("|λ_min| / λ_max", _fmt(g("derived", "negative_ratio")), "", "", "")
-    t.add_section()
-    layers = g("layers", "layers")
-    tr, se, mass = (
-        _list(g("layers", "trace")),
-        _list(g("layers", "trace_std_error")),
-        _list(g("layers", "top_eigenvector_mass")),
-    )
-    for i, name in enumerate(layers):
-        t.add_row(
-            f"layer {name}: trace",
-            _fmt(tr[i]),
-            _fmt(se[i]),
-            str(g("layers", "num_matvecs")) if i == 0 else "",
-            f"{g('layers', 'seconds'):.2f}" if i == 0 else "",
-        )
-        t.add_row(f"layer {name}: top-vector mass", f"{mass[i]:.1%}", "", "", "")
     t.caption = (
         f"total {g('num_matvecs')} matvecs, {g('timings')['total']:.1f} s; seed "
         f"{g('settings')['seed']}"
@@ -274,8 +269,18 @@ def summary_table(report):
     return t
 
 
-def print_summary(report, console=None) -> None:
-    """Print :func:`summary_table` on the terminal (stdout by default)."""
+def print_summary(
+    report, console=None, *, layer_view: str | None = None, top_layers: int | None = None
+) -> None:
+    """Print :func:`summary_table` and the per-layer table on the terminal (stdout by default).
+
+    ``layer_view`` (``"grouped"``/``"all"``) and ``top_layers`` choose the per-layer rows (see
+    :func:`hvp.analysis._layer_report.layer_table`; default: the report's settings).
+    """
     from rich.console import Console
 
-    (console or Console()).print(summary_table(report))
+    from hvp.analysis._layer_report import layer_table
+
+    console = console or Console()
+    console.print(summary_table(report))
+    console.print(layer_table(report, view=layer_view, top=top_layers))

@@ -135,6 +135,21 @@ def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS["seed"],
         help="seed of every random choice (default: %(default)s)",
     )
+    g.add_argument(
+        "--layers",
+        dest="layer_view",
+        choices=("grouped", "all"),
+        default=DEFAULTS["layer_view"],
+        help="per-layer table and layers.png: one row per block of layers (e.g. a transformer "
+        "block) or one per layer; report.json has both (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-layers",
+        type=_positive_int,
+        default=DEFAULTS["top_layers"],
+        help="rows of the per-layer table on the terminal, largest |trace| first "
+        "(default: %(default)s)",
+    )
     g.add_argument("--x64", action="store_true", help="compute in float64 (default: float32)")
     g.add_argument(
         "--no-plots", dest="plots", action="store_false", help="do not write the PNG figures"
@@ -156,6 +171,8 @@ def _analysis_kwargs(args) -> dict:
         num_batches=args.num_batches,
         x64=args.x64,
         plots=args.plots,
+        layer_view=args.layer_view,
+        top_layers=args.top_layers,
     )
 
 

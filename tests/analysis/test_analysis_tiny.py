@@ -26,6 +26,7 @@ from hvp.analysis import (
     analyze,
     load_model,
     load_report,
+    print_summary,
     summary_table,
     validate_report,
 )
@@ -147,6 +148,7 @@ def test_written_report_equals_the_result_and_renders(tiny):
 
     buf = io.StringIO()
     Console(file=buf, width=120).print(summary_table(loaded))
+    print_summary(loaded, Console(file=buf, width=120))
     text = buf.getvalue()
     for needle in (
         "GGN of",
@@ -155,8 +157,10 @@ def test_written_report_equals_the_result_and_renders(tiny):
         "trace (hutch++)",
         "negative mass (SLQ)",
         "condition estimate",
-        "layer Dense_0: trace",
-        "layer Dense_1: top-vector mass",
+        "per-layer traces (2 layers)",
+        "Per-block curvature",
+        "dense_0",
+        "dense_1",
     ):
         assert needle in text, needle
     assert f"{report.top.eigenvalues[-1]:.5g}" in text
