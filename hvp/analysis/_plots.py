@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hvp._io import atomic_savefig
+
 __all__ = ["plot_density", "plot_layers"]
 
 _OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton (GGN)"}
@@ -106,8 +108,10 @@ def plot_density(report, path) -> Path:
     ax.legend(loc="upper center", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -171,6 +175,8 @@ def plot_layers(report, path) -> Path:
     fig.suptitle(f"{op} by layer — {_short(model['spec'], 60)}", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
     return path
