@@ -164,11 +164,13 @@ def call(fn, *, wait: bool = True):
 
 
 @contextlib.contextmanager
-def handle_signals() -> Iterator[None]:
+def handle_signals(*, restore: bool = True) -> Iterator[None]:
     """Record SIGINT and SIGTERM and raise :class:`Interrupted` for them (see the module docstring).
 
-    The previous handlers are restored when the block ends. Outside the main thread (where
-    Python cannot install handlers) the block does nothing.
+    With ``restore`` the previous handlers are restored when the block ends; without it the
+    handlers stay (they only record signals after :func:`finish`), for a program that ends the
+    process itself and must not meet a default handler on its way out. Outside the main thread
+    (where Python cannot install handlers) the block does nothing.
 
     Example:
       >>> from hvp.analysis._interrupt import handle_signals, pending
@@ -197,6 +199,9 @@ def handle_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-        sys.unraisablehook = old_hook
+        if restore:
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            sys.unraisablehook = old_hook
+        else:
+            finish()

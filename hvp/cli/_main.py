@@ -18,10 +18,12 @@ answered within a fraction of a second even during a long XLA compilation, and
 one swallowed by a callback is not lost. Outputs are written atomically, a write
 in progress is completed and none starts after a signal, so no file is ever
 left half-written; the checkpoint is only read. Run as a program (the ``hvp``
-script, ``python -m hvp``), a failed or interrupted run then ends with
-:func:`os._exit` after flushing its output: interpreter teardown would race
-XLA's and Orbax's threads (a segmentation fault, or pages of background-thread
-tracebacks after the one-line error). Called from Python with a list of
+script, ``python -m hvp``), the command keeps its handlers to the end and ends
+the process with :func:`os._exit` after flushing its output: interpreter
+teardown would race XLA's and Orbax's threads (a segmentation fault, or pages of
+background-thread tracebacks after the one-line error), and a signal arriving
+during it would meet Python's default handlers. A signal that arrives after the
+outputs are complete still gives 130/143. Called from Python with a list of
 arguments, :func:`main` returns the status after the worker has stopped.
 
 New subcommands register in :data:`COMMANDS` (``name -> (add_arguments, run)``).
@@ -393,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``hvp`` command with ``argv``; return the exit status.
 
     With ``argv=None`` (the ``hvp`` script, ``python -m hvp``) the arguments are
-    ``sys.argv[1:]`` and the call is the program: a failed or interrupted run
-    ends the process with :func:`os._exit` after flushing stdout and stderr (see
-    the module docstring). Called with a list, it always returns.
+    ``sys.argv[1:]`` and the call is the program: it ends the process with
+    :func:`os._exit` after flushing stdout and stderr (see the module
+    docstring). Called with a list, it always returns.
 
     Example:
       >>> from hvp.cli import main
@@ -405,13 +407,22 @@ def main(argv: list[str] | None = None) -> int:
     """
     program = argv is None
     rc = _main(argv, program=program)
-    if program and rc != 0:
+    if program:
+        from hvp.analysis import _interrupt
+
+        signum = _interrupt.pending()
+        if rc == 0 and signum is not None:  # the signal came as the run ended: outputs complete
+            _say_interrupted(f"hvp {sys.argv[1]}" if len(sys.argv) > 1 else "hvp", signum)
+            rc = _interrupt.exit_status(signum)
         _hard_exit(rc)
     return rc
 
 
 def _hard_exit(rc: int) -> None:
     """End the process now: flush stdio, skip interpreter teardown (XLA/Orbax threads may run)."""
+    import logging
+
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -434,7 +445,12 @@ def _main(argv: list[str] | None, *, program: bool) -> int:
     from hvp.analysis import _interrupt
     from hvp.analysis._errors import AnalysisError
 
-    with _interrupt.handle_signals(), _quiet_stderr(args.quiet and not args.debug):
+    # A program keeps its handlers to the end: it leaves through os._exit, never meeting Python's
+    # default handlers (a traceback, or death by SIGTERM) on the way out.
+    with (
+        _interrupt.handle_signals(restore=not program),
+        _quiet_stderr(args.quiet and not args.debug),
+    ):
         try:
             _enable_compilation_cache()
             # The program ends the process at once on a signal; from Python, wait for the worker.
@@ -444,8 +460,7 @@ def _main(argv: list[str] | None, *, program: bool) -> int:
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", None) or _interrupt.pending() or 2
             _interrupt.finish()
-            name = "" if signum == 2 else f" ({_signal_name(signum)})"
-            print(f"{prog}: interrupted{name}", file=sys.stderr)
+            _say_interrupted(prog, signum)
             return _interrupt.exit_status(signum)
         except AnalysisError as e:
             _interrupt.finish()
@@ -471,13 +486,14 @@ def _main(argv: list[str] | None, *, program: bool) -> int:
             _interrupt.finish()
 
 
-def _signal_name(signum: int) -> str:
+def _say_interrupted(prog: str, signum: int) -> None:
     import signal
 
     try:
-        return signal.Signals(signum).name
+        name = signal.Signals(signum).name
     except ValueError:
-        return str(signum)
+        name = str(signum)
+    print(f"{prog}: interrupted{'' if signum == signal.SIGINT else f' ({name})'}", file=sys.stderr)
 
 
 class _quiet_stderr:

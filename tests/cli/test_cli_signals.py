@@ -90,6 +90,8 @@ def _handlers_installed(pid) -> bool:
 
 
 def _interrupt_run(ckpt, out, sig, delay):
+    """Run the command; send ``sig`` ``delay`` s after its handlers are in place, or, with
+    ``delay="write"``, as soon as the first output file (a temporary one) appears in ``out``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "hvp", "analyze", str(ckpt), "--model", DEMO_MODEL_SPEC, *TINY]
         + ["--out", str(out)],
@@ -104,7 +106,13 @@ def _interrupt_run(ckpt, out, sig, delay):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the command never installed its handlers"
             time.sleep(0.02)
-        time.sleep(delay)
+        if delay == "write":
+            while not (out.exists() and os.listdir(out)):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline + 600, "no output appeared"
+                time.sleep(0.002)
+        else:
+            time.sleep(delay)
         t0 = time.monotonic()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
@@ -147,7 +155,7 @@ def test_sigint_and_sigterm_exit_cleanly_at_every_stage(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_signals_swept_over_the_whole_run(ckpt, tmp_path):
-    """16 delays from the start to past the writing of the outputs (a run takes ~15-60 s)."""
+    """8 delays spread over a whole run (~15-60 s), then 4 signals sent as the outputs are written."""
     before = _hash_tree(ckpt)
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -160,13 +168,13 @@ def test_signals_swept_over_the_whole_run(ckpt, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     total = time.monotonic() - t0
-    for i in range(16):
+    delays = [total * (i + 0.5) / 8 for i in range(8)] + ["write"] * 4
+    for i, delay in enumerate(delays):
         sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
-        delay = total * (i + 0.5) / 16
         out = tmp_path / f"sweep{i}"
         rc, err, seconds = _interrupt_run(ckpt, out, sig, delay)
         if rc == 0:  # the run ended before the signal: its outputs are complete
-            assert set(os.listdir(out)) == set(OUTPUT_FILES)
+            assert delay != "write" and set(os.listdir(out)) == set(OUTPUT_FILES)
             continue
         _check_interrupted(ckpt, out, before, sig, rc, err, seconds)
 
