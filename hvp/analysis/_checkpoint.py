@@ -225,12 +225,15 @@ def _stray_output_captured():
     Inside this block ``sys.stderr`` and ``sys.unraisablehook`` are redirected into a buffer; on a
     failure the block waits for the stray reads to settle (at most about one second) so that their
     output lands in the buffer too. The buffer is attached to the error as ``details`` (the
-    ``hvp`` command shows it with ``--debug``); after a successful read it is passed on to stderr.
+    ``hvp`` command shows it with ``--debug``). After a successful read the Python warnings
+    raised meanwhile are re-issued and the rest is dropped (it can only be such noise, or a
+    progress display's frames).
     """
     import gc
     import io
     import sys
     import time
+    import warnings
 
     buf = io.StringIO()
     old_err, old_hook = sys.stderr, sys.unraisablehook
@@ -239,6 +242,9 @@ def _stray_output_captured():
         buf.write(f"Exception ignored in: {u.object!r}: {u.exc_type.__name__}: {u.exc_value}\n")
 
     sys.stderr, sys.unraisablehook = buf, hook
+    caught = warnings.catch_warnings(record=True)
+    recorded = caught.__enter__()
+    warnings.simplefilter("default")
     try:
         yield buf
     except BaseException as e:
@@ -249,13 +255,15 @@ def _stray_output_captured():
             gc.collect()
             time.sleep(0.1)
         if isinstance(e, AnalysisError):
-            e.details = buf.getvalue()
+            e.details = buf.getvalue() + "".join(
+                f"{w.category.__name__}: {w.message}\n" for w in recorded
+            )
         raise
-    else:
-        if buf.getvalue():
-            old_err.write(buf.getvalue())
     finally:
+        caught.__exit__(None, None, None)
         sys.stderr, sys.unraisablehook = old_err, old_hook
+    for w in recorded:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -> Checkpoint:
