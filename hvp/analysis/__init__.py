@@ -22,6 +22,7 @@ from hvp.analysis._analyze import (
     LayerSection,
     TraceSection,
     analyze,
+    check_dependencies,
 )
 from hvp.analysis._checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint, restore_into
 from hvp.analysis._data import DataSet, digits, load_data
@@ -56,6 +57,7 @@ __all__ = [
     "StructureMismatchError",
     "TraceSection",
     "analyze",
+    "check_dependencies",
     "digits",
     "digits_mlp",
     "load_data",

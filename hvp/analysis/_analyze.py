@@ -50,6 +50,8 @@ so the same checkpoint, data, settings and seed give the same figures.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -61,7 +63,8 @@ import numpy as np
 
 from hvp import tree as tu
 from hvp._version import __version__
-from hvp.analysis._checkpoint import read_checkpoint, restore_into
+from hvp.analysis import _interrupt
+from hvp.analysis._checkpoint import read_checkpoint, resolve_checkpoint, restore_into
 from hvp.analysis._data import load_data
 from hvp.analysis._errors import AnalysisError
 from hvp.analysis._layer_report import block_groups
@@ -80,6 +83,7 @@ __all__ = [
     "OPERATORS",
     "TRACE_METHODS",
     "DEFAULTS",
+    "check_dependencies",
 ]
 
 #: Version of the ``report.json`` schema (see ``docs/analyze.md``).
@@ -102,6 +106,7 @@ DEFAULTS = dict(
     num_batches=None,
     seed=0,
     x64=False,
+    chunk_size=None,
     grid_size=1000,
     layer_view="grouped",
     top_layers=10,
@@ -343,6 +348,7 @@ def _command_line(checkpoint, model, data, settings: dict) -> str:
         ("seed", "--seed"),
         ("layer_view", "--layers"),
         ("top_layers", "--top-layers"),
+        ("chunk_size", "--chunk-size"),
     ]
     for key, flag in flags:
         v = settings.get(key)
@@ -363,6 +369,62 @@ def _density_grid(lo: float, hi: float, num: int):
     return np.linspace(lo - pad, hi + pad, num), width
 
 
+#: Optional packages: (import name, what needs it, the pip extra that installs it).
+_OPTIONAL = {
+    # orbax-checkpoint is a dependency of hvp-jax (and of flax); checked for broken installs.
+    "orbax": ("orbax.checkpoint", "reading the checkpoint", "orbax-checkpoint"),
+    "matplotlib": ("matplotlib", "the PNG figures", "hvp-jax[plots]"),
+}
+
+
+def check_dependencies(*, plots: bool) -> None:
+    """Check that the optional packages an analysis needs are installed, before any work.
+
+    Orbax reads the checkpoint; matplotlib draws the figures (only with ``plots``).
+
+    Raises:
+      AnalysisError: naming the missing package, the extra that installs it and,
+        for matplotlib, ``--no-plots``.
+
+    Example:
+      >>> from hvp.analysis import check_dependencies
+      >>> check_dependencies(plots=False)  # orbax-checkpoint is installed with flax
+    """
+    needed = ["orbax"] + (["matplotlib"] if plots else [])
+    for name in needed:
+        module, what, extra = _OPTIONAL[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            hint = (
+                " or pass --no-plots (plots=False) to skip the figures"
+                if name == "matplotlib"
+                else ""
+            )
+            raise AnalysisError(
+                f"{what.capitalize()} needs the package '{module.split('.')[0]}', which is not "
+                f'installed: pip install "{extra}"{hint}.'
+            )
+
+
+def _restoring_x64(fn):
+    """Run ``fn`` and then restore ``jax_enable_x64`` to its value before the call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = bool(jax.config.jax_enable_x64)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if bool(jax.config.jax_enable_x64) != before:
+                jax.config.update("jax_enable_x64", before)
+
+    return wrapper
+
+
+@_restoring_x64
 def analyze(
     checkpoint,
     *,
@@ -381,12 +443,14 @@ def analyze(
     num_batches: int | None = DEFAULTS["num_batches"],
     seed: int = DEFAULTS["seed"],
     x64: bool = DEFAULTS["x64"],
+    chunk_size: int | None = DEFAULTS["chunk_size"],
     step: int | None = None,
     item: str | None = None,
     out_dir=None,
     plots: bool = True,
     layer_view: str = DEFAULTS["layer_view"],
     top_layers: int = DEFAULTS["top_layers"],
+    overwrite: bool = False,
     progress: bool = False,
     console=None,
     extra: dict | None = None,
@@ -403,22 +467,36 @@ def analyze(
         ``"module:function"``; see :mod:`hvp.analysis._data`), or batches.
       operator: ``"hessian"`` or ``"ggn"``.
       k: number of largest and of smallest eigenvalues.
-      num_probes, num_iters: SLQ probes and Lanczos steps per probe for the density.
+      num_probes: SLQ probes of the density.
+      num_iters: Lanczos steps per SLQ probe.
       eig_iters: Lanczos basis size for the eigenvalues (default: eigsh's).
       tol: eigenvalue residual tolerance relative to ``max|lambda|`` (default
         ``1e-6`` in float64, ``1e-4`` in float32).
-      trace_method, trace_matvecs: trace estimator and its budget.
+      trace_method: trace estimator (``"hutch++"``, ``"hutchinson"``, ``"xtrace"``).
+      trace_matvecs: products of the trace estimate.
       layer_matvecs: Hutchinson probes for the per-layer traces.
-      batch_size, num_batches: how the data is cut (see :func:`hvp.analysis.load_data`).
+      batch_size: examples per batch when cutting arrays (see :func:`hvp.analysis.load_data`).
+      num_batches: use only the first ``num_batches`` batches (``None``: all).
       seed: the seed of every random choice (see "Seeds" above).
-      x64: compute in float64 (turns on ``jax_enable_x64``); float32 otherwise.
-      step, item: choose a step / item of a ``CheckpointManager`` layout.
-      out_dir: if given, write ``report.json``, ``density.png``, ``layers.png`` there.
+      x64: compute in float64 (turns on ``jax_enable_x64`` for the call and
+        restores the previous setting when it returns); float32 otherwise.
+      chunk_size: probes run at once by the trace, the density and the per-layer
+        traces (``None``: the library's default); bounds their memory to about
+        ``chunk_size`` parameter copies per product (times ``num_iters`` for the
+        density's Lanczos bases).
+      step: the step of a ``CheckpointManager`` root or Flax workdir (``None``: the latest).
+      item: the item of a step directory, or the top-level key of the saved tree
+        that holds the model state (``None``: found automatically).
+      out_dir: if given, write ``report.json``, ``density.png``, ``layers.png`` there
+        (each atomically). The directory is checked writable before any work.
       plots: write the PNGs (with ``out_dir``).
       layer_view: ``"grouped"`` (one row per block of layers, e.g. a transformer block) or
         ``"all"`` (one per layer) in the terminal table and ``layers.png``; ``report.json`` has
         both.
       top_layers: rows of the terminal's per-layer table (the largest by ``|trace|``).
+      overwrite: replace the outputs of an earlier run in ``out_dir`` (the whole
+        set: PNGs not written again are removed). Without it an ``out_dir``
+        that already holds outputs is refused before any work.
       progress: show rich progress bars (stderr).
       console: a ``rich.console.Console`` for the progress bars.
       extra: free-form dict stored in the report's ``extra`` field.
@@ -429,7 +507,18 @@ def analyze(
     Raises:
       AnalysisError: any problem with the inputs (missing or unreadable
         checkpoint, structure mismatch, NaN parameters, bad spec, empty data,
-        invalid setting), with a message that names the fix.
+        invalid setting, unwritable or already used ``out_dir``, a missing
+        optional package), with a message that names the fix.
+      KeyboardInterrupt: (:class:`hvp.analysis._interrupt.Interrupted` under
+        the ``hvp`` command) on SIGINT/SIGTERM; no output file is left
+        half-written.
+
+    Example:
+      >>> from hvp.analysis import analyze
+      >>> analyze("no/such/dir", model="hvp.analysis._demo:digits_mlp")
+      Traceback (most recent call last):
+      ...
+      hvp.analysis._errors.AnalysisError: The checkpoint directory 'no/such/dir' does not exist.
     """
     t_start = time.perf_counter()
     if operator not in OPERATORS:
@@ -450,8 +539,17 @@ def analyze(
     _check_positive("--top-layers", top_layers)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise AnalysisError(f"--seed must be a non-negative integer, got {seed!r}.")
+    if chunk_size is not None:
+        _check_positive("--chunk-size", chunk_size)
+    # Cheap checks before any heavy work: packages, the checkpoint path, the output directory.
+    check_dependencies(plots=plots and out_dir is not None)
+    resolve_checkpoint(checkpoint, step=step, item=item)
+    if out_dir is not None:
+        from hvp.analysis._report import prepare_output_dir
+
+        prepare_output_dir(out_dir, overwrite=overwrite)
     if x64 and not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
+        jax.config.update("jax_enable_x64", True)  # restored by @_restoring_x64
     dtype = jnp.float64 if x64 else jnp.float32
     tol_given = tol
     if tol is None:
@@ -474,7 +572,8 @@ def analyze(
             ckpt = read_checkpoint(checkpoint, step=step, item=item)
             restored = restore_into(spec, ckpt, dtype=dtype)
             timings["load_checkpoint"] = time.perf_counter() - t0
-            st.done(f"{len(restored.restored)} arrays")
+            where = f" under key '{restored.key}'" if restored.key is not None else ""
+            st.done(f"{len(restored.restored)} arrays{where}")
         if restored.kind == "nnx":
             problem = hflax.from_nnx(restored.model, spec.loss)
         else:
@@ -490,6 +589,7 @@ def analyze(
             )
         n = tu.size(params)
 
+        _interrupt.check()
         # 2. data ----------------------------------------------------------------------------
         with stages.stage("Reading the data", total=num_batches) as st:
             t0 = time.perf_counter()
@@ -505,14 +605,7 @@ def analyze(
                 f"{ds.num_examples} examples in {ds.num_batches} batch{'es' if ds.num_batches > 1 else ''}"
             )
 
-        if out_dir is not None:  # fail before the expensive part if the output cannot be written
-            try:
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise AnalysisError(
-                    f"Cannot create the output directory '{out_dir}': {e.strerror or e}."
-                ) from e
-
+        _interrupt.check()
         # 3. operator ------------------------------------------------------------------------
         t0 = time.perf_counter()
         try:
@@ -549,6 +642,7 @@ def analyze(
         eig_kw = dict(tol=tol) if eig_iters is None else dict(tol=tol, num_iters=eig_iters)
         sections = {}
         for which, name in (("largest", "top"), ("smallest", "bottom")):
+            _interrupt.check()
             with stages.stage(
                 f"{'Top' if name == 'top' else 'Bottom'}-{k} eigenvalues (Lanczos)", expect=name
             ) as st:
@@ -562,27 +656,40 @@ def analyze(
                 st.done(f"{int(res.num_matvecs)} matvecs")
         top, bottom = sections["top"], sections["bottom"]
 
+        _interrupt.check()
         with stages.stage(f"Trace ({trace_method})", expect="trace") as st:
             tr, timings["trace"] = _timed(
                 lambda: linalg.trace(
-                    op, key=keys["trace"], num_matvecs=trace_matvecs, method=trace_method
+                    op,
+                    key=keys["trace"],
+                    num_matvecs=trace_matvecs,
+                    method=trace_method,
+                    chunk_size=chunk_size,
                 )
             )
             st.done(f"{int(tr.num_matvecs)} matvecs")
 
+        _interrupt.check()
         with stages.stage(
             f"Spectral density (SLQ, {num_probes} x {num_iters})", expect="density"
         ) as st:
             sd, timings["density"] = _timed(
                 lambda: linalg.spectral_density(
-                    op, key=keys["density"], num_probes=num_probes, num_iters=num_iters
+                    op,
+                    key=keys["density"],
+                    num_probes=num_probes,
+                    num_iters=num_iters,
+                    chunk_size=chunk_size,
                 )
             )
             st.done(f"{int(sd.num_matvecs)} matvecs")
 
+        _interrupt.check()
         with stages.stage("Per-layer trace and eigenvector mass", expect="layers") as st:
             lt, timings["layers"] = _timed(
-                lambda: hflax.layer_trace(op, key=keys["layers"], num_matvecs=layer_matvecs)
+                lambda: hflax.layer_trace(
+                    op, key=keys["layers"], num_matvecs=layer_matvecs, chunk_size=chunk_size
+                )
             )
             st.done(f"{int(lt.num_matvecs)} matvecs")
 
@@ -659,6 +766,7 @@ def analyze(
         num_batches=num_batches,
         seed=int(seed),
         x64=bool(x64),
+        chunk_size=chunk_size,
         dtype=str(np.dtype(dtype)),
         density_grid_size=DEFAULTS["grid_size"],
         step=step,
@@ -692,6 +800,7 @@ def analyze(
             "item_dir": ckpt.path,
             "step": ckpt.step,
             "item": ckpt.item,
+            "key": restored.key,
             "restored": list(restored.restored),
             "ignored": list(restored.ignored),
         },
@@ -724,8 +833,10 @@ def analyze(
         ),
         extra=dict(extra or {}),
     )
+    _interrupt.check()
     if out_dir is not None:
-        report.write(out_dir, plots=plots)
+        with _interrupt.deferred():  # a signal here is raised once every file is complete
+            report.write(out_dir, plots=plots)
     return report
 
 
@@ -747,7 +858,7 @@ def _quiet_eigsh(eigsh, op, k, **kw):
     return res
 
 
-def _sigma(width: float, num_iters: int) -> float:
+def _sigma(width: float, num_iters: int) -> float:  # noqa: ARG001 - kept for callers
     """Fallback Gaussian width of the broadened density: 1% of the spectral width."""
     return 0.01 * float(width)
 

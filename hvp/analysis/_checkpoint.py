@@ -7,13 +7,24 @@ Accepted layouts of the checkpoint directory:
 * a ``CheckpointManager`` *step* directory (``root/<step>``) holding one or more
   item directories (``default`` for ``manager.save(step, args=StandardSave(...))``,
   the item names otherwise): the only item, or ``--item NAME``;
-* a ``CheckpointManager`` *root* (numbered step directories): the latest step,
-  or ``--step N``.
+* a directory of *steps*: a ``CheckpointManager`` root (``root/120``, with or
+  without a ``step_prefix``) or a Flax workdir written by
+  ``flax.training.checkpoints.save_checkpoint`` (``workdir/checkpoint_120``):
+  the latest step, or ``--step N``. Steps are found with Orbax's own step
+  discovery (``ocp.step.checkpoint_steps_paths``, ``ocp.step.step_from_checkpoint_name``);
+  unfinished (temporary) steps are skipped.
 
 The saved tree is an NNX state (``nnx.state(model)`` or ``nnx.state(model,
 nnx.Param)``, with or without ``nnx.to_pure_dict``) or Linen variables
 (``{"params": ..., "batch_stats": ...}``, a bare params tree, or a dict such as a
-``TrainState`` holding ``"params"``).
+``TrainState`` holding ``"params"``), possibly with logically partitioned
+(boxed) parameters, which are unboxed as :func:`hvp.flax.from_linen` does. It
+may also sit under a top-level key of a larger tree, such as the
+``{"model": nnx.state(model), "optimizer": ..., "step": ...}`` of the NNX
+checkpointing guide: when the whole tree does not match the model, the
+top-level keys are tried (``model``, ``params``, ``state`` first) and the first
+that matches is used; ``--item KEY`` selects one explicitly. The key used is
+recorded (``RestoredModel.key``, ``report.json``'s ``checkpoint.key``).
 
 Nothing is ever written: the arrays are read with Orbax against an abstract
 target built from the checkpoint's own metadata, and the checkpoint directory
@@ -39,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +62,8 @@ from hvp.analysis._errors import AnalysisError, StructureMismatchError
 
 __all__ = ["Checkpoint", "resolve_checkpoint", "read_checkpoint", "restore_into", "RestoredModel"]
 
-_STEP_RE = re.compile(r"^(?:[A-Za-z_-]*?)(\d+)$")
+#: Top-level keys tried first when the model state sits inside a larger saved tree.
+PREFERRED_KEYS = ("model", "params", "state", "model_state", "module", "net", "network")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +76,8 @@ class Checkpoint:
       step: the step number when read from a ``CheckpointManager`` layout.
       item: the item name when read from a step directory.
       tree: the arrays, as a nested dict of NumPy arrays.
+      key: the top-level key of ``tree`` asked for (``--item KEY`` naming no
+        item directory); ``None``: found by :func:`restore_into`.
     """
 
     path: str
@@ -72,6 +85,7 @@ class Checkpoint:
     step: int | None
     item: str | None
     tree: Any
+    key: str | None = None
 
 
 def _is_item_dir(p: Path) -> bool:
@@ -79,12 +93,22 @@ def _is_item_dir(p: Path) -> bool:
 
 
 def _step_dirs(root: Path) -> dict[int, Path]:
+    """Finished step directories of a CheckpointManager root or Flax workdir, by Orbax's rules."""
+    import orbax.checkpoint as ocp
+
     out = {}
-    for child in root.iterdir():
-        m = _STEP_RE.match(child.name)
-        if child.is_dir() and m:
-            out[int(m.group(1))] = child
+    for child in ocp.step.checkpoint_steps_paths(root):
+        try:
+            step = ocp.step.step_from_checkpoint_name(child.name)
+        except ValueError:  # an item directory ("default", "model") or another folder
+            continue
+        if not ocp.step.is_path_temporary(child):
+            out[int(step)] = Path(str(child))
     return out
+
+
+def _item_dirs(root: Path) -> list[str]:
+    return sorted(c.name for c in root.iterdir() if c.is_dir() and _is_item_dir(c))
 
 
 def resolve_checkpoint(
@@ -92,11 +116,21 @@ def resolve_checkpoint(
 ) -> tuple[Path, int | None, str | None]:
     """Find the Orbax item directory under ``path`` (see the module docstring).
 
-    Returns ``(item_dir, step, item)``.
+    Returns ``(item_dir, step, item)``. An ``item`` that names no item directory
+    while the step holds a single (or a ``default``) item is left to
+    :func:`read_checkpoint` as a top-level key of the saved tree (the returned
+    item is then that item directory's name, or ``None`` for a bare item).
 
     Raises:
       AnalysisError: the directory does not exist, is a file, or holds no
         Orbax checkpoint; the step or item asked for does not exist.
+
+    Example:
+      >>> from hvp.analysis import resolve_checkpoint
+      >>> resolve_checkpoint("no/such/dir")
+      Traceback (most recent call last):
+      ...
+      hvp.analysis._errors.AnalysisError: The checkpoint directory 'no/such/dir' does not exist.
     """
     root = Path(path)
     if not root.exists():
@@ -109,7 +143,8 @@ def resolve_checkpoint(
     found_step = None
     if not _is_item_dir(root):
         steps = _step_dirs(root)
-        has_items = any(_is_item_dir(c) for c in root.iterdir() if c.is_dir())
+        step_names = {p.name for p in steps.values()}
+        has_items = any(name not in step_names for name in _item_dirs(root))
         if steps and not has_items:
             if step is None:
                 found_step = max(steps)
@@ -123,21 +158,17 @@ def resolve_checkpoint(
             root = steps[found_step]
         elif step is not None:
             raise AnalysisError(
-                f"--step {step} was given but '{root}' is not a CheckpointManager root "
-                "(it has no numbered step directories)."
+                f"--step {step} was given but '{root}' is not a CheckpointManager root or Flax "
+                "workdir (it has no step directories such as '120' or 'checkpoint_120')."
             )
     elif step is not None:
         raise AnalysisError(
             f"--step {step} was given but '{root}' is already a single checkpoint item."
         )
 
-    if _is_item_dir(root):
-        if item is not None:
-            raise AnalysisError(
-                f"--item {item!r} was given but '{root}' is already a single checkpoint item."
-            )
+    if _is_item_dir(root):  # an --item here is a top-level key of the saved tree
         return root, found_step, None
-    items = sorted(c.name for c in root.iterdir() if c.is_dir() and _is_item_dir(c))
+    items = _item_dirs(root)
     if not items:
         raise AnalysisError(
             f"'{root}' is not an Orbax checkpoint: it holds no '_METADATA' file, no item directories and "
@@ -155,6 +186,9 @@ def resolve_checkpoint(
                 "--item NAME."
             )
     elif item not in items:
+        if len(items) == 1 or "default" in items:  # --item names a key inside the only item
+            only = items[0] if len(items) == 1 else "default"
+            return root / only, found_step, only
         raise AnalysisError(
             f"The checkpoint step '{root}' has no item {item!r}; items: {', '.join(items)}."
         )
@@ -176,7 +210,60 @@ def _quiet_absl():
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    line = text[0] if text else ""
+    line = line.split(" See full TensorStore details")[0]  # a multi-kilobyte spec follows
+    return f"{type(e).__name__}: {line}"[:300]
+
+
+@contextlib.contextmanager
+def _stray_output_captured():
+    """Keep Orbax's background-thread noise off stderr while a checkpoint is read.
+
+    When one array of a checkpoint cannot be read, Orbax's restore fails while its other reads are
+    still in flight; their callbacks then print "Event loop is closed" tracebacks and "Exception
+    ignored in <coroutine ...>" messages (dozens to hundreds of lines) after the one-line error.
+    Inside this block ``sys.stderr`` and ``sys.unraisablehook`` are redirected into a buffer; on a
+    failure the block waits for the stray reads to settle (at most about one second) so that their
+    output lands in the buffer too. The buffer is attached to the error as ``details`` (the
+    ``hvp`` command shows it with ``--debug``). After a successful read the Python warnings
+    raised meanwhile are re-issued and the rest is dropped (it can only be such noise, or a
+    progress display's frames).
+    """
+    import gc
+    import io
+    import sys
+    import time
+    import warnings
+
+    buf = io.StringIO()
+    old_err, old_hook = sys.stderr, sys.unraisablehook
+
+    def hook(u):
+        buf.write(f"Exception ignored in: {u.object!r}: {u.exc_type.__name__}: {u.exc_value}\n")
+
+    sys.stderr, sys.unraisablehook = buf, hook
+    caught = warnings.catch_warnings(record=True)
+    recorded = caught.__enter__()
+    warnings.simplefilter("default")
+    try:
+        yield buf
+    except BaseException as e:
+        # Let the in-flight reads finish and their coroutines be collected while still captured.
+        size, deadline = -1, time.monotonic() + 1.0
+        while time.monotonic() < deadline and size != buf.tell():
+            size = buf.tell()
+            gc.collect()
+            time.sleep(0.1)
+        if isinstance(e, AnalysisError):
+            e.details = buf.getvalue() + "".join(
+                f"{w.category.__name__}: {w.message}\n" for w in recorded
+            )
+        raise
+    finally:
+        caught.__exit__(None, None, None)
+        sys.stderr, sys.unraisablehook = old_err, old_hook
+    for w in recorded:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -> Checkpoint:
@@ -191,7 +278,7 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
     item_dir, found_step, found_item = resolve_checkpoint(path, step=step, item=item)
     ckptr = ocp.PyTreeCheckpointer()
     try:
-        with _quiet_absl():
+        with _quiet_absl(), _stray_output_captured():
             try:
                 meta = ckptr.metadata(item_dir)
                 tree_meta = getattr(getattr(meta, "item_metadata", meta), "tree", None)
@@ -224,8 +311,20 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
     finally:
         ckptr.close()  # stop orbax's background threads (nothing is written)
     tree = jax.tree_util.tree_map(_to_numpy, tree)
+    key = item if item is not None and item != found_item else None
+    if key is not None and not (isinstance(tree, dict) and key in tree):
+        keys = ", ".join(map(str, tree)) if isinstance(tree, dict) else "none"
+        raise AnalysisError(
+            f"--item {key!r} names neither an item directory nor a top-level key of the tree "
+            f"saved in '{item_dir}' (its top-level keys: {keys})."
+        )
     return Checkpoint(
-        path=str(item_dir), requested=str(path), step=found_step, item=found_item, tree=tree
+        path=str(item_dir),
+        requested=str(path),
+        step=found_step,
+        item=found_item,
+        tree=tree,
+        key=key,
     )
 
 
@@ -312,7 +411,10 @@ class RestoredModel:
         or the Linen module.
       variables: the Linen variables (``None`` for NNX).
       restored: paths read from the checkpoint.
-      ignored: checkpoint paths not used (RNG state, non-collection entries).
+      ignored: checkpoint paths not used (RNG state, non-collection entries,
+        the other top-level keys when the state sits under ``key``).
+      key: the top-level key of the saved tree that held the model state
+        (``None``: the whole tree).
     """
 
     kind: str
@@ -320,16 +422,65 @@ class RestoredModel:
     variables: Any
     restored: tuple
     ignored: tuple
+    key: str | None = None
 
 
 def restore_into(model_spec, ckpt: Checkpoint, *, dtype=None) -> RestoredModel:
     """Put the checkpoint's arrays into the model built from the spec, after the structure check.
 
-    Floating arrays are cast to ``dtype`` (when given).
+    Floating arrays are cast to ``dtype`` (when given). The model state is the
+    whole saved tree, or the subtree under ``ckpt.key``; when neither is given
+    and the whole tree does not match, each top-level key is tried
+    (:data:`PREFERRED_KEYS` first) and the first that matches is used.
+
+    Raises:
+      StructureMismatchError: no candidate matches (the message is the whole
+        tree's mismatch, followed by the top-level keys tried).
+      AnalysisError: NaN or Inf in a restored array.
     """
-    if model_spec.kind == "nnx":
-        return _restore_nnx(model_spec.model, ckpt, dtype=dtype)
-    return _restore_linen(model_spec.model, model_spec.variables, ckpt, dtype=dtype)
+
+    def restore(tree):
+        part = dataclasses.replace(ckpt, tree=tree)
+        if model_spec.kind == "nnx":
+            return _restore_nnx(model_spec.model, part, dtype=dtype)
+        return _restore_linen(model_spec.model, model_spec.variables, part, dtype=dtype)
+
+    tree = ckpt.tree
+    if ckpt.key is not None:
+        return _under_key(restore(tree[ckpt.key]), tree, ckpt.key)
+    try:
+        return restore(tree)
+    except StructureMismatchError as whole:
+        if not isinstance(tree, dict) or len(tree) < 2:
+            raise
+        keys = [str(k) for k in tree]
+        order = [k for k in PREFERRED_KEYS if k in tree] + [
+            k for k in keys if k not in PREFERRED_KEYS
+        ]
+        for key in order:
+            if not isinstance(tree[key], dict):
+                continue
+            try:
+                return _under_key(restore(tree[key]), tree, key)
+            except StructureMismatchError:
+                continue
+        raise StructureMismatchError(
+            f"{whole}\n  Nor does any top-level key of the saved tree ({', '.join(keys)}) hold the "
+            "model's state; select one with --item KEY.",
+            missing=whole.missing,
+            unexpected=whole.unexpected,
+            mismatched=whole.mismatched,
+        ) from None
+
+
+def _under_key(restored: RestoredModel, tree: dict, key: str) -> RestoredModel:
+    others = [str(k) for k in tree if k != key]
+    return dataclasses.replace(
+        restored,
+        restored=tuple(f"{key}/{p}" for p in restored.restored),
+        ignored=tuple(f"{key}/{p}" for p in restored.ignored) + tuple(others),
+        key=key,
+    )
 
 
 def _restore_nnx(model, ckpt: Checkpoint, *, dtype) -> RestoredModel:
@@ -360,7 +511,22 @@ def _restore_nnx(model, ckpt: Checkpoint, *, dtype) -> RestoredModel:
     )
 
 
+def _unboxed(flat: dict[str, Any], model_flat: dict[str, Any]) -> dict[str, Any]:
+    """``kernel/value`` -> ``kernel`` where the model has ``kernel``: a saved boxed parameter."""
+    out = {}
+    for k, v in flat.items():
+        if k not in model_flat and k.endswith("/value") and k[: -len("/value")] in model_flat:
+            k = k[: -len("/value")]
+        out[k] = v
+    return out
+
+
 def _restore_linen(module, variables, ckpt: Checkpoint, *, dtype) -> RestoredModel:
+    from flax.linen import meta
+
+    # Logically partitioned (boxed) parameters: compare and restore the plain arrays, as
+    # hvp.flax.from_linen does with meta.unbox.
+    variables = meta.unbox(variables)
     tree = ckpt.tree
     ignored: list[str] = []
     if isinstance(tree, dict) and "params" in tree:
@@ -369,7 +535,7 @@ def _restore_linen(module, variables, ckpt: Checkpoint, *, dtype) -> RestoredMod
     else:
         source = {"params": tree}
     model_flat = _flat(variables)
-    ckpt_flat = _flat(source)
+    ckpt_flat = _unboxed(_flat(source), model_flat)
     _match(model_flat, ckpt_flat, what="Linen model's variables", where=ckpt.requested)
     new_flat = {k: _cast(ckpt_flat[k], dtype) for k in model_flat}
     _check_finite(new_flat, ckpt.requested)

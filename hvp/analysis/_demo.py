@@ -116,27 +116,28 @@ def run_demo(
     seed: int = 0,
     progress: bool = False,
     console=None,
+    overwrite: bool = False,
     **analysis_kwargs,
 ):
     """Train, checkpoint and analyse the demo model; return the :class:`~hvp.analysis.AnalysisReport`.
 
     ``analysis_kwargs`` are passed to :func:`hvp.analysis.analyze` (``k``,
     ``num_probes``, ...); ``seed`` seeds both the training batches and the
-    analysis.
+    analysis. ``out`` is checked before training: it must be writable, and an
+    ``out`` holding an earlier demo (``checkpoint/``, ``report.json``, the PNGs)
+    is refused unless ``overwrite`` (which replaces the whole set).
     """
     from hvp.analysis._analyze import analyze
     from hvp.analysis._errors import AnalysisError
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise AnalysisError(f"--steps must be a positive integer, got {steps!r}.")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AnalysisError(
-            f"Cannot create the output directory '{out}': {e.strerror or e}."
-        ) from e
+    from hvp.analysis._analyze import check_dependencies
     from hvp.analysis._progress import Stages
+    from hvp.analysis._report import prepare_output_dir
+
+    check_dependencies(plots=analysis_kwargs.get("plots", True))
+    out = prepare_output_dir(out, overwrite=overwrite, extra=("checkpoint",))
 
     model, _ = digits_mlp()
     with Stages(enabled=progress, console=console) as stages:
@@ -167,5 +168,6 @@ def run_demo(
         progress=progress,
         console=console,
         extra=extra,
+        overwrite=True,  # checked above, before training
         **analysis_kwargs,
     )

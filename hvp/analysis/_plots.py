@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hvp._io import atomic_savefig
+
 __all__ = ["plot_density", "plot_layers"]
 
 _OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton (GGN)"}
@@ -107,8 +109,10 @@ def plot_density(report, path) -> Path:
     ax.legend(loc="upper center", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -13,12 +13,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hvp._io import atomic_write_text, check_writable_dir
 from hvp.analysis._errors import AnalysisError
 
 __all__ = [
     "REPORT_SCHEMA",
     "validate_report",
     "write_outputs",
+    "prepare_output_dir",
+    "OUTPUT_FILES",
     "write_json",
     "load_report",
     "summary_table",
@@ -144,10 +147,11 @@ def validate_report(d: dict) -> None:
 
 
 def write_json(report, path) -> Path:
+    """Write a report (or its dict) as JSON to ``path`` atomically (temporary file, then rename)."""
     d = report.to_dict() if hasattr(report, "to_dict") else report
     validate_report(d)
     path = Path(path)
-    path.write_text(json.dumps(d, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(d, indent=1) + "\n")
     return path
 
 
@@ -158,21 +162,65 @@ def load_report(path) -> dict:
     return d
 
 
-def write_outputs(report, out_dir, *, plots: bool = True) -> dict[str, str]:
-    """Write ``report.json`` and, with ``plots``, ``density.png`` and ``layers.png`` into ``out_dir``."""
+#: The files an analysis writes into its output directory (the PNGs only with plots).
+OUTPUT_FILES = ("report.json", "density.png", "layers.png")
+
+
+def prepare_output_dir(out_dir, *, overwrite: bool = False, extra: tuple[str, ...] = ()) -> Path:
+    """Check an output directory before any heavy work; return it as a ``Path``.
+
+    The directory is created if needed and must be writable. If it already holds
+    an output of an earlier run (one of :data:`OUTPUT_FILES`, or a name in
+    ``extra``) the call raises unless ``overwrite`` is true; with ``overwrite``
+    the later :func:`write_outputs` replaces the whole set (outputs it does not
+    write again, such as the PNGs under ``plots=False``, are removed).
+
+    Raises:
+      AnalysisError: the directory cannot be created or written to, is a file,
+        or holds earlier outputs and ``overwrite`` is false.
+
+    Example:
+      >>> import tempfile
+      >>> from hvp.analysis._report import prepare_output_dir
+      >>> prepare_output_dir(tempfile.mkdtemp()).is_dir()
+      True
+    """
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(out)
     except OSError as e:
-        raise AnalysisError(
-            f"Cannot create the output directory '{out}': {e.strerror or e}."
-        ) from e
+        raise AnalysisError(f"{e} (--out).") from None
+    if not overwrite:
+        found = [name for name in (*OUTPUT_FILES, *extra) if (out / name).exists()]
+        if found:
+            raise AnalysisError(
+                f"The output directory '{out}' already holds {', '.join(found)} from an earlier "
+                "run; pass --overwrite (overwrite=True) to replace them, or choose another --out."
+            )
+    return out
+
+
+def write_outputs(report, out_dir, *, plots: bool = True) -> dict[str, str]:
+    """Write ``report.json`` and, with ``plots``, ``density.png`` and ``layers.png`` into ``out_dir``.
+
+    Every file is written atomically (a reader sees the previous complete file or
+    the new one, never a partial file). The whole set is replaced: an output of an
+    earlier run that this call does not write (the PNGs when ``plots`` is false)
+    is removed, so no stale figure sits beside a new report.
+
+    Raises:
+      AnalysisError: the directory cannot be created or written to.
+    """
+    out = prepare_output_dir(out_dir, overwrite=True)
     files = {"report": str(write_json(report, out / "report.json"))}
     if plots:
         from hvp.analysis._plots import plot_density, plot_layers
 
         files["density_plot"] = str(plot_density(report, out / "density.png"))
         files["layers_plot"] = str(plot_layers(report, out / "layers.png"))
+    else:
+        for name in ("density.png", "layers.png"):
+            (out / name).unlink(missing_ok=True)
     return files
 
 

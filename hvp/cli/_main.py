@@ -10,7 +10,21 @@ Subcommands (each has ``--help``):
 
 Exit status: 0 on success, 1 on an error in the inputs or the run (one line on
 stderr, no traceback unless ``--debug``), 2 on a command-line usage error,
-130 when interrupted.
+130 on SIGINT (Ctrl-C) and 143 on SIGTERM (``128 +`` the signal number).
+
+Signals (:mod:`hvp.analysis._interrupt`): the command runs in a worker thread
+while the main thread waits and handles SIGINT and SIGTERM, so an interrupt is
+answered within a fraction of a second even during a long XLA compilation, and
+one swallowed by a callback is not lost. Outputs are written atomically, a write
+in progress is completed and none starts after a signal, so no file is ever
+left half-written; the checkpoint is only read. Run as a program (the ``hvp``
+script, ``python -m hvp``), the command keeps its handlers to the end and ends
+the process with :func:`os._exit` after flushing its output: interpreter
+teardown would race XLA's and Orbax's threads (a segmentation fault, or pages of
+background-thread tracebacks after the one-line error), and a signal arriving
+during it would meet Python's default handlers. A signal that arrives after the
+outputs are complete still gives 130/143. Called from Python with a list of
+arguments, :func:`main` returns the status after the worker has stopped.
 
 New subcommands register in :data:`COMMANDS` (``name -> (add_arguments, run)``).
 """
@@ -18,6 +32,7 @@ New subcommands register in :data:`COMMANDS` (``name -> (add_arguments, run)``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -49,7 +64,23 @@ _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary table")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, no summary table and nothing on stderr unless the run fails",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a machine-readable summary (one JSON object) on stdout instead of the table",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier run in --out as a whole set (report.json, and the "
+        "PNGs, which --no-plots removes); without it an --out that holds any of them is "
+        "refused before any work",
+    )
 
 
 def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
@@ -152,6 +183,13 @@ def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--x64", action="store_true", help="compute in float64 (default: float32)")
     g.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULTS["chunk_size"],
+        help="probes run at once by the trace, density and per-layer estimates: bounds their "
+        "memory to about CHUNK_SIZE parameter copies per product (default: automatic, at most 8)",
+    )
+    g.add_argument(
         "--no-plots", dest="plots", action="store_false", help="do not write the PNG figures"
     )
 
@@ -170,9 +208,11 @@ def _analysis_kwargs(args) -> dict:
         batch_size=args.batch_size,
         num_batches=args.num_batches,
         x64=args.x64,
+        chunk_size=args.chunk_size,
         plots=args.plots,
         layer_view=args.layer_view,
         top_layers=args.top_layers,
+        overwrite=args.overwrite,
     )
 
 
@@ -182,8 +222,8 @@ def _analysis_kwargs(args) -> dict:
 def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint",
-        help="Orbax checkpoint directory (StandardCheckpointer item, or a "
-        "CheckpointManager step or root); opened read-only",
+        help="Orbax checkpoint directory, opened read-only: a StandardCheckpointer item, a "
+        "CheckpointManager step or root, or a Flax workdir of checkpoint_<step> directories",
     )
     p.add_argument(
         "--model",
@@ -207,23 +247,71 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
         help="output directory for report.json and the plots (default: %(default)s)",
     )
     p.add_argument(
-        "--step", type=_nonneg_int, default=None, help="CheckpointManager step (default: latest)"
+        "--step",
+        type=_nonneg_int,
+        default=None,
+        help="step of a CheckpointManager root or Flax workdir (default: the latest)",
     )
     p.add_argument(
-        "--item", default=None, help="item of a CheckpointManager step (default: the only one)"
+        "--item",
+        default=None,
+        metavar="NAME",
+        help="item of a CheckpointManager step, or the top-level key of the saved tree that holds "
+        "the model state, e.g. 'model' for {'model': ..., 'optimizer': ...} (default: the only "
+        "item; the whole tree, else the first top-level key that matches the model)",
     )
     _add_analysis_flags(p)
     _add_common(p)
 
 
-def _report_done(report, out, args) -> None:
-    from rich.console import Console
+def _json_summary(report, out, files, args, **extra) -> dict:
+    """The ``--json`` summary: the headline figures, their cost and the files written."""
+    d = report.to_dict()
+    return {
+        "command": args.command,
+        "out": os.path.abspath(out),
+        "files": [os.path.join(os.path.abspath(out), f) for f in files],
+        "checkpoint": d["checkpoint"]["item_dir"],
+        "step": d["checkpoint"]["step"],
+        "key": d["checkpoint"].get("key"),
+        "model": {
+            k: d["model"][k] for k in ("spec", "framework", "num_params", "operator", "dtype")
+        },
+        "data": {k: d["data"][k] for k in ("spec", "num_examples", "num_batches")},
+        "top_eigenvalues": d["top"]["eigenvalues"],
+        "bottom_eigenvalues": d["bottom"]["eigenvalues"],
+        "converged": bool(all(d["top"]["converged"]) and all(d["bottom"]["converged"])),
+        "trace": {"estimate": d["trace"]["estimate"], "std_error": d["trace"]["std_error"]},
+        **{
+            k: d["derived"][k]
+            for k in (
+                "lambda_max",
+                "lambda_min",
+                "condition_estimate",
+                "negative_ratio",
+                "negative_mass",
+            )
+        },
+        "num_matvecs": d["num_matvecs"],
+        "seconds": d["timings"]["total"],
+        "reproduce": d["command"],
+        **extra,
+    }
 
-    from hvp.analysis._report import print_summary
 
-    if not args.quiet:
-        print_summary(report, Console())
+def _report_done(report, out, args, **extra) -> None:
     files = ["report.json"] + (["density.png", "layers.png"] if args.plots else [])
+    if args.json:
+        import json
+
+        print(json.dumps(_json_summary(report, out, files, args, **extra)))
+        return
+    if not args.quiet:
+        from rich.console import Console
+
+        from hvp.analysis._report import print_summary
+
+        print_summary(report, Console())
     print(f"Wrote {', '.join(files)} to {out}")
 
 
@@ -274,6 +362,9 @@ def _run_demo(args) -> int:
         **_analysis_kwargs(args),
     )
     demo = report.extra.get("demo", {})
+    if args.json:
+        _report_done(report, args.out, args, demo=demo)
+        return 0
     if not args.quiet:
         print(
             f"Trained {args.steps} steps: loss {demo.get('train_loss', float('nan')):.4f}, accuracy "
@@ -318,7 +409,46 @@ def _first_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``hvp`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    """Run the ``hvp`` command with ``argv``; return the exit status.
+
+    With ``argv=None`` (the ``hvp`` script, ``python -m hvp``) the arguments are
+    ``sys.argv[1:]`` and the call is the program: it ends the process with
+    :func:`os._exit` after flushing stdout and stderr (see the module
+    docstring). Called with a list, it always returns.
+
+    Example:
+      >>> from hvp.cli import main
+      >>> main(["--version"])  # doctest: +ELLIPSIS
+      hvp ...
+      0
+    """
+    program = argv is None
+    rc = _main(argv, program=program)
+    if program:
+        from hvp.analysis import _interrupt
+
+        signum = _interrupt.pending()
+        if rc == 0 and signum is not None:  # the signal came as the run ended: outputs complete
+            _say_interrupted(f"hvp {sys.argv[1]}" if len(sys.argv) > 1 else "hvp", signum)
+            rc = _interrupt.exit_status(signum)
+        _hard_exit(rc)
+    return rc
+
+
+def _hard_exit(rc: int) -> None:
+    """End the process now: flush stdio, skip interpreter teardown (XLA/Orbax threads may run)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: S110 - a closed pipe must not change the exit status
+            pass
+    os._exit(rc)
+
+
+def _main(argv: list[str] | None, *, program: bool) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -329,30 +459,101 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = COMMANDS[args.command][2]
     prog = f"hvp {args.command}"
-    _enable_compilation_cache()
+    from hvp.analysis import _interrupt
     from hvp.analysis._errors import AnalysisError
 
+    # A program keeps its handlers to the end: it leaves through os._exit, never meeting Python's
+    # default handlers (a traceback, or death by SIGTERM) on the way out.
+    with (
+        _interrupt.handle_signals(restore=not program),
+        _quiet_stderr(args.quiet and not args.debug),
+    ):
+        try:
+            _enable_compilation_cache()
+            # The program ends the process at once on a signal; from Python, wait for the worker.
+            rc = int(_interrupt.call(lambda: run(args), wait=not program) or 0)
+            _interrupt.check()  # a signal that came as the run ended still ends it as one
+            return rc
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", None) or _interrupt.pending() or 2
+            _interrupt.finish()
+            _say_interrupted(prog, signum)
+            return _interrupt.exit_status(signum)
+        except AnalysisError as e:
+            _interrupt.finish()
+            if args.debug:
+                traceback.print_exc()
+                if getattr(e, "details", ""):
+                    print(e.details, file=sys.stderr, end="")
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
+        except Exception as e:  # an unexpected failure: one line, the traceback with --debug
+            _interrupt.finish()
+            if args.debug:
+                traceback.print_exc()
+                print(f"{prog}: error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+            else:
+                print(
+                    f"{prog}: error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for "
+                    "the traceback)",
+                    file=sys.stderr,
+                )
+            return 1
+        finally:
+            _interrupt.finish()
+
+
+def _say_interrupted(prog: str, signum: int) -> None:
+    import signal
+
     try:
-        return int(run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except AnalysisError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # an unexpected failure: one line, the traceback with --debug
-        if args.debug:
-            traceback.print_exc()
-            print(f"{prog}: error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
-        else:
-            print(
-                f"{prog}: error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the "
-                "traceback)",
-                file=sys.stderr,
-            )
-        return 1
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = str(signum)
+    print(f"{prog}: interrupted{'' if signum == signal.SIGINT else f' ({name})'}", file=sys.stderr)
+
+
+class _quiet_stderr:
+    """``--quiet``: no warnings or library log lines on stderr (errors still print)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        names = ("absl", "jax", "orbax", "flax", "tensorstore")
+        self._levels = {n: logging.getLogger(n).level for n in names}
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        self._absl = None
+        try:
+            from absl import logging as absl_logging
+
+            self._absl = (absl_logging, absl_logging.get_verbosity())
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        except ImportError:  # pragma: no cover - absl comes with jax
+            pass
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        import logging
+
+        for n, lv in self._levels.items():
+            logging.getLogger(n).setLevel(lv)
+        if self._absl is not None:
+            self._absl[0].set_verbosity(self._absl[1])
+        self._warnings.__exit__(*exc)
+        return False
 
 
 def _enable_compilation_cache() -> None:

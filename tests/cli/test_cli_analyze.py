@@ -7,6 +7,7 @@ bit-identical, only compile time is saved).
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -433,3 +434,115 @@ def test_subprocess_console_entry(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == f"hvp {hvp.__version__}"
+
+
+# --- outputs: refusal, --overwrite as a whole set, atomic writes, --chunk-size, x64 restore -----------------
+
+
+def test_second_run_into_the_same_out_is_refused_before_any_work(demo, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(demo, out, ignore=shutil.ignore_patterns("checkpoint"))
+    before = _hash_tree(out)
+    rc, _, err = _run(capsys, *_analyze_args(demo / "checkpoint", "--out", str(out)))
+    _assert_one_line_error(
+        rc, err, "already holds report.json, density.png, layers.png", "--overwrite"
+    )
+    assert _hash_tree(out) == before
+    # the demo refuses an earlier demo's directory the same way, before training
+    rc, _, err = _run(capsys, "demo", "--out", str(demo), "--steps", "1", *FLAGS)
+    assert rc == 1 and "already holds" in err and "checkpoint" in err
+
+
+def test_overwrite_replaces_the_whole_set_chunk_size_and_x64_restored(demo, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(demo, out, ignore=shutil.ignore_patterns("checkpoint"))
+    old_created = load_report(out / "report.json")["created"]
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        rc, stdout, err = _run(
+            capsys,
+            *_analyze_args(demo / "checkpoint", "--seed", str(SEED), "--out", str(out)),
+            "--overwrite",
+            "--no-plots",
+            "--chunk-size",
+            "2",
+            "--json",
+        )
+        assert jax.config.jax_enable_x64 is False  # --x64 held for the run only
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    assert rc == 0 and err == ""
+    assert sorted(os.listdir(out)) == ["report.json"]  # no stale PNG beside the new report
+    new, ref = load_report(out / "report.json"), load_report(demo / "report.json")
+    assert new["created"] >= old_created and new["settings"]["chunk_size"] == 2
+    assert "--chunk-size 2" in new["command"]
+    for key in FIGURE_KEYS:  # chunking changes how the probes are batched, not the estimates
+        np.testing.assert_allclose(_get(new, key), _get(ref, key), rtol=1e-9, atol=1e-12)
+    summary = json.loads(stdout)  # --json: one JSON object on stdout, nothing else
+    assert summary["files"] == [str(out / "report.json")]
+    assert summary["top_eigenvalues"] == new["top"]["eigenvalues"]
+    assert summary["lambda_max"] == new["derived"]["lambda_max"]
+    assert summary["trace"] == {
+        "estimate": new["trace"]["estimate"],
+        "std_error": new["trace"]["std_error"],
+    }
+
+
+def test_interrupted_write_keeps_the_previous_complete_files(demo, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from hvp.analysis._report import write_outputs
+
+    out = tmp_path / "out"
+    shutil.copytree(demo, out, ignore=shutil.ignore_patterns("checkpoint"))
+    before = _hash_tree(out)
+    report = load_report(demo / "report.json")
+
+    def interrupted_savefig(self, f, **kw):
+        f.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(report, out)
+    assert sorted(os.listdir(out)) == ["density.png", "layers.png", "report.json"]  # no temp file
+    assert _hash_tree(out) == before  # the same report rewritten; the PNGs untouched
+
+
+def test_missing_matplotlib_is_reported_before_any_work(demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    out = tmp_path / "o"
+    rc, _, err = _run(capsys, *_analyze_args(demo / "checkpoint", "--out", str(out)))
+    _assert_one_line_error(rc, err, 'pip install "hvp-jax[plots]"', "--no-plots")
+    assert not out.exists()
+
+
+def test_python_m_hvp_quiet_prints_nothing_on_stderr(demo, compile_cache, tmp_path):
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=str(compile_cache),  # the demo's compiled programs
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+    # a factory module that imports flax.training.checkpoints, which logs absl's "Tensorflow
+    # library not found" warning on stderr (the Linen examples do)
+    (tmp_path / "factory_mod.py").write_text(
+        "from flax.training import checkpoints  # noqa: F401\n"
+        "from hvp.analysis._demo import digits_mlp  # noqa: F401\n"
+    )
+    args = _analyze_args(demo / "checkpoint", "--seed", str(SEED))
+    args[args.index(DEMO_MODEL_SPEC)] = f"{tmp_path / 'factory_mod.py'}:digits_mlp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvp", *args, "--out", str(tmp_path / "q"), "--no-plots"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.strip() == f"Wrote report.json to {tmp_path / 'q'}"
+    a, b = load_report(demo / "report.json"), load_report(tmp_path / "q" / "report.json")
+    assert _get(a, "top.eigenvalues") == _get(b, "top.eigenvalues")
