@@ -66,7 +66,7 @@ WHICH = ("largest", "smallest", "both")
 _HI = lax.Precision.HIGHEST
 
 
-@tu.result(static=("which",))
+@tu.result(static=("which", "compute_dtype", "accumulation_dtype"))
 class EigshResult:
     """Result of :func:`eigsh`.
 
@@ -87,7 +87,10 @@ class EigshResult:
     converged: jax.Array
     num_matvecs: jax.Array
     num_restarts: jax.Array
+    thresholds: jax.Array
     which: str = "largest"
+    compute_dtype: str = "float32"
+    accumulation_dtype: str = "float32"
 
 
 # ---------------------------------------------------------------------------
@@ -161,9 +164,8 @@ def _fresh_vector(key, V, mask, like):
     r = tu.normal_like(key, like)
     for _ in range(2):  # a random vector is far from the span: two plain passes suffice
         r = tu.sub(r, _combine(_rows_dot(V, r) * mask, V, like))
-    nr = tu.norm(r)
-    tiny = jnp.finfo(nr.dtype).tiny
-    ok = nr > jnp.sqrt(tiny) * 1e3
+    nr = tu.norm(r)  # about sqrt(n - rank) if room is left, round-off (about eps sqrt(n)) if not
+    ok = nr > jnp.sqrt(jnp.finfo(nr.dtype).eps) * jnp.sqrt(jnp.asarray(tu.size(like), nr.dtype))
     return tu.scale(jnp.where(ok, 1.0 / jnp.where(ok, nr, 1.0), 0.0), r)
 
 
@@ -177,20 +179,31 @@ def _eps(like, basis_dtype):
 def lanczos_step(op, V, j, anorm, key, like, *, eps):
     """One fully reorthogonalised Lanczos (Arnoldi) step on basis row ``j``.
 
-    Returns ``(h, beta, v_next, anorm, broke)``: ``h`` the projection
+    Returns ``(h, beta, v_next, anorm, broke)``, see :func:`_lanczos_step`.
+    """
+    return _lanczos_step(op, V, j, anorm, key, like, eps=eps)[:5]
+
+
+def _lanczos_step(op, V, j, anorm, key, like, *, eps, apply=None):
+    """One fully reorthogonalised Lanczos (Arnoldi) step on basis row ``j``.
+
+    Returns ``(h, beta, v_next, anorm, broke, beta_raw)``: ``h`` the projection
     coefficients of ``A v_j`` on rows ``0..j`` (``h[j]`` is alpha), ``beta`` the
     coupling to the next vector (0 on breakdown), ``v_next`` the next unit
-    basis vector (a fresh random one on breakdown, zero if the space is
-    exhausted).
+    basis vector (a fresh random one orthogonal to the basis on breakdown, zero
+    if the space is exhausted), ``broke`` whether ``beta_raw``, the norm of the
+    orthogonalised product, is below ``_BREAKDOWN * eps * anorm`` (relative to
+    the running estimate ``anorm`` of ``||A||``).
     """
+    apply = op._apply if apply is None else apply
     rows = tu.leading_dim(V)
     v = _get_row(V, j, like)
-    w = op._apply(v)
+    w = apply(v)
     anorm = jnp.maximum(anorm, tu.norm(w))
     mask = (jnp.arange(rows) <= j).astype(anorm.dtype)
     h, w = _orthogonalize(V, w, mask, like)
     beta = tu.norm(w)
-    broke = beta <= 10.0 * eps * anorm
+    broke = beta <= _BREAKDOWN * eps * anorm
 
     def normal(_):
         return beta, tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
@@ -199,7 +212,7 @@ def lanczos_step(op, V, j, anorm, key, like, *, eps):
         return jnp.zeros_like(beta), _fresh_vector(key, V, mask, like)
 
     beta_rec, v_next = lax.cond(broke, fresh, normal, None)
-    return h, beta_rec, v_next, anorm, broke
+    return h, beta_rec, v_next, anorm, broke, beta
 
 
 # ---------------------------------------------------------------------------
@@ -244,28 +257,152 @@ def _split_keep(p):
 # The compiled driver.
 # ---------------------------------------------------------------------------
 
+#: breakdown: ``beta <= _BREAKDOWN * eps * ||A||`` (the Krylov space is invariant to working
+#: accuracy). Tolerance floor: a residual of ``_FLOOR * eps * ||A||`` always counts as converged
+#: (the rounding error of a product is of that order, a smaller one cannot be verified).
+_BREAKDOWN = 32.0
+_FLOOR = 64.0
+#: a pair is locked when its residual bound is below ``_LOCK`` times its tolerance.
+_LOCK = 0.1
+
+
+def _extra(c, k_total, which):
+    """Wanted indices plus the next pair beyond them at each wanted end (the confirmation set)."""
+    if which == "largest":
+        return c - (k_total + 1) + jnp.arange(k_total + 1)
+    if which == "smallest":
+        return jnp.arange(k_total + 1)
+    h = k_total // 2 + 1
+    return jnp.concatenate([jnp.arange(h), c - h + jnp.arange(h)])
+
+
+def _num_extra(which):
+    return 2 if which == "both" else 1
+
 
 @partial(
-    jax.jit, static_argnames=("m", "k_total", "which", "p", "max_restarts", "basis_dtype", "eps")
+    jax.jit,
+    static_argnames=(
+        "m",
+        "k_total",
+        "which",
+        "p",
+        "max_restarts",
+        "max_locks",
+        "basis_dtype",
+        "eps",
+        "floor",
+        "confirm",
+    ),
 )
-def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dtype, eps):
+def _eigsh_run(
+    op,
+    v0,
+    key,
+    tol,
+    *,
+    m,
+    k_total,
+    which,
+    p,
+    max_restarts,
+    max_locks,
+    basis_dtype,
+    eps,
+    floor,
+    confirm,
+):
     like = op.like
-    real = jnp.result_type(*jax.tree_util.tree_leaves(like))
-    V = _set_row(_empty_basis(like, m + 1, basis_dtype), 0, v0)
-    H = jnp.zeros((m + 1, m), real)
+    acc = tu.accumulation_dtype(*[jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)])
+    # the algorithm's vectors: shaped like the parameters, in the accumulation dtype
+    wl = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), acc), like)
+    store = basis_dtype or acc
+
+    def apply(v):  # products in the parameters' dtype, everything else in `acc`
+        v = jax.tree_util.tree_map(lambda x, l: x.astype(jnp.result_type(l)), v, like)
+        return jax.tree_util.tree_map(lambda y: jnp.asarray(y).astype(acc), op._apply(v))
+
+    eps23 = eps ** (2.0 / 3.0)
+
+    def thresholds(lam, anorm):
+        """Per-pair tolerance (ARPACK convention, floored at the product round-off)."""
+        return jnp.maximum(tol * jnp.maximum(jnp.abs(lam), eps23 * anorm), floor * anorm)
+
+    V = _set_row(_empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc))
     zero_i = jnp.zeros((), jnp.int32)
+    false = jnp.array(False)
     state = dict(
         V=V,
-        H=H,
+        H=jnp.zeros((m + 1, m), acc),
+        rho=jnp.zeros((m + 1,), acc),  # norm of the residual part that left the basis, per row
         j=zero_i,
         restarts=zero_i,
+        locks=zero_i,
         matvecs=zero_i,
-        done=jnp.array(False),
-        broke=jnp.array(False),
-        anorm=jnp.zeros((), real),
+        done=false,
+        anorm=jnp.zeros((), acc),
+        phase=zero_i,  # 0: searching; 1: confirming a locked set from a fresh vector
+        rec=jnp.zeros((k_total,), acc),
+        tight=jnp.ones((), acc),
+        have_out=false,
+        confirmed=false,
+        Y=jax.tree_util.tree_map(lambda x: jnp.zeros((k_total,) + x.shape, acc), wl),
+        lam=jnp.zeros((k_total,), acc),
+        res=jnp.zeros((k_total,), acc),
+        ok=false,
     )
 
+    def ritz_vectors(s, cols):
+        Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], s["V"])
+        return _combine(cols.T, Vm, wl)
+
+    def verify(s, theta, S, wi, confirmed):
+        """True residuals of the wanted Ritz pairs (``k_total`` products)."""
+        Y = ritz_vectors(s, S[:, wi])
+        norms = jnp.sqrt(jax.vmap(lambda y: tu.dot(y, y))(Y))
+        Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
+        AY = jax.vmap(apply)(Y)
+        lam = jax.vmap(tu.dot)(Y, AY)
+        R = jax.vmap(lambda ay, y, l: tu.axpy(-l, y, ay))(AY, Y, lam)
+        res = jnp.sqrt(jax.vmap(lambda r: tu.dot(r, r))(R))
+        anorm = jnp.maximum(s["anorm"], jnp.max(jnp.sqrt(jax.vmap(lambda a: tu.dot(a, a))(AY))))
+        ok = jnp.all(res <= thresholds(lam, anorm))
+        return dict(
+            s,
+            Y=Y,
+            lam=lam,
+            res=res,
+            ok=ok,
+            anorm=anorm,
+            have_out=jnp.array(True),
+            confirmed=confirmed,
+            matvecs=s["matvecs"] + k_total,
+        )
+
+    def lock(s, theta, S, wi, est, key):
+        """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
+        kept = ritz_vectors(s, S[:, wi])
+        rows = jnp.arange(m + 1)
+        newV = jax.tree_util.tree_map(
+            lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), s["V"], kept
+        )
+        fresh = _fresh_vector(key, newV, (rows < k_total).astype(acc), wl)
+        newV = _set_row(newV, k_total, fresh)
+        newH = jnp.zeros_like(s["H"]).at[jnp.arange(k_total), jnp.arange(k_total)].set(theta[wi])
+        newrho = jnp.zeros_like(s["rho"]).at[:k_total].set(est[wi])
+        return dict(
+            s,
+            V=newV,
+            H=newH,
+            rho=newrho,
+            j=jnp.asarray(k_total, jnp.int32),
+            locks=s["locks"] + 1,
+            phase=jnp.ones((), jnp.int32),
+            rec=theta[wi],
+        )
+
     def restart(s, theta, S):
+        """Thick restart: keep ``p`` Ritz vectors and the last Lanczos vector (arrowhead)."""
         if which == "both":
             lo, hi = _split_keep(p)
             idx = jnp.concatenate([jnp.arange(lo), m - hi + jnp.arange(hi)])
@@ -273,10 +410,8 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
             idx = m - p + jnp.arange(p)
         else:
             idx = jnp.arange(p)
-        Y = S[:, idx]  # (m, p)
-        Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], s["V"])
-        kept = _combine(Y.T, Vm, like)  # (p, ...) in the compute dtype
-        last = _get_row(s["V"], m, like)
+        kept = ritz_vectors(s, S[:, idx])
+        last = _get_row(s["V"], m, wl)
         newV = jax.tree_util.tree_map(
             lambda Vl, K, L: (
                 jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
@@ -290,66 +425,124 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
         newH = newH.at[jnp.arange(p), jnp.arange(p)].set(theta[idx])
         newH = newH.at[p, :p].set(b * S[m - 1, idx])
         newH = newH.at[:p, p].set(b * S[m - 1, idx])
+        newrho = jnp.zeros_like(s["rho"]).at[:p].set(jnp.abs(S[:, idx]).T @ s["rho"][:m])
+        return dict(
+            s, V=newV, H=newH, rho=newrho, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1
+        )
+
+    def explicit_restart(s):
+        """Start again from the sum of the verified Ritz vectors (nothing locked or frozen)."""
+        v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), s["Y"])
+        v = tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
+        newV = _set_row(jax.tree_util.tree_map(jnp.zeros_like, s["V"]), 0, v)
         return dict(
             s,
             V=newV,
-            H=newH,
-            j=jnp.asarray(p, jnp.int32),
-            restarts=s["restarts"] + 1,
-            broke=jnp.array(False),
+            H=jnp.zeros_like(s["H"]),
+            rho=jnp.zeros_like(s["rho"]),
+            j=jnp.zeros((), jnp.int32),
+            phase=jnp.zeros((), jnp.int32),
+            tight=0.1 * s["tight"],
         )
+
+    can_confirm = confirm
 
     def body(s):
         j = s["j"]
-        step_key = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), j)
-        h, beta, v_next, anorm, broke = lanczos_step(
-            op, s["V"], j, s["anorm"], step_key, like, eps=eps
+        base = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), s["locks"])
+        step_key = jax.random.fold_in(base, j)
+        h, beta, v_next, anorm, broke, beta_raw = _lanczos_step(
+            op, s["V"], j, s["anorm"], step_key, wl, eps=eps, apply=apply
         )
         H = s["H"].at[:, j].set(jnp.where(jnp.arange(m + 1) <= j, h, s["H"][:, j]))
         H = H.at[j + 1, j].set(beta)
+        rho = s["rho"].at[j].set(jnp.where(broke, beta_raw, 0.0))
         V = _set_row(s["V"], j + 1, v_next)
         c = j + 1
-        broke_any = s["broke"] | broke
         full = c == m
-        s = dict(s, V=V, H=H, j=c, matvecs=s["matvecs"] + 1, broke=broke_any, anorm=anorm)
-        check = (c >= k_total) & (full | ~broke_any)
+        s = dict(s, V=V, H=H, rho=rho, j=c, matvecs=s["matvecs"] + 1, have_out=jnp.array(False))
 
-        def test(_):
-            theta, S = _ritz(H, c, m)
-            wi = _wanted(c, k_total, which)
-            scale = jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[c - 1]))
-            res = jnp.abs(H[c, c - 1] * S[c - 1, wi])
-            return jnp.all(res <= tol * scale), theta, S
+        theta, S = _ritz(H, c, m)
+        active = jnp.arange(m) < c
+        anorm = jnp.maximum(anorm, jnp.max(jnp.where(active, jnp.abs(theta), 0.0)))
+        s = dict(s, anorm=anorm)
+        # Residual bound of every Ritz pair: the Lanczos coupling plus what left the basis.
+        coupling = jnp.abs(H[c, c - 1] * S[c - 1, :])  # the Lanczos part of the residual
+        est = coupling + jnp.abs(S).T @ rho[:m]
+        thr = thresholds(theta, anorm) * s["tight"]
+        wi = _wanted(c, k_total, which)
+        if can_confirm:
+            xi = _extra(c, k_total, which)
+            confirming = s["phase"] == 1
+            # Searching: lock when the wanted pairs' residual bounds are below tol with headroom
+            # (a locked pair's residual is frozen, and Ritz vectors that mix locked rows add
+            # their frozen residuals up).
+            ok_lock = (c >= k_total) & jnp.all(est[wi] <= _LOCK * thr[wi])
+            # Confirming: the fresh Krylov sequence has converged its extreme pairs (one beyond
+            # the wanted ones at each wanted end), so a missed copy would have shown up.
+            ok_x = (c >= k_total + _num_extra(which)) & jnp.all(coupling[xi] <= thr[xi])
+            passed = jnp.where(confirming, ok_x, ok_lock)
+            unchanged = jnp.all(jnp.abs(theta[wi] - s["rec"]) <= thr[wi] / s["tight"])
+            confirmed = confirming & unchanged
+            go_verify = passed & (confirmed | (s["locks"] >= max_locks))
+            go_lock = passed & ~go_verify
+        else:
+            confirmed = jnp.array(True)
+            go_verify = (c >= k_total) & jnp.all(est[wi] <= thr[wi])
+            go_lock = jnp.array(False)
 
-        def skip(_):
-            return jnp.array(False), jnp.zeros((m,), real), jnp.zeros((m, m), real)
-
-        conv, theta, S = lax.cond(check | full, test, skip, None)
-        conv = conv & check
-        need_restart = full & ~conv & (s["restarts"] < max_restarts)
+        s = lax.cond(go_verify, lambda a: verify(*a), lambda a: a[0], (s, theta, S, wi, confirmed))
+        done = go_verify & s["ok"]
+        # The bound and the true residual disagree (round-off, or frozen residuals of locked
+        # pairs adding up): restart explicitly from the verified vectors, asking more of the bound.
+        failed = go_verify & ~s["ok"]
+        s = dict(s, restarts=s["restarts"] + failed.astype(jnp.int32))
+        out_of_budget = s["restarts"] > max_restarts
+        s = lax.cond(
+            failed & ~out_of_budget,
+            lambda a: explicit_restart(a),
+            lambda a: a,
+            s,
+        )
+        if can_confirm:
+            lock_key = jax.random.fold_in(base, m + 1)
+            s = lax.cond(
+                go_lock,
+                lambda a: lock(*a),
+                lambda a: a[0],
+                (s, theta, S, wi, est, lock_key),
+            )
+        full = s["j"] == m
+        need_restart = full & ~done & (s["restarts"] < max_restarts) & ~out_of_budget
         s = lax.cond(need_restart, lambda a: restart(*a), lambda a: a[0], (s, theta, S))
-        return dict(s, done=conv | (full & ~need_restart))
+        stop = done | out_of_budget | (full & ~need_restart)
+        return dict(s, done=stop)
 
     state = lax.while_loop(lambda s: ~s["done"], body, state)
 
-    c = state["j"]
-    theta, S = _ritz(state["H"], c, m)
-    wi = _wanted(c, k_total, which)
-    Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], state["V"])
-    Y = _combine(S[:, wi].T, Vm, like)  # (k_total, ...)
-    norms = jnp.sqrt(jax.vmap(lambda y: tu.dot(y, y))(Y))
-    Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
-    AY = jax.vmap(op._apply)(Y)
-    lam = jax.vmap(tu.dot)(Y, AY)
-    res = jnp.sqrt(
-        jax.vmap(lambda ay, y, l: tu.dot(tu.axpy(-l, y, ay), tu.axpy(-l, y, ay)))(AY, Y, lam)
-    )
+    def final(s):
+        c = s["j"]
+        theta, S = _ritz(s["H"], c, m)
+        wi = _wanted(c, k_total, which)
+        return verify(s, theta, S, wi, jnp.array(not can_confirm))
+
+    state = lax.cond(state["have_out"], lambda s: s, final, state)
+    lam, res, Y = state["lam"], state["res"], state["Y"]
     order = jnp.argsort(lam)
     lam, res = lam[order], res[order]
     Y = jax.tree_util.tree_map(lambda x: x[order], Y)
-    scale = jnp.maximum(jnp.max(jnp.abs(theta[:m] * (jnp.arange(m) < c))), jnp.max(jnp.abs(lam)))
-    converged = res <= tol * scale
-    return lam, Y, res, converged, state["matvecs"] + k_total, state["restarts"]
+    thr = thresholds(lam, state["anorm"])
+    converged = (res <= thr) & state["confirmed"]
+    return (
+        lam,
+        Y,
+        res,
+        converged,
+        state["matvecs"],
+        state["restarts"] + state["locks"],
+        thr,
+        state["confirmed"],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -417,6 +610,7 @@ def eigsh(
     v0=None,
     reorthogonalize: str = "full",
     basis_dtype=None,
+    confirm: bool = True,
     like=None,
 ) -> EigshResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
@@ -504,27 +698,48 @@ def eigsh(
         if not jnp.issubdtype(basis_dtype, jnp.floating):
             raise TypeError(f"`basis_dtype` must be a floating dtype, got {basis_dtype}.")
     key = jax.random.PRNGKey(0) if key is None else key
+    if tu.is_traced(op, v0, key):
+        raise TypeError(
+            "eigsh cannot run inside a JAX transformation (jax.jit, jax.vmap, jax.grad): it is "
+            "already one compiled XLA program, and it checks its result on the host (non-finite "
+            "products raise NonFiniteError, unconverged pairs warn). Call it outside the "
+            "transformation, e.g. `jax.jit` only the function that builds the operator's "
+            "parameters, and loop in Python over several operators instead of `vmap`."
+        )
+    param_dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
+    acc = tu.accumulation_dtype(*param_dtypes)
+    eps = max(float(jnp.finfo(d).eps) for d in param_dtypes)
+    floor = _FLOOR * eps
+    if basis_dtype is not None and float(jnp.finfo(basis_dtype).eps) > eps:
+        floor += 8.0 * float(jnp.finfo(basis_dtype).eps)  # storage round-off limits accuracy
+    n_extra = _num_extra(which)
+    # Confirmation needs room for one more pair per end, in the space and in the basis.
+    can_confirm = bool(confirm) and k_total + n_extra <= n and m >= k_total + 2 * n_extra
     k_start, k_run = jax.random.split(key)
     start = _start_vector(v0, op.like, k_start)
     out = _eigsh_run(
         op,
         start,
         k_run,
-        jnp.asarray(tol, op.dtype),
+        jnp.asarray(tol, acc),
         m=m,
         k_total=k_total,
         which=which,
         p=p,
         max_restarts=int(max_restarts),
+        max_locks=k_total + 2,
         basis_dtype=basis_dtype,
-        eps=_eps(op.like, basis_dtype),
+        eps=eps,
+        floor=floor,
+        confirm=can_confirm,
     )
-    lam, vecs, res, conv, nmv, nrs = out
+    lam, vecs, res, conv, nmv, nrs, thr, confirmed = out
     if not (bool(jnp.all(jnp.isfinite(lam))) and bool(tu.all_finite(vecs))):
         raise NonFiniteError(
-            f"eigsh on the {op.name} operator produced NaN or Inf: its matvec returns non-finite values. "
-            "Check the parameters and data (`hvp.tree.nonfinite_leaves`), or build the operator with "
-            "`check_finite=True` to find the leaf."
+            f"eigsh on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
+            "values (in half precision, a product may overflow: use float32 parameters or scale "
+            "the loss). Check the parameters and data (`hvp.tree.nonfinite_leaves`), or build "
+            "the operator with `check_finite=True` to find the leaf."
         )
     result = EigshResult(
         eigenvalues=lam,
@@ -533,15 +748,24 @@ def eigsh(
         converged=conv,
         num_matvecs=nmv,
         num_restarts=nrs,
+        thresholds=thr,
         which=which,
+        compute_dtype=jnp.dtype(jnp.result_type(*param_dtypes)).name,
+        accumulation_dtype=jnp.dtype(acc).name,
     )
     if not bool(jnp.all(conv)):
         nc = int(jnp.sum(conv))
+        why = (
+            ""
+            if bool(confirmed) or not can_confirm
+            else " (the multiplicities were not confirmed by a restart from a fresh vector)"
+        )
         warnings.warn(
-            f"eigsh ({which}, k={k}) on the {op.name} operator: only {nc} of {k_total} eigenpairs reached "
-            f"tol={tol:g} after {int(nrs)} restarts and {int(nmv)} matvecs (largest residual "
-            f"{float(jnp.max(res)):.3g}). Increase `num_iters` or `max_restarts`, or loosen `tol`; "
-            "`result.converged` marks the pairs that did converge.",
+            f"eigsh ({which}, k={k}) on the {op.name} operator: only {nc} of {k_total} "
+            f"eigenpairs reached tol={tol:g}{why} after {int(nrs)} restarts and {int(nmv)} "
+            f"matvecs (largest residual {float(jnp.max(res)):.3g}). Increase `num_iters` or "
+            "`max_restarts`, or loosen `tol`; `result.converged` marks the pairs that did "
+            "converge.",
             RuntimeWarning,
             stacklevel=2,
         )
