@@ -20,25 +20,59 @@ Implementation (:func:`eigsh`):
   per-leaf ``tensordot``\ s, never a raveled vector, so every leaf keeps its
   shape and sharding. The whole run is one ``jax.jit``-compiled
   ``lax.while_loop``; the operator is passed in as an argument (it is a pytree).
+  :func:`eigsh` itself cannot be called inside ``jit``/``vmap`` (it checks
+  its result on the host): it raises a ``TypeError`` saying so.
 * Full reorthogonalisation (classical Gram-Schmidt, applied twice and a third
   time when the second pass still cancels, "twice is enough", Giraud et al.
   2005). With it, ghost copies of converged eigenvalues cannot appear and
   :math:`T_j` is formed from the Gram-Schmidt coefficients.
-* Breakdown (:math:`\beta_j \approx 0`: the Krylov space is invariant, e.g.
-  for a zero or low-rank operator) continues with a fresh random vector
-  orthogonalised against the basis (coupling 0), so no NaN appears and
-  repeated eigenvalues (which a single Krylov sequence cannot see) are found.
-  A cycle in which a breakdown happened is run to its end before convergence
-  is declared.
+* Breakdown (:math:`\beta_j \le 32\,\epsilon\,\|A\|`, relative to the running
+  estimate of :math:`\|A\|`: the Krylov space is invariant to working
+  accuracy, e.g. for a zero or low-rank operator) does not stop the
+  iteration: it continues with a fresh random vector orthogonalised against
+  the basis (coupling 0; the dropped coupling is kept in the residual bound).
 * Thick restart (Wu & Simon, 2000; Stathopoulos, Saad & Wu, 1998): when the
   basis is full and the wanted pairs have not converged, the best ``p`` Ritz
   vectors are kept together with the last Lanczos vector (the projected
   matrix becomes an arrowhead) and the iteration continues. Memory stays at
   ``num_iters + 1`` basis vectors.
-* Convergence: a wanted pair is converged when its residual is at most
-  ``tol * max|theta|``. The iteration stops as soon as all wanted pairs meet
-  it; the reported ``residuals`` are recomputed with true products at the end
-  (``k`` extra matvecs, counted in ``num_matvecs``).
+* Multiplicities: locking and confirmation from a fresh vector. A single
+  Krylov sequence sees each distinct eigenvalue once, so once the wanted pairs
+  have converged they are *locked* (kept in the basis, deflated) and the
+  iteration restarts from a fresh random vector orthogonal to them, the
+  thick-restart-with-locking scheme of Wu & Simon (2000) and the "implicit
+  deflation" of ARPACK (Lehoucq & Sorensen, 1996; Saad 2011, sec. 4.2 and
+  6.4). The new Krylov sequence lives in the complement of the locked pairs,
+  where a missed copy of a wanted eigenvalue is again an extreme eigenvalue.
+  The run is *confirmed* when this sequence has converged its extreme pair at
+  each wanted end (one pair beyond the wanted ones) and the wanted eigenvalues
+  did not change; if they changed (a copy was found), the new set is locked and
+  confirmed again. Each confirmation cycle adds at least one copy, so any
+  multiplicity up to ``k`` is resolved (at most ``k + 2`` cycles); the price
+  is one extra Lanczos sequence in the common case. ``confirm=False`` skips it
+  (then a repeated eigenvalue may be returned with too few copies, as by any
+  single-vector Lanczos or ARPACK).
+* Convergence, per pair (ARPACK convention, documented in ``docs/algorithms.md``):
+  :math:`\|A y_i - \theta_i y_i\| \le \max(\mathrm{tol}\cdot\max(|\theta_i|,
+  \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`, with :math:`\epsilon` the
+  machine epsilon of the products' dtype and :math:`\|A\|` the largest
+  :math:`\|Av\|` or :math:`|\theta|` seen. Every eigenvalue thus gets an error
+  small relative to *its own* magnitude (at most about ``tol * |lambda_i|``,
+  usually ``tol**2``-like), down to the round-off floor
+  :math:`64\epsilon\|A\|` below which a residual cannot be verified (zero
+  eigenvalues of a singular operator come back as :math:`O(\epsilon\|A\|)`).
+  The stopping test uses a rigorous bound (Lanczos coupling plus the residuals
+  that left the basis at locking or breakdown); when it passes, the residuals
+  are recomputed with true products (``k`` matvecs). If a true residual misses
+  its tolerance the run does not stop: it restarts explicitly from the Ritz
+  vectors with a 10x stricter bound. ``converged`` is the true-residual test
+  and the confirmation; a warning means the restart budget was really spent.
+* Precision policy (issue 9): products run in the parameters' dtype; the
+  basis, inner products, projected matrix and its small ``eigh`` in the
+  accumulation dtype :func:`hvp.tree.accumulation_dtype` (at least float32),
+  so bfloat16/float16 parameters work. The result records both
+  (``compute_dtype``, ``accumulation_dtype``). A product that overflows
+  raises :class:`hvp.NonFiniteError`, never a silent zero.
 
 Memory: the basis holds ``(num_iters + 1) * n`` numbers of ``basis_dtype``
 (e.g. ``num_iters=40`` and ``n = 10^7`` float32 parameters: 1.6 GB), plus
@@ -75,10 +109,18 @@ class EigshResult:
       eigenvectors: pytree like the parameters with a leading axis matching
         ``eigenvalues`` (unit norm; use ``hvp.tree.index(r.eigenvectors, i)``).
       residuals: ``||A v_i - lambda_i v_i||`` per pair, from true products.
-      converged: bool per pair, ``residual <= tol * max|lambda|``.
-      num_matvecs: operator products used (Lanczos steps + final residuals).
-      num_restarts: thick restarts performed.
+      converged: bool per pair: ``residuals <= thresholds`` and the wanted set
+        (with its multiplicities) was confirmed from a fresh start vector.
+      num_matvecs: operator products used (Lanczos steps + true residuals).
+      num_restarts: restarts performed (thick restarts, locking/confirmation
+        restarts and explicit restarts after a failed residual check).
+      thresholds: the per-pair tolerance the residuals were tested against,
+        ``max(tol * max(|lambda_i|, eps**(2/3) ||A||), 64 eps ||A||)`` (the floor is
+        ``4 eps ||A||`` for half-precision products, see :func:`eigsh`).
       which: ``"largest"``, ``"smallest"`` or ``"both"``.
+      compute_dtype: dtype of the operator products (the parameters' dtype).
+      accumulation_dtype: dtype of the basis, inner products, projected matrix
+        and results (:func:`hvp.tree.accumulation_dtype`, at least float32).
     """
 
     eigenvalues: jax.Array
@@ -266,6 +308,32 @@ _FLOOR = 64.0
 _LOCK = 0.1
 
 
+def zero_floor(dtype, tol: float = 1e-6) -> float:
+    """The smallest tolerance, relative to ``||A||``, that :func:`eigsh` applies to a pair.
+
+    ``max(tol * eps**(2/3), 64 * eps)`` with ``eps`` the machine epsilon of ``dtype``
+    (the products' dtype): eigenvalues of magnitude below ``zero_floor * ||A||`` cannot be
+    told from 0 by their residuals. Used as the least "zero" threshold of
+    :func:`hvp.linalg.spectrum_summary`.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return max(float(tol) * eps ** (2.0 / 3.0), _round_off_floor(dtype))
+
+
+def _round_off_floor(dtype, basis_dtype=None) -> float:
+    """Residual floor relative to ``||A||``: ``max(64 eps_acc, 4 eps)`` (+ ``8 eps_basis``).
+
+    ``eps`` is the products' machine epsilon, ``eps_acc`` that of the accumulation dtype
+    (a float32/float64 product's round-off grows with the reductions inside it; a
+    half-precision product is dominated by the rounding of its inputs and output).
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    floor = max(_FLOOR * float(jnp.finfo(tu.accumulation_dtype(dtype)).eps), 4.0 * eps)
+    if basis_dtype is not None and float(jnp.finfo(basis_dtype).eps) > eps:
+        floor += 8.0 * float(jnp.finfo(basis_dtype).eps)  # storage round-off limits accuracy
+    return floor
+
+
 def _extra(c, k_total, which):
     """Wanted indices plus the next pair beyond them at each wanted end (the confirmation set)."""
     if which == "largest":
@@ -287,10 +355,10 @@ def _num_extra(which):
         "k_total",
         "which",
         "p",
-        "max_restarts",
         "max_locks",
         "basis_dtype",
         "eps",
+        "eps_break",
         "floor",
         "confirm",
     ),
@@ -300,15 +368,16 @@ def _eigsh_run(
     v0,
     key,
     tol,
+    max_restarts,
     *,
     m,
     k_total,
     which,
     p,
-    max_restarts,
     max_locks,
     basis_dtype,
     eps,
+    eps_break,
     floor,
     confirm,
 ):
@@ -319,7 +388,7 @@ def _eigsh_run(
     store = basis_dtype or acc
 
     def apply(v):  # products in the parameters' dtype, everything else in `acc`
-        v = jax.tree_util.tree_map(lambda x, l: x.astype(jnp.result_type(l)), v, like)
+        v = jax.tree_util.tree_map(lambda x, ref: x.astype(jnp.result_type(ref)), v, like)
         return jax.tree_util.tree_map(lambda y: jnp.asarray(y).astype(acc), op._apply(v))
 
     eps23 = eps ** (2.0 / 3.0)
@@ -356,14 +425,14 @@ def _eigsh_run(
         Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], s["V"])
         return _combine(cols.T, Vm, wl)
 
-    def verify(s, theta, S, wi, confirmed):
+    def verify(s, S, wi, confirmed):
         """True residuals of the wanted Ritz pairs (``k_total`` products)."""
         Y = ritz_vectors(s, S[:, wi])
         norms = jnp.sqrt(jax.vmap(lambda y: tu.dot(y, y))(Y))
         Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
         AY = jax.vmap(apply)(Y)
         lam = jax.vmap(tu.dot)(Y, AY)
-        R = jax.vmap(lambda ay, y, l: tu.axpy(-l, y, ay))(AY, Y, lam)
+        R = jax.vmap(lambda ay, y, mu: tu.axpy(-mu, y, ay))(AY, Y, lam)
         res = jnp.sqrt(jax.vmap(lambda r: tu.dot(r, r))(R))
         anorm = jnp.maximum(s["anorm"], jnp.max(jnp.sqrt(jax.vmap(lambda a: tu.dot(a, a))(AY))))
         ok = jnp.all(res <= thresholds(lam, anorm))
@@ -452,7 +521,7 @@ def _eigsh_run(
         base = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), s["locks"])
         step_key = jax.random.fold_in(base, j)
         h, beta, v_next, anorm, broke, beta_raw = _lanczos_step(
-            op, s["V"], j, s["anorm"], step_key, wl, eps=eps, apply=apply
+            op, s["V"], j, s["anorm"], step_key, wl, eps=eps_break, apply=apply
         )
         H = s["H"].at[:, j].set(jnp.where(jnp.arange(m + 1) <= j, h, s["H"][:, j]))
         H = H.at[j + 1, j].set(beta)
@@ -480,7 +549,15 @@ def _eigsh_run(
             ok_lock = (c >= k_total) & jnp.all(est[wi] <= _LOCK * thr[wi])
             # Confirming: the fresh Krylov sequence has converged its extreme pairs (one beyond
             # the wanted ones at each wanted end), so a missed copy would have shown up.
-            ok_x = (c >= k_total + _num_extra(which)) & jnp.all(coupling[xi] <= thr[xi])
+            # The pair beyond the wanted ones only has to show that the sequence has explored
+            # the complement: it converges to sqrt(tol) relative (its residual localises an
+            # eigenvalue, a missed copy would have drawn the extreme Ritz value to itself).
+            loose = jnp.sqrt(thr * jnp.maximum(jnp.abs(theta), floor * anorm))
+            ok_x = (
+                (c >= k_total + _num_extra(which))
+                & jnp.all(coupling[wi] <= thr[wi])
+                & jnp.all(coupling[xi] <= jnp.maximum(thr, loose)[xi])
+            )
             passed = jnp.where(confirming, ok_x, ok_lock)
             unchanged = jnp.all(jnp.abs(theta[wi] - s["rec"]) <= thr[wi] / s["tight"])
             confirmed = confirming & unchanged
@@ -491,7 +568,7 @@ def _eigsh_run(
             go_verify = (c >= k_total) & jnp.all(est[wi] <= thr[wi])
             go_lock = jnp.array(False)
 
-        s = lax.cond(go_verify, lambda a: verify(*a), lambda a: a[0], (s, theta, S, wi, confirmed))
+        s = lax.cond(go_verify, lambda a: verify(*a), lambda a: a[0], (s, S, wi, confirmed))
         done = go_verify & s["ok"]
         # The bound and the true residual disagree (round-off, or frozen residuals of locked
         # pairs adding up): restart explicitly from the verified vectors, asking more of the bound.
@@ -524,7 +601,7 @@ def _eigsh_run(
         c = s["j"]
         theta, S = _ritz(s["H"], c, m)
         wi = _wanted(c, k_total, which)
-        return verify(s, theta, S, wi, jnp.array(not can_confirm))
+        return verify(s, S, wi, jnp.array(not can_confirm))
 
     state = lax.cond(state["have_out"], lambda s: s, final, state)
     lam, res, Y = state["lam"], state["res"], state["Y"]
@@ -577,7 +654,7 @@ def _start_vector(v0, like, key, *, what="v0"):
                     f"`eigenvectors`). {single_err}"
                 ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
-        v = jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, jnp.result_type(l)), v, like)
+        v = jax.tree_util.tree_map(lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like)
     nv = float(tu.norm(v))
     if not np.isfinite(nv):
         raise ValueError(
@@ -632,10 +709,17 @@ def eigsh(
         ``max(2 * k_total + 10, 30)`` with ``k_total`` = ``2k`` for ``"both"``,
         capped at ``n``). Memory is
         ``(m + 1) * n * bytes(basis_dtype)``.
-      tol: convergence tolerance on the residual
-        :math:`\|A v - \lambda v\| \le \mathrm{tol} \cdot \max|\lambda|`.
-      max_restarts: thick restarts allowed before giving up (a warning is
-        emitted and ``converged`` says which pairs missed ``tol``).
+      tol: convergence tolerance relative to each eigenvalue (ARPACK
+        convention): :math:`\|A v_i - \lambda_i v_i\| \le \max(\mathrm{tol}
+        \cdot \max(|\lambda_i|, \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`
+        with :math:`\epsilon` the machine epsilon of the products' dtype
+        (the floor is what round-off lets one verify; it is
+        :math:`4\epsilon\|A\|` for bfloat16/float16 products; the per-pair
+        values are returned in ``thresholds``).
+      max_restarts: thick/explicit restarts allowed before giving up (a
+        warning is emitted and ``converged`` says which pairs missed ``tol``).
+        Locking/confirmation restarts are budgeted separately (at most
+        ``k + 2``, ``2k + 2`` for ``"both"``).
       v0: optional warm start: a pytree like the parameters, or a stacked
         block of vectors (e.g. the previous call's ``eigenvectors``), whose sum
         is used as start vector.
@@ -645,7 +729,12 @@ def eigsh(
         ``jnp.bfloat16`` for float32/float64 parameters) to save memory; products
         and projections run in the parameters' dtype. Lower precision limits
         the attainable accuracy (about ``1e-6`` with float32, ``1e-2`` with
-        bfloat16 storage).
+        bfloat16 storage). Default: the accumulation dtype (at least float32,
+        also for bfloat16/float16 parameters).
+      confirm: confirm the wanted set, with its multiplicities, by a restart
+        from a fresh random vector orthogonal to the converged pairs (see the
+        module docstring). ``False`` saves that Lanczos sequence but may
+        return a repeated eigenvalue with too few copies.
       like: example pytree when ``op`` is a plain matvec callable.
 
     Returns:
@@ -654,7 +743,17 @@ def eigsh(
     Raises:
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``.
-      NonFiniteError: NaN or Inf in the result (the operator produced them).
+      TypeError: called inside ``jax.jit``/``jax.vmap`` (call it outside).
+      NonFiniteError: NaN or Inf in the result (the operator produced them,
+        e.g. an overflow of half-precision products).
+
+    Example: a rank-2 operator with a triple zero eigenvalue at the bottom.
+
+    >>> import jax, numpy as np, hvp
+    >>> A = np.diag([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+    >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
+    >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
+    ([0.0, 0.0, 0.0], True)
     """
     op = as_operator(op, like)
     n = _check_like(op)
@@ -708,10 +807,9 @@ def eigsh(
         )
     param_dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
     acc = tu.accumulation_dtype(*param_dtypes)
-    eps = max(float(jnp.finfo(d).eps) for d in param_dtypes)
-    floor = _FLOOR * eps
-    if basis_dtype is not None and float(jnp.finfo(basis_dtype).eps) > eps:
-        floor += 8.0 * float(jnp.finfo(basis_dtype).eps)  # storage round-off limits accuracy
+    low = max(param_dtypes, key=lambda d: float(jnp.finfo(d).eps))  # the least precise
+    eps = float(jnp.finfo(low).eps)
+    floor = _round_off_floor(low, basis_dtype)
     n_extra = _num_extra(which)
     # Confirmation needs room for one more pair per end, in the space and in the basis.
     can_confirm = bool(confirm) and k_total + n_extra <= n and m >= k_total + 2 * n_extra
@@ -722,14 +820,16 @@ def eigsh(
         start,
         k_run,
         jnp.asarray(tol, acc),
+        jnp.asarray(int(max_restarts), jnp.int32),
         m=m,
         k_total=k_total,
         which=which,
         p=p,
-        max_restarts=int(max_restarts),
         max_locks=k_total + 2,
         basis_dtype=basis_dtype,
         eps=eps,
+        # breakdown at 32 eps_acc ||A||, or at the round-off of a half-precision product
+        eps_break=max(float(jnp.finfo(acc).eps), eps / _BREAKDOWN),
         floor=floor,
         confirm=can_confirm,
     )
