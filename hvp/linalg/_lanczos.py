@@ -361,6 +361,7 @@ def _num_extra(which):
         "eps_break",
         "floor",
         "confirm",
+        "full_space",
     ),
 )
 def _eigsh_run(
@@ -380,6 +381,7 @@ def _eigsh_run(
     eps_break,
     floor,
     confirm,
+    full_space=False,
 ):
     like = op.like
     acc = tu.accumulation_dtype(*[jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)])
@@ -565,7 +567,9 @@ def _eigsh_run(
             go_lock = passed & ~go_verify
         else:
             confirmed = jnp.array(True)
-            go_verify = (c >= k_total) & jnp.all(est[wi] <= thr[wi])
+            # Without confirmation (asked for, or no room: m == n) a copy may be missing
+            # unless the basis spans the whole space.
+            go_verify = (c >= (m if full_space else k_total)) & jnp.all(est[wi] <= thr[wi])
             go_lock = jnp.array(False)
 
         s = lax.cond(go_verify, lambda a: verify(*a), lambda a: a[0], (s, S, wi, confirmed))
@@ -789,6 +793,8 @@ def eigsh(
             raise ValueError(
                 f"`num_iters`={m} must be at least the number of wanted pairs ({k_total})."
             )
+    if confirm:  # room for the locked pairs and a confirming sequence
+        m = max(m, k_total + 2 * _num_extra(which))
     m = min(m, n)
     # Ritz vectors kept at a thick restart: the wanted ones plus half the spare room.
     p = max(min(m - 1, k_total + (m - k_total) // 2), 0)
@@ -832,6 +838,7 @@ def eigsh(
         eps_break=max(float(jnp.finfo(acc).eps), eps / _BREAKDOWN),
         floor=floor,
         confirm=can_confirm,
+        full_space=bool(confirm) and not can_confirm,
     )
     lam, vecs, res, conv, nmv, nrs, thr, confirmed = out
     if not (bool(jnp.all(jnp.isfinite(lam))) and bool(tu.all_finite(vecs))):
