@@ -45,9 +45,10 @@ Implementation (:func:`eigsh`):
   6.4). The new Krylov sequence lives in the complement of the locked pairs,
   where a missed copy of a wanted eigenvalue is again an extreme eigenvalue.
   The run is *confirmed* when this sequence has converged its extreme pair at
-  each wanted end (one pair beyond the wanted ones) and the wanted eigenvalues
+  each wanted end (one pair beyond the wanted ones, to about
+  :math:`\sqrt{\mathrm{tol}}` relative) and the wanted eigenvalues
   did not change; if they changed (a copy was found), the new set is locked and
-  confirmed again. Each confirmation cycle adds at least one copy, so any
+  confirmed again. A cycle that changes the set has found a missed copy, so any
   multiplicity up to ``k`` is resolved (at most ``k + 2`` cycles); the price
   is one extra Lanczos sequence in the common case. ``confirm=False`` skips it
   (then a repeated eigenvalue may be returned with too few copies, as by any
@@ -781,8 +782,15 @@ def eigsh(
             f"{n // 2 if which == 'both' else n} eigenpairs"
             f"{' per end' if which == 'both' else ''}."
         )
-    if not (isinstance(tol, (int, float, np.floating)) and tol >= 0):
-        raise ValueError(f"`tol` must be a non-negative float, got {tol!r}.")
+    if not (
+        isinstance(tol, (int, float, np.floating))
+        and not isinstance(tol, bool)
+        and 0 <= tol < float("inf")
+    ):
+        raise ValueError(
+            f"`tol` must be a finite non-negative float (relative accuracy per eigenvalue, e.g. "
+            f"1e-6), got {tol!r}."
+        )
     if int(max_restarts) < 0:
         raise ValueError(f"`max_restarts` must be >= 0, got {max_restarts}.")
     if num_iters is None:

@@ -171,8 +171,11 @@ def spectrum_summary(
     ('positive semi-definite, singular', inf)
     """
     op = as_operator(op, like)
-    if not zero_tol >= 0:
-        raise ValueError(f"`zero_tol` must be non-negative, got {zero_tol!r}.")
+    if not 0 <= zero_tol < 1:
+        raise ValueError(
+            f"`zero_tol` must be a non-negative float below 1 (relative to max|lambda|), got "
+            f"{zero_tol!r}."
+        )
     if key is None:
         raise ValueError("Pass a PRNG `key`, e.g. `jax.random.PRNGKey(0)`.")
     k_eig, k_slq = jax.random.split(key)

@@ -229,6 +229,11 @@ def test_errors():
         eigsh(op, 2, reorthogonalize="none")
     with pytest.raises(ValueError, match="num_iters"):
         eigsh(op, 4, num_iters=3)
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            eigsh(op, 2, tol=bad)
+        with pytest.raises(ValueError, match="zero_tol"):
+            hvp.spectrum_summary(op, key=jax.random.PRNGKey(0), zero_tol=bad)
 
 
 # ------------------------------------------------------------------------------------------
