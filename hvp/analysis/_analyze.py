@@ -879,15 +879,19 @@ def _derived(top: EigenSection, bottom: EigenSection, dens: DensitySection) -> D
     lam = np.concatenate([top.eigenvalues, bottom.eigenvalues])
     lam_max, lam_min = float(lam.max()), float(lam.min())
     mags = np.abs(lam)
-    scale = float(mags.max())
-    nonzero = mags[mags > 1e-12 * max(scale, np.finfo(float).tiny)]
-    cond = float(nonzero.max() / nonzero.min()) if nonzero.size else float("inf")
-    neg_ratio = float(-lam_min / lam_max) if (lam_min < 0 and lam_max > 0) else 0.0
+    from hvp import linalg
+
+    # one zero threshold for the labels, the condition estimate and the negative mass
+    zero = float(dens.zero_threshold)
+    label, singular, _ = linalg.definiteness(lam_min, lam_max, zero)
+    nonzero = mags[mags > zero]
+    cond = float("inf") if singular or not nonzero.size else float(nonzero.max() / nonzero.min())
+    neg_ratio = float(-lam_min / lam_max) if (lam_min < -zero and lam_max > zero) else 0.0
     return DerivedSection(
         lambda_max=lam_max,
         lambda_min=lam_min,
         condition_estimate=cond,
-        positive_definite=bool(lam_min > 0),
+        positive_definite=label == "positive definite",
         negative_ratio=neg_ratio,
         negative_mass=dens.negative_mass,
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),

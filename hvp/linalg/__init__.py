@@ -6,7 +6,7 @@
 from hvp.linalg._lanczos import EigshResult, eigsh  # noqa: E402
 from hvp.linalg._power import PowerResult, power_iteration  # noqa: E402
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1  # noqa: E402
-from hvp.linalg._summary import SpectrumSummary, spectrum_summary  # noqa: E402
+from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary  # noqa: E402
 
 _EIGEN_ALL = [
     "eigsh",
@@ -19,6 +19,7 @@ _EIGEN_ALL = [
     "wasserstein1",
     "spectrum_summary",
     "SpectrumSummary",
+    "definiteness",
 ]
 # --- end eigen ---
 

@@ -20,25 +20,60 @@ Implementation (:func:`eigsh`):
   per-leaf ``tensordot``\ s, never a raveled vector, so every leaf keeps its
   shape and sharding. The whole run is one ``jax.jit``-compiled
   ``lax.while_loop``; the operator is passed in as an argument (it is a pytree).
+  :func:`eigsh` itself cannot be called inside ``jit``/``vmap`` (it checks
+  its result on the host): it raises a ``TypeError`` saying so.
 * Full reorthogonalisation (classical Gram-Schmidt, applied twice and a third
   time when the second pass still cancels, "twice is enough", Giraud et al.
   2005). With it, ghost copies of converged eigenvalues cannot appear and
   :math:`T_j` is formed from the Gram-Schmidt coefficients.
-* Breakdown (:math:`\beta_j \approx 0`: the Krylov space is invariant, e.g.
-  for a zero or low-rank operator) continues with a fresh random vector
-  orthogonalised against the basis (coupling 0), so no NaN appears and
-  repeated eigenvalues (which a single Krylov sequence cannot see) are found.
-  A cycle in which a breakdown happened is run to its end before convergence
-  is declared.
+* Breakdown (:math:`\beta_j \le 32\,\epsilon\,\|A\|`, relative to the running
+  estimate of :math:`\|A\|`: the Krylov space is invariant to working
+  accuracy, e.g. for a zero or low-rank operator) does not stop the
+  iteration: it continues with a fresh random vector orthogonalised against
+  the basis (coupling 0; the dropped coupling is kept in the residual bound).
 * Thick restart (Wu & Simon, 2000; Stathopoulos, Saad & Wu, 1998): when the
   basis is full and the wanted pairs have not converged, the best ``p`` Ritz
   vectors are kept together with the last Lanczos vector (the projected
   matrix becomes an arrowhead) and the iteration continues. Memory stays at
   ``num_iters + 1`` basis vectors.
-* Convergence: a wanted pair is converged when its residual is at most
-  ``tol * max|theta|``. The iteration stops as soon as all wanted pairs meet
-  it; the reported ``residuals`` are recomputed with true products at the end
-  (``k`` extra matvecs, counted in ``num_matvecs``).
+* Multiplicities: locking and confirmation from a fresh vector. A single
+  Krylov sequence sees each distinct eigenvalue once, so once the wanted pairs
+  have converged they are *locked* (kept in the basis, deflated) and the
+  iteration restarts from a fresh random vector orthogonal to them, the
+  thick-restart-with-locking scheme of Wu & Simon (2000) and the "implicit
+  deflation" of ARPACK (Lehoucq & Sorensen, 1996; Saad 2011, sec. 4.2 and
+  6.4). The new Krylov sequence lives in the complement of the locked pairs,
+  where a missed copy of a wanted eigenvalue is again an extreme eigenvalue.
+  The run is *confirmed* when this sequence has converged its extreme pair at
+  each wanted end (one pair beyond the wanted ones, to about
+  :math:`\sqrt{\mathrm{tol}}` relative) and the wanted eigenvalues
+  did not change; if they changed (a copy was found), the new set is locked and
+  confirmed again. A cycle that changes the set has found a missed copy, so any
+  multiplicity up to ``k`` is resolved (at most ``k + 2`` cycles); the price
+  is one extra Lanczos sequence in the common case. ``confirm=False`` skips it
+  (then a repeated eigenvalue may be returned with too few copies, as by any
+  single-vector Lanczos or ARPACK).
+* Convergence, per pair (ARPACK convention, documented in ``docs/algorithms.md``):
+  :math:`\|A y_i - \theta_i y_i\| \le \max(\mathrm{tol}\cdot\max(|\theta_i|,
+  \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`, with :math:`\epsilon` the
+  machine epsilon of the products' dtype and :math:`\|A\|` the largest
+  :math:`\|Av\|` or :math:`|\theta|` seen. Every eigenvalue thus gets an error
+  small relative to *its own* magnitude (at most about ``tol * |lambda_i|``,
+  usually ``tol**2``-like), down to the round-off floor
+  :math:`64\epsilon\|A\|` below which a residual cannot be verified (zero
+  eigenvalues of a singular operator come back as :math:`O(\epsilon\|A\|)`).
+  The stopping test uses a rigorous bound (Lanczos coupling plus the residuals
+  that left the basis at locking or breakdown); when it passes, the residuals
+  are recomputed with true products (``k`` matvecs). If a true residual misses
+  its tolerance the run does not stop: it restarts explicitly from the Ritz
+  vectors with a 10x stricter bound. ``converged`` is the true-residual test
+  and the confirmation; a warning means the restart budget was really spent.
+* Precision policy (issue 9): products run in the parameters' dtype; the
+  basis, inner products, projected matrix and its small ``eigh`` in the
+  accumulation dtype :func:`hvp.tree.accumulation_dtype` (at least float32),
+  so bfloat16/float16 parameters work. The result records both
+  (``compute_dtype``, ``accumulation_dtype``). A product that overflows
+  raises :class:`hvp.NonFiniteError`, never a silent zero.
 
 Memory: the basis holds ``(num_iters + 1) * n`` numbers of ``basis_dtype``
 (e.g. ``num_iters=40`` and ``n = 10^7`` float32 parameters: 1.6 GB), plus
@@ -66,7 +101,7 @@ WHICH = ("largest", "smallest", "both")
 _HI = lax.Precision.HIGHEST
 
 
-@tu.result(static=("which",))
+@tu.result(static=("which", "compute_dtype", "accumulation_dtype"))
 class EigshResult:
     """Result of :func:`eigsh`.
 
@@ -75,10 +110,18 @@ class EigshResult:
       eigenvectors: pytree like the parameters with a leading axis matching
         ``eigenvalues`` (unit norm; use ``hvp.tree.index(r.eigenvectors, i)``).
       residuals: ``||A v_i - lambda_i v_i||`` per pair, from true products.
-      converged: bool per pair, ``residual <= tol * max|lambda|``.
-      num_matvecs: operator products used (Lanczos steps + final residuals).
-      num_restarts: thick restarts performed.
+      converged: bool per pair: ``residuals <= thresholds`` and the wanted set
+        (with its multiplicities) was confirmed from a fresh start vector.
+      num_matvecs: operator products used (Lanczos steps + true residuals).
+      num_restarts: restarts performed (thick restarts, locking/confirmation
+        restarts and explicit restarts after a failed residual check).
+      thresholds: the per-pair tolerance the residuals were tested against,
+        ``max(tol * max(|lambda_i|, eps**(2/3) ||A||), 64 eps ||A||)`` (the floor is
+        ``4 eps ||A||`` for half-precision products, see :func:`eigsh`).
       which: ``"largest"``, ``"smallest"`` or ``"both"``.
+      compute_dtype: dtype of the operator products (the parameters' dtype).
+      accumulation_dtype: dtype of the basis, inner products, projected matrix
+        and results (:func:`hvp.tree.accumulation_dtype`, at least float32).
     """
 
     eigenvalues: jax.Array
@@ -87,7 +130,10 @@ class EigshResult:
     converged: jax.Array
     num_matvecs: jax.Array
     num_restarts: jax.Array
+    thresholds: jax.Array
     which: str = "largest"
+    compute_dtype: str = "float32"
+    accumulation_dtype: str = "float32"
 
 
 # ---------------------------------------------------------------------------
@@ -161,9 +207,8 @@ def _fresh_vector(key, V, mask, like):
     r = tu.normal_like(key, like)
     for _ in range(2):  # a random vector is far from the span: two plain passes suffice
         r = tu.sub(r, _combine(_rows_dot(V, r) * mask, V, like))
-    nr = tu.norm(r)
-    tiny = jnp.finfo(nr.dtype).tiny
-    ok = nr > jnp.sqrt(tiny) * 1e3
+    nr = tu.norm(r)  # about sqrt(n - rank) if room is left, round-off (about eps sqrt(n)) if not
+    ok = nr > jnp.sqrt(jnp.finfo(nr.dtype).eps) * jnp.sqrt(jnp.asarray(tu.size(like), nr.dtype))
     return tu.scale(jnp.where(ok, 1.0 / jnp.where(ok, nr, 1.0), 0.0), r)
 
 
@@ -177,20 +222,31 @@ def _eps(like, basis_dtype):
 def lanczos_step(op, V, j, anorm, key, like, *, eps):
     """One fully reorthogonalised Lanczos (Arnoldi) step on basis row ``j``.
 
-    Returns ``(h, beta, v_next, anorm, broke)``: ``h`` the projection
+    Returns ``(h, beta, v_next, anorm, broke)``, see :func:`_lanczos_step`.
+    """
+    return _lanczos_step(op, V, j, anorm, key, like, eps=eps)[:5]
+
+
+def _lanczos_step(op, V, j, anorm, key, like, *, eps, apply=None):
+    """One fully reorthogonalised Lanczos (Arnoldi) step on basis row ``j``.
+
+    Returns ``(h, beta, v_next, anorm, broke, beta_raw)``: ``h`` the projection
     coefficients of ``A v_j`` on rows ``0..j`` (``h[j]`` is alpha), ``beta`` the
     coupling to the next vector (0 on breakdown), ``v_next`` the next unit
-    basis vector (a fresh random one on breakdown, zero if the space is
-    exhausted).
+    basis vector (a fresh random one orthogonal to the basis on breakdown, zero
+    if the space is exhausted), ``broke`` whether ``beta_raw``, the norm of the
+    orthogonalised product, is below ``_BREAKDOWN * eps * anorm`` (relative to
+    the running estimate ``anorm`` of ``||A||``).
     """
+    apply = op._apply if apply is None else apply
     rows = tu.leading_dim(V)
     v = _get_row(V, j, like)
-    w = op._apply(v)
+    w = apply(v)
     anorm = jnp.maximum(anorm, tu.norm(w))
     mask = (jnp.arange(rows) <= j).astype(anorm.dtype)
     h, w = _orthogonalize(V, w, mask, like)
     beta = tu.norm(w)
-    broke = beta <= 10.0 * eps * anorm
+    broke = beta <= _BREAKDOWN * eps * anorm
 
     def normal(_):
         return beta, tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
@@ -199,7 +255,7 @@ def lanczos_step(op, V, j, anorm, key, like, *, eps):
         return jnp.zeros_like(beta), _fresh_vector(key, V, mask, like)
 
     beta_rec, v_next = lax.cond(broke, fresh, normal, None)
-    return h, beta_rec, v_next, anorm, broke
+    return h, beta_rec, v_next, anorm, broke, beta
 
 
 # ---------------------------------------------------------------------------
@@ -244,28 +300,181 @@ def _split_keep(p):
 # The compiled driver.
 # ---------------------------------------------------------------------------
 
+#: breakdown: ``beta <= _BREAKDOWN * eps * ||A||`` (the Krylov space is invariant to working
+#: accuracy). Tolerance floor: a residual of ``_FLOOR * eps * ||A||`` always counts as converged
+#: (the rounding error of a product is of that order, a smaller one cannot be verified).
+_BREAKDOWN = 32.0
+_FLOOR = 64.0
+#: a pair is locked when its residual bound is below ``_LOCK`` times its tolerance.
+_LOCK = 0.1
+
+
+def zero_floor(dtype, tol: float = 1e-6) -> float:
+    """The smallest tolerance, relative to ``||A||``, that :func:`eigsh` applies to a pair.
+
+    ``max(tol * eps**(2/3), 64 * eps)`` with ``eps`` the machine epsilon of ``dtype``
+    (the products' dtype): eigenvalues of magnitude below ``zero_floor * ||A||`` cannot be
+    told from 0 by their residuals. Used as the least "zero" threshold of
+    :func:`hvp.linalg.spectrum_summary`.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return max(float(tol) * eps ** (2.0 / 3.0), _round_off_floor(dtype))
+
+
+def _round_off_floor(dtype, basis_dtype=None) -> float:
+    """Residual floor relative to ``||A||``: ``max(64 eps_acc, 4 eps)`` (+ ``8 eps_basis``).
+
+    ``eps`` is the products' machine epsilon, ``eps_acc`` that of the accumulation dtype
+    (a float32/float64 product's round-off grows with the reductions inside it; a
+    half-precision product is dominated by the rounding of its inputs and output).
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    floor = max(_FLOOR * float(jnp.finfo(tu.accumulation_dtype(dtype)).eps), 4.0 * eps)
+    if basis_dtype is not None and float(jnp.finfo(basis_dtype).eps) > eps:
+        floor += 8.0 * float(jnp.finfo(basis_dtype).eps)  # storage round-off limits accuracy
+    return floor
+
+
+def _extra(c, k_total, which):
+    """Wanted indices plus the next pair beyond them at each wanted end (the confirmation set)."""
+    if which == "largest":
+        return c - (k_total + 1) + jnp.arange(k_total + 1)
+    if which == "smallest":
+        return jnp.arange(k_total + 1)
+    h = k_total // 2 + 1
+    return jnp.concatenate([jnp.arange(h), c - h + jnp.arange(h)])
+
+
+def _num_extra(which):
+    return 2 if which == "both" else 1
+
 
 @partial(
-    jax.jit, static_argnames=("m", "k_total", "which", "p", "max_restarts", "basis_dtype", "eps")
+    jax.jit,
+    static_argnames=(
+        "m",
+        "k_total",
+        "which",
+        "p",
+        "max_locks",
+        "basis_dtype",
+        "eps",
+        "eps_break",
+        "floor",
+        "confirm",
+        "full_space",
+    ),
 )
-def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dtype, eps):
+def _eigsh_run(
+    op,
+    v0,
+    key,
+    tol,
+    max_restarts,
+    *,
+    m,
+    k_total,
+    which,
+    p,
+    max_locks,
+    basis_dtype,
+    eps,
+    eps_break,
+    floor,
+    confirm,
+    full_space=False,
+):
     like = op.like
-    real = jnp.result_type(*jax.tree_util.tree_leaves(like))
-    V = _set_row(_empty_basis(like, m + 1, basis_dtype), 0, v0)
-    H = jnp.zeros((m + 1, m), real)
+    acc = tu.accumulation_dtype(*[jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)])
+    # the algorithm's vectors: shaped like the parameters, in the accumulation dtype
+    wl = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), acc), like)
+    store = basis_dtype or acc
+
+    def apply(v):  # products in the parameters' dtype, everything else in `acc`
+        v = jax.tree_util.tree_map(lambda x, ref: x.astype(jnp.result_type(ref)), v, like)
+        return jax.tree_util.tree_map(lambda y: jnp.asarray(y).astype(acc), op._apply(v))
+
+    eps23 = eps ** (2.0 / 3.0)
+
+    def thresholds(lam, anorm):
+        """Per-pair tolerance (ARPACK convention, floored at the product round-off)."""
+        return jnp.maximum(tol * jnp.maximum(jnp.abs(lam), eps23 * anorm), floor * anorm)
+
+    V = _set_row(_empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc))
     zero_i = jnp.zeros((), jnp.int32)
+    false = jnp.array(False)
     state = dict(
         V=V,
-        H=H,
+        H=jnp.zeros((m + 1, m), acc),
+        rho=jnp.zeros((m + 1,), acc),  # norm of the residual part that left the basis, per row
         j=zero_i,
         restarts=zero_i,
+        locks=zero_i,
         matvecs=zero_i,
-        done=jnp.array(False),
-        broke=jnp.array(False),
-        anorm=jnp.zeros((), real),
+        done=false,
+        anorm=jnp.zeros((), acc),
+        phase=zero_i,  # 0: searching; 1: confirming a locked set from a fresh vector
+        rec=jnp.zeros((k_total,), acc),
+        tight=jnp.ones((), acc),
+        have_out=false,
+        confirmed=false,
+        Y=jax.tree_util.tree_map(lambda x: jnp.zeros((k_total,) + x.shape, acc), wl),
+        lam=jnp.zeros((k_total,), acc),
+        res=jnp.zeros((k_total,), acc),
+        ok=false,
     )
 
+    def ritz_vectors(s, cols):
+        Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], s["V"])
+        return _combine(cols.T, Vm, wl)
+
+    def verify(s, S, wi, confirmed):
+        """True residuals of the wanted Ritz pairs (``k_total`` products)."""
+        Y = ritz_vectors(s, S[:, wi])
+        norms = jnp.sqrt(jax.vmap(lambda y: tu.dot(y, y))(Y))
+        Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
+        AY = jax.vmap(apply)(Y)
+        lam = jax.vmap(tu.dot)(Y, AY)
+        R = jax.vmap(lambda ay, y, mu: tu.axpy(-mu, y, ay))(AY, Y, lam)
+        res = jnp.sqrt(jax.vmap(lambda r: tu.dot(r, r))(R))
+        anorm = jnp.maximum(s["anorm"], jnp.max(jnp.sqrt(jax.vmap(lambda a: tu.dot(a, a))(AY))))
+        ok = jnp.all(res <= thresholds(lam, anorm))
+        return dict(
+            s,
+            Y=Y,
+            lam=lam,
+            res=res,
+            ok=ok,
+            anorm=anorm,
+            have_out=jnp.array(True),
+            confirmed=confirmed,
+            matvecs=s["matvecs"] + k_total,
+        )
+
+    def lock(s, theta, S, wi, est, key):
+        """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
+        kept = ritz_vectors(s, S[:, wi])
+        rows = jnp.arange(m + 1)
+        newV = jax.tree_util.tree_map(
+            lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), s["V"], kept
+        )
+        fresh = _fresh_vector(key, newV, (rows < k_total).astype(acc), wl)
+        newV = _set_row(newV, k_total, fresh)
+        newH = jnp.zeros_like(s["H"]).at[jnp.arange(k_total), jnp.arange(k_total)].set(theta[wi])
+        newrho = jnp.zeros_like(s["rho"]).at[:k_total].set(est[wi])
+        return dict(
+            s,
+            V=newV,
+            H=newH,
+            rho=newrho,
+            j=jnp.asarray(k_total, jnp.int32),
+            locks=s["locks"] + 1,
+            phase=jnp.ones((), jnp.int32),
+            rec=theta[wi],
+        )
+
     def restart(s, theta, S):
+        """Thick restart: keep ``p`` Ritz vectors and the last Lanczos vector (arrowhead)."""
         if which == "both":
             lo, hi = _split_keep(p)
             idx = jnp.concatenate([jnp.arange(lo), m - hi + jnp.arange(hi)])
@@ -273,10 +482,8 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
             idx = m - p + jnp.arange(p)
         else:
             idx = jnp.arange(p)
-        Y = S[:, idx]  # (m, p)
-        Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], s["V"])
-        kept = _combine(Y.T, Vm, like)  # (p, ...) in the compute dtype
-        last = _get_row(s["V"], m, like)
+        kept = ritz_vectors(s, S[:, idx])
+        last = _get_row(s["V"], m, wl)
         newV = jax.tree_util.tree_map(
             lambda Vl, K, L: (
                 jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
@@ -290,66 +497,134 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
         newH = newH.at[jnp.arange(p), jnp.arange(p)].set(theta[idx])
         newH = newH.at[p, :p].set(b * S[m - 1, idx])
         newH = newH.at[:p, p].set(b * S[m - 1, idx])
+        newrho = jnp.zeros_like(s["rho"]).at[:p].set(jnp.abs(S[:, idx]).T @ s["rho"][:m])
+        return dict(
+            s, V=newV, H=newH, rho=newrho, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1
+        )
+
+    def explicit_restart(s):
+        """Start again from the sum of the verified Ritz vectors (nothing locked or frozen)."""
+        v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), s["Y"])
+        v = tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
+        newV = _set_row(jax.tree_util.tree_map(jnp.zeros_like, s["V"]), 0, v)
         return dict(
             s,
             V=newV,
-            H=newH,
-            j=jnp.asarray(p, jnp.int32),
-            restarts=s["restarts"] + 1,
-            broke=jnp.array(False),
+            H=jnp.zeros_like(s["H"]),
+            rho=jnp.zeros_like(s["rho"]),
+            j=jnp.zeros((), jnp.int32),
+            phase=jnp.zeros((), jnp.int32),
+            tight=0.1 * s["tight"],
         )
+
+    can_confirm = confirm
 
     def body(s):
         j = s["j"]
-        step_key = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), j)
-        h, beta, v_next, anorm, broke = lanczos_step(
-            op, s["V"], j, s["anorm"], step_key, like, eps=eps
+        base = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), s["locks"])
+        step_key = jax.random.fold_in(base, j)
+        h, beta, v_next, anorm, broke, beta_raw = _lanczos_step(
+            op, s["V"], j, s["anorm"], step_key, wl, eps=eps_break, apply=apply
         )
         H = s["H"].at[:, j].set(jnp.where(jnp.arange(m + 1) <= j, h, s["H"][:, j]))
         H = H.at[j + 1, j].set(beta)
+        rho = s["rho"].at[j].set(jnp.where(broke, beta_raw, 0.0))
         V = _set_row(s["V"], j + 1, v_next)
         c = j + 1
-        broke_any = s["broke"] | broke
         full = c == m
-        s = dict(s, V=V, H=H, j=c, matvecs=s["matvecs"] + 1, broke=broke_any, anorm=anorm)
-        check = (c >= k_total) & (full | ~broke_any)
+        s = dict(s, V=V, H=H, rho=rho, j=c, matvecs=s["matvecs"] + 1, have_out=jnp.array(False))
 
-        def test(_):
-            theta, S = _ritz(H, c, m)
-            wi = _wanted(c, k_total, which)
-            scale = jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[c - 1]))
-            res = jnp.abs(H[c, c - 1] * S[c - 1, wi])
-            return jnp.all(res <= tol * scale), theta, S
+        theta, S = _ritz(H, c, m)
+        active = jnp.arange(m) < c
+        anorm = jnp.maximum(anorm, jnp.max(jnp.where(active, jnp.abs(theta), 0.0)))
+        s = dict(s, anorm=anorm)
+        # Residual bound of every Ritz pair: the Lanczos coupling plus what left the basis.
+        coupling = jnp.abs(H[c, c - 1] * S[c - 1, :])  # the Lanczos part of the residual
+        est = coupling + jnp.abs(S).T @ rho[:m]
+        thr = thresholds(theta, anorm) * s["tight"]
+        wi = _wanted(c, k_total, which)
+        if can_confirm:
+            xi = _extra(c, k_total, which)
+            confirming = s["phase"] == 1
+            # Searching: lock when the wanted pairs' residual bounds are below tol with headroom
+            # (a locked pair's residual is frozen, and Ritz vectors that mix locked rows add
+            # their frozen residuals up).
+            ok_lock = (c >= k_total) & jnp.all(est[wi] <= _LOCK * thr[wi])
+            # Confirming: the fresh Krylov sequence has converged its extreme pairs (one beyond
+            # the wanted ones at each wanted end), so a missed copy would have shown up.
+            # The pair beyond the wanted ones only has to show that the sequence has explored
+            # the complement: it converges to sqrt(tol) relative (its residual localises an
+            # eigenvalue, a missed copy would have drawn the extreme Ritz value to itself).
+            loose = jnp.sqrt(thr * jnp.maximum(jnp.abs(theta), floor * anorm))
+            ok_x = (
+                (c >= k_total + _num_extra(which))
+                & jnp.all(coupling[wi] <= thr[wi])
+                & jnp.all(coupling[xi] <= jnp.maximum(thr, loose)[xi])
+            )
+            passed = jnp.where(confirming, ok_x, ok_lock)
+            unchanged = jnp.all(jnp.abs(theta[wi] - s["rec"]) <= thr[wi] / s["tight"])
+            confirmed = confirming & unchanged
+            go_verify = passed & (confirmed | (s["locks"] >= max_locks))
+            go_lock = passed & ~go_verify
+        else:
+            confirmed = jnp.array(True)
+            # Without confirmation (asked for, or no room: m == n) a copy may be missing
+            # unless the basis spans the whole space.
+            go_verify = (c >= (m if full_space else k_total)) & jnp.all(est[wi] <= thr[wi])
+            go_lock = jnp.array(False)
 
-        def skip(_):
-            return jnp.array(False), jnp.zeros((m,), real), jnp.zeros((m, m), real)
-
-        conv, theta, S = lax.cond(check | full, test, skip, None)
-        conv = conv & check
-        need_restart = full & ~conv & (s["restarts"] < max_restarts)
+        s = lax.cond(go_verify, lambda a: verify(*a), lambda a: a[0], (s, S, wi, confirmed))
+        done = go_verify & s["ok"]
+        # The bound and the true residual disagree (round-off, or frozen residuals of locked
+        # pairs adding up): restart explicitly from the verified vectors, asking more of the bound.
+        failed = go_verify & ~s["ok"]
+        s = dict(s, restarts=s["restarts"] + failed.astype(jnp.int32))
+        out_of_budget = s["restarts"] > max_restarts
+        s = lax.cond(
+            failed & ~out_of_budget,
+            lambda a: explicit_restart(a),
+            lambda a: a,
+            s,
+        )
+        if can_confirm:
+            lock_key = jax.random.fold_in(base, m + 1)
+            s = lax.cond(
+                go_lock,
+                lambda a: lock(*a),
+                lambda a: a[0],
+                (s, theta, S, wi, est, lock_key),
+            )
+        full = s["j"] == m
+        need_restart = full & ~done & (s["restarts"] < max_restarts) & ~out_of_budget
         s = lax.cond(need_restart, lambda a: restart(*a), lambda a: a[0], (s, theta, S))
-        return dict(s, done=conv | (full & ~need_restart))
+        stop = done | out_of_budget | (full & ~need_restart)
+        return dict(s, done=stop)
 
     state = lax.while_loop(lambda s: ~s["done"], body, state)
 
-    c = state["j"]
-    theta, S = _ritz(state["H"], c, m)
-    wi = _wanted(c, k_total, which)
-    Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], state["V"])
-    Y = _combine(S[:, wi].T, Vm, like)  # (k_total, ...)
-    norms = jnp.sqrt(jax.vmap(lambda y: tu.dot(y, y))(Y))
-    Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
-    AY = jax.vmap(op._apply)(Y)
-    lam = jax.vmap(tu.dot)(Y, AY)
-    res = jnp.sqrt(
-        jax.vmap(lambda ay, y, l: tu.dot(tu.axpy(-l, y, ay), tu.axpy(-l, y, ay)))(AY, Y, lam)
-    )
+    def final(s):
+        c = s["j"]
+        theta, S = _ritz(s["H"], c, m)
+        wi = _wanted(c, k_total, which)
+        return verify(s, S, wi, jnp.array(not can_confirm))
+
+    state = lax.cond(state["have_out"], lambda s: s, final, state)
+    lam, res, Y = state["lam"], state["res"], state["Y"]
     order = jnp.argsort(lam)
     lam, res = lam[order], res[order]
     Y = jax.tree_util.tree_map(lambda x: x[order], Y)
-    scale = jnp.maximum(jnp.max(jnp.abs(theta[:m] * (jnp.arange(m) < c))), jnp.max(jnp.abs(lam)))
-    converged = res <= tol * scale
-    return lam, Y, res, converged, state["matvecs"] + k_total, state["restarts"]
+    thr = thresholds(lam, state["anorm"])
+    converged = (res <= thr) & state["confirmed"]
+    return (
+        lam,
+        Y,
+        res,
+        converged,
+        state["matvecs"],
+        state["restarts"] + state["locks"],
+        thr,
+        state["confirmed"],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +659,7 @@ def _start_vector(v0, like, key, *, what="v0"):
                     f"`eigenvectors`). {single_err}"
                 ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
-        v = jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, jnp.result_type(l)), v, like)
+        v = jax.tree_util.tree_map(lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like)
     nv = float(tu.norm(v))
     if not np.isfinite(nv):
         raise ValueError(
@@ -417,6 +692,7 @@ def eigsh(
     v0=None,
     reorthogonalize: str = "full",
     basis_dtype=None,
+    confirm: bool = True,
     like=None,
 ) -> EigshResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
@@ -438,10 +714,17 @@ def eigsh(
         ``max(2 * k_total + 10, 30)`` with ``k_total`` = ``2k`` for ``"both"``,
         capped at ``n``). Memory is
         ``(m + 1) * n * bytes(basis_dtype)``.
-      tol: convergence tolerance on the residual
-        :math:`\|A v - \lambda v\| \le \mathrm{tol} \cdot \max|\lambda|`.
-      max_restarts: thick restarts allowed before giving up (a warning is
-        emitted and ``converged`` says which pairs missed ``tol``).
+      tol: convergence tolerance relative to each eigenvalue (ARPACK
+        convention): :math:`\|A v_i - \lambda_i v_i\| \le \max(\mathrm{tol}
+        \cdot \max(|\lambda_i|, \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`
+        with :math:`\epsilon` the machine epsilon of the products' dtype
+        (the floor is what round-off lets one verify; it is
+        :math:`4\epsilon\|A\|` for bfloat16/float16 products; the per-pair
+        values are returned in ``thresholds``).
+      max_restarts: thick/explicit restarts allowed before giving up (a
+        warning is emitted and ``converged`` says which pairs missed ``tol``).
+        Locking/confirmation restarts are budgeted separately (at most
+        ``k + 2``, ``2k + 2`` for ``"both"``).
       v0: optional warm start: a pytree like the parameters, or a stacked
         block of vectors (e.g. the previous call's ``eigenvectors``), whose sum
         is used as start vector.
@@ -451,7 +734,12 @@ def eigsh(
         ``jnp.bfloat16`` for float32/float64 parameters) to save memory; products
         and projections run in the parameters' dtype. Lower precision limits
         the attainable accuracy (about ``1e-6`` with float32, ``1e-2`` with
-        bfloat16 storage).
+        bfloat16 storage). Default: the accumulation dtype (at least float32,
+        also for bfloat16/float16 parameters).
+      confirm: confirm the wanted set, with its multiplicities, by a restart
+        from a fresh random vector orthogonal to the converged pairs (see the
+        module docstring). ``False`` saves that Lanczos sequence but may
+        return a repeated eigenvalue with too few copies.
       like: example pytree when ``op`` is a plain matvec callable.
 
     Returns:
@@ -460,7 +748,17 @@ def eigsh(
     Raises:
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``.
-      NonFiniteError: NaN or Inf in the result (the operator produced them).
+      TypeError: called inside ``jax.jit``/``jax.vmap`` (call it outside).
+      NonFiniteError: NaN or Inf in the result (the operator produced them,
+        e.g. an overflow of half-precision products).
+
+    Example: a rank-2 operator with a triple zero eigenvalue at the bottom.
+
+    >>> import jax, numpy as np, hvp
+    >>> A = np.diag([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+    >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
+    >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
+    ([0.0, 0.0, 0.0], True)
     """
     op = as_operator(op, like)
     n = _check_like(op)
@@ -484,8 +782,15 @@ def eigsh(
             f"{n // 2 if which == 'both' else n} eigenpairs"
             f"{' per end' if which == 'both' else ''}."
         )
-    if not (isinstance(tol, (int, float, np.floating)) and tol >= 0):
-        raise ValueError(f"`tol` must be a non-negative float, got {tol!r}.")
+    if not (
+        isinstance(tol, (int, float, np.floating))
+        and not isinstance(tol, bool)
+        and 0 <= tol < float("inf")
+    ):
+        raise ValueError(
+            f"`tol` must be a finite non-negative float (relative accuracy per eigenvalue, e.g. "
+            f"1e-6), got {tol!r}."
+        )
     if int(max_restarts) < 0:
         raise ValueError(f"`max_restarts` must be >= 0, got {max_restarts}.")
     if num_iters is None:
@@ -496,6 +801,8 @@ def eigsh(
             raise ValueError(
                 f"`num_iters`={m} must be at least the number of wanted pairs ({k_total})."
             )
+    if confirm:  # room for the locked pairs and a confirming sequence
+        m = max(m, k_total + 2 * _num_extra(which))
     m = min(m, n)
     # Ritz vectors kept at a thick restart: the wanted ones plus half the spare room.
     p = max(min(m - 1, k_total + (m - k_total) // 2), 0)
@@ -504,27 +811,50 @@ def eigsh(
         if not jnp.issubdtype(basis_dtype, jnp.floating):
             raise TypeError(f"`basis_dtype` must be a floating dtype, got {basis_dtype}.")
     key = jax.random.PRNGKey(0) if key is None else key
+    if tu.is_traced(op, v0, key):
+        raise TypeError(
+            "eigsh cannot run inside a JAX transformation (jax.jit, jax.vmap, jax.grad): it is "
+            "already one compiled XLA program, and it checks its result on the host (non-finite "
+            "products raise NonFiniteError, unconverged pairs warn). Call it outside the "
+            "transformation, e.g. `jax.jit` only the function that builds the operator's "
+            "parameters, and loop in Python over several operators instead of `vmap`."
+        )
+    param_dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
+    acc = tu.accumulation_dtype(*param_dtypes)
+    low = max(param_dtypes, key=lambda d: float(jnp.finfo(d).eps))  # the least precise
+    eps = float(jnp.finfo(low).eps)
+    floor = _round_off_floor(low, basis_dtype)
+    n_extra = _num_extra(which)
+    # Confirmation needs room for one more pair per end, in the space and in the basis.
+    can_confirm = bool(confirm) and k_total + n_extra <= n and m >= k_total + 2 * n_extra
     k_start, k_run = jax.random.split(key)
     start = _start_vector(v0, op.like, k_start)
     out = _eigsh_run(
         op,
         start,
         k_run,
-        jnp.asarray(tol, op.dtype),
+        jnp.asarray(tol, acc),
+        jnp.asarray(int(max_restarts), jnp.int32),
         m=m,
         k_total=k_total,
         which=which,
         p=p,
-        max_restarts=int(max_restarts),
+        max_locks=k_total + 2,
         basis_dtype=basis_dtype,
-        eps=_eps(op.like, basis_dtype),
+        eps=eps,
+        # breakdown at 32 eps_acc ||A||, or at the round-off of a half-precision product
+        eps_break=max(float(jnp.finfo(acc).eps), eps / _BREAKDOWN),
+        floor=floor,
+        confirm=can_confirm,
+        full_space=bool(confirm) and not can_confirm,
     )
-    lam, vecs, res, conv, nmv, nrs = out
+    lam, vecs, res, conv, nmv, nrs, thr, confirmed = out
     if not (bool(jnp.all(jnp.isfinite(lam))) and bool(tu.all_finite(vecs))):
         raise NonFiniteError(
-            f"eigsh on the {op.name} operator produced NaN or Inf: its matvec returns non-finite values. "
-            "Check the parameters and data (`hvp.tree.nonfinite_leaves`), or build the operator with "
-            "`check_finite=True` to find the leaf."
+            f"eigsh on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
+            "values (in half precision, a product may overflow: use float32 parameters or scale "
+            "the loss). Check the parameters and data (`hvp.tree.nonfinite_leaves`), or build "
+            "the operator with `check_finite=True` to find the leaf."
         )
     result = EigshResult(
         eigenvalues=lam,
@@ -533,15 +863,24 @@ def eigsh(
         converged=conv,
         num_matvecs=nmv,
         num_restarts=nrs,
+        thresholds=thr,
         which=which,
+        compute_dtype=jnp.dtype(jnp.result_type(*param_dtypes)).name,
+        accumulation_dtype=jnp.dtype(acc).name,
     )
     if not bool(jnp.all(conv)):
         nc = int(jnp.sum(conv))
+        why = (
+            ""
+            if bool(confirmed) or not can_confirm
+            else " (the multiplicities were not confirmed by a restart from a fresh vector)"
+        )
         warnings.warn(
-            f"eigsh ({which}, k={k}) on the {op.name} operator: only {nc} of {k_total} eigenpairs reached "
-            f"tol={tol:g} after {int(nrs)} restarts and {int(nmv)} matvecs (largest residual "
-            f"{float(jnp.max(res)):.3g}). Increase `num_iters` or `max_restarts`, or loosen `tol`; "
-            "`result.converged` marks the pairs that did converge.",
+            f"eigsh ({which}, k={k}) on the {op.name} operator: only {nc} of {k_total} "
+            f"eigenpairs reached tol={tol:g}{why} after {int(nrs)} restarts and {int(nmv)} "
+            f"matvecs (largest residual {float(jnp.max(res)):.3g}). Increase `num_iters` or "
+            "`max_restarts`, or loosen `tol`; `result.converged` marks the pairs that did "
+            "converge.",
             RuntimeWarning,
             stacklevel=2,
         )

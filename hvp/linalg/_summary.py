@@ -14,11 +14,21 @@ import jax
 import numpy as np
 
 from hvp import tree as tu
-from hvp.linalg._lanczos import eigsh
+from hvp.linalg._lanczos import eigsh, zero_floor
 from hvp.linalg._slq import spectral_density
 from hvp.operators import as_operator
 
-__all__ = ["spectrum_summary", "SpectrumSummary"]
+__all__ = ["spectrum_summary", "SpectrumSummary", "definiteness", "DEFINITENESS"]
+
+#: the labels of :func:`definiteness`.
+DEFINITENESS = (
+    "positive definite",
+    "positive semi-definite, singular",
+    "negative definite",
+    "negative semi-definite, singular",
+    "indefinite",
+    "zero",
+)
 
 
 @tu.result
@@ -28,16 +38,23 @@ class SpectrumSummary:
     Attributes:
       lambda_max: largest (algebraic) eigenvalue, by Lanczos.
       lambda_min: smallest (algebraic) eigenvalue, by Lanczos.
-      condition_number: :math:`\max|\lambda| / \min_{\lambda \ne 0}|\lambda|` (estimate, see
-        :func:`spectrum_summary`); ``inf`` when no eigenvalue is distinguishable from 0.
-      negative_mass: estimated fraction of eigenvalues below ``-zero_tol * max|lambda|`` (SLQ).
-      positive_mass: estimated fraction above ``+zero_tol * max|lambda|`` (SLQ).
+      condition_number: :math:`\max|\lambda| / \min|\lambda|` (see
+        :func:`spectrum_summary`); ``inf`` for a singular semi-definite operator (an
+        extreme eigenvalue within ``zero_threshold`` of 0: no finite condition number).
+      negative_mass: estimated fraction of eigenvalues below ``-zero_threshold`` (SLQ).
+      positive_mass: estimated fraction above ``+zero_threshold`` (SLQ).
       negative_positive_ratio: ``negative_mass / positive_mass`` (0 when both are 0, inf when
         only the positive mass is 0).
       negative_positive_abs_ratio: :math:`\sum_{\lambda<0}|\lambda| / \sum_{\lambda>0}\lambda`
         (SLQ estimate of the magnitude-weighted ratio, same conventions).
       converged: whether both extreme eigenpairs reached ``tol``.
       num_matvecs: operator products used in total.
+      zero_threshold: eigenvalues with magnitude at most this count as zero, in the labels,
+        the condition number and the masses alike.
+      definiteness: one of :data:`DEFINITENESS` (see :func:`definiteness`).
+      positive_definite: ``definiteness == "positive definite"``.
+      singular: an extreme eigenvalue is zero (``True``), none is and the operator is
+        definite (``False``), or unknown (``None``: indefinite, 0 is inside the spectrum).
     """
 
     lambda_max: float
@@ -49,6 +66,51 @@ class SpectrumSummary:
     negative_positive_abs_ratio: float
     converged: bool
     num_matvecs: int
+    zero_threshold: float = 0.0
+    definiteness: str = "indefinite"
+    positive_definite: bool = False
+    singular: bool | None = None
+
+
+def definiteness(lambda_min: float, lambda_max: float, zero_threshold: float):
+    r"""Classify a symmetric spectrum from its extreme eigenvalues and a zero threshold.
+
+    An eigenvalue with :math:`|\lambda| \le` ``zero_threshold`` counts as zero (a relative
+    threshold such as ``tol * max|lambda|``, the same one that the negative mass uses; never a
+    bare sign test, which round-off decides for a singular operator).
+
+    Args:
+      lambda_min: smallest eigenvalue (float).
+      lambda_max: largest eigenvalue (float).
+      zero_threshold: non-negative float.
+
+    Returns:
+      ``(label, singular, condition)``: ``label`` one of :data:`DEFINITENESS`; ``singular``
+      ``True``/``False`` for semi-definite/definite spectra, ``None`` when 0 lies inside an
+      indefinite spectrum (unknown from the extremes); ``condition`` the 2-norm condition
+      number for a definite spectrum, ``inf`` for a singular one, ``None`` if indefinite.
+
+    >>> from hvp.linalg import definiteness
+    >>> definiteness(1e-17, 4.0, 1e-6)
+    ('positive semi-definite, singular', True, inf)
+    >>> definiteness(0.5, 4.0, 1e-6)
+    ('positive definite', False, 8.0)
+    """
+    lo, hi, z = float(lambda_min), float(lambda_max), float(zero_threshold)
+    if not z >= 0:
+        raise ValueError(f"`zero_threshold` must be non-negative, got {zero_threshold!r}.")
+    inf = float("inf")
+    if abs(lo) <= z and abs(hi) <= z:
+        return "zero", True, inf
+    if lo > z:
+        return "positive definite", False, hi / lo
+    if hi < -z:
+        return "negative definite", False, lo / hi
+    if lo >= -z:
+        return "positive semi-definite, singular", True, inf
+    if hi <= z:
+        return "negative semi-definite, singular", True, inf
+    return "indefinite", None, None
 
 
 def _ratio(a: float, b: float) -> float:
@@ -75,29 +137,45 @@ def spectrum_summary(
       :math:`\epsilon = \mathrm{zero\_tol}\cdot\max|\lambda|`, from an SLQ
       estimate with ``num_probes`` probes of ``num_iters`` steps (statistical
       error about :math:`1/\sqrt{\mathrm{num\_probes}}` relative).
-    * Condition number :math:`\kappa = \max|\lambda| / \min_{|\lambda| > \epsilon}|\lambda|`.
-      For a definite operator (:math:`\lambda_{\min} > \epsilon` or
-      :math:`\lambda_{\max} < -\epsilon`) the denominator is the Lanczos
-      extreme itself, so :math:`\kappa` is accurate. Otherwise (indefinite, or
-      singular like most GGNs) the smallest non-zero magnitude is interior to
-      the spectrum and is estimated from the SLQ Ritz values above
-      :math:`\epsilon`: a rough figure (interior Ritz values are not converged
-      eigenvalues and may fall inside spectral gaps), off in either direction.
+    * Zero threshold :math:`\epsilon = \max(\mathrm{zero\_tol},\ f)\cdot\max|\lambda|`
+      with :math:`f` the round-off floor of :func:`eigsh` (64 machine epsilons of the
+      products' dtype, ``hvp.linalg._lanczos.zero_floor``): one threshold for the labels, the
+      condition number and the masses.
+    * Labels (:func:`definiteness`): ``"positive definite"`` when
+      :math:`\lambda_{\min} > \epsilon`; ``"positive semi-definite, singular"`` when
+      :math:`|\lambda_{\min}| \le \epsilon` (a GGN of a network on few examples), with
+      ``condition_number = inf`` (no finite condition number); the negative mirror images;
+      ``"indefinite"`` otherwise.
+    * Condition number :math:`\kappa = \max|\lambda| / \min|\lambda|`. For a definite
+      operator the denominator is the Lanczos extreme itself, so :math:`\kappa` is accurate.
+      For an indefinite one the smallest non-zero magnitude is interior to the spectrum and
+      is estimated from the SLQ Ritz values above :math:`\epsilon`: a rough figure (interior
+      Ritz values are not converged eigenvalues and may fall inside spectral gaps), off in
+      either direction.
 
     Args:
       op: a :class:`hvp.LinearOperator`, or a matvec callable with ``like=``.
       key: PRNG key; split between Lanczos and SLQ.
       tol: Lanczos residual tolerance (relative to :math:`\max|\lambda|`).
-      num_probes, num_iters: SLQ settings (see :func:`hvp.linalg.spectral_density`).
+      num_probes: SLQ probes (see :func:`hvp.linalg.spectral_density`).
+      num_iters: SLQ Lanczos steps per probe.
       zero_tol: eigenvalues with magnitude at most ``zero_tol * max|lambda|`` count as zero.
       like: example pytree when ``op`` is a plain matvec callable.
 
     Returns:
       :class:`SpectrumSummary` (plain Python numbers).
+
+    >>> import jax, numpy as np, hvp
+    >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([0.0, 0.0, 1.0, 3.0])), key=jax.random.key(0))
+    >>> s.definiteness, s.condition_number
+    ('positive semi-definite, singular', inf)
     """
     op = as_operator(op, like)
-    if not zero_tol >= 0:
-        raise ValueError(f"`zero_tol` must be non-negative, got {zero_tol!r}.")
+    if not 0 <= zero_tol < 1:
+        raise ValueError(
+            f"`zero_tol` must be a non-negative float below 1 (relative to max|lambda|), got "
+            f"{zero_tol!r}."
+        )
     if key is None:
         raise ValueError("Pass a PRNG `key`, e.g. `jax.random.PRNGKey(0)`.")
     k_eig, k_slq = jax.random.split(key)
@@ -109,7 +187,9 @@ def spectrum_summary(
     lam = np.asarray(both.eigenvalues, np.float64)
     lmin, lmax = float(lam.min()), float(lam.max())
     top = max(abs(lmin), abs(lmax))
-    eps = zero_tol * top
+    # what eigsh cannot tell from 0 (round-off of the products) is zero too
+    eps = max(zero_tol, zero_floor(both.compute_dtype, tol)) * top
+    label, singular, cond = definiteness(lmin, lmax, eps)
     sd = spectral_density(op, key=k_slq, num_probes=num_probes, num_iters=num_iters)
     neg = sd.negative_mass(eps)
     pos = sd.positive_mass(eps)
@@ -117,14 +197,10 @@ def spectrum_summary(
     weights = np.asarray(sd.weights, np.float64)
     neg_abs = float(np.mean(np.sum(weights * np.where(nodes < -eps, -nodes, 0.0), axis=1)))
     pos_abs = float(np.mean(np.sum(weights * np.where(nodes > eps, nodes, 0.0), axis=1)))
-    if lmin > eps:
-        small = lmin
-    elif lmax < -eps:
-        small = -lmax
-    else:
+    if cond is None:  # indefinite: the smallest |lambda| is interior, estimated from SLQ
         mags = np.abs(nodes[(np.abs(nodes) > eps) & (weights > 1e-12)])
         small = float(mags.min()) if mags.size else 0.0
-    cond = top / small if small > 0 else float("inf")
+        cond = top / small if small > 0 else float("inf")
     return SpectrumSummary(
         lambda_max=lmax,
         lambda_min=lmin,
@@ -135,4 +211,8 @@ def spectrum_summary(
         negative_positive_abs_ratio=_ratio(neg_abs, pos_abs),
         converged=bool(np.all(np.asarray(both.converged))),
         num_matvecs=int(both.num_matvecs) + int(sd.num_matvecs),
+        zero_threshold=float(eps),
+        definiteness=label,
+        positive_definite=label == "positive definite",
+        singular=singular,
     )

@@ -48,7 +48,10 @@ def check_pairs(res, a, k, which, *, rtol=1e-10):
 @pytest.mark.parametrize("which", ["largest", "smallest", "both"])
 def test_known_spectra(name, which):
     a = sym(SPECTRA[name], seed=1)
-    res = eigsh(hvp.from_dense(a), 4, which=which, key=jax.random.PRNGKey(0), tol=1e-9)
+    # tol is relative to each eigenvalue (ARPACK convention): 1e-7 of the smallest ones here
+    res = eigsh(
+        hvp.from_dense(a), 4, which=which, key=jax.random.PRNGKey(0), tol=1e-7, max_restarts=100
+    )
     check_pairs(res, a, 4, which)
     assert res.which == which
     assert int(res.num_matvecs) >= 4
@@ -226,3 +229,354 @@ def test_errors():
         eigsh(op, 2, reorthogonalize="none")
     with pytest.raises(ValueError, match="num_iters"):
         eigsh(op, 4, num_iters=3)
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            eigsh(op, 2, tol=bad)
+        with pytest.raises(ValueError, match="zero_tol"):
+            hvp.spectrum_summary(op, key=jax.random.PRNGKey(0), zero_tol=bad)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 9 §1: repeated eigenvalues and null spaces, against numpy.linalg.eigh and ARPACK.
+# Every case runs several seeds in a Python loop (one compile per shape/k/which).
+# ------------------------------------------------------------------------------------------
+
+NM = 40  # size of the multiplicity problems (one compile per (k, which, dtype))
+SEEDS = range(8)
+
+
+def arpack(a, k, which, tol=0.0):
+    """scipy's ARPACK (which="LA"/"SA"), counting products; ``which="both"`` is two runs."""
+    import scipy.sparse.linalg as sla
+
+    count = [0]
+
+    def mv(x):
+        count[0] += 1
+        return a @ x
+
+    op = sla.LinearOperator(a.shape, matvec=mv, dtype=a.dtype)
+    ends = {"largest": ["LA"], "smallest": ["SA"], "both": ["SA", "LA"]}[which]
+    vals = [np.sort(sla.eigsh(op, k, which=w, tol=tol, v0=np.ones(len(a)))[0]) for w in ends]
+    return np.sort(np.concatenate(vals)), count[0]
+
+
+def errors(res, a, k, which):
+    """Max |lambda_i - exact_i| / ||A||, and whether the returned vectors are honest pairs."""
+    ev = np.linalg.eigvalsh(np.asarray(a, np.float64))
+    lam = np.asarray(res.eigenvalues, np.float64)
+    scale = np.abs(ev).max()
+    err = np.abs(lam - expected(ev, k, which)).max() / scale
+    vecs = np.asarray(jax.vmap(tu.ravel)(res.eigenvectors), np.float64)
+    true_res = np.linalg.norm(vecs @ a - lam[:, None] * vecs, axis=1)
+    thr = np.asarray(res.thresholds)
+    conv = np.asarray(res.converged)
+    honest = bool(np.all(true_res[conv] <= 1.01 * thr[conv] + 1e-12 * scale))
+    return err, honest
+
+
+def spectrum_with_copies(rng, mult, where, n=NM, value=3.0):
+    """Random spectrum in [-1, 1] plus ``mult`` copies of +-value at the wanted end(s)."""
+    eigs = rng.uniform(-1.0, 1.0, n)
+    if where in ("largest", "both"):
+        eigs[:mult] = value
+    if where in ("smallest", "both"):
+        eigs[n - mult :] = -value
+    return eigs
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_multiplicities_one_to_six(which, seeds=SEEDS):
+    """Multiplicity 1-6 at the top, bottom or both ends: every copy comes back, as by eigh."""
+    k = 3 if which == "both" else 6
+    worst, worst_arpack, mv, mv_arpack = 0.0, 0.0, [], []
+    for mult in range(1, 7):
+        for seed in seeds:
+            rng = np.random.default_rng(100 * mult + seed)
+            a = sym(spectrum_with_copies(rng, mult, which), seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "not converged" warning either
+                res = eigsh(hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(seed))
+            err, honest = errors(res, a, k, which)
+            assert honest
+            assert bool(np.all(np.asarray(res.converged))), (mult, seed)
+            assert err < 1e-10, (mult, seed, np.asarray(res.eigenvalues))
+            ref, count = arpack(a, k, which)
+            err_ref = np.abs(ref - expected(np.linalg.eigvalsh(a), k, which)).max() / 3.0
+            worst, worst_arpack = max(worst, err), max(worst_arpack, err_ref)
+            mv.append(int(res.num_matvecs))
+            mv_arpack.append(count)
+    print(
+        f"{which}: max error / ||A||: eigsh {worst:.1e}, ARPACK {worst_arpack:.1e}; "
+        f"mean matvecs eigsh {np.mean(mv):.0f}, ARPACK {np.mean(mv_arpack):.0f}"
+    )
+    assert worst <= max(worst_arpack, 1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_multiplicities_many_more_seeds(which):
+    """The same with 24 further seeds per multiplicity (a method right "most of the time" fails)."""
+    test_multiplicities_one_to_six(which, seeds=range(8, 32))
+
+
+@pytest.mark.parametrize("rank", [NM - 2, NM - 5, 20, 4, 1])
+def test_null_spaces(rank):
+    """PSD operators with null spaces of dimension 2 .. n-1: the zeros come back as zeros."""
+    k = 6
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        eigs = np.zeros(NM)
+        eigs[:rank] = rng.uniform(0.5, 4.0, rank)
+        a = sym(eigs, seed=seed)
+        nulls = NM - rank
+        for which in ("smallest", "largest"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                res = eigsh(hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(seed))
+            err, honest = errors(res, a, k, which)
+            assert honest and bool(np.all(np.asarray(res.converged)))
+            assert err < 1e-10, (rank, seed, which, np.asarray(res.eigenvalues))
+            if which == "smallest":
+                lam = np.asarray(res.eigenvalues)
+                assert np.all(np.abs(lam[: min(k, nulls)]) < 1e-12 * 4.0)
+
+
+def test_issue_rank4_n64_smallest_vs_arpack():
+    """The issue's case: U = qr(normal(64, 4)), A = U diag(1,2,3,4) U^T, k=3 smallest -> 0,0,0."""
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        u, _ = np.linalg.qr(rng.normal(size=(64, 4)))
+        a = (u * np.array([1.0, 2.0, 3.0, 4.0])) @ u.T
+        res = eigsh(hvp.from_dense(a), 3, which="smallest", key=jax.random.PRNGKey(seed))
+        lam = np.asarray(res.eigenvalues)
+        assert np.abs(lam).max() < 1e-12, (seed, lam)
+        assert bool(np.all(np.asarray(res.converged)))
+        ref, _ = arpack(a, 3, "smallest")
+        assert np.abs(lam).max() <= max(np.abs(ref).max(), 1e-12)
+
+
+def test_float32_multiplicities_and_nulls():
+    """float32: copies and zeros within the float32 tolerance floor (64 eps ||A||)."""
+    eps32 = float(np.finfo(np.float32).eps)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        eigs = spectrum_with_copies(rng, 3, "largest")
+        eigs[-5:] = 0.0  # and a null space
+        a = sym(eigs, seed=seed)
+        op = hvp.from_dense(jnp.asarray(a, jnp.float32))
+        for which in ("largest", "smallest"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                res = eigsh(op, 4, which=which, key=jax.random.PRNGKey(seed), tol=1e-5)
+            assert res.eigenvalues.dtype == jnp.float32
+            assert res.compute_dtype == "float32" and res.accumulation_dtype == "float32"
+            err, honest = errors(res, a, 4, which)
+            assert honest and bool(np.all(np.asarray(res.converged)))
+            assert err < 100 * eps32, (seed, which, np.asarray(res.eigenvalues))
+
+
+def _small_mlp_ggn(num_examples=2, classes=3):
+    from problems import Problem, _loss_from_model, _mlp_params, dense_ggn, digits, mlp_apply
+
+    rng = np.random.default_rng(7)
+    x, y = digits(num_examples, seed=7)
+    params = _mlp_params(rng, (16, 6, classes))
+    loss = hvp.losses.softmax_cross_entropy
+    batch = (jnp.asarray(x), jnp.asarray(y % classes))
+    prob = Problem(
+        "mlp2",
+        params,
+        _loss_from_model(mlp_apply, loss),
+        [batch],
+        model_fn=mlp_apply,
+        output_loss=loss,
+    )
+    return hvp.ggn(mlp_apply, loss, params, [batch]), dense_ggn(prob)
+
+
+def test_mlp_ggn_on_two_examples_rank_four():
+    """GGN of an MLP on 2 examples, 3 classes: rank 2 x (3 - 1) = 4, every other eigenvalue 0."""
+    op, g = _small_mlp_ggn()
+    ev = np.linalg.eigvalsh(g)
+    assert np.sum(np.abs(ev) > 1e-10 * ev.max()) == 4  # the reference itself
+    res = eigsh(op, 3, which="smallest", key=jax.random.PRNGKey(0))
+    lam = np.asarray(res.eigenvalues)
+    assert np.abs(lam).max() < 1e-12 * ev.max(), lam
+    assert bool(np.all(np.asarray(res.converged)))
+    s = hvp.spectrum_summary(op, key=jax.random.PRNGKey(2), num_probes=2, num_iters=10)
+    assert s.definiteness == "positive semi-definite, singular"
+    assert not s.positive_definite and s.singular is True
+    assert s.condition_number == float("inf")
+    assert s.negative_mass == 0.0
+
+
+def test_mse_last_layer_kronecker_fourfold():
+    """Linear model, 4 outputs, MSE: H = (X^T X / N) kron I_4, every eigenvalue exactly 4-fold."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 40)) * np.linspace(0.5, 2.0, 40)
+    y = rng.normal(size=(50, 4))
+    w = jnp.zeros((40, 4))
+
+    def loss(w, batch):
+        xb, yb = batch
+        return 0.5 * jnp.mean(jnp.sum((xb @ w - yb) ** 2, axis=1))
+
+    op = hvp.hessian(loss, w, [(jnp.asarray(x), jnp.asarray(y))])
+    dense = np.kron(x.T @ x / 50, np.eye(4))  # ravel order of w (40, 4): row-major
+    ev = np.linalg.eigvalsh(dense)
+    assert np.allclose(ev[-4:], ev[-1]) and np.allclose(ev[-6:-4], ev[-5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = eigsh(op, 6, key=jax.random.PRNGKey(0))
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), ev[-6:], rtol=1e-10)
+    assert bool(np.all(np.asarray(res.converged)))
+    ref, _ = arpack(dense, 6, "largest")
+    print(
+        f"kronecker: eigsh err {np.abs(res.eigenvalues - ev[-6:]).max():.1e}, ARPACK {np.abs(ref - ev[-6:]).max():.1e}"
+    )
+
+
+def test_tolerance_is_relative_to_each_eigenvalue():
+    """A bulk-edge eigenvalue of 0.09 in a spectrum reaching 40: small error relative to 0.09."""
+    eigs = np.concatenate([[0.09, 0.1, 0.15, 0.2, 0.3, 0.5], np.linspace(1.0, 40.0, NM - 6)])
+    a = sym(eigs, seed=12)
+    res = eigsh(hvp.from_dense(a), 6, which="smallest", key=jax.random.PRNGKey(0))
+    rel = np.abs(np.asarray(res.eigenvalues) - eigs[:6]) / eigs[:6]
+    assert rel.max() < 1e-6, rel
+    thr = np.asarray(res.thresholds)
+    np.testing.assert_allclose(thr, 1e-6 * np.asarray(res.eigenvalues), rtol=1e-12)
+    assert np.all(np.asarray(res.residuals) <= thr)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 16 §3 / 12 §5: "converged" means verified; a warm start does not stop early.
+# ------------------------------------------------------------------------------------------
+
+
+def test_warm_start_like_the_monitor_k2_float32():
+    """The monitor's use: float32 MLP Hessian after each SGD step, k=2, v0 = last eigenvectors.
+
+    Before the fix, steps 1 and 6 ended after 25-28 products with a pair unconverged by its
+    true residual (the Ritz estimate had passed) and no restart.
+    """
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, size=128))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    params = {
+        "l0": {"w": f32(rng.normal(size=(16, 32))), "b": jnp.zeros(32, jnp.float32)},
+        "l1": {"w": f32(rng.normal(size=(32, 4))), "b": jnp.zeros(4, jnp.float32)},
+    }
+
+    def loss_fn(p, b):
+        h = jnp.tanh(b[0] @ p["l0"]["w"] + p["l0"]["b"]) @ p["l1"]["w"] + p["l1"]["b"]
+        return hvp.losses.softmax_cross_entropy(h, b[1])
+
+    grad = jax.jit(jax.grad(loss_fn))
+    vecs, counts = None, []
+    for step in range(8):
+        params = jax.tree_util.tree_map(lambda a, g: a - 0.05 * g, params, grad(params, (x, y)))
+        op = hvp.hessian(loss_fn, params, [(x, y)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "only 1 of 2 eigenpairs" warning
+            res = eigsh(op, 2, key=jax.random.fold_in(jax.random.PRNGKey(0), step), v0=vecs)
+        vecs = res.eigenvectors
+        assert bool(np.all(np.asarray(res.converged)))
+        true = [
+            float(tu.norm(tu.axpy(-lam, v, op.matvec(v))))
+            for lam, v in zip(np.asarray(res.eigenvalues), tu.unstack(res.eigenvectors))
+        ]
+        assert np.all(np.asarray(true) <= 1.5 * np.asarray(res.thresholds))
+        counts.append(int(res.num_matvecs))
+    print(f"warm-started float32 k=2 matvecs per step: {counts}")
+
+
+def test_unconverged_only_when_budget_is_spent():
+    """With restarts left a run does not end unconverged; when it ends so, the budget is spent."""
+    a = sym(SPECTRA["clustered"], seed=7)
+    for max_restarts in (0, 2):
+        with pytest.warns(RuntimeWarning, match="eigenpairs reached"):
+            res = eigsh(
+                hvp.from_dense(a),
+                4,
+                key=jax.random.PRNGKey(0),
+                num_iters=8,
+                max_restarts=max_restarts,
+                tol=1e-12,
+            )
+        assert int(res.num_restarts) >= max_restarts
+    res = eigsh(hvp.from_dense(a), 4, key=jax.random.PRNGKey(0), num_iters=8, max_restarts=500)
+    assert bool(np.all(np.asarray(res.converged)))
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 9 §2: half precision. Issue 12 §4: transformations.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_parameters(dtype):
+    """Products in half precision, the rest in float32; agrees with float32 within its eps."""
+    eigs = np.concatenate([np.linspace(-1.0, 1.0, NM - 3), [2.0, 3.0, 4.0]])
+    a = sym(eigs, seed=13)
+    ah = jnp.asarray(a, dtype)
+    ref = eigsh(hvp.from_dense(ah.astype(jnp.float32)), 3, key=jax.random.PRNGKey(0), tol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = eigsh(hvp.from_dense(ah), 3, key=jax.random.PRNGKey(0), tol=1e-2)
+    assert res.compute_dtype == jnp.dtype(dtype).name
+    assert res.accumulation_dtype == "float32"
+    assert res.eigenvalues.dtype == jnp.float32
+    eps = float(jnp.finfo(dtype).eps)
+    # bound: a half-precision product has relative error ~ eps per entry; 8 eps ||A||
+    diff = np.abs(np.asarray(res.eigenvalues) - np.asarray(ref.eigenvalues)).max()
+    print(f"{jnp.dtype(dtype).name}: max |lambda - lambda_f32| = {diff:.2e} (eps {eps:.1e})")
+    assert diff <= 8 * eps * 4.0
+    assert bool(np.all(np.asarray(res.converged)))
+
+
+def test_float16_overflow_raises():
+    a = np.diag(np.full(NM, 6.0e4))
+    a[0, 1] = a[1, 0] = 6.0e4
+    with pytest.raises(hvp.NonFiniteError, match="NaN or Inf"):
+        # k=3 and n=40 as in test_half_precision_parameters: the compiled loop is shared
+        eigsh(hvp.from_dense(jnp.asarray(a, jnp.float16)), 3, key=jax.random.PRNGKey(0))
+
+
+def test_transformations_give_a_clear_error():
+    a = jnp.asarray(sym(SPECTRA["separated"], seed=1))
+
+    @jax.jit
+    def top(m):
+        return eigsh(hvp.from_dense(m), 2, key=jax.random.PRNGKey(0)).eigenvalues
+
+    with pytest.raises(TypeError, match="outside the transformation"):
+        top(a)
+    with pytest.raises(TypeError, match="jax.vmap"):
+        jax.vmap(lambda m: eigsh(hvp.from_dense(m), 2).eigenvalues)(jnp.stack([a, a]))
+
+
+def test_definiteness_labels():
+    from hvp.linalg import definiteness
+
+    assert definiteness(-1e-9, 3.0, 1e-6)[0] == "positive semi-definite, singular"
+    assert definiteness(-1.0, 3.0, 1e-6) == ("indefinite", None, None)
+    assert definiteness(-3.0, -1.0, 1e-6) == ("negative definite", False, 3.0)
+    assert definiteness(-3.0, 1e-8, 1e-6)[0] == "negative semi-definite, singular"
+    assert definiteness(0.0, 0.0, 0.0)[0] == "zero"
+    with pytest.raises(ValueError, match="zero_threshold"):
+        definiteness(0.0, 1.0, float("nan"))
+
+
+def test_no_room_to_confirm_spans_the_whole_space():
+    """k close to n (no room for a confirming sequence): the basis spans the space instead."""
+    for n, k, which, want in [(6, 3, "both", [0, 0, 0, 0, 1, 2])]:
+        d = np.zeros(n)
+        d[-2:] = [1.0, 2.0]
+        a = sym(d, seed=n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = eigsh(hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(0))
+        np.testing.assert_allclose(np.asarray(res.eigenvalues), want, atol=1e-12)
+        assert bool(np.all(np.asarray(res.converged)))
