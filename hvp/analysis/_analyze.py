@@ -155,7 +155,7 @@ class DensitySection:
       sigma: the Gaussian width.
       nodes, weights: the quadrature nodes (Ritz values) and weights, ``(num_probes, num_iters)``.
       negative_mass: estimated fraction of the eigenvalues below ``-zero_threshold``.
-      zero_threshold: ``tol * max|lambda|``; Ritz values closer to 0 count as zero (round-off, null space).
+      zero_threshold: ``max(tol, hvp.linalg.zero_floor(dtype, tol)) * max|lambda|``; Ritz values closer to 0 count as zero (round-off, null space).
       num_probes, num_iters, num_matvecs, seconds: settings and cost.
     """
 
@@ -703,9 +703,9 @@ def analyze(
     sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width, num_iters)
     dens = np.asarray(sd.density(jnp.asarray(grid, dtype=dtype), sigma), dtype=np.float64)
     scale = float(max(np.abs(top_sec.eigenvalues).max(), np.abs(bot_sec.eigenvalues).max()))
-    zero = (
-        float(tol) * scale
-    )  # |lambda| <= tol * max|lambda| counts as zero (round-off, null space)
+    # |lambda| <= max(tol, eigsh's round-off floor) * max|lambda| counts as zero (round-off,
+    # null space): the threshold of hvp.linalg.spectrum_summary.
+    zero = max(float(tol), linalg.zero_floor(dtype, tol)) * scale
     neg_mass = _f(sd.negative_mass(zero))
     dens_sec = DensitySection(
         grid=grid,

@@ -3,7 +3,7 @@
 """
 
 # --- eigen: Lanczos / power iteration / spectral density (owned by the eigen work) ---
-from hvp.linalg._lanczos import EigshResult, eigsh  # noqa: E402
+from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor  # noqa: E402
 from hvp.linalg._power import PowerResult, power_iteration  # noqa: E402
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1  # noqa: E402
 from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary  # noqa: E402
@@ -20,6 +20,7 @@ _EIGEN_ALL = [
     "spectrum_summary",
     "SpectrumSummary",
     "definiteness",
+    "zero_floor",
 ]
 # --- end eigen ---
 

@@ -72,7 +72,7 @@ Implementation (:func:`eigsh`):
   basis, inner products, projected matrix and its small ``eigh`` in the
   accumulation dtype :func:`hvp.tree.accumulation_dtype` (at least float32),
   so bfloat16/float16 parameters work. The result records both
-  (``compute_dtype``, ``accumulation_dtype``). A product that overflows
+  (``dtype_policy``). A product that overflows
   raises :class:`hvp.NonFiniteError`, never a silent zero.
 
 Memory: the basis holds ``(num_iters + 1) * n`` numbers of ``basis_dtype``
@@ -93,6 +93,7 @@ import numpy as np
 from jax import lax
 
 from hvp import tree as tu
+from hvp.linalg._checks import DtypePolicy, check_key, dtype_policy
 from hvp.operators import LinearOperator, NonFiniteError, as_operator
 
 __all__ = ["eigsh", "EigshResult", "WHICH"]
@@ -101,7 +102,7 @@ WHICH = ("largest", "smallest", "both")
 _HI = lax.Precision.HIGHEST
 
 
-@tu.result(static=("which", "compute_dtype", "accumulation_dtype"))
+@tu.result(static=("which", "dtype_policy"))
 class EigshResult:
     """Result of :func:`eigsh`.
 
@@ -119,9 +120,10 @@ class EigshResult:
         ``max(tol * max(|lambda_i|, eps**(2/3) ||A||), 64 eps ||A||)`` (the floor is
         ``4 eps ||A||`` for half-precision products, see :func:`eigsh`).
       which: ``"largest"``, ``"smallest"`` or ``"both"``.
-      compute_dtype: dtype of the operator products (the parameters' dtype).
-      accumulation_dtype: dtype of the basis, inner products, projected matrix
-        and results (:func:`hvp.tree.accumulation_dtype`, at least float32).
+      dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: ``compute`` is the dtype of
+        the operator products (the parameters'), ``accumulate`` that of the basis, inner
+        products, projected matrix and results (:func:`hvp.tree.accumulation_dtype`, at
+        least float32).
     """
 
     eigenvalues: jax.Array
@@ -132,8 +134,7 @@ class EigshResult:
     num_restarts: jax.Array
     thresholds: jax.Array
     which: str = "largest"
-    compute_dtype: str = "float32"
-    accumulation_dtype: str = "float32"
+    dtype_policy: DtypePolicy | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -810,6 +811,8 @@ def eigsh(
         basis_dtype = jnp.dtype(basis_dtype)
         if not jnp.issubdtype(basis_dtype, jnp.floating):
             raise TypeError(f"`basis_dtype` must be a floating dtype, got {basis_dtype}.")
+    if key is not None:
+        check_key(key)
     key = jax.random.PRNGKey(0) if key is None else key
     if tu.is_traced(op, v0, key):
         raise TypeError(
@@ -865,8 +868,7 @@ def eigsh(
         num_restarts=nrs,
         thresholds=thr,
         which=which,
-        compute_dtype=jnp.dtype(jnp.result_type(*param_dtypes)).name,
-        accumulation_dtype=jnp.dtype(acc).name,
+        dtype_policy=dtype_policy(op.like),
     )
     if not bool(jnp.all(conv)):
         nc = int(jnp.sum(conv))

@@ -188,7 +188,7 @@ def spectrum_summary(
     lmin, lmax = float(lam.min()), float(lam.max())
     top = max(abs(lmin), abs(lmax))
     # what eigsh cannot tell from 0 (round-off of the products) is zero too
-    eps = max(zero_tol, zero_floor(both.compute_dtype, tol)) * top
+    eps = max(zero_tol, zero_floor(both.dtype_policy.compute, tol)) * top
     label, singular, cond = definiteness(lmin, lmax, eps)
     sd = spectral_density(op, key=k_slq, num_probes=num_probes, num_iters=num_iters)
     neg = sd.negative_mass(eps)

@@ -370,7 +370,7 @@ def test_float32_multiplicities_and_nulls():
                 warnings.simplefilter("error")
                 res = eigsh(op, 4, which=which, key=jax.random.PRNGKey(seed), tol=1e-5)
             assert res.eigenvalues.dtype == jnp.float32
-            assert res.compute_dtype == "float32" and res.accumulation_dtype == "float32"
+            assert res.dtype_policy.compute == "float32" and res.dtype_policy.accumulate == "float32"
             err, honest = errors(res, a, 4, which)
             assert honest and bool(np.all(np.asarray(res.converged)))
             assert err < 100 * eps32, (seed, which, np.asarray(res.eigenvalues))
@@ -525,8 +525,8 @@ def test_half_precision_parameters(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = eigsh(hvp.from_dense(ah), 3, key=jax.random.PRNGKey(0), tol=1e-2)
-    assert res.compute_dtype == jnp.dtype(dtype).name
-    assert res.accumulation_dtype == "float32"
+    assert res.dtype_policy.compute == jnp.dtype(dtype).name
+    assert res.dtype_policy.accumulate == "float32"
     assert res.eigenvalues.dtype == jnp.float32
     eps = float(jnp.finfo(dtype).eps)
     # bound: a half-precision product has relative error ~ eps per entry; 8 eps ||A||
