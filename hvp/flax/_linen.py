@@ -11,7 +11,7 @@ from flax import core as flax_core
 from flax import errors as flax_errors
 
 from hvp.flax._problem import FlaxProblem, resolve_loss
-from hvp.operators import default_unpack
+from hvp.operators import Composed, default_unpack
 
 __all__ = ["from_linen"]
 
@@ -50,8 +50,9 @@ def from_linen(
         the caller's choice in Linen: pass it here). ``rngs=`` may be given for
         stochastic layers (then every product uses the same random draw).
         ``mutable`` is refused.
-      unpack: ``batch -> (inputs, targets)``; default
-        :func:`hvp.operators.default_unpack`.
+      unpack: ``batch -> (inputs, targets)`` or ``(inputs, targets, weights)``;
+        default :func:`hvp.operators.default_unpack` (also weighted batches and
+        language-model batches ``{"inputs": tokens}``).
 
     Returns:
       A :class:`~hvp.flax.FlaxProblem` whose ``params`` is the plain nested
@@ -97,9 +98,8 @@ def from_linen(
                 "{'train': False} or {'use_running_average': True}."
             ) from None
 
-    def loss_fn(p, batch):
-        inputs, targets = unpack(batch)
-        return output_loss(model_fn(p, inputs), targets)
+    # output_loss(model_fn(p, inputs), targets[, weights]); weighted batches pass their weights
+    loss_fn = Composed(model_fn, output_loss, unpack, origin="hvp.flax.from_linen")
 
     def merge(p):
         return {**rest, "params": p}

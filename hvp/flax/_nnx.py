@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 
 from hvp.flax._problem import FlaxProblem, resolve_loss
-from hvp.operators import default_unpack
+from hvp.operators import Composed, default_unpack
 
 __all__ = ["from_nnx", "nnx_params"]
 
@@ -80,8 +80,10 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
         matrix; BatchNorm normalises with the statistics of each batch, so the
         operator of a list of batches is an average of per-batch operators, not
         the curvature of a data-set loss. Running statistics are NOT updated.
-      unpack: ``batch -> (inputs, targets)``; default
-        :func:`hvp.operators.default_unpack` (``(x, y)`` tuples, common dict keys).
+      unpack: ``batch -> (inputs, targets)`` or ``(inputs, targets, weights)``;
+        default :func:`hvp.operators.default_unpack` (``(x, y)`` and
+        ``(x, y, weights)`` tuples, common dict keys with an optional
+        ``"weights"`` key, language-model batches ``{"inputs": tokens}``).
 
     Returns:
       A :class:`~hvp.flax.FlaxProblem`; ``problem.hessian(data)``,
@@ -127,9 +129,8 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
         module = nnx.merge(graphdef, to_state(p), _fresh(rest), copy=True)
         return module(inputs)
 
-    def loss_fn(p, batch):
-        inputs, targets = unpack(batch)
-        return output_loss(model_fn(p, inputs), targets)
+    # output_loss(model_fn(p, inputs), targets[, weights]); weighted batches pass their weights
+    loss_fn = Composed(model_fn, output_loss, unpack, origin="hvp.flax.from_nnx")
 
     def merge(p):
         return nnx.merge(user_graph, to_state(p), _fresh(rest), copy=True)
