@@ -93,31 +93,34 @@ def test_docs_snippets_masked_products_match_hand_written_loss(ns):
     flat, unravel, tokens, w, logits = _linen(ns)
     assert 0.2 < 1 - float(w.mean()) < 0.4  # a quarter of the positions are padding
     H, G = ns["H"], ns["G"]
-    grad = jax.grad(lambda f: _masked_ce(logits(f), tokens, w))
-    grad_unmasked = jax.grad(lambda f: _masked_ce(logits(f), tokens, jnp.ones_like(w)))
+
+    @jax.jit
+    def refs(v):  # compiled once: H v (masked and unmasked) and G v of the hand-written loss
+        hv = jax.jvp(jax.grad(lambda f: _masked_ce(logits(f), tokens, w)), (flat,), (v,))[1]
+        unmasked = jax.grad(lambda f: _masked_ce(logits(f), tokens, jnp.ones_like(w)))
+        hv_unmasked = jax.jvp(unmasked, (flat,), (v,))[1]
+        out, jv = jax.jvp(logits, (flat,), (v,))
+        smoothed = jax.grad(lambda o: _masked_ce(o, tokens, w, 0.1))
+        gv = jax.vjp(logits, flat)[1](jax.jvp(smoothed, (out,), (jv,))[1])[0]
+        return hv, hv_unmasked, gv
+
     for v in _probes(flat.size):
         v = jnp.asarray(v)
-        got = hvp.tree.ravel(H @ unravel(v))
-        ref = jax.jvp(grad, (flat,), (v,))[1]
-        assert _rel(got, ref) < 1e-10
-        # the padding-included loss (the fault of issue 16) differs clearly
-        assert _rel(jax.jvp(grad_unmasked, (flat,), (v,))[1], ref) > 0.05
-        out, jv = jax.jvp(logits, (flat,), (v,))
-        h_jv = jax.jvp(jax.grad(lambda o: _masked_ce(o, tokens, w, 0.1)), (out,), (jv,))[
-            1
-        ]  # smoothed, masked output Hessian
-        g_ref = jax.vjp(logits, flat)[1](h_jv)[0]
-        assert _rel(hvp.tree.ravel(G @ unravel(v)), g_ref) < 1e-10
+        hv, hv_unmasked, gv = refs(v)
+        assert _rel(hvp.tree.ravel(H @ unravel(v)), hv) < 1e-10
+        assert _rel(hv_unmasked, hv) > 0.05  # the padding-included loss (issue 16) differs
+        assert _rel(hvp.tree.ravel(G @ unravel(v)), gv) < 1e-10
 
     gflat, inputs, targets, gw, glogits, per_example = _gpt(ns)
     ggrad = jax.grad(lambda f: _masked_ce(glogits(f, inputs), targets, gw))
-    jac = jax.jacrev(per_example)(gflat)
+    gref = jax.jit(lambda v: jax.jvp(ggrad, (gflat,), (v,))[1])
+    jac = jax.jit(jax.jacrev(per_example))(gflat)
     share = gw.sum(1) / gw.sum()  # example i weighted by its share of the real tokens
     unravel_g = hvp.tree.unravel_fn(ns["H_gpt"].params)
     for v in _probes(gflat.size):
         v = jnp.asarray(v)
         got = hvp.tree.ravel(ns["H_gpt"] @ unravel_g(v))
-        assert _rel(got, jax.jvp(ggrad, (gflat,), (v,))[1]) < 1e-10
+        assert _rel(got, gref(v)) < 1e-10
         f_ref = jac.T @ (share * (jac @ v))
         assert _rel(hvp.tree.ravel(ns["F_gpt"] @ unravel_g(v)), f_ref) < 1e-10
 

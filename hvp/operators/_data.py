@@ -21,7 +21,9 @@ Batch conventions (:func:`split_batch`, :func:`batch_weights`):
   shape of the targets' positions or a prefix of it (per example, or per
   token for sequences; a padding mask is a 0/1 weight);
 * **language-model batches** ``{"inputs": tokens}`` (integer tokens, no
-  targets; the lm1b example's convention): the targets are the inputs
+  other key but an optional ``"weights"``; the lm1b example's convention;
+  packed examples with ``inputs_position``/``inputs_segmentation`` need an
+  ``unpack`` that passes them to the model): the targets are the inputs
   themselves (the model shifts its inputs right internally, as lm1b's
   ``shift_right`` does) and, unless a ``"weights"`` key is given, the weights
   are the padding mask ``inputs > 0``.
@@ -69,7 +71,9 @@ def _lm_inputs(batch):
     """The token array of a language-model batch ``{"inputs": int tokens}`` (no targets), or ``None``."""
     if not isinstance(batch, dict) or "inputs" not in batch:
         return None
-    if any(a in batch and b in batch for a, b in _KEY_PAIRS):
+    if not set(batch) <= {"inputs", "weights"}:
+        # e.g. lm1b's packed examples (inputs_position, inputs_segmentation) need those keys in
+        # the model call: never drop them silently
         return None
     x = batch["inputs"]
     dtype = getattr(x, "dtype", None)
@@ -140,8 +144,9 @@ def default_unpack(batch):
         keys = f" with keys {sorted(batch)}"
         if "inputs" in batch:
             keys += (
-                " ('inputs' alone is read as language-model tokens only when it holds integers; "
-                f"here it has dtype {getattr(batch['inputs'], 'dtype', type(batch['inputs']).__name__)})"
+                " ('inputs' is read as language-model tokens only when it holds integers and is the "
+                "only key besides 'weights'; here 'inputs' has dtype "
+                f"{getattr(batch['inputs'], 'dtype', type(batch['inputs']).__name__)})"
             )
     elif isinstance(batch, (tuple, list)):
         keys = f" of length {len(batch)}"

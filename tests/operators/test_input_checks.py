@@ -136,6 +136,10 @@ def test_lm_batches_and_unpack_messages_name_the_operator_in_use():
     toks = jnp.asarray([[3, 1, 0], [2, 0, 0]])
     x, y, w = hvp.operators.split_batch({"inputs": toks})
     assert y is toks and w.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    # lm1b's packed examples carry keys the model needs: never dropped silently
+    packed = {"inputs": toks, "inputs_segmentation": jnp.ones_like(toks)}
+    with pytest.raises(hvp.operators.UnpackError, match=r"inputs_segmentation.*only key"):
+        hvp.operators.split_batch(packed)
     # float "inputs" alone cannot be an LM batch: the message names the operator (hessian) and
     # where unpack goes, never "hvp.ggn"
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
