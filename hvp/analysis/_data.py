@@ -205,7 +205,8 @@ def load_data(
 ) -> DataSet:
     """Load the batches named by a data spec (see the module docstring).
 
-    From Python, ``spec`` may also be a batch, a list of batches or ``(x, y)`` arrays.
+    From Python, ``spec`` may also be a batch, a list of batches, or ``(x, y)``
+    / ``(x, y, weights)`` arrays (cut into batches).
 
     Args:
       spec: the data spec.
@@ -251,7 +252,11 @@ def load_data(
         name = f"<{type(spec).__name__}>"
         if isinstance(spec, list):
             batches = list(spec)[:num_batches] if num_batches is not None else list(spec)
-        elif isinstance(spec, tuple) and len(spec) == 2 and all(hasattr(a, "shape") for a in spec):
+        elif (
+            isinstance(spec, tuple)
+            and len(spec) in (2, 3)
+            and all(hasattr(a, "shape") for a in spec)
+        ):
             batches = _split(spec, batch_size, num_batches)
         else:
             batches = [spec]

@@ -634,6 +634,23 @@ def hessian(
 
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
+
+    Raises:
+      TypeError: ``params`` is a Flax module / state, a ``TrainState`` or an
+        optax state (the message names the adapter or field to use); non-floating
+        parameters; a batch that cannot be unpacked (naming the operator).
+      ValueError: an empty data set, batches of different structure (naming the
+        index), a tuple of batches (pass a list), bad weights, a loss that is not
+        scalar, targets that do not fit the outputs. The loss is traced on the
+        first batch of each shape group with the data concrete, so the
+        :mod:`hvp.losses` check the labels there (every batch for a
+        :func:`compose` loss and the Flax adapters).
+
+    >>> import jax.numpy as jnp, hvp
+    >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2), jnp.ones(2),
+    ...                 (jnp.eye(2), jnp.zeros(2)))
+    >>> H.dense().tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
     """
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     name = "hessian" if wrt is None else f"hessian[{wrt}]"

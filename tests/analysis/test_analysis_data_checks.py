@@ -72,6 +72,8 @@ def test_npz_language_model_and_weighted_data(tmp_path):
     assert len(ds.batches) == 2 and all(len(b) == 3 for b in ds.batches)
     np.testing.assert_array_equal(np.asarray(ds.batches[1][2]), [2.0])
 
+    ds = load_data((np.ones((3, 2)), np.array([0, 1, 1]), weights), batch_size=2)
+    assert [len(b) for b in ds.batches] == [3, 3] and ds.num_examples == 3
     np.savez(tmp_path / "bad.npz", x=np.ones((3, 2)), y=np.zeros(3), weights=np.ones(2))
     with pytest.raises(AnalysisError, match=r"'weights' has shape \(2,\).*\(3\)"):
         load_data(str(tmp_path / "bad.npz"))
