@@ -8,19 +8,29 @@ A data spec is one of
   ``"digits:images"`` gives ``x`` of shape ``(N, 8, 8, 1)`` (NHWC) for
   convolutional models;
 * the path of a ``.npz`` file holding the arrays ``x`` and ``y`` (or
-  ``inputs`` and ``targets``), with a leading example axis;
+  ``inputs`` and ``targets``), with a leading example axis, and optionally
+  ``weights`` (per-example or per-token weights, e.g. a padding mask: batches
+  become ``(x, y, weights)``), or integer tokens ``inputs`` alone
+  (language-model data, read as lm1b batches ``{"inputs": tokens}``: the
+  targets are the tokens, the weights the padding mask ``tokens > 0``);
 * ``"module.path:function"`` or ``"path/to/file.py:function"``: a function
   called without arguments (or with ``batch_size=`` when it accepts that
   keyword) that returns one batch or an iterable (list, generator) of batches.
   A batch is any pytree of arrays with a leading example axis: ``(inputs,
-  targets)`` or a dict with keys ``inputs``/``targets``, ``x``/``y`` or
-  ``image``/``label``.
+  targets)``, ``(inputs, targets, weights)``, a dict with keys
+  ``inputs``/``targets``, ``x``/``y`` or ``image``/``label`` (optionally
+  ``weights``), or ``{"inputs": tokens}`` (see :mod:`hvp.operators._data`).
+
+Targets are checked against the model's outputs (integer labels in ``[0, C)``
+at weighted positions, one-hot/probability targets of width ``C``) for every
+batch when the curvature operator is built, before any product.
 
 Arrays (digits, ``.npz``) are cut into consecutive batches of ``batch_size``
 examples (the last one may be smaller; the curvature operators weight batches
 by size, so the result is the curvature of the mean loss over all the
-examples used). ``num_batches`` keeps only the first batches (of any kind of
-spec). Floating arrays are cast to the analysis dtype.
+examples used; weighted batches by their sum of weights). ``num_batches``
+keeps only the first batches (of any kind of spec). Floating arrays are cast
+to the analysis dtype.
 """
 
 from __future__ import annotations
@@ -98,6 +108,7 @@ def _load_npz(path: Path):
         raise AnalysisError(
             f"Cannot read the data file '{path}' as .npz: {type(e).__name__}: {e}"
         ) from e
+    weights = files.get("weights")
     for a, b in _KEY_PAIRS:
         if a in files and b in files:
             x, y = files[a], files[b]
@@ -106,11 +117,33 @@ def _load_npz(path: Path):
                     f"The data file '{path}': '{a}' has shape {x.shape} and '{b}' has shape {y.shape}; both "
                     "need the same leading (example) axis."
                 )
-            return (x, y)
+            if weights is None:
+                return (x, y)
+            _check_npz_weights(path, weights, len(x))
+            return (x, y, weights)
+    if "inputs" in files and np.issubdtype(files["inputs"].dtype, np.integer):
+        tokens = files["inputs"]
+        if tokens.ndim == 0:
+            raise AnalysisError(
+                f"The data file '{path}': 'inputs' is a scalar; it needs an example axis."
+            )
+        if weights is None:  # lm1b batches: targets = tokens, weights = tokens > 0
+            return {"inputs": tokens}
+        _check_npz_weights(path, weights, len(tokens))
+        return {"inputs": tokens, "weights": weights}
     raise AnalysisError(
         f"The data file '{path}' holds the arrays {sorted(files)}; it needs 'x' and 'y' (or 'inputs' and "
-        "'targets')."
+        "'targets'), optionally with 'weights', or integer tokens 'inputs' alone (language-model data: "
+        "the targets are the tokens and the weights the padding mask tokens > 0)."
     )
+
+
+def _check_npz_weights(path: Path, weights: np.ndarray, n: int) -> None:
+    if weights.ndim == 0 or len(weights) != n:
+        raise AnalysisError(
+            f"The data file '{path}': 'weights' has shape {weights.shape}; it needs the same leading "
+            f"(example) axis as the data ({n})."
+        )
 
 
 def _is_single_batch(obj) -> bool:
@@ -172,7 +205,8 @@ def load_data(
 ) -> DataSet:
     """Load the batches named by a data spec (see the module docstring).
 
-    From Python, ``spec`` may also be a batch, a list of batches or ``(x, y)`` arrays.
+    From Python, ``spec`` may also be a batch, a list of batches, or ``(x, y)``
+    / ``(x, y, weights)`` arrays (cut into batches).
 
     Args:
       spec: the data spec.
@@ -218,7 +252,11 @@ def load_data(
         name = f"<{type(spec).__name__}>"
         if isinstance(spec, list):
             batches = list(spec)[:num_batches] if num_batches is not None else list(spec)
-        elif isinstance(spec, tuple) and len(spec) == 2 and all(hasattr(a, "shape") for a in spec):
+        elif (
+            isinstance(spec, tuple)
+            and len(spec) in (2, 3)
+            and all(hasattr(a, "shape") for a in spec)
+        ):
             batches = _split(spec, batch_size, num_batches)
         else:
             batches = [spec]

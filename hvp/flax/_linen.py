@@ -10,7 +10,7 @@ import jax
 from flax import core as flax_core
 
 from hvp.flax._problem import FlaxProblem, eval_mode_errors, resolve_loss
-from hvp.operators import default_unpack
+from hvp.operators import Composed, default_unpack
 
 __all__ = ["from_linen"]
 
@@ -56,8 +56,9 @@ def from_linen(
         the caller's choice in Linen: pass it here). ``rngs=`` may be given for
         stochastic layers (then every product uses the same random draw).
         ``mutable`` is refused.
-      unpack: ``batch -> (inputs, targets)``; default
-        :func:`hvp.operators.default_unpack`.
+      unpack: ``batch -> (inputs, targets)`` or ``(inputs, targets, weights)``;
+        default :func:`hvp.operators.default_unpack` (also weighted batches and
+        language-model batches ``{"inputs": tokens}``).
 
     Returns:
       A :class:`~hvp.flax.FlaxProblem` whose ``params`` is the plain nested
@@ -145,9 +146,8 @@ def from_linen(
             with eval_mode_errors(fix):
                 return module.apply({**state, "params": p}, inputs, **apply_kwargs)
 
-        def loss_fn(p, batch):
-            inputs, targets = unpack(batch)
-            return output_loss(model_fn(p, inputs), targets)
+        # output_loss(model_fn(p, inputs), targets[, weights]); weighted batches pass their weights
+        loss_fn = Composed(model_fn, output_loss, unpack, origin="hvp.flax.from_linen")
 
         def merge(p):
             return {**state, "params": p}

@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from hvp.flax._problem import FlaxProblem, eval_mode_errors, resolve_loss
-from hvp.operators import default_unpack
+from hvp.operators import Composed, default_unpack
 
 __all__ = ["from_nnx", "nnx_params"]
 
@@ -100,8 +100,10 @@ def from_nnx(
         matrix; BatchNorm normalises with the statistics of each batch, so the
         operator of a list of batches is an average of per-batch operators, not
         the curvature of a data-set loss. Running statistics are NOT updated.
-      unpack: ``batch -> (inputs, targets)``; default
-        :func:`hvp.operators.default_unpack` (``(x, y)`` tuples, common dict keys).
+      unpack: ``batch -> (inputs, targets)`` or ``(inputs, targets, weights)``;
+        default :func:`hvp.operators.default_unpack` (``(x, y)`` and
+        ``(x, y, weights)`` tuples, common dict keys with an optional
+        ``"weights"`` key, language-model batches ``{"inputs": tokens}``).
       call_kwargs: keyword arguments of every call ``model(inputs, **call_kwargs)``,
         for a ``__call__`` with more arguments than the inputs (as Linen's
         ``apply_kwargs``), e.g. ``{"rngs": nnx.Rngs(0)}`` for
@@ -214,9 +216,8 @@ def from_nnx(
             with eval_mode_errors(fix):
                 return module(inputs, **kwargs)
 
-        def loss_fn(p, batch):
-            inputs, targets = unpack(batch)
-            return output_loss(model_fn(p, inputs), targets)
+        # output_loss(model_fn(p, inputs), targets[, weights]); weighted batches pass their weights
+        loss_fn = Composed(model_fn, output_loss, unpack, origin="hvp.flax.from_nnx")
 
         def merge(p):
             return nnx.merge(user_graph, to_state(p), _fresh(state), copy=True)

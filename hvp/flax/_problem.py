@@ -114,7 +114,9 @@ class FlaxProblem:
     Attributes:
       loss_fn: ``loss_fn(params, batch) -> scalar``, equal to
         ``output_loss(model_fn(params, inputs), targets)`` with
-        ``(inputs, targets) = unpack(batch)``.
+        ``(inputs, targets) = unpack(batch)``, or
+        ``output_loss(model_fn(params, inputs), targets, weights)`` for a
+        weighted batch (an :class:`hvp.operators.Composed`).
       params: the model's trainable parameters as a plain nested dict of
         arrays (paths read like ``Dense_0/kernel`` or ``layers/0/kernel``).
       model_fn: ``model_fn(params, inputs) -> outputs`` with every other

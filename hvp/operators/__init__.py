@@ -17,18 +17,22 @@ from hvp.operators._base import (
 )
 from hvp.operators._blocks import merge, select
 from hvp.operators._curvature import (
+    Composed,
     CurvatureOperator,
+    compose,
     default_unpack,
     empirical_fisher,
     ggn,
     hessian,
     hvp,
 )
-from hvp.operators._data import Dataset, as_dataset
+from hvp.operators._data import Dataset, UnpackError, as_dataset, batch_weights, split_batch
 
 __all__ = [
     "DEFAULT_DENSE_LIMIT",
+    "Composed",
     "CurvatureOperator",
+    "UnpackError",
     "Dataset",
     "DenseOperator",
     "LinearOperator",
@@ -37,6 +41,8 @@ __all__ = [
     "as_dataset",
     "as_operator",
     "as_zeros",
+    "batch_weights",
+    "compose",
     "default_unpack",
     "empirical_fisher",
     "from_dense",
@@ -47,4 +53,5 @@ __all__ = [
     "losses",
     "merge",
     "select",
+    "split_batch",
 ]

@@ -64,7 +64,7 @@ class LinearOperator:
       name: a short name used in messages (``"hessian"``, ``"ggn"``, ...).
     """
 
-    name: str = "operator"
+    name: str = "linear"
     check_finite: bool = False
 
     # --- to be provided by subclasses -------------------------------------
@@ -117,7 +117,9 @@ class LinearOperator:
         """
         if tu.is_traced(v, self._children()):
             return self._apply(v)
-        tu.assert_same_structure(v, self.like, name="v", like_name=f"{self.name} params")
+        tu.assert_same_structure(
+            v, self.like, name="v", like_name=f"{self.name} vectors (`op.like`)"
+        )
         out = _jit_apply(self, v)
         if self.check_finite:
             self._raise_if_nonfinite(out, "matvec")
@@ -134,19 +136,24 @@ class LinearOperator:
         if tu.is_traced(vs, self._children()):
             return jax.vmap(self._apply)(vs)
         tu.assert_same_structure(
-            vs, self.like, name="vs", like_name=f"{self.name} params", leading=1
+            vs, self.like, name="vs", like_name=f"{self.name} vectors (`op.like`)", leading=1
         )
         out = _jit_matmat(self, vs)
         if self.check_finite:
             self._raise_if_nonfinite(out, "matmat")
         return out
 
+    @property
+    def label(self) -> str:
+        """``"the <name> operator"``, for messages (``name`` never ends in "operator")."""
+        return f"the {self.name} operator"
+
     def _raise_if_nonfinite(self, out, what: str) -> None:
         if bool(tu.all_finite(out)):
             return
         bad = tu.nonfinite_leaves(out)
         raise NonFiniteError(
-            f"The {self.name} {what} produced NaN or Inf in leaf(s) {', '.join(repr(b) for b in bad)}. "
+            f"The {what} of {self.label} produced NaN or Inf in leaf(s) {', '.join(repr(b) for b in bad)}. "
             "Check the parameters (`hvp.tree.nonfinite_leaves(params)`), the data and the loss for "
             "overflow (float64 or a smaller learning rate may help); pass `check_finite=False` to get "
             "the raw result instead of this error."
@@ -202,14 +209,12 @@ class MatvecOperator(LinearOperator):
     structure, shapes and dtypes.
     """
 
-    def __init__(
-        self, matvec: Callable, like, *, name: str = "operator", check_finite: bool = False
-    ):
+    def __init__(self, matvec: Callable, like, *, name: str = "matvec", check_finite: bool = False):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable, got {type(matvec).__name__}.")
         self._fn = matvec
         self.like = as_zeros(like)
-        self.name = name
+        self.name = _operator_name(name, "matvec")
         self.check_finite = check_finite
 
     def _apply(self, v):
@@ -246,7 +251,7 @@ class DenseOperator(LinearOperator):
             )
         self.matrix = matrix
         self.like = as_zeros(like)
-        self.name = name
+        self.name = _operator_name(name, "dense")
         self.check_finite = check_finite
 
     def _apply(self, v):
@@ -267,6 +272,16 @@ class DenseOperator(LinearOperator):
         return op
 
 
+def _operator_name(name, default: str) -> str:
+    """A short operator name for messages ("the <name> operator"): no trailing "operator"."""
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a string, got {type(name).__name__}.")
+    short = name.strip()
+    if short.lower().endswith("operator"):
+        short = short[: -len("operator")].strip()
+    return short or default
+
+
 def as_zeros(like):
     """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays."""
     return jax.tree_util.tree_map(
@@ -275,9 +290,18 @@ def as_zeros(like):
 
 
 def from_matvec(
-    matvec: Callable, like, *, name: str = "operator", check_finite: bool = False
+    matvec: Callable, like, *, name: str = "matvec", check_finite: bool = False
 ) -> MatvecOperator:
-    """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``."""
+    """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``.
+
+    ``name`` is used in messages as "the <name> operator" (a trailing
+    "operator" in it is dropped, so messages never say "operator operator").
+
+    >>> import jax.numpy as jnp
+    >>> op = from_matvec(lambda v: 2.0 * v, jnp.zeros(3), name="doubling")
+    >>> op.label, (op @ jnp.ones(3)).tolist()
+    ('the doubling operator', [2.0, 2.0, 2.0])
+    """
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 
 

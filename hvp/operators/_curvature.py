@@ -28,6 +28,20 @@ sum over examples and batches are added with weight 1.
   Jacobian ``J`` of the vector of per-example losses, never forming the
   :math:`g_i` (Kunstner et al., 2019, discuss when it differs from the Fisher).
 
+The GGN and the empirical Fisher need only first derivatives of the model.
+By default (``mode="auto"``) ``Jv`` is taken in forward mode
+(``jax.linearize``) and, when the model or the loss has no forward mode
+(``jax.custom_vjp``: fused kernels, T5X-style cross-entropy), in reverse mode
+only: with ``u -> J^T u`` from ``jax.vjp``, ``J v`` is its transpose
+(``jax.linear_transpose`` of the VJP), which is exact and costs about one more
+backward pass. ``mode="forward"`` / ``"reverse"`` force one path.
+
+Weighted batches (``(inputs, targets, weights)`` or a ``"weights"`` key, see
+:mod:`hvp.operators._data`) enter the data-set mean with the sum of their
+weights :math:`W_b / W` instead of :math:`n_b / N`; the GGN passes the weights
+to the output loss (``loss(outputs, targets, weights)``) and the empirical
+Fisher weights example ``i`` by :math:`W_i / W` (its share of the weights).
+
 Batches of equal shape are stacked and reduced inside one compiled
 ``lax.scan``; the matvec is compiled once per operator (the operator is a
 pytree whose arrays are jit arguments, not constants).
@@ -35,23 +49,87 @@ pytree whose arrays are jit arguments, not constants).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from hvp import tree as tu
 from hvp.operators import _blocks
 from hvp.operators._base import LinearOperator
-from hvp.operators._data import Dataset, as_dataset
+from hvp.operators._data import (
+    Dataset,
+    UnpackError,
+    as_dataset,
+    batch_weights,
+    default_unpack,
+    split_batch,
+    tuple_of_batches_hint,
+)
 
-__all__ = ["CurvatureOperator", "hessian", "ggn", "empirical_fisher", "hvp", "default_unpack"]
+__all__ = [
+    "CurvatureOperator",
+    "hessian",
+    "ggn",
+    "empirical_fisher",
+    "hvp",
+    "default_unpack",
+    "compose",
+]
 
 _REDUCTIONS = ("mean", "sum")
+_MODES = ("auto", "forward", "reverse")
+
+
+def _framework_object_hint(params) -> str | None:
+    """A message for Flax/optax objects passed as ``params`` (checked by type, without importing flax)."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None:
+        if isinstance(params, nnx.Module):
+            return (
+                f"`params` is an NNX module ({type(params).__name__}), not a parameter pytree: its "
+                "non-parameter state (batch statistics, RNG counters) would be differentiated as if it "
+                "were parameters and layers would run in training mode. Use the adapter: "
+                "`problem = hvp.flax.from_nnx(model, loss)` then `problem.hessian(data)` (or "
+                "`hvp.flax.nnx_params(model)` for the parameter dict)."
+            )
+        if isinstance(params, nnx.State):
+            return (
+                "`params` is an nnx.State; pass a plain parameter dict: `hvp.flax.nnx_params(state)` "
+                "(only the nnx.Param variables), or build the problem with `hvp.flax.from_nnx(model, loss)`."
+            )
+    ts = sys.modules.get("flax.training.train_state")
+    is_train_state = ts is not None and isinstance(params, ts.TrainState)
+    if is_train_state or (
+        hasattr(params, "params") and hasattr(params, "opt_state") and hasattr(params, "apply_fn")
+    ):
+        return (
+            f"`params` is a training state ({type(params).__name__}) holding the step, the optimizer "
+            "state and the parameters; pass its parameters: `state.params` (with a Linen module, "
+            "`hvp.flax.from_linen(module, {'params': state.params, ...}, loss)`)."
+        )
+    nodes = (
+        params
+        if isinstance(params, (tuple, list)) and not hasattr(params, "_fields")
+        else (params,)
+    )
+    for node in nodes:
+        if type(node).__module__.split(".")[0] == "optax":
+            return (
+                f"`params` is an optax optimizer state ({type(node).__name__}), not the model's "
+                "parameters: pass the parameter pytree the optimizer was initialised with (for a "
+                "TrainState, `state.params`)."
+            )
+    return None
 
 
 def _check_params(params, *, name="params") -> None:
+    hint = _framework_object_hint(params)
+    if hint is not None:
+        raise TypeError(hint)
     tu.assert_floating(params, name=name)
     if not tu.is_traced(params):
         bad = tu.nonfinite_leaves(params)
@@ -85,35 +163,101 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
       fun: scalar function of ``params`` (first argument).
       params: pytree of floating arrays.
       v: pytree with the same structure, shapes and dtypes as ``params``.
-      *args, **kwargs: passed to ``fun`` unchanged (not differentiated).
+      *args: passed to ``fun`` unchanged (not differentiated).
+      **kwargs: passed to ``fun`` unchanged (not differentiated).
 
     Raises:
       TypeError: non-floating parameters.
       ValueError: ``v`` not shaped like ``params``; ``fun`` not scalar.
     """
+    hint = _framework_object_hint(params)
+    if hint is not None:
+        raise TypeError(hint)
     tu.assert_floating(params)
     tu.assert_same_structure(v, params)
     _check_scalar(jax.eval_shape(lambda p: fun(p, *args, **kwargs), params), "`fun`")
     return jax.jvp(jax.grad(lambda p: fun(p, *args, **kwargs)), (params,), (v,))[1]
 
 
-def default_unpack(batch):
-    """Split a batch into ``(inputs, targets)`` for :func:`ggn`.
+def _call_output_loss(loss_fn, outputs, targets, weights):
+    if weights is None:
+        return loss_fn(outputs, targets)
+    return loss_fn(outputs, targets, weights)
 
-    Accepts a 2-tuple/list ``(inputs, targets)`` or a dict with keys
-    ``inputs``/``targets``, ``x``/``y`` or ``image``/``label``.
+
+def _output_hvp(loss_fn, outputs, targets, weights, u):
+    """``H_L u`` in output space: the loss's closed form when it has one, else forward-over-reverse."""
+    if hasattr(loss_fn, "output_hvp"):
+        if weights is None:
+            return loss_fn.output_hvp(outputs, targets, u)
+        return loss_fn.output_hvp(outputs, targets, u, weights)
+    grad = jax.grad(lambda o: _call_output_loss(loss_fn, o, targets, weights))
+    return jax.jvp(grad, (outputs,), (u,))[1]
+
+
+class Composed:
+    """``loss_fn(params, batch) = output_loss(model_fn(params, inputs), targets[, weights])``.
+
+    Built by :func:`compose`; the Flax adapters' ``loss_fn``. The operators
+    recognise it and check the targets of every batch against the model's
+    outputs when they are built.
     """
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for a, b in (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "labels")):
-            if a in batch and b in batch:
-                return batch[a], batch[b]
-    keys = f" (keys {sorted(batch)})" if isinstance(batch, dict) else ""
-    raise TypeError(
-        f"Cannot split a batch of type {type(batch).__name__}{keys} into (inputs, targets). Pass "
-        "`unpack=lambda batch: (inputs, targets)` to hvp.ggn."
-    )
+
+    def __init__(self, model_fn, output_loss, unpack=None, origin="hvp.operators.compose"):
+        self.model_fn = model_fn
+        self.output_loss = output_loss
+        self.unpack = unpack
+        self.origin = origin
+
+    def __call__(self, params, batch):
+        inputs, targets, weights = split_batch(batch, self.unpack)
+        return _call_output_loss(self.output_loss, self.model_fn(params, inputs), targets, weights)
+
+
+def compose(model_fn: Callable, output_loss: Callable, unpack: Callable | None = None) -> Composed:
+    """The batch loss ``loss_fn(params, batch)`` of a model and a loss on its outputs.
+
+    ``(inputs, targets[, weights]) = unpack(batch)`` (default: the batch
+    conventions of :func:`default_unpack`, weighted batches included), then
+    ``output_loss(model_fn(params, inputs), targets[, weights])``. Use it with
+    :func:`hessian` and :func:`empirical_fisher`: the operators then check the
+    targets of every batch against the outputs when they are built.
+
+    >>> import jax.numpy as jnp, hvp
+    >>> loss_fn = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
+    >>> float(loss_fn(jnp.ones((2, 1)), (jnp.ones((3, 2)), jnp.zeros((3, 1)))))
+    4.0
+    """
+    if not callable(model_fn) or not callable(output_loss):
+        raise TypeError("`model_fn` and `output_loss` must be callables.")
+    if unpack is not None and not callable(unpack):
+        raise TypeError(
+            f"`unpack` must be a callable batch -> (inputs, targets), got {type(unpack).__name__}."
+        )
+    return Composed(model_fn, output_loss, unpack)
+
+
+def _jv_and_transpose(f, p, v, reverse: bool):
+    """``(f(p), J v, u -> J^T u)`` for the Jacobian ``J`` of ``f`` at ``p``.
+
+    Forward mode: ``jax.linearize`` and its transpose. Reverse mode (no JVP
+    rule needed, e.g. ``jax.custom_vjp``): ``jax.vjp`` gives ``u -> J^T u`` and
+    ``J v`` is the transpose of that linear map.
+    """
+    if reverse:
+        out, vjp = jax.vjp(f, p)
+        jv = jax.linear_transpose(vjp, out)((v,))[0]
+        return out, jv, lambda u: vjp(u)[0]
+    out, f_jvp = jax.linearize(f, p)
+    return out, f_jvp(v), lambda u: jax.linear_transpose(f_jvp, p)(u)[0]
+
+
+def _replace_weights(batch, weights):
+    if isinstance(batch, (tuple, list)) and len(batch) == 3:
+        return type(batch)((batch[0], batch[1], weights))
+    if isinstance(batch, dict) and "weights" in batch:
+        return {**batch, "weights": weights}
+    return batch
 
 
 class CurvatureOperator(LinearOperator):
@@ -144,8 +288,10 @@ class CurvatureOperator(LinearOperator):
         check_finite,
         name,
         shardings=None,
+        mode="forward",
     ):
         self.kind = kind
+        self.mode = mode
         # Per-leaf shardings of the parameters (None for single-device leaves), applied to every
         # product so that matvecs keep each leaf's sharding, also inside compiled algorithms.
         self._shardings = _leaf_shardings(params) if shardings is None else shardings
@@ -161,7 +307,7 @@ class CurvatureOperator(LinearOperator):
 
     # pytree protocol -------------------------------------------------------
     def _children(self):
-        return (self.params, self._full, self.dataset.groups, self._lins)
+        return (self.params, self._full, self.dataset.groups, self.dataset.totals, self._lins)
 
     def _static(self):
         return (
@@ -174,24 +320,29 @@ class CurvatureOperator(LinearOperator):
             self.check_finite,
             self.name,
             self._shardings,
+            self.mode,
+            self.dataset.weighted,
         )
 
     @classmethod
     def _rebuild(cls, static, children):
-        kind, fns, mask, meta, n, reduction, check, name, shardings = static
-        params, full, groups, lins = children
+        kind, fns, mask, meta, n, reduction, check, name, shardings, mode, weighted = static
+        params, full, groups, totals, lins = children
         return cls(
             kind=kind,
             fns=fns,
             params=params,
             full=full,
             mask=mask,
-            dataset=Dataset(groups=groups, meta=meta, num_examples=n),
+            dataset=Dataset(
+                groups=groups, meta=meta, num_examples=n, totals=totals, weighted=weighted
+            ),
             reduction=reduction,
             lins=lins,
             check_finite=check,
             name=name,
             shardings=shardings,
+            mode=mode,
         )
 
     # public attributes -------------------------------------------------------
@@ -219,31 +370,40 @@ class CurvatureOperator(LinearOperator):
     # products ----------------------------------------------------------------
     def _batch_mv(self, batch, v):
         p = self.params
+        reverse = self.mode == "reverse"
         if self.kind == "hessian":
             loss_fn = self._fns[0]
             return jax.jvp(jax.grad(lambda q: loss_fn(self.full_params(q), batch)), (p,), (v,))[1]
         if self.kind == "ggn":
             model_fn, loss_fn, unpack = self._fns
-            x, y = unpack(batch)
-            out, f_jvp = jax.linearize(lambda q: model_fn(self.full_params(q), x), p)
-            jv = f_jvp(v)
-            if hasattr(loss_fn, "output_hvp"):
-                hjv = loss_fn.output_hvp(out, y, jv)
-            else:
-                hjv = jax.jvp(jax.grad(lambda o: loss_fn(o, y)), (out,), (jv,))[1]
-            return jax.linear_transpose(f_jvp, p)(hjv)[0]
+            x, y, w = split_batch(batch, unpack)
+            out, jv, jt = _jv_and_transpose(
+                lambda q: model_fn(self.full_params(q), x), p, v, reverse
+            )
+            return jt(_output_hvp(loss_fn, out, y, w, jv))
         if self.kind == "empirical_fisher":
             loss_fn = self._fns[0]
+            w = batch_weights(batch) if self.dataset.weighted else None
+            if w is not None:
+                acc = tu.accumulation_dtype(self.dtype)
+                w_ex = jnp.sum(jnp.reshape(w, (w.shape[0], -1)).astype(acc), axis=1)
+                # examples with zero weight enter with factor 0; give them unit weights so that a
+                # loss normalised by its weights stays finite on them
+                batch = _replace_weights(
+                    batch, jnp.where(jnp.reshape(w_ex > 0, w_ex.shape + (1,) * (w.ndim - 1)), w, 1)
+                )
 
             def per_example(q):
                 full = self.full_params(q)
                 return jax.vmap(lambda ex: loss_fn(full, tu.map(lambda a: a[None], ex)))(batch)
 
-            losses, f_jvp = jax.linearize(per_example, p)
-            jtjv = jax.linear_transpose(f_jvp, p)(f_jvp(v))[0]
+            losses, jv, jt = _jv_and_transpose(per_example, p, v, reverse)
             if self.reduction == "mean":
-                return tu.scale(1.0 / losses.shape[0], jtjv)
-            return jtjv
+                if w is None:
+                    jv = jv / losses.shape[0]
+                else:
+                    jv = jv * (w_ex / jnp.sum(w_ex)).astype(jv.dtype)
+            return jt(jv)
         raise AssertionError(self.kind)  # pragma: no cover
 
     def _apply(self, v):
@@ -253,14 +413,21 @@ class CurvatureOperator(LinearOperator):
         for src, meta, w in zip(sources, self.dataset.meta, weights):
             mv = (lambda s: s(v)) if self._lins is not None else (lambda s: self._batch_mv(s, v))
             if meta.stacked:
+                ws = jnp.broadcast_to(jnp.asarray(w), (meta.num_batches,))
 
-                def body(acc, s, mv=mv, w=w):
-                    return tu.axpy(w, mv(s), acc), None
+                def body(acc, sw, mv=mv):
+                    s, wb = sw
+                    return _axpy(wb, mv(s), acc), None
 
-                total, _ = lax.scan(body, total, src)
+                total, _ = lax.scan(body, total, (src, ws))
             else:
-                total = tu.axpy(w, mv(src), total)
+                total = _axpy(w, mv(src), total)
         return _constrain(total, self._shardings)
+
+
+def _axpy(w, x, y):
+    """``w x + y`` with a (possibly array) weight cast to each leaf's dtype."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.asarray(w, a.dtype) * a + b, x, y)
 
 
 def _leaf_shardings(params) -> tuple:
@@ -286,7 +453,7 @@ def _constrain(tree, shardings: tuple):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _prepare(params, data, *, wrt, reduction, check_finite):
+def _prepare(params, data, *, wrt, reduction):
     _check_params(params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
@@ -297,6 +464,139 @@ def _prepare(params, data, *, wrt, reduction, check_finite):
         block, mask = _blocks.select(params, wrt)
         full = params
     return dataset, block, full, mask
+
+
+def _once(dataset: Dataset, key: tuple, params, fn):
+    """``fn()`` once per data set, key and parameter shapes; later calls return the first result.
+
+    Operators rebuilt at new parameters on the same :class:`Dataset` (the
+    monitor does this at every evaluation) are validated only the first time.
+    """
+    memo = dataset.__dict__.setdefault("_validated", {})  # frozen dataclass: bypass setattr
+    shapes = jax.tree_util.tree_map(lambda a: (np.shape(a), str(jnp.result_type(a))), params)
+    full_key = (
+        *key,
+        jax.tree_util.tree_structure(params),
+        tuple(jax.tree_util.tree_leaves(shapes)),
+    )
+    if full_key not in memo:
+        memo[full_key] = fn()
+    return memo[full_key]
+
+
+def _check_mode(mode) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+
+
+def _batches(dataset: Dataset):
+    """``(index, batch)`` for every batch of the data set, in order of the groups."""
+    k = 0
+    for group, meta in zip(dataset.groups, dataset.meta):
+        for j in range(meta.num_batches):
+            yield k, (tu.index(group, j) if meta.stacked else group)
+            k += 1
+
+
+def _first_of_groups(dataset: Dataset):
+    """``(index, batch)`` of the first batch of each shape group."""
+    k = 0
+    for group, meta in zip(dataset.groups, dataset.meta):
+        yield k, (tu.index(group, 0) if meta.stacked else group)
+        k += meta.num_batches
+
+
+class _Context:
+    """Turns errors raised while an operator is built on concrete data into ones that say what to do."""
+
+    def __init__(self, name: str, data, dataset: Dataset, origin: str):
+        self.name, self.data, self.dataset, self.origin = name, data, dataset, origin
+        self.index = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, err, tb):
+        if err is None or not isinstance(err, Exception):
+            return False
+        where = "the batch" if self.dataset.num_batches == 1 else f"batch {self.index}"
+        if isinstance(err, UnpackError):
+            raise TypeError(
+                f"Building the {self.name} operator: {where}: {err} to {self.origin}."
+            ) from None
+        hint = tuple_of_batches_hint(self.data)
+        if hint:
+            raise ValueError(
+                f"Building the {self.name} operator failed on the data: {type(err).__name__}: {err}{hint}"
+            ) from err
+        if (
+            self.dataset.weighted
+            and isinstance(err, TypeError)
+            and "positional argument" in str(err)
+        ):
+            raise TypeError(
+                f"Building the {self.name} operator: the batches carry weights (a 3-tuple (inputs, "
+                "targets, weights), a 'weights' key, or language-model tokens whose padding mask is "
+                "their weight) and the loss was called with them, but it failed: "
+                f"{type(err).__name__}: {err}. Use a loss that takes `weights` (hvp.losses."
+                "softmax_cross_entropy, hvp.losses.mean_squared_error, or your own "
+                "`loss(outputs, targets, weights)` normalised by `weights.sum()`), or pass an "
+                "`unpack` returning (inputs, targets) for unweighted data."
+            ) from err
+        if (
+            type(err) in (ValueError, TypeError)
+            and self.dataset.num_batches > 1
+            and self.index is not None
+        ):
+            raise type(err)(f"{where} of the data: {err}") from err
+        return False
+
+
+def _check_targets(model_fn, output_loss, unpack, params, dataset, ctx: _Context) -> None:
+    """Trace the output loss on every batch with concrete targets (checks labels against the outputs)."""
+    out, shapes = None, None
+    for k, batch in _batches(dataset):
+        ctx.index = k
+        with ctx:
+            x, y, w = split_batch(batch, unpack)
+            key = jax.tree_util.tree_map(lambda a: (np.shape(a), str(jnp.result_type(a))), x)
+            if out is None or key != shapes:
+                out, shapes = jax.eval_shape(model_fn, params, x), key
+            res = jax.eval_shape(lambda o, y=y, w=w: _call_output_loss(output_loss, o, y, w), out)
+            _check_scalar(res, "`loss_fn(model_fn(params, inputs), targets)`")
+
+
+def _has_custom_vjp(jaxpr) -> bool:
+    """Whether a jaxpr (or any jaxpr nested in its equations) calls a ``jax.custom_vjp`` function."""
+    stack = [jaxpr]
+    while stack:
+        jp = stack.pop()
+        jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
+        for eqn in getattr(jp, "eqns", ()):
+            if eqn.primitive.name.startswith("custom_vjp_call"):
+                return True
+            for val in eqn.params.values():
+                vals = val if isinstance(val, (tuple, list)) else (val,)
+                stack.extend(x for x in vals if hasattr(x, "eqns") or hasattr(x, "jaxpr"))
+    return False
+
+
+def _choose_mode(mode: str, f_of_batch, params, dataset: Dataset, ctx: _Context) -> str:
+    """``"forward"``, or ``"reverse"`` when the function has no forward mode.
+
+    That is when it calls a ``jax.custom_vjp`` function, whose forward-mode
+    error JAX raises only when the product is compiled. The function is traced
+    (not run) on the first batch of each shape group.
+    """
+    if mode != "auto":
+        return mode
+    for k, batch in _first_of_groups(dataset):
+        ctx.index = k
+        with ctx:
+            jaxpr = jax.make_jaxpr(lambda q, b=batch: f_of_batch(q, b))(params)
+        if _has_custom_vjp(jaxpr):
+            return "reverse"
+    return "forward"
 
 
 def hessian(
@@ -334,12 +634,31 @@ def hessian(
 
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
+
+    Raises:
+      TypeError: ``params`` is a Flax module / state, a ``TrainState`` or an
+        optax state (the message names the adapter or field to use); non-floating
+        parameters; a batch that cannot be unpacked (naming the operator).
+      ValueError: an empty data set, batches of different structure (naming the
+        index), a tuple of batches (pass a list), bad weights, a loss that is not
+        scalar, targets that do not fit the outputs. The loss is traced on the
+        first batch of each shape group with the data concrete, so the
+        :mod:`hvp.losses` check the labels there (every batch for a
+        :func:`compose` loss and the Flax adapters).
+
+    >>> import jax.numpy as jnp, hvp
+    >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2), jnp.ones(2),
+    ...                 (jnp.eye(2), jnp.zeros(2)))
+    >>> H.dense().tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
     """
-    dataset, block, full, mask = _prepare(
-        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
-    )
-    _check_scalar(
-        jax.eval_shape(loss_fn, params, dataset.first_batch()), "`loss_fn(params, batch)`"
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    name = "hessian" if wrt is None else f"hessian[{wrt}]"
+    _once(
+        dataset,
+        ("hessian", loss_fn),
+        params,
+        lambda: _check_loss_fn(loss_fn, params, data, dataset, name, per_example=False),
     )
     op = CurvatureOperator(
         kind="hessian",
@@ -351,11 +670,31 @@ def hessian(
         reduction=reduction,
         lins=None,
         check_finite=check_finite,
-        name="hessian" if wrt is None else f"hessian[{wrt}]",
+        name=name,
     )
     if linearize:
         op._lins = _linearize_all(op)
     return op
+
+
+def _check_loss_fn(loss_fn, params, data, dataset, name, *, per_example: bool) -> None:
+    """Trace ``loss_fn`` on the first batch of each shape group with the data concrete.
+
+    The built-in losses then see concrete targets and check them (labels in
+    range, widths); a :class:`Composed` loss has the targets of every batch
+    checked. Errors name the operator, the batch and the fix.
+    """
+    origin = getattr(loss_fn, "origin", "your loss_fn (it could not split the batch)")
+    ctx = _Context(name, data, dataset, origin)
+    for k, batch in _first_of_groups(dataset):
+        ctx.index = k
+        if per_example:
+            batch = tu.map(lambda a: a[:1], batch)
+        with ctx:
+            out = jax.eval_shape(lambda p, b=batch: loss_fn(p, b), params)
+            _check_scalar(out, "`loss_fn(params, batch)`")
+    if isinstance(loss_fn, Composed):
+        _check_targets(loss_fn.model_fn, loss_fn.output_loss, loss_fn.unpack, params, dataset, ctx)
 
 
 @jax.jit
@@ -383,29 +722,60 @@ def ggn(
     wrt=None,
     reduction: str = "mean",
     check_finite: bool = True,
+    mode: str = "auto",
 ) -> CurvatureOperator:
     """The generalised Gauss-Newton matrix ``J^T H_L J`` over a data set, matrix-free.
 
     Args:
       model_fn: ``model_fn(params, inputs) -> outputs`` (any pytree of outputs).
-      loss_fn: ``loss_fn(outputs, targets) -> scalar``; if it has an
-        ``output_hvp(outputs, targets, u)`` method (as :data:`hvp.losses.softmax_cross_entropy`
-        and :data:`hvp.losses.mean_squared_error` do) the output-space Hessian is
-        applied in closed form.
-      params, data, wrt, reduction, check_finite: as in :func:`hessian`.
-      unpack: ``batch -> (inputs, targets)``; the default accepts
-        ``(inputs, targets)`` tuples and common dict keys (:func:`default_unpack`).
+      loss_fn: ``loss_fn(outputs, targets) -> scalar``, or
+        ``loss_fn(outputs, targets, weights)`` for weighted batches; if it has an
+        ``output_hvp(outputs, targets, u[, weights])`` method (as
+        :data:`hvp.losses.softmax_cross_entropy` and
+        :data:`hvp.losses.mean_squared_error` do) the output-space Hessian is
+        applied in closed form, otherwise by forward-over-reverse on ``loss_fn``.
+      params: as in :func:`hessian`.
+      data: as in :func:`hessian`; batches may carry weights.
+      wrt: as in :func:`hessian`.
+      reduction: as in :func:`hessian`.
+      check_finite: as in :func:`hessian`.
+      unpack: ``batch -> (inputs, targets)`` or ``(inputs, targets, weights)``;
+        the default accepts ``(inputs, targets[, weights])`` tuples, common dict
+        keys and ``{"inputs": tokens}`` (:func:`default_unpack`).
+      mode: ``"auto"`` (forward-mode ``J v`` unless the model has no forward
+        mode, e.g. a ``jax.custom_vjp`` layer: then reverse mode), ``"forward"``
+        or ``"reverse"`` (``J v`` as the transpose of the VJP; see the module
+        docstring). The mode used is ``op.mode``.
 
     The GGN is positive semi-definite when ``loss_fn`` is convex in the
     outputs (cross-entropy, squared error).
+
+    Raises:
+      TypeError: a batch cannot be unpacked (the message says how), weighted
+        batches with a loss that takes no weights.
+      ValueError: targets that do not fit the outputs (checked on every batch
+        for the :mod:`hvp.losses`: labels out of range, widths), a loss that
+        is not scalar.
+
+    >>> import jax, jax.numpy as jnp, hvp
+    >>> w = jnp.ones((3, 2))
+    >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 1, 0])
+    >>> G = hvp.ggn(lambda p, x: x @ p, hvp.losses.softmax_cross_entropy, w, (x, y))
+    >>> G.mode, G.dense().shape
+    ('forward', (6, 6))
     """
-    unpack = default_unpack if unpack is None else unpack
-    dataset, block, full, mask = _prepare(
-        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
-    )
-    x, y = unpack(dataset.first_batch())
-    out = jax.eval_shape(model_fn, params, x)
-    _check_scalar(jax.eval_shape(loss_fn, out, y), "`loss_fn(model_fn(params, inputs), targets)`")
+    _check_mode(mode)
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    name = "ggn" if wrt is None else f"ggn[{wrt}]"
+    ctx = _Context(name, data, dataset, "hvp.ggn")
+
+    def validate():
+        _check_targets(model_fn, loss_fn, unpack, params, dataset, ctx)
+        return _choose_mode(
+            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, dataset, ctx
+        )
+
+    model_mode = _once(dataset, ("ggn", model_fn, loss_fn, unpack, mode), params, validate)
     return CurvatureOperator(
         kind="ggn",
         fns=(model_fn, loss_fn, unpack),
@@ -416,25 +786,50 @@ def ggn(
         reduction=reduction,
         lins=None,
         check_finite=check_finite,
-        name="ggn" if wrt is None else f"ggn[{wrt}]",
+        name=name,
+        mode=model_mode,
     )
 
 
 def empirical_fisher(
-    loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean", check_finite: bool = True
+    loss_fn: Callable,
+    params,
+    data,
+    *,
+    wrt=None,
+    reduction: str = "mean",
+    check_finite: bool = True,
+    mode: str = "auto",
 ) -> CurvatureOperator:
     """The empirical Fisher ``(1/N) sum_i g_i g_i^T`` (``sum_i`` with ``reduction="sum"``).
 
     ``g_i`` is the gradient of ``loss_fn(params, example_batch)`` on a batch
     holding example ``i`` alone (``loss_fn`` is evaluated under ``vmap`` on
-    single-example batches). Positive semi-definite by construction. Arguments
-    as in :func:`hessian`.
+    single-example batches). Positive semi-definite by construction. With
+    weighted batches example ``i`` enters with weight ``W_i / W`` (its sum of
+    weights over the data set's), the empirical Fisher of the weighted mean
+    loss. ``mode`` as in :func:`ggn` (``"auto"`` falls back to reverse mode
+    when the model or the loss is a ``jax.custom_vjp`` function); other
+    arguments as in :func:`hessian`.
+
+    >>> import jax.numpy as jnp, hvp
+    >>> loss = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
+    >>> F = hvp.empirical_fisher(loss, jnp.ones((2, 1)), (jnp.eye(2), jnp.zeros((2, 1))))
+    >>> F.dense().tolist()  # g_i = 2 x_i (x_i . p), F = (1/2) sum_i g_i g_i^T
+    [[2.0, 0.0], [0.0, 2.0]]
     """
-    dataset, block, full, mask = _prepare(
-        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
-    )
-    one = tu.map(lambda a: a[:1], dataset.first_batch())
-    _check_scalar(jax.eval_shape(loss_fn, params, one), "`loss_fn(params, batch)`")
+    _check_mode(mode)
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    name = "empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]"
+    ctx = _Context(name, data, dataset, getattr(loss_fn, "origin", "your loss_fn"))
+
+    def validate():
+        _check_loss_fn(loss_fn, params, data, dataset, name, per_example=True)
+        return _choose_mode(
+            mode, lambda q, b: loss_fn(q, tu.map(lambda a: a[:1], b)), params, dataset, ctx
+        )
+
+    fisher_mode = _once(dataset, ("empirical_fisher", loss_fn, mode), params, validate)
     return CurvatureOperator(
         kind="empirical_fisher",
         fns=(loss_fn,),
@@ -445,5 +840,6 @@ def empirical_fisher(
         reduction=reduction,
         lins=None,
         check_finite=check_finite,
-        name="empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]",
+        name=name,
+        mode=fisher_mode,
     )

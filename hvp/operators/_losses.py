@@ -1,16 +1,41 @@
-"""Standard losses on model outputs, with closed-form output-space Hessians.
+r"""Standard losses on model outputs, with closed-form output-space Hessians.
 
-Each loss is a callable ``loss(outputs, targets) -> scalar`` (a **mean** over
-the examples, matching ``reduction="mean"`` of the operators) that also has an
-``output_hvp(outputs, targets, u)`` method returning ``H_L u``, the Hessian of
-the loss with respect to ``outputs`` applied to ``u``. :func:`hvp.ggn` uses
-``output_hvp`` when present instead of differentiating the loss twice.
+Each loss is a callable ``loss(outputs, targets, weights=None) -> scalar`` (a
+**mean** over the examples, matching ``reduction="mean"`` of the operators)
+that also has an ``output_hvp(outputs, targets, u, weights=None)`` method
+returning ``H_L u``, the Hessian of the loss with respect to ``outputs``
+applied to ``u``. :func:`hvp.ggn` uses ``output_hvp`` when present instead of
+differentiating the loss twice.
 
-* Softmax cross-entropy, with ``p = softmax(z)`` for one example:
-  ``H_L = (diag(p) - p p^T) / M`` where ``M`` is the number of examples (and
-  positions) averaged over. It is positive semi-definite, so the GGN is too.
-* Mean squared error ``mean((o - t)^2)`` over all ``M`` entries:
-  ``H_L = (2 / M) I``.
+Weights (a padding mask or per-example / per-token weights) have the
+leading shape of the targets' positions (the full positions shape, or a
+prefix of it: per example for per-token losses) and the loss is normalised by
+their sum, as the Flax lm1b example does (``weights = targets > 0``):
+
+.. math::
+
+   L = \frac{\sum_i w_i \ell_i}{\sum_i w_i},
+
+with ``w_i`` broadcast to every position ``i`` it covers. Without weights
+``w_i = 1`` (the plain mean). A batch whose weights are all 0 gives 0.
+
+* Softmax cross-entropy, with ``p = softmax(z)`` for one position:
+  ``H_L = w_i m_i (diag(p) - p p^T) / sum(w)`` where ``m_i`` is the mass of
+  the targets (1 for labels and probability vectors). It is positive
+  semi-definite, so the GGN is too. With ``label_smoothing=a`` (integer
+  labels only) the targets are lm1b's soft targets: ``1 - a`` on the label and
+  ``a / (C - 1)`` elsewhere, and the loss subtracts lm1b's normalising
+  constant (the entropy of the soft targets), so it is 0 at the optimum;
+  the Hessian is unchanged by the constant.
+* Mean squared error ``sum(w (o - t)^2) / sum(w)`` over all entries (``w``
+  broadcast to the outputs' shape; ``mean((o - t)^2)`` without weights):
+  ``H_L = 2 diag(w) / sum(w)``.
+
+On concrete targets (not inside ``jit``; the operators check every batch when
+they are built) the losses check the targets against the outputs: integer
+labels must lie in ``[0, C)`` (at the positions with nonzero weight),
+probability targets must have width ``C`` and be ``>= 0``; squared error needs
+targets of the outputs' shape (never silently broadcast).
 """
 
 from __future__ import annotations
@@ -19,56 +44,221 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["softmax_cross_entropy", "mean_squared_error", "SoftmaxCrossEntropy", "MeanSquaredError"]
 
 
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def _expand_weights(weights, shape: tuple, who: str):
+    """Weights broadcast to ``shape`` (they must match a prefix of it)."""
+    if weights is None:
+        return None
+    w = jnp.asarray(weights)
+    if w.shape != tuple(shape[: w.ndim]) or w.ndim == 0:
+        raise ValueError(
+            f"{who}: `weights` of shape {w.shape} do not match the positions {tuple(shape)}; give one "
+            "weight per example (leading axis) or per position (e.g. per token), with the same "
+            "leading axes."
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        w = w.astype(jnp.float32)
+    return jnp.broadcast_to(w.reshape(w.shape + (1,) * (len(shape) - w.ndim)), shape)
+
+
+def _normaliser(w, count: int, dtype):
+    """``sum(w)`` (1 where it is 0, so that a fully masked batch gives 0, not NaN), or ``count``."""
+    if w is None:
+        return jnp.asarray(count, dtype)
+    s = jnp.sum(w).astype(dtype)
+    return jnp.where(s > 0, s, jnp.ones_like(s))
+
+
+def _examples(idx, values, limit: int = 5) -> str:
+    return ", ".join(
+        f"{v} at {tuple(int(j) for j in i)}" for i, v in zip(idx[:limit], values[:limit])
+    )
+
+
 class SoftmaxCrossEntropy:
-    """Mean softmax cross-entropy of logits ``(..., C)`` against integer labels ``(...)``
-    or against probability/one-hot targets ``(..., C)``.
+    """Mean softmax cross-entropy of logits against labels or probability targets, optionally weighted.
+
+    Logits ``(..., C)``; integer labels ``(...)`` or probability/one-hot
+    targets ``(..., C)``.
+
+    Args:
+      label_smoothing: ``a`` in ``[0, 1)``: integer labels become soft targets
+        with ``1 - a`` on the label and ``a / (C - 1)`` on every other class,
+        and the loss subtracts the soft targets' entropy (the Flax lm1b
+        example's ``compute_weighted_cross_entropy``).
+
+    Call as ``loss(logits, targets, weights=None)``; ``output_hvp(logits,
+    targets, u, weights=None)`` is the closed-form output-space Hessian
+    product (see the module docstring for the formulas).
+
+    Raises:
+      ValueError: targets whose shape does not fit the logits, integer labels
+        outside ``[0, C)`` or negative probabilities (concrete data; the
+        message names the offending values), weights of the wrong shape.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.zeros((2, 3, 4))                  # (batch, tokens, classes)
+    >>> tokens = jnp.array([[1, 2, 0], [3, 0, 0]])
+    >>> mask = tokens > 0                              # padding excluded, lm1b-style
+    >>> round(float(softmax_cross_entropy(logits, tokens, mask)), 4)  # log(4)
+    1.3863
+    >>> smoothed = SoftmaxCrossEntropy(label_smoothing=0.1)
+    >>> round(float(smoothed(jnp.zeros((1, 4)), jnp.array([2]))), 4)
+    0.9514
     """
 
     name = "softmax_cross_entropy"
 
-    @staticmethod
-    def _probs_targets(logits, targets):
-        if targets.shape == logits.shape and jnp.issubdtype(targets.dtype, jnp.floating):
-            return targets
-        if targets.shape != logits.shape[:-1]:
+    def __init__(self, label_smoothing: float = 0.0):
+        ls = float(label_smoothing)
+        if not (math.isfinite(ls) and 0.0 <= ls < 1.0):
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+        self.label_smoothing = ls
+
+    def _check_labels(self, targets, num_classes: int, w) -> None:
+        y = np.asarray(targets)
+        bad = (y < 0) | (y >= num_classes)
+        if w is not None and _concrete(w):
+            bad &= np.asarray(w) != 0
+        if bad.any():
+            idx = np.argwhere(bad)
+            vals = y[bad]
+            hint = ""
+            if vals.min() >= 1 and vals.max() == num_classes and y.min() >= 1:
+                hint = " The labels look 1-based: subtract 1."
             raise ValueError(
-                f"softmax_cross_entropy: integer labels must have shape {logits.shape[:-1]} (the logits "
-                f"{logits.shape} without the class axis), got {targets.shape}."
+                f"{self.name}: integer labels must lie in [0, {num_classes}) for logits with "
+                f"{num_classes} classes; found {int(bad.sum())} outside it: {_examples(idx, vals)}.{hint} "
+                "An out-of-range label would silently give an all-zero target and drop the example "
+                "from the loss and the curvature; to exclude positions (padding), give them weight 0."
             )
-        return jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
 
-    def __call__(self, logits, targets):
-        t = self._probs_targets(logits, targets)
+    def _targets(self, logits, targets, w):
+        """Soft targets ``(..., C)`` and the constant subtracted from each position's loss."""
+        targets = jnp.asarray(targets) if not hasattr(targets, "shape") else targets
+        c = logits.shape[-1]
+        pos = logits.shape[:-1]
+        if jnp.issubdtype(targets.dtype, jnp.floating) and targets.ndim == logits.ndim:
+            if targets.shape != logits.shape:
+                raise ValueError(
+                    f"{self.name}: probability/one-hot targets have shape {targets.shape} but the logits "
+                    f"have {logits.shape}; the targets need width {c} (the number of classes) and the "
+                    "same leading axes."
+                )
+            if self.label_smoothing:
+                raise ValueError(
+                    f"{self.name}: label_smoothing applies to integer labels; smooth probability "
+                    "targets yourself, or pass integer labels."
+                )
+            if _concrete(targets) and np.any(np.asarray(targets) < 0):
+                idx = np.argwhere(np.asarray(targets) < 0)
+                raise ValueError(
+                    f"{self.name}: probability targets must be >= 0; found "
+                    f"{_examples(idx, np.asarray(targets)[np.asarray(targets) < 0])}."
+                )
+            return targets, None
+        if jnp.issubdtype(targets.dtype, jnp.floating):
+            raise TypeError(
+                f"{self.name}: targets of shape {targets.shape} with dtype {targets.dtype} look like "
+                f"labels (logits {logits.shape}); labels must be integers (cast with "
+                f"`.astype(jnp.int32)`), probability/one-hot targets need shape {logits.shape}."
+            )
+        if targets.shape != pos:
+            raise ValueError(
+                f"{self.name}: integer labels must have shape {pos} (the logits {logits.shape} without "
+                f"the class axis), got {targets.shape}."
+            )
+        if _concrete(targets):
+            self._check_labels(targets, c, w)
+        a = self.label_smoothing
+        if not a:
+            return jax.nn.one_hot(targets, c, dtype=logits.dtype), None
+        if c < 2:
+            raise ValueError(f"{self.name}: label smoothing needs at least 2 classes, got {c}.")
+        on, off = 1.0 - a, a / (c - 1)
+        soft = jax.nn.one_hot(targets, c, dtype=logits.dtype) * (on - off) + off
+        const = -(on * math.log(on) + (c - 1) * off * math.log(off + 1e-20))
+        return soft, const
+
+    def __call__(self, logits, targets, weights=None):
+        w = _expand_weights(weights, logits.shape[:-1], self.name)
+        t, const = self._targets(logits, targets, weights)
         logp = jax.nn.log_softmax(logits, axis=-1)
-        m = math.prod(logits.shape[:-1])
-        return -jnp.sum(t * logp) / m
+        per_pos = -jnp.sum(t * logp, axis=-1)
+        if const is not None:
+            per_pos = per_pos - const
+        denom = _normaliser(w, math.prod(logits.shape[:-1]), per_pos.dtype)
+        if w is not None:
+            per_pos = per_pos * w.astype(per_pos.dtype)
+        return jnp.sum(per_pos) / denom
 
-    def output_hvp(self, logits, targets, u):
-        t = self._probs_targets(logits, targets)
+    def output_hvp(self, logits, targets, u, weights=None):
+        w = _expand_weights(weights, logits.shape[:-1], self.name)
+        t, _ = self._targets(logits, targets, weights)
         p = jax.nn.softmax(logits, axis=-1)
         mass = jnp.sum(t, axis=-1, keepdims=True)
-        m = math.prod(logits.shape[:-1])
+        denom = _normaliser(w, math.prod(logits.shape[:-1]), p.dtype)
+        if w is not None:
+            mass = mass * w[..., None].astype(p.dtype)
         pu = p * u
-        return mass * (pu - p * jnp.sum(pu, axis=-1, keepdims=True)) / m
+        return mass * (pu - p * jnp.sum(pu, axis=-1, keepdims=True)) / denom
 
     def __repr__(self):
+        if self.label_smoothing:
+            return f"hvp.losses.SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
         return "hvp.losses.softmax_cross_entropy"
 
 
 class MeanSquaredError:
-    """``mean((outputs - targets) ** 2)`` over all entries (PyTorch's ``MSELoss()``)."""
+    """``mean((outputs - targets) ** 2)`` over all entries (PyTorch's ``MSELoss()``), optionally weighted.
+
+    Call as ``loss(outputs, targets, weights=None)``: with weights (per example
+    or per entry, broadcast over the trailing axes) the loss is
+    ``sum(w * (o - t)^2) / sum(w)``.
+
+    Raises:
+      ValueError: targets of a different shape than the outputs (they are
+        never broadcast: ``(N, 1)`` outputs against ``(N,)`` targets would
+        silently compare every pair), weights of the wrong shape.
+
+    >>> import jax.numpy as jnp
+    >>> out, t = jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [0.0]])
+    >>> float(mean_squared_error(out, t)), float(mean_squared_error(out, t, jnp.array([1.0, 0.0])))
+    (5.0, 1.0)
+    """
 
     name = "mean_squared_error"
 
-    def __call__(self, outputs, targets):
-        return jnp.mean((outputs - targets) ** 2)
+    def _check(self, outputs, targets):
+        if getattr(targets, "shape", None) != outputs.shape:
+            raise ValueError(
+                f"{self.name}: targets have shape {getattr(targets, 'shape', None)} but the outputs have "
+                f"{outputs.shape}; they must match exactly (reshape the targets, e.g. "
+                "`y.reshape(outputs.shape)`)."
+            )
 
-    def output_hvp(self, outputs, targets, u):
-        return (2.0 / outputs.size) * u
+    def __call__(self, outputs, targets, weights=None):
+        self._check(outputs, targets)
+        sq = (outputs - targets) ** 2
+        if weights is None:
+            return jnp.mean(sq)
+        w = _expand_weights(weights, outputs.shape, self.name).astype(sq.dtype)
+        return jnp.sum(w * sq) / _normaliser(w, outputs.size, sq.dtype)
+
+    def output_hvp(self, outputs, targets, u, weights=None):
+        self._check(outputs, targets)
+        if weights is None:
+            return (2.0 / outputs.size) * u
+        w = _expand_weights(weights, outputs.shape, self.name).astype(u.dtype)
+        return 2.0 * w * u / _normaliser(w, outputs.size, u.dtype)
 
     def __repr__(self):
         return "hvp.losses.mean_squared_error"

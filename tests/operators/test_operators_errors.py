@@ -123,7 +123,10 @@ def test_ggn_batch_that_cannot_be_unpacked(prob):
     x, y = prob.batches[0]
     with pytest.raises(TypeError, match=r"keys \['a', 'b'\].*unpack=lambda batch"):
         hvp.ggn(prob.model_fn, prob.output_loss, prob.params, {"a": x, "b": y})
-    with pytest.raises(TypeError, match="into \\(inputs, targets\\)"):
+    with pytest.raises(TypeError, match=r"Building the ggn operator.*into \(inputs, targets\)"):
+        hvp.ggn(prob.model_fn, prob.output_loss, prob.params, (x, y, y, y))
+    # a 3-tuple is (inputs, targets, weights): negative weights are refused by name
+    with pytest.raises(ValueError, match="weights of the batch must be finite and >= 0"):
         hvp.ggn(prob.model_fn, prob.output_loss, prob.params, (x, y, y))
     op = hvp.ggn(
         prob.model_fn,
