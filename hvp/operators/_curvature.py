@@ -35,6 +35,7 @@ pytree whose arrays are jit arguments, not constants).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -94,6 +95,7 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
     tu.assert_floating(params)
     tu.assert_same_structure(v, params)
     _check_scalar(jax.eval_shape(lambda p: fun(p, *args, **kwargs), params), "`fun`")
+    v = tu.like_sharding(v, params)  # explicit mesh: the tangent takes each leaf's sharding type
     return jax.jvp(jax.grad(lambda p: fun(p, *args, **kwargs)), (params,), (v,))[1]
 
 
@@ -247,6 +249,9 @@ class CurvatureOperator(LinearOperator):
         raise AssertionError(self.kind)  # pragma: no cover
 
     def _apply(self, v):
+        # Under an explicit mesh the tangents must carry the parameters' sharding types.
+        tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
+        v = tu.like_sharding(v, self.params)
         total = tu.zeros_like(v)
         weights = self.dataset.weights(self.reduction)
         sources = self._lins if self._lins is not None else self.dataset.groups
@@ -260,7 +265,7 @@ class CurvatureOperator(LinearOperator):
                 total, _ = lax.scan(body, total, src)
             else:
                 total = tu.axpy(w, mv(src), total)
-        return _constrain(total, self._shardings)
+        return tu.like_sharding(_constrain(total, self._shardings), self.params)
 
 
 def _leaf_shardings(params) -> tuple:
@@ -270,6 +275,8 @@ def _leaf_shardings(params) -> tuple:
         s = getattr(x, "sharding", None)
         if isinstance(x, jax.core.Tracer) or s is None or len(s.device_set) <= 1:
             out.append(None)
+        elif tu.explicit_sharding(x) is not None:
+            out.append(None)  # explicit mesh: the sharding is in the type (``like_sharding``)
         else:
             out.append(s)
     return tuple(out)
@@ -290,7 +297,16 @@ def _prepare(params, data, *, wrt, reduction, check_finite):
     _check_params(params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+    tu.check_mesh_context(params)
     dataset = as_dataset(data)
+    # Host or single-device batches join the explicit mesh of the parameters (no-op otherwise).
+    dataset = dataclasses.replace(
+        dataset,
+        groups=tuple(
+            tu.place_batch(g, params, leading=int(m.stacked))
+            for g, m in zip(dataset.groups, dataset.meta)
+        ),
+    )
     if wrt is None:
         block, full, mask = params, None, None
     else:
@@ -433,8 +449,22 @@ def empirical_fisher(
     dataset, block, full, mask = _prepare(
         params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
     )
-    one = tu.map(lambda a: a[:1], dataset.first_batch())
-    _check_scalar(jax.eval_shape(loss_fn, params, one), "`loss_fn(params, batch)`")
+    one = tu.map(
+        lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype), dataset.first_batch()
+    )
+    try:
+        out = jax.eval_shape(loss_fn, params, one)
+    except Exception as err:
+        if not any(tu.explicit_sharding(x) is not None for x in jax.tree_util.tree_leaves(params)):
+            raise
+        raise ValueError(
+            "The empirical Fisher evaluates the loss on one example at a time (under `vmap`), and "
+            f"this model failed on a one-example batch under its explicit mesh ({err}). A model "
+            "that shards its activations' example axis (e.g. `out_sharding=P('batch', ...)`) "
+            "cannot run on one example: use `hvp.ggn` or `hvp.hessian`, or take the activation "
+            "shardings from the inputs (`jax.typeof(x).sharding`) instead of fixing them."
+        ) from err
+    _check_scalar(out, "`loss_fn(params, batch)`")
     return CurvatureOperator(
         kind="empirical_fisher",
         fns=(loss_fn,),
