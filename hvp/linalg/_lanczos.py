@@ -382,6 +382,7 @@ def _start_vector(v0, like, key, *, what="v0"):
                 ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
         v = jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, jnp.result_type(l)), v, like)
+        v = tu.like_sharding(v, like)  # explicit mesh: a user's vector takes each leaf's type
     nv = float(tu.norm(v))
     if not np.isfinite(nv):
         raise ValueError(
