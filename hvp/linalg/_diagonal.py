@@ -200,7 +200,7 @@ def _block_stats(op, key, start, size: int):
     prods = tu.map(lambda z, az: z.astype(acc) * az.astype(acc), zs, azs)  # z * A z, per probe
     mean = tu.map(lambda x: jnp.mean(x, axis=0), prods)
     m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
-    leaf_sums = tu.map(lambda x: jnp.sum(x.reshape(x.shape[0], -1), axis=1), prods)
+    leaf_sums = tu.map(lambda x: jnp.sum(x, axis=tuple(range(1, x.ndim))), prods)
     return mean, m2, leaf_sums
 
 

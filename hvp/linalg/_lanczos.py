@@ -147,11 +147,7 @@ def _rows_dot(V, w):
     parts = []
     for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w)):
         ct = jnp.result_type(wl)
-        parts.append(
-            jnp.tensordot(
-                Vl.reshape(Vl.shape[0], -1).astype(ct), wl.reshape(-1), axes=1, precision=_HI
-            )
-        )
+        parts.append(tu.contract_rows(Vl.astype(ct), wl, precision=_HI))
     return sum(parts[1:], parts[0])
 
 
@@ -173,9 +169,10 @@ def _set_row(V, j, v):
 
 
 def _empty_basis(like, rows, basis_dtype):
-    return jax.tree_util.tree_map(
+    zeros = jax.tree_util.tree_map(
         lambda x: jnp.zeros((rows,) + jnp.shape(x), basis_dtype or jnp.result_type(x)), like
     )
+    return tu.stacked_like(zeros, like)  # each row sharded like its parameter leaf
 
 
 def _orthogonalize(V, w, mask, like):
@@ -661,6 +658,7 @@ def _start_vector(v0, like, key, *, what="v0"):
                 ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
         v = jax.tree_util.tree_map(lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like)
+        v = tu.like_sharding(v, like)  # explicit mesh: a user's vector takes each leaf's type
     nv = float(tu.norm(v))
     if not np.isfinite(nv):
         raise ValueError(

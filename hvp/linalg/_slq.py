@@ -340,6 +340,10 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
         theta, S = jnp.linalg.eigh(T)
         return theta, S[0] ** 2
 
+    if any(tu.explicit_sharding(x) is not None for x in jax.tree_util.tree_leaves(like)):
+        # Explicit mesh: JAX's vmap of ``lax.cond`` broadcasts the predicate without the
+        # operands' sharding type and fails, so the probes run one after the other.
+        return lax.map(one, keys)
     if chunk_size is None:
         return jax.vmap(one)(keys)
     return lax.map(one, keys, batch_size=chunk_size)

@@ -251,14 +251,10 @@ def exact_map(op: LinearOperator, fn: Callable, chunk: int | None):
 # ------------------------------------------------------------------------------------------------
 # blocks of pytree vectors: Gram matrices and orthonormalisation in the k x k space
 # ------------------------------------------------------------------------------------------------
-def _rows(x):
-    return x.reshape(x.shape[0], -1)
-
-
 def block_gram(xs, ys) -> jax.Array:
     """``G[a, b] = <x_a, y_b>`` for two stacked blocks (summed over leaves)."""
     parts = [
-        jnp.matmul(_acc(_rows(x)), _acc(_rows(y)).T, precision=_HIGHEST)
+        tu.contract_rows(_acc(x), _acc(y), kind="gram", precision=_HIGHEST)
         for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys))
     ]
     dtype = jnp.result_type(*parts)
@@ -268,7 +264,7 @@ def block_gram(xs, ys) -> jax.Array:
 def block_rowdots(xs, ys) -> jax.Array:
     """``d[a] = <x_a, y_a>`` for two stacked blocks of the same length."""
     parts = [
-        jnp.einsum("ij,ij->i", _acc(_rows(x)), _acc(_rows(y)), precision=_HIGHEST)
+        tu.contract_rows(_acc(x), _acc(y), kind="rowwise", precision=_HIGHEST)
         for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys))
     ]
     dtype = jnp.result_type(*parts)
@@ -288,7 +284,7 @@ def block_combine(xs, coeffs: jax.Array):
 def block_coeffs(xs, v) -> jax.Array:
     """``c[a] = <x_a, v>`` for a block and one vector."""
     parts = [
-        jnp.matmul(_acc(_rows(x)), _acc(jnp.ravel(y)), precision=_HIGHEST)
+        tu.contract_rows(_acc(x), _acc(y), precision=_HIGHEST)
         for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(v))
     ]
     dtype = jnp.result_type(*parts)

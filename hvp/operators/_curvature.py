@@ -49,6 +49,7 @@ pytree whose arrays are jit arguments, not constants).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 
@@ -176,6 +177,7 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
     tu.assert_floating(params)
     tu.assert_same_structure(v, params)
     _check_scalar(jax.eval_shape(lambda p: fun(p, *args, **kwargs), params), "`fun`")
+    v = tu.like_sharding(v, params)  # explicit mesh: the tangent takes each leaf's sharding type
     return jax.jvp(jax.grad(lambda p: fun(p, *args, **kwargs)), (params,), (v,))[1]
 
 
@@ -407,6 +409,9 @@ class CurvatureOperator(LinearOperator):
         raise AssertionError(self.kind)  # pragma: no cover
 
     def _apply(self, v):
+        # Under an explicit mesh the tangents must carry the parameters' sharding types.
+        tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
+        v = tu.like_sharding(v, self.params)
         total = tu.zeros_like(v)
         weights = self.dataset.weights(self.reduction)
         sources = self._lins if self._lins is not None else self.dataset.groups
@@ -422,7 +427,7 @@ class CurvatureOperator(LinearOperator):
                 total, _ = lax.scan(body, total, (src, ws))
             else:
                 total = _axpy(w, mv(src), total)
-        return _constrain(total, self._shardings)
+        return tu.like_sharding(_constrain(total, self._shardings), self.params)
 
 
 def _axpy(w, x, y):
@@ -437,6 +442,8 @@ def _leaf_shardings(params) -> tuple:
         s = getattr(x, "sharding", None)
         if isinstance(x, jax.core.Tracer) or s is None or len(s.device_set) <= 1:
             out.append(None)
+        elif tu.explicit_sharding(x) is not None:
+            out.append(None)  # explicit mesh: the sharding is in the type (``like_sharding``)
         else:
             out.append(s)
     return tuple(out)
@@ -457,7 +464,16 @@ def _prepare(params, data, *, wrt, reduction):
     _check_params(params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+    tu.check_mesh_context(params)
     dataset = as_dataset(data)
+    # Host or single-device batches join the explicit mesh of the parameters (no-op otherwise).
+    dataset = dataclasses.replace(
+        dataset,
+        groups=tuple(
+            tu.place_batch(g, params, leading=int(m.stacked))
+            for g, m in zip(dataset.groups, dataset.meta)
+        ),
+    )
     if wrt is None:
         block, full, mask = params, None, None
     else:
@@ -824,7 +840,21 @@ def empirical_fisher(
     ctx = _Context(name, data, dataset, getattr(loss_fn, "origin", "your loss_fn"))
 
     def validate():
-        _check_loss_fn(loss_fn, params, data, dataset, name, per_example=True)
+        try:
+            _check_loss_fn(loss_fn, params, data, dataset, name, per_example=True)
+        except Exception as err:
+            if not any(
+                tu.explicit_sharding(x) is not None for x in jax.tree_util.tree_leaves(params)
+            ):
+                raise
+            raise ValueError(
+                "The empirical Fisher evaluates the loss on one example at a time (under `vmap`), "
+                f"and this model failed on a one-example batch under its explicit mesh ({err}). A "
+                "model that shards its activations' example axis (e.g. `out_sharding=P('batch', "
+                "...)`) cannot run on one example: use `hvp.ggn` or `hvp.hessian`, or take the "
+                "activation shardings from the inputs (`jax.typeof(x).sharding`) instead of fixing "
+                "them."
+            ) from err
         return _choose_mode(
             mode, lambda q, b: loss_fn(q, tu.map(lambda a: a[:1], b)), params, dataset, ctx
         )

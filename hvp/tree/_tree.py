@@ -39,6 +39,12 @@ __all__ = [
     "axpy",
     "zeros_like",
     "ones_like",
+    "explicit_sharding",
+    "like_sharding",
+    "stacked_like",
+    "check_mesh_context",
+    "place_batch",
+    "contract_rows",
     "size",
     "rademacher_like",
     "normal_like",
@@ -88,10 +94,16 @@ def _acc(x):
     return x.astype(accumulation_dtype(x.dtype)) if x.dtype != accumulation_dtype(x.dtype) else x
 
 
+def _vdot(x, y):
+    if explicit_sharding(x) is None and explicit_sharding(y) is None:
+        return jnp.vdot(x, y)
+    return contract_rows(jnp.conj(x), y, kind="dot")  # explicit mesh: no flattening
+
+
 def dot(a: PyTree, b: PyTree) -> jax.Array:
     """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32."""
     leaves = [
-        jnp.vdot(_acc(x), _acc(y))
+        _vdot(_acc(x), _acc(y))
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
     ]
     if not leaves:
@@ -101,7 +113,7 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
 
 def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
     """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars."""
-    return jax.tree_util.tree_map(lambda x, y: jnp.vdot(_acc(x), _acc(y)), a, b)
+    return jax.tree_util.tree_map(lambda x, y: _vdot(_acc(x), _acc(y)), a, b)
 
 
 def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
@@ -110,7 +122,7 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
     Accumulated in >= float32 (see :func:`accumulation_dtype`).
     """
     parts = [
-        jnp.tensordot(_acc(x).reshape(x.shape[0], -1), _acc(y).reshape(-1), axes=1)
+        contract_rows(_acc(x), _acc(y))
         for x, y in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(b))
     ]
     return sum(parts[1:], parts[0])
@@ -123,7 +135,7 @@ def norm(a: PyTree) -> jax.Array:
 
 def leaf_norms(a: PyTree) -> PyTree:
     """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``."""
-    return jax.tree_util.tree_map(lambda x: jnp.sqrt(jnp.vdot(_acc(x), _acc(x))), a)
+    return jax.tree_util.tree_map(lambda x: jnp.sqrt(_vdot(_acc(x), _acc(x))), a)
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
@@ -225,7 +237,13 @@ def normal_like(key: jax.Array, like: PyTree) -> PyTree:
 
 
 def _keep_sharding(new: jax.Array, like) -> jax.Array:
-    """Place ``new`` with ``like``'s sharding when ``like`` is a concrete, sharded array."""
+    """Give ``new`` the sharding of ``like``.
+
+    Under an explicit mesh its sharding type (also when traced), else its placement when
+    ``like`` is a concrete array on several devices.
+    """
+    if explicit_sharding(like) is not None:
+        return _like_sharding_leaf(new, like, 0)
     sharding = getattr(like, "sharding", None)
     if sharding is None or isinstance(like, jax.core.Tracer) or isinstance(new, jax.core.Tracer):
         return new
@@ -237,12 +255,258 @@ def _keep_sharding(new: jax.Array, like) -> jax.Array:
     return new
 
 
+# --- explicit-axis meshes ("sharding in types") --------------------------------------------
+#
+# Under a mesh whose axes are ``jax.sharding.AxisType.Explicit``, an array's sharding is part of
+# its type (``float32[8,16@model]``): arithmetic, ``lax.scan`` carries and JVP tangents must
+# agree on it. Arrays created from shapes inside ``jit`` (``jnp.zeros(shape)``, random bits,
+# ``broadcasted_iota``) carry no sharding, so every vector that :mod:`hvp` builds from scratch is
+# given its parameter leaf's type with the helpers below. Under automatic meshes and on one
+# device they return their input unchanged.
+
+
+def explicit_sharding(x) -> jax.sharding.NamedSharding | None:
+    """The sharding in the type of ``x`` when it is split over an Explicit mesh axis, else ``None``.
+
+    Works on concrete arrays and on tracers (``jax.typeof(x).sharding``). ``None`` for arrays
+    on one device, on meshes with automatic axes, replicated arrays and non-arrays.
+
+    >>> import jax.numpy as jnp
+    >>> from hvp.tree import explicit_sharding
+    >>> explicit_sharding(jnp.ones(3)) is None
+    True
+    """
+    if not hasattr(x, "shape") or isinstance(x, (np.ndarray, np.generic, jax.ShapeDtypeStruct)):
+        return None
+    try:
+        s = jax.typeof(x).sharding
+    except Exception:  # pragma: no cover - objects jax cannot type
+        return None
+    if not isinstance(s, jax.sharding.NamedSharding) or s.mesh.empty:
+        return None
+    explicit = {
+        name
+        for name, t in zip(s.mesh.axis_names, s.mesh.axis_types)
+        if t == jax.sharding.AxisType.Explicit
+    }
+    used = {n for e in s.spec if e is not None for n in (e if isinstance(e, tuple) else (e,))}
+    return s if used & explicit else None
+
+
+def _target_sharding(like, leading: int):
+    s = explicit_sharding(like)
+    if s is None:
+        return None
+    spec = jax.sharding.PartitionSpec(*((None,) * leading), *s.spec)
+    # A concrete leaf gives its concrete mesh: ``reshard`` then also works eagerly, outside a
+    # ``jax.set_mesh`` context. A tracer's type only knows the abstract mesh.
+    concrete = getattr(like, "sharding", None) if not isinstance(like, jax.core.Tracer) else None
+    mesh = concrete.mesh if isinstance(concrete, jax.sharding.NamedSharding) else s.mesh
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def _like_sharding_leaf(new, like, leading: int):
+    target = _target_sharding(like, leading)
+    if target is None or not hasattr(new, "shape"):
+        return new
+    cur = jax.typeof(new).sharding
+    if (
+        isinstance(cur, jax.sharding.NamedSharding)
+        and not cur.mesh.empty
+        and cur.spec._normalized_spec_for_aval(jnp.ndim(new))
+        == target.spec._normalized_spec_for_aval(jnp.ndim(new))
+    ):
+        return new
+    return jax.sharding.reshard(new, target)
+
+
+def like_sharding(new: PyTree, like: PyTree) -> PyTree:
+    """``new`` with, leaf by leaf, the sharding type of ``like`` (explicit meshes; else unchanged).
+
+    Use it on vectors built from shapes (``jnp.zeros(shape)``, random bits, an unravelled flat
+    vector) so that they can meet the parameters, their tangents and ``lax.scan`` carries
+    under a mesh with ``AxisType.Explicit`` axes. Inside ``jit`` this needs the mesh in context
+    (``with jax.set_mesh(mesh):``), as JAX requires for explicit sharding; see
+    :func:`check_mesh_context`. ``new`` and ``like`` have the same structure and shapes.
+
+    >>> import jax.numpy as jnp
+    >>> from hvp.tree import like_sharding
+    >>> like_sharding({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})["w"].shape
+    (2,)
+    """
+    return jax.tree_util.tree_map(lambda n, x: _like_sharding_leaf(n, x, 0), new, like)
+
+
+def stacked_like(new: PyTree, like: PyTree, leading: int = 1) -> PyTree:
+    """A stacked block ``new`` (``leading`` extra leading axes) with ``like``'s per-leaf sharding type.
+
+    The leading (block) axes stay unsharded, the others are sharded like ``like``'s leaves: a
+    Krylov basis or a block of probes of shape ``(k,) + leaf.shape`` under an explicit mesh.
+
+    >>> import jax.numpy as jnp
+    >>> from hvp.tree import stacked_like
+    >>> stacked_like({"w": jnp.zeros((3, 2))}, {"w": jnp.ones(2)})["w"].shape
+    (3, 2)
+    """
+    return jax.tree_util.tree_map(lambda n, x: _like_sharding_leaf(n, x, leading), new, like)
+
+
+def check_mesh_context(tree: PyTree, *, what: str = "the parameters") -> None:
+    """Raise a clear ``RuntimeError`` when ``tree`` lives on an explicit mesh that is not in context.
+
+    JAX traces computations on explicitly sharded arrays only inside the mesh's context; without
+    it errors surface deep inside JAX (``Please enter your jit into a mesh context``, ``Reshard
+    should only be used with out_shardings which ... have a non-empty mesh``). Does nothing for
+    unsharded trees, automatic meshes, or when a mesh is set (``jax.set_mesh``).
+
+    >>> import jax.numpy as jnp
+    >>> from hvp.tree import check_mesh_context
+    >>> check_mesh_context({"w": jnp.ones(2)})  # one device: nothing to check
+    """
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        s = explicit_sharding(x)
+        if s is None:
+            continue
+        ctx = jax.sharding.get_abstract_mesh()
+        if ctx.empty:
+            names = ", ".join(f"'{n}'" for n in s.mesh.axis_names)
+            raise RuntimeError(
+                f"Leaf '{path_str(path) or '<root>'}' of {what} is sharded over a mesh with Explicit "
+                f"axes ({names}; type {jax.typeof(x)}), but no mesh is set. JAX computes with "
+                "explicitly sharded arrays only inside the mesh's context: call hvp under "
+                "`with jax.set_mesh(mesh):` (the mesh the model was created on), or use "
+                "`jax.set_mesh(mesh)` once at the top of the program."
+            )
+        return
+
+
+def contract_rows(x: jax.Array, y: jax.Array, *, kind: str = "rows", precision=None) -> jax.Array:
+    """Inner products of one leaf's rows over its parameter axes, without flattening the leaf.
+
+    With ``s`` the parameter leaf's shape:
+
+    * ``kind="rows"`` (default): ``x`` is a block ``(k,) + s``, ``y`` one vector ``s``:
+      returns ``(k,)``, ``out[a] = <x_a, y>``;
+    * ``"gram"``: two blocks ``(k,) + s`` and ``(k',) + s``: returns ``(k, k')``;
+    * ``"rowwise"``: two blocks of the same length: returns ``(k,)``, ``out[a] = <x_a, y_a>``;
+    * ``"dot"``: two vectors ``s``: returns the scalar ``<x, y>``.
+
+    Dtypes are those of the inputs (cast first to accumulate in another dtype). Unsharded and
+    automatically sharded leaves are flattened to rows and multiplied as before; a leaf split
+    over an Explicit mesh axis cannot be flattened without moving its data, so it is
+    multiplied elementwise (keeping its sharding) and summed over its parameter axes into a
+    replicated result (one all-reduce); a Gram matrix then takes one pass per row of ``y``.
+
+    >>> import jax.numpy as jnp
+    >>> from hvp.tree import contract_rows
+    >>> contract_rows(jnp.ones((3, 2)), jnp.ones(2)).tolist()
+    [2.0, 2.0, 2.0]
+    """
+    lead = {"rows": (1, 0), "gram": (1, 1), "rowwise": (1, 1), "dot": (0, 0)}
+    if kind not in lead:
+        raise ValueError(f"`kind` must be one of {sorted(lead)}, got {kind!r}.")
+    lx, ly = lead[kind]
+    sharding = explicit_sharding(x) or explicit_sharding(y)
+    if sharding is None:
+        xr = x.reshape(x.shape[:lx] + (-1,))
+        yr = y.reshape(y.shape[:ly] + (-1,))
+        if kind == "rowwise":
+            return jnp.einsum("ij,ij->i", xr, yr, precision=precision)
+        return jnp.matmul(xr, yr.T if ly else yr, precision=precision)
+    # Elementwise products keep the sharding type and the sum all-reduces into a replicated
+    # result. (``tensordot(..., out_sharding=P())`` would do the same but fails under ``vmap``
+    # in JAX 0.10.) Both operands first get the same type on the parameter axes.
+    src, skip = (x, lx) if explicit_sharding(x) is not None else (y, ly)
+    core = tuple(sharding.spec._normalized_spec_for_aval(jnp.ndim(src)))[skip:]
+    x = _with_spec(x, sharding.mesh, (None,) * lx + core)
+    y = _with_spec(y, sharding.mesh, (None,) * ly + core)
+    axes = tuple(range(lx, x.ndim))
+    if kind == "gram":
+        return jax.lax.map(lambda yb: jnp.sum(x * yb, axis=axes), y).T
+    return jnp.sum(x * y, axis=axes)
+
+
+def _with_spec(x, mesh, spec: tuple):
+    """``x`` resharded to ``PartitionSpec(*spec)`` on ``mesh`` unless its type already says so."""
+    target = jax.sharding.PartitionSpec(*spec)._normalized_spec_for_aval(jnp.ndim(x))
+    cur = jax.typeof(x).sharding
+    if isinstance(cur, jax.sharding.NamedSharding) and not cur.mesh.empty:
+        if cur.spec._normalized_spec_for_aval(jnp.ndim(x)) == target:
+            return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, target))
+
+
+def place_batch(batch: PyTree, params: PyTree, *, leading: int = 0) -> PyTree:
+    """Put a host or single-device batch on the explicit mesh of ``params``, split like data.
+
+    When ``params`` are sharded over a mesh with Explicit axes, every leaf of ``batch`` that is
+    not split over a mesh (a NumPy array, a single-device or replicated ``jax.Array``) is put
+    on the parameters' mesh with a ``NamedSharding``: its example axis (after ``leading``
+    stacking axes) is split over the mesh axes that no parameter uses (the data-parallel axes,
+    e.g. ``'batch'`` of a ``('batch', 'model')`` mesh) when the number of examples divides
+    their size, and it is replicated otherwise. Leaves that are already split over the mesh keep their sharding; on
+    other meshes, on one device and under ``jit`` the batch is returned unchanged.
+
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from hvp.tree import place_batch
+    >>> place_batch({"x": np.ones((4, 2))}, {"w": jnp.ones(2)})["x"].shape
+    (4, 2)
+    """
+    shardings = [explicit_sharding(x) for x in jax.tree_util.tree_leaves(params)]
+    concrete = [
+        x.sharding
+        for x, s in zip(jax.tree_util.tree_leaves(params), shardings)
+        if s is not None and not isinstance(x, jax.core.Tracer)
+    ]
+    if not concrete or not isinstance(concrete[0].mesh, jax.sharding.Mesh):
+        return batch
+    mesh = concrete[0].mesh
+    used = {
+        n
+        for s in shardings
+        if s is not None
+        for e in s.spec
+        if e is not None
+        for n in (e if isinstance(e, tuple) else (e,))
+    }
+    data_axes = tuple(
+        n
+        for n, t in zip(mesh.axis_names, mesh.axis_types)
+        if n not in used and t == jax.sharding.AxisType.Explicit and mesh.shape[n] > 1
+    )
+    data_size = math.prod(mesh.shape[n] for n in data_axes)
+
+    def put(x):
+        if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
+            return x
+        if explicit_sharding(x) is not None:
+            return x  # placed by the user
+        split = data_axes and np.ndim(x) > leading and np.shape(x)[leading] % data_size == 0
+        spec = (None,) * leading + ((data_axes if len(data_axes) > 1 else data_axes[0]),)
+        return jax.device_put(
+            x,
+            jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(*spec) if split else jax.sharding.PartitionSpec()
+            ),
+        )
+
+    return jax.tree_util.tree_map(put, batch)
+
+
 def ravel(a: PyTree) -> jax.Array:
     """Concatenate all leaves into one flat vector (for dense validation only)."""
     leaves = jax.tree_util.tree_leaves(a)
     if not leaves:
         return jnp.zeros((0,))
-    return jnp.concatenate([jnp.ravel(x) for x in leaves])
+    return jnp.concatenate([jnp.ravel(_replicated(x)) for x in leaves])
+
+
+def _replicated(x):
+    """``x`` gathered to every device when it is split over an Explicit mesh axis (else ``x``)."""
+    s = explicit_sharding(x)
+    if s is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()))
 
 
 def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
@@ -255,7 +519,9 @@ def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
 
     def unravel(flat: jax.Array) -> PyTree:
         out = [
-            flat[offsets[i] : offsets[i + 1]].reshape(shapes[i]).astype(dtypes[i])
+            _like_sharding_leaf(
+                flat[offsets[i] : offsets[i + 1]].reshape(shapes[i]).astype(dtypes[i]), leaves[i], 0
+            )
             for i in range(len(leaves))
         ]
         return jax.tree_util.tree_unflatten(treedef, out)
@@ -264,8 +530,19 @@ def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
 
 
 def stack(trees) -> PyTree:
-    """Stack a list of like-shaped pytrees along a new leading axis."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    """Stack a list of like-shaped pytrees along a new leading axis.
+
+    Under an explicit mesh every leaf takes the sharding type of the first explicitly sharded
+    one among its group (JAX stacks only arrays of one sharding type).
+    """
+
+    def one(*xs):
+        typed = next((x for x in xs if explicit_sharding(x) is not None), None)
+        if typed is not None:
+            xs = [_like_sharding_leaf(x, typed, 0) for x in xs]
+        return jnp.stack(xs)
+
+    return jax.tree_util.tree_map(one, *trees)
 
 
 def unstack(stacked: PyTree) -> list:
