@@ -388,16 +388,20 @@ def analyze(
         ``"module:function"``; see :mod:`hvp.analysis._data`), or batches.
       operator: ``"hessian"`` or ``"ggn"``.
       k: number of largest and of smallest eigenvalues.
-      num_probes, num_iters: SLQ probes and Lanczos steps per probe for the density.
+      num_probes: SLQ probes for the density.
+      num_iters: Lanczos steps per SLQ probe for the density.
       eig_iters: Lanczos basis size for the eigenvalues (default: eigsh's).
       tol: eigenvalue residual tolerance relative to ``max|lambda|`` (default
         ``1e-6`` in float64, ``1e-4`` in float32).
-      trace_method, trace_matvecs: trace estimator and its budget.
+      trace_method: trace estimator.
+      trace_matvecs: the trace estimator's budget of products.
       layer_matvecs: Hutchinson probes for the per-layer traces.
-      batch_size, num_batches: how the data is cut (see :func:`hvp.analysis.load_data`).
+      batch_size: examples per batch (see :func:`hvp.analysis.load_data`).
+      num_batches: number of batches used (see :func:`hvp.analysis.load_data`).
       seed: the seed of every random choice (see "Seeds" above).
       x64: compute in float64 (turns on ``jax_enable_x64``); float32 otherwise.
-      step, item: choose a step / item of a ``CheckpointManager`` layout.
+      step: choose a step of a ``CheckpointManager`` layout.
+      item: choose an item of a ``CheckpointManager`` layout.
       out_dir: if given, write ``report.json``, ``density.png``, ``layers.png`` there.
       plots: write the PNGs (with ``out_dir``).
       progress: show rich progress bars (stderr).
@@ -556,7 +560,7 @@ def analyze(
     lam_lo = min(float(np.min(np.asarray(sd.nodes))), bot_sec.eigenvalues[0])
     lam_hi = max(float(np.max(np.asarray(sd.nodes))), top_sec.eigenvalues[-1])
     grid, width = _density_grid(lam_lo, lam_hi, DEFAULTS["grid_size"])
-    sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width, num_iters)
+    sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width)
     dens = np.asarray(sd.density(jnp.asarray(grid, dtype=dtype), sigma), dtype=np.float64)
     scale = float(max(np.abs(top_sec.eigenvalues).max(), np.abs(bot_sec.eigenvalues).max()))
     zero = (
@@ -703,7 +707,7 @@ def _quiet_eigsh(eigsh, op, k, **kw):
     return res
 
 
-def _sigma(width: float, num_iters: int) -> float:
+def _sigma(width: float) -> float:
     """Fallback Gaussian width of the broadened density: 1% of the spectral width."""
     return 0.01 * float(width)
 

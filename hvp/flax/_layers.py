@@ -166,6 +166,7 @@ def layer_trace(
         once for Hutchinson, 256 for exact. Peak memory is about
         ``2 * chunk_size`` parameter copies plus the operator's own.
       layer_fn: leaf path -> layer name (default :func:`layer_of`).
+      like: example pytree when ``op`` is a plain matvec callable.
 
     Returns:
       A :class:`LayerTrace`.

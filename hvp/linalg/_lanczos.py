@@ -342,7 +342,7 @@ def _eigsh_run(op, v0, key, tol, *, m, k_total, which, p, max_restarts, basis_dt
     AY = jax.vmap(op._apply)(Y)
     lam = jax.vmap(tu.dot)(Y, AY)
     res = jnp.sqrt(
-        jax.vmap(lambda ay, y, l: tu.dot(tu.axpy(-l, y, ay), tu.axpy(-l, y, ay)))(AY, Y, lam)
+        jax.vmap(lambda ay, y, mu: tu.dot(tu.axpy(-mu, y, ay), tu.axpy(-mu, y, ay)))(AY, Y, lam)
     )
     order = jnp.argsort(lam)
     lam, res = lam[order], res[order]
@@ -384,7 +384,7 @@ def _start_vector(v0, like, key, *, what="v0"):
                     f"`eigenvectors`). {single_err}"
                 ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
-        v = jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, jnp.result_type(l)), v, like)
+        v = jax.tree_util.tree_map(lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like)
     nv = float(tu.norm(v))
     if not np.isfinite(nv):
         raise ValueError(

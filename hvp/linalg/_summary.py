@@ -88,7 +88,8 @@ def spectrum_summary(
       op: a :class:`hvp.LinearOperator`, or a matvec callable with ``like=``.
       key: PRNG key; split between Lanczos and SLQ.
       tol: Lanczos residual tolerance (relative to :math:`\max|\lambda|`).
-      num_probes, num_iters: SLQ settings (see :func:`hvp.linalg.spectral_density`).
+      num_probes: SLQ probes (see :func:`hvp.linalg.spectral_density`).
+      num_iters: Lanczos steps per SLQ probe (see :func:`hvp.linalg.spectral_density`).
       zero_tol: eigenvalues with magnitude at most ``zero_tol * max|lambda|`` count as zero.
       like: example pytree when ``op`` is a plain matvec callable.
 

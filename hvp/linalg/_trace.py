@@ -435,7 +435,6 @@ def xtrace_from_probes(
 
     ``shift`` is the relative size of ``delta`` (default ``10 sqrt(eps)``; ``0`` sketches ``A Omega``).
     """
-    m = tu.leading_dim(omega)
     n = tu.size(op.like)
     dtype = _work_dtype(op.like)
     y = matmat(op, omega, chunk)  # A Omega            (m products)
@@ -599,11 +598,12 @@ def trace(
       method: ``"hutchinson"`` (Hutchinson 1989, Rademacher probes), ``"hutch++"``
         (Meyer et al. 2021) or ``"xtrace"`` (Epperly, Tropp & Webber 2024); see
         the module docstring for the formulas and their standard errors.
-      rtol, atol: adaptive mode (either one turns it on): stop as soon as
+      rtol: adaptive mode (``rtol`` or ``atol`` turns it on): stop as soon as
         ``std_error <= max(rtol * |estimate|, atol)``. Hutchinson runs rounds
         of ``num_matvecs`` new probes and pools all samples; Hutch++ and XTrace
         restart with a doubled budget (a fresh key each round) and report the
         last round, while ``num_matvecs`` in the result counts all rounds.
+      atol: absolute tolerance of the adaptive mode (see ``rtol``).
       max_matvecs: adaptive mode only: the cap on the total number of products
         (default ``50 * num_matvecs``). ``converged`` reports whether the
         tolerance was met.

@@ -39,7 +39,7 @@ def _matcher(wrt) -> Callable[[str, Any], bool]:
             f"(path, leaf) -> bool; got {type(wrt).__name__}."
         )
     compiled = [re.compile(p) for p in pats]
-    return lambda path, leaf: any(c.search(path) for c in compiled)
+    return lambda path, _leaf: any(c.search(path) for c in compiled)
 
 
 def select(params, wrt) -> tuple[Any, tuple[bool, ...]]:

@@ -85,7 +85,8 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
       fun: scalar function of ``params`` (first argument).
       params: pytree of floating arrays.
       v: pytree with the same structure, shapes and dtypes as ``params``.
-      *args, **kwargs: passed to ``fun`` unchanged (not differentiated).
+      *args: passed to ``fun`` unchanged (not differentiated).
+      **kwargs: passed to ``fun`` unchanged (not differentiated).
 
     Raises:
       TypeError: non-floating parameters.
@@ -286,7 +287,7 @@ def _constrain(tree, shardings: tuple):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _prepare(params, data, *, wrt, reduction, check_finite):
+def _prepare(params, data, *, wrt, reduction):
     _check_params(params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
@@ -335,9 +336,7 @@ def hessian(
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
     """
-    dataset, block, full, mask = _prepare(
-        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
-    )
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     _check_scalar(
         jax.eval_shape(loss_fn, params, dataset.first_batch()), "`loss_fn(params, batch)`"
     )
@@ -392,7 +391,11 @@ def ggn(
         ``output_hvp(outputs, targets, u)`` method (as :data:`hvp.losses.softmax_cross_entropy`
         and :data:`hvp.losses.mean_squared_error` do) the output-space Hessian is
         applied in closed form.
-      params, data, wrt, reduction, check_finite: as in :func:`hessian`.
+      params: as in :func:`hessian`.
+      data: as in :func:`hessian`.
+      wrt: as in :func:`hessian`.
+      reduction: as in :func:`hessian`.
+      check_finite: as in :func:`hessian`.
       unpack: ``batch -> (inputs, targets)``; the default accepts
         ``(inputs, targets)`` tuples and common dict keys (:func:`default_unpack`).
 
@@ -400,9 +403,7 @@ def ggn(
     outputs (cross-entropy, squared error).
     """
     unpack = default_unpack if unpack is None else unpack
-    dataset, block, full, mask = _prepare(
-        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
-    )
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     x, y = unpack(dataset.first_batch())
     out = jax.eval_shape(model_fn, params, x)
     _check_scalar(jax.eval_shape(loss_fn, out, y), "`loss_fn(model_fn(params, inputs), targets)`")
@@ -430,9 +431,7 @@ def empirical_fisher(
     single-example batches). Positive semi-definite by construction. Arguments
     as in :func:`hessian`.
     """
-    dataset, block, full, mask = _prepare(
-        params, data, wrt=wrt, reduction=reduction, check_finite=check_finite
-    )
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     one = tu.map(lambda a: a[:1], dataset.first_batch())
     _check_scalar(jax.eval_shape(loss_fn, params, one), "`loss_fn(params, batch)`")
     return CurvatureOperator(

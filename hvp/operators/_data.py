@@ -149,7 +149,7 @@ def as_dataset(data: Any) -> Dataset:
 
     order: list = []
     members: dict = {}
-    for b, n in zip(batches, sizes):
+    for b in batches:
         sig = _signature(b)
         if sig not in members:
             members[sig] = []

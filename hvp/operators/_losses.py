@@ -24,8 +24,9 @@ __all__ = ["softmax_cross_entropy", "mean_squared_error", "SoftmaxCrossEntropy",
 
 
 class SoftmaxCrossEntropy:
-    """Mean softmax cross-entropy of logits ``(..., C)`` against integer labels ``(...)``
-    or against probability/one-hot targets ``(..., C)``.
+    """Mean softmax cross-entropy of logits ``(..., C)`` against labels or probabilities.
+
+    The targets are integer labels ``(...)`` or probability/one-hot targets ``(..., C)``.
     """
 
     name = "softmax_cross_entropy"
@@ -67,7 +68,7 @@ class MeanSquaredError:
     def __call__(self, outputs, targets):
         return jnp.mean((outputs - targets) ** 2)
 
-    def output_hvp(self, outputs, targets, u):
+    def output_hvp(self, outputs, targets, u):  # noqa: ARG002 (the loss interface's signature)
         return (2.0 / outputs.size) * u
 
     def __repr__(self):

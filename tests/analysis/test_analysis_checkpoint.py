@@ -75,9 +75,9 @@ def test_manager_layouts_step_and_item(tmp_path):
         mgr.save(s, args=ocp.args.StandardSave(st))
     mgr.wait_until_finished()
     mgr.close()
-    spec_params = lambda ck: _params(
-        restore_into(load_model("hvp.analysis._demo:digits_mlp"), ck).model
-    )  # noqa
+
+    def spec_params(ck):
+        return _params(restore_into(load_model("hvp.analysis._demo:digits_mlp"), ck).model)
 
     latest = read_checkpoint(tmp_path / "run")
     assert latest.step == 2 and latest.item == "default"
