@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import dataclass_transform
 
 __all__ = ["result", "to_jsonable"]
 
@@ -55,6 +61,7 @@ def to_jsonable(x: Any) -> Any:
     return str(x)
 
 
+@dataclass_transform(frozen_default=True)
 def result(cls=None, *, static: tuple[str, ...] = ()):
     """Class decorator: frozen dataclass + pytree + ``to_dict``/``to_json``."""
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from hvp.typing import PyTree
 
 __all__ = [
     "PyTree",
