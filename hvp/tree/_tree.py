@@ -63,7 +63,14 @@ __all__ = [
 
 
 def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
-    """``jax.tree_util.tree_map`` (re-exported so that callers use one name)."""
+    """``jax.tree_util.tree_map`` (re-exported so that callers use one name).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.map(lambda x: 2 * x, {'w': jnp.array([1.0, 2.0])})
+        {'w': Array([2., 4.], dtype=float64)}
+    """
     return jax.tree_util.tree_map(fn, tree, *rest)
 
 
@@ -89,7 +96,15 @@ def _acc(x):
 
 
 def dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32."""
+    """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> float(tree.dot(a, a))
+        14.0
+    """
     leaves = [
         jnp.vdot(_acc(x), _acc(y))
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
@@ -100,7 +115,15 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
-    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars."""
+    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> {k: float(v) for k, v in tree.leaf_dots(a, a).items()}
+        {'b': 9.0, 'w': 5.0}
+    """
     return jax.tree_util.tree_map(lambda x, y: jnp.vdot(_acc(x), _acc(y)), a, b)
 
 
@@ -108,6 +131,14 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
     """Inner products of each row of ``stacked`` (leading axis ``k``) with ``b``: shape ``(k,)``.
 
     Accumulated in >= float32 (see :func:`accumulation_dtype`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> rows = tree.stack([a, tree.scale(-1.0, a)])
+        >>> tree.vdot_batched(rows, a)
+        Array([ 14., -14.], dtype=float64)
     """
     parts = [
         jnp.tensordot(_acc(x).reshape(x.shape[0], -1), _acc(y).reshape(-1), axes=1)
@@ -117,50 +148,134 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
 
 
 def norm(a: PyTree) -> jax.Array:
-    """Euclidean norm over all leaves."""
+    """Euclidean norm over all leaves.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> round(float(tree.norm(a)), 4)
+        3.7417
+    """
     return jnp.sqrt(dot(a, a))
 
 
 def leaf_norms(a: PyTree) -> PyTree:
-    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``."""
+    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> {k: round(float(v), 4) for k, v in tree.leaf_norms(a).items()}
+        {'b': 3.0, 'w': 2.2361}
+    """
     return jax.tree_util.tree_map(lambda x: jnp.sqrt(jnp.vdot(_acc(x), _acc(x))), a)
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-by-leaf sum ``a + b``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.add(a, a)['w']
+        Array([2., 4.], dtype=float64)
+    """
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-by-leaf difference ``a - b``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> float(tree.norm(tree.sub(a, a)))
+        0.0
+    """
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
 def scale(alpha, a: PyTree) -> PyTree:
-    """``alpha * a`` (``alpha`` is cast to each leaf's dtype)."""
+    """``alpha * a`` (``alpha`` is cast to each leaf's dtype).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.scale(0.5, a)['w']
+        Array([0.5, 1. ], dtype=float64)
+    """
     return jax.tree_util.tree_map(lambda x: jnp.asarray(alpha, x.dtype) * x, a)
 
 
 def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf by leaf."""
+    """``alpha * x + y`` leaf by leaf.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.axpy(2.0, a, a)['b']
+        Array(9., dtype=float64)
+    """
     return jax.tree_util.tree_map(lambda a, b: jnp.asarray(alpha, a.dtype) * a + b, x, y)
 
 
 def zeros_like(a: PyTree) -> PyTree:
+    """A pytree of zeros shaped like ``a`` (same dtypes).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.zeros_like(a)['w']
+        Array([0., 0.], dtype=float64)
+    """
     return jax.tree_util.tree_map(jnp.zeros_like, a)
 
 
 def ones_like(a: PyTree) -> PyTree:
+    """A pytree of ones shaped like ``a`` (same dtypes).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.ones_like(a)['w']
+        Array([1., 1.], dtype=float64)
+    """
     return jax.tree_util.tree_map(jnp.ones_like, a)
 
 
 def cast(a: PyTree, dtype) -> PyTree:
-    """Cast every leaf to ``dtype`` (``None`` leaves it unchanged)."""
+    """Cast every leaf to ``dtype`` (``None`` leaves it unchanged).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.cast(a, jnp.float32)['w'].dtype
+        dtype('float32')
+    """
     if dtype is None:
         return a
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), a)
 
 
 def size(a: PyTree) -> int:
-    """Number of scalar entries over all leaves (a Python int, static)."""
+    """Number of scalar entries over all leaves (a Python int, static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.size(a)
+        3
+    """
     return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(a)))
 
 
@@ -215,12 +330,31 @@ def rademacher_like(key: jax.Array, like: PyTree) -> PyTree:
     """A random pytree like ``like`` with i.i.d. +-1 entries (same shapes, dtypes, sharding).
 
     Deterministic: the same key gives the same pytree, also under ``vmap``.
+
+    Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> z = tree.rademacher_like(jax.random.PRNGKey(0), a)
+        >>> sorted(set(abs(float(x)) for x in tree.ravel(z)))
+        [1.0]
     """
     return _random_like(key, like, "rademacher")
 
 
 def normal_like(key: jax.Array, like: PyTree) -> PyTree:
-    """A random pytree like ``like`` with i.i.d. standard normal entries (see :func:`rademacher_like`)."""
+    """A random pytree like ``like`` with i.i.d. standard normal entries (see :func:`rademacher_like`).
+
+    Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> z = tree.normal_like(jax.random.PRNGKey(0), a)
+        >>> z['w'].shape, z['w'].dtype
+        ((2,), dtype('float64'))
+    """
     return _random_like(key, like, "normal")
 
 
@@ -238,7 +372,15 @@ def _keep_sharding(new: jax.Array, like) -> jax.Array:
 
 
 def ravel(a: PyTree) -> jax.Array:
-    """Concatenate all leaves into one flat vector (for dense validation only)."""
+    """Concatenate all leaves into one flat vector (for dense validation only).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.ravel(a)  # leaves in tree_leaves order: 'b' then 'w'
+        Array([3., 1., 2.], dtype=float64)
+    """
     leaves = jax.tree_util.tree_leaves(a)
     if not leaves:
         return jnp.zeros((0,))
@@ -246,7 +388,16 @@ def ravel(a: PyTree) -> jax.Array:
 
 
 def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
-    """Inverse of :func:`ravel` for pytrees shaped like ``like``."""
+    """Inverse of :func:`ravel` for pytrees shaped like ``like``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> unravel = tree.unravel_fn(a)
+        >>> unravel(tree.ravel(a))['w']
+        Array([1., 2.], dtype=float64)
+    """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     shapes = [jnp.shape(x) for x in leaves]
     dtypes = [jnp.result_type(x) for x in leaves]
@@ -264,23 +415,56 @@ def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
 
 
 def stack(trees) -> PyTree:
-    """Stack a list of like-shaped pytrees along a new leading axis."""
+    """Stack a list of like-shaped pytrees along a new leading axis.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.stack([a, a])['w'].shape
+        (2, 2)
+    """
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def unstack(stacked: PyTree) -> list:
-    """Inverse of :func:`stack`."""
+    """Inverse of :func:`stack`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> len(tree.unstack(tree.stack([a, a, a])))
+        3
+    """
     n = leading_dim(stacked)
     return [index(stacked, i) for i in range(n)]
 
 
 def index(stacked: PyTree, i) -> PyTree:
-    """Row ``i`` of a stacked pytree."""
+    """Row ``i`` of a stacked pytree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> rows = tree.stack([a, tree.scale(2.0, a)])
+        >>> tree.index(rows, 1)['b']
+        Array(6., dtype=float64)
+    """
     return jax.tree_util.tree_map(lambda x: x[i], stacked)
 
 
 def leading_dim(tree: PyTree) -> int:
-    """The common leading-axis length of all leaves; raises if they disagree."""
+    """The common leading-axis length of all leaves; raises if they disagree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.leading_dim(tree.stack([a, a, a]))
+        3
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         raise ValueError("The pytree has no array leaves, so it has no leading axis.")
@@ -293,7 +477,15 @@ def leading_dim(tree: PyTree) -> int:
 
 
 def path_str(path) -> str:
-    """A readable ``a/b/0/kernel`` string for a ``jax.tree_util`` key path."""
+    """A readable ``a/b/0/kernel`` string for a ``jax.tree_util`` key path.
+
+    Example:
+        >>> import jax
+        >>> from hvp import tree
+        >>> (path, _), = jax.tree_util.tree_leaves_with_path({'dense': {'kernel': 1.0}})
+        >>> tree.path_str(path)
+        'dense/kernel'
+    """
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -310,7 +502,14 @@ def path_str(path) -> str:
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
-    """The ``path_str`` of every leaf, in ``tree_leaves`` order."""
+    """The ``path_str`` of every leaf, in ``tree_leaves`` order.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.leaf_paths({'dense': {'kernel': jnp.ones(2), 'bias': jnp.ones(1)}})
+        ['dense/bias', 'dense/kernel']
+    """
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -334,6 +533,16 @@ def assert_same_structure(
 
     ``leading`` extra leading axes on ``v``'s leaves are allowed (e.g. 1 for a
     stacked block of vectors).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.assert_same_structure(a, a)  # passes silently
+        >>> tree.assert_same_structure({'w': jnp.ones(3)}, a)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
     """
     t_v = jax.tree_util.tree_structure(v)
     t_l = jax.tree_util.tree_structure(like)
@@ -369,7 +578,17 @@ def assert_same_structure(
 
 
 def assert_floating(tree: PyTree, *, name: str = "params") -> None:
-    """Raise ``TypeError`` if any leaf is not a floating-point array."""
+    """Raise ``TypeError`` if any leaf is not a floating-point array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.assert_floating({'w': jnp.ones(2)})  # passes silently
+        >>> tree.assert_floating({'w': jnp.arange(2)})
+        Traceback (most recent call last):
+        ...
+        TypeError: ...
+    """
     bad = [(p, d) for p, _, d in _describe(tree) if not jnp.issubdtype(d, jnp.floating)]
     if bad:
         listing = ", ".join(f"'{p or '<root>'}' ({d})" for p, d in bad[:5])
@@ -384,12 +603,29 @@ def assert_floating(tree: PyTree, *, name: str = "params") -> None:
 
 
 def is_traced(*trees: PyTree) -> bool:
-    """``True`` if any leaf of the trees is a JAX tracer (we are inside ``jit``/``vmap``/``grad``)."""
+    """``True`` if any leaf of the trees is a JAX tracer (we are inside ``jit``/``vmap``/``grad``).
+
+    Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.is_traced(jnp.ones(2))
+        False
+        >>> jax.jit(lambda x: jnp.array(tree.is_traced(x)))(jnp.ones(2))
+        Array(True, dtype=bool)
+    """
     return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree_util.tree_leaves(t))
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-    """A scalar bool array: every entry of every leaf is finite."""
+    """A scalar bool array: every entry of every leaf is finite.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> bool(tree.all_finite({'w': jnp.array([1.0, jnp.nan])}))
+        False
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.array(True)
@@ -397,7 +633,14 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 def nonfinite_leaves(tree: PyTree) -> list[str]:
-    """Paths of the leaves that contain NaN or Inf (forces a host sync)."""
+    """Paths of the leaves that contain NaN or Inf (forces a host sync).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.nonfinite_leaves({'w': jnp.array([1.0, jnp.nan]), 'b': jnp.ones(1)})
+        ['w']
+    """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return []
