@@ -45,7 +45,17 @@ DEFAULT_DENSE_LIMIT = 20_000
 
 
 class NonFiniteError(FloatingPointError, ValueError):
-    """A matvec or a result contained NaN or Inf."""
+    """A matvec or a result contained NaN or Inf.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_matvec(lambda v: v / 0.0, jnp.zeros(2), check_finite=True)
+        >>> op @ jnp.ones(2)
+        Traceback (most recent call last):
+        ...
+        hvp.operators._base.NonFiniteError: ...
+    """
 
 
 class LinearOperator:
@@ -62,6 +72,18 @@ class LinearOperator:
       shape: ``(n, n)``.
       dtype: the result dtype of ``like``'s leaves.
       name: a short name used in messages (``"hessian"``, ``"ggn"``, ...).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
+        >>> isinstance(op, hvp.LinearOperator), op.shape, op.size
+        (True, (2, 2), 2)
+        >>> op @ jnp.array([1.0, 0.0])
+        Array([2., 1.], dtype=float64)
+        >>> op.matmat(jnp.eye(2))  # one vector per row
+        Array([[2., 1.],
+               [1., 2.]], dtype=float64)
     """
 
     name: str = "operator"
@@ -200,6 +222,13 @@ class MatvecOperator(LinearOperator):
 
     The function is static (hashed by identity), ``like`` is only used for its
     structure, shapes and dtypes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.operators.MatvecOperator(lambda v: {"w": 3.0 * v["w"]}, {"w": jnp.zeros(2)})
+        >>> op @ {"w": jnp.ones(2)}
+        {'w': Array([3., 3.], dtype=float64)}
     """
 
     def __init__(
@@ -231,6 +260,13 @@ class DenseOperator(LinearOperator):
     """A dense symmetric matrix acting on pytrees shaped like ``like``.
 
     If ``like`` is omitted, vectors are flat arrays of length ``n``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.operators.DenseOperator(jnp.diag(jnp.array([1.0, 2.0, 3.0])), {"a": jnp.zeros(1), "b": jnp.zeros(2)})
+        >>> op @ {"a": jnp.ones(1), "b": jnp.ones(2)}
+        {'a': Array([1.], dtype=float64), 'b': Array([2., 3.], dtype=float64)}
     """
 
     def __init__(self, matrix, like=None, *, name: str = "dense", check_finite: bool = False):
@@ -268,7 +304,14 @@ class DenseOperator(LinearOperator):
 
 
 def as_zeros(like):
-    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays."""
+    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from hvp.operators import as_zeros
+        >>> as_zeros({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+        {'w': Array([0., 0.], dtype=float32)}
+    """
     return jax.tree_util.tree_map(
         lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
     )
@@ -277,12 +320,28 @@ def as_zeros(like):
 def from_matvec(
     matvec: Callable, like, *, name: str = "operator", check_finite: bool = False
 ) -> MatvecOperator:
-    """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``."""
+    """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_matvec(lambda v: {"w": 2.0 * v["w"]}, {"w": jnp.zeros(3)})
+        >>> op @ {"w": jnp.ones(3)}
+        {'w': Array([2., 2., 2.], dtype=float64)}
+    """
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 
 
 def from_dense(matrix, like=None, *, name: str = "dense") -> DenseOperator:
-    """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``)."""
+    """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
+        >>> op @ jnp.array([1.0, 0.0])
+        Array([2., 1.], dtype=float64)
+    """
     return DenseOperator(matrix, like, name=name)
 
 
@@ -291,6 +350,15 @@ def as_operator(op, like=None) -> LinearOperator:
 
     Accepts a :class:`LinearOperator`, a callable ``matvec`` together with an
     example pytree ``like``, or a dense square array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> hvp.operators.as_operator(jnp.eye(2)).shape  # a dense square array
+        (2, 2)
+        >>> op = hvp.operators.as_operator(lambda v: 2.0 * v, like=jnp.zeros(3))  # a matvec
+        >>> op @ jnp.ones(3)
+        Array([2., 2., 2.], dtype=float64)
     """
     if isinstance(op, LinearOperator):
         return op

@@ -91,6 +91,13 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
     Raises:
       TypeError: non-floating parameters.
       ValueError: ``v`` not shaped like ``params``; ``fun`` not scalar.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> f = lambda p: jnp.sum(p ** 3)  # Hessian diag(6 p)
+        >>> hvp.hvp(f, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
+        Array([ 6., 12.], dtype=float64)
     """
     tu.assert_floating(params)
     tu.assert_same_structure(v, params)
@@ -103,6 +110,11 @@ def default_unpack(batch):
 
     Accepts a 2-tuple/list ``(inputs, targets)`` or a dict with keys
     ``inputs``/``targets``, ``x``/``y`` or ``image``/``label``.
+
+    Example:
+        >>> from hvp.operators import default_unpack
+        >>> default_unpack({"x": "inputs", "y": "targets"})
+        ('inputs', 'targets')
     """
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
@@ -129,6 +141,18 @@ class CurvatureOperator(LinearOperator):
       reduction: ``"mean"`` or ``"sum"``.
       num_examples, num_batches: size of the data set.
       size, shape, dtype: see :class:`~hvp.operators.LinearOperator`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> params = {"w": jnp.zeros(2)}
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> H = hvp.hessian(loss_fn, params, [batch, batch])
+        >>> H.kind, H.reduction, H.num_examples, H.num_batches, H.shape
+        ('hessian', 'mean', 4, 2, (2, 2))
     """
 
     def __init__(
@@ -335,6 +359,18 @@ def hessian(
 
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> params = {"w": jnp.zeros(2)}
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> H = hvp.hessian(loss_fn, params, batch)  # diag(1, 4)
+        >>> H @ {"w": jnp.array([1.0, 1.0])}
+        {'w': Array([1., 4.], dtype=float64)}
     """
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     _check_scalar(
@@ -401,6 +437,16 @@ def ggn(
 
     The GGN is positive semi-definite when ``loss_fn`` is convex in the
     outputs (cross-entropy, squared error).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> model_fn = lambda params, x: x @ params["w"]
+        >>> params = {"w": jnp.zeros(2)}
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> G = hvp.ggn(model_fn, hvp.losses.mean_squared_error, params, batch)  # 2 X^T X / n
+        >>> G @ {"w": jnp.array([1.0, 1.0])}
+        {'w': Array([1., 4.], dtype=float64)}
     """
     unpack = default_unpack if unpack is None else unpack
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
@@ -430,6 +476,18 @@ def empirical_fisher(
     holding example ``i`` alone (``loss_fn`` is evaluated under ``vmap`` on
     single-example batches). Positive semi-definite by construction. Arguments
     as in :func:`hessian`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> params = {"w": jnp.zeros(2)}
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> F = hvp.empirical_fisher(loss_fn, params, batch)  # mean of g g^T over the examples
+        >>> F @ {"w": jnp.array([1.0, 1.0])}
+        {'w': Array([2., 8.], dtype=float64)}
     """
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     one = tu.map(lambda a: a[:1], dataset.first_batch())

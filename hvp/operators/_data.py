@@ -46,6 +46,13 @@ class Dataset:
         the group holds more than one batch).
       meta: per group, a :class:`GroupMeta`.
       num_examples: total number of examples ``N`` over all batches.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp.operators import as_dataset
+        >>> ds = as_dataset([(jnp.ones((3, 2)), jnp.zeros(3)), (jnp.ones((1, 2)), jnp.zeros(1))])
+        >>> ds.num_examples, ds.num_batches, ds.weights("mean")
+        (4, 2, (0.75, 0.25))
     """
 
     groups: tuple
@@ -132,6 +139,14 @@ def as_dataset(data: Any) -> Dataset:
     Raises:
       ValueError: the data set is empty, a batch has no leaves, or the leaves of
         one batch disagree on the number of examples.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hvp.operators import as_dataset
+        >>> batches = [(jnp.ones((2, 3)), jnp.zeros(2))] * 3  # three batches of the same shape
+        >>> ds = as_dataset(batches)
+        >>> ds.num_examples, ds.num_batches, len(ds.groups)  # one group, stacked
+        (6, 3, 1)
     """
     if isinstance(data, Dataset):
         return data

@@ -27,6 +27,13 @@ class SoftmaxCrossEntropy:
     """Mean softmax cross-entropy of logits ``(..., C)`` against labels or probabilities.
 
     The targets are integer labels ``(...)`` or probability/one-hot targets ``(..., C)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> loss = hvp.losses.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 2]))
+        >>> round(float(loss), 4)  # log 3
+        1.0986
     """
 
     name = "softmax_cross_entropy"
@@ -61,7 +68,14 @@ class SoftmaxCrossEntropy:
 
 
 class MeanSquaredError:
-    """``mean((outputs - targets) ** 2)`` over all entries (PyTorch's ``MSELoss()``)."""
+    """``mean((outputs - targets) ** 2)`` over all entries (PyTorch's ``MSELoss()``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> float(hvp.losses.mean_squared_error(jnp.array([1.0, 3.0]), jnp.array([0.0, 1.0])))
+        2.5
+    """
 
     name = "mean_squared_error"
 
