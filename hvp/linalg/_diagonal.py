@@ -65,6 +65,14 @@ class LeafTraces:
       std_error: the same structure: standard errors from the per-probe sums.
       num_matvecs: operator products behind the estimate.
       method: ``"hutchinson"`` or ``"exact"``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)), {"a": jnp.zeros(2), "b": jnp.zeros(4)})
+        >>> leaves = hvp.diagonal(op, key=jax.random.PRNGKey(0), num_matvecs=4).sum_by_leaf()
+        >>> {k: round(float(v), 4) for k, v in leaves.estimate.items()}  # 1 + 2 and 3 + 4 + 5 + 6
+        {'a': 3.0, 'b': 18.0}
     """
 
     estimate: PyTree
@@ -97,6 +105,16 @@ class DiagonalResult:
       method: ``"hutchinson"`` (Bekas et al. 2007) or ``"exact"`` (``num_matvecs >= n``).
       leaf_samples: per-probe leaf sums :math:`z_{k,\\ell}^\\top (A z_k)_\\ell`, one
         ``(m,)`` array per leaf (for ``"exact"``: the exact leaf traces, shape ``(1,)``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)), {"a": jnp.zeros(2), "b": jnp.zeros(4)})
+        >>> res = hvp.diagonal(op, key=jax.random.PRNGKey(0), num_matvecs=4)
+        >>> res.estimate["a"].round(4), int(res.num_matvecs)
+        (Array([1., 2.], dtype=float64), 4)
+        >>> round(float(res.trace().estimate), 4)
+        21.0
     """
 
     estimate: PyTree
@@ -256,6 +274,14 @@ def diagonal(
       :class:`DiagonalResult`: ``estimate`` and ``std_error`` shaped like the
       parameters, ``num_matvecs``, and :meth:`~DiagonalResult.sum_by_leaf` /
       :meth:`~DiagonalResult.sum_by` / :meth:`~DiagonalResult.trace` for block traces.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> res = hvp.diagonal(op, key=jax.random.PRNGKey(0), num_matvecs=8)  # exact for a diagonal A
+        >>> res.estimate.round(4)
+        Array([1., 2., 3., 4., 5., 6.], dtype=float64)
     """
     op = coerce_operator(op, like)
     check_key(key)

@@ -79,6 +79,16 @@ class EigshResult:
       num_matvecs: operator products used (Lanczos steps + final residuals).
       num_restarts: thick restarts performed.
       which: ``"largest"``, ``"smallest"`` or ``"both"``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> res = hvp.eigsh(op, k=1, which="both", key=jax.random.PRNGKey(0))
+        >>> res.eigenvalues.round(6), bool(res.converged.all()), res.which
+        (Array([1., 6.], dtype=float64), True, 'both')
+        >>> res.eigenvectors.shape  # one eigenvector per row (a pytree like op.like in general)
+        (2, 6)
     """
 
     eigenvalues: jax.Array
@@ -461,6 +471,16 @@ def eigsh(
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``.
       NonFiniteError: NaN or Inf in the result (the operator produced them).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> res = hvp.eigsh(op, k=1, which="both", key=jax.random.PRNGKey(0))
+        >>> res.eigenvalues.round(6)  # the smallest and the largest, ascending
+        Array([1., 6.], dtype=float64)
+        >>> bool((res.residuals <= 1e-6 * 6).all())
+        True
     """
     op = as_operator(op, like)
     n = _check_like(op)

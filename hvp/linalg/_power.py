@@ -38,6 +38,14 @@ class PowerResult:
       residual: ``||A v - eigenvalue * v||``.
       num_matvecs: operator products used.
       converged: ``residual <= tol * |eigenvalue|``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> res = hvp.power_iteration(op, key=jax.random.PRNGKey(0), num_iters=500)
+        >>> round(float(res.eigenvalue), 4), bool(res.converged)
+        (6.0, True)
     """
 
     eigenvalue: jax.Array
@@ -96,6 +104,14 @@ def power_iteration(
     Raises:
       ValueError: ``num_iters < 1``, negative ``tol``, ``v0`` of the wrong structure.
       NonFiniteError: the operator produced NaN or Inf.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> res = hvp.power_iteration(op, key=jax.random.PRNGKey(0), num_iters=500, tol=1e-8)
+        >>> round(float(res.eigenvalue), 6), int(res.num_matvecs) <= 500
+        (6.0, True)
     """
     op = as_operator(op, like)
     _check_like(op)

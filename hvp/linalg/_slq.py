@@ -61,6 +61,15 @@ class TraceFnEstimate:
       estimate: mean over probes of ``n * sum_j w_j f(theta_j)``.
       stderr: standard error of that mean (sample std / sqrt(probes); ``inf`` with one probe).
       samples: the per-probe estimates, shape ``(num_probes,)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> sd = hvp.spectral_density(op, key=jax.random.PRNGKey(0), num_probes=4, num_iters=6)
+        >>> est = sd.trace_fn(jnp.log)  # log det = log 720
+        >>> round(float(est.estimate), 4), round(float(jnp.log(720.0)), 4)
+        (6.5793, 6.5793)
     """
 
     estimate: jax.Array
@@ -77,6 +86,18 @@ class SpectralDensity:
       weights: Gauss quadrature weights, same shape; each row sums to 1.
       num_matvecs: operator products used (``num_probes * num_iters``).
       size: ``n``, the operator size.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> sd = hvp.spectral_density(op, key=jax.random.PRNGKey(0), num_probes=4, num_iters=6)
+        >>> sd.size, sd.num_probes, int(sd.num_matvecs)
+        (6, 4, 24)
+        >>> round(sd.negative_mass(), 4), round(float(sd.cdf(3.5)), 2)  # half the eigenvalues are <= 3.5
+        (0.0, 0.5)
+        >>> sd.density(sd.grid(50)).shape
+        (50,)
     """
 
     nodes: jax.Array
@@ -178,6 +199,11 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
     numpy.linalg.eigvalsh(H))`` compares an SLQ estimate to the exact spectrum.
     It has the units of the eigenvalues; divide by the spectral range for a
     relative figure.
+
+    Example:
+        >>> from hvp.linalg import wasserstein1
+        >>> wasserstein1([0.0, 1.0], None, [0.0, 2.0])  # half the mass moves by 1
+        0.5
     """
     if y is None:
         raise TypeError(
@@ -312,6 +338,14 @@ def spectral_density(
     Raises:
       ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``.
       NonFiniteError: the operator produced NaN or Inf.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> sd = hvp.spectral_density(op, key=jax.random.PRNGKey(0), num_probes=4, num_iters=6)
+        >>> round(sd.wasserstein1(jnp.arange(1.0, 7.0)), 6)  # n steps: the Ritz values are exact
+        0.0
     """
     op = as_operator(op, like)
     n = _check_like(op)

@@ -38,6 +38,14 @@ class SpectrumSummary:
         (SLQ estimate of the magnitude-weighted ratio, same conventions).
       converged: whether both extreme eigenpairs reached ``tol``.
       num_matvecs: operator products used in total.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.array([-1.0, 1.0, 2.0, 3.0, 4.0, 5.0])))  # indefinite
+        >>> s = hvp.spectrum_summary(op, key=jax.random.PRNGKey(0), num_probes=4, num_iters=6)
+        >>> round(s.lambda_min, 4), round(s.lambda_max, 4), round(s.negative_mass, 4)
+        (-1.0, 5.0, 0.1667)
     """
 
     lambda_max: float
@@ -95,6 +103,14 @@ def spectrum_summary(
 
     Returns:
       :class:`SpectrumSummary` (plain Python numbers).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> s = hvp.spectrum_summary(op, key=jax.random.PRNGKey(0), num_probes=4, num_iters=6)
+        >>> round(s.lambda_max, 4), round(s.lambda_min, 4), round(s.condition_number, 4), s.converged
+        (6.0, 1.0, 6.0, True)
     """
     op = as_operator(op, like)
     if not zero_tol >= 0:
