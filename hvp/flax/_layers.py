@@ -26,6 +26,11 @@ def layer_of(path: str) -> str:
     """The layer name of a leaf path: the path minus its last component (``a/b/kernel`` -> ``a/b``).
 
     A top-level leaf (no ``/``) is its own layer.
+
+    Example:
+        >>> from hvp.flax import layer_of
+        >>> layer_of("encoder/dense/kernel"), layer_of("scale")
+        ('encoder/dense', 'scale')
     """
     head, sep, _ = path.rpartition("/")
     return head if sep else path
@@ -37,6 +42,13 @@ def group_by_layer(tree, *, layer_fn: Callable[[str], str] = layer_of) -> dict[s
     Layers and paths appear in ``tree_leaves`` order. ``layer_fn`` maps a leaf
     path to its layer name (default :func:`layer_of`); pass e.g.
     ``lambda p: p.split("/")[0]`` to group by top-level module instead.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
+        >>> hvp.flax.group_by_layer(params)
+        {'dense': ['dense/bias', 'dense/kernel'], 'out': ['out/kernel']}
     """
     groups: dict[str, list[str]] = {}
     for path in tu.leaf_paths(tree):
@@ -72,6 +84,14 @@ def layer_norms(
 
     Returns:
       ``{layer: array of shape (k,)}`` in parameter order.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
+        >>> vecs = {"dense": {"bias": jnp.array([[1.0]]), "kernel": jnp.array([[0.0, 0.0]])}, "out": {"kernel": jnp.array([[1.0]])}}
+        >>> {k: v.round(4) for k, v in hvp.flax.layer_norms(vecs).items()}  # one row per eigenvector
+        {'dense': array([1.]), 'out': array([1.])}
     """
     block = getattr(eigenvectors, "eigenvectors", eigenvectors)
     leaves = jax.tree_util.tree_leaves(block)
@@ -108,6 +128,15 @@ class LayerTrace:
       total_std_error: its standard error (from the per-probe totals).
       num_matvecs: products with ``A`` used.
       method: ``"hutchinson"`` or ``"exact"``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
+        >>> op = hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0, 3.0, 4.0])), params)
+        >>> lt = hvp.flax.layer_trace(op, method="exact")
+        >>> lt.layers, {k: round(v, 4) for k, v in lt.fractions().items()}
+        (('dense', 'out'), {'dense': 0.6, 'out': 0.4})
     """
 
     layers: tuple
@@ -170,6 +199,15 @@ def layer_trace(
 
     Returns:
       A :class:`LayerTrace`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
+        >>> op = hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0, 3.0, 4.0])), params)
+        >>> lt = hvp.flax.layer_trace(op, key=jax.random.PRNGKey(0), num_matvecs=8)
+        >>> lt.estimate.round(4), round(float(lt.total), 4)  # dense: 1 + 2 + 3, out: 4 (exact for a diagonal A)
+        (array([6., 4.]), 10.0)
     """
     op = as_operator(op, like)
     names, _ = _leaf_layer_index(op.like, layer_fn)

@@ -57,6 +57,18 @@ def from_linen(
       A :class:`~hvp.flax.FlaxProblem` whose ``params`` is the plain nested
       dict ``variables["params"]`` (paths like ``Dense_0/kernel``) and whose
       ``merge(params)`` returns the full variables dict with new parameters.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import flax.linen as nn
+        >>> import hvp
+        >>> module = nn.Dense(1)
+        >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+        >>> variables = module.init(jax.random.PRNGKey(0), x)
+        >>> problem = hvp.flax.from_linen(module, variables, "mse")
+        >>> G = problem.ggn((x, jnp.ones((2, 1))))
+        >>> G.shape, problem.framework
+        ((3, 3), 'linen')
     """
     if not isinstance(module, nn.Module):
         raise TypeError(

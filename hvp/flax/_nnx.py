@@ -41,7 +41,17 @@ def _pure(state):
 
 
 def nnx_params(model_or_state):
-    """The ``nnx.Param`` variables of an NNX module (or an ``nnx.State``) as a plain nested dict."""
+    """The ``nnx.Param`` variables of an NNX module (or an ``nnx.State``) as a plain nested dict.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import hvp
+        >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+        >>> params = hvp.flax.nnx_params(model)
+        >>> sorted(params), params["kernel"].shape
+        (['bias', 'kernel'], (2, 1))
+    """
     if isinstance(model_or_state, nnx.Module):
         return _pure(nnx.state(model_or_state, nnx.Param))
     if isinstance(model_or_state, nnx.State):
@@ -92,6 +102,17 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
 
       problem = hvp.flax.from_nnx(model, "cross_entropy")
       top = hvp.eigsh(problem.hessian((x, y)), k=5, key=jax.random.key(0))
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import hvp
+        >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+        >>> problem = hvp.flax.from_nnx(model, "mse")
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones((2, 1)))
+        >>> H = problem.hessian(batch)  # the loss is quadratic: H = G
+        >>> H.shape, hvp.tree.leaf_paths(problem.params)
+        ((3, 3), ['bias', 'kernel'])
     """
     if not isinstance(model, nnx.Module):
         hint = ""

@@ -26,7 +26,13 @@ _LOSS_NAMES = {
 
 
 def resolve_loss(loss) -> Callable:
-    """Map ``"cross_entropy"`` / ``"mse"`` to :mod:`hvp.losses`; pass callables through."""
+    """Map ``"cross_entropy"`` / ``"mse"`` to :mod:`hvp.losses`; pass callables through.
+
+    Example:
+        >>> import hvp
+        >>> hvp.flax.resolve_loss("mse") is hvp.losses.mean_squared_error
+        True
+    """
     if isinstance(loss, str):
         try:
             return _LOSS_NAMES[loss]
@@ -60,6 +66,17 @@ class FlaxProblem:
       framework: ``"nnx"`` or ``"linen"``.
       train: whether the model runs in training mode (dropout on, batch
         statistics from the batch); see :func:`hvp.flax.from_nnx`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import hvp
+        >>> problem = hvp.flax.from_nnx(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), "mse")
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones((2, 1)))
+        >>> float(problem.loss_fn(problem.params, batch)) >= 0.0
+        True
+        >>> problem.operator("ggn", batch).kind
+        'ggn'
     """
 
     loss_fn: Callable
