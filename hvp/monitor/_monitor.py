@@ -71,6 +71,18 @@ class MonitorRecord:
       negative_mass: fraction of spectral mass below zero (only at density steps).
       lr_threshold: ``2 / learning_rate`` at this step (``None`` without a learning rate).
       seconds: wall-clock seconds spent in this evaluation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> monitor = hvp.CurvatureMonitor.from_loss(loss_fn, batch, every=10, trace=False, key=jax.random.PRNGKey(0))
+        >>> record = monitor(0, {"w": jnp.zeros(2)})
+        >>> record.step, record.eigenvalues.round(4), bool(record.converged.all())
+        (0, array([4.]), True)
     """
 
     step: int
@@ -114,6 +126,19 @@ class MonitorSummary:
       warm_start_savings: ``1 - eig_matvecs / cold_eig_matvecs`` (``None`` unless measured).
       max_sharpness: largest top eigenvalue seen.
       final_sharpness: top eigenvalue of the last evaluation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> monitor = hvp.CurvatureMonitor.from_loss(loss_fn, batch, every=10, trace=False, key=jax.random.PRNGKey(0))
+        >>> _ = monitor(0, {"w": jnp.zeros(2)})
+        >>> s = monitor.summary()
+        >>> s.num_evaluations, round(s.max_sharpness, 4)
+        (1, 4.0)
     """
 
     num_evaluations: int
@@ -138,6 +163,15 @@ def extract_params(obj):
     nnx.Param)``), or any object with a ``params`` attribute (a Linen /
     ``flax.training`` ``TrainState``, ``nnx.Optimizer``-like wrappers);
     ``FrozenDict`` becomes ``dict``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from hvp.monitor import extract_params
+        >>> sorted(extract_params(nnx.Linear(2, 1, rngs=nnx.Rngs(0))))  # an NNX module's nnx.Param state
+        ['bias', 'kernel']
+        >>> extract_params({"w": jnp.ones(2)})  # a plain pytree passes through
+        {'w': Array([1., 1.], dtype=float64)}
     """
     try:  # optional dependency
         from flax import nnx
@@ -219,6 +253,20 @@ class CurvatureMonitor:
       learning_rate: float or schedule ``step -> lr``; records and plots the
         edge-of-stability threshold ``2 / lr``.
       verbose: print one line per evaluation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> monitor = hvp.CurvatureMonitor.from_loss(loss_fn, batch, every=10, trace=False, key=jax.random.PRNGKey(0))
+        >>> params = {"w": jnp.zeros(2)}
+        >>> for step in range(20):  # a training loop: params = train_step(params, batch)
+        ...     record = monitor(step, params)  # evaluates at steps 0 and 10, None elsewhere
+        >>> monitor.steps_recorded(), monitor.sharpness().round(4)
+        (array([ 0, 10]), array([4., 4.]))
     """
 
     def __init__(
