@@ -65,6 +65,23 @@ class Checkpoint:
       step: the step number when read from a ``CheckpointManager`` layout.
       item: the item name when read from a step directory.
       tree: the arrays, as a nested dict of NumPy arrays.
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> ck = hvp.analysis.read_checkpoint(ckpt)
+        >>> ck.step, ck.item, ck.tree["params"]["kernel"].shape
+        (None, None, (3, 2))
     """
 
     path: str
@@ -97,6 +114,23 @@ def resolve_checkpoint(
     Raises:
       AnalysisError: the directory does not exist, is a file, or holds no
         Orbax checkpoint; the step or item asked for does not exist.
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> path, step, item = hvp.analysis.resolve_checkpoint(ckpt)
+        >>> os.path.basename(path), step, item
+        ('ckpt', None, None)
     """
     root = Path(path)
     if not root.exists():
@@ -185,6 +219,23 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
     Raises:
       AnalysisError: see :func:`resolve_checkpoint`; the metadata or an array
         file cannot be read (a truncated, corrupted or unreadable file).
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> ck = hvp.analysis.read_checkpoint(ckpt)  # read-only: the checkpoint is not modified
+        >>> sorted(ck.tree["params"])
+        ['bias', 'kernel']
     """
     import orbax.checkpoint as ocp
 
@@ -326,6 +377,24 @@ def restore_into(model_spec, ckpt: Checkpoint, *, dtype=None) -> RestoredModel:
     """Put the checkpoint's arrays into the model built from the spec, after the structure check.
 
     Floating arrays are cast to ``dtype`` (when given).
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> ck = hvp.analysis.read_checkpoint(ckpt)
+        >>> restored = hvp.analysis.restore_into(hvp.analysis.load_model(tiny), ck)
+        >>> restored.kind, restored.restored
+        ('linen', ('params/bias', 'params/kernel'))
     """
     if model_spec.kind == "nnx":
         return _restore_nnx(model_spec.model, ckpt, dtype=dtype)

@@ -47,6 +47,12 @@ def digits_mlp():
 
     The initial weights are fixed (seed 0); an analysis replaces them with the
     checkpoint's.
+
+    Example:
+        >>> import hvp
+        >>> model, loss = hvp.analysis.digits_mlp()
+        >>> type(model).__name__, loss
+        ('DigitsMLP', 'cross_entropy')
     """
     return DigitsMLP(32, rngs=nnx.Rngs(0)), "cross_entropy"
 
@@ -123,6 +129,16 @@ def run_demo(
     ``analysis_kwargs`` are passed to :func:`hvp.analysis.analyze` (``k``,
     ``num_probes``, ...); ``seed`` seeds both the training batches and the
     analysis.
+
+    Example:
+        >>> import os, tempfile
+        >>> import hvp
+        >>> out = tempfile.mkdtemp()
+        >>> # About a minute of CPU (training, checkpoint, full analysis), so not run as a doctest;
+        >>> # `hvp demo` runs it and tests/cli/test_cli_analyze.py tests it.
+        >>> report = hvp.analysis.run_demo(out=out, steps=300)  # doctest: +SKIP
+        >>> sorted(os.listdir(out))  # doctest: +SKIP
+        ['ckpt', 'density.png', 'layers.png', 'report.json']
     """
     from hvp.analysis._analyze import analyze
     from hvp.analysis._errors import AnalysisError

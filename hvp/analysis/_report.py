@@ -130,7 +130,32 @@ FIGURE_KEYS = (
 
 
 def validate_report(d: dict) -> None:
-    """Raise ``ValueError`` listing every key of :data:`REPORT_SCHEMA` missing from a report dict."""
+    """Raise ``ValueError`` listing every key of :data:`REPORT_SCHEMA` missing from a report dict.
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> hvp.analysis.validate_report(report.to_dict())  # passes silently
+        >>> hvp.analysis.validate_report({"schema_version": hvp.analysis.SCHEMA_VERSION})
+        Traceback (most recent call last):
+        ...
+        ValueError: report is missing keys: ...
+    """
     missing = []
     for key, sub in REPORT_SCHEMA.items():
         if key not in d:
@@ -152,7 +177,31 @@ def write_json(report, path) -> Path:
 
 
 def load_report(path) -> dict:
-    """Read a ``report.json`` and check its schema."""
+    """Read a ``report.json`` and check its schema.
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> files = report.write(tempfile.mkdtemp(), plots=False)
+        >>> loaded = hvp.analysis.load_report(files["report"])
+        >>> loaded["top"]["eigenvalues"] == report.to_dict()["top"]["eigenvalues"]
+        True
+    """
     d = json.loads(Path(path).read_text())
     validate_report(d)
     return d
@@ -204,7 +253,30 @@ def _list(x):
 
 
 def summary_table(report):
-    """A ``rich.table.Table`` with every figure, its error, matvecs and seconds."""
+    """A ``rich.table.Table`` with every figure, its error, matvecs and seconds.
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> table = hvp.analysis.summary_table(report)  # a rich.table.Table
+        >>> type(table).__name__, table.row_count > 0
+        ('Table', True)
+    """
     from rich.table import Table
 
     g = lambda s, k=None: _get(report, s, k)  # noqa: E731
@@ -275,7 +347,33 @@ def summary_table(report):
 
 
 def print_summary(report, console=None) -> None:
-    """Print :func:`summary_table` on the terminal (stdout by default)."""
+    """Print :func:`summary_table` on the terminal (stdout by default).
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> import io
+        >>> from rich.console import Console
+        >>> console = Console(file=io.StringIO(), width=100)
+        >>> hvp.analysis.print_summary(report, console)
+        >>> "trace" in console.file.getvalue().lower()
+        True
+    """
     from rich.console import Console
 
     (console or Console()).print(summary_table(report))
