@@ -68,7 +68,7 @@ class Operator(Protocol):
       shape: ``(n, n)``.
       dtype: the dtype of the products.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> from hvp.typing import Operator

@@ -56,6 +56,6 @@ def test_public_api_is_not_empty():
 def test_public_name_has_an_example(qualname, obj):
     doc = inspect.getdoc(obj) or ""
     assert ">>>" in doc, (
-        f"{qualname} has no `>>>` example in its docstring: append an `Example:` section "
+        f"{qualname} has no `>>>` example in its docstring: append an `Examples:` section "
         "with a tiny runnable example (it runs as a doctest; see CONTRIBUTING.md)."
     )

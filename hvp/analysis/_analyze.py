@@ -117,7 +117,7 @@ class EigenSection:
       num_matvecs, num_restarts, seconds: cost of this figure.
       which: ``"largest"`` or ``"smallest"``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from hvp.analysis import EigenSection
         >>> top = EigenSection(eigenvalues=np.array([4.0]), residuals=np.array([1e-9]),
@@ -140,7 +140,7 @@ class EigenSection:
 class TraceSection:
     """``tr A`` with its standard error.
 
-    Example:
+    Examples:
         >>> from hvp.analysis import TraceSection
         >>> section = TraceSection(estimate=5.0, std_error=0.1, num_matvecs=99, seconds=0.2, method="hutch++")
         >>> section.to_dict()["method"]
@@ -166,7 +166,7 @@ class DensitySection:
       zero_threshold: ``tol * max|lambda|``; Ritz values closer to 0 count as zero (round-off, null space).
       num_probes, num_iters, num_matvecs, seconds: settings and cost.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from hvp.analysis import DensitySection
         >>> grid = np.linspace(0.0, 1.0, 5)
@@ -203,7 +203,7 @@ class LayerSection:
         (columns in ascending eigenvalue order, the last one is the top eigenvector).
       num_matvecs, seconds: cost of the per-layer traces (the mass reuses the top eigenvectors).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from hvp.analysis import LayerSection
         >>> section = LayerSection(layers=("dense", "out"), num_params=(6, 3), trace=np.array([2.0, 1.0]),
@@ -229,7 +229,7 @@ class DerivedSection:
 
     ``num_matvecs`` / ``seconds`` are those of the figures they come from.
 
-    Example:
+    Examples:
         >>> from hvp.analysis import DerivedSection
         >>> section = DerivedSection(lambda_max=4.0, lambda_min=-0.5, condition_estimate=None,
         ...                          positive_definite=False, negative_ratio=0.125, negative_mass=0.1,
@@ -273,7 +273,7 @@ class AnalysisReport:
       command: an ``hvp analyze`` command line that reproduces the figures.
       extra: free-form provenance (the demo records its training run here).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -483,7 +483,7 @@ def analyze(
         checkpoint, structure mismatch, NaN parameters, bad spec, empty data,
         invalid setting), with a message that names the fix.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -732,7 +732,7 @@ def analyze(
     timings["total"] = time.perf_counter() - t_start
     report = AnalysisReport(
         schema_version=SCHEMA_VERSION,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         settings=settings,
         seeds={
             "seed": int(seed),

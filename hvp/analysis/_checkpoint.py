@@ -66,7 +66,7 @@ class Checkpoint:
       item: the item name when read from a step directory.
       tree: the arrays, as a nested dict of NumPy arrays.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -115,7 +115,7 @@ def resolve_checkpoint(
       AnalysisError: the directory does not exist, is a file, or holds no
         Orbax checkpoint; the step or item asked for does not exist.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -220,7 +220,7 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
       AnalysisError: see :func:`resolve_checkpoint`; the metadata or an array
         file cannot be read (a truncated, corrupted or unreadable file).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -378,7 +378,7 @@ def restore_into(model_spec, ckpt: Checkpoint, *, dtype=None) -> RestoredModel:
 
     Floating arrays are cast to ``dtype`` (when given).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn

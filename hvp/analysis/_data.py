@@ -53,7 +53,7 @@ class DataSet:
       num_examples: total number of examples over the batches.
       spec: a description of where they came from.
 
-    Example:
+    Examples:
         >>> import hvp
         >>> ds = hvp.analysis.load_data("digits", batch_size=500, num_batches=2)
         >>> ds.num_examples, len(ds.batches), ds.spec
@@ -72,7 +72,7 @@ class DataSet:
 def digits(*, images: bool = False, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: ``x`` in ``[0, 1]`` (``(N, 64)``, or ``(N, 8, 8, 1)``), int32 labels.
 
-    Example:
+    Examples:
         >>> import hvp
         >>> x, y = hvp.analysis.digits()
         >>> x.shape, y.shape, x.dtype
@@ -198,7 +198,7 @@ def load_data(
       AnalysisError: unknown spec, missing or unreadable file, wrong keys,
         a data function that fails, or an empty data set.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> import hvp
         >>> x, y = np.zeros((10, 3), np.float32), np.zeros(10, np.int32)

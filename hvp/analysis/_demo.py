@@ -48,7 +48,7 @@ def digits_mlp():
     The initial weights are fixed (seed 0); an analysis replaces them with the
     checkpoint's.
 
-    Example:
+    Examples:
         >>> import hvp
         >>> model, loss = hvp.analysis.digits_mlp()
         >>> type(model).__name__, loss
@@ -130,7 +130,7 @@ def run_demo(
     ``num_probes``, ...); ``seed`` seeds both the training batches and the
     analysis.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import hvp
         >>> out = tempfile.mkdtemp()

@@ -12,7 +12,7 @@ class AnalysisError(ValueError):
     it on one line (without a traceback unless ``--debug``) and exits with
     status 1.
 
-    Example:
+    Examples:
         >>> import hvp
         >>> try:
         ...     hvp.analysis.load_model("no_such_module_xyz:factory")
@@ -30,7 +30,7 @@ class StructureMismatchError(AnalysisError):
       unexpected: paths in the checkpoint that the model does not have.
       mismatched: ``(path, checkpoint_shape, model_shape)`` for arrays of the wrong shape.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn

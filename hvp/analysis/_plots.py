@@ -41,7 +41,7 @@ def _short(spec: str, width: int = 48) -> str:
 def plot_density(report, path) -> Path:
     """Write the log-scale spectral density plot of a report to ``path`` (PNG).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -137,7 +137,7 @@ def plot_density(report, path) -> Path:
 def plot_layers(report, path) -> Path:
     """Write the per-layer bar chart (trace ± standard error, top-eigenvector mass) to ``path`` (PNG).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn

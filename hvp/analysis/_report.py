@@ -132,7 +132,7 @@ FIGURE_KEYS = (
 def validate_report(d: dict) -> None:
     """Raise ``ValueError`` listing every key of :data:`REPORT_SCHEMA` missing from a report dict.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -179,7 +179,7 @@ def write_json(report, path) -> Path:
 def load_report(path) -> dict:
     """Read a ``report.json`` and check its schema.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -255,7 +255,7 @@ def _list(x):
 def summary_table(report):
     """A ``rich.table.Table`` with every figure, its error, matvecs and seconds.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn
@@ -349,7 +349,7 @@ def summary_table(report):
 def print_summary(report, console=None) -> None:
     """Print :func:`summary_table` on the terminal (stdout by default).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> import flax.linen as nn

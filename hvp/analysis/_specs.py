@@ -54,7 +54,7 @@ class ModelSpec:
       loss: the loss on outputs (a callable or one of :data:`LOSS_NAMES`).
       spec: the spec string it was built from (or a description of the callable).
 
-    Example:
+    Examples:
         >>> import hvp
         >>> spec = hvp.analysis.load_model(hvp.analysis.DEMO_MODEL_SPEC)
         >>> spec.kind, spec.loss, spec.spec == hvp.analysis.DEMO_MODEL_SPEC
@@ -118,7 +118,7 @@ def resolve_callable(spec: str, *, what: str = "model spec") -> Callable:
       AnalysisError: malformed spec, module or file not found, import failure,
         missing attribute, or not callable (each message names the fix).
 
-    Example:
+    Examples:
         >>> import hvp
         >>> hvp.analysis.resolve_callable("hvp.analysis:digits_mlp") is hvp.analysis.digits_mlp
         True
@@ -175,7 +175,7 @@ def load_model(spec) -> ModelSpec:
     ``spec`` is a spec string, or (from Python) the factory itself or an
     already built ``(model, loss)`` pair.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import flax.linen as nn
         >>> import hvp

@@ -27,7 +27,7 @@ def layer_of(path: str) -> str:
 
     A top-level leaf (no ``/``) is its own layer.
 
-    Example:
+    Examples:
         >>> from hvp.flax import layer_of
         >>> layer_of("encoder/dense/kernel"), layer_of("scale")
         ('encoder/dense', 'scale')
@@ -43,7 +43,7 @@ def group_by_layer(tree, *, layer_fn: Callable[[str], str] = layer_of) -> dict[s
     path to its layer name (default :func:`layer_of`); pass e.g.
     ``lambda p: p.split("/")[0]`` to group by top-level module instead.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
@@ -85,7 +85,7 @@ def layer_norms(
     Returns:
       ``{layer: array of shape (k,)}`` in parameter order.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
@@ -129,7 +129,7 @@ class LayerTrace:
       num_matvecs: products with ``A`` used.
       method: ``"hutchinson"`` or ``"exact"``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
@@ -200,7 +200,7 @@ def layer_trace(
     Returns:
       A :class:`LayerTrace`.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}

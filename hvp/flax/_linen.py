@@ -58,7 +58,7 @@ def from_linen(
       dict ``variables["params"]`` (paths like ``Dense_0/kernel``) and whose
       ``merge(params)`` returns the full variables dict with new parameters.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import flax.linen as nn
         >>> import hvp

@@ -43,7 +43,7 @@ def _pure(state):
 def nnx_params(model_or_state):
     """The ``nnx.Param`` variables of an NNX module (or an ``nnx.State``) as a plain nested dict.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> import hvp
@@ -103,7 +103,7 @@ def from_nnx(model, loss, *, train: bool = False, unpack: Callable | None = None
       problem = hvp.flax.from_nnx(model, "cross_entropy")
       top = hvp.eigsh(problem.hessian((x, y)), k=5, key=jax.random.key(0))
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> import hvp

@@ -28,7 +28,7 @@ _LOSS_NAMES = {
 def resolve_loss(loss) -> Callable:
     """Map ``"cross_entropy"`` / ``"mse"`` to :mod:`hvp.losses`; pass callables through.
 
-    Example:
+    Examples:
         >>> import hvp
         >>> hvp.flax.resolve_loss("mse") is hvp.losses.mean_squared_error
         True
@@ -67,7 +67,7 @@ class FlaxProblem:
       train: whether the model runs in training mode (dropout on, batch
         statistics from the batch); see :func:`hvp.flax.from_nnx`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> import hvp

@@ -66,7 +66,7 @@ class LeafTraces:
       num_matvecs: operator products behind the estimate.
       method: ``"hutchinson"`` or ``"exact"``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)), {"a": jnp.zeros(2), "b": jnp.zeros(4)})
@@ -106,7 +106,7 @@ class DiagonalResult:
       leaf_samples: per-probe leaf sums :math:`z_{k,\\ell}^\\top (A z_k)_\\ell`, one
         ``(m,)`` array per leaf (for ``"exact"``: the exact leaf traces, shape ``(1,)``).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)), {"a": jnp.zeros(2), "b": jnp.zeros(4)})
@@ -275,7 +275,7 @@ def diagonal(
       parameters, ``num_matvecs``, and :meth:`~DiagonalResult.sum_by_leaf` /
       :meth:`~DiagonalResult.sum_by` / :meth:`~DiagonalResult.trace` for block traces.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6

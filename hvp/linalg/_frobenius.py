@@ -52,7 +52,7 @@ class FrobeniusResult:
       method: ``"hutchinson"`` or ``"exact"``.
       samples: :math:`\\|A z_k\\|^2` per probe (``"exact"``: :math:`\\|A e_i\\|^2`, whose sum is the estimate).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
@@ -127,7 +127,7 @@ def frobenius_norm(
       ``squared_std_error`` for :math:`\|A\|_F^2`. The variance of one sample is
       :math:`2\sum_{i\ne j} (A^2)_{ij}^2`.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> A = jnp.array([[2.0, 1.0], [1.0, 2.0]])

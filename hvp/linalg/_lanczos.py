@@ -80,7 +80,7 @@ class EigshResult:
       num_restarts: thick restarts performed.
       which: ``"largest"``, ``"smallest"`` or ``"both"``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
@@ -472,7 +472,7 @@ def eigsh(
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``.
       NonFiniteError: NaN or Inf in the result (the operator produced them).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6

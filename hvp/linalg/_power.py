@@ -39,7 +39,7 @@ class PowerResult:
       num_matvecs: operator products used.
       converged: ``residual <= tol * |eigenvalue|``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
@@ -105,7 +105,7 @@ def power_iteration(
       ValueError: ``num_iters < 1``, negative ``tol``, ``v0`` of the wrong structure.
       NonFiniteError: the operator produced NaN or Inf.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6

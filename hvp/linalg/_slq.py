@@ -62,7 +62,7 @@ class TraceFnEstimate:
       stderr: standard error of that mean (sample std / sqrt(probes); ``inf`` with one probe).
       samples: the per-probe estimates, shape ``(num_probes,)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
@@ -87,7 +87,7 @@ class SpectralDensity:
       num_matvecs: operator products used (``num_probes * num_iters``).
       size: ``n``, the operator size.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
@@ -200,7 +200,7 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
     It has the units of the eigenvalues; divide by the spectral range for a
     relative figure.
 
-    Example:
+    Examples:
         >>> from hvp.linalg import wasserstein1
         >>> wasserstein1([0.0, 1.0], None, [0.0, 2.0])  # half the mass moves by 1
         0.5
@@ -339,7 +339,7 @@ def spectral_density(
       ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``.
       NonFiniteError: the operator produced NaN or Inf.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6

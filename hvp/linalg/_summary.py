@@ -39,7 +39,7 @@ class SpectrumSummary:
       converged: whether both extreme eigenpairs reached ``tol``.
       num_matvecs: operator products used in total.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.array([-1.0, 1.0, 2.0, 3.0, 4.0, 5.0])))  # indefinite
@@ -104,7 +104,7 @@ def spectrum_summary(
     Returns:
       :class:`SpectrumSummary` (plain Python numbers).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6

@@ -122,7 +122,7 @@ class TraceResult:
       converged: adaptive mode only: whether ``std_error <= max(rtol*|estimate|, atol)``
         was reached within ``max_matvecs``; ``None`` for a fixed budget.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
@@ -646,7 +646,7 @@ def trace(
     A fixed budget works inside ``jax.jit`` (pass the operator as an argument);
     adaptive mode is a Python loop over compiled rounds.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> A = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])

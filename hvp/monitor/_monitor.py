@@ -72,7 +72,7 @@ class MonitorRecord:
       lr_threshold: ``2 / learning_rate`` at this step (``None`` without a learning rate).
       seconds: wall-clock seconds spent in this evaluation.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
@@ -127,7 +127,7 @@ class MonitorSummary:
       max_sharpness: largest top eigenvalue seen.
       final_sharpness: top eigenvalue of the last evaluation.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
@@ -164,7 +164,7 @@ def extract_params(obj):
     ``flax.training`` ``TrainState``, ``nnx.Optimizer``-like wrappers);
     ``FrozenDict`` becomes ``dict``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from hvp.monitor import extract_params
@@ -235,16 +235,19 @@ class CurvatureMonitor:
       tol: Lanczos residual tolerance relative to ``|lambda_max|`` (``1e-4``:
         eigenvalue error about ``tol^2 * lambda / gap``, far below what a plot
         shows; reachable in float32).
-      num_iters, max_restarts: passed to :func:`hvp.linalg.eigsh`.
+      num_iters: passed to :func:`hvp.linalg.eigsh`.
+      max_restarts: passed to :func:`hvp.linalg.eigsh`.
       warm_start: start Lanczos from the previous evaluation's eigenvectors.
       measure_cold_start: also run a cold-started Lanczos at every evaluation
         (not counted in :attr:`seconds`) to measure the warm-start savings
         (diagnostics; doubles the Lanczos cost).
       trace: also estimate the trace (Hutchinson, ``trace_matvecs`` probes).
-      trace_matvecs, trace_method: passed to :func:`hvp.linalg.trace`.
+      trace_matvecs: passed to :func:`hvp.linalg.trace`.
+      trace_method: passed to :func:`hvp.linalg.trace`.
       density_steps: steps at which to also compute the spectral density
         (stored in :attr:`densities`, its negative mass in the record).
-      density_probes, density_iters: passed to :func:`hvp.linalg.spectral_density`.
+      density_probes: passed to :func:`hvp.linalg.spectral_density`.
+      density_iters: passed to :func:`hvp.linalg.spectral_density`.
       key: PRNG key; each evaluation uses ``fold_in(key, step)`` (deterministic).
       output_dir: if given, ``history.jsonl`` and ``history.csv`` are written
         there (overwritten by a new monitor), one line per evaluation,
@@ -254,7 +257,7 @@ class CurvatureMonitor:
         edge-of-stability threshold ``2 / lr``.
       verbose: print one line per evaluation.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)

@@ -22,7 +22,7 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
     Returns:
       ``path``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)

@@ -47,7 +47,7 @@ DEFAULT_DENSE_LIMIT = 20_000
 class NonFiniteError(FloatingPointError, ValueError):
     """A matvec or a result contained NaN or Inf.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_matvec(lambda v: v / 0.0, jnp.zeros(2), check_finite=True)
@@ -73,7 +73,7 @@ class LinearOperator:
       dtype: the result dtype of ``like``'s leaves.
       name: a short name used in messages (``"hessian"``, ``"ggn"``, ...).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
@@ -223,7 +223,7 @@ class MatvecOperator(LinearOperator):
     The function is static (hashed by identity), ``like`` is only used for its
     structure, shapes and dtypes.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.operators.MatvecOperator(lambda v: {"w": 3.0 * v["w"]}, {"w": jnp.zeros(2)})
@@ -261,7 +261,7 @@ class DenseOperator(LinearOperator):
 
     If ``like`` is omitted, vectors are flat arrays of length ``n``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.operators.DenseOperator(jnp.diag(jnp.array([1.0, 2.0, 3.0])), {"a": jnp.zeros(1), "b": jnp.zeros(2)})
@@ -306,7 +306,7 @@ class DenseOperator(LinearOperator):
 def as_zeros(like):
     """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from hvp.operators import as_zeros
         >>> as_zeros({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
@@ -322,7 +322,7 @@ def from_matvec(
 ) -> MatvecOperator:
     """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_matvec(lambda v: {"w": 2.0 * v["w"]}, {"w": jnp.zeros(3)})
@@ -335,7 +335,7 @@ def from_matvec(
 def from_dense(matrix, like=None, *, name: str = "dense") -> DenseOperator:
     """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> op = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
@@ -351,7 +351,7 @@ def as_operator(op, like=None) -> LinearOperator:
     Accepts a :class:`LinearOperator`, a callable ``matvec`` together with an
     example pytree ``like``, or a dense square array.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> hvp.operators.as_operator(jnp.eye(2)).shape  # a dense square array

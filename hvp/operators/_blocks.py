@@ -51,7 +51,7 @@ def select(params, wrt) -> tuple[Any, tuple[bool, ...]]:
     Raises:
       ValueError: the filter selects no leaf (the message lists the paths).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp.operators import select
         >>> params = {"dense": {"bias": jnp.zeros(2), "kernel": jnp.ones((3, 2))}}
@@ -75,7 +75,7 @@ def select(params, wrt) -> tuple[Any, tuple[bool, ...]]:
 def merge(block, full, mask: tuple[bool, ...]):
     """Put the leaves of ``block`` back into ``full`` at the selected positions.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp.operators import merge, select
         >>> params = {"bias": jnp.zeros(2), "kernel": jnp.zeros(2)}

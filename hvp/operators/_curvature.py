@@ -92,7 +92,7 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
       TypeError: non-floating parameters.
       ValueError: ``v`` not shaped like ``params``; ``fun`` not scalar.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> f = lambda p: jnp.sum(p ** 3)  # Hessian diag(6 p)
@@ -111,7 +111,7 @@ def default_unpack(batch):
     Accepts a 2-tuple/list ``(inputs, targets)`` or a dict with keys
     ``inputs``/``targets``, ``x``/``y`` or ``image``/``label``.
 
-    Example:
+    Examples:
         >>> from hvp.operators import default_unpack
         >>> default_unpack({"x": "inputs", "y": "targets"})
         ('inputs', 'targets')
@@ -142,7 +142,7 @@ class CurvatureOperator(LinearOperator):
       num_examples, num_batches: size of the data set.
       size, shape, dtype: see :class:`~hvp.operators.LinearOperator`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n
@@ -360,7 +360,7 @@ def hessian(
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n
@@ -438,7 +438,7 @@ def ggn(
     The GGN is positive semi-definite when ``loss_fn`` is convex in the
     outputs (cross-entropy, squared error).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> model_fn = lambda params, x: x @ params["w"]
@@ -477,7 +477,7 @@ def empirical_fisher(
     single-example batches). Positive semi-definite by construction. Arguments
     as in :func:`hessian`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n

@@ -47,7 +47,7 @@ class Dataset:
       meta: per group, a :class:`GroupMeta`.
       num_examples: total number of examples ``N`` over all batches.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp.operators import as_dataset
         >>> ds = as_dataset([(jnp.ones((3, 2)), jnp.zeros(3)), (jnp.ones((1, 2)), jnp.zeros(1))])
@@ -140,7 +140,7 @@ def as_dataset(data: Any) -> Dataset:
       ValueError: the data set is empty, a batch has no leaves, or the leaves of
         one batch disagree on the number of examples.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp.operators import as_dataset
         >>> batches = [(jnp.ones((2, 3)), jnp.zeros(2))] * 3  # three batches of the same shape

@@ -28,7 +28,7 @@ class SoftmaxCrossEntropy:
 
     The targets are integer labels ``(...)`` or probability/one-hot targets ``(..., C)``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> loss = hvp.losses.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 2]))
@@ -70,7 +70,7 @@ class SoftmaxCrossEntropy:
 class MeanSquaredError:
     """``mean((outputs - targets) ** 2)`` over all entries (PyTorch's ``MSELoss()``).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import hvp
         >>> float(hvp.losses.mean_squared_error(jnp.array([1.0, 3.0]), jnp.array([0.0, 1.0])))

@@ -65,7 +65,7 @@ __all__ = [
 def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
     """``jax.tree_util.tree_map`` (re-exported so that callers use one name).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> tree.map(lambda x: 2 * x, {'w': jnp.array([1.0, 2.0])})
@@ -98,7 +98,7 @@ def _acc(x):
 def dot(a: PyTree, b: PyTree) -> jax.Array:
     """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -117,7 +117,7 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
 def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
     """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -132,7 +132,7 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
 
     Accumulated in >= float32 (see :func:`accumulation_dtype`).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -150,7 +150,7 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
 def norm(a: PyTree) -> jax.Array:
     """Euclidean norm over all leaves.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -163,7 +163,7 @@ def norm(a: PyTree) -> jax.Array:
 def leaf_norms(a: PyTree) -> PyTree:
     """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -176,7 +176,7 @@ def leaf_norms(a: PyTree) -> PyTree:
 def add(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-by-leaf sum ``a + b``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -189,7 +189,7 @@ def add(a: PyTree, b: PyTree) -> PyTree:
 def sub(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-by-leaf difference ``a - b``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -202,7 +202,7 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
 def scale(alpha, a: PyTree) -> PyTree:
     """``alpha * a`` (``alpha`` is cast to each leaf's dtype).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -215,7 +215,7 @@ def scale(alpha, a: PyTree) -> PyTree:
 def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
     """``alpha * x + y`` leaf by leaf.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -228,7 +228,7 @@ def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
 def zeros_like(a: PyTree) -> PyTree:
     """A pytree of zeros shaped like ``a`` (same dtypes).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -241,7 +241,7 @@ def zeros_like(a: PyTree) -> PyTree:
 def ones_like(a: PyTree) -> PyTree:
     """A pytree of ones shaped like ``a`` (same dtypes).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -254,7 +254,7 @@ def ones_like(a: PyTree) -> PyTree:
 def cast(a: PyTree, dtype) -> PyTree:
     """Cast every leaf to ``dtype`` (``None`` leaves it unchanged).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -269,7 +269,7 @@ def cast(a: PyTree, dtype) -> PyTree:
 def size(a: PyTree) -> int:
     """Number of scalar entries over all leaves (a Python int, static).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -331,7 +331,7 @@ def rademacher_like(key: jax.Array, like: PyTree) -> PyTree:
 
     Deterministic: the same key gives the same pytree, also under ``vmap``.
 
-    Example:
+    Examples:
         >>> import jax
         >>> import jax.numpy as jnp
         >>> from hvp import tree
@@ -346,7 +346,7 @@ def rademacher_like(key: jax.Array, like: PyTree) -> PyTree:
 def normal_like(key: jax.Array, like: PyTree) -> PyTree:
     """A random pytree like ``like`` with i.i.d. standard normal entries (see :func:`rademacher_like`).
 
-    Example:
+    Examples:
         >>> import jax
         >>> import jax.numpy as jnp
         >>> from hvp import tree
@@ -374,7 +374,7 @@ def _keep_sharding(new: jax.Array, like) -> jax.Array:
 def ravel(a: PyTree) -> jax.Array:
     """Concatenate all leaves into one flat vector (for dense validation only).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -390,7 +390,7 @@ def ravel(a: PyTree) -> jax.Array:
 def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
     """Inverse of :func:`ravel` for pytrees shaped like ``like``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -417,7 +417,7 @@ def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
 def stack(trees) -> PyTree:
     """Stack a list of like-shaped pytrees along a new leading axis.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -430,7 +430,7 @@ def stack(trees) -> PyTree:
 def unstack(stacked: PyTree) -> list:
     """Inverse of :func:`stack`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -444,7 +444,7 @@ def unstack(stacked: PyTree) -> list:
 def index(stacked: PyTree, i) -> PyTree:
     """Row ``i`` of a stacked pytree.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -458,7 +458,7 @@ def index(stacked: PyTree, i) -> PyTree:
 def leading_dim(tree: PyTree) -> int:
     """The common leading-axis length of all leaves; raises if they disagree.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -479,7 +479,7 @@ def leading_dim(tree: PyTree) -> int:
 def path_str(path) -> str:
     """A readable ``a/b/0/kernel`` string for a ``jax.tree_util`` key path.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from hvp import tree
         >>> (path, _), = jax.tree_util.tree_leaves_with_path({'dense': {'kernel': 1.0}})
@@ -504,7 +504,7 @@ def path_str(path) -> str:
 def leaf_paths(tree: PyTree) -> list[str]:
     """The ``path_str`` of every leaf, in ``tree_leaves`` order.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> tree.leaf_paths({'dense': {'kernel': jnp.ones(2), 'bias': jnp.ones(1)}})
@@ -534,7 +534,7 @@ def assert_same_structure(
     ``leading`` extra leading axes on ``v``'s leaves are allowed (e.g. 1 for a
     stacked block of vectors).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
@@ -580,7 +580,7 @@ def assert_same_structure(
 def assert_floating(tree: PyTree, *, name: str = "params") -> None:
     """Raise ``TypeError`` if any leaf is not a floating-point array.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> tree.assert_floating({'w': jnp.ones(2)})  # passes silently
@@ -605,7 +605,7 @@ def assert_floating(tree: PyTree, *, name: str = "params") -> None:
 def is_traced(*trees: PyTree) -> bool:
     """``True`` if any leaf of the trees is a JAX tracer (we are inside ``jit``/``vmap``/``grad``).
 
-    Example:
+    Examples:
         >>> import jax
         >>> import jax.numpy as jnp
         >>> from hvp import tree
@@ -620,7 +620,7 @@ def is_traced(*trees: PyTree) -> bool:
 def all_finite(tree: PyTree) -> jax.Array:
     """A scalar bool array: every entry of every leaf is finite.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> bool(tree.all_finite({'w': jnp.array([1.0, jnp.nan])}))
@@ -635,7 +635,7 @@ def all_finite(tree: PyTree) -> jax.Array:
 def nonfinite_leaves(tree: PyTree) -> list[str]:
     """Paths of the leaves that contain NaN or Inf (forces a host sync).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from hvp import tree
         >>> tree.nonfinite_leaves({'w': jnp.array([1.0, jnp.nan]), 'b': jnp.ones(1)})
