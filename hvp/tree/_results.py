@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from typing import Any
+from typing import Any, dataclass_transform
 
 import jax
 import numpy as np
-
-if sys.version_info >= (3, 11):
-    from typing import dataclass_transform
-else:  # pragma: no cover - Python 3.10
-    from typing_extensions import dataclass_transform
 
 __all__ = ["result", "to_jsonable"]
 
