@@ -18,6 +18,7 @@ import numpy as np
 from hvp import tree as tu
 from hvp.linalg import diagonal
 from hvp.operators import as_operator
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["layer_of", "group_by_layer", "layer_norms", "layer_trace", "LayerTrace"]
 
@@ -161,14 +162,14 @@ class LayerTrace:
 
 
 def layer_trace(
-    op,
+    op: OperatorLike,
     *,
-    key=None,
+    key: PRNGKey | None = None,
     num_matvecs: int = 100,
     method: str = "hutchinson",
     chunk_size: int | None = None,
     layer_fn: Callable[[str], str] = layer_of,
-    like=None,
+    like: PyTree | None = None,
 ) -> LayerTrace:
     r"""Trace of each layer's diagonal block of a curvature operator, with standard errors.
 

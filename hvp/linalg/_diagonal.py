@@ -48,6 +48,7 @@ from hvp.linalg._trace import (
     probes,
     raise_if_nonfinite,
 )
+from hvp.typing import OperatorLike, PRNGKey
 
 __all__ = ["DiagonalResult", "LeafTraces", "diagonal"]
 
@@ -249,7 +250,12 @@ def _exact_diagonal(op, *, chunk: int | None):
 
 
 def diagonal(
-    op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None
+    op: OperatorLike,
+    *,
+    key: PRNGKey,
+    num_matvecs: int = 100,
+    chunk_size: int | None = None,
+    like: PyTree | None = None,
 ) -> DiagonalResult:
     r"""Estimate :math:`\operatorname{diag}(A)` (Bekas, Kokiopoulou & Saad 2007).
 

@@ -35,6 +35,7 @@ from hvp.linalg._trace import (
     probe_map,
     raise_if_nonfinite,
 )
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["FrobeniusResult", "frobenius_norm"]
 
@@ -108,7 +109,12 @@ def _exact_frobenius(op, *, chunk: int | None):
 
 
 def frobenius_norm(
-    op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None
+    op: OperatorLike,
+    *,
+    key: PRNGKey,
+    num_matvecs: int = 100,
+    chunk_size: int | None = None,
+    like: PyTree | None = None,
 ) -> FrobeniusResult:
     r"""Estimate :math:`\|A\|_F` from :math:`\|A\|_F^2 = \mathbb E\|Az\|^2` (Rademacher ``z``).
 

@@ -24,6 +24,7 @@ from jax import lax
 from hvp import tree as tu
 from hvp.linalg._lanczos import _check_like, _start_vector
 from hvp.operators import NonFiniteError, as_operator
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["power_iteration", "PowerResult"]
 
@@ -82,7 +83,13 @@ def _power_run(op, v, tol, *, num_iters):
 
 
 def power_iteration(
-    op, *, key, num_iters: int = 100, tol: float = 1e-6, v0=None, like=None
+    op: OperatorLike,
+    *,
+    key: PRNGKey,
+    num_iters: int = 100,
+    tol: float = 1e-6,
+    v0: PyTree | None = None,
+    like: PyTree | None = None,
 ) -> PowerResult:
     r"""Top-magnitude eigenpair :math:`(\lambda, v)`, :math:`|\lambda| = \|A\|_2`, by power iteration.
 

@@ -49,6 +49,7 @@ from hvp.linalg._lanczos import (
     lanczos_step,
 )
 from hvp.operators import NonFiniteError, as_operator
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["spectral_density", "SpectralDensity", "TraceFnEstimate", "wasserstein1"]
 
@@ -296,15 +297,15 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
 
 
 def spectral_density(
-    op,
+    op: OperatorLike,
     *,
-    key,
+    key: PRNGKey,
     num_probes: int = 16,
     num_iters: int = 64,
     chunk_size: int | None = None,
     reorthogonalize: bool = True,
     basis_dtype=None,
-    like=None,
+    like: PyTree | None = None,
 ) -> SpectralDensity:
     r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 

@@ -79,6 +79,7 @@ from jax import lax
 
 from hvp import tree as tu
 from hvp.operators import LinearOperator, NonFiniteError, as_operator, as_zeros
+from hvp.typing import OperatorLike, PRNGKey
 
 __all__ = ["TraceResult", "trace"]
 
@@ -581,9 +582,9 @@ def _run_fixed(
 # public API
 # ------------------------------------------------------------------------------------------------
 def trace(
-    op,
+    op: OperatorLike,
     *,
-    key,
+    key: PRNGKey,
     num_matvecs: int = 100,
     method: str = "hutchinson",
     rtol: float | None = None,
@@ -591,7 +592,7 @@ def trace(
     max_matvecs: int | None = None,
     chunk_size: int | None = None,
     error_estimate: str = "jackknife",
-    like=None,
+    like: PyTree | None = None,
     progress: bool = False,
 ) -> TraceResult:
     r"""Estimate :math:`\operatorname{tr}(A)` from matrix-vector products.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvp import tree as tu
+from hvp.typing import Array, OperatorLike, PyTree
 
 __all__ = [
     "LinearOperator",
@@ -303,7 +304,7 @@ class DenseOperator(LinearOperator):
         return op
 
 
-def as_zeros(like):
+def as_zeros(like: PyTree):
     """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays.
 
     Examples:
@@ -318,7 +319,7 @@ def as_zeros(like):
 
 
 def from_matvec(
-    matvec: Callable, like, *, name: str = "operator", check_finite: bool = False
+    matvec: Callable, like: PyTree, *, name: str = "operator", check_finite: bool = False
 ) -> MatvecOperator:
     """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``.
 
@@ -332,7 +333,7 @@ def from_matvec(
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 
 
-def from_dense(matrix, like=None, *, name: str = "dense") -> DenseOperator:
+def from_dense(matrix, like: PyTree | None = None, *, name: str = "dense") -> DenseOperator:
     """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``).
 
     Examples:
@@ -345,7 +346,7 @@ def from_dense(matrix, like=None, *, name: str = "dense") -> DenseOperator:
     return DenseOperator(matrix, like, name=name)
 
 
-def as_operator(op, like=None) -> LinearOperator:
+def as_operator(op: OperatorLike | Array, like: PyTree | None = None) -> LinearOperator:
     """Coerce ``op`` to a :class:`LinearOperator`.
 
     Accepts a :class:`LinearOperator`, a callable ``matvec`` together with an

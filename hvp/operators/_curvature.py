@@ -45,6 +45,7 @@ from hvp import tree as tu
 from hvp.operators import _blocks
 from hvp.operators._base import LinearOperator
 from hvp.operators._data import Dataset, as_dataset
+from hvp.typing import PyTree
 
 __all__ = ["CurvatureOperator", "hessian", "ggn", "empirical_fisher", "hvp", "default_unpack"]
 
@@ -73,7 +74,7 @@ def _check_scalar(out, what: str) -> None:
         raise TypeError(f"{what} must return a floating-point scalar, got dtype {out.dtype}.")
 
 
-def hvp(fun: Callable, params, v, *args, **kwargs):
+def hvp(fun: Callable, params: PyTree, v: PyTree, *args, **kwargs):
     """Hessian-vector product of a scalar function, by forward-over-reverse.
 
     Returns :math:`\\nabla^2_\\theta f(\\theta) \\, v` for
@@ -326,7 +327,7 @@ def _prepare(params, data, *, wrt, reduction):
 
 def hessian(
     loss_fn: Callable,
-    params,
+    params: PyTree,
     data,
     *,
     wrt=None,
@@ -411,7 +412,7 @@ def _linearize_all(op: CurvatureOperator):
 def ggn(
     model_fn: Callable,
     loss_fn: Callable,
-    params,
+    params: PyTree,
     data,
     *,
     unpack: Callable | None = None,
@@ -468,7 +469,13 @@ def ggn(
 
 
 def empirical_fisher(
-    loss_fn: Callable, params, data, *, wrt=None, reduction: str = "mean", check_finite: bool = True
+    loss_fn: Callable,
+    params: PyTree,
+    data,
+    *,
+    wrt=None,
+    reduction: str = "mean",
+    check_finite: bool = True,
 ) -> CurvatureOperator:
     """The empirical Fisher ``(1/N) sum_i g_i g_i^T`` (``sum_i`` with ``reduction="sum"``).
 
