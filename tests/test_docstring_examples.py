@@ -7,6 +7,7 @@ fails here, naming it.
 
 import importlib
 import inspect
+import re
 
 import pytest
 
@@ -58,4 +59,10 @@ def test_public_name_has_an_example(qualname, obj):
     assert ">>>" in doc, (
         f"{qualname} has no `>>>` example in its docstring: append an `Examples:` section "
         "with a tiny runnable example (it runs as a doctest; see CONTRIBUTING.md)."
+    )
+    # The API docs (mkdocstrings, Google style) render only an `Examples:` section as code; under
+    # any other title the example is read as Markdown (and `x["a"][0]` becomes a broken link).
+    assert re.search(r"^Examples:\n(\s*\n)*\s+>>> ", doc, re.M), (
+        f"{qualname}: put the `>>>` example in a Google-style `Examples:` section (plural, at "
+        "the end of the docstring, the example indented under it) so the API docs render it."
     )

@@ -82,10 +82,11 @@ def accumulation_dtype(*dtypes) -> np.dtype:
     :mod:`hvp`: products run in the parameters' dtype, inner products, norms and small
     dense factorisations in this one.
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import accumulation_dtype
-    >>> accumulation_dtype(jnp.bfloat16).name
-    'float32'
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import accumulation_dtype
+        >>> accumulation_dtype(jnp.bfloat16).name
+        'float32'
     """
     dts = [jnp.dtype(d) for d in dtypes] or [jnp.dtype(jnp.float32)]
     return jnp.dtype(jnp.result_type(jnp.float32, *dts))
