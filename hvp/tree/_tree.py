@@ -469,9 +469,9 @@ def leading_dim(tree: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         raise ValueError("The pytree has no array leaves, so it has no leading axis.")
-    dims = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-    if None in dims:
+    if any(np.ndim(x) == 0 for x in leaves):
         raise ValueError("A leaf of the pytree is a scalar and has no leading (example) axis.")
+    dims = {int(np.shape(x)[0]) for x in leaves}
     if len(dims) != 1:
         raise ValueError(f"Leaves disagree on the leading axis length: {sorted(dims)}.")
     return dims.pop()
