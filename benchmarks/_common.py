@@ -63,7 +63,7 @@ def environment() -> dict:
     import jax
 
     env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "device": device_name(),

@@ -32,7 +32,7 @@ def summary(d: Path) -> str:
         for m in modes["models"]:
             r = m["ratios"]
 
-            def f(k):
+            def f(k, r=r):
                 return f"{r[k]:.2f}x" if k in r else "-"
 
             b = m.get("batched", {})

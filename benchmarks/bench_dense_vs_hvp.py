@@ -52,7 +52,7 @@ def measure_hvp(width: int, num_examples: int | None = None, repeats: int = 5) -
     out = {}
     for mode, lin in (("default", False), ("linearize", True)):
         _, _, _, op, v = _setup(width, num_examples, linearize=lin)
-        stats = C.measure(lambda: op @ v, repeats=repeats, warmup=2, min_time=0.5)
+        stats = C.measure(lambda op=op, v=v: op @ v, repeats=repeats, warmup=2, min_time=0.5)
         stats.pop("value")
         out[mode] = stats
         n = op.size
@@ -336,7 +336,6 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
 
     def draw(fig):
         ax = fig.add_subplot(121)
-        ns = [r["n"] for r in rows]
 
         def series(get):
             xs, ys = [], []

@@ -134,7 +134,7 @@ def bench_model(name: str, build, *, quick: bool, light: bool = False) -> dict:
 
     batched = {}
     for k in probe_counts:
-        vs = tu.map(lambda x: jnp.stack([x] * k), v)
+        vs = tu.map(lambda x, k=k: jnp.stack([x] * k), v)
         vs = tu.rademacher_like(jax.random.PRNGKey(k), vs)
         singles = [tu.index(vs, i) for i in range(k)]
 

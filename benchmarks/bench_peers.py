@@ -221,7 +221,7 @@ def _ours(op, v0, ref, quick, reps):
                     "config": f"tol={TOL_GRID[-1]}",
                 }
                 continue
-            res, t = timed(lambda: eigsh(op, k=k, key=key, tol=found))
+            res, t = timed(lambda k=k, found=found: eigsh(op, k=k, key=key, tol=found))
             out[f"{label}_eigsh"] = {
                 "reached": True,
                 "error": err_of(res),
@@ -324,7 +324,7 @@ def _matfree(op, v0, ref, reps):
         s = _sweep(
             [m for m in LANCZOS_GRID if m <= op.size],
             run_once,
-            lambda v: err_of(np.asarray(v)),
+            lambda v, err_of=err_of: err_of(np.asarray(v)),
             target,
             time_budget=600,
         )
@@ -736,7 +736,7 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
     rep.table(
         "Time to the same accuracy (mv = matvecs; err = relative error vs the reference, or W1/range "
         "for the density)",
-        ["n", "task"] + [l for l, _ in libs],
+        ["n", "task"] + [name for name, _ in libs],
         table,
         note=f"Targets: top eigenvalue relative error <= {TOP1_TARGET:g}; top-5: max error <= "
         f"{TOP5_TARGET:g} x lambda_1. hvp: the fastest of `eigsh` and `power_iteration` (tol swept). "

@@ -32,7 +32,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     Raises:
       ValueError: for a mode other than ``"w"``/``"wb"``.
 
-    Example:
+    Examples:
       >>> import tempfile, os
       >>> from hvp._io import atomic_open
       >>> d = tempfile.mkdtemp()

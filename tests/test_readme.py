@@ -51,7 +51,10 @@ def _namespace(tmp_path):
     @jax.jit
     def train_step(p, opt_state, batch):
         x, t = batch
-        loss = lambda q: hvp.losses.softmax_cross_entropy(model_fn(q, x), t)
+
+        def loss(q):
+            return hvp.losses.softmax_cross_entropy(model_fn(q, x), t)
+
         updates, opt_state = opt.update(jax.grad(loss)(p), opt_state)
         return optax.apply_updates(p, updates), opt_state
 

@@ -124,6 +124,15 @@ class EigenSection:
       converged: per pair, residual within ``tol * max|lambda|``.
       num_matvecs, num_restarts, seconds: cost of this figure.
       which: ``"largest"`` or ``"smallest"``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.analysis import EigenSection
+        >>> top = EigenSection(eigenvalues=np.array([4.0]), residuals=np.array([1e-9]),
+        ...                    converged=np.array([True]), num_matvecs=12, num_restarts=0,
+        ...                    seconds=0.1, which="largest")
+        >>> top.to_dict()["eigenvalues"]
+        [4.0]
     """
 
     eigenvalues: Any
@@ -137,7 +146,14 @@ class EigenSection:
 
 @tu.result(static=("method",))
 class TraceSection:
-    """``tr A`` with its standard error."""
+    """``tr A`` with its standard error.
+
+    Examples:
+        >>> from hvp.analysis import TraceSection
+        >>> section = TraceSection(estimate=5.0, std_error=0.1, num_matvecs=99, seconds=0.2, method="hutch++")
+        >>> section.to_dict()["method"]
+        'hutch++'
+    """
 
     estimate: float
     std_error: float
@@ -157,6 +173,16 @@ class DensitySection:
       negative_mass: estimated fraction of the eigenvalues below ``-zero_threshold``.
       zero_threshold: ``max(tol, hvp.linalg.zero_floor(dtype, tol)) * max|lambda|``; Ritz values closer to 0 count as zero (round-off, null space).
       num_probes, num_iters, num_matvecs, seconds: settings and cost.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.analysis import DensitySection
+        >>> grid = np.linspace(0.0, 1.0, 5)
+        >>> section = DensitySection(grid=grid, density=np.ones(5), sigma=0.01, nodes=np.array([[0.5]]),
+        ...                          weights=np.array([[1.0]]), negative_mass=0.0, zero_threshold=1e-6,
+        ...                          num_probes=1, num_iters=1, num_matvecs=1, seconds=0.0)
+        >>> section.to_dict()["grid"]
+        [0.0, 0.25, 0.5, 0.75, 1.0]
     """
 
     grid: Any
@@ -188,6 +214,15 @@ class LayerSection:
       eigenvector_mass: the same for each of the ``k`` top eigenvectors, ``(num_layers, k)``
         (columns in ascending eigenvalue order, the last one is the top eigenvector).
       num_matvecs, seconds: cost of the per-layer traces (the mass reuses the top eigenvectors).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.analysis import LayerSection
+        >>> section = LayerSection(layers=("dense", "out"), num_params=(6, 3), trace=np.array([2.0, 1.0]),
+        ...                        trace_std_error=np.array([0.1, 0.1]), top_eigenvector_mass=np.array([0.9, 0.1]),
+        ...                        eigenvector_mass=np.array([[0.9, 0.1]]), num_matvecs=64, seconds=0.1)
+        >>> section.to_dict()["layers"]
+        ['dense', 'out']
     """
 
     layers: tuple
@@ -209,6 +244,14 @@ class DerivedSection:
     """Figures derived from the others (see the module docstring for definitions).
 
     ``num_matvecs`` / ``seconds`` are those of the figures they come from.
+
+    Examples:
+        >>> from hvp.analysis import DerivedSection
+        >>> section = DerivedSection(lambda_max=4.0, lambda_min=-0.5, condition_estimate=None,
+        ...                          positive_definite=False, negative_ratio=0.125, negative_mass=0.1,
+        ...                          num_matvecs=0, seconds=0.0)
+        >>> section.positive_definite, section.to_dict()["negative_ratio"]
+        (False, 0.125)
     """
 
     lambda_max: float
@@ -245,6 +288,30 @@ class AnalysisReport:
       num_matvecs: total operator products over all figures.
       command: an ``hvp analyze`` command line that reproduces the figures.
       extra: free-form provenance (the demo records its training run here).
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> report.to_dict()["schema_version"] == hvp.analysis.SCHEMA_VERSION
+        True
+        >>> files = report.write(tempfile.mkdtemp(), plots=False)
+        >>> sorted(files), os.path.basename(files["report"])
+        (['report'], 'report.json')
     """
 
     schema_version: int
@@ -700,7 +767,7 @@ def analyze(
     lam_lo = min(float(np.min(np.asarray(sd.nodes))), bot_sec.eigenvalues[0])
     lam_hi = max(float(np.max(np.asarray(sd.nodes))), top_sec.eigenvalues[-1])
     grid, width = _density_grid(lam_lo, lam_hi, DEFAULTS["grid_size"])
-    sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width, num_iters)
+    sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width)
     dens = np.asarray(sd.density(jnp.asarray(grid, dtype=dtype), sigma), dtype=np.float64)
     scale = float(max(np.abs(top_sec.eigenvalues).max(), np.abs(bot_sec.eigenvalues).max()))
     # |lambda| <= max(tol, eigsh's round-off floor) * max|lambda| counts as zero (round-off,
@@ -786,7 +853,7 @@ def analyze(
     timings["total"] = time.perf_counter() - t_start
     report = AnalysisReport(
         schema_version=SCHEMA_VERSION,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         settings=settings,
         seeds={
             "seed": int(seed),

@@ -272,6 +272,23 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
     Raises:
       AnalysisError: see :func:`resolve_checkpoint`; the metadata or an array
         file cannot be read (a truncated, corrupted or unreadable file).
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> ck = hvp.analysis.read_checkpoint(ckpt)  # read-only: the checkpoint is not modified
+        >>> sorted(ck.tree["params"])
+        ['bias', 'kernel']
     """
     import orbax.checkpoint as ocp
 

@@ -62,6 +62,12 @@ class DataSet:
       batches: list of batches (pytrees of arrays with a leading example axis).
       num_examples: total number of examples over the batches.
       spec: a description of where they came from.
+
+    Examples:
+        >>> import hvp
+        >>> ds = hvp.analysis.load_data("digits", batch_size=500, num_batches=2)
+        >>> ds.num_examples, len(ds.batches), ds.spec
+        (1000, 2, 'digits')
     """
 
     batches: list
@@ -74,7 +80,14 @@ class DataSet:
 
 
 def digits(*, images: bool = False, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits: ``x`` in ``[0, 1]`` (``(N, 64)``, or ``(N, 8, 8, 1)``), int32 labels."""
+    """scikit-learn's bundled digits: ``x`` in ``[0, 1]`` (``(N, 64)``, or ``(N, 8, 8, 1)``), int32 labels.
+
+    Examples:
+        >>> import hvp
+        >>> x, y = hvp.analysis.digits()
+        >>> x.shape, y.shape, x.dtype
+        ((1797, 64), (1797,), dtype('float32'))
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is a test/demo dependency
@@ -218,6 +231,14 @@ def load_data(
     Raises:
       AnalysisError: unknown spec, missing or unreadable file, wrong keys,
         a data function that fails, or an empty data set.
+
+    Examples:
+        >>> import numpy as np
+        >>> import hvp
+        >>> x, y = np.zeros((10, 3), np.float32), np.zeros(10, np.int32)
+        >>> ds = hvp.analysis.load_data((x, y), batch_size=4)  # one batch from Python, cut into 4 + 4 + 2
+        >>> [b[0].shape[0] for b in ds.batches], ds.num_examples
+        ([4, 4, 2], 10)
     """
     if batch_size is not None and batch_size < 1:
         raise AnalysisError(f"--batch-size must be a positive integer, got {batch_size}.")

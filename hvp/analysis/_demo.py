@@ -47,6 +47,12 @@ def digits_mlp():
 
     The initial weights are fixed (seed 0); an analysis replaces them with the
     checkpoint's.
+
+    Examples:
+        >>> import hvp
+        >>> model, loss = hvp.analysis.digits_mlp()
+        >>> type(model).__name__, loss
+        ('DigitsMLP', 'cross_entropy')
     """
     return DigitsMLP(32, rngs=nnx.Rngs(0)), "cross_entropy"
 

@@ -11,6 +11,14 @@ class AnalysisError(ValueError):
     The message says what is wrong and how to fix it; the ``hvp`` command prints
     it on one line (without a traceback unless ``--debug``) and exits with
     status 1.
+
+    Examples:
+        >>> import hvp
+        >>> try:
+        ...     hvp.analysis.load_model("no_such_module_xyz:factory")
+        ... except hvp.analysis.AnalysisError as e:
+        ...     print(type(e).__name__, isinstance(e, ValueError))
+        AnalysisError True
     """
 
 
@@ -21,6 +29,26 @@ class StructureMismatchError(AnalysisError):
       missing: paths the model needs that the checkpoint lacks.
       unexpected: paths in the checkpoint that the model does not have.
       mismatched: ``(path, checkpoint_shape, model_shape)`` for arrays of the wrong shape.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> wide = lambda: ((nn.Dense(5), nn.Dense(5).init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse")
+        >>> try:
+        ...     hvp.analysis.restore_into(hvp.analysis.load_model(wide), hvp.analysis.read_checkpoint(ckpt))
+        ... except hvp.analysis.StructureMismatchError as e:
+        ...     print(e.mismatched)
+        [('params/bias', (2,), (5,)), ('params/kernel', (3, 2), (3, 5))]
     """
 
     def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):

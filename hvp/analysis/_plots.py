@@ -42,7 +42,30 @@ def _short(spec: str, width: int = 48) -> str:
 
 
 def plot_density(report, path) -> Path:
-    """Write the log-scale spectral density plot of a report to ``path`` (PNG)."""
+    """Write the log-scale spectral density plot of a report to ``path`` (PNG).
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> path = hvp.analysis.plot_density(report, os.path.join(tempfile.mkdtemp(), "density.png"))
+        >>> path.name, path.stat().st_size > 0
+        ('density.png', True)
+    """
     plt = _plt()
     d = _as_dict(report)
     dens, model = d["density"], d["model"]

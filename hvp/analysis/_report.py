@@ -133,7 +133,32 @@ FIGURE_KEYS = (
 
 
 def validate_report(d: dict) -> None:
-    """Raise ``ValueError`` listing every key of :data:`REPORT_SCHEMA` missing from a report dict."""
+    """Raise ``ValueError`` listing every key of :data:`REPORT_SCHEMA` missing from a report dict.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> hvp.analysis.validate_report(report.to_dict())  # passes silently
+        >>> hvp.analysis.validate_report({"schema_version": hvp.analysis.SCHEMA_VERSION})
+        Traceback (most recent call last):
+        ...
+        ValueError: report is missing keys: ...
+    """
     missing = []
     for key, sub in REPORT_SCHEMA.items():
         if key not in d:
@@ -156,7 +181,31 @@ def write_json(report, path) -> Path:
 
 
 def load_report(path) -> dict:
-    """Read a ``report.json`` and check its schema."""
+    """Read a ``report.json`` and check its schema.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> files = report.write(tempfile.mkdtemp(), plots=False)
+        >>> loaded = hvp.analysis.load_report(files["report"])
+        >>> loaded["top"]["eigenvalues"] == report.to_dict()["top"]["eigenvalues"]
+        True
+    """
     d = json.loads(Path(path).read_text())
     validate_report(d)
     return d

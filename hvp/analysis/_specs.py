@@ -53,6 +53,12 @@ class ModelSpec:
       apply_kwargs: keyword arguments of ``module.apply`` (Linen; ``None`` for NNX).
       loss: the loss on outputs (a callable or one of :data:`LOSS_NAMES`).
       spec: the spec string it was built from (or a description of the callable).
+
+    Examples:
+        >>> import hvp
+        >>> spec = hvp.analysis.load_model(hvp.analysis.DEMO_MODEL_SPEC)
+        >>> spec.kind, spec.loss, spec.spec == hvp.analysis.DEMO_MODEL_SPEC
+        ('nnx', 'cross_entropy', True)
     """
 
     kind: str
@@ -111,6 +117,11 @@ def resolve_callable(spec: str, *, what: str = "model spec") -> Callable:
     Raises:
       AnalysisError: malformed spec, module or file not found, import failure,
         missing attribute, or not callable (each message names the fix).
+
+    Examples:
+        >>> import hvp
+        >>> hvp.analysis.resolve_callable("hvp.analysis:digits_mlp") is hvp.analysis.digits_mlp
+        True
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise AnalysisError(
@@ -163,6 +174,17 @@ def load_model(spec) -> ModelSpec:
 
     ``spec`` is a spec string, or (from Python) the factory itself or an
     already built ``(model, loss)`` pair.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import flax.linen as nn
+        >>> import hvp
+        >>> def factory():
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> spec = hvp.analysis.load_model(factory)  # or a "module:factory" / "file.py:factory" string
+        >>> spec.kind, spec.loss
+        ('linen', 'mse')
     """
     import flax.linen as nn
     from flax import nnx

@@ -25,6 +25,7 @@ import numpy as np
 from hvp import tree as tu
 from hvp.linalg import diagonal
 from hvp.operators import as_operator
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = [
     "layer_of",
@@ -41,6 +42,11 @@ def layer_of(path: str) -> str:
     """The layer name of a leaf path: the path minus its last component (``a/b/kernel`` -> ``a/b``).
 
     A top-level leaf (no ``/``) is its own layer.
+
+    Examples:
+        >>> from hvp.flax import layer_of
+        >>> layer_of("encoder/dense/kernel"), layer_of("scale")
+        ('encoder/dense', 'scale')
     """
     head, sep, _ = path.rpartition("/")
     return head if sep else path
@@ -52,6 +58,13 @@ def group_by_layer(tree, *, layer_fn: Callable[[str], str] = layer_of) -> dict[s
     Layers and paths appear in ``tree_leaves`` order. ``layer_fn`` maps a leaf
     path to its layer name (default :func:`layer_of`); pass e.g.
     ``lambda p: p.split("/")[0]`` to group by top-level module instead.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
+        >>> hvp.flax.group_by_layer(params)
+        {'dense': ['dense/bias', 'dense/kernel'], 'out': ['out/kernel']}
     """
     groups: dict[str, list[str]] = {}
     for path in tu.leaf_paths(tree):
@@ -87,6 +100,14 @@ def layer_norms(
 
     Returns:
       ``{layer: array of shape (k,)}`` in parameter order.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> params = {"dense": {"bias": jnp.zeros(1), "kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(1)}}
+        >>> vecs = {"dense": {"bias": jnp.array([[1.0]]), "kernel": jnp.array([[0.0, 0.0]])}, "out": {"kernel": jnp.array([[1.0]])}}
+        >>> {k: v.round(4) for k, v in hvp.flax.layer_norms(vecs).items()}  # one row per eigenvector
+        {'dense': array([1.]), 'out': array([1.])}
     """
     block = getattr(eigenvectors, "eigenvectors", eigenvectors)
     leaves = jax.tree_util.tree_leaves(block)
@@ -194,14 +215,14 @@ class LayerTrace:
 
 
 def layer_trace(
-    op,
+    op: OperatorLike,
     *,
-    key=None,
+    key: PRNGKey | None = None,
     num_matvecs: int = 100,
     method: str = "hutchinson",
     chunk_size: int | None = None,
     layer_fn: Callable[[str], str] = layer_of,
-    like=None,
+    like: PyTree | None = None,
 ) -> LayerTrace:
     r"""Trace of each layer's diagonal block of a curvature operator, with standard errors.
 

@@ -42,7 +42,17 @@ def _pure(state):
 
 
 def nnx_params(model_or_state):
-    """The ``nnx.Param`` variables of an NNX module (or an ``nnx.State``) as a plain nested dict."""
+    """The ``nnx.Param`` variables of an NNX module (or an ``nnx.State``) as a plain nested dict.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import hvp
+        >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+        >>> params = hvp.flax.nnx_params(model)
+        >>> sorted(params), params["kernel"].shape
+        (['bias', 'kernel'], (2, 1))
+    """
     if isinstance(model_or_state, nnx.Module):
         return _pure(nnx.state(model_or_state, nnx.Param))
     if isinstance(model_or_state, nnx.State):

@@ -90,7 +90,13 @@ _LOSS_NAMES = {
 
 
 def resolve_loss(loss) -> Callable:
-    """Map ``"cross_entropy"`` / ``"mse"`` to :mod:`hvp.losses`; pass callables through."""
+    """Map ``"cross_entropy"`` / ``"mse"`` to :mod:`hvp.losses`; pass callables through.
+
+    Examples:
+        >>> import hvp
+        >>> hvp.flax.resolve_loss("mse") is hvp.losses.mean_squared_error
+        True
+    """
     if isinstance(loss, str):
         try:
             return _LOSS_NAMES[loss]

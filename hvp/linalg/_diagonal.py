@@ -54,6 +54,7 @@ from hvp.linalg._trace import (
     exact_map,
     probes,
 )
+from hvp.typing import OperatorLike, PRNGKey
 
 __all__ = ["DiagonalResult", "LeafTraces", "diagonal"]
 
@@ -71,6 +72,14 @@ class LeafTraces:
       std_error: the same structure: standard errors from the per-probe sums.
       num_matvecs: operator products behind the estimate.
       method: ``"hutchinson"`` or ``"exact"``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)), {"a": jnp.zeros(2), "b": jnp.zeros(4)})
+        >>> leaves = hvp.diagonal(op, key=jax.random.PRNGKey(0), num_matvecs=4).sum_by_leaf()
+        >>> {k: round(float(v), 4) for k, v in leaves.estimate.items()}  # 1 + 2 and 3 + 4 + 5 + 6
+        {'a': 3.0, 'b': 18.0}
     """
 
     estimate: PyTree
@@ -243,7 +252,12 @@ def _exact_diagonal(op, *, chunk: int | None):
 
 
 def diagonal(
-    op, *, key, num_matvecs: int = 100, chunk_size: int | None = None, like=None
+    op: OperatorLike,
+    *,
+    key: PRNGKey,
+    num_matvecs: int = 100,
+    chunk_size: int | None = None,
+    like: PyTree | None = None,
 ) -> DiagonalResult:
     r"""Estimate :math:`\operatorname{diag}(A)` (Bekas, Kokiopoulou & Saad 2007).
 
@@ -270,6 +284,14 @@ def diagonal(
       parameters (in the accumulation dtype, at least float32), ``num_matvecs``,
       ``dtype_policy``, and :meth:`~DiagonalResult.sum_by_leaf` /
       :meth:`~DiagonalResult.sum_by` / :meth:`~DiagonalResult.trace` for block traces.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> res = hvp.diagonal(op, key=jax.random.PRNGKey(0), num_matvecs=8)  # exact for a diagonal A
+        >>> res.estimate.round(4)
+        Array([1., 2., 3., 4., 5., 6.], dtype=float64)
     """
     op = coerce_operator(op, like)
     check_key(key)

@@ -95,6 +95,7 @@ from jax import lax
 from hvp import tree as tu
 from hvp.linalg._checks import DtypePolicy, check_key, dtype_policy
 from hvp.operators import LinearOperator, NonFiniteError, as_operator
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["eigsh", "EigshResult", "WHICH"]
 
@@ -680,15 +681,15 @@ def _check_like(op: LinearOperator):
 
 
 def eigsh(
-    op,
+    op: OperatorLike,
     k: int = 6,
     *,
     which: str = "largest",
-    key=None,
+    key: PRNGKey | None = None,
     num_iters: int | None = None,
     tol: float = 1e-6,
     max_restarts: int = 30,
-    v0=None,
+    v0: PyTree | None = None,
     reorthogonalize: str = "full",
     basis_dtype=None,
     confirm: bool = True,

@@ -124,7 +124,13 @@ def _start(v0, like, key):
 
 
 def power_iteration(
-    op, *, key, num_iters: int = 100, tol: float = 1e-6, v0=None, like=None
+    op: OperatorLike,
+    *,
+    key: PRNGKey,
+    num_iters: int = 100,
+    tol: float = 1e-6,
+    v0: PyTree | None = None,
+    like: PyTree | None = None,
 ) -> PowerResult:
     r"""Top-magnitude eigenpair :math:`(\lambda, v)`, :math:`|\lambda| = \|A\|_2`, by power iteration.
 

@@ -64,6 +64,15 @@ class TraceFnEstimate:
       estimate: mean over probes of ``n * sum_j w_j f(theta_j)``.
       std_error: standard error of that mean (sample std / sqrt(probes); ``inf`` with one probe).
       samples: the per-probe estimates, shape ``(num_probes,)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 7.0)))  # eigenvalues 1, ..., 6
+        >>> sd = hvp.spectral_density(op, key=jax.random.PRNGKey(0), num_probes=4, num_iters=6)
+        >>> est = sd.trace_fn(jnp.log)  # log det = log 720
+        >>> round(float(est.estimate), 4), round(float(jnp.log(720.0)), 4)
+        (6.5793, 6.5793)
     """
 
     estimate: jax.Array
@@ -199,6 +208,11 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
     numpy.linalg.eigvalsh(H))`` compares an SLQ estimate to the exact spectrum.
     It has the units of the eigenvalues; divide by the spectral range for a
     relative figure.
+
+    Examples:
+        >>> from hvp.linalg import wasserstein1
+        >>> wasserstein1([0.0, 1.0], None, [0.0, 2.0])  # half the mass moves by 1
+        0.5
     """
     if y is None:
         raise TypeError(
@@ -358,15 +372,15 @@ def _slq_eps(like, basis_dtype) -> float:
 
 
 def spectral_density(
-    op,
+    op: OperatorLike,
     *,
-    key,
+    key: PRNGKey,
     num_probes: int = 16,
     num_iters: int = 64,
     chunk_size: int | None = None,
     reorthogonalize: bool = True,
     basis_dtype=None,
-    like=None,
+    like: PyTree | None = None,
 ) -> SpectralDensity:
     r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 

@@ -17,6 +17,7 @@ from hvp import tree as tu
 from hvp.linalg._lanczos import eigsh, zero_floor
 from hvp.linalg._slq import spectral_density
 from hvp.operators import as_operator
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["spectrum_summary", "SpectrumSummary", "definiteness", "DEFINITENESS"]
 
@@ -120,14 +121,14 @@ def _ratio(a: float, b: float) -> float:
 
 
 def spectrum_summary(
-    op,
+    op: OperatorLike,
     *,
-    key,
+    key: PRNGKey,
     tol: float = 1e-6,
     num_probes: int = 8,
     num_iters: int = 64,
     zero_tol: float = 1e-6,
-    like=None,
+    like: PyTree | None = None,
 ) -> SpectrumSummary:
     r"""Extreme eigenvalues, condition number and negative/positive spectral mass of ``op``.
 

@@ -651,9 +651,9 @@ def _exact_result(op, chunk: int, *, spent: int = 0, converged: bool | None = No
 # public API
 # ------------------------------------------------------------------------------------------------
 def trace(
-    op,
+    op: OperatorLike,
     *,
-    key,
+    key: PRNGKey,
     num_matvecs: int = 100,
     method: str = "hutchinson",
     rtol: float | None = None,
@@ -661,7 +661,7 @@ def trace(
     max_matvecs: int | None = None,
     chunk_size: int | None = None,
     error_estimate: str = "jackknife",
-    like=None,
+    like: PyTree | None = None,
     progress: bool = False,
 ) -> TraceResult:
     r"""Estimate :math:`\operatorname{tr}(A)` from matrix-vector products.
@@ -725,6 +725,14 @@ def trace(
 
     A fixed budget works inside ``jax.jit`` (pass the operator as an argument);
     adaptive mode is a Python loop over compiled rounds.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> A = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
+        >>> res = hvp.trace(hvp.from_dense(A), key=jax.random.PRNGKey(0), num_matvecs=6, method="hutch++")
+        >>> round(float(res.estimate), 4)  # a budget of at least n products is exact: 2 + 3 + 4
+        9.0
     """
     op = coerce_operator(op, like)
     check_key(key)

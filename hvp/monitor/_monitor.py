@@ -168,6 +168,18 @@ class MonitorRecord:
       negative_mass: fraction of spectral mass below zero (only at density steps).
       lr_threshold: ``2 / learning_rate`` at this step (``None`` without a learning rate).
       seconds: wall-clock seconds spent in this evaluation.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> monitor = hvp.CurvatureMonitor.from_loss(loss_fn, batch, every=10, trace=False, key=jax.random.PRNGKey(0))
+        >>> record = monitor(0, {"w": jnp.zeros(2)})
+        >>> record.step, record.eigenvalues.round(4), bool(record.converged.all())
+        (0, array([4.]), True)
     """
 
     step: int
@@ -211,6 +223,19 @@ class MonitorSummary:
       warm_start_savings: ``1 - eig_matvecs / cold_eig_matvecs`` (``None`` unless measured).
       max_sharpness: largest top eigenvalue seen.
       final_sharpness: top eigenvalue of the last evaluation.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> monitor = hvp.CurvatureMonitor.from_loss(loss_fn, batch, every=10, trace=False, key=jax.random.PRNGKey(0))
+        >>> _ = monitor(0, {"w": jnp.zeros(2)})
+        >>> s = monitor.summary()
+        >>> s.num_evaluations, round(s.max_sharpness, 4)
+        (1, 4.0)
     """
 
     num_evaluations: int
@@ -235,6 +260,15 @@ def extract_params(obj):
     nnx.Param)``), or any object with a ``params`` attribute (a Linen /
     ``flax.training`` ``TrainState``, ``nnx.Optimizer``-like wrappers);
     ``FrozenDict`` becomes ``dict``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from hvp.monitor import extract_params
+        >>> sorted(extract_params(nnx.Linear(2, 1, rngs=nnx.Rngs(0))))  # an NNX module's nnx.Param state
+        ['bias', 'kernel']
+        >>> extract_params({"w": jnp.ones(2)})  # a plain pytree passes through
+        {'w': Array([1., 1.], dtype=float64)}
     """
     try:  # optional dependency
         from flax import nnx
@@ -335,16 +369,19 @@ class CurvatureMonitor:
       tol: Lanczos residual tolerance relative to ``|lambda_max|`` (``1e-4``:
         eigenvalue error about ``tol^2 * lambda / gap``, far below what a plot
         shows; reachable in float32).
-      num_iters, max_restarts: passed to :func:`hvp.linalg.eigsh`.
+      num_iters: passed to :func:`hvp.linalg.eigsh`.
+      max_restarts: passed to :func:`hvp.linalg.eigsh`.
       warm_start: start Lanczos from the previous evaluation's eigenvectors.
       measure_cold_start: also run a cold-started Lanczos at every evaluation
         (not counted in :attr:`seconds`) to measure the warm-start savings
         (diagnostics; doubles the Lanczos cost).
       trace: also estimate the trace (Hutchinson, ``trace_matvecs`` probes).
-      trace_matvecs, trace_method: passed to :func:`hvp.linalg.trace`.
+      trace_matvecs: passed to :func:`hvp.linalg.trace`.
+      trace_method: passed to :func:`hvp.linalg.trace`.
       density_steps: steps at which to also compute the spectral density
         (stored in :attr:`densities`, its negative mass in the record).
-      density_probes, density_iters: passed to :func:`hvp.linalg.spectral_density`.
+      density_probes: passed to :func:`hvp.linalg.spectral_density`.
+      density_iters: passed to :func:`hvp.linalg.spectral_density`.
       key: PRNG key; each evaluation uses ``fold_in(key, step)`` (deterministic).
       output_dir: if given, ``history.jsonl`` and ``history.csv`` are written
         there (overwritten by a new monitor), one line per evaluation,

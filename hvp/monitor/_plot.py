@@ -69,6 +69,20 @@ def plot_history(history, path, *, densities=None, title=None, operator_name="he
 
     Returns:
       ``path``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is diag(1, 4)
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> monitor = hvp.CurvatureMonitor.from_loss(loss_fn, batch, every=10, trace=False, key=jax.random.PRNGKey(0))
+        >>> _ = monitor(0, {"w": jnp.zeros(2)})
+        >>> import os, tempfile
+        >>> path = hvp.monitor.plot_history(monitor.history, os.path.join(tempfile.mkdtemp(), "curvature.png"))
+        >>> os.path.basename(path), os.path.getsize(path) > 0
+        ('curvature.png', True)
     """
     try:
         import matplotlib

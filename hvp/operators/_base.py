@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvp import tree as tu
+from hvp.typing import Array, OperatorLike, PyTree
 
 __all__ = [
     "LinearOperator",
@@ -45,7 +46,17 @@ DEFAULT_DENSE_LIMIT = 20_000
 
 
 class NonFiniteError(FloatingPointError, ValueError):
-    """A matvec or a result contained NaN or Inf."""
+    """A matvec or a result contained NaN or Inf.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_matvec(lambda v: v / 0.0, jnp.zeros(2), check_finite=True)
+        >>> op @ jnp.ones(2)
+        Traceback (most recent call last):
+        ...
+        hvp.operators._base.NonFiniteError: ...
+    """
 
 
 class LinearOperator:
@@ -62,6 +73,18 @@ class LinearOperator:
       shape: ``(n, n)``.
       dtype: the result dtype of ``like``'s leaves.
       name: a short name used in messages (``"hessian"``, ``"ggn"``, ...).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
+        >>> isinstance(op, hvp.LinearOperator), op.shape, op.size
+        (True, (2, 2), 2)
+        >>> op @ jnp.array([1.0, 0.0])
+        Array([2., 1.], dtype=float64)
+        >>> op.matmat(jnp.eye(2))  # one vector per row
+        Array([[2., 1.],
+               [1., 2.]], dtype=float64)
     """
 
     name: str = "linear"
@@ -207,6 +230,13 @@ class MatvecOperator(LinearOperator):
 
     The function is static (hashed by identity), ``like`` is only used for its
     structure, shapes and dtypes.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.operators.MatvecOperator(lambda v: {"w": 3.0 * v["w"]}, {"w": jnp.zeros(2)})
+        >>> op @ {"w": jnp.ones(2)}
+        {'w': Array([3., 3.], dtype=float64)}
     """
 
     def __init__(self, matvec: Callable, like, *, name: str = "matvec", check_finite: bool = False):
@@ -236,6 +266,13 @@ class DenseOperator(LinearOperator):
     """A dense symmetric matrix acting on pytrees shaped like ``like``.
 
     If ``like`` is omitted, vectors are flat arrays of length ``n``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.operators.DenseOperator(jnp.diag(jnp.array([1.0, 2.0, 3.0])), {"a": jnp.zeros(1), "b": jnp.zeros(2)})
+        >>> op @ {"a": jnp.ones(1), "b": jnp.ones(2)}
+        {'a': Array([1.], dtype=float64), 'b': Array([2., 3.], dtype=float64)}
     """
 
     def __init__(self, matrix, like=None, *, name: str = "dense", check_finite: bool = False):
@@ -305,16 +342,33 @@ def from_matvec(
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 
 
-def from_dense(matrix, like=None, *, name: str = "dense") -> DenseOperator:
-    """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``)."""
+def from_dense(matrix, like: PyTree | None = None, *, name: str = "dense") -> DenseOperator:
+    """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> op = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
+        >>> op @ jnp.array([1.0, 0.0])
+        Array([2., 1.], dtype=float64)
+    """
     return DenseOperator(matrix, like, name=name)
 
 
-def as_operator(op, like=None) -> LinearOperator:
+def as_operator(op: OperatorLike | Array, like: PyTree | None = None) -> LinearOperator:
     """Coerce ``op`` to a :class:`LinearOperator`.
 
     Accepts a :class:`LinearOperator`, a callable ``matvec`` together with an
     example pytree ``like``, or a dense square array.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> hvp.operators.as_operator(jnp.eye(2)).shape  # a dense square array
+        (2, 2)
+        >>> op = hvp.operators.as_operator(lambda v: 2.0 * v, like=jnp.zeros(3))  # a matvec
+        >>> op @ jnp.ones(3)
+        Array([2., 2., 2.], dtype=float64)
     """
     if isinstance(op, LinearOperator):
         return op

@@ -50,6 +50,14 @@ def select(params, wrt) -> tuple[Any, tuple[bool, ...]]:
 
     Raises:
       ValueError: the filter selects no leaf (the message lists the paths).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.operators import select
+        >>> params = {"dense": {"bias": jnp.zeros(2), "kernel": jnp.ones((3, 2))}}
+        >>> block, mask = select(params, "kernel")
+        >>> mask, block["dense"]["bias"]
+        ((False, True), None)
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     match = _matcher(wrt)
@@ -65,7 +73,16 @@ def select(params, wrt) -> tuple[Any, tuple[bool, ...]]:
 
 
 def merge(block, full, mask: tuple[bool, ...]):
-    """Put the leaves of ``block`` back into ``full`` at the selected positions."""
+    """Put the leaves of ``block`` back into ``full`` at the selected positions.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.operators import merge, select
+        >>> params = {"bias": jnp.zeros(2), "kernel": jnp.zeros(2)}
+        >>> block, mask = select(params, "kernel")
+        >>> merge({"bias": None, "kernel": jnp.ones(2)}, params, mask)
+        {'bias': Array([0., 0.], dtype=float64), 'kernel': Array([1., 1.], dtype=float64)}
+    """
     full_leaves, treedef = jax.tree_util.tree_flatten(full)
     it = iter(jax.tree_util.tree_leaves(block))
     leaves = [next(it) if m else x for x, m in zip(full_leaves, mask)]

@@ -152,7 +152,7 @@ def _check_scalar(out, what: str) -> None:
         raise TypeError(f"{what} must return a floating-point scalar, got dtype {out.dtype}.")
 
 
-def hvp(fun: Callable, params, v, *args, **kwargs):
+def hvp(fun: Callable, params: PyTree, v: PyTree, *args, **kwargs):
     """Hessian-vector product of a scalar function, by forward-over-reverse.
 
     Returns :math:`\\nabla^2_\\theta f(\\theta) \\, v` for
@@ -170,6 +170,13 @@ def hvp(fun: Callable, params, v, *args, **kwargs):
     Raises:
       TypeError: non-floating parameters.
       ValueError: ``v`` not shaped like ``params``; ``fun`` not scalar.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> f = lambda p: jnp.sum(p ** 3)  # Hessian diag(6 p)
+        >>> hvp.hvp(f, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
+        Array([ 6., 12.], dtype=float64)
     """
     hint = _framework_object_hint(params)
     if hint is not None:
@@ -274,6 +281,18 @@ class CurvatureOperator(LinearOperator):
       reduction: ``"mean"`` or ``"sum"``.
       num_examples, num_batches: size of the data set.
       size, shape, dtype: see :class:`~hvp.operators.LinearOperator`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import hvp
+        >>> def loss_fn(params, batch):  # least squares: the Hessian is 2 X^T X / n
+        ...     x, y = batch
+        ...     return jnp.mean((x @ params["w"] - y) ** 2)
+        >>> params = {"w": jnp.zeros(2)}
+        >>> batch = (jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.ones(2))
+        >>> H = hvp.hessian(loss_fn, params, [batch, batch])
+        >>> H.kind, H.reduction, H.num_examples, H.num_batches, H.shape
+        ('hessian', 'mean', 4, 2, (2, 2))
     """
 
     def __init__(
@@ -617,7 +636,7 @@ def _choose_mode(mode: str, f_of_batch, params, dataset: Dataset, ctx: _Context)
 
 def hessian(
     loss_fn: Callable,
-    params,
+    params: PyTree,
     data,
     *,
     wrt=None,
@@ -731,7 +750,7 @@ def _linearize_all(op: CurvatureOperator):
 def ggn(
     model_fn: Callable,
     loss_fn: Callable,
-    params,
+    params: PyTree,
     data,
     *,
     unpack: Callable | None = None,

@@ -367,6 +367,14 @@ def as_dataset(data: Any) -> Dataset:
     Raises:
       ValueError: the data set is empty, a batch has no leaves, or the leaves of
         one batch disagree on the number of examples.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.operators import as_dataset
+        >>> batches = [(jnp.ones((2, 3)), jnp.zeros(2))] * 3  # three batches of the same shape
+        >>> ds = as_dataset(batches)
+        >>> ds.num_examples, ds.num_batches, len(ds.groups)  # one group, stacked
+        (6, 3, 1)
     """
     if isinstance(data, Dataset):
         return data

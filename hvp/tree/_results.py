@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, dataclass_transform
 
 import jax
 import numpy as np
@@ -55,6 +55,7 @@ def to_jsonable(x: Any) -> Any:
     return str(x)
 
 
+@dataclass_transform(frozen_default=True)
 def result(cls=None, *, static: tuple[str, ...] = ()):
     """Class decorator: frozen dataclass + pytree + ``to_dict``/``to_json``."""
 

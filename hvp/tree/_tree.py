@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from hvp.typing import PyTree
 
 __all__ = [
     "PyTree",
@@ -69,7 +69,14 @@ __all__ = [
 
 
 def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
-    """``jax.tree_util.tree_map`` (re-exported so that callers use one name)."""
+    """``jax.tree_util.tree_map`` (re-exported so that callers use one name).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.map(lambda x: 2 * x, {'w': jnp.array([1.0, 2.0])})
+        {'w': Array([2., 4.], dtype=float64)}
+    """
     return jax.tree_util.tree_map(fn, tree, *rest)
 
 
@@ -81,10 +88,11 @@ def accumulation_dtype(*dtypes) -> np.dtype:
     :mod:`hvp`: products run in the parameters' dtype, inner products, norms and small
     dense factorisations in this one.
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import accumulation_dtype
-    >>> accumulation_dtype(jnp.bfloat16).name
-    'float32'
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import accumulation_dtype
+        >>> accumulation_dtype(jnp.bfloat16).name
+        'float32'
     """
     dts = [jnp.dtype(d) for d in dtypes] or [jnp.dtype(jnp.float32)]
     return jnp.dtype(jnp.result_type(jnp.float32, *dts))
@@ -101,7 +109,15 @@ def _vdot(x, y):
 
 
 def dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32."""
+    """Euclidean inner product ``<a, b>`` summed over all leaves, accumulated in >= float32.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> float(tree.dot(a, a))
+        14.0
+    """
     leaves = [
         _vdot(_acc(x), _acc(y))
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
@@ -120,6 +136,14 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
     """Inner products of each row of ``stacked`` (leading axis ``k``) with ``b``: shape ``(k,)``.
 
     Accumulated in >= float32 (see :func:`accumulation_dtype`).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> rows = tree.stack([a, tree.scale(-1.0, a)])
+        >>> tree.vdot_batched(rows, a)
+        Array([ 14., -14.], dtype=float64)
     """
     parts = [
         contract_rows(_acc(x), _acc(y))
@@ -129,7 +153,15 @@ def vdot_batched(stacked: PyTree, b: PyTree) -> jax.Array:
 
 
 def norm(a: PyTree) -> jax.Array:
-    """Euclidean norm over all leaves."""
+    """Euclidean norm over all leaves.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> round(float(tree.norm(a)), 4)
+        3.7417
+    """
     return jnp.sqrt(dot(a, a))
 
 
@@ -139,40 +171,108 @@ def leaf_norms(a: PyTree) -> PyTree:
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-by-leaf sum ``a + b``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.add(a, a)['w']
+        Array([2., 4.], dtype=float64)
+    """
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-by-leaf difference ``a - b``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> float(tree.norm(tree.sub(a, a)))
+        0.0
+    """
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
 def scale(alpha, a: PyTree) -> PyTree:
-    """``alpha * a`` (``alpha`` is cast to each leaf's dtype)."""
+    """``alpha * a`` (``alpha`` is cast to each leaf's dtype).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.scale(0.5, a)['w']
+        Array([0.5, 1. ], dtype=float64)
+    """
     return jax.tree_util.tree_map(lambda x: jnp.asarray(alpha, x.dtype) * x, a)
 
 
 def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf by leaf."""
+    """``alpha * x + y`` leaf by leaf.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.axpy(2.0, a, a)['b']
+        Array(9., dtype=float64)
+    """
     return jax.tree_util.tree_map(lambda a, b: jnp.asarray(alpha, a.dtype) * a + b, x, y)
 
 
 def zeros_like(a: PyTree) -> PyTree:
+    """A pytree of zeros shaped like ``a`` (same dtypes).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.zeros_like(a)['w']
+        Array([0., 0.], dtype=float64)
+    """
     return jax.tree_util.tree_map(jnp.zeros_like, a)
 
 
 def ones_like(a: PyTree) -> PyTree:
+    """A pytree of ones shaped like ``a`` (same dtypes).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.ones_like(a)['w']
+        Array([1., 1.], dtype=float64)
+    """
     return jax.tree_util.tree_map(jnp.ones_like, a)
 
 
 def cast(a: PyTree, dtype) -> PyTree:
-    """Cast every leaf to ``dtype`` (``None`` leaves it unchanged)."""
+    """Cast every leaf to ``dtype`` (``None`` leaves it unchanged).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.cast(a, jnp.float32)['w'].dtype
+        dtype('float32')
+    """
     if dtype is None:
         return a
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), a)
 
 
 def size(a: PyTree) -> int:
-    """Number of scalar entries over all leaves (a Python int, static)."""
+    """Number of scalar entries over all leaves (a Python int, static).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.size(a)
+        3
+    """
     return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(a)))
 
 
@@ -227,12 +327,31 @@ def rademacher_like(key: jax.Array, like: PyTree) -> PyTree:
     """A random pytree like ``like`` with i.i.d. +-1 entries (same shapes, dtypes, sharding).
 
     Deterministic: the same key gives the same pytree, also under ``vmap``.
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> z = tree.rademacher_like(jax.random.PRNGKey(0), a)
+        >>> sorted(set(abs(float(x)) for x in tree.ravel(z)))
+        [1.0]
     """
     return _random_like(key, like, "rademacher")
 
 
 def normal_like(key: jax.Array, like: PyTree) -> PyTree:
-    """A random pytree like ``like`` with i.i.d. standard normal entries (see :func:`rademacher_like`)."""
+    """A random pytree like ``like`` with i.i.d. standard normal entries (see :func:`rademacher_like`).
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> z = tree.normal_like(jax.random.PRNGKey(0), a)
+        >>> z['w'].shape, z['w'].dtype
+        ((2,), dtype('float64'))
+    """
     return _random_like(key, like, "normal")
 
 
@@ -494,7 +613,15 @@ def place_batch(batch: PyTree, params: PyTree, *, leading: int = 0) -> PyTree:
 
 
 def ravel(a: PyTree) -> jax.Array:
-    """Concatenate all leaves into one flat vector (for dense validation only)."""
+    """Concatenate all leaves into one flat vector (for dense validation only).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.ravel(a)  # leaves in tree_leaves order: 'b' then 'w'
+        Array([3., 1., 2.], dtype=float64)
+    """
     leaves = jax.tree_util.tree_leaves(a)
     if not leaves:
         return jnp.zeros((0,))
@@ -510,7 +637,16 @@ def _replicated(x):
 
 
 def unravel_fn(like: PyTree) -> Callable[[jax.Array], PyTree]:
-    """Inverse of :func:`ravel` for pytrees shaped like ``like``."""
+    """Inverse of :func:`ravel` for pytrees shaped like ``like``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> unravel = tree.unravel_fn(a)
+        >>> unravel(tree.ravel(a))['w']
+        Array([1., 2.], dtype=float64)
+    """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     shapes = [jnp.shape(x) for x in leaves]
     dtypes = [jnp.result_type(x) for x in leaves]
@@ -546,31 +682,64 @@ def stack(trees) -> PyTree:
 
 
 def unstack(stacked: PyTree) -> list:
-    """Inverse of :func:`stack`."""
+    """Inverse of :func:`stack`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> len(tree.unstack(tree.stack([a, a, a])))
+        3
+    """
     n = leading_dim(stacked)
     return [index(stacked, i) for i in range(n)]
 
 
 def index(stacked: PyTree, i) -> PyTree:
-    """Row ``i`` of a stacked pytree."""
+    """Row ``i`` of a stacked pytree.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> rows = tree.stack([a, tree.scale(2.0, a)])
+        >>> tree.index(rows, 1)['b']
+        Array(6., dtype=float64)
+    """
     return jax.tree_util.tree_map(lambda x: x[i], stacked)
 
 
 def leading_dim(tree: PyTree) -> int:
-    """The common leading-axis length of all leaves; raises if they disagree."""
+    """The common leading-axis length of all leaves; raises if they disagree.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.leading_dim(tree.stack([a, a, a]))
+        3
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         raise ValueError("The pytree has no array leaves, so it has no leading axis.")
-    dims = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-    if None in dims:
+    if any(np.ndim(x) == 0 for x in leaves):
         raise ValueError("A leaf of the pytree is a scalar and has no leading (example) axis.")
+    dims = {int(np.shape(x)[0]) for x in leaves}
     if len(dims) != 1:
         raise ValueError(f"Leaves disagree on the leading axis length: {sorted(dims)}.")
     return dims.pop()
 
 
 def path_str(path) -> str:
-    """A readable ``a/b/0/kernel`` string for a ``jax.tree_util`` key path."""
+    """A readable ``a/b/0/kernel`` string for a ``jax.tree_util`` key path.
+
+    Examples:
+        >>> import jax
+        >>> from hvp import tree
+        >>> (path, _), = jax.tree_util.tree_leaves_with_path({'dense': {'kernel': 1.0}})
+        >>> tree.path_str(path)
+        'dense/kernel'
+    """
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -587,7 +756,14 @@ def path_str(path) -> str:
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
-    """The ``path_str`` of every leaf, in ``tree_leaves`` order."""
+    """The ``path_str`` of every leaf, in ``tree_leaves`` order.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.leaf_paths({'dense': {'kernel': jnp.ones(2), 'bias': jnp.ones(1)}})
+        ['dense/bias', 'dense/kernel']
+    """
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -611,6 +787,16 @@ def assert_same_structure(
 
     ``leading`` extra leading axes on ``v``'s leaves are allowed (e.g. 1 for a
     stacked block of vectors).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> tree.assert_same_structure(a, a)  # passes silently
+        >>> tree.assert_same_structure({'w': jnp.ones(3)}, a)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
     """
     t_v = jax.tree_util.tree_structure(v)
     t_l = jax.tree_util.tree_structure(like)
@@ -646,7 +832,17 @@ def assert_same_structure(
 
 
 def assert_floating(tree: PyTree, *, name: str = "params") -> None:
-    """Raise ``TypeError`` if any leaf is not a floating-point array."""
+    """Raise ``TypeError`` if any leaf is not a floating-point array.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.assert_floating({'w': jnp.ones(2)})  # passes silently
+        >>> tree.assert_floating({'w': jnp.arange(2)})
+        Traceback (most recent call last):
+        ...
+        TypeError: ...
+    """
     bad = [(p, d) for p, _, d in _describe(tree) if not jnp.issubdtype(d, jnp.floating)]
     if bad:
         listing = ", ".join(f"'{p or '<root>'}' ({d})" for p, d in bad[:5])
@@ -661,12 +857,29 @@ def assert_floating(tree: PyTree, *, name: str = "params") -> None:
 
 
 def is_traced(*trees: PyTree) -> bool:
-    """``True`` if any leaf of the trees is a JAX tracer (we are inside ``jit``/``vmap``/``grad``)."""
+    """``True`` if any leaf of the trees is a JAX tracer (we are inside ``jit``/``vmap``/``grad``).
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.is_traced(jnp.ones(2))
+        False
+        >>> jax.jit(lambda x: jnp.array(tree.is_traced(x)))(jnp.ones(2))
+        Array(True, dtype=bool)
+    """
     return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree_util.tree_leaves(t))
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-    """A scalar bool array: every entry of every leaf is finite."""
+    """A scalar bool array: every entry of every leaf is finite.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> bool(tree.all_finite({'w': jnp.array([1.0, jnp.nan])}))
+        False
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.array(True)
@@ -674,7 +887,14 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 def nonfinite_leaves(tree: PyTree) -> list[str]:
-    """Paths of the leaves that contain NaN or Inf (forces a host sync)."""
+    """Paths of the leaves that contain NaN or Inf (forces a host sync).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.nonfinite_leaves({'w': jnp.array([1.0, jnp.nan]), 'b': jnp.ones(1)})
+        ['w']
+    """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return []
