@@ -925,7 +925,7 @@ def _quiet_eigsh(eigsh, op, k, **kw):
     return res
 
 
-def _sigma(width: float, num_iters: int) -> float:  # noqa: ARG001 - kept for callers
+def _sigma(width: float) -> float:
     """Fallback Gaussian width of the broadened density: 1% of the spectral width."""
     return 0.01 * float(width)
 

@@ -4,13 +4,17 @@ They take any :class:`hvp.operators.LinearOperator` (or a matvec with an example
 know nothing of models or data.
 """
 
-# --- eigen: Lanczos / power iteration / spectral density (owned by the eigen work) ---
-from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor  # noqa: E402
-from hvp.linalg._power import PowerResult, power_iteration  # noqa: E402
-from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1  # noqa: E402
-from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary  # noqa: E402
+from hvp.linalg._checks import DtypePolicy
+from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal
+from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm
+from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor
+from hvp.linalg._power import PowerResult, power_iteration
+from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
+from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary
+from hvp.linalg._trace import TraceResult, trace
 
 __all__ = [
+    # eigenvalues and spectra
     "eigsh",
     "EigshResult",
     "power_iteration",
@@ -23,16 +27,7 @@ __all__ = [
     "SpectrumSummary",
     "definiteness",
     "zero_floor",
-]
-# --- end eigen ---
-
-# --- estimators: trace / diagonal / Frobenius (owned by the estimator work) ---
-from hvp.linalg._checks import DtypePolicy  # noqa: E402
-from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal  # noqa: E402
-from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm  # noqa: E402
-from hvp.linalg._trace import TraceResult, trace  # noqa: E402
-
-__all__ += [
+    # estimators
     "trace",
     "TraceResult",
     "diagonal",
@@ -40,5 +35,6 @@ __all__ += [
     "LeafTraces",
     "frobenius_norm",
     "FrobeniusResult",
+    # the precision policy of every result
+    "DtypePolicy",
 ]
-# --- end estimators ---

@@ -33,6 +33,7 @@ from hvp.linalg._checks import (
     dtype_policy,
 )
 from hvp.operators import NonFiniteError
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["power_iteration", "PowerResult"]
 

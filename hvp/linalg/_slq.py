@@ -52,6 +52,7 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["spectral_density", "SpectralDensity", "TraceFnEstimate", "wasserstein1"]
 

@@ -93,6 +93,7 @@ from hvp.linalg._checks import (
     resolve_chunk,
 )
 from hvp.operators import LinearOperator
+from hvp.typing import OperatorLike, PRNGKey
 
 __all__ = ["TraceResult", "trace"]
 

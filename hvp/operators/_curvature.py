@@ -70,6 +70,7 @@ from hvp.operators._data import (
     split_batch,
     tuple_of_batches_hint,
 )
+from hvp.typing import PyTree
 
 __all__ = [
     "CurvatureOperator",

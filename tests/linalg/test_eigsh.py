@@ -370,7 +370,9 @@ def test_float32_multiplicities_and_nulls():
                 warnings.simplefilter("error")
                 res = eigsh(op, 4, which=which, key=jax.random.PRNGKey(seed), tol=1e-5)
             assert res.eigenvalues.dtype == jnp.float32
-            assert res.dtype_policy.compute == "float32" and res.dtype_policy.accumulate == "float32"
+            assert (
+                res.dtype_policy.compute == "float32" and res.dtype_policy.accumulate == "float32"
+            )
             err, honest = errors(res, a, 4, which)
             assert honest and bool(np.all(np.asarray(res.converged)))
             assert err < 100 * eps32, (seed, which, np.asarray(res.eigenvalues))
