@@ -125,7 +125,7 @@ def resolve_checkpoint(
       AnalysisError: the directory does not exist, is a file, or holds no
         Orbax checkpoint; the step or item asked for does not exist.
 
-    Example:
+    Examples:
       >>> from hvp.analysis import resolve_checkpoint
       >>> resolve_checkpoint("no/such/dir")
       Traceback (most recent call last):

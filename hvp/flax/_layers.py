@@ -432,7 +432,7 @@ def layer_labels(layers: Sequence[str]) -> LayerLabels:
     Raises:
       ValueError: if ``layers`` has duplicates.
 
-    Example:
+    Examples:
       >>> from hvp.flax import layer_labels
       >>> names = [f"decoder/encoderdecoderblock_{i}/SelfAttention_0/query" for i in range(2)]
       >>> lab = layer_labels(names + ["decoder/Embed_0"])

@@ -29,7 +29,7 @@ class StaleStateWarning(UserWarning):
     The curvature then uses the state (BatchNorm statistics, ...) held by the
     problem, which may be older than the parameters.
 
-    Example:
+    Examples:
       >>> import warnings, hvp.flax
       >>> from flax import nnx
       >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))  # running mean and variance

@@ -164,7 +164,7 @@ def power_iteration(
       ValueError: ``num_iters < 1``, negative or non-finite ``tol``, ``v0`` of the wrong structure.
       NonFiniteError: the operator produced NaN or Inf (e.g. a float16 overflow).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> r = hvp.power_iteration(hvp.from_dense(jnp.diag(jnp.array([1.0, -3.0]))),
       ...                         key=jax.random.key(0), tol=1e-5)

@@ -427,7 +427,7 @@ def spectral_density(
       ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``.
       NonFiniteError: the operator produced NaN or Inf.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.arange(1.0, 5.0))),
       ...                           key=jax.random.key(0), num_probes=2, num_iters=4)
