@@ -752,13 +752,13 @@ def eigsh(
       NonFiniteError: NaN or Inf in the result (the operator produced them,
         e.g. an overflow of half-precision products).
 
-    Example: a rank-2 operator with a triple zero eigenvalue at the bottom.
-
-    >>> import jax, numpy as np, hvp
-    >>> A = np.diag([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
-    >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
-    >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
-    ([0.0, 0.0, 0.0], True)
+    Examples:
+      >>> # A rank-2 operator with a triple zero eigenvalue at the bottom.
+      >>> import jax, numpy as np, hvp
+      >>> A = np.diag([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+      >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
+      >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
+      ([0.0, 0.0, 0.0], True)
     """
     op = as_operator(op, like)
     n = _check_like(op)

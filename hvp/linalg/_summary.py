@@ -91,11 +91,12 @@ def definiteness(lambda_min: float, lambda_max: float, zero_threshold: float):
       indefinite spectrum (unknown from the extremes); ``condition`` the 2-norm condition
       number for a definite spectrum, ``inf`` for a singular one, ``None`` if indefinite.
 
-    >>> from hvp.linalg import definiteness
-    >>> definiteness(1e-17, 4.0, 1e-6)
-    ('positive semi-definite, singular', True, inf)
-    >>> definiteness(0.5, 4.0, 1e-6)
-    ('positive definite', False, 8.0)
+    Examples:
+      >>> from hvp.linalg import definiteness
+      >>> definiteness(1e-17, 4.0, 1e-6)
+      ('positive semi-definite, singular', True, inf)
+      >>> definiteness(0.5, 4.0, 1e-6)
+      ('positive definite', False, 8.0)
     """
     lo, hi, z = float(lambda_min), float(lambda_max), float(zero_threshold)
     if not z >= 0:
@@ -166,10 +167,11 @@ def spectrum_summary(
     Returns:
       :class:`SpectrumSummary` (plain Python numbers).
 
-    >>> import jax, numpy as np, hvp
-    >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([0.0, 0.0, 1.0, 3.0])), key=jax.random.key(0))
-    >>> s.definiteness, s.condition_number
-    ('positive semi-definite, singular', inf)
+    Examples:
+      >>> import jax, numpy as np, hvp
+      >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([0.0, 0.0, 1.0, 3.0])), key=jax.random.key(0))
+      >>> s.definiteness, s.condition_number
+      ('positive semi-definite, singular', inf)
     """
     op = as_operator(op, like)
     if not 0 <= zero_tol < 1:

@@ -334,10 +334,11 @@ def from_matvec(
     ``name`` is used in messages as "the <name> operator" (a trailing
     "operator" in it is dropped, so messages never say "operator operator").
 
-    >>> import jax.numpy as jnp
-    >>> op = from_matvec(lambda v: 2.0 * v, jnp.zeros(3), name="doubling")
-    >>> op.label, (op @ jnp.ones(3)).tolist()
-    ('the doubling operator', [2.0, 2.0, 2.0])
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> op = from_matvec(lambda v: 2.0 * v, jnp.zeros(3), name="doubling")
+        >>> op.label, (op @ jnp.ones(3)).tolist()
+        ('the doubling operator', [2.0, 2.0, 2.0])
     """
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 
