@@ -56,6 +56,12 @@ class SpectrumSummary:
       positive_definite: ``definiteness == "positive definite"``.
       singular: an extreme eigenvalue is zero (``True``), none is and the operator is
         definite (``False``), or unknown (``None``: indefinite, 0 is inside the spectrum).
+
+    Examples:
+      >>> import jax, numpy as np, hvp
+      >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([1.0, 2.0, 4.0])), key=jax.random.key(0))
+      >>> round(s.lambda_min, 4), round(s.lambda_max, 4), round(s.condition_number, 4), s.positive_definite
+      (1.0, 4.0, 4.0, True)
     """
 
     lambda_max: float

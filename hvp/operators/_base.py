@@ -320,7 +320,14 @@ def _operator_name(name, default: str) -> str:
 
 
 def as_zeros(like):
-    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays."""
+    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from hvp.operators import as_zeros
+        >>> as_zeros({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})["w"]
+        Array([0., 0.], dtype=float32)
+    """
     return jax.tree_util.tree_map(
         lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
     )

@@ -211,6 +211,14 @@ class Composed:
     Built by :func:`compose`; the Flax adapters' ``loss_fn``. The operators
     recognise it and check the targets of every batch against the model's
     outputs when they are built.
+
+    Examples:
+        >>> import jax.numpy as jnp, hvp
+        >>> loss_fn = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
+        >>> isinstance(loss_fn, hvp.operators.Composed)
+        True
+        >>> float(loss_fn(jnp.ones((2, 1)), (jnp.ones((3, 2)), jnp.ones((3, 1)))))  # outputs 2, targets 1
+        1.0
     """
 
     def __init__(self, model_fn, output_loss, unpack=None, origin="hvp.operators.compose"):

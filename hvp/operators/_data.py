@@ -64,7 +64,16 @@ _KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", 
 
 
 class UnpackError(TypeError):
-    """A batch cannot be split into ``(inputs, targets[, weights])`` by the default conventions."""
+    """A batch cannot be split into ``(inputs, targets[, weights])`` by the default conventions.
+
+    Examples:
+        >>> from hvp.operators import UnpackError, default_unpack
+        >>> try:
+        ...     default_unpack("not a batch")
+        ... except UnpackError as e:
+        ...     print(isinstance(e, TypeError))
+        True
+    """
 
 
 def _lm_inputs(batch):

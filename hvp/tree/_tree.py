@@ -128,7 +128,15 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
-    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars."""
+    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> {k: float(v) for k, v in tree.leaf_dots(a, a).items()}
+        {'b': 9.0, 'w': 5.0}
+    """
     return jax.tree_util.tree_map(lambda x, y: _vdot(_acc(x), _acc(y)), a, b)
 
 
@@ -166,7 +174,15 @@ def norm(a: PyTree) -> jax.Array:
 
 
 def leaf_norms(a: PyTree) -> PyTree:
-    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``."""
+    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([3.0, 4.0]), "b": jnp.array(-2.0)}
+        >>> {k: float(v) for k, v in tree.leaf_norms(a).items()}
+        {'b': 2.0, 'w': 5.0}
+    """
     return jax.tree_util.tree_map(lambda x: jnp.sqrt(_vdot(_acc(x), _acc(x))), a)
 
 
@@ -676,6 +692,14 @@ def stack(trees) -> PyTree:
 
     Under an explicit mesh every leaf takes the sharding type of the first explicitly sharded
     one among its group (JAX stacks only arrays of one sharding type).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> s = tree.stack([a, tree.scale(2.0, a)])
+        >>> s["w"].tolist(), s["b"].tolist()
+        ([[1.0, 2.0], [2.0, 4.0]], [3.0, 6.0])
     """
 
     def one(*xs):
