@@ -221,6 +221,15 @@ class Dataset:
         sum of the batch's weights for weighted batches and its number of
         examples otherwise (float32 or float64).
       weighted: whether the batches carry weights (:func:`batch_weights`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from hvp.operators import Dataset
+      >>> from hvp.operators._data import as_dataset
+      >>> batch = lambda n: (jnp.ones((n, 3)), jnp.zeros(n))
+      >>> ds = as_dataset([batch(2), batch(2), batch(1)])  # two shapes: two groups
+      >>> isinstance(ds, Dataset), ds.num_examples, len(ds.groups), ds.weighted
+      (True, 5, 2, False)
     """
 
     groups: tuple
