@@ -453,7 +453,7 @@ def check_dependencies(*, plots: bool) -> None:
       AnalysisError: naming the missing package, the extra that installs it and,
         for matplotlib, ``--no-plots``.
 
-    Example:
+    Examples:
       >>> from hvp.analysis import check_dependencies
       >>> check_dependencies(plots=False)  # orbax-checkpoint is installed with flax
     """
@@ -580,7 +580,7 @@ def analyze(
         the ``hvp`` command) on SIGINT/SIGTERM; no output file is left
         half-written.
 
-    Example:
+    Examples:
       >>> from hvp.analysis import analyze
       >>> analyze("no/such/dir", model="hvp.analysis._demo:digits_mlp")
       Traceback (most recent call last):

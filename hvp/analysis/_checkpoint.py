@@ -78,6 +78,23 @@ class Checkpoint:
       tree: the arrays, as a nested dict of NumPy arrays.
       key: the top-level key of ``tree`` asked for (``--item KEY`` naming no
         item directory); ``None``: found by :func:`restore_into`.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> import flax.linen as nn
+      >>> import orbax.checkpoint as ocp
+      >>> import hvp
+      >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+      ...     net = nn.Dense(2)
+      ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+      >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+      >>> checkpointer = ocp.StandardCheckpointer()
+      >>> checkpointer.save(ckpt, tiny()[0][1])
+      >>> checkpointer.wait_until_finished(); checkpointer.close()
+      >>> ck = hvp.analysis.read_checkpoint(ckpt)
+      >>> isinstance(ck, hvp.analysis.Checkpoint), ck.tree["params"]["kernel"].shape, ck.key
+      (True, (3, 2), None)
     """
 
     path: str
@@ -125,7 +142,7 @@ def resolve_checkpoint(
       AnalysisError: the directory does not exist, is a file, or holds no
         Orbax checkpoint; the step or item asked for does not exist.
 
-    Example:
+    Examples:
       >>> from hvp.analysis import resolve_checkpoint
       >>> resolve_checkpoint("no/such/dir")
       Traceback (most recent call last):
@@ -454,6 +471,24 @@ def restore_into(model_spec, ckpt: Checkpoint, *, dtype=None) -> RestoredModel:
       StructureMismatchError: no candidate matches (the message is the whole
         tree's mismatch, followed by the top-level keys tried).
       AnalysisError: NaN or Inf in a restored array.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> import flax.linen as nn
+      >>> import orbax.checkpoint as ocp
+      >>> import hvp
+      >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+      ...     net = nn.Dense(2)
+      ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+      >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+      >>> checkpointer = ocp.StandardCheckpointer()
+      >>> checkpointer.save(ckpt, tiny()[0][1])
+      >>> checkpointer.wait_until_finished(); checkpointer.close()
+      >>> ck = hvp.analysis.read_checkpoint(ckpt)
+      >>> restored = hvp.analysis.restore_into(hvp.analysis.load_model(tiny), ck)
+      >>> restored.kind, sorted(restored.restored)
+      ('linen', ['params/bias', 'params/kernel'])
     """
 
     def restore(tree):

@@ -132,6 +132,14 @@ def run_demo(
     analysis. ``out`` is checked before training: it must be writable, and an
     ``out`` holding an earlier demo (``checkpoint/``, ``report.json``, the PNGs)
     is refused unless ``overwrite`` (which replaces the whole set).
+
+    Examples:
+        >>> import tempfile
+        >>> from hvp.analysis import run_demo
+        >>> report = run_demo(out=tempfile.mkdtemp(), steps=2, k=1, num_probes=2, num_iters=4,
+        ...                   trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2, plots=False)
+        >>> report.extra["demo"]["train_steps"], report.model["spec"]
+        (2, 'hvp.analysis._demo:digits_mlp')
     """
     from hvp.analysis._analyze import analyze
     from hvp.analysis._errors import AnalysisError

@@ -145,6 +145,16 @@ def plot_layers(report, path, *, view: str | None = None) -> Path:
     Sorted bars of trace ± 2 s.e. and top-eigenvector share per block or layer, and a
     blocks x layer heat map for stacks of blocks. See :mod:`hvp.analysis._layer_report`; ``view`` is ``"grouped"`` or ``"all"`` (default:
     the report's ``settings.layer_view``).
+
+    Examples:
+        >>> import os, tempfile
+        >>> from hvp.analysis import plot_layers
+        >>> rep = {"layers": {"layers": ["d/b_0/x", "d/b_1/x"], "num_params": [3, 4],
+        ...        "trace": [1.0, 2.0], "trace_std_error": [0.1, 0.2],
+        ...        "top_eigenvector_mass": [0.25, 0.75]}}
+        >>> path = plot_layers(rep, os.path.join(tempfile.mkdtemp(), "layers.png"), view="all")
+        >>> path.name, path.stat().st_size > 0
+        ('layers.png', True)
     """
     from hvp.analysis._layer_report import plot_layers as _plot_layers
 

@@ -305,6 +305,28 @@ def summary_table(report):
 
     The per-layer figures have their own table
     (:func:`hvp.analysis._layer_report.layer_table`); :func:`print_summary` prints both.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> table = hvp.analysis.summary_table(report)
+        >>> [c.header for c in table.columns], table.row_count
+        (['figure', 'value', '± / residual', 'matvecs', 'seconds'], 7)
     """
     from rich.table import Table
 
@@ -373,6 +395,31 @@ def print_summary(
 
     ``layer_view`` (``"grouped"``/``"all"``) and ``top_layers`` choose the per-layer rows (see
     :func:`hvp.analysis._layer_report.layer_table`; default: the report's settings).
+
+    Examples:
+        >>> import os, tempfile
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import flax.linen as nn
+        >>> import orbax.checkpoint as ocp
+        >>> import hvp
+        >>> def tiny():  # a model factory: ((Linen module, variables), loss)
+        ...     net = nn.Dense(2)
+        ...     return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))), "mse"
+        >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> checkpointer = ocp.StandardCheckpointer()
+        >>> checkpointer.save(ckpt, tiny()[0][1])
+        >>> checkpointer.wait_until_finished(); checkpointer.close()
+        >>> rng = np.random.default_rng(0)
+        >>> data = [(rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))]
+        >>> report = hvp.analysis.analyze(ckpt, model=tiny, data=data, k=1, num_probes=2, num_iters=4,
+        ...                               trace_method="hutchinson", trace_matvecs=4, layer_matvecs=2,
+        ...                               plots=False, x64=True)
+        >>> import io
+        >>> from rich.console import Console
+        >>> buf = io.StringIO()
+        >>> hvp.analysis.print_summary(report, Console(file=buf, width=120))
+        >>> "λ largest #1" in buf.getvalue(), "per-layer traces" in buf.getvalue()
+        (True, True)
     """
     from rich.console import Console
 

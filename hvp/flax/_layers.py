@@ -147,6 +147,14 @@ class LayerTrace:
       samples: per-probe layer sums :math:`z_{i,l}^\top (A z_i)_l`, shape ``(m, num_layers)``
         (per basis vector for ``"exact"``), from which :meth:`grouped` gets honest standard
         errors of sums of layers; ``None`` when not kept.
+
+    Examples:
+      >>> import jax.numpy as jnp, hvp
+      >>> from hvp.flax import layer_trace
+      >>> params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(3)}}
+      >>> lt = layer_trace(hvp.from_dense(jnp.diag(jnp.arange(1.0, 6.0)), like=params), method="exact")
+      >>> lt.layers, lt.estimate.round(4).tolist(), round(float(lt.total), 4)  # 1 + 2, 3 + 4 + 5
+      (('a', 'b'), [3.0, 12.0], 15.0)
     """
 
     layers: tuple
@@ -253,6 +261,15 @@ def layer_trace(
 
     Returns:
       A :class:`LayerTrace` (with the per-probe layer sums in ``samples``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> from hvp.flax import layer_trace
+      >>> params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(3)}}
+      >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 6.0)), like=params)
+      >>> lt = layer_trace(op, key=jax.random.key(0), num_matvecs=4)  # exact for a diagonal A
+      >>> lt.method, lt.estimate.round(4).tolist(), lt.std_error.round(4).tolist()
+      ('hutchinson', [3.0, 12.0], [0.0, 0.0])
     """
     op = as_operator(op, like)
     names, _ = _leaf_layer_index(op.like, layer_fn)
@@ -336,6 +353,13 @@ class LayerLabels:
         block, named by its first label component, e.g. ``embed``).
       kind: the rest of the short label inside its block (``attn/query``; ``""`` for a layer that is
         the block itself): the same kind in every block of a stack, for heat maps.
+
+    Examples:
+      >>> from hvp.flax import layer_labels
+      >>> names = [f"decoder/encoderdecoderblock_{i}/SelfAttention_0/query" for i in range(2)]
+      >>> lab = layer_labels(names + ["decoder/Embed_0"])
+      >>> lab.block, lab.kind
+      (('block_0', 'block_1', 'embed'), ('attn/query', 'attn/query', ''))
     """
 
     layers: tuple
@@ -432,7 +456,7 @@ def layer_labels(layers: Sequence[str]) -> LayerLabels:
     Raises:
       ValueError: if ``layers`` has duplicates.
 
-    Example:
+    Examples:
       >>> from hvp.flax import layer_labels
       >>> names = [f"decoder/encoderdecoderblock_{i}/SelfAttention_0/query" for i in range(2)]
       >>> lab = layer_labels(names + ["decoder/Embed_0"])

@@ -76,7 +76,7 @@ def from_linen(
         axis (``NameError: unbound axis name``): pass evaluation mode, e.g.
         ``apply_kwargs={"train": False}``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, hvp.flax
       >>> module = nn.Sequential([nn.Dense(3), nn.BatchNorm(use_running_average=True)])
       >>> x = jnp.ones((4, 2))

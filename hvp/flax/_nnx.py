@@ -134,7 +134,7 @@ def from_nnx(
         training mode needs a device axis (``BatchNorm(axis_name=...)``): use
         ``train=False``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hvp, hvp.flax
       >>> from flax import nnx
       >>> class Net(nnx.Module):

@@ -29,7 +29,7 @@ class StaleStateWarning(UserWarning):
     The curvature then uses the state (BatchNorm statistics, ...) held by the
     problem, which may be older than the parameters.
 
-    Example:
+    Examples:
       >>> import warnings, hvp.flax
       >>> from flax import nnx
       >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))  # running mean and variance
@@ -138,6 +138,13 @@ class FlaxProblem:
         ``nnx.Param`` (an ``nnx.State``: BatchNorm statistics, RNG state, custom
         variables). Empty when the model has none. Take it from the current
         model with :meth:`at` (or :meth:`with_state`).
+
+    Examples:
+      >>> import hvp.flax
+      >>> from flax import nnx
+      >>> problem = hvp.flax.from_nnx(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), "mse")
+      >>> isinstance(problem, hvp.flax.FlaxProblem), problem.framework, sorted(problem.params)
+      (True, 'nnx', ['bias', 'kernel'])
     """
 
     loss_fn: Callable

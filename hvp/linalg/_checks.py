@@ -221,10 +221,11 @@ class DtypePolicy:
       accumulate: dtype name of inner products, norms, sums, projected matrices and small
         dense factorisations (:func:`hvp.tree.accumulation_dtype`, at least float32).
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.linalg import DtypePolicy
-    >>> DtypePolicy(compute="bfloat16", accumulate="float32").to_dict()
-    {'compute': 'bfloat16', 'accumulate': 'float32'}
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from hvp.linalg import DtypePolicy
+      >>> DtypePolicy(compute="bfloat16", accumulate="float32").to_dict()
+      {'compute': 'bfloat16', 'accumulate': 'float32'}
     """
 
     compute: str

@@ -115,6 +115,12 @@ class DiagonalResult:
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: products in the parameters'
         dtype, ``estimate``/``std_error`` accumulated and returned in ``accumulate``
         (at least float32).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> res = hvp.diagonal(hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0, 3.0]))), key=jax.random.key(0), num_matvecs=3)
+      >>> res.method, res.estimate.round(4).tolist(), res.num_matvecs
+      ('exact', [1.0, 2.0, 3.0], 3)
     """
 
     estimate: PyTree

@@ -58,6 +58,12 @@ class FrobeniusResult:
       samples: :math:`\\|A z_k\\|^2` per probe (``"exact"``: :math:`\\|A e_i\\|^2`, whose sum is the estimate).
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in the parameters'
         dtype, ``||A z||^2`` and the sums in at least float32).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> res = hvp.frobenius_norm(hvp.from_dense(jnp.diag(jnp.array([3.0, 4.0]))), key=jax.random.key(0), num_matvecs=2)
+      >>> res.method, round(float(res.estimate), 4), round(float(res.squared_estimate), 4)  # sqrt(9 + 16)
+      ('exact', 5.0, 25.0)
     """
 
     estimate: jax.Array

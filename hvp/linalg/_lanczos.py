@@ -125,6 +125,12 @@ class EigshResult:
         the operator products (the parameters'), ``accumulate`` that of the basis, inner
         products, projected matrix and results (:func:`hvp.tree.accumulation_dtype`, at
         least float32).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> r = hvp.eigsh(hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0, 5.0]))), 1, key=jax.random.key(0))
+      >>> r.which, [round(float(x), 4) for x in r.eigenvalues], bool(r.converged.all())
+      ('largest', [5.0], True)
     """
 
     eigenvalues: jax.Array
@@ -315,6 +321,12 @@ def zero_floor(dtype, tol: float = 1e-6) -> float:
     (the products' dtype): eigenvalues of magnitude below ``zero_floor * ||A||`` cannot be
     told from 0 by their residuals. Used as the least "zero" threshold of
     :func:`hvp.linalg.spectrum_summary`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.linalg import zero_floor
+        >>> zero_floor(np.float32) == 64 * float(np.finfo(np.float32).eps)  # 64 eps > 1e-6 eps**(2/3)
+        True
     """
     eps = float(jnp.finfo(dtype).eps)
     return max(float(tol) * eps ** (2.0 / 3.0), _round_off_floor(dtype))
@@ -752,13 +764,13 @@ def eigsh(
       NonFiniteError: NaN or Inf in the result (the operator produced them,
         e.g. an overflow of half-precision products).
 
-    Example: a rank-2 operator with a triple zero eigenvalue at the bottom.
-
-    >>> import jax, numpy as np, hvp
-    >>> A = np.diag([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
-    >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
-    >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
-    ([0.0, 0.0, 0.0], True)
+    Examples:
+      >>> # A rank-2 operator with a triple zero eigenvalue at the bottom.
+      >>> import jax, numpy as np, hvp
+      >>> A = np.diag([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+      >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
+      >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
+      ([0.0, 0.0, 0.0], True)
     """
     op = as_operator(op, like)
     n = _check_like(op)

@@ -52,6 +52,12 @@ class PowerResult:
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in the parameters'
         dtype, norms, the Rayleigh quotient, the residual and the normalisation in
         ``accumulate``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> r = hvp.power_iteration(hvp.from_dense(jnp.diag(jnp.array([2.0, 0.5]))), key=jax.random.key(0), tol=1e-5)
+      >>> round(float(r.eigenvalue), 3), jnp.abs(r.eigenvector).round(3).tolist(), bool(r.converged)
+      (2.0, [1.0, 0.0], True)
     """
 
     eigenvalue: jax.Array
@@ -164,7 +170,7 @@ def power_iteration(
       ValueError: ``num_iters < 1``, negative or non-finite ``tol``, ``v0`` of the wrong structure.
       NonFiniteError: the operator produced NaN or Inf (e.g. a float16 overflow).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> r = hvp.power_iteration(hvp.from_dense(jnp.diag(jnp.array([1.0, -3.0]))),
       ...                         key=jax.random.key(0), tol=1e-5)

@@ -98,6 +98,12 @@ class SpectralDensity:
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: products in the parameters'
         dtype, the Lanczos coefficients, the tridiagonal matrix and its ``eigh`` in
         ``accumulate`` (at least float32).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.arange(1.0, 5.0))), key=jax.random.key(0), num_probes=2, num_iters=4)
+      >>> sd.nodes.shape, sd.weights.sum(axis=1).round(4).tolist(), int(sd.num_matvecs), sd.size
+      ((2, 4), [1.0, 1.0], 8, 4)
     """
 
     nodes: jax.Array
@@ -427,7 +433,7 @@ def spectral_density(
       ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``.
       NonFiniteError: the operator produced NaN or Inf.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.arange(1.0, 5.0))),
       ...                           key=jax.random.key(0), num_probes=2, num_iters=4)

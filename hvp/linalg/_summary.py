@@ -56,6 +56,12 @@ class SpectrumSummary:
       positive_definite: ``definiteness == "positive definite"``.
       singular: an extreme eigenvalue is zero (``True``), none is and the operator is
         definite (``False``), or unknown (``None``: indefinite, 0 is inside the spectrum).
+
+    Examples:
+      >>> import jax, numpy as np, hvp
+      >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([1.0, 2.0, 4.0])), key=jax.random.key(0))
+      >>> round(s.lambda_min, 4), round(s.lambda_max, 4), round(s.condition_number, 4), s.positive_definite
+      (1.0, 4.0, 4.0, True)
     """
 
     lambda_max: float
@@ -91,11 +97,12 @@ def definiteness(lambda_min: float, lambda_max: float, zero_threshold: float):
       indefinite spectrum (unknown from the extremes); ``condition`` the 2-norm condition
       number for a definite spectrum, ``inf`` for a singular one, ``None`` if indefinite.
 
-    >>> from hvp.linalg import definiteness
-    >>> definiteness(1e-17, 4.0, 1e-6)
-    ('positive semi-definite, singular', True, inf)
-    >>> definiteness(0.5, 4.0, 1e-6)
-    ('positive definite', False, 8.0)
+    Examples:
+      >>> from hvp.linalg import definiteness
+      >>> definiteness(1e-17, 4.0, 1e-6)
+      ('positive semi-definite, singular', True, inf)
+      >>> definiteness(0.5, 4.0, 1e-6)
+      ('positive definite', False, 8.0)
     """
     lo, hi, z = float(lambda_min), float(lambda_max), float(zero_threshold)
     if not z >= 0:
@@ -166,10 +173,11 @@ def spectrum_summary(
     Returns:
       :class:`SpectrumSummary` (plain Python numbers).
 
-    >>> import jax, numpy as np, hvp
-    >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([0.0, 0.0, 1.0, 3.0])), key=jax.random.key(0))
-    >>> s.definiteness, s.condition_number
-    ('positive semi-definite, singular', inf)
+    Examples:
+      >>> import jax, numpy as np, hvp
+      >>> s = hvp.spectrum_summary(hvp.from_dense(np.diag([0.0, 0.0, 1.0, 3.0])), key=jax.random.key(0))
+      >>> s.definiteness, s.condition_number
+      ('positive semi-definite, singular', inf)
     """
     op = as_operator(op, like)
     if not 0 <= zero_tol < 1:

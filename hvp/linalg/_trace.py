@@ -139,6 +139,12 @@ class TraceResult:
         fixed budget.
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in ``compute``,
         sums, Gram matrices and factorisations in ``accumulate``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> res = hvp.trace(hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0, 3.0]))), key=jax.random.key(0), num_matvecs=3)
+      >>> res.method, round(float(res.estimate), 4), float(res.std_error)
+      ('exact', 6.0, 0.0)
     """
 
     estimate: jax.Array

@@ -84,7 +84,7 @@ class MonitorError(RuntimeError):
 
     The original exception is chained (``__cause__``).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, hvp
       >>> from hvp.monitor import MonitorError
       >>> def loss(w, x):
@@ -101,7 +101,7 @@ class MonitorError(RuntimeError):
 class MonitorWarning(RuntimeWarning):
     """An evaluation of :class:`CurvatureMonitor` failed and ``on_error="warn"`` let training go on.
 
-    Example:
+    Examples:
       >>> import warnings, jax.numpy as jnp, hvp
       >>> def loss(w, x):
       ...     return jnp.mean((x @ w) ** 2)
@@ -125,7 +125,7 @@ def read_history(path) -> list[dict]:
     Raises:
       ValueError: a line other than the last is not valid JSON (naming the line).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from hvp.monitor import read_history
       >>> path = os.path.join(tempfile.mkdtemp(), "history.jsonl")
@@ -406,7 +406,7 @@ class CurvatureMonitor:
       ValueError, TypeError: invalid options (at construction).
       MonitorError: an evaluation failed (``on_error="raise"``).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> def loss(p, batch):
       ...     return jnp.mean((batch[0] @ p["w"] - batch[1]) ** 2)

@@ -320,7 +320,14 @@ def _operator_name(name, default: str) -> str:
 
 
 def as_zeros(like):
-    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays."""
+    """Replace ``jax.ShapeDtypeStruct`` leaves of an example pytree by zero arrays.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from hvp.operators import as_zeros
+        >>> as_zeros({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})["w"]
+        Array([0., 0.], dtype=float32)
+    """
     return jax.tree_util.tree_map(
         lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
     )
@@ -334,10 +341,11 @@ def from_matvec(
     ``name`` is used in messages as "the <name> operator" (a trailing
     "operator" in it is dropped, so messages never say "operator operator").
 
-    >>> import jax.numpy as jnp
-    >>> op = from_matvec(lambda v: 2.0 * v, jnp.zeros(3), name="doubling")
-    >>> op.label, (op @ jnp.ones(3)).tolist()
-    ('the doubling operator', [2.0, 2.0, 2.0])
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> op = from_matvec(lambda v: 2.0 * v, jnp.zeros(3), name="doubling")
+        >>> op.label, (op @ jnp.ones(3)).tolist()
+        ('the doubling operator', [2.0, 2.0, 2.0])
     """
     return MatvecOperator(matvec, like, name=name, check_finite=check_finite)
 

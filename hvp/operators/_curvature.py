@@ -211,6 +211,14 @@ class Composed:
     Built by :func:`compose`; the Flax adapters' ``loss_fn``. The operators
     recognise it and check the targets of every batch against the model's
     outputs when they are built.
+
+    Examples:
+        >>> import jax.numpy as jnp, hvp
+        >>> loss_fn = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
+        >>> isinstance(loss_fn, hvp.operators.Composed)
+        True
+        >>> float(loss_fn(jnp.ones((2, 1)), (jnp.ones((3, 2)), jnp.ones((3, 1)))))  # outputs 2, targets 1
+        1.0
     """
 
     def __init__(self, model_fn, output_loss, unpack=None, origin="hvp.operators.compose"):
@@ -233,10 +241,11 @@ def compose(model_fn: Callable, output_loss: Callable, unpack: Callable | None =
     :func:`hessian` and :func:`empirical_fisher`: the operators then check the
     targets of every batch against the outputs when they are built.
 
-    >>> import jax.numpy as jnp, hvp
-    >>> loss_fn = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
-    >>> float(loss_fn(jnp.ones((2, 1)), (jnp.ones((3, 2)), jnp.zeros((3, 1)))))
-    4.0
+    Examples:
+        >>> import jax.numpy as jnp, hvp
+        >>> loss_fn = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
+        >>> float(loss_fn(jnp.ones((2, 1)), (jnp.ones((3, 2)), jnp.zeros((3, 1)))))
+        4.0
     """
     if not callable(model_fn) or not callable(output_loss):
         raise TypeError("`model_fn` and `output_loss` must be callables.")
@@ -682,11 +691,12 @@ def hessian(
         :mod:`hvp.losses` check the labels there (every batch for a
         :func:`compose` loss and the Flax adapters).
 
-    >>> import jax.numpy as jnp, hvp
-    >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2), jnp.ones(2),
-    ...                 (jnp.eye(2), jnp.zeros(2)))
-    >>> H.dense().tolist()
-    [[1.0, 0.0], [0.0, 1.0]]
+    Examples:
+      >>> import jax.numpy as jnp, hvp
+      >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2), jnp.ones(2),
+      ...                 (jnp.eye(2), jnp.zeros(2)))
+      >>> H.dense().tolist()
+      [[1.0, 0.0], [0.0, 1.0]]
     """
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     name = "hessian" if wrt is None else f"hessian[{wrt}]"
@@ -793,12 +803,13 @@ def ggn(
         for the :mod:`hvp.losses`: labels out of range, widths), a loss that
         is not scalar.
 
-    >>> import jax, jax.numpy as jnp, hvp
-    >>> w = jnp.ones((3, 2))
-    >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 1, 0])
-    >>> G = hvp.ggn(lambda p, x: x @ p, hvp.losses.softmax_cross_entropy, w, (x, y))
-    >>> G.mode, G.dense().shape
-    ('forward', (6, 6))
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> w = jnp.ones((3, 2))
+      >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 1, 0])
+      >>> G = hvp.ggn(lambda p, x: x @ p, hvp.losses.softmax_cross_entropy, w, (x, y))
+      >>> G.mode, G.dense().shape
+      ('forward', (6, 6))
     """
     _check_mode(mode)
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
@@ -848,11 +859,12 @@ def empirical_fisher(
     when the model or the loss is a ``jax.custom_vjp`` function); other
     arguments as in :func:`hessian`.
 
-    >>> import jax.numpy as jnp, hvp
-    >>> loss = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
-    >>> F = hvp.empirical_fisher(loss, jnp.ones((2, 1)), (jnp.eye(2), jnp.zeros((2, 1))))
-    >>> F.dense().tolist()  # g_i = 2 x_i (x_i . p), F = (1/2) sum_i g_i g_i^T
-    [[2.0, 0.0], [0.0, 2.0]]
+    Examples:
+        >>> import jax.numpy as jnp, hvp
+        >>> loss = hvp.operators.compose(lambda p, x: x @ p, hvp.losses.mean_squared_error)
+        >>> F = hvp.empirical_fisher(loss, jnp.ones((2, 1)), (jnp.eye(2), jnp.zeros((2, 1))))
+        >>> F.dense().tolist()  # g_i = 2 x_i (x_i . p), F = (1/2) sum_i g_i g_i^T
+        [[2.0, 0.0], [0.0, 2.0]]
     """
     _check_mode(mode)
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)

@@ -64,7 +64,16 @@ _KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", 
 
 
 class UnpackError(TypeError):
-    """A batch cannot be split into ``(inputs, targets[, weights])`` by the default conventions."""
+    """A batch cannot be split into ``(inputs, targets[, weights])`` by the default conventions.
+
+    Examples:
+        >>> from hvp.operators import UnpackError, default_unpack
+        >>> try:
+        ...     default_unpack("not a batch")
+        ... except UnpackError as e:
+        ...     print(isinstance(e, TypeError))
+        True
+    """
 
 
 def _lm_inputs(batch):
@@ -90,12 +99,13 @@ def batch_weights(batch):
     ``"weights"`` key, the padding mask ``tokens > 0`` as float32 (the lm1b
     example's weights).
 
-    >>> import jax.numpy as jnp
-    >>> tokens = jnp.array([[5, 7, 0], [3, 0, 0]])
-    >>> batch_weights({"inputs": tokens}).tolist()
-    [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
-    >>> batch_weights((tokens, tokens)) is None
-    True
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> tokens = jnp.array([[5, 7, 0], [3, 0, 0]])
+        >>> batch_weights({"inputs": tokens}).tolist()
+        [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+        >>> batch_weights((tokens, tokens)) is None
+        True
     """
     if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields") and len(batch) == 3:
         return batch[2]
@@ -122,10 +132,11 @@ def default_unpack(batch):
         ``unpack=lambda batch: (inputs, targets)`` to the function that built
         the operator.
 
-    >>> import jax.numpy as jnp
-    >>> x, y = default_unpack({"image": jnp.zeros((2, 3)), "label": jnp.array([0, 1])})
-    >>> x.shape, y.tolist()
-    ((2, 3), [0, 1])
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> x, y = default_unpack({"image": jnp.zeros((2, 3)), "label": jnp.array([0, 1])})
+      >>> x.shape, y.tolist()
+      ((2, 3), [0, 1])
     """
     if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields") and len(batch) in (2, 3):
         return tuple(batch)
@@ -170,10 +181,11 @@ def split_batch(batch, unpack=None):
       UnpackError: the default conventions do not apply.
       ValueError: ``unpack`` returned something else than 2 or 3 values.
 
-    >>> import jax.numpy as jnp
-    >>> x, y, w = split_batch((jnp.zeros((2, 3)), jnp.array([0, 1])))
-    >>> w is None
-    True
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> x, y, w = split_batch((jnp.zeros((2, 3)), jnp.array([0, 1])))
+      >>> w is None
+      True
     """
     out = default_unpack(batch) if unpack is None else unpack(batch)
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
@@ -209,6 +221,15 @@ class Dataset:
         sum of the batch's weights for weighted batches and its number of
         examples otherwise (float32 or float64).
       weighted: whether the batches carry weights (:func:`batch_weights`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from hvp.operators import Dataset
+      >>> from hvp.operators._data import as_dataset
+      >>> batch = lambda n: (jnp.ones((n, 3)), jnp.zeros(n))
+      >>> ds = as_dataset([batch(2), batch(2), batch(1)])  # two shapes: two groups
+      >>> isinstance(ds, Dataset), ds.num_examples, len(ds.groups), ds.weighted
+      (True, 5, 2, False)
     """
 
     groups: tuple

@@ -104,15 +104,16 @@ class SoftmaxCrossEntropy:
         outside ``[0, C)`` or negative probabilities (concrete data; the
         message names the offending values), weights of the wrong shape.
 
-    >>> import jax.numpy as jnp
-    >>> logits = jnp.zeros((2, 3, 4))                  # (batch, tokens, classes)
-    >>> tokens = jnp.array([[1, 2, 0], [3, 0, 0]])
-    >>> mask = tokens > 0                              # padding excluded, lm1b-style
-    >>> round(float(softmax_cross_entropy(logits, tokens, mask)), 4)  # log(4)
-    1.3863
-    >>> smoothed = SoftmaxCrossEntropy(label_smoothing=0.1)
-    >>> round(float(smoothed(jnp.zeros((1, 4)), jnp.array([2]))), 4)
-    0.9514
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.zeros((2, 3, 4))                  # (batch, tokens, classes)
+      >>> tokens = jnp.array([[1, 2, 0], [3, 0, 0]])
+      >>> mask = tokens > 0                              # padding excluded, lm1b-style
+      >>> round(float(softmax_cross_entropy(logits, tokens, mask)), 4)  # log(4)
+      1.3863
+      >>> smoothed = SoftmaxCrossEntropy(label_smoothing=0.1)
+      >>> round(float(smoothed(jnp.zeros((1, 4)), jnp.array([2]))), 4)
+      0.9514
     """
 
     name = "softmax_cross_entropy"
@@ -229,10 +230,11 @@ class MeanSquaredError:
         never broadcast: ``(N, 1)`` outputs against ``(N,)`` targets would
         silently compare every pair), weights of the wrong shape.
 
-    >>> import jax.numpy as jnp
-    >>> out, t = jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [0.0]])
-    >>> float(mean_squared_error(out, t)), float(mean_squared_error(out, t, jnp.array([1.0, 0.0])))
-    (5.0, 1.0)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> out, t = jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [0.0]])
+      >>> float(mean_squared_error(out, t)), float(mean_squared_error(out, t, jnp.array([1.0, 0.0])))
+      (5.0, 1.0)
     """
 
     name = "mean_squared_error"

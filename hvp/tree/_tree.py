@@ -128,7 +128,15 @@ def dot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def leaf_dots(a: PyTree, b: PyTree) -> PyTree:
-    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars."""
+    """Per-leaf inner products ``<a_l, b_l>`` (accumulated in >= float32), as a pytree of scalars.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> {k: float(v) for k, v in tree.leaf_dots(a, a).items()}
+        {'b': 9.0, 'w': 5.0}
+    """
     return jax.tree_util.tree_map(lambda x, y: _vdot(_acc(x), _acc(y)), a, b)
 
 
@@ -166,7 +174,15 @@ def norm(a: PyTree) -> jax.Array:
 
 
 def leaf_norms(a: PyTree) -> PyTree:
-    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``."""
+    """Per-leaf Euclidean norms (accumulated in >= float32), as a pytree of scalars shaped like ``a``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([3.0, 4.0]), "b": jnp.array(-2.0)}
+        >>> {k: float(v) for k, v in tree.leaf_norms(a).items()}
+        {'b': 2.0, 'w': 5.0}
+    """
     return jax.tree_util.tree_map(lambda x: jnp.sqrt(_vdot(_acc(x), _acc(x))), a)
 
 
@@ -390,10 +406,11 @@ def explicit_sharding(x) -> jax.sharding.NamedSharding | None:
     Works on concrete arrays and on tracers (``jax.typeof(x).sharding``). ``None`` for arrays
     on one device, on meshes with automatic axes, replicated arrays and non-arrays.
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import explicit_sharding
-    >>> explicit_sharding(jnp.ones(3)) is None
-    True
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import explicit_sharding
+        >>> explicit_sharding(jnp.ones(3)) is None
+        True
     """
     if not hasattr(x, "shape") or isinstance(x, (np.ndarray, np.generic, jax.ShapeDtypeStruct)):
         return None
@@ -448,10 +465,11 @@ def like_sharding(new: PyTree, like: PyTree) -> PyTree:
     (``with jax.set_mesh(mesh):``), as JAX requires for explicit sharding; see
     :func:`check_mesh_context`. ``new`` and ``like`` have the same structure and shapes.
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import like_sharding
-    >>> like_sharding({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})["w"].shape
-    (2,)
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import like_sharding
+        >>> like_sharding({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})["w"].shape
+        (2,)
     """
     return jax.tree_util.tree_map(lambda n, x: _like_sharding_leaf(n, x, 0), new, like)
 
@@ -462,10 +480,11 @@ def stacked_like(new: PyTree, like: PyTree, leading: int = 1) -> PyTree:
     The leading (block) axes stay unsharded, the others are sharded like ``like``'s leaves: a
     Krylov basis or a block of probes of shape ``(k,) + leaf.shape`` under an explicit mesh.
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import stacked_like
-    >>> stacked_like({"w": jnp.zeros((3, 2))}, {"w": jnp.ones(2)})["w"].shape
-    (3, 2)
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import stacked_like
+        >>> stacked_like({"w": jnp.zeros((3, 2))}, {"w": jnp.ones(2)})["w"].shape
+        (3, 2)
     """
     return jax.tree_util.tree_map(lambda n, x: _like_sharding_leaf(n, x, leading), new, like)
 
@@ -478,9 +497,10 @@ def check_mesh_context(tree: PyTree, *, what: str = "the parameters") -> None:
     should only be used with out_shardings which ... have a non-empty mesh``). Does nothing for
     unsharded trees, automatic meshes, or when a mesh is set (``jax.set_mesh``).
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import check_mesh_context
-    >>> check_mesh_context({"w": jnp.ones(2)})  # one device: nothing to check
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import check_mesh_context
+        >>> check_mesh_context({"w": jnp.ones(2)})  # one device: nothing to check
     """
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         s = explicit_sharding(x)
@@ -516,10 +536,11 @@ def contract_rows(x: jax.Array, y: jax.Array, *, kind: str = "rows", precision=N
     multiplied elementwise (keeping its sharding) and summed over its parameter axes into a
     replicated result (one all-reduce); a Gram matrix then takes one pass per row of ``y``.
 
-    >>> import jax.numpy as jnp
-    >>> from hvp.tree import contract_rows
-    >>> contract_rows(jnp.ones((3, 2)), jnp.ones(2)).tolist()
-    [2.0, 2.0, 2.0]
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.tree import contract_rows
+        >>> contract_rows(jnp.ones((3, 2)), jnp.ones(2)).tolist()
+        [2.0, 2.0, 2.0]
     """
     lead = {"rows": (1, 0), "gram": (1, 1), "rowwise": (1, 1), "dot": (0, 0)}
     if kind not in lead:
@@ -566,10 +587,11 @@ def place_batch(batch: PyTree, params: PyTree, *, leading: int = 0) -> PyTree:
     their size, and it is replicated otherwise. Leaves that are already split over the mesh keep their sharding; on
     other meshes, on one device and under ``jit`` the batch is returned unchanged.
 
-    >>> import numpy as np, jax.numpy as jnp
-    >>> from hvp.tree import place_batch
-    >>> place_batch({"x": np.ones((4, 2))}, {"w": jnp.ones(2)})["x"].shape
-    (4, 2)
+    Examples:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> from hvp.tree import place_batch
+        >>> place_batch({"x": np.ones((4, 2))}, {"w": jnp.ones(2)})["x"].shape
+        (4, 2)
     """
     shardings = [explicit_sharding(x) for x in jax.tree_util.tree_leaves(params)]
     concrete = [
@@ -670,6 +692,14 @@ def stack(trees) -> PyTree:
 
     Under an explicit mesh every leaf takes the sharding type of the first explicitly sharded
     one among its group (JAX stacks only arrays of one sharding type).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+        >>> s = tree.stack([a, tree.scale(2.0, a)])
+        >>> s["w"].tolist(), s["b"].tolist()
+        ([[1.0, 2.0], [2.0, 4.0]], [3.0, 6.0])
     """
 
     def one(*xs):
