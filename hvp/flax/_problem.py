@@ -303,7 +303,7 @@ class FlaxProblem:
           >>> from flax import nnx
           >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
           >>> problem = hvp.flax.from_nnx(model, "mse")
-          >>> model.layers[1].mean[...] = jnp.ones(3)   # training moved the statistics
+          >>> model.layers[1].mean[...] = jnp.ones(3, jnp.float32)  # training moved the statistics
           >>> now = problem.at(model)
           >>> float(now.state["layers"][1]["mean"][...][0]), float(problem.state["layers"][1]["mean"][...][0])
           (1.0, 0.0)
