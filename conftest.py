@@ -15,6 +15,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The `hvp` command turns on a persistent XLA compilation cache in the user's home directory;
+# tests that run the command in-process must neither write there nor leave the cache on for
+# the tests after them (tests that want a cache set a temporary one themselves).
+os.environ.setdefault("HVP_CACHE_DIR", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
