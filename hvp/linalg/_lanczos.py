@@ -398,7 +398,9 @@ def _eigsh_run(
     like = op.like
     acc = tu.accumulation_dtype(*[jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)])
     # the algorithm's vectors: shaped like the parameters, in the accumulation dtype
-    wl = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), acc), like)
+    wl = tu.like_sharding(
+        jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), acc), like), like
+    )
     store = basis_dtype or acc
 
     def apply(v):  # products in the parameters' dtype, everything else in `acc`
@@ -429,7 +431,9 @@ def _eigsh_run(
         tight=jnp.ones((), acc),
         have_out=false,
         confirmed=false,
-        Y=jax.tree_util.tree_map(lambda x: jnp.zeros((k_total,) + x.shape, acc), wl),
+        Y=tu.stacked_like(
+            jax.tree_util.tree_map(lambda x: jnp.zeros((k_total,) + x.shape, acc), wl), wl
+        ),
         lam=jnp.zeros((k_total,), acc),
         res=jnp.zeros((k_total,), acc),
         ok=false,

@@ -251,12 +251,7 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
 def _rows_coeffs(V, w, acc):
     """``V^T w`` (one coefficient per row of the block ``V``), accumulated in ``acc``."""
     parts = [
-        jnp.matmul(
-            Vl.reshape(Vl.shape[0], -1),
-            wl.reshape(-1),
-            preferred_element_type=acc,
-            precision=lax.Precision.HIGHEST,
-        ).astype(acc)
+        tu.contract_rows(Vl.astype(acc), wl.astype(acc), precision=lax.Precision.HIGHEST)
         for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w))
     ]
     return sum(parts[1:], parts[0])
@@ -317,7 +312,10 @@ def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
         betas = jnp.zeros((m,), acc)
         anorm = jnp.zeros((), acc)
         if reorth:
-            V = tu.map(lambda x: jnp.zeros((m + 1,) + jnp.shape(x), basis_dtype or x.dtype), like)
+            V = tu.stacked_like(  # each row sharded like its parameter leaf (explicit meshes)
+                tu.map(lambda x: jnp.zeros((m + 1,) + jnp.shape(x), basis_dtype or x.dtype), like),
+                like,
+            )
             V = tu.map(lambda Vl, x: Vl.at[0].set(x.astype(Vl.dtype)), V, v0)
 
             def body(j, c):
