@@ -734,13 +734,32 @@ def _check_loss_fn(loss_fn, params, data, dataset, name, *, per_example: bool) -
     ctx = _Context(name, data, dataset, origin)
     for k, batch in _first_of_groups(dataset):
         ctx.index = k
+        concrete = True
         if per_example:
-            batch = tu.map(lambda a: a[:1], batch)
+            batch, concrete = _first_example(batch)
         with ctx:
-            out = jax.eval_shape(lambda p, b=batch: loss_fn(p, b), params)
+            if concrete:  # the data stay concrete, so the built-in losses check the targets
+                out = jax.eval_shape(lambda p, b=batch: loss_fn(p, b), params)
+            else:
+                out = jax.eval_shape(loss_fn, params, batch)
             _check_scalar(out, "`loss_fn(params, batch)`")
     if isinstance(loss_fn, Composed):
         _check_targets(loss_fn.model_fn, loss_fn.output_loss, loss_fn.unpack, params, dataset, ctx)
+
+
+def _first_example(batch):
+    """The first example of ``batch`` and whether it is concrete.
+
+    ``(batch[:1], True)``, or shape-only ``(ShapeDtypeStruct batch, False)`` when a leaf cannot
+    be sliced as it is (a batch sharded over an explicit mesh axis needs an output sharding).
+    """
+    try:
+        return tu.map(lambda a: a[:1], batch), True
+    except Exception:  # noqa: BLE001 - any slicing failure: fall back to shapes
+        return (
+            tu.map(lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype), batch),
+            False,
+        )
 
 
 @jax.jit
