@@ -574,10 +574,17 @@ class _Context:
             raise ValueError(
                 f"Building the {self.name} operator failed on the data: {type(err).__name__}: {err}{hint}"
             ) from err
+        if isinstance(err, TypeError) and "missing" in str(err) and "required" in str(err):
+            raise TypeError(
+                f"Building the {self.name} operator: calling the model or the loss on {where} "
+                f"failed: {err}. If the model's `__call__` takes more than the inputs (e.g. "
+                "`__call__(self, x, rngs)`), pass them with `call_kwargs=` to hvp.flax.from_nnx "
+                "(`apply_kwargs=` to hvp.flax.from_linen); if the loss does, wrap it."
+            ) from err
         if (
             self.dataset.weighted
             and isinstance(err, TypeError)
-            and "positional argument" in str(err)
+            and ("were given" in str(err) or "weights" in str(err))
         ):
             raise TypeError(
                 f"Building the {self.name} operator: the batches carry weights (a 3-tuple (inputs, "
@@ -906,9 +913,9 @@ def empirical_fisher(
                 "activation shardings from the inputs (`jax.typeof(x).sharding`) instead of fixing "
                 "them."
             ) from err
-        return _choose_mode(
-            mode, lambda q, b: loss_fn(q, tu.map(lambda a: a[:1], b)), params, dataset, ctx
-        )
+        # A custom_vjp in the loss shows in its trace on a whole batch as on one example (and a
+        # batch sharded over an explicit mesh axis cannot be sliced inside the trace).
+        return _choose_mode(mode, loss_fn, params, dataset, ctx)
 
     fisher_mode = _once(dataset, ("empirical_fisher", loss_fn, mode), params, validate)
     return CurvatureOperator(

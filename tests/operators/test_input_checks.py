@@ -163,3 +163,18 @@ def test_from_matvec_messages_never_say_operator_operator():
     named = hvp.operators.from_matvec(lambda v: v, jnp.zeros(3), name="my operator")
     assert named.label == "the my operator" and named.name == "my"
     assert hvp.operators.from_dense(jnp.eye(2), name="operator").label == "the dense operator"
+
+
+def test_model_needing_more_arguments_is_not_blamed_on_weights(setup):
+    # A model whose call needs more than the inputs (an NNX `__call__(x, rngs)`) fails with
+    # "missing 1 required positional argument": the message points to call_kwargs, not to the
+    # batch weights, whether or not the batches carry weights.
+    p, x, y = setup
+
+    def model_needing_rngs(params, inputs, rngs):
+        return _model(params, inputs)
+
+    for batch in [(x, y, jnp.ones(6)), (x, y)]:
+        with pytest.raises(TypeError, match=r"call_kwargs=") as info:
+            hvp.ggn(model_needing_rngs, hvp.losses.softmax_cross_entropy, p, batch)
+        assert "carry weights" not in str(info.value)
