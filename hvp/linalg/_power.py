@@ -116,7 +116,7 @@ def _start(v0, like, key):
         return tu.normal_like(key, like)
     try:
         tu.assert_same_structure(v0, like, name="v0", like_name="operator.like", check_dtype=False)
-        return v0
+        return tu.like_sharding(v0, like)  # explicit mesh: a user's vector takes each leaf's type
     except ValueError as single_err:
         try:
             tu.assert_same_structure(
@@ -127,7 +127,7 @@ def _start(v0, like, key):
                 "`v0` must be a pytree shaped like the operator's parameters, or a stacked block "
                 f"of such vectors (leading axis on every leaf). {single_err}"
             ) from None
-        return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
+        return tu.like_sharding(jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0), like)
 
 
 def power_iteration(
