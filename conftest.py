@@ -34,3 +34,16 @@ def _doctest_compilation_cache(request, tmp_path_factory):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    XLA's CPU backend maps memory for every executable it compiles, and a process that keeps
+    thousands of them (the whole suite in one process) reaches the kernel's limit on memory
+    mappings (``vm.max_map_count``, 65530 by default), after which a compilation segfaults.
+    Test modules share no compiled programs worth keeping, so each starts from empty caches.
+    """
+    yield
+    jax.clear_caches()
