@@ -288,7 +288,11 @@ def test_forced_forward_mode_on_custom_vjp_fails_and_bad_mode_is_refused(small):
         return _mlp(q, x, fused_tanh)
 
     G = hvp.ggn(model, hvp.losses.softmax_cross_entropy, p, batches, mode="forward")
-    with pytest.raises(TypeError, match="custom_vjp"):
+    with pytest.raises(TypeError, match=r'mode="forward".*custom_vjp.*mode="auto".*"reverse"'):
         G @ p
+    loss_fn = hvp.operators.compose(model, hvp.losses.softmax_cross_entropy)
+    F = hvp.empirical_fisher(loss_fn, p, batches, mode="forward")
+    with pytest.raises(TypeError, match=r'custom_vjp.*mode="auto".*mode="reverse"'):
+        hvp.linalg.eigsh(F, 1, key=jax.random.key(0))  # inside a compiled algorithm too
     with pytest.raises(ValueError, match=r"`mode` must be one of \('auto', 'forward', 'reverse'\)"):
         hvp.ggn(model, hvp.losses.softmax_cross_entropy, p, batches, mode="backward")
