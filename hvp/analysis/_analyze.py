@@ -121,7 +121,8 @@ class EigenSection:
     Attributes:
       eigenvalues: ascending, shape ``(k,)``.
       residuals: ``||A v - lambda v||`` per pair (from true products).
-      converged: per pair, residual within ``tol * max|lambda|``.
+      converged: per pair, residual within ``tol * |lambda_i|`` (floored at round-off, see
+        :func:`hvp.linalg.eigsh`).
       num_matvecs, num_restarts, seconds: cost of this figure.
       which: ``"largest"`` or ``"smallest"``.
 
@@ -537,8 +538,9 @@ def analyze(
       num_probes: SLQ probes of the density.
       num_iters: Lanczos steps per SLQ probe.
       eig_iters: Lanczos basis size for the eigenvalues (default: eigsh's).
-      tol: eigenvalue residual tolerance relative to ``max|lambda|`` (default
-        ``1e-6`` in float64, ``1e-4`` in float32).
+      tol: eigenpair residual tolerance relative to each eigenvalue,
+        ``||r_i|| <= tol * |lambda_i|`` floored at round-off (as :func:`hvp.linalg.eigsh`;
+        default ``1e-6`` in float64, ``1e-4`` in float32).
       trace_method: trace estimator (``"hutch++"``, ``"hutchinson"``, ``"xtrace"``).
       trace_matvecs: products of the trace estimate.
       layer_matvecs: Hutchinson probes for the per-layer traces.

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -310,19 +311,25 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
     import orbax.checkpoint as ocp
 
     item_dir, found_step, found_item = resolve_checkpoint(path, step=step, item=item)
+    # Orbax is given the absolute directory: for a relative one (`demo/checkpoint`, `./ck`, `ck/`)
+    # its metadata() finds no item metadata. Messages and the report keep the path as given.
+    abs_dir = Path(os.path.abspath(os.path.expanduser(item_dir)))
     ckptr = ocp.PyTreeCheckpointer()
     try:
         with _quiet_absl(), _stray_output_captured():
             try:
-                meta = ckptr.metadata(item_dir)
-                tree_meta = getattr(getattr(meta, "item_metadata", meta), "tree", None)
-                if tree_meta is None:
-                    tree_meta = getattr(meta, "tree", meta)
+                tree_meta = _tree_metadata(ckptr.metadata(abs_dir))
             except Exception as e:
                 raise AnalysisError(
                     f"Cannot read the checkpoint metadata in '{item_dir}': {_first_line(e)}"
                 ) from e
             try:
+                if tree_meta is None:
+                    # The checkpointer's metadata() logs and swallows the error of reading the
+                    # array metadata (stored with the arrays): the handler raises it.
+                    tree_meta = _tree_metadata(_handler_metadata(ocp, abs_dir))
+                    if tree_meta is None:
+                        raise ValueError("Orbax found no tree metadata in the directory")
                 cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
                 leaves = jax.tree_util.tree_leaves(tree_meta)
                 if not leaves:
@@ -334,7 +341,7 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
                     tree_meta,
                 )
                 tree = ckptr.restore(
-                    item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+                    abs_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
                 )
             except AnalysisError:
                 raise
@@ -360,6 +367,37 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
         tree=tree,
         key=key,
     )
+
+
+def _tree_metadata(meta):
+    """The tree of array metadata (``.shape``, ``.dtype`` leaves) in what ``metadata()`` returned.
+
+    Orbax >= 0.11 returns a ``StepMetadata`` whose ``item_metadata`` holds the tree (directly, or
+    as its ``.tree``), and ``None`` when it could not read it; older versions return the tree
+    itself. ``None`` when there is no tree; a ``ValueError`` when the leaves are not array metadata.
+    """
+    if hasattr(meta, "item_metadata"):  # a StepMetadata, never the tree itself
+        meta = meta.item_metadata
+    tree = getattr(meta, "tree", meta)
+    if tree is None:
+        return None
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise ValueError(
+                f"the metadata holds a {type(leaf).__name__} where array metadata was expected"
+            )
+    return tree
+
+
+def _handler_metadata(ocp, directory: Path):
+    """``PyTreeCheckpointHandler.metadata`` of an (absolute) item directory: raises what it meets."""
+    from etils import epath
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.metadata(epath.Path(directory))
+    finally:
+        handler.close()
 
 
 def _to_numpy(x):

@@ -127,8 +127,8 @@ def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
         "--tol",
         type=_positive_float,
         default=DEFAULTS["tol"],
-        help="eigenvalue residual tolerance relative to max|λ| (default: 1e-6 with --x64, "
-        "1e-4 otherwise)",
+        help="eigenpair residual tolerance relative to each eigenvalue: ||r_i|| <= TOL*|λ_i|, "
+        "floored at round-off (default: 1e-6 with --x64, 1e-4 otherwise)",
     )
     g.add_argument(
         "--trace-method",

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from hvp import tree as tu
+from hvp.linalg._checks import check_finite_float, check_int, check_key
 from hvp.linalg._lanczos import eigsh, zero_floor
 from hvp.linalg._slq import spectral_density
 from hvp.operators import as_operator
@@ -164,7 +165,9 @@ def spectrum_summary(
     Args:
       op: a :class:`hvp.LinearOperator`, or a matvec callable with ``like=``.
       key: PRNG key; split between Lanczos and SLQ.
-      tol: Lanczos residual tolerance (relative to :math:`\max|\lambda|`).
+      tol: Lanczos residual tolerance, relative to each eigenvalue
+        (:math:`\|r_i\| \le \mathrm{tol}\,|\lambda_i|`, floored at round-off; see
+        :func:`hvp.linalg.eigsh`).
       num_probes: SLQ probes (see :func:`hvp.linalg.spectral_density`).
       num_iters: SLQ Lanczos steps per probe.
       zero_tol: eigenvalues with magnitude at most ``zero_tol * max|lambda|`` count as zero.
@@ -180,13 +183,19 @@ def spectrum_summary(
       ('positive semi-definite, singular', inf)
     """
     op = as_operator(op, like)
-    if not 0 <= zero_tol < 1:
+    # every argument is checked before any product runs
+    check_key(key)
+    tol = check_finite_float(
+        "tol", tol, hint="It is the Lanczos residual tolerance per eigenvalue (e.g. 1e-6)."
+    )
+    num_probes = check_int("num_probes", num_probes, minimum=1)
+    num_iters = check_int("num_iters", num_iters, minimum=1)
+    zero_tol = check_finite_float("zero_tol", zero_tol, hint="It is relative to max|lambda|.")
+    if not zero_tol < 1:
         raise ValueError(
             f"`zero_tol` must be a non-negative float below 1 (relative to max|lambda|), got "
             f"{zero_tol!r}."
         )
-    if key is None:
-        raise ValueError("Pass a PRNG `key`, e.g. `jax.random.PRNGKey(0)`.")
     k_eig, k_slq = jax.random.split(key)
     both = (
         eigsh(op, 1, which="both", key=k_eig, tol=tol)

@@ -65,6 +65,10 @@ from hvp import linalg as _linalg
 from hvp import operators as _ops
 from hvp import tree as tu
 from hvp._io import atomic_write_text, check_writable_dir
+from hvp.linalg._checks import check_finite_float, check_int, check_key
+from hvp.linalg._trace import _ALIASES as _TRACE_ALIASES
+from hvp.linalg._trace import _MIN_MATVECS as _TRACE_MIN_MATVECS
+from hvp.linalg._trace import METHODS as TRACE_METHODS
 
 __all__ = [
     "CurvatureMonitor",
@@ -366,7 +370,8 @@ class CurvatureMonitor:
         is given).
       steps: explicit steps to evaluate at (instead of or with ``every``).
       k: number of top eigenvalues.
-      tol: Lanczos residual tolerance relative to ``|lambda_max|`` (``1e-4``:
+      tol: Lanczos residual tolerance relative to each eigenvalue
+        (``||r_i|| <= tol * |lambda_i|``, floored at round-off; ``1e-4``:
         eigenvalue error about ``tol^2 * lambda / gap``, far below what a plot
         shows; reachable in float32).
       num_iters: passed to :func:`hvp.linalg.eigsh`.
@@ -450,29 +455,60 @@ class CurvatureMonitor:
             )
         if every is None and steps is None:
             every = 100
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
-        ):
-            raise ValueError(f"`every` must be a positive int, got {every!r}.")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"`k` must be a positive int, got {k!r}.")
-        if trace and (not isinstance(trace_matvecs, (int, np.integer)) or trace_matvecs < 2):
-            raise ValueError(
-                f"`trace_matvecs` must be an int >= 2 (for a standard error), got {trace_matvecs!r}."
+        # Every option is checked here, not at the first evaluation (from_loss and from_flax
+        # pass theirs through this constructor).
+        if every is not None:
+            every = check_int("every", every, minimum=1)
+        steps = None if steps is None else [check_int("steps", s, minimum=0) for s in steps]
+        density_steps = [check_int("density_steps", s, minimum=0) for s in density_steps]
+        k = check_int("k", k, minimum=1)
+        tol = check_finite_float(
+            "tol", tol, hint="It is the Lanczos residual tolerance per eigenvalue (e.g. 1e-4)."
+        )
+        if num_iters is not None:
+            num_iters = check_int(
+                "num_iters", num_iters, minimum=k, hint="It must be at least `k` (or None)."
             )
+        max_restarts = check_int("max_restarts", max_restarts, minimum=0)
+        if trace:
+            if not isinstance(trace_method, str):
+                raise TypeError(
+                    f"`trace_method` must be a string, one of {TRACE_METHODS}; got "
+                    f"{type(trace_method).__name__}."
+                )
+            method = _TRACE_ALIASES.get(trace_method.lower(), trace_method.lower())
+            if method not in TRACE_METHODS:
+                raise ValueError(
+                    f"Unknown `trace_method` {trace_method!r}; choose one of "
+                    f"{', '.join(repr(m) for m in TRACE_METHODS)}."
+                )
+            trace_matvecs = check_int(
+                "trace_matvecs",
+                trace_matvecs,
+                minimum=max(2, _TRACE_MIN_MATVECS[method]),
+                hint="At least 2 probes give a standard error.",
+            )
+        density_probes = check_int("density_probes", density_probes, minimum=1)
+        density_iters = check_int("density_iters", density_iters, minimum=1)
+        if key is not None:
+            check_key(key)
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be 'raise' or 'warn', got {on_error!r}.")
         if callback is not None and not callable(callback):
             raise TypeError("`callback` must be a callable record -> None.")
         if learning_rate is not None and not callable(learning_rate):
-            if not float(learning_rate) > 0:
-                raise ValueError(f"`learning_rate` must be positive, got {learning_rate!r}.")
+            learning_rate = check_finite_float(
+                "learning_rate",
+                learning_rate,
+                positive=True,
+                hint="Give a float or a schedule step -> lr.",
+            )
         self.operator_fn = operator_fn
         self.every = None if every is None else int(every)
-        self.steps = None if steps is None else frozenset(int(s) for s in steps)
-        self.density_steps = frozenset(int(s) for s in density_steps)
-        self.k = int(k)
-        self.tol = float(tol)
+        self.steps = None if steps is None else frozenset(steps)
+        self.density_steps = frozenset(density_steps)
+        self.k = k
+        self.tol = tol
         self.num_iters = num_iters
         self.max_restarts = int(max_restarts)
         self.warm_start = bool(warm_start)
@@ -690,6 +726,7 @@ class CurvatureMonitor:
         where[0] = "evaluating the learning rate (schedule) for 2/lr"
         lr_threshold = _lr_at(self.learning_rate, step)
         start = time.perf_counter()
+        where[0] = "deriving the evaluation's PRNG keys (fold_in(key, step))"
         key = jax.random.fold_in(self.key, step)
         k_eig, k_trace, k_density = jax.random.split(key, 3)
         where[0] = "building the curvature operator (operator_fn(params))"

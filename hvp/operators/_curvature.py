@@ -267,8 +267,28 @@ def _jv_and_transpose(f, p, v, reverse: bool):
         out, vjp = jax.vjp(f, p)
         jv = jax.linear_transpose(vjp, out)((v,))[0]
         return out, jv, lambda u: vjp(u)[0]
-    out, f_jvp = jax.linearize(f, p)
-    return out, f_jvp(v), lambda u: jax.linear_transpose(f_jvp, p)(u)[0]
+    # With a `jax.custom_vjp` function in the way, JAX raises its forward-mode TypeError while
+    # tracing (under vmap) or only when the product is compiled (a `custom_lin` equation in the
+    # linear map): both are turned into one error here, when the product is first traced.
+    try:
+        out, f_jvp = jax.linearize(f, p)
+        jv = f_jvp(v)
+    except TypeError as err:
+        if "custom_vjp" not in str(err):
+            raise
+        raise _no_forward_mode() from err
+    if _has_primitive(jax.make_jaxpr(f_jvp)(v), "custom_lin"):
+        raise _no_forward_mode()
+    return out, jv, lambda u: jax.linear_transpose(f_jvp, p)(u)[0]
+
+
+def _no_forward_mode() -> TypeError:
+    return TypeError(
+        'This operator was built with mode="forward", but the function calls a `jax.custom_vjp` '
+        "function (a fused kernel or a hand-written backward pass), which has no forward mode "
+        '(JAX: "can\'t apply forward-mode autodiff (jvp) to a custom_vjp function"). Build the '
+        'operator with mode="auto" (it chooses reverse mode for such functions) or mode="reverse".'
+    )
 
 
 def _replace_weights(batch, weights):
@@ -620,12 +640,17 @@ def _check_targets(model_fn, output_loss, unpack, params, dataset, ctx: _Context
 
 def _has_custom_vjp(jaxpr) -> bool:
     """Whether a jaxpr (or any jaxpr nested in its equations) calls a ``jax.custom_vjp`` function."""
+    return _has_primitive(jaxpr, "custom_vjp_call")
+
+
+def _has_primitive(jaxpr, prefix: str) -> bool:
+    """Whether a jaxpr (or any jaxpr nested in its equations) has a primitive named ``prefix...``."""
     stack = [jaxpr]
     while stack:
         jp = stack.pop()
         jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
         for eqn in getattr(jp, "eqns", ()):
-            if eqn.primitive.name.startswith("custom_vjp_call"):
+            if eqn.primitive.name.startswith(prefix):
                 return True
             for val in eqn.params.values():
                 vals = val if isinstance(val, (tuple, list)) else (val,)

@@ -127,13 +127,19 @@ class SoftmaxCrossEntropy:
     def _check_labels(self, targets, num_classes: int, w) -> None:
         y = np.asarray(targets)
         bad = (y < 0) | (y >= num_classes)
+        used = np.ones(y.shape, bool)
         if w is not None and _concrete(w):
-            bad &= np.asarray(w) != 0
+            # weights of a prefix of the positions' shape (e.g. per example for per-token
+            # labels) cover every position under them, as in the loss
+            wn = np.asarray(w) != 0
+            used = np.broadcast_to(wn.reshape(wn.shape + (1,) * (y.ndim - wn.ndim)), y.shape)
+            bad &= used
         if bad.any():
             idx = np.argwhere(bad)
             vals = y[bad]
             hint = ""
-            if vals.min() >= 1 and vals.max() == num_classes and y.min() >= 1:
+            labels = y[used]
+            if labels.min() == 1 and labels.max() == num_classes:
                 hint = " The labels look 1-based: subtract 1."
             raise ValueError(
                 f"{self.name}: integer labels must lie in [0, {num_classes}) for logits with "

@@ -101,6 +101,49 @@ def test_unknown_key_and_no_matching_key_are_clear_errors(gemma_layout):
     assert "select one with --item KEY" in str(info.value)
 
 
+def test_relative_checkpoint_paths_are_read(gemma_layout, tmp_path, monkeypatch):
+    # `hvp analyze demo/checkpoint ...`: Orbax finds no item metadata for a relative directory
+    root, want = gemma_layout
+    item = tmp_path / "work" / "demo" / "checkpoint"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(item), {"params": {"kernel": np.arange(6.0).reshape(2, 3)}})
+    ckptr.wait_until_finished()
+    ckptr.close()
+    monkeypatch.chdir(tmp_path / "work")
+    for rel in ("demo/checkpoint", "./demo/checkpoint", "demo/checkpoint/"):
+        ck = read_checkpoint(rel)
+        assert ck.requested == rel and not os.path.isabs(ck.path)  # reported as given
+        np.testing.assert_array_equal(ck.tree["params"]["kernel"], np.arange(6.0).reshape(2, 3))
+    # a CheckpointManager root by a relative path: the latest step's item
+    monkeypatch.chdir(root.parent)
+    ck = read_checkpoint(root.name)
+    assert ck.step == 20 and ck.requested == root.name
+    _assert_tree_equal(_params(restore_into(load_model(DEMO), ck).model), want)
+
+
+def test_step_metadata_without_item_metadata_falls_back_to_the_handler(tmp_path, monkeypatch):
+    # Orbax's metadata() returns a StepMetadata with item_metadata=None when it cannot read the
+    # tree (a relative directory, unreadable array metadata): never taken for the tree itself
+    from orbax.checkpoint._src.metadata.checkpoint import StepMetadata
+
+    path = tmp_path / "ck"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(path), {"w": np.arange(3.0)})
+    ckptr.wait_until_finished()
+    ckptr.close()
+    monkeypatch.setattr(
+        ocp.PyTreeCheckpointer, "metadata", lambda self, d: StepMetadata(item_metadata=None)
+    )
+    np.testing.assert_array_equal(read_checkpoint(path).tree["w"], np.arange(3.0))
+    for name in os.listdir(path / "d"):  # truncated array files: Orbax's own error, named
+        open(path / "d" / name, "wb").close()
+    with pytest.raises(
+        AnalysisError, match=r"Cannot read the checkpoint arrays.*OUT_OF_RANGE"
+    ) as e:
+        read_checkpoint(path)
+    assert "StepMetadata" not in str(e.value)
+
+
 # --- (b) a Flax workdir: checkpoint_120/, checkpoint_240/ (flax.training.checkpoints) ---------------
 
 LINEN_DENSE = """

@@ -256,6 +256,7 @@ def _calls(op):
         "trace": lambda **kw: trace(op, num_matvecs=3, **kw),
         "diagonal": lambda **kw: diagonal(op, num_matvecs=3, **kw),
         "frobenius_norm": lambda **kw: frobenius_norm(op, num_matvecs=3, **kw),
+        "spectrum_summary": lambda **kw: hvp.spectrum_summary(op, num_probes=2, num_iters=3, **kw),
     }
 
 
@@ -283,6 +284,20 @@ def test_non_finite_floats_refused(bad):
         trace(op, key=key, rtol=bad)
     with pytest.raises(ValueError, match="`atol` must be a finite number"):
         trace(op, key=key, atol=bad)
+    with pytest.raises(ValueError, match="`tol` must be a finite number"):
+        hvp.spectrum_summary(op, key=key, tol=bad)
+
+
+def test_spectrum_summary_checks_its_numbers_before_any_product():
+    op, key = _dense(jnp.float64), jax.random.key(0)
+    for kw, err, msg in [
+        ({"num_probes": 0}, ValueError, "`num_probes` must be at least 1"),
+        ({"num_iters": 2.5}, TypeError, "`num_iters` must be an int"),
+        ({"tol": "1e-6"}, TypeError, "`tol` must be a number"),
+        ({"zero_tol": 1.0}, ValueError, "`zero_tol` must be a non-negative float below 1"),
+    ]:
+        with pytest.raises(err, match=msg):
+            hvp.spectrum_summary(op, key=key, **kw)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -1.0])

@@ -210,6 +210,52 @@ def test_monitor_errors(tmp_path):
         _monitor(on_error="ignore")
 
 
+def test_bad_key_and_numbers_are_refused_at_construction():
+    # before: key=0 was accepted, then every evaluation failed naming the learning rate
+    from hvp.flax import from_nnx
+
+    for bad in (0, np.int64(3), "0"):
+        with pytest.raises(TypeError, match=r"`key` must be a JAX PRNG key.*jax\.random\.key"):
+            _monitor(every=1, key=bad)
+        with pytest.raises(TypeError, match=r"`key` must be a JAX PRNG key"):
+            CurvatureMonitor(lambda p: None, key=bad)
+    with pytest.raises(ValueError, match="single PRNG key"):
+        _monitor(key=jax.random.split(jax.random.key(0), 2))
+    for kw, err, msg in [
+        ({"tol": float("inf")}, ValueError, "`tol` must be a finite number"),
+        ({"tol": float("nan")}, ValueError, "`tol` must be a finite number"),
+        ({"tol": "1e-4"}, TypeError, "`tol` must be a number"),
+        ({"every": 2.0}, TypeError, "`every` must be an int"),
+        ({"k": True}, TypeError, "`k` must be an int"),
+        ({"num_iters": 1}, ValueError, "`num_iters` must be at least 2"),
+        ({"max_restarts": -1}, ValueError, "`max_restarts` must be at least 0"),
+        ({"trace_matvecs": 1}, ValueError, "`trace_matvecs` must be at least 2"),
+        ({"trace_method": "hutch+"}, ValueError, "Unknown `trace_method`"),
+        ({"density_probes": 0}, ValueError, "`density_probes` must be at least 1"),
+        ({"density_iters": 1.5}, TypeError, "`density_iters` must be an int"),
+        ({"steps": [1, 2.5]}, TypeError, "`steps` must be an int"),
+        ({"density_steps": [-1]}, ValueError, "`density_steps` must be at least 0"),
+        (
+            {"learning_rate": float("inf")},
+            ValueError,
+            "`learning_rate` must be a finite number > 0",
+        ),
+        ({"learning_rate": 0.0}, ValueError, "`learning_rate` must be a finite number > 0"),
+    ]:
+        with pytest.raises(err, match=msg):
+            _monitor(**kw)
+    # from_flax checks through the same constructor
+    from flax import nnx
+
+    problem = from_nnx(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), hvp.losses.softmax_cross_entropy)
+    with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
+        CurvatureMonitor.from_flax(problem, BATCH, every=1, key=0)
+    with pytest.raises(ValueError, match="`tol` must be a finite number"):
+        CurvatureMonitor.from_flax(problem, BATCH, every=1, tol=float("inf"))
+    # trace options are not checked when the trace is off; a raw key is a key
+    assert _monitor(trace=False, trace_matvecs=1, key=jax.random.PRNGKey(0)).trace_matvecs == 1
+
+
 # --------------------------------------------------------------------------------------------
 # issue 18 "Monitor": optax schedules, errors that do not stop training silently, plot scale
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,13 @@ def test_labels_outside_the_classes_are_refused_naming_values(setup):
     # the case: a user lambda with the built-in loss, labels shifted to 1..C
     with pytest.raises(ValueError, match=r"\[0, 4\).*4 at \(3,\).*1-based: subtract 1"):
         hvp.hessian(_ce_loss, p, [(x, y + 1)])
+    # labels shifted by more than 1 are not "1-based": no subtract-1 hint
+    with pytest.raises(ValueError, match=r"\[0, 4\)") as info:
+        hvp.hessian(_ce_loss, p, [(x, y + 5)])
+    assert "1-based" not in str(info.value)
+    with pytest.raises(ValueError, match=r"\[0, 4\)") as info:
+        hvp.hessian(_ce_loss, p, [(x, jnp.asarray([2, 3, 4, 4, 2, 3]))])
+    assert "1-based" not in str(info.value)
     # every batch is checked, not only the first (ggn and composed losses)
     bad = [(x[:3], y[:3]), (x[3:], y[3:].at[1].set(-1))]
     with pytest.raises(ValueError, match=r"batch 1.*-1 at \(1,\)"):

@@ -159,6 +159,33 @@ def test_weighted_mse_and_per_example_weights():
     assert _err(G.dense(), ref) < 1e-12 and _err(H.dense(), ref) < 1e-12
 
 
+def test_per_example_weights_with_per_token_labels_match_dense_reference():
+    # weights per example (a prefix of the label positions' shape) cover every token of it
+    rs = np.random.RandomState(4)
+    x = jnp.asarray(rs.randn(4, 3, 2))
+    y = jnp.asarray(rs.randint(0, 5, (4, 3)))
+    we = jnp.asarray([1.0, 2.0, 0.5, 0.0])
+    p = jnp.asarray(rs.randn(2, 5))
+    y = y.at[3, 1].set(-100)  # a label at a position of weight 0 is not checked
+
+    def ref_loss(q):
+        logits = x @ q
+        per_tok = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(y, 0)[..., None], -1)
+        return jnp.sum(we[:, None] * per_tok[..., 0]) / (3 * we.sum())
+
+    def loss(q, b):
+        return hvp.losses.softmax_cross_entropy(b[0] @ q, b[1], weights=b[2])
+
+    assert abs(float(loss(p, (x, y, we))) - float(ref_loss(p))) < 1e-12
+    flat, unravel = _flat(p)
+    ref = jax.hessian(lambda f: ref_loss(unravel(f)))(flat)
+    H = hvp.hessian(loss, p, (x, y, we))
+    G = hvp.ggn(lambda q, a: a @ q, hvp.losses.softmax_cross_entropy, p, (x, y, we))
+    assert _err(H.dense(), ref) < 1e-12 and _err(G.dense(), ref) < 1e-12
+    with pytest.raises(ValueError, match=r"-100 at \(3, 1\)"):
+        hvp.hessian(loss, p, (x, y, we.at[3].set(1.0)))
+
+
 # --- custom_vjp: a fused layer and a T5X-style cross-entropy --------------------------------
 
 
@@ -261,7 +288,11 @@ def test_forced_forward_mode_on_custom_vjp_fails_and_bad_mode_is_refused(small):
         return _mlp(q, x, fused_tanh)
 
     G = hvp.ggn(model, hvp.losses.softmax_cross_entropy, p, batches, mode="forward")
-    with pytest.raises(TypeError, match="custom_vjp"):
+    with pytest.raises(TypeError, match=r'mode="forward".*custom_vjp.*mode="auto".*"reverse"'):
         G @ p
+    loss_fn = hvp.operators.compose(model, hvp.losses.softmax_cross_entropy)
+    F = hvp.empirical_fisher(loss_fn, p, batches, mode="forward")
+    with pytest.raises(TypeError, match=r'custom_vjp.*mode="auto".*mode="reverse"'):
+        hvp.linalg.eigsh(F, 1, key=jax.random.key(0))  # inside a compiled algorithm too
     with pytest.raises(ValueError, match=r"`mode` must be one of \('auto', 'forward', 'reverse'\)"):
         hvp.ggn(model, hvp.losses.softmax_cross_entropy, p, batches, mode="backward")
