@@ -17,7 +17,7 @@ algorithms share:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,18 @@ def check_int(name: str, value, *, minimum: int, hint: str = "") -> int:
             f"`{name}` must be at least {minimum}, got {value}." + (f" {hint}" if hint else "")
         )
     return int(value)
+
+
+@overload
+def check_finite_float(
+    name: str, value, *, positive: bool = ..., allow_none: Literal[False] = ..., hint: str = ...
+) -> float: ...
+
+
+@overload
+def check_finite_float(
+    name: str, value, *, positive: bool = ..., allow_none: bool = ..., hint: str = ...
+) -> float | None: ...
 
 
 def check_finite_float(
