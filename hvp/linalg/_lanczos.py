@@ -312,6 +312,8 @@ _BREAKDOWN = 32.0
 _FLOOR = 64.0
 #: a pair is locked when its residual bound is below ``_LOCK`` times its tolerance.
 _LOCK = 0.1
+#: consecutive fresh-vector sequences that must reproduce the locked set before it is accepted.
+_CONFIRMATIONS = 2
 
 
 def zero_floor(dtype, tol: float = 1e-6) -> float:
@@ -427,6 +429,7 @@ def _eigsh_run(
         done=false,
         anorm=jnp.zeros((), acc),
         phase=zero_i,  # 0: searching; 1: confirming a locked set from a fresh vector
+        nconf=zero_i,  # consecutive confirmations that reproduced the locked set
         rec=jnp.zeros((k_total,), acc),
         tight=jnp.ones((), acc),
         have_out=false,
@@ -466,7 +469,7 @@ def _eigsh_run(
             matvecs=s["matvecs"] + k_total,
         )
 
-    def lock(s, theta, S, wi, est, key):
+    def lock(s, theta, S, wi, est, key, confirmed_once):
         """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
         kept = ritz_vectors(s, S[:, wi])
         rows = jnp.arange(m + 1)
@@ -486,6 +489,7 @@ def _eigsh_run(
             locks=s["locks"] + 1,
             phase=jnp.ones((), jnp.int32),
             rec=theta[wi],
+            nconf=jnp.where(confirmed_once, s["nconf"] + 1, 0),
         )
 
     def restart(s, theta, S):
@@ -567,18 +571,22 @@ def _eigsh_run(
             ok_lock = (c >= k_total) & jnp.all(est[wi] <= _LOCK * thr[wi])
             # Confirming: the fresh Krylov sequence has converged its extreme pairs (one beyond
             # the wanted ones at each wanted end), so a missed copy would have shown up.
-            # The pair beyond the wanted ones only has to show that the sequence has explored
-            # the complement: it converges to sqrt(tol) relative (its residual localises an
-            # eigenvalue, a missed copy would have drawn the extreme Ritz value to itself).
-            loose = jnp.sqrt(thr * jnp.maximum(jnp.abs(theta), floor * anorm))
+            # The pair beyond the wanted ones converges to the full tolerance too: a loose
+            # (sqrt(tol)) test let a sequence whose start vector had a small component along a
+            # missed copy stop on the next eigenvalue before that copy was drawn out (float32,
+            # 4-fold spectra).
             ok_x = (
                 (c >= k_total + _num_extra(which))
                 & jnp.all(coupling[wi] <= thr[wi])
-                & jnp.all(coupling[xi] <= jnp.maximum(thr, loose)[xi])
+                & jnp.all(coupling[xi] <= thr[xi])
             )
             passed = jnp.where(confirming, ok_x, ok_lock)
             unchanged = jnp.all(jnp.abs(theta[wi] - s["rec"]) <= thr[wi] / s["tight"])
-            confirmed = confirming & unchanged
+            # Two consecutive confirmations from independent fresh vectors: one sequence misses
+            # a copy when its start vector happens to have a small component along it (about
+            # 1 in 40 float32 runs on 4-fold spectra, gap 1e-3 relative); two rarely both do.
+            confirmed_once = confirming & unchanged
+            confirmed = confirmed_once & (s["nconf"] >= _CONFIRMATIONS - 1)
             go_verify = passed & (confirmed | (s["locks"] >= max_locks))
             go_lock = passed & ~go_verify
         else:
@@ -607,7 +615,7 @@ def _eigsh_run(
                 go_lock,
                 lambda a: lock(*a),
                 lambda a: a[0],
-                (s, theta, S, wi, est, lock_key),
+                (s, theta, S, wi, est, lock_key, confirmed_once),
             )
         full = s["j"] == m
         need_restart = full & ~done & (s["restarts"] < max_restarts) & ~out_of_budget
@@ -857,7 +865,7 @@ def eigsh(
         k_total=k_total,
         which=which,
         p=p,
-        max_locks=k_total + 2,
+        max_locks=k_total + 1 + _CONFIRMATIONS,
         basis_dtype=basis_dtype,
         eps=eps,
         # breakdown at 32 eps_acc ||A||, or at the round-off of a half-precision product
