@@ -44,13 +44,18 @@ Implementation (:func:`eigsh`):
   deflation" of ARPACK (Lehoucq & Sorensen, 1996; Saad 2011, sec. 4.2 and
   6.4). The new Krylov sequence lives in the complement of the locked pairs,
   where a missed copy of a wanted eigenvalue is again an extreme eigenvalue.
-  The run is *confirmed* when this sequence has converged its extreme pair at
-  each wanted end (one pair beyond the wanted ones, to about
-  :math:`\sqrt{\mathrm{tol}}` relative) and the wanted eigenvalues
-  did not change; if they changed (a copy was found), the new set is locked and
-  confirmed again. A cycle that changes the set has found a missed copy, so any
-  multiplicity up to ``k`` is resolved (at most ``k + 2`` cycles); the price
-  is one extra Lanczos sequence in the common case. ``confirm=False`` skips it
+  A sequence *confirms* the locked set when it has converged its extreme pair at
+  each wanted end (one pair beyond the wanted ones, to the full tolerance) and
+  the wanted eigenvalues did not change; if they changed (a copy was found),
+  the new set is locked and confirmed again. The run is accepted after two
+  consecutive confirmations from independent fresh vectors: a single sequence
+  misses a copy when its random start vector happens to have a small component
+  along it and the copy is close to the next eigenvalue (seen in about 1 in 40
+  float32 runs on 4-fold spectra with a relative gap of 1e-3); two independent
+  sequences rarely both do. Like every Krylov method the confirmation is
+  probabilistic in this sense. A cycle that changes the set has found a missed
+  copy, so any multiplicity up to ``k`` is resolved (at most ``k + 3`` cycles);
+  the price is two extra Lanczos sequences in the common case. ``confirm=False`` skips it
   (then a repeated eigenvalue may be returned with too few copies, as by any
   single-vector Lanczos or ARPACK).
 * Convergence, per pair (ARPACK convention, documented in ``docs/algorithms.md``):
@@ -64,7 +69,12 @@ Implementation (:func:`eigsh`):
   eigenvalues of a singular operator come back as :math:`O(\epsilon\|A\|)`).
   The stopping test uses a rigorous bound (Lanczos coupling plus the residuals
   that left the basis at locking or breakdown); when it passes, the residuals
-  are recomputed with true products (``k`` matvecs). If a true residual misses
+  are recomputed with true products (``k`` matvecs). That bound adds up the
+  breakdown residuals (each up to :math:`32\epsilon\|A\|`), so on a low-rank
+  operator it can stay above the lock level of a zero eigenvalue; when the basis
+  is full and the Lanczos part passes, the wanted pairs are locked on their true
+  residuals instead (``k`` matvecs). Returned vectors that are not orthonormal
+  (a vector returned twice) are never marked converged. If a true residual misses
   its tolerance the run does not stop: it restarts explicitly from the Ritz
   vectors with a 10x stricter bound. ``converged`` is the true-residual test
   and the confirmation; a warning means the restart budget was really spent.
@@ -312,6 +322,8 @@ _BREAKDOWN = 32.0
 _FLOOR = 64.0
 #: a pair is locked when its residual bound is below ``_LOCK`` times its tolerance.
 _LOCK = 0.1
+#: consecutive fresh-vector sequences that must reproduce the locked set before it is accepted.
+_CONFIRMATIONS = 2
 
 
 def zero_floor(dtype, tol: float = 1e-6) -> float:
@@ -427,6 +439,7 @@ def _eigsh_run(
         done=false,
         anorm=jnp.zeros((), acc),
         phase=zero_i,  # 0: searching; 1: confirming a locked set from a fresh vector
+        nconf=zero_i,  # consecutive confirmations that reproduced the locked set
         rec=jnp.zeros((k_total,), acc),
         tight=jnp.ones((), acc),
         have_out=false,
@@ -466,7 +479,7 @@ def _eigsh_run(
             matvecs=s["matvecs"] + k_total,
         )
 
-    def lock(s, theta, S, wi, est, key):
+    def lock(s, theta, S, wi, est, key, confirmed_once):
         """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
         kept = ritz_vectors(s, S[:, wi])
         rows = jnp.arange(m + 1)
@@ -486,6 +499,7 @@ def _eigsh_run(
             locks=s["locks"] + 1,
             phase=jnp.ones((), jnp.int32),
             rec=theta[wi],
+            nconf=jnp.where(confirmed_once, s["nconf"] + 1, 0),
         )
 
     def restart(s, theta, S):
@@ -567,20 +581,36 @@ def _eigsh_run(
             ok_lock = (c >= k_total) & jnp.all(est[wi] <= _LOCK * thr[wi])
             # Confirming: the fresh Krylov sequence has converged its extreme pairs (one beyond
             # the wanted ones at each wanted end), so a missed copy would have shown up.
-            # The pair beyond the wanted ones only has to show that the sequence has explored
-            # the complement: it converges to sqrt(tol) relative (its residual localises an
-            # eigenvalue, a missed copy would have drawn the extreme Ritz value to itself).
-            loose = jnp.sqrt(thr * jnp.maximum(jnp.abs(theta), floor * anorm))
+            # The pair beyond the wanted ones converges to the full tolerance too: a loose
+            # (sqrt(tol)) test let a sequence whose start vector had a small component along a
+            # missed copy stop on the next eigenvalue before that copy was drawn out (float32,
+            # 4-fold spectra).
             ok_x = (
                 (c >= k_total + _num_extra(which))
                 & jnp.all(coupling[wi] <= thr[wi])
-                & jnp.all(coupling[xi] <= jnp.maximum(thr, loose)[xi])
+                & jnp.all(coupling[xi] <= thr[xi])
             )
             passed = jnp.where(confirming, ok_x, ok_lock)
             unchanged = jnp.all(jnp.abs(theta[wi] - s["rec"]) <= thr[wi] / s["tight"])
-            confirmed = confirming & unchanged
+            # Two consecutive confirmations from independent fresh vectors: one sequence misses
+            # a copy when its start vector happens to have a small component along it (about
+            # 1 in 40 float32 runs on 4-fold spectra, gap 1e-3 relative); two rarely both do.
+            confirmed_once = confirming & unchanged
+            confirmed = confirmed_once & (s["nconf"] >= _CONFIRMATIONS - 1)
             go_verify = passed & (confirmed | (s["locks"] >= max_locks))
             go_lock = passed & ~go_verify
+            # The bound adds up the residuals that left the basis at breakdowns (each up to
+            # 32 eps ||A||, above the lock level 6.4 eps ||A|| of a zero eigenvalue): on a
+            # low-rank operator in float32 it may never pass although the Ritz pairs have
+            # converged. When the basis is full and the Lanczos part passes, test the true
+            # residuals instead (k_total products) and lock on them.
+            try_true = (
+                ~confirming
+                & ~passed
+                & full
+                & (c >= k_total)
+                & jnp.all(coupling[wi] <= _LOCK * thr[wi])
+            )
         else:
             confirmed = jnp.array(True)
             # Without confirmation (asked for, or no room: m == n) a copy may be missing
@@ -602,12 +632,21 @@ def _eigsh_run(
             s,
         )
         if can_confirm:
+            s = lax.cond(
+                try_true & ~out_of_budget,
+                lambda a: verify(*a),
+                lambda a: a[0],
+                (s, S, wi, jnp.array(False)),
+            )
+            true_lock = try_true & ~out_of_budget & jnp.all(s["res"] <= 0.5 * thr[wi])
+            go_lock = go_lock | true_lock
+            est = jnp.where(true_lock, est.at[wi].set(s["res"]), est)
             lock_key = jax.random.fold_in(base, m + 1)
             s = lax.cond(
                 go_lock,
                 lambda a: lock(*a),
                 lambda a: a[0],
-                (s, theta, S, wi, est, lock_key),
+                (s, theta, S, wi, est, lock_key, confirmed_once),
             )
         full = s["j"] == m
         need_restart = full & ~done & (s["restarts"] < max_restarts) & ~out_of_budget
@@ -629,7 +668,11 @@ def _eigsh_run(
     lam, res = lam[order], res[order]
     Y = jax.tree_util.tree_map(lambda x: x[order], Y)
     thr = thresholds(lam, state["anorm"])
-    converged = (res <= thr) & state["confirmed"]
+    # Two returned vectors that are (nearly) the same vector are not two eigenpairs: a
+    # duplicate never counts as converged, whatever its residual.
+    gram = jax.vmap(lambda a: jax.vmap(lambda b: tu.dot(a, b))(Y))(Y)
+    independent = jnp.max(jnp.abs(gram - jnp.eye(k_total, dtype=gram.dtype))) <= 0.5
+    converged = (res <= thr) & state["confirmed"] & independent
     return (
         lam,
         Y,
@@ -740,7 +783,7 @@ def eigsh(
       max_restarts: thick/explicit restarts allowed before giving up (a
         warning is emitted and ``converged`` says which pairs missed ``tol``).
         Locking/confirmation restarts are budgeted separately (at most
-        ``k + 2``, ``2k + 2`` for ``"both"``).
+        ``k + 3``, ``2k + 3`` for ``"both"``).
       v0: optional warm start: a pytree like the parameters, or a stacked
         block of vectors (e.g. the previous call's ``eigenvectors``), whose sum
         is used as start vector.
@@ -857,7 +900,7 @@ def eigsh(
         k_total=k_total,
         which=which,
         p=p,
-        max_locks=k_total + 2,
+        max_locks=k_total + 1 + _CONFIRMATIONS,
         basis_dtype=basis_dtype,
         eps=eps,
         # breakdown at 32 eps_acc ||A||, or at the round-off of a half-precision product
