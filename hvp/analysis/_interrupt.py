@@ -203,5 +203,8 @@ def handle_signals(*, restore: bool = True) -> Iterator[None]:
             for s, h in previous.items():
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
             sys.unraisablehook = old_hook
+            # The signal has been answered (or there was none): a later analysis in the same
+            # process (a notebook after Ctrl-C, the next test) must not see it again.
+            _pending, _finished = None, False
         else:
             finish()

@@ -241,3 +241,15 @@ def test_a_write_in_progress_completes_and_none_starts_after_a_signal(tmp_path):
         with pytest.raises(_interrupt.Interrupted) as info:
             _interrupt.call(lambda: time.sleep(1))
     assert info.value.signum == signal.SIGINT
+
+
+def test_a_handled_signal_does_not_leak_into_the_next_run():
+    # After a handle_signals block that recorded a signal, the next analysis in the same process
+    # (a notebook after Ctrl-C, the next test) must not be interrupted by it.
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt.handle_signals():
+            _interrupt._pending = signal.SIGINT
+            _interrupt.check()
+    assert _interrupt.pending() is None
+    _interrupt.check()  # nothing pending: returns
+    assert _interrupt.call(lambda: 7) == 7
