@@ -6,6 +6,7 @@ know nothing of models or data.
 
 from hvp.linalg._checks import DtypePolicy
 from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal
+from hvp.linalg._driver import Checkpoint, CheckpointMismatchError, Progress
 from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm
 from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor
 from hvp.linalg._power import PowerResult, power_iteration
@@ -37,4 +38,8 @@ __all__ = [
     "FrobeniusResult",
     # the precision policy of every result
     "DtypePolicy",
+    # drivers: progress, checkpoints and resume
+    "Checkpoint",
+    "CheckpointMismatchError",
+    "Progress",
 ]

@@ -15,23 +15,25 @@ tested every step inside one compiled ``lax.while_loop``.
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
+import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from hvp import tree as tu
+from hvp.linalg._blocks import get_row, to_like
 from hvp.linalg._checks import (
     DtypePolicy,
     acc_dtype,
-    apply_in_dtype,
     check_finite_float,
     check_int,
     check_key,
     coerce_operator,
     dtype_policy,
 )
+from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
 from hvp.operators import NonFiniteError
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
@@ -68,46 +70,76 @@ class PowerResult:
     dtype_policy: DtypePolicy | None = None
 
 
-def _to(v, like):
-    return jax.tree_util.tree_map(lambda x, lk: x.astype(jnp.result_type(lk)), v, like)
+@dataclasses.dataclass(frozen=True)
+class PowerIteration(StateMachine):
+    """Power iteration as a state machine: one product per step (block size 1).
 
+    State: ``v`` the unit vector whose product is next, ``vec``/``lam``/``res`` the last
+    measured iterate, its Rayleigh quotient and residual; ``tol`` and ``max_matvecs`` are
+    dynamic, so other settings reuse the compiled steps.
+    """
 
-@partial(jax.jit, static_argnames=("num_iters",))
-def _power_run(op, v, tol, *, num_iters):
-    like = op.like
-    acc = acc_dtype(like)
+    name: ClassVar[str] = "power_iteration"
 
-    def measure(v):
-        # v: unit vector in the accumulation dtype; the product runs in the parameters' dtype.
-        av = tu.cast(apply_in_dtype(op, v), acc)
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (1,)
+
+    def prepare(self, op, state, phase):  # noqa: ARG002
+        return jax.tree_util.tree_map(lambda x: x[None], state["v"])
+
+    def update(self, op, state, phase, vs, avs):  # noqa: ARG002
+        acc = acc_dtype(op.like)
+        v = tu.cast(get_row(vs, 0), acc)
+        av = tu.cast(get_row(avs, 0), acc)
         lam = tu.dot(v, av)
         res = tu.norm(tu.axpy(-lam, v, av))
         ok = tu.all_finite(av)
-        return av, lam, res, ok
-
-    def normalise(w):
-        nw = tu.norm(w)
-        return tu.scale(1.0 / jnp.where(nw > 0, nw, 1.0), w), nw
-
-    v, _ = normalise(tu.cast(v, acc))
-    av, lam, res, ok = measure(v)
-    state = (v, av, lam, res, ok, jnp.ones((), jnp.int32))
-
-    def cond(s):
-        _, _, lam, res, ok, i = s
-        return ok & (i < num_iters) & (res > tol * jnp.abs(lam))
-
-    def body(s):
-        v, av, _, _, _, i = s
-        w, na = normalise(av)
+        nw = tu.norm(av)
+        w = tu.scale(1.0 / jnp.where(nw > 0, nw, 1.0), av)
         # A v = 0 (zero operator, or v in the null space): keep v, whose eigenvalue 0 is exact.
-        v = jax.tree_util.tree_map(lambda a, b: jnp.where(na > 0, a, b), w, v)
-        av, lam, res, ok = measure(v)
-        return v, av, lam, res, ok, i + 1
+        nxt = jax.tree_util.tree_map(lambda a, b: jnp.where(nw > 0, a, b), w, v)
+        matvecs = state["matvecs"] + 1
+        done = ~ok | (matvecs >= state["max_matvecs"]) | (res <= state["tol"] * jnp.abs(lam))
+        return dict(state, v=nxt, vec=v, lam=lam, res=res, ok=ok, matvecs=matvecs, done=done)
 
-    v, _, lam, res, ok, i = lax.while_loop(cond, body, state)
-    finite = ok & jnp.isfinite(lam) & jnp.isfinite(res)
-    return _to(v, like), lam, res, i, finite & (res <= tol * jnp.abs(lam)), finite
+    def finalize(self, op, state):
+        lam, res, ok = state["lam"], state["res"], state["ok"]
+        finite = ok & jnp.isfinite(lam) & jnp.isfinite(res)
+        conv = finite & (res <= state["tol"] * jnp.abs(lam))
+        return to_like(state["vec"], op.like), lam, res, state["matvecs"], conv, finite
+
+    def progress(self, state) -> Progress:
+        lam, res = float(state["lam"]), float(state["res"])
+        rel = res / abs(lam) if lam else float("inf")
+        text = (
+            f"eigenvalue {lam:.6g}, residual/|eigenvalue| {rel:.2e} (tol {float(state['tol']):.0e})"
+        )
+        return Progress(
+            matvecs=int(state["matvecs"]),
+            total=int(state["max_matvecs"]),
+            text=text if int(state["matvecs"]) else "",
+        )
+
+
+def _initial_state(v, like, tol, num_iters):
+    acc = acc_dtype(like)
+    v = tu.cast(v, acc)
+    nv = tu.norm(v)
+    v = tu.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
+    zero = jnp.zeros((), acc)
+    return dict(
+        v=v,
+        vec=v,
+        lam=zero,
+        res=jnp.full((), jnp.inf, acc),
+        ok=jnp.array(True),
+        tol=jnp.asarray(tol, acc),
+        max_matvecs=jnp.asarray(num_iters, jnp.int32),
+        matvecs=jnp.zeros((), jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
+    )
 
 
 def _start(v0, like, key):
@@ -138,6 +170,9 @@ def power_iteration(
     tol: float = 1e-6,
     v0: PyTree | None = None,
     like: PyTree | None = None,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> PowerResult:
     r"""Top-magnitude eigenpair :math:`(\lambda, v)`, :math:`|\lambda| = \|A\|_2`, by power iteration.
 
@@ -153,6 +188,12 @@ def power_iteration(
       v0: optional start vector (pytree like the parameters, or a stacked
         block whose sum is used).
       like: example pytree when ``op`` is a plain matvec callable.
+      driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
+        or ``"host"``; see :mod:`hvp.linalg` ("Drivers"). Both give the same numbers.
+      progress: host driver: show products, the residual and the time left on stderr
+        (``None``: when stderr is a terminal).
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (same arguments, same result, bit for bit).
 
     Returns:
       :class:`PowerResult`. The eigenvalue is signed (for a Hessian with a
@@ -185,9 +226,19 @@ def power_iteration(
     v = _start(v0, op.like, key)
     if v0 is not None and not tu.is_traced(v) and float(tu.norm(v)) == 0.0:
         raise ValueError("`v0` is the zero vector: pass a non-zero start vector or `v0=None`.")
-    vec, lam, res, nmv, conv, finite = _power_run(
-        op, v, jnp.asarray(tol, acc_dtype(op.like)), num_iters=num_iters
+    state = _initial_state(v, op.like, tol, num_iters)
+    out, chosen = run(
+        PowerIteration(),
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key,),
     )
+    vec, lam, res, nmv, conv, finite = out
+    if chosen == "host":
+        nmv = int(nmv)
     if not tu.is_traced(lam, finite) and not bool(finite):
         raise NonFiniteError(
             f"power_iteration on the {op.name} operator produced NaN or Inf (within "
