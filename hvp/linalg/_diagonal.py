@@ -47,12 +47,13 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._probes import probes
+from hvp.linalg._stats import chan_update
+from hvp.linalg._stats import mean_std_error as _mean_se
+from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.linalg._trace import (
     TraceResult,
-    _mean_se,
-    _normal_quantile,
     exact_map,
-    probes,
 )
 from hvp.typing import OperatorLike, PRNGKey
 
@@ -188,26 +189,6 @@ class DiagonalResult:
         )
 
 
-def _chan_update(acc, block_n: int, block_mean, block_m2):
-    """Merge (count, mean, M2) with a block's statistics (Chan, Golub & LeVeque 1979)."""
-    n_a, mean_a, m2_a = acc
-    n = n_a + block_n
-    frac = block_n / n
-
-    def mean_fn(ma, mb):
-        return ma + (mb - ma) * frac.astype(ma.dtype)
-
-    def m2_fn(qa, qb, ma, mb):
-        d = mb - ma
-        return qa + qb + (d * d) * (n_a * frac).astype(d.dtype)
-
-    return (
-        n,
-        tu.map(mean_fn, mean_a, block_mean),
-        tu.map(m2_fn, m2_a, block_m2, mean_a, block_mean),
-    )
-
-
 def _block_stats(op, key, start, size: int):
     zs = probes(key, op.like, size, "rademacher", start=start)
     azs = jax.vmap(lambda z: apply_in_dtype(op, z))(zs)
@@ -233,13 +214,13 @@ def _diagonal(op, key, *, num_matvecs: int, chunk: int | None):
 
     def body(acc, b):
         mean, m2, sums = _block_stats(op, key, b * c, c)
-        return _chan_update(acc, c, mean, m2), sums
+        return chan_update(acc, c, mean, m2), sums
 
     acc, sums = lax.scan(body, acc, jnp.arange(n_full))
     sums = tu.map(lambda x: x.reshape(-1), sums)
     if rem:
         mean, m2, rsums = _block_stats(op, key, n_full * c, rem)
-        acc = _chan_update(acc, rem, mean, m2)
+        acc = chan_update(acc, rem, mean, m2)
         sums = tu.map(lambda a, b: jnp.concatenate([a, b]), sums, rsums)
     _, mean, m2 = acc
     if m >= 2:

@@ -33,9 +33,9 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._stats import mean_std_error as _mean_se
+from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.linalg._trace import (
-    _mean_se,
-    _normal_quantile,
     exact_map,
     probe_map,
 )

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -92,6 +91,9 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._probes import probe, probes
+from hvp.linalg._stats import mean_std_error as _mean_se
+from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.operators import LinearOperator
 from hvp.typing import OperatorLike, PRNGKey
 
@@ -108,18 +110,6 @@ _ALIASES = {"hutchpp": "hutch++", "hutch_plus_plus": "hutch++", "girard": "hutch
 # ------------------------------------------------------------------------------------------------
 # results
 # ------------------------------------------------------------------------------------------------
-def _normal_quantile(level: float) -> float:
-    if (
-        not isinstance(level, (int, float))
-        or isinstance(level, bool)
-        or not 0.0 < float(level) < 1.0
-    ):
-        raise ValueError(
-            f"`level` must be a probability strictly between 0 and 1 (e.g. 0.95), got {level!r}."
-        )
-    return statistics.NormalDist().inv_cdf(0.5 + float(level) / 2.0)
-
-
 @tu.result(static=("num_matvecs", "method", "converged", "dtype_policy"))
 class TraceResult:
     """Estimate of :math:`\\operatorname{tr}(A)`.
@@ -182,25 +172,6 @@ def _acc(x):
 # ------------------------------------------------------------------------------------------------
 # probes and batched products (all of these run inside jit)
 # ------------------------------------------------------------------------------------------------
-def probe(key, like, kind: str):
-    """One random probe shaped like ``like``: ``"rademacher"`` (+-1) or ``"normal"``."""
-    if kind == "rademacher":
-        return tu.rademacher_like(key, like)
-    if kind == "normal":
-        return tu.normal_like(key, like)
-    raise AssertionError(kind)  # pragma: no cover
-
-
-def probes(key, like, count: int, kind: str, start=0):
-    """Probes ``start, ..., start+count-1`` stacked on a leading axis.
-
-    Probe ``i`` is drawn from ``fold_in(key, i)``, so it does not depend on how
-    the probes are grouped into chunks or rounds.
-    """
-    idx = start + jnp.arange(count)
-    return jax.vmap(lambda i: probe(jax.random.fold_in(key, i), like, kind))(idx)
-
-
 def map_chunked(fn: Callable, xs, chunk: int | None):
     """``vmap(fn)(xs)``, or ``lax.map`` over chunks of ``chunk`` rows to bound memory."""
     count = tu.leading_dim(xs)
@@ -337,14 +308,6 @@ def orthonormalize(ys):
     c2, keep = _svqb(block_gram(q1, q1), tol)
     q = block_combine(q1, c2)
     return q, jnp.matmul(c1, c2, precision=_HIGHEST), jnp.sum(keep)
-
-
-def _mean_se(samples: jax.Array):
-    m = samples.shape[0]
-    est = jnp.mean(samples)
-    if m < 2:
-        return est, jnp.full((), jnp.inf, samples.dtype)
-    return est, jnp.std(samples, ddof=1) / math.sqrt(m)
 
 
 # ------------------------------------------------------------------------------------------------
