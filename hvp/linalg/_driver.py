@@ -157,12 +157,36 @@ class StateMachine:
 
     Subclasses set ``name`` and ``block_sizes`` (one static block size per phase; 0 means the
     phase needs no product) and implement :meth:`prepare`, :meth:`update`, :meth:`finalize`
-    and optionally :meth:`progress`. Their fields must be plain Python values (ints, floats,
-    strings, dtypes), since the configuration is hashed by ``jax.jit`` and its ``repr`` is
-    part of a checkpoint's fingerprint.
+    and optionally :meth:`progress` (with ``progress_keys``, the state entries it reads). Their
+    fields must be plain Python values (ints, floats, strings, dtypes), since the configuration
+    is hashed by ``jax.jit`` and its ``repr`` is part of a checkpoint's fingerprint. Every input
+    that is an array (the key, ``tol``, start vectors) belongs in the state.
+
+    Examples:
+        >>> import dataclasses, jax, jax.numpy as jnp, hvp
+        >>> from hvp.linalg._driver import StateMachine, run
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Krylov(StateMachine):  # the vectors v, A v, A^2 v, ... (3 products)
+        ...     block_sizes = (1,)
+        ...     def prepare(self, op, state, phase):
+        ...         return state["v"][None]
+        ...     def update(self, op, state, phase, vs, avs):
+        ...         m = state["matvecs"] + 1
+        ...         return dict(state, v=avs[0], matvecs=m, done=m >= 3)
+        ...     def finalize(self, op, state):
+        ...         return state["v"]
+        >>> op = hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0])))
+        >>> state = dict(v=jnp.ones(2), phase=jnp.int32(0), done=jnp.array(False),
+        ...              matvecs=jnp.int32(0))
+        >>> out, driver = run(Krylov(), op, state, driver="host", progress=False)
+        >>> out.tolist(), driver
+        ([1.0, 8.0], 'host')
     """
 
     name: ClassVar[str] = "algorithm"
+    #: State entries that :meth:`progress` reads (copied to the host for the display only);
+    #: ``None``: every scalar entry.
+    progress_keys: ClassVar[tuple[str, ...] | None] = None
 
     @property
     def block_sizes(self) -> tuple[int, ...]:  # pragma: no cover - abstract
@@ -200,7 +224,7 @@ def block_product(op: LinearOperator, vs, chunk_size: int | None = None):
     a ``lax.map`` under a trace, a loop over the chunks on the host (one compiled product per
     chunk size, shared with every other caller).
     """
-    vs = jax.tree_util.tree_map(lambda x, lk: x.astype(jnp.result_type(lk)), vs, op.like)
+    vs = _cast_like(vs, op.like)
     b = tu.leading_dim(vs)
     if chunk_size is None or chunk_size >= b:
         return op.matmat(vs)
@@ -211,6 +235,17 @@ def block_product(op: LinearOperator, vs, chunk_size: int | None = None):
         part = jax.tree_util.tree_map(lambda x, s=start: x[s : s + chunk_size], vs)
         outs.append(op.matmat(part))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
+def _cast_like(vs, like):
+    """``vs`` with each leaf in ``like``'s dtype (no dispatch when the dtypes already agree)."""
+    leaves, like_leaves = jax.tree_util.tree_leaves(vs), jax.tree_util.tree_leaves(like)
+    if len(leaves) == len(like_leaves) and all(
+        getattr(x, "dtype", None) == getattr(lk, "dtype", None)
+        for x, lk in zip(leaves, like_leaves, strict=True)
+    ):
+        return vs
+    return jax.tree_util.tree_map(lambda x, lk: x.astype(jnp.result_type(lk)), vs, like)
 
 
 def _step(alg: StateMachine, op: LinearOperator, state: dict, phase: int) -> dict:
@@ -233,15 +268,26 @@ def _run_compiled_impl(alg: StateMachine, op: LinearOperator, state: dict):
     return alg.finalize(op, state)
 
 
+def _flags(state):
+    """``[phase, done]`` as one int32 array: the host reads both in one transfer."""
+    return jnp.stack(
+        [jnp.asarray(state["phase"], jnp.int32), jnp.asarray(state["done"], jnp.int32)]
+    )
+
+
+def _update_impl(alg, op, state, phase, vs, avs):
+    state = alg.update(op, state, phase, vs, avs)
+    return state, _flags(state)
+
+
 _run_compiled = jax.jit(_run_compiled_impl, static_argnums=0)
 _prepare = jax.jit(lambda alg, op, s, p: alg.prepare(op, s, p), static_argnums=(0, 3))
-_update = jax.jit(
-    lambda alg, op, s, p, vs, avs: alg.update(op, s, p, vs, avs), static_argnums=(0, 3)
+_update = jax.jit(_update_impl, static_argnums=(0, 3))
+_update_noprod = jax.jit(
+    lambda alg, op, s, p, vs: _update_impl(alg, op, s, p, vs, None), static_argnums=(0, 3)
 )
 _finalize = jax.jit(lambda alg, op, s: alg.finalize(op, s), static_argnums=0)
-_update_noprod = jax.jit(
-    lambda alg, op, s, p, vs: alg.update(op, s, p, vs, None), static_argnums=(0, 3)
-)
+_read_flags = jax.jit(_flags)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,6 +302,8 @@ def resolve_driver(driver: str, *traced: Any, progress=None, checkpoint=None) ->
     """
     if driver not in DRIVERS:
         raise ValueError(f"`driver` must be one of {DRIVERS}, got {driver!r}.")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be True, False or None, got {progress!r}.")
     inside = tu.is_traced(*traced)
     if driver == "auto":
         driver = "compiled" if inside else "host"
@@ -265,15 +313,16 @@ def resolve_driver(driver: str, *traced: Any, progress=None, checkpoint=None) ->
             "concrete arrays); use driver='compiled' or 'auto' there, or call the algorithm "
             "outside the transformation."
         )
+    where = "inside jax.jit/jax.vmap" if inside else "with driver='compiled'"
     if driver == "compiled" and checkpoint is not None:
         raise ValueError(
-            "`checkpoint=` needs the host driver (a compiled loop cannot save its state); pass "
-            "driver='host' (or 'auto' outside jax.jit)."
+            f"`checkpoint=` cannot be used {where}: a compiled loop cannot save its state. Call "
+            "the algorithm outside the transformation with driver='host' (or 'auto')."
         )
     if driver == "compiled" and progress:
         raise ValueError(
-            "`progress=True` needs the host driver (a compiled loop cannot report); pass "
-            "driver='host' (or 'auto' outside jax.jit)."
+            f"`progress=True` cannot be used {where}: a compiled loop cannot report. Call the "
+            "algorithm outside the transformation with driver='host' (or 'auto')."
         )
     return driver
 
@@ -287,6 +336,22 @@ def _as_checkpoint(checkpoint) -> Checkpoint | None:
         "`checkpoint` must be a file path or hvp.linalg.Checkpoint(path, every=...), got "
         f"{type(checkpoint).__name__}."
     )
+
+
+def _check_checkpoint_path(path) -> None:
+    """Fail before any work when the checkpoint could never be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"The checkpoint path {os.fspath(path)!r} is a directory: pass a file name, e.g. "
+            f"{os.fspath(path / 'state.npz')!r}."
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"The directory of the checkpoint {os.fspath(path)!r} does not exist: create "
+            f"{os.fspath(parent)!r} first or pass another path."
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,54 +375,73 @@ def run(
       state: the initial state (must hold ``"phase"``, ``"done"`` and ``"matvecs"``).
       driver: ``"auto"``, ``"compiled"`` or ``"host"`` (see the module docstring).
       progress: host driver only: show a progress display on stderr (``None``: when stderr is
-        a terminal).
+        a terminal and ``CI`` is not set). A rich bar on a terminal, else a plain line every
+        few seconds (logs of batch jobs).
       checkpoint: host driver only: a path or a :class:`Checkpoint` to save and resume from.
-      traced: further pytrees (e.g. the key) whose being traced selects the compiled driver.
+      traced: further pytrees (e.g. the key) whose being traced selects the compiled driver;
+        a checkpoint whose initial state differs and whose ``traced`` differ is reported as
+        "another key".
 
     Returns:
       ``(output, driver)``: the finalized output and the driver that ran.
+
+    Raises:
+      ValueError: see :func:`resolve_driver`; a state without ``phase``/``done``/``matvecs``.
+      TypeError: ``checkpoint`` or ``progress`` of the wrong type.
+      FileNotFoundError, IsADirectoryError: the checkpoint's directory is missing, or the path
+        is a directory (raised before any product).
+      CheckpointMismatchError: the checkpoint file is of another run, or unreadable.
     """
     checkpoint = _as_checkpoint(checkpoint)
+    missing = [k for k in ("phase", "done", "matvecs") if k not in state]
+    if missing:
+        raise ValueError(f"The state of {alg.name} lacks the entries {missing} the drivers need.")
     chosen = resolve_driver(driver, op, state, *traced, progress=progress, checkpoint=checkpoint)
     if chosen == "compiled":
         return _run_compiled(alg, op, state), chosen
-    return _run_host(alg, op, state, progress=progress, checkpoint=checkpoint), chosen
+    if checkpoint is not None:
+        _check_checkpoint_path(checkpoint.path)
+    out = _run_host(alg, op, state, progress=progress, checkpoint=checkpoint, traced=traced)
+    return out, chosen
 
 
-def _run_host(alg, op, state, *, progress, checkpoint: Checkpoint | None):
-    fingerprint = _fingerprint(alg, op, state) if checkpoint is not None else None
+def _run_host(alg, op, state, *, progress, checkpoint: Checkpoint | None, traced=()):
+    fingerprint = _fingerprint(alg, op, state, traced) if checkpoint is not None else None
     steps = 0
     if checkpoint is not None and Path(checkpoint.path).exists():
         state, steps = _load(checkpoint.path, state, fingerprint)
-    show = _want_progress(progress)
-    display = _Display(alg, enabled=show)
+    display = _Display(alg, state, mode=_progress_mode(progress))
     last_saved = steps
     restore_sigterm = _catch_sigterm() if checkpoint is not None else None
     try:
         with display:
-            while True:
-                phase, done = (int(x) for x in jax.device_get((state["phase"], state["done"])))
-                if done:
-                    break
-                if show:
-                    display.update(jax.device_get(state))
+            phase, done = (int(x) for x in np.asarray(_read_flags(state)))
+            while not done:
+                display.update(state)
                 vs = _prepare(alg, op, state, phase)
                 if alg.block_sizes[phase]:
                     avs = block_product(op, vs, alg.chunk_size)
-                    state = _update(alg, op, state, phase, vs, avs)
+                    state, flags = _update(alg, op, state, phase, vs, avs)
                 else:
-                    state = _update_noprod(alg, op, state, phase, vs)
+                    state, flags = _update_noprod(alg, op, state, phase, vs)
                 steps += 1
+                phase, done = (int(x) for x in np.asarray(flags))
                 if checkpoint is not None and steps - last_saved >= checkpoint.every:
                     _save(checkpoint.path, state, fingerprint, steps)
                     last_saved = steps
-            if show:
-                display.update(jax.device_get(state))
-    except BaseException:
+            display.update(state, final=True)
+    except BaseException as err:
         if checkpoint is not None and steps > last_saved:
             _save(checkpoint.path, state, fingerprint, steps)
+            last_saved = steps
+        if checkpoint is not None and last_saved > 0:
+            why = (
+                "was interrupted"
+                if isinstance(err, (KeyboardInterrupt, SystemExit))
+                else f"stopped on {type(err).__name__}"
+            )
             print(
-                f"hvp: {alg.name} interrupted after {steps} steps; its state is saved in "
+                f"hvp: {alg.name} {why} after {last_saved} steps; its state is saved in "
                 f"{os.fspath(checkpoint.path)!r}: call it again with the same arguments to resume.",
                 file=sys.stderr,
             )
@@ -375,6 +459,11 @@ class _Terminated(SystemExit):
     """SIGTERM turned into an exception so that the host driver can save its state."""
 
 
+#: Exit status of a process stopped by SIGTERM during a checkpointed run (128 + 15, as a shell
+#: reports a process killed by SIGTERM).
+SIGTERM_EXIT_CODE = 143
+
+
 def _catch_sigterm() -> Callable[[], None] | None:
     """Turn SIGTERM into ``SystemExit(143)`` while a checkpointed run is in the main thread.
 
@@ -384,13 +473,13 @@ def _catch_sigterm() -> Callable[[], None] | None:
         return None
     try:
         previous = signal.getsignal(signal.SIGTERM)
-    except (ValueError, OSError):  # pragma: no cover - platform without SIGTERM
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platform without SIGTERM
         return None
     if previous not in (signal.SIG_DFL, None):
         return None
 
     def handler(signum, frame):  # noqa: ARG001
-        raise _Terminated(143)
+        raise _Terminated(SIGTERM_EXIT_CODE)
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
@@ -399,120 +488,285 @@ def _catch_sigterm() -> Callable[[], None] | None:
 # ------------------------------------------------------------------------------------------------
 # checkpoint files
 # ------------------------------------------------------------------------------------------------
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
 def _leaf_to_numpy(x):
-    if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(x))
-    return np.asarray(x)
+    if _is_key(x):
+        return np.asarray(jax.device_get(jax.random.key_data(x)))
+    return np.asarray(jax.device_get(x))
 
 
-def _state_bytes_hash(state) -> str:
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(state):
-        a = _leaf_to_numpy(jax.device_get(leaf))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+_MIX = np.uint32(0x9E3779B1)  # odd multipliers: position weights of the checksums
+
+
+def _bit_parts(x) -> list:
+    """The bit pattern of ``x`` as uint32 arrays (exact for every dtype).
+
+    No reshape, so that explicitly sharded arrays keep their sharding.
+    """
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return _bit_parts(jnp.real(x)) + _bit_parts(jnp.imag(x))
+    if x.dtype == jnp.bool_:
+        return [x.astype(jnp.uint32)]
+    size = jnp.dtype(x.dtype).itemsize
+    if size >= 4:  # 8-byte types become (..., 2) uint32
+        return [lax.bitcast_convert_type(x, jnp.uint32)]
+    small = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return [lax.bitcast_convert_type(x, small).astype(jnp.uint32)]
+
+
+def _position(shape) -> jax.Array:
+    """The row-major position of every element (uint32, wrapping), built from iotas."""
+    pos = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        pos = pos + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
+        stride *= shape[d]
+    return pos
 
 
 @jax.jit
-def _checksums(children):
-    return [
-        jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.abs(x).astype(jnp.float32))])
-        if jnp.issubdtype(x.dtype, jnp.number)
-        else jnp.zeros(2, jnp.float32)
-        for x in jax.tree_util.tree_leaves(children)
-    ]
+def _checksums(leaves):
+    """Three wrapping uint32 sums of each leaf's bits.
+
+    Exact, and independent of the order of the reduction (integer addition modulo 2^32), hence
+    of the devices and the sharding.
+    """
+    out = []
+    for x in leaves:
+        sums = []
+        for u in _bit_parts(x):
+            i = _position(u.shape)
+            sums += [
+                jnp.sum(u, dtype=jnp.uint32),
+                jnp.sum(u * (i * _MIX + jnp.uint32(1)), dtype=jnp.uint32),
+                jnp.sum((u ^ (u >> 13)) * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32),
+            ]
+        out.append(jnp.stack(sums))
+    return out
 
 
-def _operator_fingerprint(op: LinearOperator) -> str:
-    leaves, treedef = jax.tree_util.tree_flatten(op)
-    shapes = [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves]
-    sums = np.asarray(jax.device_get(_checksums(leaves)) if leaves else [])
-    h = hashlib.sha256(str((type(op).__name__, op.name, shapes)).encode())
-    h.update(np.round(sums.astype(np.float64), 4).tobytes())
-    return h.hexdigest()
+def _digests(groups: list) -> list[str]:
+    """One hex digest per group of pytree leaves (shapes, dtypes and exact checksums).
+
+    Computed on the devices in one call: nothing but a few integers is copied to the host.
+    """
+    flat = [x if isinstance(x, jax.Array) else jnp.asarray(x) for g in groups for x in g]
+    sums = jax.device_get(_checksums(flat)) if flat else []
+    out, i = [], 0
+    for g in groups:
+        h = hashlib.sha256()
+        for x in g:
+            h.update(str((tuple(np.shape(x)), str(jnp.result_type(x)))).encode())
+            h.update(np.ascontiguousarray(sums[i]).tobytes())
+            i += 1
+        out.append(h.hexdigest())
+    return out
 
 
-def _fingerprint(alg, op, state) -> dict:
+def _fingerprint(alg, op, state, traced=()) -> dict:
+    """What identifies a run.
+
+    The algorithm and its settings, the state's layout, the operator (type, name and exact
+    checksums of its arrays), the key and each initial state entry.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    layout = [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves]
+    names = [str(k) for k in state] if isinstance(state, dict) else ["state"]
+    entries = list(state.values()) if isinstance(state, dict) else [state]
+    groups = [jax.tree_util.tree_leaves(op), jax.tree_util.tree_leaves(traced)]
+    groups += [jax.tree_util.tree_leaves(v) for v in entries]
+    digests = _digests(groups)
+    static = str((type(op).__name__, op.name)).encode()
     return {
         "format": _FORMAT,
         "algorithm": alg.name,
         "settings": repr(alg),
-        "initial_state": _state_bytes_hash(state),
-        "operator": _operator_fingerprint(op),
+        "structure": hashlib.sha256(str((treedef, layout)).encode()).hexdigest(),
+        "operator": hashlib.sha256(static + digests[0].encode()).hexdigest(),
+        "key": digests[1],
+        "initial_state": dict(zip(names, digests[2:], strict=True)),
     }
 
 
 def _save(path, state, fingerprint: dict, steps: int) -> None:
-    leaves = jax.tree_util.tree_leaves(jax.device_get(state))
-    arrays = {f"leaf_{i}": _leaf_to_numpy(x) for i, x in enumerate(leaves)}
-    meta = dict(fingerprint, steps=steps)
+    """Write the state and the fingerprint to ``path`` atomically (never a partial file)."""
+    leaves = jax.tree_util.tree_leaves(state)
+    arrays, dtypes, weak = {}, [], []
+    for i, x in enumerate(leaves):
+        a = _leaf_to_numpy(x)
+        dtypes.append(a.dtype.name)
+        weak.append(bool(getattr(x, "weak_type", False)))
+        if a.dtype.isbuiltin != 1:  # bfloat16, float8 (ml_dtypes): np.save would lose the type
+            a = a.view(f"u{a.dtype.itemsize}")
+        arrays[f"leaf_{i}"] = a
+    meta = dict(fingerprint, steps=steps, dtypes=dtypes, weak_types=weak)
     buf = io.BytesIO()
     np.savez(buf, __meta__=np.asarray(json.dumps(meta)), **arrays)
     with atomic_open(path, "wb") as f:
         f.write(buf.getvalue())
 
 
+_CAUSES = {
+    "format": "was written by another version of hvp's checkpoint format",
+    "settings": "has other settings ({saved} here, {now} now)",
+    "structure": "has a state of another structure (other settings, e.g. k or the block size)",
+    "operator": "is of another operator (its parameters or data changed)",
+}
+
+
+def _mismatch(path, what: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"The checkpoint {os.fspath(path)!r} {what}, so it cannot resume this run. Delete it (or "
+        "pass another path) to start afresh."
+    )
+
+
 def _load(path, init_state, fingerprint: dict):
+    """The saved state and step count, checked against this run's fingerprint.
+
+    Each leaf is placed like the initial state's leaf (same sharding, e.g. over a mesh).
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))
+            if not isinstance(meta, dict):
+                raise ValueError("its metadata is not a JSON object")
             arrays = [data[f"leaf_{i}"] for i in range(len(data.files) - 1)]
     except Exception as err:
         raise CheckpointMismatchError(
-            f"Cannot read the checkpoint {os.fspath(path)!r} ({type(err).__name__}: {err}); "
-            "delete it to start afresh."
+            f"Cannot read the checkpoint {os.fspath(path)!r} ({type(err).__name__}: {err}): the "
+            "file is truncated, corrupt or not an hvp checkpoint. Delete it to start afresh."
         ) from err
-    for field in ("format", "algorithm", "settings", "initial_state", "operator"):
+    if meta.get("algorithm") != fingerprint["algorithm"]:
+        raise _mismatch(path, f"is of {meta.get('algorithm')!r}, not {fingerprint['algorithm']!r}")
+    for field in ("format", "settings", "structure", "operator"):
         if meta.get(field) != fingerprint[field]:
-            what = {
-                "format": "was written by another version of the file format",
-                "algorithm": f"is of {meta.get('algorithm')!r}, not {fingerprint['algorithm']!r}",
-                "settings": "has other settings (k, tol, num_iters, ...)",
-                "initial_state": "started from another key or start vector",
-                "operator": "is of another operator (its parameters or data changed)",
-            }[field]
-            raise CheckpointMismatchError(
-                f"The checkpoint {os.fspath(path)!r} {what}, so it cannot resume this run. "
-                "Delete it (or pass another path) to start afresh."
+            raise _mismatch(
+                path,
+                _CAUSES[field].format(saved=meta.get(field), now=fingerprint[field]),
             )
+    saved_entries = meta.get("initial_state")
+    if saved_entries != fingerprint["initial_state"]:
+        if not isinstance(saved_entries, dict):
+            raise _mismatch(path, "has no valid fingerprint of its initial state")
+        if meta.get("key") != fingerprint["key"]:
+            raise _mismatch(path, "was started with another key (or start vector)")
+        differ = sorted(
+            k for k, h in fingerprint["initial_state"].items() if saved_entries.get(k) != h
+        )
+        raise _mismatch(
+            path,
+            f"started from another initial state: its {', '.join(map(repr, differ))} differ "
+            "(a setting held in the state, such as tol or num_iters, or the start vector v0)",
+        )
     leaves, treedef = jax.tree_util.tree_flatten(init_state)
-    if len(arrays) != len(leaves):  # pragma: no cover - guarded by the fingerprint
-        raise CheckpointMismatchError(f"The checkpoint {os.fspath(path)!r} has another state.")
+    dtypes, weak = meta.get("dtypes"), meta.get("weak_types")
+    if (
+        len(arrays) != len(leaves)
+        or not isinstance(dtypes, list)
+        or not isinstance(weak, list)
+        or len(dtypes) != len(leaves)
+        or len(weak) != len(leaves)
+    ):
+        raise _mismatch(path, "holds another number of arrays than this run's state")
     restored = []
-    for a, ref in zip(arrays, leaves, strict=True):
-        if jax.dtypes.issubdtype(jnp.result_type(ref), jax.dtypes.prng_key):
-            x = jax.random.wrap_key_data(a, impl=jax.random.key_impl(ref))
-        else:
-            x = jnp.asarray(a, dtype=ref.dtype)
-        sharding = getattr(ref, "sharding", None)
-        restored.append(jax.device_put(x, sharding) if sharding is not None else x)
+    for i, (a, ref) in enumerate(zip(arrays, leaves, strict=True)):
+        a = a.view(jnp.dtype(dtypes[i])) if a.dtype.name != dtypes[i] else a
+        want = np.shape(jax.random.key_data(ref)) if _is_key(ref) else np.shape(ref)
+        if a.shape != tuple(want):
+            raise _mismatch(path, f"holds an array of shape {a.shape} where {want} is expected")
+        restored.append(_restore_leaf(a, ref, bool(weak[i])))
     return jax.tree_util.tree_unflatten(treedef, restored), int(meta.get("steps", 0))
 
 
+def _restore_leaf(a: np.ndarray, ref, weak: bool):
+    """``a`` as a device array typed and placed like ``ref`` (dtype, PRNG key impl, sharding)."""
+    sharding = getattr(ref, "sharding", None)
+    if _is_key(ref):
+        x = jax.random.wrap_key_data(
+            jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a),
+            impl=jax.random.key_impl(ref),
+        )
+        return x
+    a = a.astype(jnp.result_type(ref), copy=False)
+    x = jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a)
+    if weak:
+        x = _weak(x)
+    return x
+
+
+def _weak(x):
+    try:
+        from jax._src.lax.lax import _convert_element_type
+    except ImportError:  # pragma: no cover - a JAX without it: strongly typed (same values)
+        return x
+    return _convert_element_type(x, weak_type=True)
+
+
 # ------------------------------------------------------------------------------------------------
-# progress display (rich)
+# progress display
 # ------------------------------------------------------------------------------------------------
-def _want_progress(progress) -> bool:
+_TTY_INTERVAL = 0.1  # seconds between updates of the rich bar
+_PLAIN_INTERVAL = 2.0  # seconds between plain lines (stderr not a terminal: logs of batch jobs)
+
+
+def _progress_mode(progress) -> str:
+    """``"off"``, ``"rich"`` (a live bar on a terminal) or ``"plain"`` (periodic lines)."""
+    tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
     if progress is None:
-        return bool(getattr(sys.stderr, "isatty", lambda: False)()) and not os.environ.get("CI")
+        progress = tty and not os.environ.get("CI")
     if not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True, False or None, got {progress!r}.")
-    return progress
+    if not progress:
+        return "off"
+    return "rich" if tty else "plain"
+
+
+def _progress_keys(alg: StateMachine, state) -> list | None:
+    keys = alg.progress_keys
+    if keys is not None:
+        return list(keys)
+    if not isinstance(state, dict):
+        return None
+    return [
+        k for k, v in state.items() if all(np.ndim(x) == 0 for x in jax.tree_util.tree_leaves(v))
+    ]
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class _Display:
-    """A one-line rich progress bar: products, the algorithm's text, elapsed and time left."""
+    """The host driver's progress display.
 
-    def __init__(self, alg: StateMachine, *, enabled: bool):
+    Products, the algorithm's figure of merit, elapsed time and time left. Only the state
+    entries the algorithm's ``progress`` reads are copied to the host, at most every
+    ``_TTY_INTERVAL`` (rich bar) or ``_PLAIN_INTERVAL`` seconds.
+    """
+
+    def __init__(self, alg: StateMachine, state, *, mode: str):
         self.alg = alg
-        self.enabled = enabled
-        self._progress = None
+        self.mode = mode
+        self._keys = _progress_keys(alg, state) if mode != "off" else None
+        self._rich = None
         self._task = None
         self._t0 = time.perf_counter()
+        self._last = -float("inf")
+        self._start_matvecs = None
 
     def __enter__(self):
-        if self.enabled:
+        self._t0 = time.perf_counter()
+        if self.mode == "rich":
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -521,11 +775,9 @@ class _Display:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
-            from rich.progress import (
-                Progress as RichProgress,
-            )
+            from rich.progress import Progress as RichProgress
 
-            self._progress = RichProgress(
+            self._rich = RichProgress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
@@ -536,17 +788,40 @@ class _Display:
                 console=Console(stderr=True),
                 transient=True,
             )
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.alg.name, total=None, text="")
+            self._rich.__enter__()
+            self._task = self._rich.add_task(self.alg.name, total=None, text="")
         return self
 
-    def update(self, host_state) -> None:
-        if self._progress is None:
+    def update(self, state, *, final: bool = False) -> None:
+        if self.mode == "off":
             return
-        info = self.alg.progress(host_state)
-        self._progress.update(self._task, completed=info.matvecs, total=info.total, text=info.text)
+        now = time.perf_counter()
+        interval = _TTY_INTERVAL if self.mode == "rich" else _PLAIN_INTERVAL
+        first = self._start_matvecs is None
+        if not (final or first or now - self._last >= interval):
+            return
+        self._last = now
+        host = jax.device_get(state if self._keys is None else {k: state[k] for k in self._keys})
+        info = self.alg.progress(host)
+        if first:
+            self._start_matvecs = info.matvecs
+        if self._rich is not None:
+            self._rich.update(self._task, completed=info.matvecs, total=info.total, text=info.text)
+            return
+        elapsed = now - self._t0
+        done_here = info.matvecs - self._start_matvecs
+        parts = [f"{info.matvecs}/{info.total}" if info.total else f"{info.matvecs}"]
+        parts[0] += " products"
+        parts.append(f"{_fmt_time(elapsed)} elapsed")
+        if info.total and done_here > 0 and not final:
+            left = elapsed / done_here * max(info.total - info.matvecs, 0)
+            parts.append(f"at most {_fmt_time(left)} left")
+        if info.text:
+            parts.append(info.text)
+        label = f"hvp {self.alg.name}" + (" done" if final else "")
+        print(f"{label}: " + ", ".join(parts), file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+        if self._rich is not None:
+            self._rich.__exit__(*exc)
         return False
