@@ -686,8 +686,13 @@ def _load(path, init_state, fingerprint: dict):
 
 
 def _restore_leaf(a: np.ndarray, ref, weak: bool):
-    """``a`` as a device array typed and placed like ``ref`` (dtype, PRNG key impl, sharding)."""
-    sharding = getattr(ref, "sharding", None)
+    """``a`` as a device array typed and placed like ``ref`` (dtype, PRNG key impl, sharding).
+
+    A leaf of ``ref`` that is not committed to its devices (built without ``device_put``) is
+    restored uncommitted, so that it can still meet arrays of a mesh in a computation.
+    """
+    committed = isinstance(ref, jax.Array) and getattr(ref, "committed", True)
+    sharding = ref.sharding if committed else None
     if _is_key(ref):
         x = jax.random.wrap_key_data(
             jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a),

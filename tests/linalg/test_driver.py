@@ -486,3 +486,101 @@ def test_resume_after_sigterm_and_sigkill(tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # SIGTERM: no temporary file left behind (a SIGKILL during a save may leave one)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".SIGTERM")]
+
+
+# ------------------------------------------------------------------------------------------------
+# states sharded over a mesh of 4 CPU devices (a subprocess: the device count is fixed at start)
+# ------------------------------------------------------------------------------------------------
+SHARDED = textwrap.dedent(
+    """
+    import os, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import contextlib, tempfile
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import hvp
+    from hvp.linalg import _driver, Checkpoint
+    from hvp.linalg._power import PowerIteration, _initial_state
+
+    rs = np.random.RandomState(0)
+    raw = {"w1": rs.randn(6, 8) / 2, "b1": rs.randn(8) / 2, "w2": rs.randn(8, 4) / 2}
+    specs = {"w1": P(None, "d"), "b1": P("d"), "w2": P("d", None)}
+    X, y = rs.randn(16, 6), rs.randint(0, 4, 16)
+
+    def follow_batch(h):  # explicit mesh: the logits' example axis is sharded like the input's
+        if hvp.tree.explicit_sharding(h) is None:
+            return None
+        return NamedSharding(jax.typeof(h).sharding.mesh, P(jax.typeof(h).sharding.spec[0], None))
+
+
+    def loss(p, b):
+        h = jnp.tanh(b[0] @ p["w1"] + p["b1"])
+        return hvp.losses.softmax_cross_entropy(jnp.matmul(h, p["w2"], out_sharding=follow_batch(h)), b[1])
+
+    def interrupted(call, path, after=3):
+        orig, n = _driver.block_product, {"k": 0}
+        def flaky(*a, **k):
+            n["k"] += 1
+            if n["k"] > after:
+                raise KeyboardInterrupt
+            return orig(*a, **k)
+        _driver.block_product = flaky
+        try:
+            call(checkpoint=Checkpoint(path, every=1))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            _driver.block_product = orig
+        assert os.path.exists(path)
+
+    def check(kind, axis_type):
+        # explicit: a second axis for the data (hvp.tree.place_batch splits batches over an axis the
+        # parameters do not use)
+        shape, names = ((4,), ("d",)) if axis_type == AxisType.Auto else ((2, 2), ("batch", "d"))
+        mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+        ctx = jax.set_mesh(mesh) if axis_type == AxisType.Explicit else contextlib.nullcontext()
+        with ctx:
+            params = {k: jax.device_put(jnp.asarray(v), NamedSharding(mesh, specs[k])) for k, v in raw.items()}
+            op = hvp.hessian(loss, params, (jnp.asarray(X), jnp.asarray(y)))
+            v0 = {k: jax.device_put(jnp.asarray(rs.randn(*v.shape)), NamedSharding(mesh, specs[k])) for k, v in raw.items()}
+            call = lambda **kw: hvp.power_iteration(op, key=None, v0=v0, tol=0.0, num_iters=12, **kw)
+            ref = call()
+            path = os.path.join(tempfile.mkdtemp(), "s.npz")
+            interrupted(call, path)
+            # the saved state, restored leaf by leaf with the initial state's sharding
+            init = _initial_state(v0, op.like, 0.0, 12)
+            fp = _driver._fingerprint(PowerIteration(), op, init, (None,))
+            state, steps = _driver._load(path, init, fp)
+            li, lr = jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(state)
+            same = all(a.sharding == b.sharding and jax.typeof(a) == jax.typeof(b) for a, b in zip(li, lr))
+            sharded = sum(not x.sharding.is_fully_replicated for x in li)
+            out = call(checkpoint=path)
+            eq = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                     zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(out)))
+            vec_same = all(a.sharding == b.sharding for a, b in zip(
+                jax.tree_util.tree_leaves(ref.eigenvector), jax.tree_util.tree_leaves(out.eigenvector)))
+            return dict(steps=steps, same=same, sharded=sharded, bitwise=eq, vec_same=vec_same,
+                        removed=not os.path.exists(path), types=str(jax.typeof(lr[-1])))
+
+    print("RESULT" + json.dumps({"auto": check("auto", AxisType.Auto), "explicit": check("explicit", AxisType.Explicit)}))
+    """
+)
+
+
+def test_sharded_state_saved_and_restored_with_its_sharding():
+    """A state sharded over a mesh (Auto axes, and Explicit axes "sharding in types") is saved,
+    restored leaf by leaf with the initial state's sharding, and resumes bit for bit."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    res = json.loads(line[len("RESULT") :])
+    for kind, r in res.items():
+        assert r["steps"] == 3 and r["sharded"] >= 3, (kind, r)
+        assert r["same"] and r["bitwise"] and r["vec_same"] and r["removed"], (kind, r)
+    assert res["explicit"]["types"] == "float64[8@d,4]"
