@@ -584,3 +584,18 @@ def test_sharded_state_saved_and_restored_with_its_sharding():
         assert r["steps"] == 3 and r["sharded"] >= 3, (kind, r)
         assert r["same"] and r["bitwise"] and r["vec_same"] and r["removed"], (kind, r)
     assert res["explicit"]["types"] == "float64[8@d,4]"
+
+
+def test_docs_drivers_page_runs():
+    """The runnable examples of docs/drivers.md (all but the signature overview)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = open(os.path.join(root, "docs", "drivers.md"), encoding="utf-8").read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3 and "H, key=jax.random.key(0)," in blocks[0]
+    ns: dict = {}
+    for code in blocks[1:]:
+        exec(compile(code, "docs/drivers.md", "exec"), ns)
+    assert bool(ns["res"].converged) and ns["res"].num_matvecs > 100
+    assert ns["out"].tolist() == [1.0, 8.0] and ns["driver"] == "host"
