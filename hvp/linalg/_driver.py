@@ -766,7 +766,9 @@ def _progress_keys(alg: StateMachine, state) -> list | None:
     if not isinstance(state, dict):
         return None
     return [
-        k for k, v in state.items() if all(np.ndim(x) == 0 for x in jax.tree_util.tree_leaves(v))
+        k
+        for k, v in state.items()
+        if all(np.ndim(x) == 0 and not _is_key(x) for x in jax.tree_util.tree_leaves(v))
     ]
 
 
