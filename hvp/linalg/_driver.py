@@ -60,7 +60,9 @@ supported: every leaf must be addressable from this process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -477,8 +479,17 @@ def _run_host(alg, op, state, *, progress, checkpoint: Checkpoint | None, traced
             restore_sigterm()
     out = _finalize(alg, op, state)
     if checkpoint is not None:
-        Path(checkpoint.path).unlink(missing_ok=True)
+        _remove(checkpoint.path)
     return out
+
+
+def _remove(path) -> None:
+    """Delete a finished run's file, and temporary files a killed save left beside it."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 class _Terminated(SystemExit):
@@ -708,7 +719,10 @@ def _load(path, init_state, fingerprint: dict):
         if a.shape != tuple(want):
             raise _mismatch(path, f"holds an array of shape {a.shape} where {want} is expected")
         restored.append(_restore_leaf(a, ref, bool(weak[i])))
-    return jax.tree_util.tree_unflatten(treedef, restored), int(meta.get("steps", 0))
+    steps = meta.get("steps", 0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise _mismatch(path, f"has an invalid step count {steps!r}")
+    return jax.tree_util.tree_unflatten(treedef, restored), steps
 
 
 def _restore_leaf(a: np.ndarray, ref, weak: bool):
