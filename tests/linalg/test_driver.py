@@ -232,6 +232,32 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, capsys):
     assert not p3.exists()
 
 
+def test_killed_run_resumes_from_the_last_periodic_save(tmp_path, monkeypatch):
+    """A killed process saves nothing more: the file holds the last periodic save (here after 6
+    steps of a run with every=3, copied while the run went on), and resuming from it equals the
+    uninterrupted run bit for bit (test_resume_after_sigterm_and_sigkill kills a real process)."""
+    path, snapshot = tmp_path / "eig.npz", tmp_path / "snapshot"
+    orig, n = _driver.block_product, {"calls": 0}
+
+    def snapshotting(*args, **kwargs):
+        n["calls"] += 1
+        if n["calls"] == 8:  # steps 1-7 done: the file is the save after step 6
+            snapshot.write_bytes(path.read_bytes())
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(_driver, "block_product", snapshotting)
+    ref = _power(checkpoint=Checkpoint(path, every=3))
+    monkeypatch.setattr(_driver, "block_product", orig)
+    assert not path.exists()
+    path.write_bytes(snapshot.read_bytes())
+    with np.load(path) as data:
+        assert json.loads(str(data["__meta__"]))["steps"] == 6
+    out = _power(checkpoint=path)
+    assert out.num_matvecs == ref.num_matvecs > 10
+    for x, y in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(out), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_corrupt_or_foreign_file_raises_a_clear_error(tmp_path):
     path = tmp_path / "eig.npz"
     _interrupted(lambda **kw: _power(**kw), path)
