@@ -166,6 +166,41 @@ def test_custom_machine_resumes_bitwise_in_every_phase(tmp_path):
         assert_resume_bitwise(_three, tmp_path, interrupt_after=after, every=2)
 
 
+@dataclasses.dataclass(frozen=True)
+class Forward(StateMachine):
+    """``prepare`` returns a state entry as is (the host driver donates the state to update)."""
+
+    block_sizes = (2,)
+
+    def prepare(self, op, state, phase):
+        return state["vs"]
+
+    def update(self, op, state, phase, vs, avs):
+        m = state["matvecs"] + 2
+        return dict(state, vs=avs / jnp.linalg.norm(avs), matvecs=m, done=m >= 12)
+
+    def finalize(self, op, state):
+        return state["vs"]
+
+
+def test_donated_state_never_deletes_a_callers_array(tmp_path):
+    import warnings
+
+    v0 = jnp.asarray(np.random.RandomState(1).randn(2, N))
+    state = dict(vs=v0, phase=jnp.int32(0), done=jnp.array(False), matvecs=jnp.int32(0))
+
+    def call(**kw):
+        return run(Forward(), OP, state, **kw)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Some donated buffers were not usable"
+        host, _ = assert_drivers_agree(call, rtol=1e-13)
+        assert_resume_bitwise(call, tmp_path, interrupt_after=3)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(state))
+    ref = np.linalg.matrix_power(A, 6) @ np.asarray(v0).T
+    np.testing.assert_allclose(np.asarray(host), (ref / np.linalg.norm(ref)).T, rtol=1e-12)
+
+
 def test_power_drivers_agree_and_resume(tmp_path):
     host, comp = assert_drivers_agree(_power, rtol=1e-12)
     assert isinstance(host.num_matvecs, int) and host.num_matvecs == int(comp.num_matvecs)
