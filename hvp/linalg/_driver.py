@@ -35,9 +35,12 @@ transformation** (the operator, the state or the key is a tracer: the host loop 
 **and host otherwise**: outside ``jit`` the host driver compiles the model's product once instead
 of once per algorithm and setting, which is what dominates a one-off analysis (issue 11 measured
 10-17 s of compilation for 20-25 products), while its per-step overhead (three dispatches, the
-operator's input checks and one transfer of two integers: about 80 us of CPU per step on a tiny
-dense operator, against 2 us per step in the compiled loop) is small next to a product of any
-real model.
+operator's input checks and one transfer of two integers) is small next to a product of a real
+model. Measured on 2 CPU cores: about 70 us of CPU per step on a tiny dense operator (2 us in
+the compiled loop); 0.36 ms per power-iteration step on the 334-parameter test MLP Hessian
+(0.51 ms with the operator's default ``check_finite=True``), where the compiled loop takes
+0.07 ms per step including the product; its cold start (compilation included) took 1.5 s of
+CPU against 3.6 s for the compiled driver.
 
 Progress (``progress=True``, or ``None``: when stderr is a terminal and ``CI`` is unset) is a
 rich bar on a terminal and a plain line every ``_PLAIN_INTERVAL`` (2) seconds otherwise (logs
