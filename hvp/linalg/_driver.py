@@ -67,7 +67,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import os
 import signal
@@ -681,10 +680,8 @@ def _save(path, state, fingerprint: dict, steps: int) -> None:
             a = a.view(f"u{a.dtype.itemsize}")
         arrays[f"leaf_{i}"] = a
     meta = dict(fingerprint, steps=steps, dtypes=dtypes, weak_types=weak)
-    buf = io.BytesIO()
-    np.savez(buf, __meta__=np.asarray(json.dumps(meta)), **arrays)
-    with atomic_open(path, "wb") as f:
-        f.write(buf.getvalue())
+    with atomic_open(path, "wb") as f:  # written straight to the file: no second copy in memory
+        np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
 
 
 _CAUSES = {

@@ -311,31 +311,34 @@ def test_save_is_atomic_when_interrupted_while_writing(tmp_path, monkeypatch):
     temporary file); resuming from it gives the uninterrupted result bit for bit."""
     path = tmp_path / "eig.npz"
     ref = _power(driver="host")
-    real_open, writes = _driver.atomic_open, {"n": 0}
+    real_open, saves = _driver.atomic_open, {"n": 0}
 
-    class Breaking:
+    class Breaking:  # the file of the 4th save: interrupted after its first chunk of bytes
         def __init__(self, f):
-            self.f = f
+            self.f, self.chunks = f, 0
 
         def write(self, data):
-            writes["n"] += 1
-            if writes["n"] == 4:
-                self.f.write(data[: len(data) // 3])
+            self.chunks += 1
+            if saves["n"] == 4 and self.chunks == 2:
                 raise KeyboardInterrupt
             return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
 
     import contextlib
 
     @contextlib.contextmanager
     def breaking_open(p, mode):
+        saves["n"] += 1
         with real_open(p, mode) as f:
             yield Breaking(f)
 
     monkeypatch.setattr(_driver, "atomic_open", breaking_open)
     with pytest.raises(KeyboardInterrupt):
         _power(checkpoint=Checkpoint(path, every=1))
-    # the 4th save was cut and the save on interrupt (5th write) then succeeded: 4 steps kept
-    assert writes["n"] == 5
+    # the 4th save was cut and the save on interrupt (the 5th) then succeeded: 4 steps kept
+    assert saves["n"] == 5
     assert sorted(os.listdir(tmp_path)) == ["eig.npz"]
     (tmp_path / ".eig.npz.abc123.tmp").write_bytes(b"left by a killed save")
     with np.load(path) as data:
