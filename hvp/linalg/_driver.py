@@ -117,8 +117,8 @@ class Progress:
 
     Attributes:
       matvecs: operator products so far.
-      total: products the run will use when known in advance (a trace with a fixed budget),
-        else ``None`` (then no time estimate is shown, or a bound when ``bound`` is set).
+      total: the most products the run will use when known in advance (a trace's fixed
+        budget, or a cap such as ``num_iters``), else ``None`` (then no time left is shown).
       text: the algorithm's figure of merit, e.g. ``"worst wanted residual / tol 3.2e+01"``.
 
     Examples:
