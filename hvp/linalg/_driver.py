@@ -884,7 +884,15 @@ class _Display:
             return
         self._last = now
         host = jax.device_get(state if self._keys is None else {k: state[k] for k in self._keys})
-        info = self.alg.progress(host)
+        try:
+            info = self.alg.progress(host)
+        except KeyError:
+            if self._keys is None:
+                raise
+            # ``progress`` reads an entry outside ``progress_keys`` (or, by default, a
+            # non-scalar one): copy the whole state from now on rather than fail the run
+            self._keys = None
+            info = self.alg.progress(jax.device_get(state))
         if first:
             self._start_matvecs = info.matvecs
         if self._rich is not None:
