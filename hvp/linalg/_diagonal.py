@@ -114,7 +114,7 @@ class DiagonalResult:
     Attributes:
       estimate: the diagonal, a pytree like the parameters.
       std_error: per-entry standard errors (same pytree).
-      num_matvecs: operator products spent.
+      num_matvecs: operator products spent (a Python int, also under ``jax.jit``).
       method: ``"hutchinson"`` (Bekas et al. 2007) or ``"exact"`` (``num_matvecs >= n``).
       leaf_samples: per-probe leaf sums :math:`z_{k,\\ell}^\\top (A z_k)_\\ell`, one
         ``(m,)`` array per leaf (for ``"exact"``: the exact leaf traces, shape ``(1,)``).

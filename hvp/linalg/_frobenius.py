@@ -64,7 +64,7 @@ class FrobeniusResult:
       std_error: its delta-method standard error ``squared_std_error / (2 estimate)``.
       squared_estimate: :math:`\\|A\\|_F^2`, the mean of ``samples`` (unbiased).
       squared_std_error: standard error of ``squared_estimate``.
-      num_matvecs: operator products spent.
+      num_matvecs: operator products spent (a Python int, also under ``jax.jit``).
       method: ``"hutchinson"`` or ``"exact"``.
       samples: :math:`\\|A z_k\\|^2` per probe (``"exact"``: :math:`\\|A e_i\\|^2`, whose sum is the estimate).
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in the parameters'
