@@ -40,7 +40,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from hvp import tree as tu
@@ -268,6 +267,7 @@ class Diagonal(StateMachine):
         m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
         count = start.astype(acc)
         _, new["mean"], new["m2"] = chan_update((count, state["mean"], state["m2"]), b, mean, m2)
+        new["rel_se"] = _relative_std_error(new["mean"], new["m2"], matvecs)
         sums = tu.map(lambda x: jnp.sum(x, axis=tuple(range(1, x.ndim))), prods)
         new["leaf_sums"] = tu.map(
             lambda buf, s: lax.dynamic_update_slice(buf, s.astype(buf.dtype), (start,)),
@@ -290,14 +290,22 @@ class Diagonal(StateMachine):
 
     def progress(self, state) -> Progress:
         k = int(state["matvecs"])
-        if self.exact or k < 2:
-            return Progress(matvecs=k, total=self.total, text="exact (unit vectors)" * self.exact)
-        mean = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state["mean"])])
-        m2 = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state["m2"])])
-        se2 = np.mean(m2.astype(np.float64)) / (k - 1) / k
-        scale = np.sqrt(np.mean(np.square(mean.astype(np.float64))))
-        rel = np.sqrt(se2) / scale if scale > 0 else float("inf")
-        return Progress(matvecs=k, total=self.total, text=f"RMS std_error / RMS diagonal {rel:.2e}")
+        if self.exact:
+            return Progress(matvecs=k, total=self.total, text="exact (unit vectors)")
+        rel = float(state["rel_se"])
+        text = f"RMS std_error / RMS diagonal {rel:.2e}" if k >= 2 else ""
+        return Progress(matvecs=k, total=self.total, text=text)
+
+
+def _relative_std_error(mean, m2, k):
+    """The progress figure: RMS standard error over RMS estimate, ``inf`` below two probes."""
+    n = sum(x.size for x in jax.tree_util.tree_leaves(mean))
+    sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean)) / n
+    q = sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(m2)) / n
+    kf = k.astype(sq.dtype)
+    se2 = q / jnp.maximum((kf - 1.0) * kf, 1.0)
+    rel = jnp.sqrt(se2) / jnp.sqrt(jnp.where(sq > 0, sq, 1.0))
+    return jnp.where((k >= 2) & (sq > 0), rel, jnp.inf)
 
 
 def _initial_state(like, key, total: int, exact: bool) -> dict:
@@ -313,6 +321,7 @@ def _initial_state(like, key, total: int, exact: bool) -> dict:
     state["key"] = key
     state["mean"] = tu.zeros_like(acc_like)
     state["m2"] = tu.zeros_like(acc_like)
+    state["rel_se"] = jnp.full((), jnp.inf, acc_dtype(like))
     state["leaf_sums"] = tu.map(lambda x: jnp.zeros((total,), x.dtype), acc_like)
     return state
 
