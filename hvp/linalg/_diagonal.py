@@ -22,14 +22,21 @@ correlations between the entries of one probe.
 
 With ``num_matvecs >= n`` the diagonal is computed exactly from the ``n``
 products :math:`A e_i` (``method="exact"``, zero standard errors).
+
+The estimator is a :class:`~hvp.linalg._driver.StateMachine` (:class:`Diagonal`): each step is
+one block product of ``chunk_size`` probes (or unit vectors), merged into the running moments;
+probe ``k`` comes from ``fold_in(key, k)``, so the result does not depend on the driver
+(compiled or host) nor, up to rounding, on ``chunk_size``, and a checkpointed host run resumes
+bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Callable
-from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +46,6 @@ from hvp import tree as tu
 from hvp.linalg._checks import (
     DtypePolicy,
     acc_dtype,
-    apply_in_dtype,
     check_int,
     check_key,
     coerce_operator,
@@ -47,14 +53,12 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
 from hvp.linalg._probes import probes
 from hvp.linalg._stats import chan_update
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
-from hvp.linalg._trace import (
-    TraceResult,
-    exact_map,
-)
+from hvp.linalg._trace import TraceResult
 from hvp.typing import OperatorLike, PRNGKey
 
 __all__ = ["DiagonalResult", "LeafTraces", "diagonal"]
@@ -109,7 +113,7 @@ class DiagonalResult:
     Attributes:
       estimate: the diagonal, a pytree like the parameters.
       std_error: per-entry standard errors (same pytree).
-      num_matvecs: operator products spent.
+      num_matvecs: operator products spent (a Python int, also under ``jax.jit``).
       method: ``"hutchinson"`` (Bekas et al. 2007) or ``"exact"`` (``num_matvecs >= n``).
       leaf_samples: per-probe leaf sums :math:`z_{k,\\ell}^\\top (A z_k)_\\ell`, one
         ``(m,)`` array per leaf (for ``"exact"``: the exact leaf traces, shape ``(1,)``).
@@ -189,53 +193,137 @@ class DiagonalResult:
         )
 
 
-def _block_stats(op, key, start, size: int):
-    zs = probes(key, op.like, size, "rademacher", start=start)
-    azs = jax.vmap(lambda z: apply_in_dtype(op, z))(zs)
-    acc = acc_dtype(op.like)
-    prods = tu.map(lambda z, az: z.astype(acc) * az.astype(acc), zs, azs)  # z * A z, per probe
-    mean = tu.map(lambda x: jnp.mean(x, axis=0), prods)
-    m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
-    leaf_sums = tu.map(lambda x: jnp.sum(x, axis=tuple(range(1, x.ndim))), prods)
-    return mean, m2, leaf_sums
+# ------------------------------------------------------------------------------------------------
+# the state machine
+# ------------------------------------------------------------------------------------------------
+def _unit_block(like, start, size: int):
+    """The coordinate vectors ``e_start, ..., e_{start+size-1}`` (ravel order) as a block.
+
+    ``start`` may be traced; rows past ``n`` are zero.
+    """
+    n = tu.size(like)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
+    idx = start + jnp.arange(size)
+    flat = (idx[:, None] == jnp.arange(n)[None, :]).astype(dtype)
+    return jax.vmap(tu.unravel_fn(like))(flat)
 
 
-@partial(jax.jit, static_argnames=("num_matvecs", "chunk"))
-def _diagonal(op, key, *, num_matvecs: int, chunk: int | None):
-    m = num_matvecs
-    c = m if chunk is None else min(chunk, m)
-    n_full, rem = divmod(m, c)
-    like = tu.cast(op.like, acc_dtype(op.like))  # accumulators in >= float32
-    acc = (
-        jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
-        tu.zeros_like(like),
-        tu.zeros_like(like),
+def _schedule(total: int, chunk: int) -> tuple[int, ...]:
+    """Block sizes of the phases: full chunks of ``chunk``, then one remainder block (if any)."""
+    rem = total % chunk
+    return (chunk, rem) if rem and total > chunk else (min(chunk, total),)
+
+
+def _next_phase(done_count, total: int, chunk: int):
+    """Phase of the next step after ``done_count`` products: 0 while a full chunk is left."""
+    return jnp.where(total - done_count >= chunk, 0, 1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagonal(StateMachine):
+    """The diagonal estimator as a state machine: one block product of probes per step.
+
+    Settings (static, they fix the shapes): ``total`` products (``num_matvecs``, or ``n`` for
+    the exact path), ``chunk`` products per step, ``exact``.
+
+    State: ``key``; Hutchinson: running ``mean`` and ``m2`` (the centred sum of squares) of
+    :math:`z \\odot A z`, pytrees like the parameters in the accumulation dtype, merged block
+    by block with Chan's update, and ``leaf_sums``, one ``(total,)`` buffer per leaf of the
+    per-probe leaf sums; exact: ``diag``, the sum of :math:`e_i \\odot A e_i` over the unit
+    vectors done so far (the diagonal entries, each written once).
+    """
+
+    name: ClassVar[str] = "diagonal"
+    total: int
+    chunk: int
+    exact: bool = False
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return _schedule(self.total, self.chunk)
+
+    def prepare(self, op, state, phase):
+        b = self.block_sizes[phase]
+        if self.exact:
+            return _unit_block(op.like, state["matvecs"], b)
+        return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
+
+    def update(self, op, state, phase, vs, avs):
+        b = self.block_sizes[phase]
+        acc = acc_dtype(op.like)
+        prods = tu.map(lambda z, az: z.astype(acc) * az.astype(acc), vs, avs)  # z * A z per row
+        start = state["matvecs"]
+        matvecs = start + b
+        new = dict(
+            state,
+            matvecs=matvecs,
+            phase=_next_phase(matvecs, self.total, self.chunk),
+            done=matvecs >= self.total,
+        )
+        if self.exact:  # each e_i * A e_i has one non-zero entry, at i: the sum is exact
+            new["diag"] = tu.map(lambda d, p: d + jnp.sum(p, axis=0), state["diag"], prods)
+            return new
+        mean = tu.map(lambda x: jnp.mean(x, axis=0), prods)
+        m2 = tu.map(lambda x, mu: jnp.sum((x - mu) ** 2, axis=0), prods, mean)
+        count = start.astype(acc)
+        _, new["mean"], new["m2"] = chan_update((count, state["mean"], state["m2"]), b, mean, m2)
+        new["rel_se"] = _relative_std_error(new["mean"], new["m2"], matvecs)
+        sums = tu.map(lambda x: jnp.sum(x, axis=tuple(range(1, x.ndim))), prods)
+        new["leaf_sums"] = tu.map(
+            lambda buf, s: lax.dynamic_update_slice(buf, s.astype(buf.dtype), (start,)),
+            state["leaf_sums"],
+            sums,
+        )
+        return new
+
+    def finalize(self, op, state):  # noqa: ARG002
+        if self.exact:
+            diag = state["diag"]
+            sums = tu.map(lambda x: jnp.sum(x).reshape(1), diag)
+            return diag, tu.zeros_like(diag), sums
+        m = self.total
+        if m >= 2:
+            se = tu.map(lambda q: jnp.sqrt(q / (m - 1)) / math.sqrt(m), state["m2"])
+        else:
+            se = tu.map(lambda x: jnp.full_like(x, jnp.inf), state["mean"])
+        return state["mean"], se, state["leaf_sums"]
+
+    def progress(self, state) -> Progress:
+        k = int(state["matvecs"])
+        if self.exact:
+            return Progress(matvecs=k, total=self.total, text="exact (unit vectors)")
+        rel = float(state["rel_se"])
+        text = f"RMS std_error / RMS diagonal {rel:.2e}" if k >= 2 else ""
+        return Progress(matvecs=k, total=self.total, text=text)
+
+
+def _relative_std_error(mean, m2, k):
+    """The progress figure: RMS standard error over RMS estimate, ``inf`` below two probes."""
+    n = sum(x.size for x in jax.tree_util.tree_leaves(mean))
+    sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean)) / n
+    q = sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(m2)) / n
+    kf = k.astype(sq.dtype)
+    se2 = q / jnp.maximum((kf - 1.0) * kf, 1.0)
+    rel = jnp.sqrt(se2) / jnp.sqrt(jnp.where(sq > 0, sq, 1.0))
+    return jnp.where((k >= 2) & (sq > 0), rel, jnp.inf)
+
+
+def _initial_state(like, key, total: int, exact: bool) -> dict:
+    acc_like = tu.cast(like, acc_dtype(like))
+    state = dict(
+        matvecs=jnp.zeros((), jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
     )
-
-    def body(acc, b):
-        mean, m2, sums = _block_stats(op, key, b * c, c)
-        return chan_update(acc, c, mean, m2), sums
-
-    acc, sums = lax.scan(body, acc, jnp.arange(n_full))
-    sums = tu.map(lambda x: x.reshape(-1), sums)
-    if rem:
-        mean, m2, rsums = _block_stats(op, key, n_full * c, rem)
-        acc = chan_update(acc, rem, mean, m2)
-        sums = tu.map(lambda a, b: jnp.concatenate([a, b]), sums, rsums)
-    _, mean, m2 = acc
-    if m >= 2:
-        se = tu.map(lambda q: jnp.sqrt(q / (m - 1)) / math.sqrt(m), m2)
-    else:
-        se = tu.map(lambda x: jnp.full_like(x, jnp.inf), mean)
-    return mean, se, sums
-
-
-@partial(jax.jit, static_argnames=("chunk",))
-def _exact_diagonal(op, *, chunk: int | None):
-    unravel = tu.unravel_fn(tu.cast(op.like, acc_dtype(op.like)))
-    diag = unravel(exact_map(op, tu.dot, chunk))
-    sums = tu.map(lambda x: jnp.sum(x).reshape(1), diag)
-    return diag, tu.zeros_like(diag), sums
+    if exact:
+        state["diag"] = tu.zeros_like(acc_like)
+        return state
+    state["key"] = key
+    state["mean"] = tu.zeros_like(acc_like)
+    state["m2"] = tu.zeros_like(acc_like)
+    state["rel_se"] = jnp.full((), jnp.inf, acc_dtype(like))
+    state["leaf_sums"] = tu.map(lambda x: jnp.zeros((total,), x.dtype), acc_like)
+    return state
 
 
 def diagonal(
@@ -245,6 +333,9 @@ def diagonal(
     num_matvecs: int = 100,
     chunk_size: int | None = None,
     like: PyTree | None = None,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> DiagonalResult:
     r"""Estimate :math:`\operatorname{diag}(A)` (Bekas, Kokiopoulou & Saad 2007).
 
@@ -252,25 +343,45 @@ def diagonal(
     per-entry standard error is the sample standard deviation of
     :math:`z_k \odot A z_k` over :math:`\sqrt m` (the error falls like
     :math:`1/\sqrt m`; the variance of entry ``i`` is :math:`\sum_{j\ne i} A_{ij}^2`).
+    The mean and the centred sums of squares are merged block by block (Chan, Golub &
+    LeVeque 1979), so memory stays at a few parameter-sized pytrees plus ``chunk_size``
+    probes and their products, whatever ``m``.
 
     Args:
       op: a :class:`~hvp.LinearOperator`, a ``matvec`` callable (with ``like=``)
         or a dense square matrix.
-      key: a JAX PRNG key; the same key gives the same result (probe ``k`` is
-        drawn from ``fold_in(key, k)``, the same probes as :func:`hvp.linalg.trace`
-        with ``method="hutchinson"``).
+      key: a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``); the
+        same key gives the same result (probe ``k`` is drawn from ``fold_in(key, k)``, the
+        same probes as :func:`hvp.linalg.trace` with ``method="hutchinson"``).
       num_matvecs: number of probes (products), >= 1; with ``num_matvecs >= n``
-        the exact diagonal is computed from ``n`` products.
-      chunk_size: at most this many products at once (a ``lax.scan`` over
-        chunks keeps the memory at a few parameter-sized pytrees); ``None`` (default):
-        the memory rule of :func:`hvp.linalg.trace`, at most 8 at once.
+        the exact diagonal is computed from the ``n`` products :math:`A e_i`.
+      chunk_size: products per step (one block product each); ``None`` (default): the memory
+        rule of :func:`hvp.linalg.trace`, at most 8 at once. The estimate does not depend on
+        it beyond rounding.
       like: example pytree of the vectors when ``op`` is a plain callable.
+      driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
+        or ``"host"``; see :mod:`hvp.linalg` ("Drivers"). Both give the same numbers.
+      progress: host driver: show products, the relative standard error (RMS ``std_error``
+        over RMS estimate) and the time left on stderr (``None``: when stderr is a terminal).
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (same arguments, same result, bit for bit).
 
     Returns:
       :class:`DiagonalResult`: ``estimate`` and ``std_error`` shaped like the
-      parameters (in the accumulation dtype, at least float32), ``num_matvecs``,
-      ``dtype_policy``, and :meth:`~DiagonalResult.sum_by_leaf` /
-      :meth:`~DiagonalResult.sum_by` / :meth:`~DiagonalResult.trace` for block traces.
+      parameters (in the accumulation dtype, at least float32), ``num_matvecs`` (a Python
+      int, also under ``jax.jit``: it is fixed by the arguments), ``dtype_policy``, and
+      :meth:`~DiagonalResult.sum_by_leaf` / :meth:`~DiagonalResult.sum_by` /
+      :meth:`~DiagonalResult.trace` for block traces.
+
+    Works under ``jax.jit`` and ``jax.vmap`` (e.g. over keys; the compiled driver runs
+    there): a non-finite result is then returned as NaN instead of raising.
+
+    Raises:
+      TypeError: ``key`` is not a PRNG key, ``num_matvecs``/``chunk_size`` not ints, a plain
+        callable without ``like=``.
+      ValueError: ``num_matvecs < 1``, ``chunk_size < 1``, an unknown ``driver``, or
+        ``progress``/``checkpoint`` with the compiled driver.
+      NonFiniteError: the operator produced NaN or Inf.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -283,27 +394,19 @@ def diagonal(
     op = coerce_operator(op, like)
     check_key(key)
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=1)
-    policy = dtype_policy(op.like)
-    if num_matvecs >= op.size:
-        chunk = resolve_chunk(chunk_size, op.size)
-        est, se, sums = _exact_diagonal(op, chunk=chunk)
-        res = DiagonalResult(
-            estimate=est,
-            std_error=se,
-            num_matvecs=op.size,
-            leaf_samples=sums,
-            method="exact",
-            dtype_policy=policy,
-        )
-    else:
-        chunk = resolve_chunk(chunk_size, num_matvecs)
-        est, se, sums = _diagonal(op, key, num_matvecs=num_matvecs, chunk=chunk)
-        res = DiagonalResult(
-            estimate=est,
-            std_error=se,
-            num_matvecs=num_matvecs,
-            leaf_samples=sums,
-            dtype_policy=policy,
-        )
-    raise_if_nonfinite(op, "diagonal estimate", *jax.tree_util.tree_leaves(res.estimate))
-    return res
+    exact = num_matvecs >= op.size
+    total = op.size if exact else num_matvecs
+    alg = Diagonal(total=total, chunk=resolve_chunk(chunk_size, total), exact=exact)
+    state = _initial_state(op.like, key, total, exact)
+    (est, se, sums), _ = run(
+        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+    )
+    raise_if_nonfinite(op, "diagonal estimate", *jax.tree_util.tree_leaves(est))
+    return DiagonalResult(
+        estimate=est,
+        std_error=se,
+        num_matvecs=total,
+        leaf_samples=sums,
+        method="exact" if exact else "hutchinson",
+        dtype_policy=dtype_policy(op.like),
+    )

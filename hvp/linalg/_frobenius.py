@@ -14,18 +14,31 @@ makes :math:`\hat F` slightly biased low, by about :math:`s_F^2/(2F)`).
 
 With ``num_matvecs >= n`` the norm is computed exactly as
 :math:`\sum_i \|A e_i\|^2` (``method="exact"``).
+
+The estimator is a :class:`~hvp.linalg._driver.StateMachine` (:class:`Frobenius`): each step
+is one block product of ``chunk_size`` probes (or unit vectors) whose squared norms are stored
+(``m`` scalars); the mean and standard error are taken from them at the end, so the result
+does not depend on the driver nor, beyond rounding, on ``chunk_size``, and a checkpointed host
+run resumes bit for bit.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
+import math
+import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from hvp import tree as tu
+from hvp.linalg._blocks import rowwise
 from hvp.linalg._checks import (
     DtypePolicy,
+    acc_dtype,
     check_int,
     check_key,
     coerce_operator,
@@ -33,12 +46,10 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
+from hvp.linalg._probes import probes
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
-from hvp.linalg._trace import (
-    exact_map,
-    probe_map,
-)
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["FrobeniusResult", "frobenius_norm"]
@@ -53,7 +64,7 @@ class FrobeniusResult:
       std_error: its delta-method standard error ``squared_std_error / (2 estimate)``.
       squared_estimate: :math:`\\|A\\|_F^2`, the mean of ``samples`` (unbiased).
       squared_std_error: standard error of ``squared_estimate``.
-      num_matvecs: operator products spent.
+      num_matvecs: operator products spent (a Python int, also under ``jax.jit``).
       method: ``"hutchinson"`` or ``"exact"``.
       samples: :math:`\\|A z_k\\|^2` per probe (``"exact"``: :math:`\\|A e_i\\|^2`, whose sum is the estimate).
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used (products in the parameters'
@@ -86,31 +97,85 @@ class FrobeniusResult:
         return self.estimate - z * self.std_error, self.estimate + z * self.std_error
 
 
-def _sq_norm(z, az):
-    del z
-    return tu.dot(az, az)
-
-
 def _finish(f2, se2):
     f = jnp.sqrt(jnp.maximum(f2, 0.0))
     se = jnp.where(f > 0, se2 / (2.0 * jnp.where(f > 0, f, 1.0)), jnp.sqrt(se2))
     return f, se
 
 
-@partial(jax.jit, static_argnames=("num_matvecs", "chunk"))
-def _frobenius(op, key, *, num_matvecs: int, chunk: int | None):
-    samples = probe_map(op, key, num_matvecs, "rademacher", _sq_norm, chunk)
-    f2, se2 = _mean_se(samples)
-    f, se = _finish(f2, se2)
-    return f, se, f2, se2, samples
+def _unit_block(like, start, size: int):
+    """The coordinate vectors ``e_start, ..., e_{start+size-1}`` (ravel order) as a block."""
+    n = tu.size(like)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
+    idx = start + jnp.arange(size)
+    flat = (idx[:, None] == jnp.arange(n)[None, :]).astype(dtype)
+    return jax.vmap(tu.unravel_fn(like))(flat)
 
 
-@partial(jax.jit, static_argnames=("chunk",))
-def _exact_frobenius(op, *, chunk: int | None):
-    samples = exact_map(op, _sq_norm, chunk)
-    f2 = jnp.sum(samples)
-    zero = jnp.zeros((), samples.dtype)
-    return jnp.sqrt(f2), zero, f2, zero, samples
+def _schedule(total: int, chunk: int) -> tuple[int, ...]:
+    """Block sizes of the phases: full chunks of ``chunk``, then one remainder block (if any)."""
+    rem = total % chunk
+    return (chunk, rem) if rem and total > chunk else (min(chunk, total),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frobenius(StateMachine):
+    r"""The Frobenius-norm estimator as a state machine: one block product per step.
+
+    Settings (static, they fix the shapes): ``total`` products (``num_matvecs``, or ``n`` for
+    the exact path), ``chunk`` products per step, ``exact``. State: ``key`` (Hutchinson) and
+    ``samples``, a ``(total,)`` buffer of :math:`\|A z_k\|^2` (or :math:`\|A e_i\|^2`)
+    in the accumulation dtype, filled block by block.
+    """
+
+    name: ClassVar[str] = "frobenius_norm"
+    total: int
+    chunk: int
+    exact: bool = False
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return _schedule(self.total, self.chunk)
+
+    def prepare(self, op, state, phase):
+        b = self.block_sizes[phase]
+        if self.exact:
+            return _unit_block(op.like, state["matvecs"], b)
+        return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
+
+    def update(self, op, state, phase, vs, avs):  # noqa: ARG002
+        b = self.block_sizes[phase]
+        start = state["matvecs"]
+        sq = rowwise(avs, avs)  # ||A z||^2 per row, accumulated in >= float32
+        samples = lax.dynamic_update_slice(
+            state["samples"], sq.astype(state["samples"].dtype), (start,)
+        )
+        matvecs = start + b
+        phase = jnp.where(self.total - matvecs >= self.chunk, 0, 1).astype(jnp.int32)
+        return dict(
+            state, samples=samples, matvecs=matvecs, phase=phase, done=matvecs >= self.total
+        )
+
+    def finalize(self, op, state):  # noqa: ARG002
+        samples = state["samples"]
+        if self.exact:
+            f2 = jnp.sum(samples)
+            zero = jnp.zeros((), samples.dtype)
+            return jnp.sqrt(f2), zero, f2, zero, samples
+        f2, se2 = _mean_se(samples)
+        f, se = _finish(f2, se2)
+        return f, se, f2, se2, samples
+
+    def progress(self, state) -> Progress:
+        k = int(state["matvecs"])
+        s = np.asarray(state["samples"][:k], np.float64)
+        if self.exact or k < 2:
+            text = "exact (unit vectors)" if self.exact else ""
+            return Progress(matvecs=k, total=self.total, text=text)
+        f2, se2 = float(np.mean(s)), float(np.std(s, ddof=1) / math.sqrt(k))
+        rel = se2 / (2.0 * f2) if f2 > 0 else float("inf")
+        text = f"||A||_F ~ {math.sqrt(max(f2, 0.0)):.6g}, relative std_error {rel:.2e}"
+        return Progress(matvecs=k, total=self.total, text=text)
 
 
 def frobenius_norm(
@@ -120,24 +185,46 @@ def frobenius_norm(
     num_matvecs: int = 100,
     chunk_size: int | None = None,
     like: PyTree | None = None,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> FrobeniusResult:
     r"""Estimate :math:`\|A\|_F` from :math:`\|A\|_F^2 = \mathbb E\|Az\|^2` (Rademacher ``z``).
 
     Args:
       op: a :class:`~hvp.LinearOperator`, a ``matvec`` callable (with ``like=``)
         or a dense square matrix.
-      key: a JAX PRNG key; the same key gives the same result.
+      key: a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``); the
+        same key gives the same result (probe ``k`` is drawn from ``fold_in(key, k)``).
       num_matvecs: number of probes (one product each), >= 1; with
         ``num_matvecs >= n`` the norm is computed exactly from ``n`` products.
-      chunk_size: at most this many products at once; ``None`` (default): the memory
-        rule of :func:`hvp.linalg.trace`, at most 8 at once.
+      chunk_size: products per step (one block product each); ``None`` (default): the memory
+        rule of :func:`hvp.linalg.trace`, at most 8 at once. The estimate does not depend on
+        it beyond rounding.
       like: example pytree of the vectors when ``op`` is a plain callable.
+      driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
+        or ``"host"``; see :mod:`hvp.linalg` ("Drivers"). Both give the same numbers.
+      progress: host driver: show products, the running estimate, its relative standard
+        error and the time left on stderr (``None``: when stderr is a terminal).
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (same arguments, same result, bit for bit).
 
     Returns:
       :class:`FrobeniusResult` with ``estimate`` / ``std_error`` for
       :math:`\|A\|_F` (delta method) and ``squared_estimate`` /
       ``squared_std_error`` for :math:`\|A\|_F^2`. The variance of one sample is
-      :math:`2\sum_{i\ne j} (A^2)_{ij}^2`.
+      :math:`2\sum_{i\ne j} (A^2)_{ij}^2`. ``num_matvecs`` is a Python int, also under
+      ``jax.jit`` (it is fixed by the arguments).
+
+    Works under ``jax.jit`` and ``jax.vmap`` (e.g. over keys; the compiled driver runs
+    there): a non-finite result is then returned as NaN instead of raising.
+
+    Raises:
+      TypeError: ``key`` is not a PRNG key, ``num_matvecs``/``chunk_size`` not ints, a plain
+        callable without ``like=``.
+      ValueError: ``num_matvecs < 1``, ``chunk_size < 1``, an unknown ``driver``, or
+        ``progress``/``checkpoint`` with the compiled driver.
+      NonFiniteError: the operator produced NaN or Inf.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -150,15 +237,22 @@ def frobenius_norm(
     op = coerce_operator(op, like)
     check_key(key)
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=1)
-    if num_matvecs >= op.size:
-        vals = _exact_frobenius(op, chunk=resolve_chunk(chunk_size, op.size))
-        method, cost = "exact", op.size
-    else:
-        vals = _frobenius(
-            op, key, num_matvecs=num_matvecs, chunk=resolve_chunk(chunk_size, num_matvecs)
-        )
-        method, cost = "hutchinson", num_matvecs
-    f, se, f2, se2, samples = vals
+    exact = num_matvecs >= op.size
+    total = op.size if exact else num_matvecs
+    alg = Frobenius(total=total, chunk=resolve_chunk(chunk_size, total), exact=exact)
+    acc = acc_dtype(op.like)
+    state = dict(
+        samples=jnp.zeros((total,), acc),
+        matvecs=jnp.zeros((), jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
+    )
+    if not exact:
+        state["key"] = key
+    (f, se, f2, se2, samples), _ = run(
+        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+    )
+    method, cost = ("exact" if exact else "hutchinson"), total
     raise_if_nonfinite(op, "Frobenius norm estimate", f2)
     return FrobeniusResult(
         estimate=f,

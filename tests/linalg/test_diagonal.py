@@ -24,6 +24,7 @@ import pytest
 import hvp
 from hvp import tree as tu
 from hvp.linalg import DiagonalResult, LeafTraces, diagonal, trace
+from tests.linalg.driver_checks import assert_drivers_agree, assert_resume_bitwise
 
 LIKE = {
     "layer0": {"w": jnp.zeros((8, 6)), "b": jnp.zeros((6,))},
@@ -138,12 +139,16 @@ def test_exact_mode_and_chunking():
     np.testing.assert_allclose(float(lt.estimate["layer1"]["w"]), DIAG[54:].sum(), rtol=1e-12)
     assert float(lt.std_error["layer1"]["w"]) == 0.0
     np.testing.assert_allclose(float(res.trace().estimate), np.trace(A), rtol=1e-12)
-    # chunking (scan over chunks + remainder, Chan's update) does not change the result
+    # chunking (blocks of 8 + 2 vs 12 + 2, Chan's update) does not change the result
     a = diagonal(OP, key=jax.random.key(5), num_matvecs=50)
     b = diagonal(OP, key=jax.random.key(5), num_matvecs=50, chunk_size=12)
     c = diagonal(OP, key=jax.random.key(5), num_matvecs=50)
     np.testing.assert_allclose(_flat(b.estimate), _flat(a.estimate), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(_flat(b.std_error), _flat(a.std_error), rtol=1e-8)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(b.leaf_samples), jax.tree_util.tree_leaves(a.leaf_samples)
+    ):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
     np.testing.assert_array_equal(_flat(a.estimate), _flat(c.estimate))
     one = diagonal(OP, key=jax.random.key(5), num_matvecs=1)
     assert np.all(np.isinf(_flat(one.std_error)))
@@ -180,3 +185,62 @@ def test_errors():
         )
     with pytest.raises(TypeError, match="function"):
         diagonal(OP, key=jax.random.key(0), num_matvecs=4).sum_by("layer")
+
+
+# ------------------------------------------------------------------------------------------------
+# drivers (issue 11): compiled == host, resume bit for bit, chunking, jit / vmap, progress
+# ------------------------------------------------------------------------------------------------
+def test_drivers_agree_and_resume_bitwise(tmp_path):
+    key = jax.random.key(7)
+    # 50 probes in steps of 12: four full blocks and a remainder block of 2 (two phases); the
+    # same settings as test_exact_mode_and_chunking, so the host steps are compiled once
+    call = lambda **kw: diagonal(OP, key=key, num_matvecs=50, chunk_size=12, **kw)  # noqa: E731
+    host, comp = assert_drivers_agree(call, rtol=1e-12, atol=1e-14)
+    assert host.num_matvecs == comp.num_matvecs == 50 and type(host.num_matvecs) is int
+    ref, resumed = assert_resume_bitwise(call, tmp_path, interrupt_after=2)
+    np.testing.assert_array_equal(_flat(ref.std_error), _flat(resumed.std_error))
+    # the exact path: 120 unit vectors in steps of 50, 50, 20 (the compiled exact path is
+    # checked against the dense truth in test_estimator_policies.py::test_every_estimator_under_jit)
+    exact = lambda **kw: diagonal(OP, key=key, num_matvecs=N, chunk_size=50, **kw)  # noqa: E731
+    ref, _ = assert_resume_bitwise(exact, tmp_path, interrupt_after=1)
+    np.testing.assert_array_equal(_flat(ref.estimate), DIAG)  # each entry written once: exact
+
+
+def test_jit_vmap_over_keys():
+    """The compiled driver inside the user's jit(vmap(...)) equals the host driver key by key."""
+    keys = jnp.stack([jax.random.key(7), jax.random.key(8)])
+    call = jax.jit(jax.vmap(lambda k: diagonal(OP, key=k, num_matvecs=50, chunk_size=12)))
+    batched = call(keys)
+    assert batched.num_matvecs == 50 and batched.method == "hutchinson"  # static, a Python int
+    for i in range(2):
+        one = diagonal(OP, key=keys[i], num_matvecs=50, chunk_size=12, driver="host")
+        row = jax.tree_util.tree_map(lambda x, i=i: x[i], batched)
+        np.testing.assert_allclose(_flat(row.estimate), _flat(one.estimate), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(_flat(row.std_error), _flat(one.std_error), rtol=1e-10)
+    with pytest.raises(ValueError, match="host driver"):
+        diagonal(OP, key=keys[0], num_matvecs=50, driver="compiled", progress=True)
+    with pytest.raises(ValueError, match="driver"):
+        diagonal(OP, key=keys[0], num_matvecs=50, driver="gpu")
+
+
+def test_progress_figure():
+    from hvp.linalg import _driver
+    from hvp.linalg._diagonal import Diagonal, _initial_state
+
+    key = jax.random.key(0)
+    res = diagonal(OP, key=key, num_matvecs=50, chunk_size=12, progress=True)
+    assert res.num_matvecs == 50
+    # the figure shown: RMS std_error over RMS estimate, kept in the state (a scalar)
+    alg = Diagonal(total=50, chunk=12)
+    se, est = _flat(res.std_error), _flat(res.estimate)
+    state = _initial_state(OP.like, key, 50, exact=False)
+    for phase in (0, 0, 0, 0, 1):  # the host driver's compiled steps (cached by the run above)
+        vs = _driver._prepare(alg, OP, state, phase)
+        state = _driver._update(alg, OP, state, phase, vs, OP.matmat(vs))
+    assert bool(state["done"])
+    p = alg.progress(jax.device_get(state))
+    assert p.matvecs == 50 and p.total == 50
+    want = np.sqrt(np.mean(se**2)) / np.sqrt(np.mean(est**2))
+    np.testing.assert_allclose(float(state["rel_se"]), want, rtol=1e-10)
+    assert f"{want:.2e}" in p.text
+    assert alg.block_sizes == (12, 2)
