@@ -2,7 +2,7 @@ r"""Stochastic trace estimation: Hutchinson, Hutch++ and XTrace.
 
 All three estimate :math:`\operatorname{tr}(A)` of a symmetric operator from
 matrix-vector products only, with random probes drawn like the parameters
-(Rademacher or Gaussian pytrees) and applied in one compiled call, ``chunk_size``
+(Rademacher or Gaussian pytrees) and multiplied in blocks, at most ``chunk_size``
 products at a time (default: at most 8, :func:`hvp.linalg._checks.default_chunk_size`).
 Products run in the parameters' dtype; dot products, Gram matrices, the orthonormal bases
 and their ``eigh`` in at least float32 (:func:`hvp.tree.accumulation_dtype`).
@@ -64,6 +64,26 @@ of the largest.
 trace is computed exactly with the ``n`` products :math:`e_i^\top A e_i`
 (``method="exact"``, ``std_error = 0``, ``samples`` = the diagonal), because
 no randomised method can beat that for the same cost.
+
+**State machines and drivers.** Each method is a :class:`hvp.linalg._driver.StateMachine`
+whose step is one block product, run by :func:`hvp.linalg._driver.run` (compiled inside
+``jax.jit``/``jax.vmap``, host loop otherwise, with progress and checkpoint/resume):
+
+===============  ==================================================================
+machine          steps (block products)
+===============  ==================================================================
+``Hutchinson``   ``chunk_size`` probes per step, then the remainder
+``HutchPP``      the sketch ``S``, then ``Q``, then the deflated residual probes,
+                 ``chunk_size`` at a time (three blocks when they fit one chunk)
+``XTrace``       the probes ``Omega``, then ``Q`` (two blocks; the driver splits
+                 each into chunks of ``chunk_size``); the samples need no product
+``ExactTrace``   ``chunk_size`` unit vectors per step, then the remainder
+===============  ==================================================================
+
+Probe ``i`` always comes from ``fold_in(key, i)`` (:mod:`hvp.linalg._probes`), so the
+estimate does not depend on the chunk size nor on the driver. Adaptive mode is a loop over
+rounds, each one run of a machine that starts from the previous round's state (Hutch++ and
+XTrace keep their sketch and extend it; Hutchinson continues the probe sequence).
 """
 
 from __future__ import annotations
@@ -72,6 +92,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import jax
@@ -365,7 +386,8 @@ class Hutchinson(StateMachine):
         )
 
 
-def _hutchinson_state(key, like, count: int, start: int, matvecs: int):
+@partial(jax.jit, static_argnames=("count",))
+def _hutchinson_state(key, like, count: int, start, matvecs):
     return dict(
         key=key,
         start=jnp.asarray(start, jnp.int32),
@@ -492,7 +514,8 @@ class HutchPP(StateMachine):
         return Progress(matvecs=int(state["matvecs"]), total=self.total, text=text)
 
 
-def _hutchpp_state(alg: HutchPP, key, like, carry, matvecs: int):
+@partial(jax.jit, static_argnums=0)
+def _hutchpp_state(alg: HutchPP, key, like, carry, matvecs):
     acc = acc_dtype(like)
     state = dict(
         key=key,
@@ -590,7 +613,8 @@ class XTrace(StateMachine):
         return Progress(matvecs=int(state["matvecs"]), total=self.total)
 
 
-def _xtrace_state(alg: XTrace, omega_new, like, carry, matvecs: int):
+@partial(jax.jit, static_argnums=0)
+def _xtrace_state(alg: XTrace, omega_new, like, carry, matvecs):
     acc = acc_dtype(like)
     omega = _padded(None if carry is None else carry["omega"], alg.p, like)
     c = jnp.zeros((alg.p, alg.p), acc)
@@ -664,7 +688,14 @@ class ExactTrace(StateMachine):
         return Progress(matvecs=int(state["matvecs"]), total=self.total, text=text)
 
 
-def _exact_state(like, n: int, matvecs: int):
+@partial(jax.jit, static_argnames=("count", "kind"))
+def _draw(key, like, start=0, *, count: int, kind: str):
+    """Probes ``start..start+count-1`` (one compiled call: drawing them eagerly is slow)."""
+    return probes(key, like, count, kind, start=start)
+
+
+@partial(jax.jit, static_argnames=("n",))
+def _exact_state(like, n: int, matvecs):
     return dict(
         pos=jnp.zeros((), jnp.int32),
         diag=jnp.zeros((n,), acc_dtype(like)),
@@ -782,7 +813,8 @@ def _fixed_machine(op, key, method: str, m: int, chunk: int, jackknife: bool):
         return alg, _hutchpp_state(alg, key, like, None, 0), method, m
     p = m // 2
     alg = XTrace(p_old=0, p=p, chunk=chunk, n=n, jackknife=jackknife, total=2 * p)
-    return alg, _xtrace_state(alg, probes(key, like, p, "normal"), like, None, 0), method, 2 * p
+    omega = _draw(key, like, count=p, kind="normal")
+    return alg, _xtrace_state(alg, omega, like, None, 0), method, 2 * p
 
 
 def _xtrace_round(
@@ -1082,7 +1114,7 @@ def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife,
             k_old, r_old, total = k, r, 2 * k + r
         else:
             p = target // 2
-            omega = probes(key, like, p - p_old, "normal", start=p_old)
+            omega = _draw(key, like, p_old, count=p - p_old, kind="normal")
             alg = XTrace(p_old=p_old, p=p, chunk=chunk, n=n, jackknife=jackknife, keep=True)
             est, se, samples, _, carry = go(alg, _xtrace_state(alg, omega, like, carry, total))
             p_old, total = p, 2 * p

@@ -437,18 +437,22 @@ _SMALL = hvp.from_dense(_matrix(SPECTRA["indefinite"][:30], _orth(30, 11)))
 _SMALL_TRUTH = float(np.sum(SPECTRA["indefinite"][:30]))
 
 
-def _small(method, m=12, **kw):
-    return lambda **more: trace(
-        _SMALL, key=jax.random.key(5), num_matvecs=m, method=method, chunk_size=5, **kw, **more
-    )
+def _small(method, m=12):
+    def call(**kw):
+        kw.setdefault("key", jax.random.key(5))
+        return trace(_SMALL, num_matvecs=m, method=method, chunk_size=5, **kw)
+
+    return call
 
 
 @pytest.mark.parametrize("method", [*METHODS, "exact"])
 def test_drivers_agree(method):
-    if method == "exact":  # a budget of n = 30 products
-        call = _small("hutchinson", m=30)
-    else:
-        call = _small(method)
+    call = _small(method)
+    if method == "exact":  # a budget of n = 30 products, 8 unit vectors per step
+
+        def call(**kw):
+            return trace(_SMALL, key=jax.random.key(5), num_matvecs=30, chunk_size=8, **kw)
+
     host, comp = assert_drivers_agree(call, rtol=1e-12)
     assert host.num_matvecs == comp.num_matvecs and type(host.num_matvecs) is int
     assert host.method == method
@@ -475,40 +479,25 @@ def _count_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "method, chunk_size, blocks",
+    "method, m, chunk_size, blocks",
     [
-        ("hutchinson", 30, [30]),
-        ("hutchinson", None, [8, 8, 8, 6]),  # default: at most 8 products at once
-        ("hutch++", 30, [10, 10, 10]),  # S, Q, residual probes
-        ("hutch++", None, [10, 10, 8, 2]),
-        ("xtrace", 30, [15, 15]),  # Omega, Q
-        ("xtrace", None, [15, 15]),  # (each block split into chunks of 8 by the driver)
+        ("hutchinson", 12, 5, [5, 5, 2]),  # chunk_size probes per step, then the rest
+        ("hutch++", 12, 5, [4, 4, 4]),  # S, Q, residual probes (k = r = 4)
+        ("xtrace", 12, 5, [6, 6]),  # Omega, Q (the driver splits each into chunks)
+        ("hutchinson", 30, 8, [8, 8, 8, 6]),  # m >= n: the exact path, unit vectors
     ],
 )
-def test_block_products(monkeypatch, method, chunk_size, blocks):
+def test_block_products(monkeypatch, method, m, chunk_size, blocks):
     calls = _count_blocks(monkeypatch)
-    res = trace(
-        OPS["flat"], key=jax.random.key(0), num_matvecs=30, method=method, chunk_size=chunk_size
-    )
-    assert calls == blocks and res.num_matvecs == sum(blocks) == 30
-
-
-def test_exact_path_block_products(monkeypatch):
-    calls = _count_blocks(monkeypatch)
-    res = trace(_SMALL, key=jax.random.key(0), num_matvecs=100, chunk_size=8)
-    assert calls == [8, 8, 8, 6] and res.method == "exact" and res.num_matvecs == 30
+    res = trace(_SMALL, key=jax.random.key(5), num_matvecs=m, method=method, chunk_size=chunk_size)
+    assert calls == blocks and res.num_matvecs == sum(blocks)
 
 
 def test_vmap_over_keys_is_the_compiled_driver():
     keys = jax.random.split(jax.random.key(0), 3)
-    for method in ("hutch++", "xtrace"):
-        est = jax.vmap(
-            lambda k, m=method: (
-                trace(_SMALL, key=k, num_matvecs=12, method=m, chunk_size=5).estimate
-            )
-        )(keys)
-        ref = [float(trace(_SMALL, key=k, num_matvecs=12, method=method).estimate) for k in keys]
-        np.testing.assert_allclose(np.asarray(est), ref, rtol=1e-10)
+    est = jax.vmap(lambda k: _small("hutch++")(key=k).estimate)(keys)
+    ref = [float(_small("hutch++")(key=k).estimate) for k in keys]  # host driver, one by one
+    np.testing.assert_allclose(np.asarray(est), ref, rtol=1e-12)
 
 
 def test_progress_text_and_checkpoint_rules(tmp_path):
