@@ -12,7 +12,7 @@ from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor
 from hvp.linalg._power import PowerResult, power_iteration
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
 from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary
-from hvp.linalg._trace import TraceResult, trace
+from hvp.linalg._trace import TRACE_METHODS, TraceResult, resolve_trace_method, trace
 
 __all__ = [
     # eigenvalues and spectra
@@ -31,6 +31,8 @@ __all__ = [
     # estimators
     "trace",
     "TraceResult",
+    "TRACE_METHODS",
+    "resolve_trace_method",
     "diagonal",
     "DiagonalResult",
     "LeafTraces",

@@ -2,7 +2,7 @@ r"""Stochastic trace estimation: Hutchinson, Hutch++ and XTrace.
 
 All three estimate :math:`\operatorname{tr}(A)` of a symmetric operator from
 matrix-vector products only, with random probes drawn like the parameters
-(Rademacher or Gaussian pytrees) and applied in one compiled call, ``chunk_size``
+(Rademacher or Gaussian pytrees) and multiplied in blocks, at most ``chunk_size``
 products at a time (default: at most 8, :func:`hvp.linalg._checks.default_chunk_size`).
 Products run in the parameters' dtype; dot products, Gram matrices, the orthonormal bases
 and their ``eigh`` in at least float32 (:func:`hvp.tree.accumulation_dtype`).
@@ -64,21 +64,44 @@ of the largest.
 trace is computed exactly with the ``n`` products :math:`e_i^\top A e_i`
 (``method="exact"``, ``std_error = 0``, ``samples`` = the diagonal), because
 no randomised method can beat that for the same cost.
+
+**State machines and drivers.** Each method is a :class:`hvp.linalg._driver.StateMachine`
+whose step is one block product, run by :func:`hvp.linalg._driver.run` (compiled inside
+``jax.jit``/``jax.vmap``, host loop otherwise, with progress and checkpoint/resume):
+
+===============  ==================================================================
+machine          steps (block products)
+===============  ==================================================================
+``Hutchinson``   ``chunk_size`` probes per step, then the remainder
+``HutchPP``      the sketch ``S``, then ``Q``, then the deflated residual probes,
+                 ``chunk_size`` at a time (three blocks when they fit one chunk)
+``XTrace``       the probes ``Omega``, then ``Q`` (two blocks; the driver splits
+                 each into chunks of ``chunk_size``); the samples need no product
+``ExactTrace``   ``chunk_size`` unit vectors per step, then the remainder
+===============  ==================================================================
+
+Probe ``i`` always comes from ``fold_in(key, i)`` (:mod:`hvp.linalg._probes`), so the
+estimate does not depend on the chunk size nor on the driver. Adaptive mode is a loop over
+rounds, each one run of a machine that starts from the previous round's state (Hutch++ and
+XTrace keep their sketch and extend it; Hutchinson continues the probe sequence).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from hvp import tree as tu
+from hvp.linalg._blocks import HIGHEST, combine, gram, rowwise
 from hvp.linalg._checks import (
     DtypePolicy,
     acc_dtype,
@@ -91,20 +114,58 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
 from hvp.linalg._probes import probe, probes
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.operators import LinearOperator
 from hvp.typing import OperatorLike, PRNGKey
 
-__all__ = ["TraceResult", "trace"]
+__all__ = ["TRACE_METHODS", "TraceResult", "resolve_trace_method", "trace"]
 
 PyTree = Any
-_HIGHEST = lax.Precision.HIGHEST
 
-METHODS = ("hutchinson", "hutch++", "xtrace")
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
 _MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 2}
 _ALIASES = {"hutchpp": "hutch++", "hutch_plus_plus": "hutch++", "girard": "hutchinson"}
+
+
+def resolve_trace_method(method: str, *, argument: str = "method") -> tuple[str, int]:
+    """The canonical name of a trace method and the fewest products it accepts.
+
+    Names are case-insensitive; ``"hutchpp"`` and ``"hutch_plus_plus"`` mean ``"hutch++"``,
+    ``"girard"`` means ``"hutchinson"``. The methods are :data:`TRACE_METHODS`.
+
+    Args:
+      method: the name to resolve.
+      argument: the caller's parameter name, for the error messages (e.g. ``"trace_method"``).
+
+    Returns:
+      ``(name, min_matvecs)``: one of :data:`TRACE_METHODS` and the smallest ``num_matvecs``
+      :func:`trace` accepts for it (1, 3 and 2).
+
+    Raises:
+      TypeError: ``method`` is not a string.
+      ValueError: an unknown method (the message lists the known ones).
+
+    Examples:
+        >>> from hvp.linalg import TRACE_METHODS, resolve_trace_method
+        >>> TRACE_METHODS
+        ('hutchinson', 'hutch++', 'xtrace')
+        >>> resolve_trace_method("HutchPP")
+        ('hutch++', 3)
+    """
+    if not isinstance(method, str):
+        raise TypeError(
+            f"`{argument}` must be a string, one of {TRACE_METHODS}; got {type(method).__name__}."
+        )
+    name = _ALIASES.get(method.lower(), method.lower())
+    if name not in TRACE_METHODS:
+        raise ValueError(
+            f"Unknown `{argument}` {method!r}; choose one of "
+            f"{', '.join(repr(m) for m in TRACE_METHODS)}."
+        )
+    return name, _MIN_MATVECS[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +179,8 @@ class TraceResult:
       estimate: the trace estimate (scalar array).
       std_error: its standard error (scalar array; ``inf`` when it cannot be
         estimated from a single sample, ``0`` for ``method="exact"``).
-      num_matvecs: operator products spent (all rounds of adaptive mode included).
+      num_matvecs: operator products spent (all rounds of adaptive mode included); a
+        Python ``int``, also under ``jax.jit`` (a fixed budget fixes the count).
       method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"exact"``.
       samples: per-sample values whose mean is ``estimate``: the i.i.d. values
         :math:`z_i^\\top A z_i` (Hutchinson), :math:`\\operatorname{tr}(Q^\\top A Q) +
@@ -160,174 +222,70 @@ def _eps(dtype) -> float:
     return float(jnp.finfo(dtype).eps)
 
 
-def _work_dtype(like):
-    """The dtype of the scalars, small matrices and derived blocks: >= float32 (precision policy)."""
-    return acc_dtype(like)
-
-
 def _acc(x):
     return x.astype(tu.accumulation_dtype(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
-# probes and batched products (all of these run inside jit)
+# blocks: rows, padding, orthonormalisation in the k x k Gram space
 # ------------------------------------------------------------------------------------------------
-def map_chunked(fn: Callable, xs, chunk: int | None):
-    """``vmap(fn)(xs)``, or ``lax.map`` over chunks of ``chunk`` rows to bound memory."""
-    count = tu.leading_dim(xs)
-    if chunk is None or chunk >= count:
-        return jax.vmap(fn)(xs)
-    return lax.map(fn, xs, batch_size=chunk)
+def _rows(block, lo: int, hi: int):
+    """Rows ``lo:hi`` (static) of a block."""
+    return tu.map(lambda x: x[lo:hi], block)
 
 
-def matmat(op: LinearOperator, vs, chunk: int | None):
-    """``A`` applied to each row of the block ``vs`` (chunked)."""
-    return map_chunked(lambda v: apply_in_dtype(op, v), vs, chunk)
-
-
-def probe_map(
-    op: LinearOperator,
-    key,
-    count: int,
-    kind: str,
-    fn: Callable,
-    chunk: int | None,
-    start=0,
-    transform: Callable | None = None,
-):
-    """``fn(z_i, A z_i)`` for probes ``i = start..start+count-1``, drawn inside the map.
-
-    Generating the probe inside the mapped function keeps at most ``chunk``
-    probes in memory. ``transform`` (optional) maps a probe before the product
-    (e.g. a projection).
-    """
-    like = op.like
-
-    def one(i):
-        z = probe(jax.random.fold_in(key, i), like, kind)
-        if transform is not None:
-            z = transform(z)
-        return fn(z, apply_in_dtype(op, z))
-
-    return map_chunked(one, start + jnp.arange(count), chunk)
-
-
-def exact_map(op: LinearOperator, fn: Callable, chunk: int | None):
-    """``fn(e_i, A e_i)`` for every coordinate vector ``e_i`` (ravel order), ``n`` products."""
-    like = op.like
-    n = tu.size(like)
-    unravel = tu.unravel_fn(like)
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
-
-    def one(i):
-        e = unravel(jax.nn.one_hot(i, n, dtype=dtype))
-        return fn(e, op._apply(e))
-
-    return map_chunked(one, jnp.arange(n), chunk)
-
-
-# ------------------------------------------------------------------------------------------------
-# blocks of pytree vectors: Gram matrices and orthonormalisation in the k x k space
-# ------------------------------------------------------------------------------------------------
-def block_gram(xs, ys) -> jax.Array:
-    """``G[a, b] = <x_a, y_b>`` for two stacked blocks (summed over leaves)."""
-    parts = [
-        tu.contract_rows(_acc(x), _acc(y), kind="gram", precision=_HIGHEST)
-        for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys))
-    ]
-    dtype = jnp.result_type(*parts)
-    return sum((p.astype(dtype) for p in parts[1:]), parts[0].astype(dtype))
-
-
-def block_rowdots(xs, ys) -> jax.Array:
-    """``d[a] = <x_a, y_a>`` for two stacked blocks of the same length."""
-    parts = [
-        tu.contract_rows(_acc(x), _acc(y), kind="rowwise", precision=_HIGHEST)
-        for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(ys))
-    ]
-    dtype = jnp.result_type(*parts)
-    return sum((p.astype(dtype) for p in parts[1:]), parts[0].astype(dtype))
-
-
-def block_combine(xs, coeffs: jax.Array):
-    """The block ``y_b = sum_a coeffs[a, b] x_a`` (``coeffs`` is ``k x k'``)."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.tensordot(
-            coeffs.astype(_acc(x).dtype), _acc(x), axes=([0], [0]), precision=_HIGHEST
-        ),
-        xs,
+def _put_rows(block, start, rows):
+    """``block`` with rows ``start, start+1, ...`` replaced by ``rows`` (cast to its dtypes)."""
+    return tu.map(
+        lambda b, r: lax.dynamic_update_slice_in_dim(b, r.astype(b.dtype), start, axis=0),
+        block,
+        rows,
     )
 
 
-def block_coeffs(xs, v) -> jax.Array:
-    """``c[a] = <x_a, v>`` for a block and one vector."""
-    parts = [
-        tu.contract_rows(_acc(x), _acc(y), precision=_HIGHEST)
-        for x, y in zip(jax.tree_util.tree_leaves(xs), jax.tree_util.tree_leaves(v))
-    ]
-    dtype = jnp.result_type(*parts)
-    return sum((p.astype(dtype) for p in parts[1:]), parts[0].astype(dtype))
+def _zeros(like, k: int, dtype=None):
+    """A block of ``k`` zero rows shaped like ``like`` (in ``dtype``, else ``like``'s dtypes)."""
+    return tu.map(lambda x: jnp.zeros((k, *jnp.shape(x)), dtype or jnp.result_type(x)), like)
 
 
-def block_apply(xs, c: jax.Array):
-    """The vector ``sum_a c[a] x_a``."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.tensordot(c.astype(_acc(x).dtype), _acc(x), axes=1, precision=_HIGHEST), xs
-    )
+def _padded(block, k: int, like, dtype=None):
+    """``block`` (``j <= k`` rows, or ``None``) followed by zero rows up to ``k`` rows."""
+    out = _zeros(like, k, dtype)
+    return out if block is None else _put_rows(out, 0, block)
 
 
-def _svqb(gram: jax.Array, tol: float):
+def _svqb(g: jax.Array, tol: float):
     """Coefficients ``C`` with ``(X C)^T (X C) = I`` on the kept directions (SVQB).
 
-    ``gram = X^T X``. The columns are first scaled to unit norm, then
+    ``g = X^T X``. The columns are first scaled to unit norm, then
     ``C = D V diag(lambda^{-1/2})`` from the eigendecomposition of ``D G D``;
     directions with ``lambda <= tol * lambda_max`` get a zero column.
     """
-    gram = 0.5 * (gram + gram.T)
-    diag = jnp.diagonal(gram)
+    g = 0.5 * (g + g.T)
+    diag = jnp.diagonal(g)
     d = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
-    lam, vecs = jnp.linalg.eigh(d[:, None] * gram * d[None, :])
+    lam, vecs = jnp.linalg.eigh(d[:, None] * g * d[None, :])
     lam_max = jnp.max(lam)
     keep = (lam > tol * lam_max) & (lam_max > 0)
     inv = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
     return d[:, None] * vecs * inv[None, :], keep
 
 
-def orthonormalize(ys):
+def _orthonormalize(ys):
     """An orthonormal basis of the span of the block ``ys`` (``k`` rows), without raveling.
 
     Returns ``(Q, C, rank)`` with ``Q = ys @ C`` (``Q`` has ``k`` rows, the
     dropped, numerically dependent directions being zero rows) and ``rank`` the
-    number of non-zero rows. Two passes of SVQB in the ``k x k`` Gram space.
+    number of non-zero rows. Two passes of SVQB (Stathopoulos & Wu 2002) in the ``k x k``
+    Gram space.
     """
     k = tu.leading_dim(ys)
-    dtype = _work_dtype(ys)
-    tol = 10.0 * k * _eps(dtype)
-    c1, _ = _svqb(block_gram(ys, ys), tol)
-    q1 = block_combine(ys, c1)
-    c2, keep = _svqb(block_gram(q1, q1), tol)
-    q = block_combine(q1, c2)
-    return q, jnp.matmul(c1, c2, precision=_HIGHEST), jnp.sum(keep)
-
-
-# ------------------------------------------------------------------------------------------------
-# the compiled estimators
-# ------------------------------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("count", "chunk"))
-def _hutchinson_samples(op, key, start, *, count: int, chunk: int | None):
-    return probe_map(op, key, count, "rademacher", tu.dot, chunk, start=start)
-
-
-@partial(jax.jit, static_argnames=("num_matvecs", "chunk"))
-def _hutchinson(op, key, *, num_matvecs: int, chunk: int | None):
-    samples = probe_map(op, key, num_matvecs, "rademacher", tu.dot, chunk)
-    est, se = _mean_se(samples)
-    return est, se, samples
-
-
-def _deflate(q, g):
-    """``(I - Q Q^T) g`` in the accumulation dtype."""
-    return tu.sub(tu.map(_acc, g), block_apply(q, block_coeffs(q, g)))
+    tol = 10.0 * k * _eps(acc_dtype(ys))
+    c1, _ = _svqb(gram(ys, ys), tol)
+    q1 = combine(c1, ys)
+    c2, keep = _svqb(gram(q1, q1), tol)
+    q = combine(c2, q1)
+    return q, jnp.matmul(c1, c2, precision=HIGHEST), jnp.sum(keep).astype(jnp.int32)
 
 
 def _extend_basis(q_old, ys):
@@ -337,161 +295,437 @@ def _extend_basis(q_old, ys):
     ``q_old=None`` orthonormalises ``ys`` itself (``B = None``).
     """
     if q_old is None:
-        q, c, rank = orthonormalize(ys)
+        q, c, rank = _orthonormalize(ys)
         return q, None, c, rank
-    b1 = block_gram(q_old, ys)
-    r1 = tu.sub(tu.map(_acc, ys), block_combine(q_old, b1))
-    b2 = block_gram(q_old, r1)
-    r2 = tu.sub(r1, block_combine(q_old, b2))
-    q, c, rank = orthonormalize(r2)
+    b1 = gram(q_old, ys)
+    r1 = tu.sub(tu.map(_acc, ys), combine(b1, q_old))
+    b2 = gram(q_old, r1)
+    r2 = tu.sub(r1, combine(b2, q_old))
+    q, c, rank = _orthonormalize(r2)
     return q, b1 + b2, c, rank
 
 
-def _concat(a, b):
-    def cat(x, y):
-        dt = jnp.result_type(x, y)
-        return jnp.concatenate([x.astype(dt), y.astype(dt)])
+def _host_mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return math.nan, math.inf
+    se = float(np.std(v, ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.inf
+    return float(np.mean(v)), se
 
-    return tu.map(cat, a, b)
+
+def _progress_text(est: float, se: float) -> str:
+    if not math.isfinite(est):
+        return ""
+    return f"trace {est:.6g} ± {se:.2g}" if math.isfinite(se) else f"trace {est:.6g}"
 
 
-def hutchpp_from_probes(op, sketch, chunk: int | None, resid_key, num_resid: int):
-    """Hutch++ with a given range sketch block ``sketch`` (``k`` rows) and Rademacher residual probes.
+def _next_phase(remaining, step: int, tail_phase: int, full_phase: int):
+    return jnp.where(remaining >= step, full_phase, tail_phase).astype(jnp.int32)
 
-    The residual probes are drawn, deflated and applied chunk by chunk (at most ``chunk``
-    of them in memory); the adaptive mode keeps them instead (:func:`_hutchpp_extend`).
+
+# ------------------------------------------------------------------------------------------------
+# the state machines
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Hutchinson(StateMachine):
+    """Hutchinson's estimator: steps of ``step`` Rademacher probes, then a tail of the rest.
+
+    Probe ``start + i`` comes from ``fold_in(key, start + i)``, so the samples do not
+    depend on ``step``, ``chunk`` or the driver. ``start`` (in the state) lets adaptive
+    rounds continue the same sequence. ``total``: the products of the whole run when known
+    (progress), ``None`` in adaptive mode.
     """
-    q, _, _, _ = _extend_basis(None, matmat(op, sketch, chunk))
-    low = jnp.sum(block_rowdots(q, matmat(op, q, chunk)))
-    resid = probe_map(
-        op, resid_key, num_resid, "rademacher", tu.dot, chunk, transform=lambda g: _deflate(q, g)
+
+    name: ClassVar[str] = "trace (hutchinson)"
+    count: int
+    step: int
+    chunk: int
+    total: int | None = None
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (self.step, self.count % self.step)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk
+
+    def prepare(self, op, state, phase):
+        size = self.block_sizes[phase]
+        if size == 0:  # a tail phase that this run never reaches
+            return _zeros(op.like, 0)
+        return probes(
+            state["key"], op.like, size, "rademacher", start=state["start"] + state["pos"]
+        )
+
+    def update(self, op, state, phase, vs, avs):  # noqa: ARG002
+        size = self.block_sizes[phase]
+        if size == 0:
+            return state
+        samples = lax.dynamic_update_slice_in_dim(
+            state["samples"], rowwise(vs, avs).astype(state["samples"].dtype), state["pos"], axis=0
+        )
+        pos = state["pos"] + size
+        return dict(
+            state,
+            samples=samples,
+            pos=pos,
+            matvecs=state["matvecs"] + size,
+            phase=_next_phase(self.count - pos, self.step, 1, 0),
+            done=pos >= self.count,
+        )
+
+    def finalize(self, op, state):  # noqa: ARG002
+        est, se = _mean_se(state["samples"])
+        return est, se, state["samples"], state["matvecs"]
+
+    def progress(self, state) -> Progress:
+        est, se = _host_mean_se(np.asarray(state["samples"])[: int(state["pos"])])
+        return Progress(
+            matvecs=int(state["matvecs"]), total=self.total, text=_progress_text(est, se)
+        )
+
+
+@partial(jax.jit, static_argnames=("count",))
+def _hutchinson_state(key, like, count: int, start, matvecs):
+    return dict(
+        key=key,
+        start=jnp.asarray(start, jnp.int32),
+        pos=jnp.zeros((), jnp.int32),
+        samples=jnp.zeros((count,), acc_dtype(like)),
+        matvecs=jnp.asarray(matvecs, jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
     )
-    _, se = _mean_se(resid)
-    samples = low + resid
-    return jnp.mean(samples), se, samples
 
 
-def _hutchpp_extend(op, state, sketch, resid_key, resid_start: int, num_resid: int, chunk):
-    """Add sketch probes and residual probes to a Hutch++ state, reusing every earlier product.
+@dataclasses.dataclass(frozen=True)
+class HutchPP(StateMachine):
+    """Hutch++ (Meyer et al. 2021), one round: sketch ``S``, then ``Q``, then residual probes.
 
-    ``state`` holds ``Q`` (orthonormal range basis), ``Z = A Q``, and the deflated residual
-    probes ``P g_j`` with their products ``A P g_j``. New sketch directions ``Q_add`` are
-    orthogonal to ``Q``, so ``P' g = P g - Q_add Q_add^T g`` and
-    ``A P' g = A P g - Z_add Q_add^T g``: old residual samples are updated without products.
-    Cost: ``2 * rows(sketch) + num_resid`` products.
+    Phase 0 multiplies the ``k - k_old`` new sketch probes (``A S``) and extends the
+    orthonormal basis ``Q`` (rows ``k_old:k``); phase 1 multiplies the new basis vectors
+    (``Z = A Q``) and, with ``keep``, updates the kept residual probes for the larger basis
+    without products; phases 2 and 3 multiply the deflated residual probes
+    ``(I - Q Q^T) g_j``, ``rstep`` at a time, then the tail.
+
+    ``keep=False`` (a fixed budget) only keeps the residual samples (streaming, ``rstep``
+    = the chunk size); ``keep=True`` (adaptive rounds) keeps the deflated probes and their
+    products, in one block, so that a later round can extend the sketch and update them.
     """
-    q_old = None if state is None else state["q"]
-    if tu.leading_dim(sketch) == 0:  # no new sketch directions this round
-        q, z, pg, apg = state["q"], state["z"], state["pg"], state["apg"]
-        q_add = None
+
+    name: ClassVar[str] = "trace (hutch++)"
+    k_old: int
+    k: int
+    r_old: int
+    r: int
+    chunk: int
+    keep: bool = False
+    total: int | None = None
+
+    @property
+    def rstep(self) -> int:
+        new = self.r - self.r_old
+        return new if self.keep else min(self.chunk, new)
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        new_k, new_r = self.k - self.k_old, self.r - self.r_old
+        return (new_k, new_k, self.rstep, new_r % self.rstep if self.rstep else 0)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk
+
+    def first_phase(self) -> int:
+        return 0 if self.k > self.k_old else 2
+
+    def prepare(self, op, state, phase):
+        size = self.block_sizes[phase]
+        if size == 0:  # a tail phase that this run never reaches
+            return _zeros(op.like, 0)
+        if phase == 0:
+            key_s, _ = jax.random.split(state["key"])
+            return probes(key_s, op.like, size, "rademacher", start=self.k_old)
+        if phase == 1:
+            return _rows(state["q"], self.k_old, self.k)
+        _, key_g = jax.random.split(state["key"])
+        g = probes(key_g, op.like, size, "rademacher", start=self.r_old + state["rpos"])
+        q = state["q"]
+        return tu.sub(tu.map(_acc, g), combine(gram(q, g), q))  # (I - Q Q^T) g
+
+    def update(self, op, state, phase, vs, avs):  # noqa: ARG002
+        size = self.block_sizes[phase]
+        if size == 0:
+            return state
+        if phase == 0:
+            q_old = _rows(state["q"], 0, self.k_old) if self.k_old else None
+            q_add, _, _, _ = _extend_basis(q_old, avs)
+            return dict(
+                state,
+                q=_put_rows(state["q"], self.k_old, q_add),
+                matvecs=state["matvecs"] + size,
+                phase=jnp.ones((), jnp.int32),
+            )
+        if phase == 1:
+            q_add = vs
+            z = _put_rows(state["z"], self.k_old, avs)
+            new = dict(state, z=z, matvecs=state["matvecs"] + size)
+            new["low"] = jnp.sum(rowwise(state["q"], z)).astype(state["low"].dtype)  # tr(Q^T A Q)
+            if self.keep and self.r_old:
+                pg, apg = _rows(state["pg"], 0, self.r_old), _rows(state["apg"], 0, self.r_old)
+                coeffs = gram(q_add, pg)  # (k_add, r_old): Q_add^T P g_j
+                pg = tu.sub(tu.map(_acc, pg), combine(coeffs, q_add))
+                apg = tu.sub(tu.map(_acc, apg), combine(coeffs, tu.map(_acc, avs)))
+                new["pg"] = _put_rows(state["pg"], 0, pg)
+                new["apg"] = _put_rows(state["apg"], 0, apg)
+            more = self.r > self.r_old
+            new["phase"] = jnp.asarray(2 if more else 1, jnp.int32)
+            new["done"] = jnp.array(not more)
+            return new
+        new = dict(state, matvecs=state["matvecs"] + size)
+        at = self.r_old + state["rpos"]
+        if self.keep:
+            new["pg"] = _put_rows(state["pg"], at, vs)
+            new["apg"] = _put_rows(state["apg"], at, avs)
+        else:
+            vals = rowwise(vs, avs).astype(state["resid"].dtype)
+            new["resid"] = lax.dynamic_update_slice_in_dim(state["resid"], vals, at, axis=0)
+        rpos = state["rpos"] + size
+        new["rpos"] = rpos
+        new["phase"] = _next_phase(self.r - self.r_old - rpos, self.rstep, 3, 2)
+        new["done"] = rpos >= self.r - self.r_old
+        return new
+
+    def finalize(self, op, state):  # noqa: ARG002
+        resid = rowwise(state["pg"], state["apg"]) if self.keep else state["resid"]
+        _, se = _mean_se(resid)
+        samples = state["low"] + resid
+        carry = state if self.keep else None
+        return jnp.mean(samples), se, samples, state["matvecs"], carry
+
+    def progress(self, state) -> Progress:
+        rpos = int(state["rpos"])
+        text = ""
+        if rpos and not self.keep:
+            resid = np.asarray(state["resid"])[: self.r_old + rpos]
+            est, se = _host_mean_se(float(state["low"]) + resid)
+            text = _progress_text(est, se)
+        return Progress(matvecs=int(state["matvecs"]), total=self.total, text=text)
+
+
+@partial(jax.jit, static_argnums=0)
+def _hutchpp_state(alg: HutchPP, key, like, carry, matvecs):
+    acc = acc_dtype(like)
+    state = dict(
+        key=key,
+        q=_padded(None if carry is None else carry["q"], alg.k, like, acc),
+        z=_padded(None if carry is None else carry["z"], alg.k, like, acc),
+        low=jnp.zeros((), acc) if carry is None else carry["low"],
+        rpos=jnp.zeros((), jnp.int32),
+        matvecs=jnp.asarray(matvecs, jnp.int32),
+        phase=jnp.asarray(alg.first_phase(), jnp.int32),
+        done=jnp.array(False),
+    )
+    if alg.keep:
+        state["pg"] = _padded(None if carry is None else carry["pg"], alg.r, like, acc)
+        state["apg"] = _padded(None if carry is None else carry["apg"], alg.r, like, acc)
     else:
-        q_add, _, _, _ = _extend_basis(q_old, matmat(op, sketch, chunk))
-        z_add = matmat(op, q_add, chunk)
-    if q_add is None:
-        pass
-    elif state is None:
-        q, z, pg, apg = q_add, z_add, None, None
-    else:
-        q, z = _concat(state["q"], q_add), _concat(state["z"], z_add)
-        coeffs = block_gram(q_add, state["pg"])  # (k_add, r): Q_add^T P g_j
-        pg = tu.sub(state["pg"], block_combine(q_add, coeffs))
-        apg = tu.sub(tu.map(_acc, state["apg"]), block_combine(z_add, coeffs))
-    if num_resid:
-        g = probes(resid_key, op.like, num_resid, "rademacher", start=resid_start)
-        g = jax.vmap(lambda v: _deflate(q, v))(g)
-        ag = tu.map(_acc, matmat(op, g, chunk))
-        pg = g if pg is None else _concat(pg, g)
-        apg = ag if apg is None else _concat(apg, ag)
-    return {"q": q, "z": z, "pg": pg, "apg": apg}
+        state["resid"] = jnp.zeros((alg.r,), acc)
+    return state
 
 
-def _hutchpp_finish(state):
-    low = jnp.sum(block_rowdots(state["q"], state["z"]))  # tr(Q^T A Q)
-    resid = block_rowdots(state["pg"], state["apg"])  # g_j^T P A P g_j
-    _, se = _mean_se(resid)
-    samples = low + resid
-    return jnp.mean(samples), se, samples
+@dataclasses.dataclass(frozen=True)
+class XTrace(StateMachine):
+    """XTrace (Epperly, Tropp & Webber 2024), one round: ``A Omega``, then ``A Q``.
+
+    Phase 0 multiplies the ``p - p_old`` new Gaussian probes (drawn into the initial state,
+    rows ``p_old:p`` of ``omega``) and extends the orthonormal basis of the shifted sketch
+    ``(A + delta I) Omega`` by block Gram-Schmidt (``delta`` is fixed by the first round);
+    phase 1 multiplies the new basis vectors. :func:`_xtrace_finish` turns the state into
+    the leave-one-out samples without products. ``shift``: ``delta``'s relative size
+    (``None``: ``10 sqrt(eps)``).
+    """
+
+    name: ClassVar[str] = "trace (xtrace)"
+    p_old: int
+    p: int
+    chunk: int
+    n: int
+    jackknife: bool = True
+    shift: float | None = None
+    keep: bool = False
+    total: int | None = None
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (self.p - self.p_old, self.p - self.p_old)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk
+
+    def prepare(self, op, state, phase):  # noqa: ARG002
+        block = state["omega"] if phase == 0 else state["q"]
+        return _rows(block, self.p_old, self.p)
+
+    def update(self, op, state, phase, vs, avs):
+        size = self.p - self.p_old
+        if phase == 1:
+            return dict(
+                state,
+                z=_put_rows(state["z"], self.p_old, avs),
+                matvecs=state["matvecs"] + size,
+                done=jnp.array(True),
+            )
+        acc = acc_dtype(op.like)
+        if self.p_old == 0:
+            shift = 10.0 * math.sqrt(_eps(acc)) if self.shift is None else self.shift
+            delta = _xtrace_delta(vs, avs, shift).astype(acc)
+        else:
+            delta = state["delta"]
+        ys = tu.map(lambda o, a: delta * _acc(o) + _acc(a), vs, avs)
+        q_old = _rows(state["q"], 0, self.p_old) if self.p_old else None
+        q_add, b, c_add, rank_add = _extend_basis(q_old, ys)
+        if self.p_old == 0:
+            c = c_add
+        else:
+            c_old = state["c"][: self.p_old, : self.p_old]
+            top = jnp.concatenate([c_old, -(c_old @ b) @ c_add], axis=1)
+            bottom = jnp.concatenate([jnp.zeros((size, self.p_old), c_add.dtype), c_add], axis=1)
+            c = jnp.concatenate([top, bottom], axis=0)
+        return dict(
+            state,
+            y=_put_rows(state["y"], self.p_old, avs),
+            q=_put_rows(state["q"], self.p_old, q_add),
+            c=c.astype(state["c"].dtype),
+            rank=state["rank"] + rank_add,
+            delta=delta,
+            matvecs=state["matvecs"] + size,
+            phase=jnp.ones((), jnp.int32),
+        )
+
+    def finalize(self, op, state):  # noqa: ARG002
+        est, se, samples = _xtrace_finish(state, self.n, self.jackknife)
+        return est, se, samples, state["matvecs"], state if self.keep else None
+
+    def progress(self, state) -> Progress:
+        return Progress(matvecs=int(state["matvecs"]), total=self.total)
 
 
-@partial(jax.jit, static_argnames=("num_matvecs", "chunk"))
-def _hutchpp(op, key, *, num_matvecs: int, chunk: int | None):
-    k = num_matvecs // 3
-    key_s, key_g = jax.random.split(key)
-    sketch = probes(key_s, op.like, k, "rademacher")
-    return hutchpp_from_probes(op, sketch, chunk, key_g, num_matvecs - 2 * k)
+@partial(jax.jit, static_argnums=0)
+def _xtrace_state(alg: XTrace, omega_new, like, carry, matvecs):
+    acc = acc_dtype(like)
+    omega = _padded(None if carry is None else carry["omega"], alg.p, like)
+    c = jnp.zeros((alg.p, alg.p), acc)
+    if carry is not None:
+        c = c.at[: alg.p_old, : alg.p_old].set(carry["c"])
+    return dict(
+        omega=_put_rows(omega, alg.p_old, omega_new),
+        y=_padded(None if carry is None else carry["y"], alg.p, like),
+        q=_padded(None if carry is None else carry["q"], alg.p, like, acc),
+        z=_padded(None if carry is None else carry["z"], alg.p, like),
+        c=c,
+        rank=jnp.zeros((), jnp.int32) if carry is None else carry["rank"],
+        delta=jnp.zeros((), acc) if carry is None else carry["delta"],
+        matvecs=jnp.asarray(matvecs, jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
+    )
 
 
+@dataclasses.dataclass(frozen=True)
+class ExactTrace(StateMachine):
+    """The exact trace from the ``n`` products ``e_i^T A e_i``, ``step`` unit vectors at a time."""
+
+    name: ClassVar[str] = "trace (exact)"
+    n: int
+    step: int
+    total: int | None = None
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (self.step, self.n % self.step)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.step
+
+    def prepare(self, op, state, phase):
+        size = self.block_sizes[phase]
+        if size == 0:  # a tail phase that this run never reaches
+            return _zeros(op.like, 0)
+        like = op.like
+        unravel = tu.unravel_fn(like)
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
+        idx = state["pos"] + jnp.arange(size)
+        return jax.vmap(lambda i: unravel(jax.nn.one_hot(i, self.n, dtype=dtype)))(idx)
+
+    def update(self, op, state, phase, vs, avs):  # noqa: ARG002
+        size = self.block_sizes[phase]
+        if size == 0:
+            return state
+        diag = lax.dynamic_update_slice_in_dim(
+            state["diag"], rowwise(vs, avs).astype(state["diag"].dtype), state["pos"], axis=0
+        )
+        pos = state["pos"] + size
+        return dict(
+            state,
+            diag=diag,
+            pos=pos,
+            matvecs=state["matvecs"] + size,
+            phase=_next_phase(self.n - pos, self.step, 1, 0),
+            done=pos >= self.n,
+        )
+
+    def finalize(self, op, state):  # noqa: ARG002
+        diag = state["diag"]
+        return jnp.sum(diag), jnp.zeros((), diag.dtype), diag, state["matvecs"]
+
+    def progress(self, state) -> Progress:
+        pos = int(state["pos"])
+        text = f"partial trace {float(np.sum(np.asarray(state['diag'])[:pos])):.6g}" if pos else ""
+        return Progress(matvecs=int(state["matvecs"]), total=self.total, text=text)
+
+
+@partial(jax.jit, static_argnames=("count", "kind"))
+def _draw(key, like, start=0, *, count: int, kind: str):
+    """Probes ``start..start+count-1`` (one compiled call: drawing them eagerly is slow)."""
+    return probes(key, like, count, kind, start=start)
+
+
+@partial(jax.jit, static_argnames=("n",))
+def _exact_state(like, n: int, matvecs):
+    return dict(
+        pos=jnp.zeros((), jnp.int32),
+        diag=jnp.zeros((n,), acc_dtype(like)),
+        matvecs=jnp.asarray(matvecs, jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# XTrace: the leave-one-out samples and the jackknife from the final state (no products)
+# ------------------------------------------------------------------------------------------------
 def _xtrace_delta(omega, y, shift):
     """``delta = shift * ||Y||_2 / sigma_min(Omega)`` for the shifted sketch ``Y + delta Omega``."""
-    g_y = block_gram(y, y)
-    g_o = block_gram(omega, omega)
+    g_y = gram(y, y)
+    g_o = gram(omega, omega)
     s_max_y = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (g_y + g_y.T))[-1], 0.0))
     s_min_o = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (g_o + g_o.T))[0], 0.0))
     return shift * s_max_y / jnp.where(s_min_o > 0, s_min_o, 1.0)
 
 
-def _xtrace_extend(op, state, omega, chunk, shift):
-    """Add Gaussian probes ``omega`` to an XTrace state (2 products per new probe, none redone).
-
-    The state holds ``Omega``, ``Y = A Omega``, the orthonormal ``Q = (Y + delta Omega) C``
-    with its coefficient matrix ``C`` (block upper triangular across rounds), ``rank`` and
-    ``Z = A Q``. New probes extend ``Q`` by block Gram-Schmidt, so ``A Q`` of the old
-    columns is reused; ``delta`` is fixed by the first block.
-    """
-    y = matmat(op, omega, chunk)  # A Omega_new        (new products)
-    if state is None:
-        shift = 10.0 * math.sqrt(_eps(_work_dtype(op.like))) if shift is None else shift
-        delta = _xtrace_delta(omega, y, shift)
-    else:
-        delta = state["delta"]
-    ys = tu.map(lambda o, a: delta.astype(_acc(o).dtype) * _acc(o) + _acc(a), omega, y)
-    q_add, b, c_add, rank_add = _extend_basis(None if state is None else state["q"], ys)
-    z_add = matmat(op, q_add, chunk)  # A Q_add            (new products)
-    if state is None:
-        return {
-            "omega": omega,
-            "y": y,
-            "q": q_add,
-            "c": c_add,
-            "rank": rank_add,
-            "z": z_add,
-            "delta": delta,
-        }
-    c_old = state["c"]
-    k_old, k_add = c_old.shape[0], c_add.shape[0]
-    top = jnp.concatenate([c_old, -(c_old @ b) @ c_add], axis=1)
-    bottom = jnp.concatenate([jnp.zeros((k_add, k_old), c_add.dtype), c_add], axis=1)
-    return {
-        "omega": _concat(state["omega"], omega),
-        "y": _concat(state["y"], y),
-        "q": _concat(state["q"], q_add),
-        "c": jnp.concatenate([top, bottom], axis=0),
-        "rank": state["rank"] + rank_add,
-        "z": _concat(state["z"], z_add),
-        "delta": delta,
-    }
-
-
-def xtrace_from_probes(
-    op, omega, chunk: int | None, shift: float | None = None, jackknife: bool = False
-):
-    """XTrace samples ``t_i`` for a given block of (Gaussian) probes ``omega`` (``m`` rows).
-
-    ``shift`` is the relative size of ``delta`` (default ``10 sqrt(eps)``; ``0`` sketches ``A Omega``).
-    """
-    state = _xtrace_extend(op, None, omega, chunk, shift)
-    return _xtrace_finish(state, tu.size(op.like), jackknife)
-
-
 def _xtrace_finish(state, n: int, jackknife: bool):
     omega, y, q, c, rank, z = (state[k] for k in ("omega", "y", "q", "c", "rank", "z"))
     dtype = c.dtype
-    h = block_gram(q, z)
+    h = gram(q, z)
     h = 0.5 * (h + h.T)  # Q^T A Q
-    w = block_gram(q, omega)  # W[:, i] = Q^T omega_i
-    r = block_gram(q, y)  # R[:, i] = Q^T A omega_i
-    oy = block_rowdots(omega, y)  # omega_i^T A omega_i
-    oo = block_rowdots(omega, omega)  # ||omega_i||^2
+    w = gram(q, omega)  # W[:, i] = Q^T omega_i
+    r = gram(q, y)  # R[:, i] = Q^T A omega_i
+    oy = rowwise(omega, y)  # omega_i^T A omega_i
+    oo = rowwise(omega, omega)  # ||omega_i||^2
     # s_i: the unit vector (in Q coordinates) that range(Q) loses when omega_i is left out:
     # orthogonal to Q^T y'_j for all j != i, i.e. the i-th row of C = R'^{-1}.
     s = c.T
@@ -562,59 +796,53 @@ def _xtrace_jackknife_se(h, s, w, r, oy, oo, whw, wr, ww, rank, n: int):
     return jnp.sqrt((m - 1) / m * jnp.sum((theta - jnp.mean(theta)) ** 2))
 
 
-@partial(jax.jit, static_argnames=("num_matvecs", "chunk", "jackknife"))
-def _xtrace(op, key, *, num_matvecs: int, chunk: int | None, jackknife: bool = False):
-    omega = probes(key, op.like, num_matvecs // 2, "normal")
-    return xtrace_from_probes(op, omega, chunk, jackknife=jackknife)
+# ------------------------------------------------------------------------------------------------
+# building and running the machines
+# ------------------------------------------------------------------------------------------------
+def _fixed_machine(op, key, method: str, m: int, chunk: int, jackknife: bool):
+    """``(machine, initial state, method name, products)`` for a fixed budget of ``m``."""
+    n, like = op.size, op.like
+    if m >= n:
+        return ExactTrace(n=n, step=min(chunk, n), total=n), _exact_state(like, n, 0), "exact", n
+    if method == "hutchinson":
+        alg = Hutchinson(count=m, step=min(chunk, m), chunk=chunk, total=m)
+        return alg, _hutchinson_state(key, like, m, 0, 0), method, m
+    if method == "hutch++":
+        k = m // 3
+        alg = HutchPP(k_old=0, k=k, r_old=0, r=m - 2 * k, chunk=chunk, total=m)
+        return alg, _hutchpp_state(alg, key, like, None, 0), method, m
+    p = m // 2
+    alg = XTrace(p_old=0, p=p, chunk=chunk, n=n, jackknife=jackknife, total=2 * p)
+    omega = _draw(key, like, count=p, kind="normal")
+    return alg, _xtrace_state(alg, omega, like, None, 0), method, 2 * p
 
 
-@partial(jax.jit, static_argnames=("chunk",))
-def _exact_trace(op, *, chunk: int | None):
-    diag = exact_map(op, tu.dot, chunk)
-    return jnp.sum(diag), jnp.zeros((), diag.dtype), diag
+def _xtrace_round(
+    op,
+    omega_new,
+    carry=None,
+    *,
+    shift: float | None = None,
+    jackknife: bool = True,
+    chunk: int | None = None,
+    driver: str = "compiled",
+    progress: bool | None = False,
+):
+    """XTrace on ``carry``'s probes plus the block ``omega_new``: ``(est, se, samples, carry)``.
 
-
-def _cost(method: str, num_matvecs: int) -> int:
-    if method == "xtrace":
-        return 2 * (num_matvecs // 2)
-    return num_matvecs
-
-
-def _run_fixed(
-    op, key, method: str, num_matvecs: int, chunk: int, jackknife: bool = False
-) -> TraceResult:
-    n = op.size
-    policy = dtype_policy(op.like)
-    if num_matvecs >= n:
-        return _exact_result(op, chunk)
-    if method == "xtrace":
-        est, se, samples = _xtrace(
-            op, key, num_matvecs=num_matvecs, chunk=chunk, jackknife=jackknife
-        )
-    else:
-        fn = {"hutchinson": _hutchinson, "hutch++": _hutchpp}[method]
-        est, se, samples = fn(op, key, num_matvecs=num_matvecs, chunk=chunk)
-    return TraceResult(
-        estimate=est,
-        std_error=se,
-        num_matvecs=_cost(method, num_matvecs),
-        method=method,
-        samples=samples,
-        dtype_policy=policy,
+    The building block of adaptive XTrace (each round extends the sketch, reusing every
+    earlier product) and of the tests against brute force (given probes, ``shift=0``).
+    """
+    p_old = 0 if carry is None else tu.leading_dim(carry["omega"])
+    p = p_old + tu.leading_dim(omega_new)
+    alg = XTrace(
+        p_old=p_old, p=p, chunk=chunk or p, n=op.size, jackknife=jackknife, shift=shift, keep=True
     )
-
-
-def _exact_result(op, chunk: int, *, spent: int = 0, converged: bool | None = None):
-    est, se, samples = _exact_trace(op, chunk=chunk)
-    return TraceResult(
-        estimate=est,
-        std_error=se,
-        num_matvecs=spent + op.size,
-        method="exact",
-        samples=samples,
-        converged=converged,
-        dtype_policy=dtype_policy(op.like),
+    state = _xtrace_state(
+        alg, omega_new, op.like, carry, 0 if carry is None else int(carry["matvecs"])
     )
+    (est, se, samples, _, state), _ = run(alg, op, state, driver=driver, progress=progress)
+    return est, se, samples, state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,14 +860,18 @@ def trace(
     chunk_size: int | None = None,
     error_estimate: str = "jackknife",
     like: PyTree | None = None,
-    progress: bool = False,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> TraceResult:
     r"""Estimate :math:`\operatorname{tr}(A)` from matrix-vector products.
 
     Args:
       op: a :class:`~hvp.LinearOperator` (e.g. :func:`hvp.hessian`), a
         ``matvec`` callable (then pass ``like=``), or a dense square matrix.
-      key: a JAX PRNG key (``jax.random.key(0)``); the same key gives the same result.
+      key: a JAX PRNG key (``jax.random.key(0)``; an old-style ``jax.random.PRNGKey`` is
+        accepted too); the same key gives the same result, whatever ``chunk_size`` and
+        ``driver``.
       num_matvecs: number of operator products (the budget). Methods:
         ``"hutchinson"`` needs >= 1, ``"hutch++"`` >= 3 (``k = m // 3`` for the
         sketch, ``k`` for :math:`AQ`, ``m - 2k`` for the residual),
@@ -648,7 +880,8 @@ def trace(
         (``method="exact"``). In adaptive mode this is the round size.
       method: ``"hutchinson"`` (Hutchinson 1989, Rademacher probes), ``"hutch++"``
         (Meyer et al. 2021) or ``"xtrace"`` (Epperly, Tropp & Webber 2024); see
-        the module docstring for the formulas and their standard errors.
+        the module docstring for the formulas and their standard errors, and
+        :func:`resolve_trace_method` for the accepted spellings.
       rtol: adaptive mode (``rtol`` or ``atol`` turns it on): stop as soon as
         ``std_error <= max(rtol * |estimate|, atol)``. Hutchinson runs rounds
         of ``num_matvecs`` new probes and pools all samples; Hutch++ and XTrace
@@ -663,12 +896,15 @@ def trace(
       max_matvecs: adaptive mode only: the cap on the total number of products
         (default ``50 * num_matvecs``). ``converged`` reports whether the
         tolerance was met.
-      chunk_size: at most this many products run at once (``lax.map`` over
-        chunks of a ``vmap``). ``None`` (default) chooses it by the memory rule
-        of :func:`hvp.linalg._checks.default_chunk_size`: at most 8 products at
-        once (one product of a curvature operator over a data set holds that
-        data set's activations). Results do not depend on it (probe ``i`` always
-        comes from ``fold_in(key, i)``).
+      chunk_size: at most this many products run at once. ``None`` (default) chooses it by
+        the memory rule of :func:`hvp.linalg._checks.default_chunk_size`: at most 8 products
+        at once (one product of a curvature operator over a data set holds that data set's
+        activations). Hutchinson and the exact path take ``chunk_size`` probes (unit vectors)
+        per step; Hutch++ multiplies its sketch ``S``, then ``Q``, then its residual probes
+        ``chunk_size`` at a time (three block products when ``chunk_size`` is at least the
+        residual count ``m - 2 (m // 3)``); XTrace its probes ``\Omega``, then ``Q`` (two
+        block products), each block split into chunks of ``chunk_size``. Results do not depend on
+        it (probe ``i`` always comes from ``fold_in(key, i)``).
       error_estimate: how XTrace's standard error is computed (for Hutchinson
         and Hutch++ both choices give the same number, the sample standard
         deviation of ``samples`` over the square root of their number, since
@@ -680,21 +916,33 @@ def trace(
         1.2-1.4x too small on decaying spectra, with occasional misses of 5+
         standard errors).
       like: example pytree of the vectors when ``op`` is a plain callable.
-      progress: show a progress bar (``rich``) over the rounds of adaptive mode.
+      driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
+        or ``"host"``; see :mod:`hvp.linalg` ("Drivers"). Both give the same numbers.
+      progress: host driver: show the products, the current estimate ``± std_error`` and the
+        time left on stderr (``None``: when stderr is a terminal). Adaptive mode shows one
+        display per round.
+      checkpoint: host driver, fixed budget: a path or :class:`hvp.linalg.Checkpoint` to save
+        the state to and resume from (same arguments, same result, bit for bit). Adaptive mode
+        cannot be checkpointed (its rounds grow the sketch); pass the budget as
+        ``num_matvecs`` instead.
 
     Returns:
-      :class:`TraceResult` with ``estimate``, ``std_error``, ``num_matvecs``,
-      ``method``, ``samples``, ``converged``, ``dtype_policy`` and
-      ``confidence_interval(level)``. Precision: products run in the parameters'
-      dtype (bfloat16/float16 included); probe dot products, Gram matrices and
-      the small ``eigh`` factorisations run in at least float32.
+      :class:`TraceResult` with ``estimate``, ``std_error``, ``num_matvecs`` (a Python
+      ``int``, also under ``jax.jit``: a fixed budget fixes the count), ``method``,
+      ``samples``, ``converged``, ``dtype_policy`` and ``confidence_interval(level)``.
+      Precision: products run in the parameters' dtype (bfloat16/float16 included); probe
+      dot products, Gram matrices and the small ``eigh`` factorisations run in at least
+      float32.
 
     Raises:
-      ValueError / TypeError: bad budget, method, tolerance or key, with the fix.
-      hvp.NonFiniteError: the products produced NaN or Inf.
+      ValueError / TypeError: bad budget, method, tolerance, key, driver or checkpoint, with
+        the fix.
+      hvp.NonFiniteError: the products produced NaN or Inf (outside ``jax.jit``; under it the
+        estimate is NaN instead).
 
-    A fixed budget works inside ``jax.jit`` (pass the operator as an argument);
-    adaptive mode is a Python loop over compiled rounds.
+    A fixed budget works inside ``jax.jit`` and ``jax.vmap`` (the compiled driver; pass the
+    operator as an argument); adaptive mode decides on concrete values between rounds and
+    runs outside them.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -706,22 +954,14 @@ def trace(
     """
     op = coerce_operator(op, like)
     check_key(key)
-    if not isinstance(method, str):
-        raise TypeError(
-            f"`method` must be a string, one of {METHODS}; got {type(method).__name__}."
-        )
-    method = _ALIASES.get(method.lower(), method.lower())
-    if method not in METHODS:
-        raise ValueError(
-            f"Unknown trace method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}."
-        )
+    method, least = resolve_trace_method(method)
     num_matvecs = check_int(
         "num_matvecs",
         num_matvecs,
-        minimum=_MIN_MATVECS[method],
-        hint=f"Method {method!r} needs at least {_MIN_MATVECS[method]} products.",
+        minimum=least,
+        hint=f"Method {method!r} needs at least {least} products.",
     )
-    chunk = resolve_chunk(chunk_size, max(num_matvecs, 1))
+    chunk = resolve_chunk(chunk_size, max(min(num_matvecs, op.size), 1))
     if error_estimate not in ("sample", "jackknife"):
         raise ValueError(
             f"`error_estimate` must be 'sample' or 'jackknife', got {error_estimate!r}."
@@ -734,9 +974,26 @@ def trace(
                 "`max_matvecs` only applies in adaptive mode: pass `rtol=` (and/or `atol=`) too, "
                 "or set the budget with `num_matvecs=`."
             )
-        res = _run_fixed(op, key, method, num_matvecs, chunk, jackknife)
-        raise_if_nonfinite(op, "trace estimate", res.estimate)
-        return res
+        alg, state, name, cost = _fixed_machine(op, key, method, num_matvecs, chunk, jackknife)
+        out, _ = run(
+            alg,
+            op,
+            state,
+            driver=driver,
+            progress=progress,
+            checkpoint=checkpoint,
+            traced=(key,),
+        )
+        est, se, samples = out[:3]
+        raise_if_nonfinite(op, "trace estimate", est)
+        return TraceResult(
+            estimate=est,
+            std_error=se,
+            num_matvecs=cost,
+            method=name,
+            samples=samples,
+            dtype_policy=dtype_policy(op.like),
+        )
 
     rtol = check_finite_float("rtol", rtol, allow_none=True)
     atol = check_finite_float("atol", atol, allow_none=True)
@@ -758,8 +1015,15 @@ def trace(
             "Adaptive mode (`rtol=`/`atol=`) decides on concrete values and cannot run inside "
             "`jax.jit`; call it outside, or use a fixed `num_matvecs`."
         )
+    if checkpoint is not None:
+        raise ValueError(
+            "`checkpoint=` resumes a fixed budget; adaptive mode (`rtol=`/`atol=`) grows its "
+            "sketch from round to round and cannot be checkpointed. Pass the budget as "
+            "`num_matvecs=` (without `rtol`/`atol`) to checkpoint the run."
+        )
+    chunk = resolve_chunk(chunk_size, max(num_matvecs, 1))
     return _adaptive(
-        op, key, method, num_matvecs, max_matvecs, rtol, atol, chunk, progress, jackknife
+        op, key, method, num_matvecs, max_matvecs, rtol, atol, chunk, jackknife, driver, progress
     )
 
 
@@ -775,114 +1039,143 @@ def _predicted_total(total: int, est, se, rtol, atol, power: float) -> float:
     return total * (float(se) / target) ** (1.0 / power)
 
 
-def _progress(enabled: bool, total: int, what: str):
-    if not enabled:
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.start()
-    return bar, bar.add_task(what, total=total)
+def _cost(method: str, num_matvecs: int) -> int:
+    if method == "xtrace":
+        return 2 * (num_matvecs // 2)
+    return num_matvecs
 
 
-def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, progress, jackknife):
+def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife, driver, progress):
     """Adaptive rounds; every product is used once and the total never passes ``n`` unless exact.
 
-    Hutchinson pools rounds of ``batch`` new probes; Hutch++ and XTrace double their total
-    budget each round and *extend* their sketch (:func:`_hutchpp_extend`,
-    :func:`_xtrace_extend`), reusing every earlier product. Before a round, if it would
-    bring the total to ``n`` or more, or if the error so far predicts that ``n`` or more
-    products are needed (``1/sqrt(m)`` decay for Hutchinson, ``1/m`` for Hutch++ and
-    XTrace), the exact trace is computed instead when ``max_matvecs`` allows it (``n``
-    more products); when it does not, rounds continue while their total stays below ``n``.
+    Each round is one run of a state machine (:class:`Hutchinson`, :class:`HutchPP` or
+    :class:`XTrace` with ``keep=True``) by the chosen driver. Hutchinson pools rounds of
+    ``batch`` new probes; Hutch++ and XTrace double their total budget each round and
+    *extend* their sketch, reusing every earlier product (the round's machine starts from
+    the previous round's state). Before a round, if it would bring the total to ``n`` or
+    more, or if the error so far predicts that ``n`` or more products are needed
+    (``1/sqrt(m)`` decay for Hutchinson, ``1/m`` for Hutch++ and XTrace), the exact trace
+    is computed instead when ``max_matvecs`` allows it (``n`` more products); when it does
+    not, rounds continue while their total stays below ``n``.
     """
-    n = op.size
-    policy = dtype_policy(op.like)
+    n, like = op.size, op.like
+    policy = dtype_policy(like)
     power = 0.5 if method == "hutchinson" else 1.0
-    bar = _progress(progress, max_matvecs, f"trace ({method})")
-    total, state, parts = 0, None, []
+
+    def go(alg, state):
+        return run(alg, op, state, driver=driver, progress=progress)[0]
+
+    total, carry, parts = 0, None, []
     k_old = r_old = p_old = 0  # sketch / residual / XTrace probes used so far
-    key_s, key_g = jax.random.split(key)
     res = None
-    try:
-        while True:
-            if total == 0:
-                target = batch
-            elif method == "hutchinson":
-                target = total + min(batch, max_matvecs - total)
-            else:
-                target = min(2 * total, max_matvecs)
-            if total > 0:
-                predicted = _predicted_total(total, res.estimate, res.std_error, rtol, atol, power)
-            else:
-                predicted = 0.0
-            exact_affordable = total + n <= max_matvecs
-            if (target >= n or predicted >= n) and exact_affordable:
-                return _exact_result(op, chunk, spent=total, converged=True)
-            if target >= n:  # random rounds never reach n products: stop, unconverged
-                break
-            if target <= total or _cost(method, target) <= total:
-                break
-            if method == "hutchinson":
-                count = target - total
-                parts.append(
-                    _hutchinson_samples(op, key, jnp.asarray(total), count=count, chunk=chunk)
-                )
-                samples = jnp.concatenate(parts)
-                est, se = _mean_se(samples)
-                total = target
-            elif method == "hutch++":
-                k = max(k_old, target // 3)
-                r = target - 2 * k
-                if r < r_old:
-                    k, r = k_old, target - 2 * k_old
-                state = _hutchpp_round(
-                    op, state, key_s, key_g, k_old=k_old, k=k, r_old=r_old, r=r, chunk=chunk
-                )
-                est, se, samples = _hutchpp_finish_jit(state)
-                k_old, r_old, total = k, r, 2 * k + r
-            else:
-                p = target // 2
-                state = _xtrace_round(op, state, key, p_old=p_old, p=p, chunk=chunk)
-                est, se, samples = _xtrace_finish_jit(state, n=n, jackknife=jackknife)
-                p_old, total = p, 2 * p
-            res = TraceResult(
+    while True:
+        if total == 0:
+            target = batch
+        elif method == "hutchinson":
+            target = total + min(batch, max_matvecs - total)
+        else:
+            target = min(2 * total, max_matvecs)
+        if total > 0:
+            predicted = _predicted_total(total, res.estimate, res.std_error, rtol, atol, power)
+        else:
+            predicted = 0.0
+        exact_affordable = total + n <= max_matvecs
+        if (target >= n or predicted >= n) and exact_affordable:
+            alg = ExactTrace(n=n, step=min(chunk, n))
+            est, se, samples, _ = go(alg, _exact_state(like, n, total))
+            raise_if_nonfinite(op, "trace estimate", est)
+            return TraceResult(
                 estimate=est,
                 std_error=se,
-                num_matvecs=total,
-                method=method,
+                num_matvecs=total + n,
+                method="exact",
                 samples=samples,
-                converged=False,
+                converged=True,
                 dtype_policy=policy,
             )
-            raise_if_nonfinite(op, "trace estimate", est)
-            if bar is not None:
-                bar[0].update(bar[1], completed=min(total, max_matvecs))
-            if total >= 2 and _met(est, se, rtol, atol):
-                return dataclasses.replace(res, converged=True)
-    finally:
-        if bar is not None:
-            bar[0].stop()
+        if target >= n:  # random rounds never reach n products: stop, unconverged
+            break
+        if target <= total or _cost(method, target) <= total:
+            break
+        if method == "hutchinson":
+            count = target - total
+            alg = Hutchinson(count=count, step=min(chunk, count), chunk=chunk)
+            parts.append(go(alg, _hutchinson_state(key, like, count, total, total))[2])
+            samples = jnp.concatenate(parts)
+            est, se = _mean_se(samples)
+            total = target
+        elif method == "hutch++":
+            k = max(k_old, target // 3)
+            r = target - 2 * k
+            if r < r_old:
+                k, r = k_old, target - 2 * k_old
+            alg = HutchPP(k_old=k_old, k=k, r_old=r_old, r=r, chunk=chunk, keep=True)
+            est, se, samples, _, carry = go(alg, _hutchpp_state(alg, key, like, carry, total))
+            k_old, r_old, total = k, r, 2 * k + r
+        else:
+            p = target // 2
+            omega = _draw(key, like, p_old, count=p - p_old, kind="normal")
+            alg = XTrace(p_old=p_old, p=p, chunk=chunk, n=n, jackknife=jackknife, keep=True)
+            est, se, samples, _, carry = go(alg, _xtrace_state(alg, omega, like, carry, total))
+            p_old, total = p, 2 * p
+        res = TraceResult(
+            estimate=est,
+            std_error=se,
+            num_matvecs=total,
+            method=method,
+            samples=samples,
+            converged=False,
+            dtype_policy=policy,
+        )
+        raise_if_nonfinite(op, "trace estimate", est)
+        if total >= 2 and _met(est, se, rtol, atol):
+            return dataclasses.replace(res, converged=True)
     return res
 
 
-@partial(jax.jit, static_argnames=("k_old", "k", "r_old", "r", "chunk"))
-def _hutchpp_round(op, state, key_s, key_g, *, k_old, k, r_old, r, chunk):
-    sketch = probes(key_s, op.like, k - k_old, "rademacher", start=k_old)
-    return _hutchpp_extend(op, state, sketch, key_g, r_old, r - r_old, chunk)
+# ------------------------------------------------------------------------------------------------
+# kept for hvp.linalg._diagonal and hvp.linalg._frobenius until their rewrite is merged
+# (issue 11: they stop importing from this module; delete these three then)
+# ------------------------------------------------------------------------------------------------
+def map_chunked(fn: Callable, xs, chunk: int | None):
+    """``vmap(fn)(xs)``, or ``lax.map`` over chunks of ``chunk`` rows to bound memory."""
+    count = tu.leading_dim(xs)
+    if chunk is None or chunk >= count:
+        return jax.vmap(fn)(xs)
+    return lax.map(fn, xs, batch_size=chunk)
 
 
-@jax.jit
-def _hutchpp_finish_jit(state):
-    return _hutchpp_finish(state)
+def probe_map(
+    op: LinearOperator,
+    key,
+    count: int,
+    kind: str,
+    fn: Callable,
+    chunk: int | None,
+    start=0,
+    transform: Callable | None = None,
+):
+    """``fn(z_i, A z_i)`` for probes ``i = start..start+count-1``, drawn inside the map."""
+    like = op.like
+
+    def one(i):
+        z = probe(jax.random.fold_in(key, i), like, kind)
+        if transform is not None:
+            z = transform(z)
+        return fn(z, apply_in_dtype(op, z))
+
+    return map_chunked(one, start + jnp.arange(count), chunk)
 
 
-@partial(jax.jit, static_argnames=("p_old", "p", "chunk"))
-def _xtrace_round(op, state, key, *, p_old, p, chunk):
-    omega = probes(key, op.like, p - p_old, "normal", start=p_old)
-    return _xtrace_extend(op, state, omega, chunk, None)
+def exact_map(op: LinearOperator, fn: Callable, chunk: int | None):
+    """``fn(e_i, A e_i)`` for every coordinate vector ``e_i`` (ravel order), ``n`` products."""
+    like = op.like
+    n = tu.size(like)
+    unravel = tu.unravel_fn(like)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
 
+    def one(i):
+        e = unravel(jax.nn.one_hot(i, n, dtype=dtype))
+        return fn(e, op._apply(e))
 
-@partial(jax.jit, static_argnames=("n", "jackknife"))
-def _xtrace_finish_jit(state, *, n, jackknife):
-    return _xtrace_finish(state, n, jackknife)
+    return map_chunked(one, jnp.arange(n), chunk)

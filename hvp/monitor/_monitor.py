@@ -65,10 +65,8 @@ from hvp import linalg as _linalg
 from hvp import operators as _ops
 from hvp import tree as tu
 from hvp._io import atomic_write_text, check_writable_dir
+from hvp.linalg import resolve_trace_method
 from hvp.linalg._checks import check_finite_float, check_int, check_key
-from hvp.linalg._trace import _ALIASES as _TRACE_ALIASES
-from hvp.linalg._trace import _MIN_MATVECS as _TRACE_MIN_MATVECS
-from hvp.linalg._trace import METHODS as TRACE_METHODS
 
 __all__ = [
     "CurvatureMonitor",
@@ -471,21 +469,11 @@ class CurvatureMonitor:
             )
         max_restarts = check_int("max_restarts", max_restarts, minimum=0)
         if trace:
-            if not isinstance(trace_method, str):
-                raise TypeError(
-                    f"`trace_method` must be a string, one of {TRACE_METHODS}; got "
-                    f"{type(trace_method).__name__}."
-                )
-            method = _TRACE_ALIASES.get(trace_method.lower(), trace_method.lower())
-            if method not in TRACE_METHODS:
-                raise ValueError(
-                    f"Unknown `trace_method` {trace_method!r}; choose one of "
-                    f"{', '.join(repr(m) for m in TRACE_METHODS)}."
-                )
+            method, least = resolve_trace_method(trace_method, argument="trace_method")
             trace_matvecs = check_int(
                 "trace_matvecs",
                 trace_matvecs,
-                minimum=max(2, _TRACE_MIN_MATVECS[method]),
+                minimum=max(2, least),
                 hint="At least 2 probes give a standard error.",
             )
         density_probes = check_int("density_probes", density_probes, minimum=1)

@@ -24,8 +24,10 @@ import pytest
 
 import hvp
 from hvp import tree as tu
-from hvp.linalg import TraceResult, frobenius_norm, trace
+from hvp.linalg import TraceResult, _driver, frobenius_norm, trace
 from hvp.linalg import _trace as T
+from hvp.linalg._probes import probes
+from tests.linalg.driver_checks import assert_drivers_agree, assert_resume_bitwise
 
 N = 300
 K = 50
@@ -132,10 +134,11 @@ def test_xtrace_matches_brute_force_leave_one_out():
     a = _matrix(0.8 ** np.arange(n), _orth(n, 3))
     op = hvp.from_dense(a)
     omega = jax.random.normal(jax.random.key(3), (m, n))
-    xt = jax.jit(
-        lambda o, w, jk: T.xtrace_from_probes(o, w, None, shift=0.0, jackknife=jk), static_argnums=2
-    )
-    _, se_j, samples = xt(op, omega, True)
+
+    def xt(o, w, jk):
+        return T._xtrace_round(o, w, shift=0.0, jackknife=jk)
+
+    _, se_j, samples, _ = xt(op, omega, True)
     o = np.asarray(omega)
     y = a @ o.T
     ref = []
@@ -155,16 +158,19 @@ def test_hutchpp_matches_brute_force():
     n, k, r = 100, 6, 8
     a = _matrix(np.random.default_rng(5).normal(size=n), _orth(n, 4))
     op = hvp.from_dense(a)
-    sketch = T.probes(jax.random.key(1), op.like, k, "rademacher")
-    est, se, samples = jax.jit(lambda o, s, k: T.hutchpp_from_probes(o, s, None, k, r))(
-        op, sketch, jax.random.key(2)
-    )
+    key = jax.random.key(1)
+    res = trace(op, key=key, num_matvecs=2 * k + r, method="hutch++")
+    assert res.num_matvecs == 20 and 20 // 3 == k  # k = m // 3 sketch probes, r = m - 2k residual
+    est, se, samples = res.estimate, res.std_error, res.samples
+    key_s, key_g = jax.random.split(key)
+    sketch = probes(key_s, op.like, k, "rademacher")
     q, _ = np.linalg.qr(a @ np.asarray(sketch).T)
     p = np.eye(n) - q @ q.T
-    g = np.asarray(T.probes(jax.random.key(2), op.like, r, "rademacher"))
+    g = np.asarray(probes(key_g, op.like, r, "rademacher"))
     resid = np.array([gi @ p @ a @ p @ gi for gi in g])
     np.testing.assert_allclose(np.asarray(samples), np.trace(q.T @ a @ q) + resid, rtol=1e-9)
     np.testing.assert_allclose(float(se), np.std(resid, ddof=1) / math.sqrt(r), rtol=1e-9)
+    np.testing.assert_allclose(float(est), np.trace(q.T @ a @ q) + resid.mean(), rtol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["hutch++", "xtrace"])
@@ -394,7 +400,7 @@ def test_frobenius_exact_pytree():
         (dict(num_matvecs=2, method="hutch++"), ValueError, "at least 3"),
         (dict(num_matvecs=1, method="xtrace"), ValueError, "at least 2"),
         (dict(num_matvecs=2.5), TypeError, "must be an int"),
-        (dict(method="lanczos"), ValueError, "Unknown trace method"),
+        (dict(method="lanczos"), ValueError, "Unknown `method`"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(rtol=-1.0), ValueError, "rtol"),
         (dict(rtol=0.0), ValueError, "positive"),
@@ -422,3 +428,97 @@ def test_bad_key_operator_and_nonfinite():
         frobenius_norm(bad, key=jax.random.key(0), num_matvecs=5)
     with pytest.raises(TypeError, match="floating"):
         trace(hvp.from_matvec(lambda v: v, jnp.zeros(10, jnp.int32)), key=jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# drivers, resume, block products, transformations (issue 11)
+# ------------------------------------------------------------------------------------------------
+_SMALL = hvp.from_dense(_matrix(SPECTRA["indefinite"][:30], _orth(30, 11)))
+_SMALL_TRUTH = float(np.sum(SPECTRA["indefinite"][:30]))
+
+
+def _small(method, m=12):
+    def call(**kw):
+        kw.setdefault("key", jax.random.key(5))
+        return trace(_SMALL, num_matvecs=m, method=method, chunk_size=5, **kw)
+
+    return call
+
+
+@pytest.mark.parametrize("method", [*METHODS, "exact"])
+def test_drivers_agree(method):
+    call = _small(method)
+    if method == "exact":  # a budget of n = 30 products, 8 unit vectors per step
+
+        def call(**kw):
+            return trace(_SMALL, key=jax.random.key(5), num_matvecs=30, chunk_size=8, **kw)
+
+    host, comp = assert_drivers_agree(call, rtol=1e-12)
+    assert host.num_matvecs == comp.num_matvecs and type(host.num_matvecs) is int
+    assert host.method == method
+    if method == "exact":
+        assert abs(float(host.estimate) - _SMALL_TRUTH) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_resume_bitwise(method, tmp_path):
+    # hutchinson: steps of 5, 5, 2 probes; hutch++ (k = 4, r = 4): S, then Q, then the residual
+    assert_resume_bitwise(_small(method), tmp_path, interrupt_after=2)
+
+
+def _count_blocks(monkeypatch):
+    calls = []
+    orig = _driver.block_product
+
+    def counted(op, vs, chunk_size=None):
+        calls.append(tu.leading_dim(vs))
+        return orig(op, vs, chunk_size)
+
+    monkeypatch.setattr(_driver, "block_product", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "method, m, chunk_size, blocks",
+    [
+        ("hutchinson", 12, 5, [5, 5, 2]),  # chunk_size probes per step, then the rest
+        ("hutch++", 12, 5, [4, 4, 4]),  # S, Q, residual probes (k = r = 4)
+        ("xtrace", 12, 5, [6, 6]),  # Omega, Q (the driver splits each into chunks)
+        ("hutchinson", 30, 8, [8, 8, 8, 6]),  # m >= n: the exact path, unit vectors
+    ],
+)
+def test_block_products(monkeypatch, method, m, chunk_size, blocks):
+    calls = _count_blocks(monkeypatch)
+    res = trace(_SMALL, key=jax.random.key(5), num_matvecs=m, method=method, chunk_size=chunk_size)
+    assert calls == blocks and res.num_matvecs == sum(blocks)
+
+
+def test_vmap_over_keys_is_the_compiled_driver():
+    keys = jax.random.split(jax.random.key(0), 3)
+    est = jax.vmap(lambda k: _small("hutch++")(key=k).estimate)(keys)
+    ref = [float(_small("hutch++")(key=k).estimate) for k in keys]  # host driver, one by one
+    np.testing.assert_allclose(np.asarray(est), ref, rtol=1e-12)
+
+
+def test_progress_text_and_checkpoint_rules(tmp_path):
+    alg = T.Hutchinson(count=4, step=2, chunk=2, total=4)
+    state = {"samples": np.array([1.0, 2.0, 3.0, 0.0]), "pos": 3, "matvecs": 3}
+    info = alg.progress(state)
+    assert (info.matvecs, info.total) == (3, 4) and info.text == "trace 2 ± 0.58"
+    with pytest.raises(ValueError, match="adaptive mode"):
+        trace(_SMALL, key=jax.random.key(0), rtol=0.1, checkpoint=tmp_path / "t.npz")
+    with pytest.raises(ValueError, match="host driver"):
+        trace(_SMALL, key=jax.random.key(0), driver="compiled", checkpoint=tmp_path / "t.npz")
+    with pytest.raises(ValueError, match="driver"):
+        trace(_SMALL, key=jax.random.key(0), driver="gpu")
+
+
+def test_resolve_trace_method():
+    assert hvp.linalg.TRACE_METHODS == METHODS
+    assert hvp.linalg.resolve_trace_method("Girard") == ("hutchinson", 1)
+    assert hvp.linalg.resolve_trace_method("hutch_plus_plus") == ("hutch++", 3)
+    assert hvp.linalg.resolve_trace_method("xtrace") == ("xtrace", 2)
+    with pytest.raises(ValueError, match="Unknown `trace_method` 'lanczos'"):
+        hvp.linalg.resolve_trace_method("lanczos", argument="trace_method")
+    with pytest.raises(TypeError, match="must be a string"):
+        hvp.linalg.resolve_trace_method(3)
