@@ -55,6 +55,8 @@ import dataclasses
 import datetime as _dt
 import functools
 import importlib.util
+import json
+import pickle
 import platform
 import time
 from pathlib import Path
@@ -65,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvp import tree as tu
+from hvp._io import atomic_open, atomic_write_text, check_writable_dir
 from hvp._version import __version__
 from hvp.analysis import _interrupt
 from hvp.analysis._checkpoint import read_checkpoint, resolve_checkpoint, restore_into
@@ -663,6 +666,7 @@ def analyze(
     progress: bool = False,
     console=None,
     extra: dict | None = None,
+    resume_dir=None,
     **options,
 ) -> AnalysisReport:
     r"""Curvature report of a model stored in an Orbax checkpoint (see the module docstring).
@@ -688,6 +692,14 @@ def analyze(
         off (this one shows every stage).
       console: a ``rich.console.Console`` for the progress bars.
       extra: free-form dict stored in the report's ``extra`` field.
+      resume_dir: a directory that keeps each finished stage (the top and bottom eigenpairs,
+        the trace, the density, the per-layer traces) as soon as it ends; a run interrupted
+        (Ctrl-C, SIGTERM, a crash) and started again with the same directory and the same
+        checkpoint, model, data and settings skips the finished stages and gives the same
+        report numbers as an uninterrupted run. A directory of another analysis is refused;
+        its files are removed once the report is complete. Needs ``model`` and ``data`` as
+        spec strings. The files are pickles: use a directory only you write to.
+        (``hvp analyze --resume DIR``.)
       **options: settings by name (``data``, ``operator``, ``k``, ``num_probes``, ``num_iters``,
         ``eig_iters``, ``tol``, ``trace_method``, ``trace_matvecs``, ``layer_matvecs``,
         ``batch_size``, ``num_batches``, ``seed``, ``x64``, ``chunk_size``, ``step``, ``item``,
@@ -731,16 +743,125 @@ def analyze(
         from hvp.analysis._report import prepare_output_dir
 
         prepare_output_dir(out_dir, overwrite=overwrite)
+    store = (
+        None
+        if resume_dir is None
+        else _StageStore(resume_dir, _fingerprint(checkpoint, model, settings))
+    )
     if settings.x64 and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)  # restored by @_restoring_x64
 
-    computed = _compute(checkpoint, model, settings, progress=progress, console=console)
+    computed = _compute(
+        checkpoint, model, settings, progress=progress, console=console, store=store
+    )
+    if store is not None and store.resumed:
+        extra = {**(extra or {}), "resumed_stages": list(store.resumed)}
     report = _assemble(checkpoint, model, settings, computed, extra=extra, t_start=t_start)
     _interrupt.check()
     if out_dir is not None:
         with _interrupt.deferred():  # a signal here is raised once every file is complete
             report.write(out_dir, plots=plots)
+    if store is not None:
+        store.clear()
     return report
+
+
+# ------------------------------------------------------------------------------------------------
+# resuming: finished stages kept in a state directory
+# ------------------------------------------------------------------------------------------------
+#: Stages whose results a state directory keeps (the algorithms, in the order they run).
+STAGES = ("top", "bottom", "trace", "density", "layers")
+_STATE_FILE = "state.json"
+
+
+class _StageStore:
+    """The finished stages of one analysis, kept in ``resume_dir`` to resume an interrupted run.
+
+    ``state.json`` records what the stages depend on (the checkpoint item and step, the model and
+    data specs, every setting that changes a figure, the hvp version); a directory of another
+    analysis is refused. Each finished stage is written atomically as ``<stage>.pkl`` (its
+    algorithm's result and seconds) right after it ends, so that an interruption (Ctrl-C,
+    SIGTERM, a killed process) loses at most the stage in flight. The files are removed once the
+    report is complete.
+    """
+
+    def __init__(self, path, fingerprint: dict):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AnalysisError(f"Cannot create the --resume directory '{path}': {e}.") from None
+        check_writable_dir(self.path, what="--resume directory")
+        state = self.path / _STATE_FILE
+        self.resumed: list[str] = []
+        if state.exists():
+            try:
+                before = json.loads(state.read_text())
+            except (OSError, ValueError):
+                before = None
+            if before != fingerprint:
+                diff = (
+                    sorted(k for k in fingerprint if before.get(k) != fingerprint[k])
+                    if isinstance(before, dict)
+                    else ["state.json is unreadable"]
+                )
+                raise AnalysisError(
+                    f"The --resume directory '{path}' holds the state of another analysis "
+                    f"(differs in: {', '.join(diff)}); use another directory, or remove it to "
+                    "start over."
+                )
+        else:
+            atomic_write_text(state, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    def load(self, name: str):
+        """``(result, seconds)`` of a finished stage, or ``None``."""
+        f = self.path / f"{name}.pkl"
+        if not f.exists():
+            return None
+        try:
+            with open(f, "rb") as fh:
+                result, seconds = pickle.load(fh)
+        except Exception:  # a damaged file: run the stage again
+            return None
+        self.resumed.append(name)
+        return result, seconds
+
+    def save(self, name: str, result, seconds: float) -> None:
+        payload = pickle.dumps((jax.device_get(result), float(seconds)))
+        with atomic_open(self.path / f"{name}.pkl", "wb") as fh:
+            fh.write(payload)
+
+    def clear(self) -> None:
+        """Remove the files of this analysis (and the directory when nothing else is left)."""
+        for name in STAGES:
+            (self.path / f"{name}.pkl").unlink(missing_ok=True)
+            (self.path / f"{name}.npz").unlink(missing_ok=True)  # an algorithm's checkpoint
+        (self.path / _STATE_FILE).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def _fingerprint(checkpoint, model, settings: AnalysisSettings) -> dict:
+    """What the figures of an analysis depend on (``state.json`` of a resume directory)."""
+    if not isinstance(model, str) or not isinstance(settings.data, str):
+        raise AnalysisError(
+            "Resuming (--resume, resume_dir=) needs the model and the data as spec strings "
+            "(e.g. model='models.py:factory', data='digits'): Python objects cannot be "
+            "recognised again in a later run."
+        )
+    item_dir, step, item = resolve_checkpoint(checkpoint, step=settings.step, item=settings.item)
+    figures = {k: v for k, v in settings.to_dict().items() if k not in ("layer_view", "top_layers")}
+    return {
+        "hvp": __version__,
+        "checkpoint": str(Path(item_dir).resolve()),
+        "step": step,
+        "item": item,
+        "model": model,
+        "data": settings.data,
+        "settings": figures,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -763,7 +884,9 @@ class _Computed:
     timings: dict
 
 
-def _compute(checkpoint, model, settings: AnalysisSettings, *, progress, console) -> _Computed:
+def _compute(
+    checkpoint, model, settings: AnalysisSettings, *, progress, console, store=None
+) -> _Computed:
     """Build the model, read the checkpoint and the data, build the operator, run the algorithms."""
     from hvp import flax as hflax
     from hvp import linalg
@@ -853,59 +976,60 @@ def _compute(checkpoint, model, settings: AnalysisSettings, *, progress, console
         )
 
         # 4. figures (the stage display replaces the algorithms' own progress) ---------------
-        eig_kw = dict(tol=s.eig_tol)
+        # Options of every algorithm call. Issue 11 (after the merge of the converted
+        # algorithms): dict(progress=False), the stage display replacing the algorithms' own,
+        # and with a resume directory checkpoint=linalg.Checkpoint(store.path / f"{name}.npz")
+        # per stage, so that a stage in flight resumes too. Only power_iteration takes them on
+        # this branch.
+        quiet: dict = {}
+        eig_kw = dict(tol=s.eig_tol, **quiet)
         if s.eig_iters is not None:
             eig_kw["num_iters"] = s.eig_iters
+        # one function per stage; each is skipped when a resume directory holds its result
+        algorithms = {
+            "top": lambda: _quiet_eigsh(
+                linalg.eigsh, op, s.k, which="largest", key=keys["top"], **eig_kw
+            ),
+            "bottom": lambda: _quiet_eigsh(
+                linalg.eigsh, op, s.k, which="smallest", key=keys["bottom"], **eig_kw
+            ),
+            "trace": lambda: linalg.trace(
+                op,
+                key=keys["trace"],
+                num_matvecs=s.trace_matvecs,
+                method=s.trace_method,
+                chunk_size=s.chunk_size,
+                **quiet,
+            ),
+            "density": lambda: linalg.spectral_density(
+                op,
+                key=keys["density"],
+                num_probes=s.num_probes,
+                num_iters=s.num_iters,
+                chunk_size=s.chunk_size,
+                **quiet,
+            ),
+            "layers": lambda: linalg.layer_trace(
+                op,
+                key=keys["layers"],
+                num_matvecs=s.layer_matvecs,
+                chunk_size=s.chunk_size,
+                **quiet,
+            ),
+        }
+        titles = {
+            "top": f"Top-{s.k} eigenvalues (Lanczos)",
+            "bottom": f"Bottom-{s.k} eigenvalues (Lanczos)",
+            "trace": f"Trace ({s.trace_method})",
+            "density": f"Spectral density (SLQ, {s.num_probes} x {s.num_iters})",
+            "layers": "Per-layer trace and eigenvector mass",
+        }
         results = {}
-        for which, name in (("largest", "top"), ("smallest", "bottom")):
+        for name in STAGES:
             _interrupt.check()
-            with stages.stage(
-                f"{'Top' if name == 'top' else 'Bottom'}-{s.k} eigenvalues (Lanczos)", expect=name
-            ) as st:
-                res, timings[name] = _timed(
-                    lambda w=which, nm=name: _quiet_eigsh(
-                        linalg.eigsh, op, s.k, which=w, key=keys[nm], **eig_kw
-                    )
-                )
-                results[name] = res
-                st.done(f"{int(res.num_matvecs)} matvecs")
-
-        _interrupt.check()
-        with stages.stage(f"Trace ({s.trace_method})", expect="trace") as st:
-            results["trace"], timings["trace"] = _timed(
-                lambda: linalg.trace(
-                    op,
-                    key=keys["trace"],
-                    num_matvecs=s.trace_matvecs,
-                    method=s.trace_method,
-                    chunk_size=s.chunk_size,
-                )
-            )
-            st.done(f"{int(results['trace'].num_matvecs)} matvecs")
-
-        _interrupt.check()
-        with stages.stage(
-            f"Spectral density (SLQ, {s.num_probes} x {s.num_iters})", expect="density"
-        ) as st:
-            results["density"], timings["density"] = _timed(
-                lambda: linalg.spectral_density(
-                    op,
-                    key=keys["density"],
-                    num_probes=s.num_probes,
-                    num_iters=s.num_iters,
-                    chunk_size=s.chunk_size,
-                )
-            )
-            st.done(f"{int(results['density'].num_matvecs)} matvecs")
-
-        _interrupt.check()
-        with stages.stage("Per-layer trace and eigenvector mass", expect="layers") as st:
-            results["layers"], timings["layers"] = _timed(
-                lambda: linalg.layer_trace(
-                    op, key=keys["layers"], num_matvecs=s.layer_matvecs, chunk_size=s.chunk_size
-                )
-            )
-            st.done(f"{int(results['layers'].num_matvecs)} matvecs")
+            with stages.stage(titles[name], expect=name) as st:
+                results[name], timings[name], resumed = _stage(store, name, algorithms[name])
+                st.done(_done(results[name], resumed))
 
     return _Computed(
         spec=spec,
@@ -1141,3 +1265,18 @@ def derived_figures(
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),
         seconds=float(top.seconds + bottom.seconds + dens.seconds),
     )
+
+
+def _stage(store: _StageStore | None, name: str, fn):
+    """``(result, seconds, resumed)``: the stage's saved result, or ``fn()`` run (and saved)."""
+    saved = store.load(name) if store is not None else None
+    if saved is not None:
+        return (*saved, True)
+    result, seconds = _timed(fn)
+    if store is not None:
+        store.save(name, result, seconds)
+    return result, seconds, False
+
+
+def _done(result, resumed: bool) -> str:
+    return f"{int(result.num_matvecs)} matvecs" + (" (resumed)" if resumed else "")
