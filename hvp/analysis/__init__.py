@@ -1,6 +1,6 @@
 """Curvature reports of checkpointed models: ``hvp analyze`` and ``hvp demo`` as Python functions.
 
-* :func:`analyze`: read an Orbax checkpoint (read-only) into a Flax model built
+* :func:`analyze`: with :class:`AnalysisSettings` (every option, validated once), read an Orbax checkpoint (read-only) into a Flax model built
   from a spec, compute extreme eigenvalues, trace, spectral density and a
   per-layer breakdown over a data set, and return an :class:`AnalysisReport`
   (written as ``report.json`` plus ``density.png`` and ``layers.png``).
@@ -12,10 +12,12 @@ See ``docs/analyze.md`` for the specs, the flags and the ``report.json`` schema.
 
 from hvp.analysis._analyze import (
     DEFAULTS,
+    FLAGS,
     OPERATORS,
     SCHEMA_VERSION,
     TRACE_METHODS,
     AnalysisReport,
+    AnalysisSettings,
     DensitySection,
     DerivedSection,
     EigenSection,
@@ -24,10 +26,15 @@ from hvp.analysis._analyze import (
     analyze,
     check_dependencies,
 )
-from hvp.analysis._checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint, restore_into
-from hvp.analysis._data import DataSet, digits, load_data
+from hvp.analysis._checkpoint import (
+    LoadedCheckpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+    restore_into,
+)
+from hvp.analysis._data import LoadedData, digits, load_data
 from hvp.analysis._demo import DEMO_MODEL_SPEC, digits_mlp, run_demo
-from hvp.analysis._errors import AnalysisError, StructureMismatchError
+from hvp.analysis._errors import AnalysisError, AnalysisTypeError, StructureMismatchError
 from hvp.analysis._plots import plot_density, plot_layers
 from hvp.analysis._report import (
     REPORT_SCHEMA,
@@ -41,18 +48,21 @@ from hvp.analysis._specs import ModelSpec, load_model, resolve_callable
 __all__ = [
     "DEFAULTS",
     "DEMO_MODEL_SPEC",
+    "FLAGS",
     "OPERATORS",
     "REPORT_SCHEMA",
     "SCHEMA_VERSION",
     "TRACE_METHODS",
     "AnalysisError",
     "AnalysisReport",
-    "Checkpoint",
-    "DataSet",
+    "AnalysisSettings",
+    "AnalysisTypeError",
+    "LoadedCheckpoint",
     "DensitySection",
     "DerivedSection",
     "EigenSection",
     "LayerSection",
+    "LoadedData",
     "ModelSpec",
     "StructureMismatchError",
     "TraceSection",

@@ -24,21 +24,23 @@ Pipeline (the ``hvp analyze`` command and :func:`analyze` run exactly this code)
      Gaussian-broadened (Lin, Saad & Yang 2016), and its negative mass
      :math:`\int_{-\infty}^0 \phi(\lambda) d\lambda` (the fraction of
      eigenvalues below zero);
-   * per layer (leaves grouped by module path): the trace of the layer's
-     diagonal block :math:`\operatorname{tr} A_{ll}` (Hutchinson restricted to
-     the block, :func:`hvp.flax.layer_trace`) and the share
+   * per layer (leaves grouped by module path, :func:`hvp.tree.group_by_layer`): the trace
+     of the layer's diagonal block :math:`\operatorname{tr} A_{ll}` (Hutchinson restricted to
+     the block, :func:`hvp.linalg.layer_trace`) and the share
      :math:`\lVert v_{1,l} \rVert^2` of the top eigenvector in the layer
-     (:func:`hvp.flax.layer_norms`);
-   * derived figures: :math:`\lambda_{\max}`, :math:`\lambda_{\min}`, the
-     condition estimate :math:`\kappa = \max|\lambda| / \min|\lambda|` over the
-     :math:`2k` computed extreme eigenvalues (exactly
-     :math:`\lambda_{\max}/\lambda_{\min}` when :math:`A` is positive definite,
-     otherwise a lower bound of the condition number, whose smallest
-     :math:`|\lambda|` lies inside the spectrum), the negative ratio
-     :math:`|\lambda_{\min}| / \lambda_{\max}` (when :math:`\lambda_{\min} < 0`)
-     and the negative mass (the fraction of eigenvalues below
-     :math:`-\mathrm{tol}\cdot\max|\lambda|`, so that round-off around a null
-     space does not count as negative curvature);
+     (:func:`hvp.tree.layer_norms`);
+   * derived figures (:func:`derived_figures`, one zero threshold
+     :math:`\epsilon = \max(\mathrm{tol}, f)\cdot\max|\lambda|` for all, :math:`f` the
+     round-off floor of :func:`hvp.linalg.eigsh`): :math:`\lambda_{\max}`,
+     :math:`\lambda_{\min}`, the condition estimate of :func:`hvp.linalg.condition_estimate`,
+     the definition that :func:`hvp.linalg.spectrum_summary` uses too
+     (:math:`\lambda_{\max}/\lambda_{\min}` when :math:`A` is positive definite, ``inf``
+     when an extreme eigenvalue is within :math:`\epsilon` of 0, and for an indefinite
+     :math:`A` :math:`\max|\lambda|` over the smallest SLQ Ritz value magnitude above
+     :math:`\epsilon`, a rough figure), the negative ratio
+     :math:`|\lambda_{\min}| / \lambda_{\max}` (when :math:`\lambda_{\min} < -\epsilon`)
+     and the negative mass (the fraction of eigenvalues below :math:`-\epsilon`, so that
+     round-off around a null space does not count as negative curvature);
 5. optionally write ``report.json``, ``density.png`` and ``layers.png``.
 
 Seeds: ``key = jax.random.PRNGKey(seed)`` is split with
@@ -49,9 +51,12 @@ so the same checkpoint, data, settings and seed give the same figures.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import importlib.util
+import json
+import pickle
 import platform
 import time
 from pathlib import Path
@@ -62,17 +67,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvp import tree as tu
+from hvp._io import atomic_open, atomic_write_text, check_writable_dir
 from hvp._version import __version__
 from hvp.analysis import _interrupt
 from hvp.analysis._checkpoint import read_checkpoint, resolve_checkpoint, restore_into
 from hvp.analysis._data import load_data
-from hvp.analysis._errors import AnalysisError
+from hvp.analysis._errors import FLAGS, AnalysisError, AnalysisTypeError, setting_int
 from hvp.analysis._layer_report import block_groups
 from hvp.analysis._progress import Stages, stage_products
 from hvp.analysis._specs import load_model
+from hvp.linalg._checks import check_finite_float
 
 __all__ = [
     "analyze",
+    "AnalysisSettings",
     "AnalysisReport",
     "EigenSection",
     "TraceSection",
@@ -83,34 +91,16 @@ __all__ = [
     "OPERATORS",
     "TRACE_METHODS",
     "DEFAULTS",
+    "FLAGS",
     "check_dependencies",
+    "derived_figures",
+    "zero_threshold",
 ]
 
 #: Version of the ``report.json`` schema (see ``docs/analyze.md``).
 SCHEMA_VERSION = 1
 OPERATORS = ("hessian", "ggn")
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
-#: Default settings, shared by :func:`analyze`, ``hvp analyze`` and ``hvp demo``.
-DEFAULTS = dict(
-    data="digits",
-    operator="hessian",
-    k=5,
-    num_probes=16,
-    num_iters=64,
-    eig_iters=None,
-    tol=None,
-    trace_method="hutch++",
-    trace_matvecs=99,
-    layer_matvecs=64,
-    batch_size=2048,
-    num_batches=None,
-    seed=0,
-    x64=False,
-    chunk_size=None,
-    grid_size=1000,
-    layer_view="grouped",
-    top_layers=10,
-)
 _SEED_ORDER = ("top", "bottom", "trace", "density", "layers")
 
 
@@ -206,7 +196,7 @@ class LayerSection:
     Attributes:
       layers: layer names (module paths).
       labels, block, kind: each layer's short unique label, its block and its kind within the
-        block (:func:`hvp.flax.layer_labels`: ``block_7/attn/query``, ``block_7``, ``attn/query``).
+        block (:func:`hvp.tree.layer_labels`: ``block_7/attn/query``, ``block_7``, ``attn/query``).
       groups: per block (``names``, ``num_layers``, ``trace``, ``trace_std_error``; standard
         errors from the per-probe block sums), for the grouped table and plot.
       num_params: parameters per layer.
@@ -342,6 +332,183 @@ class AnalysisReport:
         return write_outputs(self, out_dir, plots=plots)
 
 
+#: Points of the density grid in the report.
+DENSITY_GRID_SIZE = 1000
+
+
+def _setting_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise AnalysisError(
+            f"`{name}` ({FLAGS[name]}) must be one of {', '.join(choices)}, got {value!r}."
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSettings:
+    r"""Every option of an analysis, validated once when the settings are made.
+
+    :func:`analyze` takes these as keywords (or a whole ``settings=`` object); ``hvp analyze``
+    sets them with the flags of :data:`FLAGS`. The report's ``settings`` field is
+    :meth:`to_dict`.
+
+    Attributes:
+      data: data spec (``"digits"``, ``"digits:images"``, a ``.npz`` path, ``"module:function"``;
+        see :func:`load_data`), or batches from Python.
+      operator: ``"hessian"`` or ``"ggn"`` (:data:`OPERATORS`).
+      k: number of largest and of smallest eigenvalues (>= 1).
+      num_probes: SLQ probes of the density (>= 2).
+      num_iters: Lanczos steps per SLQ probe (>= 2).
+      eig_iters: Lanczos basis size for the eigenvalues (>= 2; ``None``: eigsh's default).
+      tol: eigenpair residual tolerance relative to each eigenvalue,
+        ``||r_i|| <= tol * |lambda_i|`` floored at round-off (as :func:`hvp.linalg.eigsh`);
+        ``None``: ``1e-6`` in float64, ``1e-4`` in float32 (:attr:`eig_tol`). It also sets
+        the zero threshold of the derived figures.
+      trace_method: ``"hutch++"``, ``"hutchinson"`` or ``"xtrace"`` (:data:`TRACE_METHODS`).
+      trace_matvecs: products of the trace estimate (>= 3).
+      layer_matvecs: Hutchinson probes of the per-layer traces (>= 2).
+      batch_size: examples per batch when cutting arrays (``None``: one batch).
+      num_batches: use only the first batches (``None``: all).
+      seed: the seed of every random choice (>= 0; see "Seeds" in :mod:`hvp.analysis._analyze`).
+      x64: compute in float64 (``jax_enable_x64`` is on for the call only); float32 otherwise.
+      chunk_size: at most this many products at once in the trace, the density and the
+        per-layer traces (``None``: the library's default).
+      step: the step of a ``CheckpointManager`` root or Flax workdir (``None``: the latest).
+      item: the item of a step directory, or the top-level key of the saved tree that holds the
+        model state (``None``: found automatically).
+      layer_view: ``"grouped"`` (one row per block) or ``"all"`` (one per layer) in the
+        terminal table and ``layers.png``.
+      top_layers: rows of the terminal's per-layer table (>= 1).
+
+    Raises:
+      AnalysisTypeError: a setting of the wrong type (also a ``TypeError``).
+      AnalysisError: a setting out of range or not among its choices (a ``ValueError``); the
+        message names the setting and its ``hvp analyze`` flag.
+
+    Examples:
+        >>> from hvp.analysis import AnalysisSettings
+        >>> s = AnalysisSettings(k=3, x64=True)
+        >>> s.k, s.eig_tol, s.dtype.name
+        (3, 1e-06, 'float64')
+        >>> AnalysisSettings(num_probes=1)
+        Traceback (most recent call last):
+        ...
+        hvp.analysis._errors.AnalysisError: `num_probes` (--probes) must be an integer >= 2, got 1.
+    """
+
+    data: Any = "digits"
+    operator: str = "hessian"
+    k: int = 5
+    num_probes: int = 16
+    num_iters: int = 64
+    eig_iters: int | None = None
+    tol: float | None = None
+    trace_method: str = "hutch++"
+    trace_matvecs: int = 99
+    layer_matvecs: int = 64
+    batch_size: int | None = 2048
+    num_batches: int | None = None
+    seed: int = 0
+    x64: bool = False
+    chunk_size: int | None = None
+    step: int | None = None
+    item: str | None = None
+    layer_view: str = "grouped"
+    top_layers: int = 10
+
+    def __post_init__(self):
+        checked = dict(
+            operator=_setting_choice("operator", self.operator, OPERATORS),
+            trace_method=_setting_choice("trace_method", self.trace_method, TRACE_METHODS),
+            layer_view=_setting_choice("layer_view", self.layer_view, ("grouped", "all")),
+            k=setting_int("k", self.k, 1),
+            num_probes=setting_int("num_probes", self.num_probes, 2),
+            num_iters=setting_int("num_iters", self.num_iters, 2),
+            eig_iters=setting_int("eig_iters", self.eig_iters, 2, optional=True),
+            trace_matvecs=setting_int("trace_matvecs", self.trace_matvecs, 3),
+            layer_matvecs=setting_int("layer_matvecs", self.layer_matvecs, 2),
+            batch_size=setting_int("batch_size", self.batch_size, 1, optional=True),
+            num_batches=setting_int("num_batches", self.num_batches, 1, optional=True),
+            seed=setting_int("seed", self.seed, 0),
+            chunk_size=setting_int("chunk_size", self.chunk_size, 1, optional=True),
+            step=setting_int("step", self.step, 0, optional=True),
+            top_layers=setting_int("top_layers", self.top_layers, 1),
+        )
+        if self.tol is not None:
+            try:
+                checked["tol"] = check_finite_float("tol", self.tol)
+            except TypeError as e:
+                raise AnalysisTypeError(f"{e} (--tol)") from None
+            except ValueError as e:
+                raise AnalysisError(f"{e} (--tol)") from None
+        if not isinstance(self.x64, (bool, np.bool_)):
+            raise AnalysisTypeError(f"`x64` (--x64) must be a bool, got {self.x64!r}.")
+        checked["x64"] = bool(self.x64)
+        if self.item is not None and not isinstance(self.item, str):
+            raise AnalysisTypeError(f"`item` (--item) must be a string, got {self.item!r}.")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """``float64`` with :attr:`x64`, else ``float32``."""
+        return np.dtype(np.float64 if self.x64 else np.float32)
+
+    @property
+    def eig_tol(self) -> float:
+        """:attr:`tol`, or its default for the dtype (``1e-6`` in float64, ``1e-4`` in float32)."""
+        if self.tol is not None:
+            return float(self.tol)
+        return 1e-6 if self.x64 else 1e-4
+
+    def replace(self, **changes) -> AnalysisSettings:
+        """A copy with some settings changed (validated again); unknown names are refused."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise AnalysisTypeError(
+                f"Unknown analysis setting(s) {', '.join(unknown)}; the settings are "
+                f"{', '.join(f.name for f in dataclasses.fields(self))}."
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The report's ``settings``: every setting (``tol`` resolved), the dtype, the grid size."""
+        return dict(
+            operator=self.operator,
+            k=self.k,
+            num_probes=self.num_probes,
+            num_iters=self.num_iters,
+            eig_iters=self.eig_iters,
+            tol=self.eig_tol,
+            trace_method=self.trace_method,
+            trace_matvecs=self.trace_matvecs,
+            layer_matvecs=self.layer_matvecs,
+            batch_size=self.batch_size,
+            num_batches=self.num_batches,
+            seed=self.seed,
+            x64=self.x64,
+            chunk_size=self.chunk_size,
+            dtype=str(self.dtype),
+            density_grid_size=DENSITY_GRID_SIZE,
+            step=self.step,
+            item=self.item,
+            layer_view=self.layer_view,
+            top_layers=self.top_layers,
+        )
+
+
+#: Default settings, shared by :func:`analyze`, ``hvp analyze`` and ``hvp demo``
+#: (the defaults of :class:`AnalysisSettings`, and the density grid size).
+DEFAULTS = {
+    **{
+        f.name: f.default
+        for f in dataclasses.fields(AnalysisSettings)
+        if f.name not in ("step", "item")
+    },
+    "grid_size": DENSITY_GRID_SIZE,
+}
+
+
 def versions() -> dict:
     """Versions of the software that produced a report."""
     out = {
@@ -394,11 +561,6 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _check_positive(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise AnalysisError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
 def _command_line(checkpoint, model, data, settings: dict) -> str:
     parts = ["hvp", "analyze", str(checkpoint), "--model", str(model), "--data", str(data)]
     flags = [
@@ -434,7 +596,7 @@ def _density_grid(lo: float, hi: float, num: int):
     if not np.isfinite(width) or width <= 0:
         width = max(abs(hi), abs(lo), 1.0)
     pad = 0.05 * width
-    return np.linspace(lo - pad, hi + pad, num), width
+    return np.linspace(lo - pad, hi + pad, num)
 
 
 #: Optional packages: (import name, what needs it, the pip extra that installs it).
@@ -497,33 +659,21 @@ def analyze(
     checkpoint,
     *,
     model,
-    data: Any = DEFAULTS["data"],
-    operator: str = DEFAULTS["operator"],
-    k: int = DEFAULTS["k"],
-    num_probes: int = DEFAULTS["num_probes"],
-    num_iters: int = DEFAULTS["num_iters"],
-    eig_iters: int | None = DEFAULTS["eig_iters"],
-    tol: float | None = DEFAULTS["tol"],
-    trace_method: str = DEFAULTS["trace_method"],
-    trace_matvecs: int = DEFAULTS["trace_matvecs"],
-    layer_matvecs: int = DEFAULTS["layer_matvecs"],
-    batch_size: int | None = DEFAULTS["batch_size"],
-    num_batches: int | None = DEFAULTS["num_batches"],
-    seed: int = DEFAULTS["seed"],
-    x64: bool = DEFAULTS["x64"],
-    chunk_size: int | None = DEFAULTS["chunk_size"],
-    step: int | None = None,
-    item: str | None = None,
+    settings: AnalysisSettings | None = None,
     out_dir=None,
     plots: bool = True,
-    layer_view: str = DEFAULTS["layer_view"],
-    top_layers: int = DEFAULTS["top_layers"],
     overwrite: bool = False,
     progress: bool = False,
     console=None,
     extra: dict | None = None,
+    resume_dir=None,
+    **options,
 ) -> AnalysisReport:
     r"""Curvature report of a model stored in an Orbax checkpoint (see the module docstring).
+
+    Three steps: the settings are validated once (:class:`AnalysisSettings`), the algorithms
+    run (model, checkpoint, data, operator, then the figures), and the report is assembled
+    from their results (the derived figures as :func:`derived_figures` defines them).
 
     Args:
       checkpoint: directory written by ``ocp.StandardCheckpointer`` or a
@@ -531,44 +681,30 @@ def analyze(
       model: model spec ``"module.path:factory"`` / ``"path/file.py:factory"``
         (the factory returns ``(model, loss)``; see :mod:`hvp.analysis._specs`),
         or from Python the factory itself.
-      data: data spec (``"digits"``, ``"digits:images"``, a ``.npz`` path,
-        ``"module:function"``; see :mod:`hvp.analysis._data`), or batches.
-      operator: ``"hessian"`` or ``"ggn"``.
-      k: number of largest and of smallest eigenvalues.
-      num_probes: SLQ probes of the density.
-      num_iters: Lanczos steps per SLQ probe.
-      eig_iters: Lanczos basis size for the eigenvalues (default: eigsh's).
-      tol: eigenpair residual tolerance relative to each eigenvalue,
-        ``||r_i|| <= tol * |lambda_i|`` floored at round-off (as :func:`hvp.linalg.eigsh`;
-        default ``1e-6`` in float64, ``1e-4`` in float32).
-      trace_method: trace estimator (``"hutch++"``, ``"hutchinson"``, ``"xtrace"``).
-      trace_matvecs: products of the trace estimate.
-      layer_matvecs: Hutchinson probes for the per-layer traces.
-      batch_size: examples per batch when cutting arrays (see :func:`hvp.analysis.load_data`).
-      num_batches: use only the first ``num_batches`` batches (``None``: all).
-      seed: the seed of every random choice (see "Seeds" above).
-      x64: compute in float64 (turns on ``jax_enable_x64`` for the call and
-        restores the previous setting when it returns); float32 otherwise.
-      chunk_size: probes run at once by the trace, the density and the per-layer
-        traces (``None``: the library's default); bounds their memory to about
-        ``chunk_size`` parameter copies per product (times ``num_iters`` for the
-        density's Lanczos bases).
-      step: the step of a ``CheckpointManager`` root or Flax workdir (``None``: the latest).
-      item: the item of a step directory, or the top-level key of the saved tree
-        that holds the model state (``None``: found automatically).
+      settings: an :class:`AnalysisSettings` (``None``: the defaults).
       out_dir: if given, write ``report.json``, ``density.png``, ``layers.png`` there
         (each atomically). The directory is checked writable before any work.
       plots: write the PNGs (with ``out_dir``).
-      layer_view: ``"grouped"`` (one row per block of layers, e.g. a transformer block) or
-        ``"all"`` (one per layer) in the terminal table and ``layers.png``; ``report.json`` has
-        both.
-      top_layers: rows of the terminal's per-layer table (the largest by ``|trace|``).
       overwrite: replace the outputs of an earlier run in ``out_dir`` (the whole
         set: PNGs not written again are removed). Without it an ``out_dir``
         that already holds outputs is refused before any work.
-      progress: show rich progress bars (stderr).
+      progress: show rich progress bars (stderr); the algorithms' own progress displays stay
+        off (this one shows every stage).
       console: a ``rich.console.Console`` for the progress bars.
       extra: free-form dict stored in the report's ``extra`` field.
+      resume_dir: a directory that keeps each finished stage (the top and bottom eigenpairs,
+        the trace, the density, the per-layer traces) as soon as it ends; a run interrupted
+        (Ctrl-C, SIGTERM, a crash) and started again with the same directory and the same
+        checkpoint, model, data and settings skips the finished stages and gives the same
+        report numbers as an uninterrupted run. A directory of another analysis is refused;
+        its files are removed once the report is complete. Needs ``model`` and ``data`` as
+        spec strings. The files are pickles: use a directory only you write to.
+        (``hvp analyze --resume DIR``.)
+      **options: settings by name (``data``, ``operator``, ``k``, ``num_probes``, ``num_iters``,
+        ``eig_iters``, ``tol``, ``trace_method``, ``trace_matvecs``, ``layer_matvecs``,
+        ``batch_size``, ``num_batches``, ``seed``, ``x64``, ``chunk_size``, ``step``, ``item``,
+        ``layer_view``, ``top_layers``; see :class:`AnalysisSettings`), applied on top of
+        ``settings``.
 
     Returns:
       An :class:`AnalysisReport`.
@@ -578,6 +714,8 @@ def analyze(
         checkpoint, structure mismatch, NaN parameters, bad spec, empty data,
         invalid setting, unwritable or already used ``out_dir``, a missing
         optional package), with a message that names the fix.
+      AnalysisTypeError: a setting of the wrong type or an unknown setting (an
+        ``AnalysisError`` and a ``TypeError``).
       KeyboardInterrupt: (:class:`hvp.analysis._interrupt.Interrupted` under
         the ``hvp`` command) on SIGINT/SIGTERM; no output file is left
         half-written.
@@ -590,44 +728,172 @@ def analyze(
       hvp.analysis._errors.AnalysisError: The checkpoint directory 'no/such/dir' does not exist.
     """
     t_start = time.perf_counter()
-    if operator not in OPERATORS:
-        raise AnalysisError(f"--operator must be one of {', '.join(OPERATORS)}, got {operator!r}.")
-    if trace_method not in TRACE_METHODS:
-        raise AnalysisError(
-            f"--trace-method must be one of {', '.join(TRACE_METHODS)}, got {trace_method!r}."
+    if settings is None:
+        settings = AnalysisSettings()
+    elif not isinstance(settings, AnalysisSettings):
+        raise AnalysisTypeError(
+            f"`settings` must be an hvp.analysis.AnalysisSettings, got {type(settings).__name__}."
         )
-    _check_positive("-k", k)
-    _check_positive("--probes", num_probes, 2)
-    _check_positive("--iters", num_iters, 2)
-    _check_positive("--trace-matvecs", trace_matvecs, 3)
-    _check_positive("--layer-matvecs", layer_matvecs, 2)
-    if eig_iters is not None:
-        _check_positive("--eig-iters", eig_iters, 2)
-    if layer_view not in ("grouped", "all"):
-        raise AnalysisError(f"--layers must be 'grouped' or 'all', got {layer_view!r}.")
-    _check_positive("--top-layers", top_layers)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise AnalysisError(f"--seed must be a non-negative integer, got {seed!r}.")
-    if chunk_size is not None:
-        _check_positive("--chunk-size", chunk_size)
+    if options:
+        settings = settings.replace(**options)
     # Cheap checks before any heavy work: packages, the checkpoint path, the output directory.
     check_dependencies(plots=plots and out_dir is not None)
-    resolve_checkpoint(checkpoint, step=step, item=item)
+    resolve_checkpoint(checkpoint, step=settings.step, item=settings.item)
     if out_dir is not None:
         from hvp.analysis._report import prepare_output_dir
 
         prepare_output_dir(out_dir, overwrite=overwrite)
-    if x64 and not jax.config.jax_enable_x64:
+    store = (
+        None
+        if resume_dir is None
+        else _StageStore(resume_dir, _fingerprint(checkpoint, model, settings))
+    )
+    if settings.x64 and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)  # restored by @_restoring_x64
-    dtype = jnp.float64 if x64 else jnp.float32
-    tol_given = tol
-    if tol is None:
-        tol = 1e-6 if x64 else 1e-4
-    timings: dict[str, float] = {}
 
+    computed = _compute(
+        checkpoint, model, settings, progress=progress, console=console, store=store
+    )
+    if store is not None and store.resumed:
+        extra = {**(extra or {}), "resumed_stages": list(store.resumed)}
+    report = _assemble(checkpoint, model, settings, computed, extra=extra, t_start=t_start)
+    _interrupt.check()
+    if out_dir is not None:
+        with _interrupt.deferred():  # a signal here is raised once every file is complete
+            report.write(out_dir, plots=plots)
+    if store is not None:
+        store.clear()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# resuming: finished stages kept in a state directory
+# ------------------------------------------------------------------------------------------------
+#: Stages whose results a state directory keeps (the algorithms, in the order they run).
+STAGES = ("top", "bottom", "trace", "density", "layers")
+_STATE_FILE = "state.json"
+
+
+class _StageStore:
+    """The finished stages of one analysis, kept in ``resume_dir`` to resume an interrupted run.
+
+    ``state.json`` records what the stages depend on (the checkpoint item and step, the model and
+    data specs, every setting that changes a figure, the hvp version); a directory of another
+    analysis is refused. Each finished stage is written atomically as ``<stage>.pkl`` (its
+    algorithm's result and seconds) right after it ends, so that an interruption (Ctrl-C,
+    SIGTERM, a killed process) loses at most the stage in flight. The files are removed once the
+    report is complete.
+    """
+
+    def __init__(self, path, fingerprint: dict):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AnalysisError(f"Cannot create the --resume directory '{path}': {e}.") from None
+        check_writable_dir(self.path, what="--resume directory")
+        state = self.path / _STATE_FILE
+        self.resumed: list[str] = []
+        if state.exists():
+            try:
+                before = json.loads(state.read_text())
+            except (OSError, ValueError):
+                before = None
+            if before != fingerprint:
+                diff = (
+                    sorted(k for k in fingerprint if before.get(k) != fingerprint[k])
+                    if isinstance(before, dict)
+                    else ["state.json is unreadable"]
+                )
+                raise AnalysisError(
+                    f"The --resume directory '{path}' holds the state of another analysis "
+                    f"(differs in: {', '.join(diff)}); use another directory, or remove it to "
+                    "start over."
+                )
+        else:
+            atomic_write_text(state, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    def load(self, name: str):
+        """``(result, seconds)`` of a finished stage, or ``None``."""
+        f = self.path / f"{name}.pkl"
+        if not f.exists():
+            return None
+        try:
+            with open(f, "rb") as fh:
+                result, seconds = pickle.load(fh)
+        except Exception:  # a damaged file: run the stage again
+            return None
+        self.resumed.append(name)
+        return result, seconds
+
+    def save(self, name: str, result, seconds: float) -> None:
+        payload = pickle.dumps((jax.device_get(result), float(seconds)))
+        with atomic_open(self.path / f"{name}.pkl", "wb") as fh:
+            fh.write(payload)
+
+    def clear(self) -> None:
+        """Remove the files of this analysis (and the directory when nothing else is left)."""
+        for name in STAGES:
+            (self.path / f"{name}.pkl").unlink(missing_ok=True)
+            (self.path / f"{name}.npz").unlink(missing_ok=True)  # an algorithm's checkpoint
+        (self.path / _STATE_FILE).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def _fingerprint(checkpoint, model, settings: AnalysisSettings) -> dict:
+    """What the figures of an analysis depend on (``state.json`` of a resume directory)."""
+    if not isinstance(model, str) or not isinstance(settings.data, str):
+        raise AnalysisError(
+            "Resuming (--resume, resume_dir=) needs the model and the data as spec strings "
+            "(e.g. model='models.py:factory', data='digits'): Python objects cannot be "
+            "recognised again in a later run."
+        )
+    item_dir, step, item = resolve_checkpoint(checkpoint, step=settings.step, item=settings.item)
+    figures = {k: v for k, v in settings.to_dict().items() if k not in ("layer_view", "top_layers")}
+    return {
+        "hvp": __version__,
+        "checkpoint": str(Path(item_dir).resolve()),
+        "step": step,
+        "item": item,
+        "model": model,
+        "data": settings.data,
+        "settings": figures,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# computation: run the algorithms
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Computed:
+    """What the algorithms produced, before any report is assembled."""
+
+    spec: Any  # ModelSpec
+    ckpt: Any  # the checkpoint read
+    restored: Any  # its arrays in place
+    params: Any
+    data: Any  # LoadedData
+    top: Any  # EigshResult
+    bottom: Any  # EigshResult
+    trace: Any  # TraceResult
+    density: Any  # SpectralDensity
+    layers: Any  # LayerTrace
+    timings: dict
+
+
+def _compute(
+    checkpoint, model, settings: AnalysisSettings, *, progress, console, store=None
+) -> _Computed:
+    """Build the model, read the checkpoint and the data, build the operator, run the algorithms."""
     from hvp import flax as hflax
     from hvp import linalg
 
+    s = settings
+    dtype = jnp.float64 if s.x64 else jnp.float32
+    timings: dict[str, float] = {}
     stages = Stages(enabled=progress, console=console)
     with stages:
         # 1. model + checkpoint ------------------------------------------------------------
@@ -638,7 +904,7 @@ def analyze(
             st.done(spec.kind)
         with stages.stage("Reading the checkpoint") as st:
             t0 = time.perf_counter()
-            ckpt = read_checkpoint(checkpoint, step=step, item=item)
+            ckpt = read_checkpoint(checkpoint, step=s.step, item=s.item)
             restored = restore_into(spec, ckpt, dtype=dtype)
             timings["load_checkpoint"] = time.perf_counter() - t0
             where = f" under key '{restored.key}'" if restored.key is not None else ""
@@ -660,12 +926,12 @@ def analyze(
 
         _interrupt.check()
         # 2. data ----------------------------------------------------------------------------
-        with stages.stage("Reading the data", total=num_batches) as st:
+        with stages.stage("Reading the data", total=s.num_batches) as st:
             t0 = time.perf_counter()
             ds = load_data(
-                data,
-                batch_size=batch_size,
-                num_batches=num_batches,
+                s.data,
+                batch_size=s.batch_size,
+                num_batches=s.num_batches,
                 dtype=dtype,
                 progress=st.advance_to,
             )
@@ -678,8 +944,8 @@ def analyze(
         # 3. operator ------------------------------------------------------------------------
         t0 = time.perf_counter()
         try:
-            op = problem.hessian(ds.batches) if operator == "hessian" else problem.ggn(ds.batches)
-            jax.eval_shape(op._apply, params)
+            op = problem.hessian(ds.batches) if s.operator == "hessian" else problem.ggn(ds.batches)
+            jax.eval_shape(op.matvec, params)
         except AnalysisError:
             raise
         except Exception as e:
@@ -687,123 +953,144 @@ def analyze(
                 f"The model and loss cannot be evaluated on the data '{ds.spec}': {_one_line(e)}"
             ) from e
         timings["operator"] = time.perf_counter() - t0
-        if 2 * k > n:
+        if 2 * s.k > n:
             raise AnalysisError(
-                f"-k {k} asks for {2 * k} eigenvalues but the model has only {n} parameters."
+                f"-k {s.k} asks for {2 * s.k} eigenvalues but the model has only {n} parameters."
             )
 
-        keys = dict(zip(_SEED_ORDER, jax.random.split(jax.random.PRNGKey(seed), len(_SEED_ORDER))))
+        keys = dict(
+            zip(_SEED_ORDER, jax.random.split(jax.random.PRNGKey(s.seed), len(_SEED_ORDER)))
+        )
         stages.estimate(  # expected products and seconds per stage (only with the display on)
             op,
             stage_products(
                 n=n,
-                k=k,
-                eig_iters=eig_iters,
-                trace_matvecs=trace_matvecs,
-                num_probes=num_probes,
-                num_iters=num_iters,
-                layer_matvecs=layer_matvecs,
+                k=s.k,
+                eig_iters=s.eig_iters,
+                trace_matvecs=s.trace_matvecs,
+                num_probes=s.num_probes,
+                num_iters=s.num_iters,
+                layer_matvecs=s.layer_matvecs,
             ),
-            block_size=num_probes,
+            block_size=s.num_probes,
         )
 
-        # 4. figures -------------------------------------------------------------------------
-        eig_kw = dict(tol=tol) if eig_iters is None else dict(tol=tol, num_iters=eig_iters)
-        sections = {}
-        for which, name in (("largest", "top"), ("smallest", "bottom")):
+        # 4. figures (the stage display replaces the algorithms' own progress) ---------------
+        # Options of every algorithm call. Issue 11 (after the merge of the converted
+        # algorithms): dict(progress=False), the stage display replacing the algorithms' own,
+        # and with a resume directory checkpoint=linalg.Checkpoint(store.path / f"{name}.npz")
+        # per stage, so that a stage in flight resumes too. Only power_iteration takes them on
+        # this branch.
+        quiet: dict = {}
+        eig_kw = dict(tol=s.eig_tol, **quiet)
+        if s.eig_iters is not None:
+            eig_kw["num_iters"] = s.eig_iters
+        # one function per stage; each is skipped when a resume directory holds its result
+        algorithms = {
+            "top": lambda: _quiet_eigsh(
+                linalg.eigsh, op, s.k, which="largest", key=keys["top"], **eig_kw
+            ),
+            "bottom": lambda: _quiet_eigsh(
+                linalg.eigsh, op, s.k, which="smallest", key=keys["bottom"], **eig_kw
+            ),
+            "trace": lambda: linalg.trace(
+                op,
+                key=keys["trace"],
+                num_matvecs=s.trace_matvecs,
+                method=s.trace_method,
+                chunk_size=s.chunk_size,
+                **quiet,
+            ),
+            "density": lambda: linalg.spectral_density(
+                op,
+                key=keys["density"],
+                num_probes=s.num_probes,
+                num_iters=s.num_iters,
+                chunk_size=s.chunk_size,
+                **quiet,
+            ),
+            "layers": lambda: linalg.layer_trace(
+                op,
+                key=keys["layers"],
+                num_matvecs=s.layer_matvecs,
+                chunk_size=s.chunk_size,
+                **quiet,
+            ),
+        }
+        titles = {
+            "top": f"Top-{s.k} eigenvalues (Lanczos)",
+            "bottom": f"Bottom-{s.k} eigenvalues (Lanczos)",
+            "trace": f"Trace ({s.trace_method})",
+            "density": f"Spectral density (SLQ, {s.num_probes} x {s.num_iters})",
+            "layers": "Per-layer trace and eigenvector mass",
+        }
+        results = {}
+        for name in STAGES:
             _interrupt.check()
-            with stages.stage(
-                f"{'Top' if name == 'top' else 'Bottom'}-{k} eigenvalues (Lanczos)", expect=name
-            ) as st:
-                res, secs = _timed(
-                    lambda w=which, nm=name: _quiet_eigsh(
-                        linalg.eigsh, op, k, which=w, key=keys[nm], **eig_kw
-                    )
-                )
-                sections[name] = res
-                timings[name] = secs
-                st.done(f"{int(res.num_matvecs)} matvecs")
-        top, bottom = sections["top"], sections["bottom"]
+            with stages.stage(titles[name], expect=name) as st:
+                results[name], timings[name], resumed = _stage(store, name, algorithms[name])
+                st.done(_done(results[name], resumed))
 
-        _interrupt.check()
-        with stages.stage(f"Trace ({trace_method})", expect="trace") as st:
-            tr, timings["trace"] = _timed(
-                lambda: linalg.trace(
-                    op,
-                    key=keys["trace"],
-                    num_matvecs=trace_matvecs,
-                    method=trace_method,
-                    chunk_size=chunk_size,
-                )
-            )
-            st.done(f"{int(tr.num_matvecs)} matvecs")
+    return _Computed(
+        spec=spec,
+        ckpt=ckpt,
+        restored=restored,
+        params=params,
+        data=ds,
+        timings=timings,
+        **results,
+    )
 
-        _interrupt.check()
-        with stages.stage(
-            f"Spectral density (SLQ, {num_probes} x {num_iters})", expect="density"
-        ) as st:
-            sd, timings["density"] = _timed(
-                lambda: linalg.spectral_density(
-                    op,
-                    key=keys["density"],
-                    num_probes=num_probes,
-                    num_iters=num_iters,
-                    chunk_size=chunk_size,
-                )
-            )
-            st.done(f"{int(sd.num_matvecs)} matvecs")
 
-        _interrupt.check()
-        with stages.stage("Per-layer trace and eigenvector mass", expect="layers") as st:
-            lt, timings["layers"] = _timed(
-                lambda: hflax.layer_trace(
-                    op, key=keys["layers"], num_matvecs=layer_matvecs, chunk_size=chunk_size
-                )
-            )
-            st.done(f"{int(lt.num_matvecs)} matvecs")
-
-    # 5. assemble ------------------------------------------------------------------------------
-    top_sec = _eigen_section(top, "largest", timings["top"])
-    bot_sec = _eigen_section(bottom, "smallest", timings["bottom"])
+# ------------------------------------------------------------------------------------------------
+# report assembly: sections and derived figures from the results
+# ------------------------------------------------------------------------------------------------
+def _assemble(
+    checkpoint, model, settings: AnalysisSettings, c: _Computed, *, extra, t_start
+) -> AnalysisReport:
+    """The report from the algorithms' results (no operator products)."""
+    s = settings
+    dtype = jnp.float64 if s.x64 else jnp.float32
+    timings = c.timings
+    top_sec = _eigen_section(c.top, "largest", timings["top"])
+    bot_sec = _eigen_section(c.bottom, "smallest", timings["bottom"])
+    sd = c.density
 
     lam_lo = min(float(np.min(np.asarray(sd.nodes))), bot_sec.eigenvalues[0])
     lam_hi = max(float(np.max(np.asarray(sd.nodes))), top_sec.eigenvalues[-1])
-    grid, width = _density_grid(lam_lo, lam_hi, DEFAULTS["grid_size"])
-    sigma = float(sd.default_sigma()) if hasattr(sd, "default_sigma") else _sigma(width)
+    grid = _density_grid(lam_lo, lam_hi, DENSITY_GRID_SIZE)
+    sigma = float(sd.default_sigma())
     dens = np.asarray(sd.density(jnp.asarray(grid, dtype=dtype), sigma), dtype=np.float64)
-    scale = float(max(np.abs(top_sec.eigenvalues).max(), np.abs(bot_sec.eigenvalues).max()))
-    # |lambda| <= max(tol, eigsh's round-off floor) * max|lambda| counts as zero (round-off,
-    # null space): the threshold of hvp.linalg.spectrum_summary.
-    zero = max(float(tol), linalg.zero_floor(dtype, tol)) * scale
-    neg_mass = _f(sd.negative_mass(zero))
+    zero = zero_threshold(top_sec, bot_sec, tol=s.eig_tol, dtype=dtype)
     dens_sec = DensitySection(
         grid=grid,
         density=dens,
-        sigma=float(sigma),
+        sigma=sigma,
         nodes=np.asarray(sd.nodes, np.float64),
         weights=np.asarray(sd.weights, np.float64),
-        negative_mass=neg_mass,
+        negative_mass=_f(sd.negative_mass(zero)),
         zero_threshold=zero,
-        num_probes=int(num_probes),
-        num_iters=int(num_iters),
+        num_probes=s.num_probes,
+        num_iters=s.num_iters,
         num_matvecs=int(sd.num_matvecs),
         seconds=float(timings["density"]),
     )
     tr_sec = TraceSection(
-        estimate=_f(tr.estimate),
-        std_error=_f(tr.std_error),
-        num_matvecs=int(tr.num_matvecs),
+        estimate=_f(c.trace.estimate),
+        std_error=_f(c.trace.std_error),
+        num_matvecs=int(c.trace.num_matvecs),
         seconds=float(timings["trace"]),
-        method=trace_method,
+        method=s.trace_method,
     )
 
-    groups = hflax.group_by_layer(params)
+    lt = c.layers
+    groups = tu.group_by_layer(c.params)
     sizes = dict(
-        zip(tu.leaf_paths(params), (int(np.size(x)) for x in jax.tree_util.tree_leaves(params)))
+        zip(tu.leaf_paths(c.params), (int(np.size(x)) for x in jax.tree_util.tree_leaves(c.params)))
     )
-    mass = hflax.layer_norms(top.eigenvectors)
+    mass = tu.layer_norms(c.top.eigenvectors)
     layers = tuple(lt.layers)
-    labels = hflax.layer_labels(layers)
+    labels = tu.layer_labels(layers)
     mass_mat = np.stack([np.asarray(mass[name], np.float64) for name in layers])
     layer_sec = LayerSection(
         layers=layers,
@@ -819,73 +1106,46 @@ def analyze(
         kind=labels.kind,
         groups=block_groups(lt, labels),
     )
-    derived = _derived(top_sec, bot_sec, dens_sec)
+    derived = derived_figures(top_sec, bot_sec, dens_sec)
 
-    settings = dict(
-        operator=operator,
-        k=int(k),
-        num_probes=int(num_probes),
-        num_iters=int(num_iters),
-        eig_iters=eig_iters,
-        tol=float(tol),
-        trace_method=trace_method,
-        trace_matvecs=int(trace_matvecs),
-        layer_matvecs=int(layer_matvecs),
-        batch_size=batch_size,
-        num_batches=num_batches,
-        seed=int(seed),
-        x64=bool(x64),
-        chunk_size=chunk_size,
-        dtype=str(np.dtype(dtype)),
-        density_grid_size=DEFAULTS["grid_size"],
-        step=step,
-        item=item,
-        layer_view=layer_view,
-        top_layers=int(top_layers),
-    )
-    model_name = spec.spec
-    data_name = ds.spec
-    total_mv = (
-        top_sec.num_matvecs
-        + bot_sec.num_matvecs
-        + tr_sec.num_matvecs
-        + dens_sec.num_matvecs
-        + layer_sec.num_matvecs
-    )
+    settings_dict = s.to_dict()
+    model_name = c.spec.spec
+    data_name = c.data.spec
+    total_mv = sum(sec.num_matvecs for sec in (top_sec, bot_sec, tr_sec, dens_sec, layer_sec))
     timings["total"] = time.perf_counter() - t_start
-    report = AnalysisReport(
+    return AnalysisReport(
         schema_version=SCHEMA_VERSION,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        settings=settings,
+        settings=settings_dict,
         seeds={
-            "seed": int(seed),
+            "seed": s.seed,
             "derivation": f"jax.random.split(jax.random.PRNGKey(seed), {len(_SEED_ORDER)})",
             "order": list(_SEED_ORDER),
         },
         versions=versions(),
         device=device_info(),
         checkpoint={
-            "path": str(Path(ckpt.requested)),
-            "item_dir": ckpt.path,
-            "step": ckpt.step,
-            "item": ckpt.item,
-            "key": restored.key,
-            "restored": list(restored.restored),
-            "ignored": list(restored.ignored),
+            "path": str(Path(c.ckpt.requested)),
+            "item_dir": c.ckpt.path,
+            "step": c.ckpt.step,
+            "item": c.ckpt.item,
+            "key": c.restored.key,
+            "restored": list(c.restored.restored),
+            "ignored": list(c.restored.ignored),
         },
         model={
             "spec": model_name,
-            "framework": restored.kind,
-            "num_params": int(n),
+            "framework": c.restored.kind,
+            "num_params": int(tu.size(c.params)),
             "num_layers": len(layers),
-            "operator": operator,
+            "operator": s.operator,
             "dtype": str(np.dtype(dtype)),
         },
         data={
             "spec": data_name,
-            "num_examples": int(ds.num_examples),
-            "num_batches": int(ds.num_batches),
-            "batch_size": batch_size,
+            "num_examples": int(c.data.num_examples),
+            "num_batches": int(c.data.num_batches),
+            "batch_size": s.batch_size,
         },
         top=top_sec,
         bottom=bot_sec,
@@ -896,17 +1156,12 @@ def analyze(
         timings={k_: float(v) for k_, v in timings.items()},
         num_matvecs=int(total_mv),
         command=(
-            _command_line(checkpoint, model_name, data_name, {**settings, "tol": tol_given})
-            if isinstance(data, str) and isinstance(model, str)
+            _command_line(checkpoint, model_name, data_name, {**settings_dict, "tol": s.tol})
+            if isinstance(s.data, str) and isinstance(model, str)
             else ""
         ),
         extra=dict(extra or {}),
     )
-    _interrupt.check()
-    if out_dir is not None:
-        with _interrupt.deferred():  # a signal here is raised once every file is complete
-            report.write(out_dir, plots=plots)
-    return report
 
 
 def _one_line(e: BaseException) -> str:
@@ -927,11 +1182,6 @@ def _quiet_eigsh(eigsh, op, k, **kw):
     return res
 
 
-def _sigma(width: float) -> float:
-    """Fallback Gaussian width of the broadened density: 1% of the spectral width."""
-    return 0.01 * float(width)
-
-
 def _eigen_section(res, which: str, seconds: float) -> EigenSection:
     return EigenSection(
         eigenvalues=np.asarray(res.eigenvalues, np.float64),
@@ -944,17 +1194,66 @@ def _eigen_section(res, which: str, seconds: float) -> EigenSection:
     )
 
 
-def _derived(top: EigenSection, bottom: EigenSection, dens: DensitySection) -> DerivedSection:
-    lam = np.concatenate([top.eigenvalues, bottom.eigenvalues])
-    lam_max, lam_min = float(lam.max()), float(lam.min())
-    mags = np.abs(lam)
+def zero_threshold(top: EigenSection, bottom: EigenSection, *, tol: float, dtype) -> float:
+    r"""Eigenvalues with :math:`|\lambda|` at most this count as zero in a report.
+
+    :math:`\max(\mathrm{tol}, f)\cdot\max|\lambda|` over the computed extreme eigenvalues, with
+    :math:`f` the round-off floor of :func:`hvp.linalg.eigsh` (:func:`hvp.linalg.zero_floor`):
+    the threshold of :func:`hvp.linalg.spectrum_summary` with ``zero_tol = tol``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.analysis import EigenSection
+        >>> from hvp.analysis._analyze import zero_threshold
+        >>> sec = lambda lam: EigenSection(eigenvalues=np.array(lam), residuals=np.zeros(1),
+        ...                                converged=np.ones(1, bool), num_matvecs=1, num_restarts=0, seconds=0.0)
+        >>> zero_threshold(sec([4.0]), sec([-2.0]), tol=1e-3, dtype=np.float64)
+        0.004
+    """
     from hvp import linalg
 
-    # one zero threshold for the labels, the condition estimate and the negative mass
+    scale = float(max(np.abs(top.eigenvalues).max(), np.abs(bottom.eigenvalues).max()))
+    return max(float(tol), linalg.zero_floor(dtype, tol)) * scale
+
+
+def derived_figures(
+    top: EigenSection, bottom: EigenSection, dens: DensitySection
+) -> DerivedSection:
+    r"""The report's derived figures, from the eigenvalue and density sections (no products).
+
+    * :math:`\lambda_{\max}`, :math:`\lambda_{\min}` over the :math:`2k` computed eigenvalues;
+    * the condition estimate of :func:`hvp.linalg.condition_estimate` (the definition of
+      :func:`hvp.linalg.spectrum_summary`): :math:`\lambda_{\max}/\lambda_{\min}` for a
+      definite spectrum, ``inf`` for a singular semi-definite one, and for an indefinite one
+      :math:`\max|\lambda|` over the smallest non-zero SLQ Ritz value magnitude (rough);
+    * the negative ratio :math:`|\lambda_{\min}|/\lambda_{\max}` (when
+      :math:`\lambda_{\min} < -\epsilon < \epsilon < \lambda_{\max}`, else 0) and the negative
+      mass of the density section;
+
+    with one zero threshold :math:`\epsilon` = ``dens.zero_threshold`` (:func:`zero_threshold`)
+    for all of them.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.analysis import DensitySection, EigenSection
+        >>> from hvp.analysis._analyze import derived_figures
+        >>> sec = lambda lam: EigenSection(eigenvalues=np.array(lam), residuals=np.zeros(1),
+        ...                                converged=np.ones(1, bool), num_matvecs=10, num_restarts=0, seconds=0.0)
+        >>> dens = DensitySection(grid=np.zeros(1), density=np.zeros(1), sigma=0.1,
+        ...                       nodes=np.array([[-2.0, 0.5, 3.0]]), weights=np.array([[0.2, 0.5, 0.3]]),
+        ...                       negative_mass=0.2, zero_threshold=1e-6, num_probes=1, num_iters=3,
+        ...                       num_matvecs=3, seconds=0.0)
+        >>> d = derived_figures(sec([3.0]), sec([-2.0]), dens)
+        >>> d.condition_estimate, round(d.negative_ratio, 4), d.positive_definite
+        (6.0, 0.6667, False)
+    """
+    from hvp import linalg
+
+    lam = np.concatenate([top.eigenvalues, bottom.eigenvalues])
+    lam_max, lam_min = float(lam.max()), float(lam.min())
     zero = float(dens.zero_threshold)
-    label, singular, _ = linalg.definiteness(lam_min, lam_max, zero)
-    nonzero = mags[mags > zero]
-    cond = float("inf") if singular or not nonzero.size else float(nonzero.max() / nonzero.min())
+    label, _, _ = linalg.definiteness(lam_min, lam_max, zero)
+    cond = linalg.condition_estimate(lam_min, lam_max, zero, nodes=dens.nodes, weights=dens.weights)
     neg_ratio = float(-lam_min / lam_max) if (lam_min < -zero and lam_max > zero) else 0.0
     return DerivedSection(
         lambda_max=lam_max,
@@ -966,3 +1265,18 @@ def _derived(top: EigenSection, bottom: EigenSection, dens: DensitySection) -> D
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),
         seconds=float(top.seconds + bottom.seconds + dens.seconds),
     )
+
+
+def _stage(store: _StageStore | None, name: str, fn):
+    """``(result, seconds, resumed)``: the stage's saved result, or ``fn()`` run (and saved)."""
+    saved = store.load(name) if store is not None else None
+    if saved is not None:
+        return (*saved, True)
+    result, seconds = _timed(fn)
+    if store is not None:
+        store.save(name, result, seconds)
+    return result, seconds, False
+
+
+def _done(result, resumed: bool) -> str:
+    return f"{int(result.num_matvecs)} matvecs" + (" (resumed)" if resumed else "")

@@ -61,15 +61,24 @@ import numpy as np
 from hvp import tree as tu
 from hvp.analysis._errors import AnalysisError, StructureMismatchError
 
-__all__ = ["Checkpoint", "resolve_checkpoint", "read_checkpoint", "restore_into", "RestoredModel"]
+__all__ = [
+    "LoadedCheckpoint",
+    "resolve_checkpoint",
+    "read_checkpoint",
+    "restore_into",
+    "RestoredModel",
+]
 
 #: Top-level keys tried first when the model state sits inside a larger saved tree.
 PREFERRED_KEYS = ("model", "params", "state", "model_state", "module", "net", "network")
 
 
 @dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint read into memory.
+class LoadedCheckpoint:
+    """A checkpoint read into memory (what :func:`read_checkpoint` returns).
+
+    (Named ``Checkpoint`` before; renamed so as not to be confused with
+    :class:`hvp.linalg.Checkpoint`, where an algorithm saves its state to resume from.)
 
     Attributes:
       path: the item directory the arrays were read from.
@@ -94,7 +103,7 @@ class Checkpoint:
       >>> checkpointer.save(ckpt, tiny()[0][1])
       >>> checkpointer.wait_until_finished(); checkpointer.close()
       >>> ck = hvp.analysis.read_checkpoint(ckpt)
-      >>> isinstance(ck, hvp.analysis.Checkpoint), ck.tree["params"]["kernel"].shape, ck.key
+      >>> isinstance(ck, hvp.analysis.LoadedCheckpoint), ck.tree["params"]["kernel"].shape, ck.key
       (True, (3, 2), None)
     """
 
@@ -284,7 +293,7 @@ def _stray_output_captured():
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -> Checkpoint:
+def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -> LoadedCheckpoint:
     """Read every array of an Orbax checkpoint into host memory, read-only.
 
     Raises:
@@ -359,7 +368,7 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
             f"--item {key!r} names neither an item directory nor a top-level key of the tree "
             f"saved in '{item_dir}' (its top-level keys: {keys})."
         )
-    return Checkpoint(
+    return LoadedCheckpoint(
         path=str(item_dir),
         requested=str(path),
         step=found_step,
@@ -497,7 +506,7 @@ class RestoredModel:
     key: str | None = None
 
 
-def restore_into(model_spec, ckpt: Checkpoint, *, dtype=None) -> RestoredModel:
+def restore_into(model_spec, ckpt: LoadedCheckpoint, *, dtype=None) -> RestoredModel:
     """Put the checkpoint's arrays into the model built from the spec, after the structure check.
 
     Floating arrays are cast to ``dtype`` (when given). The model state is the
@@ -573,7 +582,7 @@ def _under_key(restored: RestoredModel, tree: dict, key: str) -> RestoredModel:
     )
 
 
-def _restore_nnx(model, ckpt: Checkpoint, *, dtype) -> RestoredModel:
+def _restore_nnx(model, ckpt: LoadedCheckpoint, *, dtype) -> RestoredModel:
     from flax import nnx
 
     graphdef, rng_state, rest = nnx.split(model, nnx.RngState, ...)
@@ -611,7 +620,7 @@ def _unboxed(flat: dict[str, Any], model_flat: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def _restore_linen(module, variables, ckpt: Checkpoint, *, dtype) -> RestoredModel:
+def _restore_linen(module, variables, ckpt: LoadedCheckpoint, *, dtype) -> RestoredModel:
     from flax.linen import meta
 
     # Logically partitioned (boxed) parameters: compare and restore the plain arrays, as

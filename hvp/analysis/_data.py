@@ -46,17 +46,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hvp.analysis._errors import AnalysisError
+from hvp.analysis._errors import AnalysisError, setting_int
 from hvp.analysis._specs import resolve_callable
 
-__all__ = ["DataSet", "load_data", "digits"]
+__all__ = ["LoadedData", "load_data", "digits"]
 
 _KEY_PAIRS = (("x", "y"), ("inputs", "targets"))
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSet:
-    """Batches ready for a curvature operator.
+class LoadedData:
+    """Batches ready for a curvature operator: what :func:`load_data` returns.
+
+    (Named ``DataSet`` before; renamed so as not to be confused with
+    :class:`hvp.operators.Dataset`, the operators' description of a data set to iterate over.)
 
     Attributes:
       batches: list of batches (pytrees of arrays with a leading example axis).
@@ -215,7 +218,7 @@ def load_data(
     num_batches: int | None = None,
     dtype=None,
     progress=None,
-) -> DataSet:
+) -> LoadedData:
     """Load the batches named by a data spec (see the module docstring).
 
     From Python, ``spec`` may also be a batch, a list of batches, or ``(x, y)``
@@ -240,10 +243,8 @@ def load_data(
         >>> [b[0].shape[0] for b in ds.batches], ds.num_examples
         ([4, 4, 2], 10)
     """
-    if batch_size is not None and batch_size < 1:
-        raise AnalysisError(f"--batch-size must be a positive integer, got {batch_size}.")
-    if num_batches is not None and num_batches < 1:
-        raise AnalysisError(f"--num-batches must be a positive integer, got {num_batches}.")
+    batch_size = setting_int("batch_size", batch_size, 1, optional=True)
+    num_batches = setting_int("num_batches", num_batches, 1, optional=True)
     if isinstance(spec, str):
         name = spec
         if spec in ("digits", "digits:images"):
@@ -293,4 +294,4 @@ def load_data(
         total += n
         if progress is not None:
             progress(i + 1)
-    return DataSet(batches=out, num_examples=total, spec=name)
+    return LoadedData(batches=out, num_examples=total, spec=name)

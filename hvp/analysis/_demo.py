@@ -60,8 +60,18 @@ def digits_mlp():
 def train(
     model, *, steps: int = 300, batch_size: int = 128, learning_rate: float = 1e-2, seed: int = 0
 ):
-    """Fit ``model`` (in place) on digits with Adam; return ``(train_loss, train_accuracy, seconds)``."""
-    import optax
+    """Fit ``model`` (in place) on digits with Adam; return ``(train_loss, train_accuracy, seconds)``.
+
+    Needs optax (the ``demo`` extra: ``pip install "hvp-jax[demo]"``).
+    """
+    try:
+        import optax
+    except ImportError as e:
+        from hvp.analysis._errors import AnalysisError
+
+        raise AnalysisError(
+            "Training the demo model needs the package 'optax', which is not installed: pip install \"hvp-jax[demo]\"."
+        ) from e
 
     from hvp.analysis._data import digits
     from hvp.operators import losses
@@ -127,9 +137,9 @@ def run_demo(
 ):
     """Train, checkpoint and analyse the demo model; return the :class:`~hvp.analysis.AnalysisReport`.
 
-    ``analysis_kwargs`` are passed to :func:`hvp.analysis.analyze` (``k``,
-    ``num_probes``, ...); ``seed`` seeds both the training batches and the
-    analysis. ``out`` is checked before training: it must be writable, and an
+    ``analysis_kwargs`` are the settings of the analysis (:class:`~hvp.analysis.AnalysisSettings`:
+    ``k``, ``num_probes``, ...; validated before the training) and ``plots``; ``seed`` seeds
+    both the training batches and the analysis. ``out`` is checked before training: it must be writable, and an
     ``out`` holding an earlier demo (``checkpoint/``, ``report.json``, the PNGs)
     is refused unless ``overwrite`` (which replaces the whole set).
 
@@ -142,15 +152,17 @@ def run_demo(
         (2, 'hvp.analysis._demo:digits_mlp')
     """
     from hvp.analysis._analyze import analyze
-    from hvp.analysis._errors import AnalysisError
+    from hvp.analysis._errors import setting_int
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise AnalysisError(f"--steps must be a positive integer, got {steps!r}.")
-    from hvp.analysis._analyze import check_dependencies
+    steps = setting_int("steps", steps, 1, flag="--steps")
+    from hvp.analysis._analyze import AnalysisSettings, check_dependencies
     from hvp.analysis._progress import Stages
     from hvp.analysis._report import prepare_output_dir
 
-    check_dependencies(plots=analysis_kwargs.get("plots", True))
+    plots = analysis_kwargs.pop("plots", True)
+    # every setting is checked before the training, not after it
+    settings = AnalysisSettings().replace(data="digits", seed=seed, **analysis_kwargs)
+    check_dependencies(plots=plots)
     out = prepare_output_dir(out, overwrite=overwrite, extra=("checkpoint",))
 
     model, _ = digits_mlp()
@@ -176,12 +188,11 @@ def run_demo(
     return analyze(
         ckpt,
         model=DEMO_MODEL_SPEC,
-        data="digits",
-        seed=seed,
+        settings=settings,
         out_dir=out,
+        plots=plots,
         progress=progress,
         console=console,
         extra=extra,
         overwrite=True,  # checked above, before training
-        **analysis_kwargs,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["AnalysisError", "StructureMismatchError"]
+import numpy as np
+
+__all__ = ["AnalysisError", "AnalysisTypeError", "StructureMismatchError"]
 
 
 class AnalysisError(ValueError):
@@ -56,3 +58,63 @@ class StructureMismatchError(AnalysisError):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
+
+
+class AnalysisTypeError(AnalysisError, TypeError):
+    """A setting of the wrong type (e.g. ``k=2.5``): a :class:`TypeError`, as in :mod:`hvp.linalg`.
+
+    Also an :class:`AnalysisError`, so that the ``hvp`` command prints it on one line; a value of
+    the right type out of range is a plain :class:`AnalysisError` (a :class:`ValueError`).
+
+    Examples:
+        >>> import hvp
+        >>> try:
+        ...     hvp.analysis.AnalysisSettings(k=2.5)
+        ... except TypeError as e:
+        ...     print(type(e).__name__, isinstance(e, hvp.analysis.AnalysisError))
+        AnalysisTypeError True
+    """
+
+
+#: ``hvp analyze`` flag of each setting (error messages name both, and the reproducing command).
+FLAGS = {
+    "data": "--data",
+    "operator": "--operator",
+    "k": "-k",
+    "num_probes": "--probes",
+    "num_iters": "--iters",
+    "eig_iters": "--eig-iters",
+    "tol": "--tol",
+    "trace_method": "--trace-method",
+    "trace_matvecs": "--trace-matvecs",
+    "layer_matvecs": "--layer-matvecs",
+    "batch_size": "--batch-size",
+    "num_batches": "--num-batches",
+    "seed": "--seed",
+    "x64": "--x64",
+    "chunk_size": "--chunk-size",
+    "step": "--step",
+    "item": "--item",
+    "layer_view": "--layers",
+    "top_layers": "--top-layers",
+}
+
+
+def setting_int(
+    name: str, value, minimum: int, *, optional: bool = False, flag: str | None = None
+) -> int | None:
+    """``value`` as an int ``>= minimum`` (``None`` passes with ``optional``), else an error naming it.
+
+    The exception types of :func:`hvp.linalg._checks.check_int` (``TypeError`` for a wrong type,
+    ``ValueError`` for a value out of range), as analysis errors naming the setting and its flag.
+    """
+    if value is None and optional:
+        return None
+    what = f"`{name}` ({flag or FLAGS[name]})"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise AnalysisTypeError(
+            f"{what} must be an integer >= {minimum}, got {type(value).__name__} ({value!r})."
+        )
+    if value < minimum:
+        raise AnalysisError(f"{what} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)

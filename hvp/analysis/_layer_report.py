@@ -1,6 +1,6 @@
 """Per-layer part of an analysis report: the terminal table and ``layers.png``, readable for deep models.
 
-Layers are shown by the short unique labels of :func:`hvp.flax.layer_labels`
+Layers are shown by the short unique labels of :func:`hvp.tree.layer_labels`
 (``decoder/encoderdecoderblock_7/SelfAttention_0/query`` -> ``block_7/attn/query``), either
 
 * ``view="grouped"`` (the default): one row per block (``block_7``: the sum of its
@@ -26,6 +26,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from hvp.linalg._checks import check_int
 
 __all__ = [
     "LAYER_VIEWS",
@@ -57,7 +59,7 @@ def _check_view(view: str) -> str:
 
 
 def _labels(lay: dict):
-    from hvp.flax import layer_labels
+    from hvp.tree import layer_labels
 
     names = list(lay["layers"])
     if lay.get("labels") and lay.get("block") and len(lay["labels"]) == len(names):
@@ -70,19 +72,20 @@ def block_groups(layer_trace, labels) -> dict:
     """The ``layers.groups`` section of a report: per-block figures from a per-layer trace.
 
     Args:
-      layer_trace: a :class:`hvp.flax.LayerTrace` with per-probe ``samples``.
-      labels: the :class:`hvp.flax.LayerLabels` of its layers.
+      layer_trace: a :class:`hvp.linalg.LayerTrace` with per-probe ``samples``.
+      labels: the :class:`hvp.tree.LayerLabels` of its layers.
 
     Returns:
       ``{"names", "num_layers", "trace", "trace_std_error"}`` (lists, blocks in order of first
       appearance); the standard errors come from the per-probe block sums.
 
     Example:
-      >>> import jax.numpy as jnp, hvp
-      >>> from hvp.flax import layer_labels, layer_trace
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> from hvp.linalg import layer_trace
+      >>> from hvp.tree import layer_labels
       >>> params = {f"block_{i}": {"w": jnp.ones(2)} for i in range(2)}
       >>> op = hvp.from_dense(jnp.diag(jnp.arange(1.0, 5.0)), like=params)
-      >>> lt = layer_trace(op, method="exact")
+      >>> lt = layer_trace(op, key=jax.random.key(0), method="exact")
       >>> block_groups(lt, layer_labels(lt.layers))["trace"]
       [3.0, 7.0]
     """
@@ -169,9 +172,7 @@ def _settings(d: dict, view, top):
     s = d.get("settings", {})
     view = _check_view(view if view is not None else s.get("layer_view", "grouped"))
     top = top if top is not None else s.get("top_layers", DEFAULT_TOP_LAYERS)
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise ValueError(f"`top` must be a positive integer, got {top!r}.")
-    return view, int(top)
+    return view, check_int("top", top, minimum=1)
 
 
 def layer_table(report, *, view: str | None = None, top: int | None = None):

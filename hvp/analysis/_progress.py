@@ -80,8 +80,9 @@ def measure_product(op, *, block_size: int = 1) -> ProductCost:
     import jax
     import jax.numpy as jnp
 
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    from hvp.linalg._checks import check_int
+
+    block_size = check_int("block_size", block_size, minimum=1)
     v = jax.tree_util.tree_map(jnp.ones_like, op.like)
     first = _wall(lambda: op.matvec(v))
     single = min(_wall(lambda: op.matvec(v)), _wall(lambda: op.matvec(v)))

@@ -260,6 +260,14 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
         "the model state, e.g. 'model' for {'model': ..., 'optimizer': ...} (default: the only "
         "item; the whole tree, else the first top-level key that matches the model)",
     )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="keep each finished stage (eigenpairs, trace, density, per-layer traces) in DIR as "
+        "soon as it ends; run the same command again after an interruption to skip the finished "
+        "stages (same numbers as an uninterrupted run). DIR is emptied when the report is done",
+    )
     _add_analysis_flags(p)
     _add_common(p)
 
@@ -327,9 +335,11 @@ def _run_analyze(args) -> int:
         item=args.item,
         out_dir=args.out,
         progress=not args.quiet,
+        resume_dir=args.resume,
         **_analysis_kwargs(args),
     )
-    _report_done(report, args.out, args)
+    resumed = report.extra.get("resumed_stages")
+    _report_done(report, args.out, args, **({"resumed_stages": resumed} if resumed else {}))
     return 0
 
 

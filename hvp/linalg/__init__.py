@@ -5,10 +5,12 @@ know nothing of models or data.
 """
 
 from hvp.linalg._checks import DtypePolicy
+from hvp.linalg._condition import condition_estimate
 from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal
 from hvp.linalg._driver import Checkpoint, CheckpointMismatchError, Progress
 from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm
 from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor
+from hvp.linalg._layers import LayerTrace, layer_trace
 from hvp.linalg._power import PowerResult, power_iteration
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
 from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary
@@ -27,6 +29,7 @@ __all__ = [
     "spectrum_summary",
     "SpectrumSummary",
     "definiteness",
+    "condition_estimate",
     "zero_floor",
     # estimators
     "trace",
@@ -36,6 +39,8 @@ __all__ = [
     "diagonal",
     "DiagonalResult",
     "LeafTraces",
+    "layer_trace",
+    "LayerTrace",
     "frobenius_norm",
     "FrobeniusResult",
     # the precision policy of every result

@@ -38,7 +38,7 @@ step and in which part (``on_error="raise"``, the default), or, with
 
 Usage with optax::
 
-    monitor = hvp.CurvatureMonitor.from_loss(loss_fn, probe_batch, every=10,
+    monitor = hvp.CurvatureMonitor.from_loss(loss_fn, probe_batch, every=10, key=jax.random.key(0),
                                              learning_rate=lr, output_dir="runs/curv")
     for step in range(num_steps):
         params, opt_state = train_step(params, opt_state, batch)   # jitted
@@ -67,6 +67,7 @@ from hvp import tree as tu
 from hvp._io import atomic_write_text, check_writable_dir
 from hvp.linalg import resolve_trace_method
 from hvp.linalg._checks import check_finite_float, check_int, check_key
+from hvp.typing import PRNGKey
 
 __all__ = [
     "CurvatureMonitor",
@@ -87,11 +88,11 @@ class MonitorError(RuntimeError):
     The original exception is chained (``__cause__``).
 
     Examples:
-      >>> import jax.numpy as jnp, hvp
+      >>> import jax, jax.numpy as jnp, hvp
       >>> from hvp.monitor import MonitorError
       >>> def loss(w, x):
       ...     return jnp.mean((x @ w) ** 2)
-      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False)
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False, key=jax.random.key(0))
       >>> try:
       ...     monitor.update(0, jnp.array([jnp.nan, 1.0]))  # a diverged run
       ... except MonitorError as err:
@@ -104,10 +105,11 @@ class MonitorWarning(RuntimeWarning):
     """An evaluation of :class:`CurvatureMonitor` failed and ``on_error="warn"`` let training go on.
 
     Examples:
-      >>> import warnings, jax.numpy as jnp, hvp
+      >>> import warnings, jax, jax.numpy as jnp, hvp
       >>> def loss(w, x):
       ...     return jnp.mean((x @ w) ** 2)
-      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False, on_error="warn")
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, jnp.eye(2), trace=False, on_error="warn",
+      ...                                          key=jax.random.key(0))
       >>> with warnings.catch_warnings():
       ...     warnings.simplefilter("ignore")
       ...     monitor.update(3, jnp.array([jnp.nan, 1.0])) is None
@@ -385,7 +387,8 @@ class CurvatureMonitor:
         (stored in :attr:`densities`, its negative mass in the record).
       density_probes: passed to :func:`hvp.linalg.spectral_density`.
       density_iters: passed to :func:`hvp.linalg.spectral_density`.
-      key: PRNG key; each evaluation uses ``fold_in(key, step)`` (deterministic).
+      key: a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``), required
+        as by every algorithm; each evaluation uses ``fold_in(key, step)`` (deterministic).
       output_dir: if given, ``history.jsonl`` and ``history.csv`` are written
         there (overwritten by a new monitor), one line per evaluation,
         flushed immediately; densities go to ``density_step<N>.json``.
@@ -414,7 +417,7 @@ class CurvatureMonitor:
       >>> def loss(p, batch):
       ...     return jnp.mean((batch[0] @ p["w"] - batch[1]) ** 2)
       >>> batch = (jnp.eye(3), jnp.ones(3))
-      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, batch, every=10, trace=False)
+      >>> monitor = hvp.CurvatureMonitor.from_loss(loss, batch, every=10, trace=False, key=jax.random.key(0))
       >>> record = monitor(0, {"w": jnp.zeros(3)})
       >>> round(record.sharpness, 4), monitor(5, {"w": jnp.zeros(3)}) is None
       (0.6667, True)
@@ -438,7 +441,7 @@ class CurvatureMonitor:
         density_steps: Iterable[int] = (),
         density_probes: int = 4,
         density_iters: int = 40,
-        key=None,
+        key: PRNGKey,
         output_dir: str | os.PathLike | None = None,
         callback: Callable | None = None,
         learning_rate=None,
@@ -478,8 +481,7 @@ class CurvatureMonitor:
             )
         density_probes = check_int("density_probes", density_probes, minimum=1)
         density_iters = check_int("density_iters", density_iters, minimum=1)
-        if key is not None:
-            check_key(key)
+        check_key(key)
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be 'raise' or 'warn', got {on_error!r}.")
         if callback is not None and not callable(callback):
@@ -506,7 +508,7 @@ class CurvatureMonitor:
         self.trace_method = trace_method
         self.density_probes = int(density_probes)
         self.density_iters = int(density_iters)
-        self.key = jax.random.key(0) if key is None else key
+        self.key = key
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         if self.output_dir is not None:  # fail now, not after the first evaluation
             check_writable_dir(self.output_dir, what="monitor output_dir")

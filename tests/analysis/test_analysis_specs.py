@@ -204,7 +204,13 @@ def test_function_spec_generator_with_batch_size(tmp_path):
 def test_unknown_data_spec_and_bad_sizes():
     with pytest.raises(AnalysisError, match="Unknown data spec 'mnist'"):
         load_data("mnist")
-    with pytest.raises(AnalysisError, match="--batch-size must be a positive integer"):
+    with pytest.raises(
+        AnalysisError, match=r"`batch_size` \(--batch-size\) must be an integer >= 1"
+    ):
         load_data("digits", batch_size=0)
-    with pytest.raises(AnalysisError, match="--num-batches must be a positive integer"):
+    with pytest.raises(
+        AnalysisError, match=r"`num_batches` \(--num-batches\) must be an integer >= 1"
+    ):
         load_data("digits", num_batches=0)
+    with pytest.raises(TypeError, match="batch_size"):  # a wrong type: TypeError, as in hvp.linalg
+        load_data("digits", batch_size=2.5)

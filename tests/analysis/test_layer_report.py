@@ -28,8 +28,8 @@ from hvp.analysis._layer_report import (
     layer_table,
     plot_layers,
 )
-from hvp.flax import group_by_layer, layer_labels, layer_trace
-from hvp.linalg import diagonal
+from hvp.linalg import diagonal, layer_trace
+from hvp.tree import group_by_layer, layer_labels
 
 BLOCK = {
     "LayerNorm_0": ("scale", "bias"),
@@ -221,7 +221,7 @@ def test_grouped_standard_errors_come_from_the_probes():
     quad = np.sqrt(np.sum(np.asarray(lt.std_error)[in_block0] ** 2))
     assert groups["trace_std_error"][0] != pytest.approx(quad, rel=1e-6)
     # exact: block traces equal the dense float64 block traces
-    ex = layer_trace(op, method="exact")
+    ex = layer_trace(op, key=jax.random.key(0), method="exact")
     g = ex.grouped(dict(zip(lab.layers, lab.block)))
     flat_index = np.cumsum([0] + [x.size for x in jax.tree_util.tree_leaves(params)])
     diag = np.diag(dense)

@@ -24,7 +24,7 @@ import pytest
 from benchmarks import _models as M
 from benchmarks.bench_analysis import STAGES, parse_plan
 from hvp import tree as tu
-from hvp.flax import group_by_layer, layer_labels
+from hvp.tree import group_by_layer, layer_labels
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -70,6 +70,7 @@ def _train(lr, num_steps, monitor=None, *, fail_at=None, keep=()):
 def _monitor(**kw):
     kw.setdefault("tol", 1e-8)
     kw.setdefault("k", 2)  # one Lanczos compilation for the whole file
+    kw.setdefault("key", jax.random.key(0))
     return CurvatureMonitor.from_loss(loss_fn, BATCH, **kw)
 
 
@@ -174,7 +175,9 @@ def test_flax_params_extraction_and_linen_trainstate():
         apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1)
     )
     lproblem = hvp.flax.from_linen(module, variables, "cross_entropy")
-    lmon = CurvatureMonitor.from_flax(lproblem, BATCH, every=1, k=2, tol=1e-8, trace=False)
+    lmon = CurvatureMonitor.from_flax(
+        lproblem, BATCH, every=1, k=2, tol=1e-8, trace=False, key=jax.random.key(0)
+    )
     r1 = lmon(0, state)
     r2 = lmon(1, state.params)
     flat, unravel = tu.ravel(lproblem.params), tu.unravel_fn(lproblem.params)
@@ -195,7 +198,10 @@ def test_monitor_errors(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         CurvatureMonitor.from_loss(loss_fn, BATCH, kind="ggn")
     with pytest.raises(TypeError, match="operator_fn"):
-        CurvatureMonitor(42)
+        CurvatureMonitor(42, key=jax.random.key(0))
+    # the key is required, as by every algorithm (it defaulted to key 0 before)
+    with pytest.raises(TypeError, match="key"):
+        CurvatureMonitor.from_loss(loss_fn, BATCH, every=1)
     mon = _monitor(every=1, trace=False)
     with pytest.raises(ValueError, match="Pass a path"):
         mon.plot()
@@ -251,7 +257,7 @@ def test_bad_key_and_numbers_are_refused_at_construction():
     with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
         CurvatureMonitor.from_flax(problem, BATCH, every=1, key=0)
     with pytest.raises(ValueError, match="`tol` must be a finite number"):
-        CurvatureMonitor.from_flax(problem, BATCH, every=1, tol=float("inf"))
+        CurvatureMonitor.from_flax(problem, BATCH, every=1, tol=float("inf"), key=jax.random.key(0))
     # trace options are not checked when the trace is off; a raw key is a key
     assert _monitor(trace=False, trace_matvecs=1, key=jax.random.PRNGKey(0)).trace_matvecs == 1
 

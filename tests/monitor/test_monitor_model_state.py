@@ -160,7 +160,9 @@ def test_linen_resnet_trainstate_monitor_follows_batch_stats():
     state = create_train_state(jax.random.key(0), model, 0.05)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     problem = hf.from_linen(model, variables, "cross_entropy", apply_kwargs={"train": False})
-    monitor = CurvatureMonitor.from_flax(problem, PROBE, every=3, k=2, tol=1e-10, trace=False)
+    monitor = CurvatureMonitor.from_flax(
+        problem, PROBE, every=3, k=2, tol=1e-10, trace=False, key=jax.random.key(0)
+    )
     # one device: vmap over a leading axis of size 1 binds "batch" as pmap does in the example
     p_train_step = jax.jit(jax.vmap(train_step, axis_name="batch"))
     rstate = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], state)
@@ -243,7 +245,9 @@ def test_nnx_cnn_batchnorm_monitor_follows_statistics():
     eval_rngs = nnx.Rngs(2)  # unused in evaluation mode (dropout off), but a required argument
     problem = hf.from_nnx(model, "cross_entropy", call_kwargs={"rngs": eval_rngs})
     before = np.asarray(model.batch_norm1.mean[...])
-    monitor = CurvatureMonitor.from_flax(problem, PROBE, every=3, k=2, tol=1e-10, trace=False)
+    monitor = CurvatureMonitor.from_flax(
+        problem, PROBE, every=3, k=2, tol=1e-10, trace=False, key=jax.random.key(0)
+    )
     graphdef, _ = nnx.split(model)
     stale = nnx.clone(model)  # statistics of step 0
 

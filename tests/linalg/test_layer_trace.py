@@ -1,4 +1,4 @@
-"""Per-layer breakdowns: group_by_layer, layer_norms, layer_trace."""
+"""Per-layer traces (hvp.linalg.layer_trace) against dense float64 references."""
 
 from __future__ import annotations
 
@@ -37,52 +37,21 @@ def _random_sym(n, seed=0):
     return (a + a.T) / 2 + np.diag(rng.uniform(1, 5, size=n))
 
 
-def test_group_by_layer_paths():
-    groups = hf.group_by_layer(_params())
-    assert groups == {
-        "Dense_0": ["Dense_0/bias", "Dense_0/kernel"],
-        "blocks/0": ["blocks/0/w"],
-        "blocks/1": ["blocks/1/w"],
-        "scale": ["scale"],
-    }
-    top = hf.group_by_layer(_params(), layer_fn=lambda p: p.split("/")[0])
-    assert list(top) == ["Dense_0", "blocks", "scale"] and len(top["blocks"]) == 2
-
-
-def test_layer_norms_sum_to_one_and_match_manual():
-    params = _params()
-    n = tu.size(params)
-    _, vecs = np.linalg.eigh(_random_sym(n))
-    top = vecs[:, -3:].T  # 3 eigenvectors, rows
-    block = jax.vmap(tu.unravel_fn(params))(jnp.asarray(top))
-    shares = hf.layer_norms(block)
-    total = sum(shares.values())
-    np.testing.assert_allclose(total, np.ones(3), rtol=1e-12)
-    # Dense_0 is the first 3 + 12 = 15 coordinates in ravel order (bias then kernel)
-    np.testing.assert_allclose(shares["Dense_0"], np.sum(top[:, :15] ** 2, axis=1), rtol=1e-12)
-    assert all(s.shape == (3,) for s in shares.values())
-    # an eigsh-like result is accepted as well (its `eigenvectors` field)
-    from types import SimpleNamespace
-
-    again = hf.layer_norms(SimpleNamespace(eigenvectors=block))
-    np.testing.assert_allclose(again["blocks/1"], shares["blocks/1"], rtol=1e-12)
-    with pytest.raises(ValueError, match="stacked block"):
-        hf.layer_norms({"a": jnp.ones(3), "b": jnp.ones((2, 2))})
-
-
 def test_layer_trace_exact_and_hutchinson_on_dense():
     params = _params()
     n = tu.size(params)
     a = _random_sym(n, seed=1)
     op = hvp.from_dense(a, like=params)
-    exact = hf.layer_trace(op, method="exact", chunk_size=7)
+    exact = hvp.linalg.layer_trace(op, key=jax.random.key(1), method="exact", chunk_size=7)
     d = np.diag(a)
     np.testing.assert_allclose(
         exact.estimate, [d[:15].sum(), d[15:21].sum(), d[21:23].sum(), d[23]], rtol=1e-12
     )
     np.testing.assert_allclose(exact.total, np.trace(a), rtol=1e-12)
     assert exact.num_matvecs == n and exact.layers == ("Dense_0", "blocks/0", "blocks/1", "scale")
-    est = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=20, chunk_size=8)  # 20 < n = 24
+    est = hvp.linalg.layer_trace(
+        op, key=jax.random.key(0), num_matvecs=20, chunk_size=8
+    )  # 20 < n = 24
     assert est.num_matvecs == 20 and est.method == "hutchinson"
     z = np.abs(est.estimate - exact.estimate) / np.maximum(est.std_error, 1e-300)
     assert np.all(z < 4), z
@@ -91,12 +60,12 @@ def test_layer_trace_exact_and_hutchinson_on_dense():
     np.testing.assert_allclose(sum(est.fractions().values()), 1.0, rtol=1e-12)
     assert set(est.as_dict()) == set(est.layers)
     # deterministic for a given key
-    again = hf.layer_trace(op, key=jax.random.key(0), num_matvecs=20)
+    again = hvp.linalg.layer_trace(op, key=jax.random.key(0), num_matvecs=20)
     np.testing.assert_allclose(again.estimate, est.estimate, rtol=1e-12)
     d = est.to_dict()
     assert d["method"] == "hutchinson" and len(d["estimate"]) == 4
     # a budget of at least n probes is spent on the exact answer instead
-    assert hf.layer_trace(op, key=jax.random.key(0), num_matvecs=200).method == "exact"
+    assert hvp.linalg.layer_trace(op, key=jax.random.key(0), num_matvecs=200).method == "exact"
 
 
 def test_layer_trace_on_linen_hessian_and_errors():
@@ -111,14 +80,19 @@ def test_layer_trace_on_linen_hessian_and_errors():
     module = MLP()
     problem = hf.from_linen(module, module.init(jax.random.key(0), batch[0]), "cross_entropy")
     op = problem.hessian(batch)
-    exact = hf.layer_trace(op, method="exact")
+    exact = hvp.linalg.layer_trace(op, key=jax.random.PRNGKey(1), method="exact")  # old-style key
     dense = np.asarray(op.dense())
     np.testing.assert_allclose(exact.total, np.trace(dense), rtol=1e-10)
     n0 = 3 + 16 * 3
     np.testing.assert_allclose(exact.estimate[0], np.trace(dense[:n0, :n0]), rtol=1e-10)
-    with pytest.raises(ValueError, match="key"):
-        hf.layer_trace(op)
+    # the same exception types as every estimator (hvp.linalg._checks)
+    with pytest.raises(TypeError, match="key"):
+        hvp.linalg.layer_trace(op)
+    with pytest.raises(TypeError, match="key=jax.random.key"):
+        hvp.linalg.layer_trace(op, key=0)
     with pytest.raises(ValueError, match="num_matvecs"):
-        hf.layer_trace(op, key=jax.random.key(0), num_matvecs=1)
+        hvp.linalg.layer_trace(op, key=jax.random.key(0), num_matvecs=1)
+    with pytest.raises(TypeError, match="num_matvecs"):
+        hvp.linalg.layer_trace(op, key=jax.random.key(0), num_matvecs=2.5)
     with pytest.raises(ValueError, match="Unknown method"):
-        hf.layer_trace(op, key=jax.random.key(0), method="hutch++")
+        hvp.linalg.layer_trace(op, key=jax.random.key(0), method="hutch++")
