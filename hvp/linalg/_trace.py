@@ -91,7 +91,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
@@ -105,7 +104,6 @@ from hvp.linalg._blocks import HIGHEST, combine, gram, rowwise
 from hvp.linalg._checks import (
     DtypePolicy,
     acc_dtype,
-    apply_in_dtype,
     check_finite_float,
     check_int,
     check_key,
@@ -115,10 +113,9 @@ from hvp.linalg._checks import (
     resolve_chunk,
 )
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._probes import probe, probes
+from hvp.linalg._probes import probes
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
-from hvp.operators import LinearOperator
 from hvp.typing import OperatorLike, PRNGKey
 
 __all__ = ["TRACE_METHODS", "TraceResult", "resolve_trace_method", "trace"]
@@ -1131,51 +1128,3 @@ def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife,
         if total >= 2 and _met(est, se, rtol, atol):
             return dataclasses.replace(res, converged=True)
     return res
-
-
-# ------------------------------------------------------------------------------------------------
-# kept for hvp.linalg._diagonal and hvp.linalg._frobenius until their rewrite is merged
-# (issue 11: they stop importing from this module; delete these three then)
-# ------------------------------------------------------------------------------------------------
-def map_chunked(fn: Callable, xs, chunk: int | None):
-    """``vmap(fn)(xs)``, or ``lax.map`` over chunks of ``chunk`` rows to bound memory."""
-    count = tu.leading_dim(xs)
-    if chunk is None or chunk >= count:
-        return jax.vmap(fn)(xs)
-    return lax.map(fn, xs, batch_size=chunk)
-
-
-def probe_map(
-    op: LinearOperator,
-    key,
-    count: int,
-    kind: str,
-    fn: Callable,
-    chunk: int | None,
-    start=0,
-    transform: Callable | None = None,
-):
-    """``fn(z_i, A z_i)`` for probes ``i = start..start+count-1``, drawn inside the map."""
-    like = op.like
-
-    def one(i):
-        z = probe(jax.random.fold_in(key, i), like, kind)
-        if transform is not None:
-            z = transform(z)
-        return fn(z, apply_in_dtype(op, z))
-
-    return map_chunked(one, start + jnp.arange(count), chunk)
-
-
-def exact_map(op: LinearOperator, fn: Callable, chunk: int | None):
-    """``fn(e_i, A e_i)`` for every coordinate vector ``e_i`` (ravel order), ``n`` products."""
-    like = op.like
-    n = tu.size(like)
-    unravel = tu.unravel_fn(like)
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
-
-    def one(i):
-        e = unravel(jax.nn.one_hot(i, n, dtype=dtype))
-        return fn(e, op._apply(e))
-
-    return map_chunked(one, jnp.arange(n), chunk)

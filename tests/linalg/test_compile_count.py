@@ -128,7 +128,6 @@ def test_eigsh_k5(counted):
     counted(lambda op: hvp.eigsh(op, k=5, key=KEY))
 
 
-@CONVERTED_ELSEWHERE
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
 def test_trace(counted, method):
     counted(lambda op: hvp.trace(op, key=KEY, num_matvecs=12, method=method))
@@ -139,7 +138,6 @@ def test_spectral_density(counted):
     counted(lambda op: hvp.spectral_density(op, key=KEY, num_probes=2, num_iters=8))
 
 
-@CONVERTED_ELSEWHERE
 def test_diagonal(counted):
     counted(lambda op: hvp.diagonal(op, key=KEY, num_matvecs=8))
 
