@@ -371,13 +371,15 @@ def resolve_driver(driver: str, *traced: Any, progress=None, checkpoint=None) ->
     where = "inside jax.jit/jax.vmap" if inside else "with driver='compiled'"
     if driver == "compiled" and checkpoint is not None:
         raise ValueError(
-            f"`checkpoint=` cannot be used {where}: a compiled loop cannot save its state. Call "
-            "the algorithm outside the transformation with driver='host' (or 'auto')."
+            f"`checkpoint=` cannot be used {where}: it needs the host driver (a compiled loop cannot "
+            "save its state). Call the algorithm outside the transformation with driver='host' "
+            "(or 'auto')."
         )
     if driver == "compiled" and progress:
         raise ValueError(
-            f"`progress=True` cannot be used {where}: a compiled loop cannot report. Call the "
-            "algorithm outside the transformation with driver='host' (or 'auto')."
+            f"`progress=True` cannot be used {where}: it needs the host driver (a compiled loop "
+            "cannot report). Call the algorithm outside the transformation with driver='host' "
+            "(or 'auto')."
         )
     return driver
 

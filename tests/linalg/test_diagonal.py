@@ -234,9 +234,9 @@ def test_progress_figure():
     alg = Diagonal(total=50, chunk=12)
     se, est = _flat(res.std_error), _flat(res.estimate)
     state = _initial_state(OP.like, key, 50, exact=False)
-    for phase in (0, 0, 0, 0, 1):  # the host driver's compiled steps (cached by the run above)
-        vs = _driver._prepare(alg, OP, state, phase)
-        state = _driver._update(alg, OP, state, phase, vs, OP.matmat(vs))
+    for phase in (0, 0, 0, 0, 1):  # the machine's own steps, as a driver runs them
+        vs = alg.prepare(OP, state, phase)
+        state = alg.update(OP, state, phase, vs, _driver.block_product(OP, vs))
     assert bool(state["done"])
     p = alg.progress(jax.device_get(state))
     assert p.matvecs == 50 and p.total == 50
