@@ -20,10 +20,18 @@ geometrically in ``m``; the probe average has variance
 :math:`O(\|f(A)\|_F^2 / P)` (Ubaru et al., 2017), so the standard errors
 reported by :meth:`SpectralDensity.trace_fn` shrink like :math:`1/\sqrt P`.
 
+Lockstep: the probes run in groups of at most ``chunk_size``; the Lanczos sequences of a
+group advance together, so each Lanczos step of a group is one block product of its ``c``
+current vectors (one pass over the data for a data-set operator) followed by each probe's own
+recurrence, and ``P`` probes of ``m`` steps cost ``ceil(P / c) * m`` block products. The
+algorithm is a :class:`~hvp.linalg._driver.StateMachine` run by the compiled or the host
+driver (progress display, checkpoint and resume).
+
 Reorthogonalisation: by default each probe's Lanczos run is fully
 reorthogonalised against its own basis, which needs ``(num_iters + 1) * n``
-numbers per probe running at once (``chunk_size`` probes, all probes by
-default). ``reorthogonalize=False`` keeps only three vectors per probe; in
+numbers per probe of the group running (``c * (num_iters + 1) * n`` in all; ``c`` is at
+most 8 by default, fewer when that exceeds 1 GiB). ``reorthogonalize=False`` keeps only
+three vectors per probe; in
 floating point it then produces spurious repeated ("ghost") copies of
 converged extreme Ritz values, which carry (small) quadrature weight of their
 own: the density estimate stays usable but the extreme peaks are distorted
@@ -32,7 +40,11 @@ own: the density estimate stays usable but the extreme peaks are distorted
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
 from functools import partial
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +52,10 @@ import numpy as np
 from jax import lax
 
 from hvp import tree as tu
+from hvp.linalg._blocks import combine, rows_dot, rowwise
 from hvp.linalg._checks import (
     DtypePolicy,
     acc_dtype,
-    apply_in_dtype,
     check_finite_float,
     check_int,
     check_key,
@@ -52,6 +64,9 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
+from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
+from hvp.linalg._probes import probes
+from hvp.linalg._stats import mean_std_error
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["spectral_density", "SpectralDensity", "TraceFnEstimate", "wasserstein1"]
@@ -83,6 +98,12 @@ class TraceFnEstimate:
     @property
     def stderr(self) -> jax.Array:
         """Deprecated alias of ``std_error`` (the field name shared by every result)."""
+        warnings.warn(
+            "`TraceFnEstimate.stderr` is deprecated: use `std_error` (the name every hvp "
+            "result uses).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.std_error
 
 
@@ -93,7 +114,10 @@ class SpectralDensity:
     Attributes:
       nodes: Ritz values, shape ``(num_probes, num_iters)``, in the accumulation dtype.
       weights: Gauss quadrature weights, same shape; each row sums to 1.
-      num_matvecs: operator products used (``num_probes * num_iters``).
+      num_matvecs: operator products used: ``num_probes * num_iters``, plus those of the
+        extra probes completing the last group when the groups do not divide ``num_probes``
+        (see :func:`spectral_density`). A Python ``int`` outside ``jax.jit``, a traced int32
+        scalar under it.
       size: ``n``, the operator size.
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: products in the parameters'
         dtype, the Lanczos coefficients, the tridiagonal matrix and its ``eigh`` in
@@ -193,12 +217,7 @@ class SpectralDensity:
         """
         vals = jnp.asarray(f(jnp.asarray(self.nodes)))
         samples = self.size * jnp.sum(self.weights * vals, axis=1)
-        p = samples.shape[0]
-        est = jnp.mean(samples)
-        if p > 1:
-            se = jnp.std(samples, ddof=1) / np.sqrt(p)
-        else:
-            se = jnp.asarray(np.inf, est.dtype)
+        est, se = mean_std_error(samples)
         return TraceFnEstimate(estimate=est, std_error=se, samples=samples)
 
     def wasserstein1(self, eigenvalues, weights=None) -> float:
@@ -248,124 +267,262 @@ def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
     return float(np.sum(np.abs(diff) * np.diff(pts)))
 
 
-def _rows_coeffs(V, w, acc):
-    """``V^T w`` (one coefficient per row of the block ``V``), accumulated in ``acc``."""
-    parts = [
-        tu.contract_rows(Vl.astype(acc), wl.astype(acc), precision=lax.Precision.HIGHEST)
-        for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w))
-    ]
-    return sum(parts[1:], parts[0])
+# ------------------------------------------------------------------------------------------------
+# the state machine: the probes of a group advance in lockstep, one block product per step
+# ------------------------------------------------------------------------------------------------
+def _row_scale(a: jax.Array, X):
+    """``a[p] * X_p`` for every row ``p`` of the block ``X``."""
+    return tu.map(lambda x: a.reshape(a.shape + (1,) * (x.ndim - 1)).astype(x.dtype) * x, X)
 
 
-def _rows_combine(c, V, acc):
-    """``sum_i c_i V_i`` in ``acc``."""
+def _row_norms(X) -> jax.Array:
+    """``||X_p||`` for every row of the block ``X`` (in the accumulation dtype)."""
+    return jnp.sqrt(rowwise(X, X))
+
+
+def _orthogonalize(V, W, mask):
+    """Two passes of classical Gram-Schmidt of each row ``W_p`` against probe ``p``'s basis.
+
+    ``V`` holds one basis per probe (leaves ``(c, r) + shape``), ``W`` one vector per probe
+    (``(c,) + shape``), ``mask`` (``(r,)``) selects the basis rows in use. Returns the summed
+    coefficients ``(c, r)`` and the orthogonalised block. (The two passes are a loop, not
+    unrolled: on CPU the compile time of the row products dominates a one-off run.)
+    """
+
+    def one_pass(_, carry):
+        h, W = carry
+        coef = jax.vmap(rows_dot)(V, W).astype(mask.dtype) * mask
+        return h + coef, tu.sub(W, jax.vmap(combine)(coef, V, W))
+
+    h = jnp.zeros((tu.leading_dim(W), mask.shape[0]), mask.dtype)
+    return lax.fori_loop(0, 2, one_pass, (h, W))
+
+
+def _stack_rows(*blocks):
+    """Blocks ``(c,) + shape`` stacked into one small basis per probe, ``(c, len(blocks)) + shape``."""
+    return tu.map(lambda *xs: jnp.stack(xs, axis=1), *blocks)
+
+
+def _write(V, j, X):
+    """Basis ``V`` (``(c, r) + shape``) with row ``j`` of every probe set to ``X`` (``(c,) + shape``)."""
     return tu.map(
-        lambda Vl: jnp.tensordot(c, Vl.astype(acc), axes=1, precision=lax.Precision.HIGHEST), V
+        lambda Vl, x: lax.dynamic_update_slice_in_dim(Vl, x[:, None].astype(Vl.dtype), j, axis=1),
+        V,
+        X,
     )
 
 
-def _orthogonalize(V, w, mask, acc):
-    """Two passes of classical Gram-Schmidt of ``w`` against the rows of ``V`` in ``mask``."""
-    h = jnp.zeros(mask.shape, acc)
-    for _ in range(2):
-        c = _rows_coeffs(V, w, acc) * mask
-        w = tu.sub(w, _rows_combine(c, V, acc))
-        h = h + c
-    return h, w
+def _rows_where(mask: jax.Array, X, Y):
+    """Row ``p`` of ``X`` where ``mask[p]``, else row ``p`` of ``Y``."""
+    return tu.map(
+        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), X, Y
+    )
 
 
-def _unit_or_fresh(w, beta, broke, key, V, mask, like, acc):
-    """``w / beta``, or (breakdown) a random unit vector orthogonal to the rows in ``mask``."""
+#: ``fold_in`` index of the key of the fresh vectors drawn at a breakdown (probe ``i`` uses
+#: ``fold_in(key, i)``, so probe indices stay below it).
+_FRESH = 0x7FFFFFFF
 
-    def normal(_):
-        return tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
-
-    def fresh(_):
-        r = tu.cast(tu.normal_like(key, like), acc)
-        _, r = _orthogonalize(V, r, mask, acc)
-        nr = tu.norm(r)
-        ok = nr > 1e-3
-        return tu.scale(jnp.where(ok, 1.0 / jnp.where(ok, nr, 1.0), 0.0), r)
-
-    return lax.cond(broke, fresh, normal, None)
+LANCZOS, REPAIR = 0, 1
 
 
-@partial(jax.jit, static_argnames=("m", "reorth", "chunk_size", "basis_dtype", "eps"))
-def _slq_run(op, keys, *, m, reorth, chunk_size, basis_dtype, eps):
-    """Nodes and weights of ``m``-step Lanczos quadrature from each key's Rademacher probe.
+@dataclasses.dataclass(frozen=True)
+class LanczosQuadrature(StateMachine):
+    """Stochastic Lanczos quadrature as a state machine.
 
-    Precision: products in the parameters' dtype; the iterates and their orthogonalisation,
-    alpha/beta, ``T`` and its ``eigh`` in the accumulation dtype; the basis is stored in
-    ``basis_dtype`` (default: the parameters' dtype).
+    The probes run in ``num_groups`` consecutive groups of ``group`` probes; within a group
+    their Lanczos sequences advance together. Phase ``LANCZOS`` (block size ``group``): one
+    block product of the group's current Lanczos vectors ``q_j``, then each probe's
+    three-term recurrence (or full reorthogonalisation against its own basis); ``j = 0``
+    starts the group from its normalised Rademacher probes (probe ``i`` from
+    ``fold_in(key, i)``). Phase ``REPAIR`` (no product) runs only after a breakdown (a
+    probe's Krylov space became invariant): it replaces the broken probes' next vectors by
+    random unit vectors orthogonal to their bases. Keeping it a phase of its own means the
+    host driver compiles it only when a breakdown happens. When ``num_groups * group >
+    num_probes`` the last group carries extra probes whose products are counted but whose
+    quadrature is dropped.
+
+    State: ``key``/``key_fresh``; ``g``/``j`` the group and the step; ``V`` the group's bases
+    (``(group, num_iters + 1) + shape`` in ``basis_dtype``) with reorthogonalisation, else
+    ``v``/``vp``/``vpp``/``beta_prev`` (the next, current and previous vectors, and the last
+    beta); ``anorm`` the largest ``||A q_j||`` seen per probe (the breakdown scale);
+    ``broke`` which probes broke down at the last step; ``alphas``/``betas``
+    ``(num_groups * group, num_iters)``; ``ok`` (every product finite so far).
     """
-    like = op.like
-    n = tu.size(like)
-    acc = acc_dtype(like)
 
-    def apply(v):
-        return tu.cast(apply_in_dtype(op, v), acc)
+    name: ClassVar[str] = "spectral_density"
 
-    def one(key):
-        kz, kr = jax.random.split(key)
-        v0 = tu.scale(1.0 / np.sqrt(n), tu.cast(tu.rademacher_like(kz, like), acc))
-        alphas = jnp.zeros((m,), acc)
-        betas = jnp.zeros((m,), acc)
-        anorm = jnp.zeros((), acc)
-        if reorth:
-            V = tu.stacked_like(  # each row sharded like its parameter leaf (explicit meshes)
-                tu.map(lambda x: jnp.zeros((m + 1,) + jnp.shape(x), basis_dtype or x.dtype), like),
-                like,
-            )
-            V = tu.map(lambda Vl, x: Vl.at[0].set(x.astype(Vl.dtype)), V, v0)
+    num_probes: int
+    num_iters: int
+    group: int
+    reorthogonalize: bool = True
+    basis_dtype: str | None = None
+    eps: float = 1e-7
 
-            def body(j, c):
-                V, alphas, betas, anorm = c
-                v = tu.map(lambda Vl: Vl[j].astype(acc), V)
-                w = apply(v)
-                anorm = jnp.maximum(anorm, tu.norm(w))
-                mask = (jnp.arange(m + 1) <= j).astype(acc)
-                h, w = _orthogonalize(V, w, mask, acc)
-                beta = tu.norm(w)
-                broke = beta <= 10.0 * eps * anorm
-                v_next = _unit_or_fresh(
-                    w, beta, broke, jax.random.fold_in(kr, j), V, mask, like, acc
-                )
-                beta = jnp.where(broke, 0.0, beta)
-                V = tu.map(lambda Vl, x: Vl.at[j + 1].set(x.astype(Vl.dtype)), V, v_next)
-                return V, alphas.at[j].set(h[j]), betas.at[j].set(beta), anorm
+    @property
+    def num_groups(self) -> int:
+        return -(-self.num_probes // self.group)
 
-            _, alphas, betas, _ = lax.fori_loop(0, m, body, (V, alphas, betas, anorm))
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (self.group, 0)
+
+    # -- phase LANCZOS ---------------------------------------------------------------------------
+    def _start(self, op, state):
+        """The group's first Lanczos vectors: its probes ``z_i / sqrt(n)`` (accumulation dtype)."""
+        acc = acc_dtype(op.like)
+        z = probes(state["key"], op.like, self.group, "rademacher", start=state["g"] * self.group)
+        return tu.map(lambda x: x.astype(acc) * jnp.asarray(1.0 / np.sqrt(op.size), acc), z)
+
+    def prepare(self, op, state, phase):
+        if phase == REPAIR:
+            return None
+        acc = acc_dtype(op.like)
+        if self.reorthogonalize:
+
+            def current(s):
+                return tu.map(lambda Vl: Vl[:, s["j"]].astype(acc), s["V"])
+
         else:
 
-            def body(j, c):
-                v_prev, v, beta_prev, alphas, betas, anorm = c
-                w = apply(v)
-                anorm = jnp.maximum(anorm, tu.norm(w))
-                alpha = tu.dot(v, w)
-                w = tu.sub(tu.axpy(-alpha, v, w), tu.scale(beta_prev, v_prev))
-                beta = tu.norm(w)
-                broke = beta <= 10.0 * eps * anorm
-                two = tu.stack([v_prev, v])
-                v_next = _unit_or_fresh(
-                    w, beta, broke, jax.random.fold_in(kr, j), two, jnp.ones((2,), acc), like, acc
-                )
-                beta = jnp.where(broke, 0.0, beta)
-                return v, v_next, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), anorm
+            def current(s):
+                return s["v"]
 
-            c0 = (tu.zeros_like(v0), v0, jnp.zeros((), acc), alphas, betas, anorm)
-            _, _, _, alphas, betas, _ = lax.fori_loop(0, m, body, c0)
-        off = betas[: m - 1]
-        T = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+        return lax.cond(state["j"] == 0, partial(self._start, op), current, state)
+
+    def update(self, op, state, phase, vs, avs):
+        if phase == REPAIR:
+            return self._repair(op, state)
+        acc = acc_dtype(op.like)
+        c, m = self.group, self.num_iters
+        j, g = state["j"], state["g"]
+        first = j == 0
+        q = vs  # the group's current Lanczos vectors (accumulation dtype)
+        W = tu.cast(avs, acc)
+        ok = state["ok"] & tu.all_finite(W)
+        anorm = jnp.maximum(jnp.where(first, 0.0, state["anorm"]), _row_norms(W))
+        out = {}
+        if self.reorthogonalize:
+            V = _write(state["V"], j, q)
+            h, W = _orthogonalize(V, W, (jnp.arange(m + 1) <= j).astype(acc))
+            alpha = h[:, j]
+        else:
+            qp = tu.map(lambda x: jnp.where(first, jnp.zeros_like(x), x), state["vp"])
+            beta_prev = jnp.where(first, 0.0, state["beta_prev"])
+            alpha = rowwise(q, W)
+            W = tu.sub(W, tu.add(_row_scale(alpha, q), _row_scale(beta_prev, qp)))
+        beta = _row_norms(W)
+        broke = beta <= 10.0 * self.eps * anorm
+        beta = jnp.where(broke, 0.0, beta)
+        nxt = _row_scale(1.0 / jnp.where(beta > 0, beta, 1.0), W)
+        if self.reorthogonalize:
+            out["V"] = _write(V, j + 1, nxt)
+        else:
+            out.update(v=nxt, vp=q, vpp=qp, beta_prev=beta)
+        row = g * c
+        alphas = lax.dynamic_update_slice(state["alphas"], alpha[:, None].astype(acc), (row, j))
+        betas = lax.dynamic_update_slice(state["betas"], beta[:, None].astype(acc), (row, j))
+        last = j + 1 >= m
+        g_next = jnp.where(last, g + 1, g)
+        # a broken probe needs a fresh next vector, unless its group has just ended
+        repair = ok & ~last & jnp.any(broke)
+        return dict(
+            state,
+            **out,
+            anorm=anorm,
+            broke=broke,
+            alphas=alphas,
+            betas=betas,
+            ok=ok,
+            g=g_next.astype(jnp.int32),
+            j=jnp.where(last, 0, j + 1).astype(jnp.int32),
+            phase=jnp.where(repair, REPAIR, LANCZOS).astype(jnp.int32),
+            matvecs=state["matvecs"] + c,
+            done=~ok | (g_next >= self.num_groups),
+        )
+
+    # -- phase REPAIR ----------------------------------------------------------------------------
+    def _repair(self, op, state):
+        """Broken probes continue from a random unit vector orthogonal to their basis.
+
+        (Zero when the basis already spans the whole space: then every later product is 0
+        and the recurrence only appends zero rows and columns to ``T``.)
+        """
+        acc = acc_dtype(op.like)
+        c, m = self.group, self.num_iters
+        j, g, broke = state["j"], state["g"], state["broke"]  # j: the row to replace
+        idx = g * c + jnp.arange(c)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(state["key_fresh"], i), j))(
+            idx
+        )
+        R = tu.cast(jax.vmap(lambda k: tu.normal_like(k, op.like))(keys), acc)
+        if self.reorthogonalize:
+            basis, mask = state["V"], (jnp.arange(m + 1) < j).astype(acc)
+        else:
+            basis, mask = _stack_rows(state["vpp"], state["vp"]), jnp.ones((2,), acc)
+        _, R = _orthogonalize(basis, R, mask)
+        nr = _row_norms(R)
+        R = _row_scale(jnp.where(nr > 1e-3, 1.0 / jnp.where(nr > 0, nr, 1.0), 0.0), R)
+        out = {}
+        if self.reorthogonalize:
+            current = tu.map(lambda Vl: Vl[:, j].astype(acc), state["V"])
+            out["V"] = _write(state["V"], j, _rows_where(broke, R, current))
+        else:
+            out["v"] = _rows_where(broke, R, state["v"])
+        return dict(state, **out, phase=jnp.asarray(LANCZOS, jnp.int32))
+
+    def finalize(self, op, state):  # noqa: ARG002
+        p, m = self.num_probes, self.num_iters
+        alphas, betas = state["alphas"][:p], state["betas"][:p, : m - 1]
+        T = jax.vmap(lambda a, b: jnp.diag(a) + jnp.diag(b, 1) + jnp.diag(b, -1))(alphas, betas)
         theta, S = jnp.linalg.eigh(T)
-        return theta, S[0] ** 2
+        weights = S[:, 0, :] ** 2
+        bad = ~state["ok"]
+        nan = jnp.asarray(jnp.nan, theta.dtype)
+        return jnp.where(bad, nan, theta), jnp.where(bad, nan, weights), state["matvecs"]
 
-    if any(tu.explicit_sharding(x) is not None for x in jax.tree_util.tree_leaves(like)):
-        # Explicit mesh: JAX's vmap of ``lax.cond`` broadcasts the predicate without the
-        # operands' sharding type and fails, so the probes run one after the other.
-        return lax.map(one, keys)
-    if chunk_size is None:
-        return jax.vmap(one)(keys)
-    return lax.map(one, keys, batch_size=chunk_size)
+    def progress(self, state) -> Progress:
+        g, j = int(state["g"]), int(state["j"])
+        groups = self.num_groups
+        text = f"probe group {min(g + 1, groups)}/{groups}, Lanczos step {j}/{self.num_iters}"
+        return Progress(
+            matvecs=int(state["matvecs"]),
+            total=groups * self.group * self.num_iters,
+            text=text,
+        )
+
+
+def _initial_state(key, like, alg: LanczosQuadrature) -> dict:
+    acc = acc_dtype(like)
+    c, m = alg.group, alg.num_iters
+    rows = alg.num_groups * c
+    state = dict(
+        key=key,
+        key_fresh=jax.random.fold_in(key, _FRESH),
+        g=jnp.zeros((), jnp.int32),
+        j=jnp.zeros((), jnp.int32),
+        anorm=jnp.zeros((c,), acc),
+        broke=jnp.zeros((c,), bool),
+        alphas=jnp.zeros((rows, m), acc),
+        betas=jnp.zeros((rows, m), acc),
+        ok=jnp.array(True),
+        matvecs=jnp.zeros((), jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
+    )
+    if alg.reorthogonalize:
+        # each row sharded like its parameter leaf (explicit meshes)
+        state["V"] = tu.stacked_like(
+            tu.map(
+                lambda x: jnp.zeros((c, m + 1) + jnp.shape(x), alg.basis_dtype or x.dtype), like
+            ),
+            like,
+            leading=2,
+        )
+    else:
+        zeros = tu.stacked_like(tu.map(lambda x: jnp.zeros((c,) + jnp.shape(x), acc), like), like)
+        state.update(v=zeros, vp=zeros, vpp=zeros, beta_prev=jnp.zeros((c,), acc))
+    return state
 
 
 def _slq_eps(like, basis_dtype) -> float:
@@ -386,63 +543,94 @@ def spectral_density(
     reorthogonalize: bool = True,
     basis_dtype=None,
     like: PyTree | None = None,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> SpectralDensity:
     r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
-    Runs ``num_probes`` independent ``num_iters``-step Lanczos processes from
-    normalised Rademacher probes (batched with ``vmap`` in one compiled call, or
-    ``chunk_size`` probes at a time via ``lax.map``) and returns their Ritz
-    values and Gauss quadrature weights (Ubaru, Chen & Saad, 2017; Ghorbani,
-    Krishnan & Xiao, 2019). See the module docstring for the maths.
+    Runs ``num_probes`` Lanczos processes of ``num_iters`` steps from normalised Rademacher
+    probes and returns their Ritz values and Gauss quadrature weights (Ubaru, Chen & Saad,
+    2017; Ghorbani, Krishnan & Xiao, 2019); see the module docstring for the maths.
+
+    The probes run in groups of at most ``chunk_size``, whose Lanczos sequences advance in
+    lockstep: each step of a group is **one block product** of the group's current Lanczos
+    vectors (:meth:`hvp.LinearOperator.matmat`), so ``P`` probes of ``m`` steps cost
+    ``ceil(P / chunk_size) * m`` block products (one data pass each), not ``P * m`` single
+    ones. The groups are balanced: ``G = ceil(P / chunk_size)`` groups of
+    ``ceil(P / G)`` probes each (e.g. 10 probes with ``chunk_size=8`` run as 2 groups of 5);
+    when ``G`` does not divide ``P`` the last group is completed with extra probes, whose
+    products (at most ``G - 1`` probes' worth) count in ``num_matvecs`` and whose quadrature
+    is dropped.
 
     Args:
       op: a :class:`hvp.LinearOperator`, or a matvec callable with ``like=``.
-      key: PRNG key, ``jax.random.key(seed)`` (same key, same result).
+      key: PRNG key, ``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``; probe ``i`` is
+        drawn from ``jax.random.fold_in(key, i)``, so the same key gives the same probes and
+        the same density whatever ``chunk_size`` and ``driver``.
       num_probes: number of random probes ``P`` (>= 1); statistical error ~ ``1/sqrt(P)``.
-      num_iters: Lanczos steps ``m`` per probe (capped at ``n``); resolution of
-        the density and degree ``2m - 1`` of exact quadrature.
-      chunk_size: probes run at once. ``None`` (default): the memory rule of
-        :func:`hvp.linalg.trace` (at most 8 probes at once), further limited so
-        that the probes' Lanczos bases, ``chunk_size * (num_iters + 1) * n``
-        numbers of ``basis_dtype`` with full reorthogonalisation, fit in 1 GiB.
+      num_iters: Lanczos steps ``m`` per probe, i.e. operator products per probe (capped at
+        ``n``): the number of quadrature nodes per probe, the resolution of the density and
+        the degree ``2m - 1`` of exact quadrature.
+      chunk_size: at most this many probes (products) at once. ``None`` (default): the
+        memory rule of :func:`hvp.linalg.trace` (at most 8), further limited so that the
+        group's Lanczos bases, ``chunk_size * (num_iters + 1) * n`` numbers of
+        ``basis_dtype`` with full reorthogonalisation, fit in 1 GiB.
       reorthogonalize: ``True`` (default) for full reorthogonalisation against
         each probe's own basis; ``False`` stores only 3 vectors per probe at
         the price of ghost eigenvalues (module docstring).
       basis_dtype: storage dtype for the basis (default: the parameters' dtype;
         a smaller one saves memory, accuracy limited to that precision).
       like: example pytree when ``op`` is a plain matvec callable.
+      driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
+        or ``"host"``; see :mod:`hvp.linalg` ("Drivers"). Both give the same numbers.
+      progress: host driver: show products, the probe group and the Lanczos step on stderr
+        (``None``: when stderr is a terminal).
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (same arguments, same result, bit for bit).
 
     Returns:
-      :class:`SpectralDensity` with ``nodes``, ``weights`` (``(P, m)``), ``dtype_policy``
-      and helpers ``density``, ``grid``, ``negative_mass``, ``trace_fn``,
+      :class:`SpectralDensity` with ``nodes``, ``weights`` (``(P, m)``), ``num_matvecs``
+      (a Python ``int`` outside ``jax.jit``, a traced int32 scalar under it),
+      ``dtype_policy`` and helpers ``density``, ``grid``, ``negative_mass``, ``trace_fn``,
       ``wasserstein1``.
 
     Precision: products run in the parameters' dtype (bfloat16/float16 included); the
     Lanczos iterates are orthogonalised, and ``alpha``, ``beta``, the tridiagonal matrix
     and its ``eigh`` computed, in at least float32.
 
+    Breakdown: when a probe's Krylov space becomes invariant (``beta`` below ``10 eps`` times
+    the largest ``||A q_j||`` seen), its sequence continues from a random unit vector
+    orthogonal to its basis with ``beta = 0`` (the tridiagonal matrix splits and the
+    quadrature stays exact).
+
     Transformations: works inside ``jax.jit`` (pass the operator and the key as
-    arguments) and under ``jax.vmap`` over keys; there a non-finite result is returned
-    as NaN instead of raising :class:`~hvp.NonFiniteError`.
+    arguments) and under ``jax.vmap`` over keys (the compiled driver); there a non-finite
+    result is returned as NaN instead of raising :class:`~hvp.NonFiniteError`.
 
     Raises:
       TypeError: ``key`` is not a PRNG key (pass ``key=jax.random.key(seed)``), or a count
         is not an int.
-      ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``.
-      NonFiniteError: the operator produced NaN or Inf.
+      ValueError: non-positive ``num_probes``/``num_iters``/``chunk_size``; ``driver="host"``,
+        ``progress`` or ``checkpoint`` inside ``jax.jit``.
+      NonFiniteError: the operator produced NaN or Inf (the run stops at that product).
 
     Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.arange(1.0, 5.0))),
       ...                           key=jax.random.key(0), num_probes=2, num_iters=4)
-      >>> sd.nodes.shape, round(float(sd.trace_fn(lambda t: t).estimate), 4)
-      ((2, 4), 10.0)
+      >>> sd.nodes.shape, round(float(sd.trace_fn(lambda t: t).estimate), 4), sd.num_matvecs
+      ((2, 4), 10.0, 8)
     """
     op = coerce_operator(op, like, what="spectrum")
     n = op.size
     num_probes = check_int("num_probes", num_probes, minimum=1)
     num_iters = check_int("num_iters", num_iters, minimum=1)
     check_key(key)
+    if not isinstance(reorthogonalize, (bool, np.bool_)):
+        raise TypeError(
+            f"`reorthogonalize` must be True or False, got {type(reorthogonalize).__name__}."
+        )
     m = min(num_iters, n)
     if basis_dtype is not None:
         basis_dtype = jnp.dtype(basis_dtype)
@@ -454,21 +642,26 @@ def spectral_density(
     else:
         per_probe = 4 * n * acc_dtype(op.like).itemsize
     chunk = resolve_chunk(chunk_size, num_probes, per_probe)
-    keys = jax.random.split(key, num_probes)
-    nodes, weights = _slq_run(
-        op,
-        keys,
-        m=m,
-        reorth=bool(reorthogonalize),
-        chunk_size=None if chunk >= num_probes else chunk,
-        basis_dtype=basis_dtype,
+    groups = -(-num_probes // chunk)
+    alg = LanczosQuadrature(
+        num_probes=num_probes,
+        num_iters=m,
+        group=-(-num_probes // groups),
+        reorthogonalize=bool(reorthogonalize),
+        basis_dtype=None if basis_dtype is None else basis_dtype.name,
         eps=_slq_eps(op.like, basis_dtype),
     )
+    state = _initial_state(key, op.like, alg)
+    (nodes, weights, nmv), chosen = run(
+        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+    )
+    if chosen == "host":
+        nmv = int(nmv)
     raise_if_nonfinite(op, "spectral density (SLQ nodes and weights)", nodes, weights)
     return SpectralDensity(
         nodes=nodes,
         weights=weights,
-        num_matvecs=jnp.asarray(num_probes * m),
+        num_matvecs=nmv,
         size=n,
         dtype_policy=dtype_policy(op.like),
     )
