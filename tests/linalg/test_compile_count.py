@@ -133,7 +133,6 @@ def test_trace(counted, method):
     counted(lambda op: hvp.trace(op, key=KEY, num_matvecs=12, method=method))
 
 
-@CONVERTED_ELSEWHERE
 def test_spectral_density(counted):
     counted(lambda op: hvp.spectral_density(op, key=KEY, num_probes=2, num_iters=8))
 
