@@ -976,22 +976,35 @@ def _compute(
         )
 
         # 4. figures (the stage display replaces the algorithms' own progress) ---------------
-        # Options of every algorithm call. Issue 11 (after the merge of the converted
-        # algorithms): dict(progress=False), the stage display replacing the algorithms' own,
-        # and with a resume directory checkpoint=linalg.Checkpoint(store.path / f"{name}.npz")
-        # per stage, so that a stage in flight resumes too. Only power_iteration takes them on
-        # this branch.
-        quiet: dict = {}
-        eig_kw = dict(tol=s.eig_tol, **quiet)
+        # With a resume directory each stage also saves its state as it runs, so that a stage
+        # in flight resumes from its last save (the file is removed when the stage finishes).
+        def quiet_for(name: str) -> dict:
+            if store is None:
+                return dict(progress=False)
+            return dict(progress=False, checkpoint=linalg.Checkpoint(store.path / f"{name}.npz"))
+
+        eig_kw = dict(tol=s.eig_tol)
         if s.eig_iters is not None:
             eig_kw["num_iters"] = s.eig_iters
         # one function per stage; each is skipped when a resume directory holds its result
         algorithms = {
             "top": lambda: _quiet_eigsh(
-                linalg.eigsh, op, s.k, which="largest", key=keys["top"], **eig_kw
+                linalg.eigsh,
+                op,
+                s.k,
+                which="largest",
+                key=keys["top"],
+                **eig_kw,
+                **quiet_for("top"),
             ),
             "bottom": lambda: _quiet_eigsh(
-                linalg.eigsh, op, s.k, which="smallest", key=keys["bottom"], **eig_kw
+                linalg.eigsh,
+                op,
+                s.k,
+                which="smallest",
+                key=keys["bottom"],
+                **eig_kw,
+                **quiet_for("bottom"),
             ),
             "trace": lambda: linalg.trace(
                 op,
@@ -999,7 +1012,7 @@ def _compute(
                 num_matvecs=s.trace_matvecs,
                 method=s.trace_method,
                 chunk_size=s.chunk_size,
-                **quiet,
+                **quiet_for("trace"),
             ),
             "density": lambda: linalg.spectral_density(
                 op,
@@ -1007,14 +1020,14 @@ def _compute(
                 num_probes=s.num_probes,
                 num_iters=s.num_iters,
                 chunk_size=s.chunk_size,
-                **quiet,
+                **quiet_for("density"),
             ),
             "layers": lambda: linalg.layer_trace(
                 op,
                 key=keys["layers"],
                 num_matvecs=s.layer_matvecs,
                 chunk_size=s.chunk_size,
-                **quiet,
+                **quiet_for("layers"),
             ),
         }
         titles = {

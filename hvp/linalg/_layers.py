@@ -8,6 +8,7 @@ the traces of the diagonal blocks come from the per-probe leaf sums of
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from hvp import tree as tu
 from hvp.linalg._checks import check_int, check_key
 from hvp.linalg._diagonal import diagonal
+from hvp.linalg._driver import Checkpoint
 from hvp.operators import as_operator
 from hvp.tree import group_by_layer, layer_of
 from hvp.typing import OperatorLike, PRNGKey, PyTree
@@ -124,6 +126,9 @@ def layer_trace(
     chunk_size: int | None = None,
     layer_fn: Callable[[str], str] = layer_of,
     like: PyTree | None = None,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> LayerTrace:
     r"""Trace of each layer's diagonal block of a curvature operator, with standard errors.
 
@@ -154,6 +159,10 @@ def layer_trace(
         ``2 * chunk_size`` parameter copies plus the operator's own.
       layer_fn: leaf path -> layer name (default :func:`hvp.tree.layer_of`).
       like: the parameter pytree, when ``op`` is a matvec callable.
+      driver: ``"auto"``, ``"compiled"`` or ``"host"``, as in :func:`hvp.linalg.diagonal`.
+      progress: host driver: show the products done (``None``: when stderr is a terminal).
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (see ``docs/drivers.md``).
 
     Returns:
       A :class:`LayerTrace` (with the per-probe layer sums in ``samples``); ``num_matvecs``
@@ -186,7 +195,15 @@ def layer_trace(
         raise ValueError(f"Unknown method {method!r}; use 'hutchinson' or 'exact'.")
     # One estimator for diagonals and block traces: hvp.linalg.diagonal keeps the per-probe leaf
     # sums, so grouping leaves into layers gives honest standard errors (and is exact for m >= n).
-    diag = diagonal(op, key=key, num_matvecs=m, chunk_size=chunk_size)
+    diag = diagonal(
+        op,
+        key=key,
+        num_matvecs=m,
+        chunk_size=chunk_size,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+    )
     by_layer = diag.sum_by(layer_fn)
     total = diag.trace()
     est = np.array([float(by_layer.estimate[k]) for k in names])

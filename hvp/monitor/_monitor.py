@@ -733,6 +733,7 @@ class CurvatureMonitor:
             tol=self.tol,
             max_restarts=self.max_restarts,
             v0=v0,
+            progress=False,
         )
         lam = np.asarray(eig.eigenvalues)[::-1]
         res = np.asarray(eig.residuals)[::-1]
@@ -743,7 +744,11 @@ class CurvatureMonitor:
         if self.trace:
             where[0] = "estimating the trace (hvp.linalg.trace)"
             t = _linalg.trace(
-                op, key=k_trace, num_matvecs=self.trace_matvecs, method=self.trace_method
+                op,
+                key=k_trace,
+                num_matvecs=self.trace_matvecs,
+                method=self.trace_method,
+                progress=False,
             )
             tr, tr_se, tr_mv = float(t.estimate), float(t.std_error), int(t.num_matvecs)
         neg = None
@@ -752,7 +757,11 @@ class CurvatureMonitor:
         if step in self.density_steps:
             where[0] = "estimating the spectral density (hvp.linalg.spectral_density)"
             dens = _linalg.spectral_density(
-                op, key=k_density, num_probes=self.density_probes, num_iters=self.density_iters
+                op,
+                key=k_density,
+                num_probes=self.density_probes,
+                num_iters=self.density_iters,
+                progress=False,
             )
             neg = float(dens.negative_mass())
             den_mv = int(dens.num_matvecs)
@@ -769,6 +778,7 @@ class CurvatureMonitor:
                     num_iters=self.num_iters,
                     tol=self.tol,
                     max_restarts=self.max_restarts,
+                    progress=False,
                 ).num_matvecs
             )
         record = MonitorRecord(
