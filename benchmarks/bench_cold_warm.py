@@ -93,6 +93,8 @@ PYH_MAX_ITER = 1000
 COLD_REPEATS = 2
 WARM_REPEATS = 3
 WARM_N_BIG = 200_000  # above this, fewer warm repeats
+CALL_LIMIT_S = 300.0  # a PyTorch peer's single call is stopped after this
+SWEEP_BUDGET_S = 400.0  # a sweep tries no further setting after this much time
 
 
 def problems(quick: bool) -> list[dict]:
@@ -120,12 +122,15 @@ def problem_size(p: dict) -> int:
 
 
 def plan(quick: bool) -> dict:
-    """What runs per problem kind: ``{"warm": libraries, "cold": tasks}`` (``--quick`` trims it)."""
+    """What runs per problem kind: ``{"warm": libraries, "tasks": warm tasks, "cold": cold tasks}``.
+
+    ``--quick`` trims it (every library and task still runs on the MLP).
+    """
     if not quick:
-        return {kind: {"warm": LIBS, "cold": TASKS} for kind in ("mlp", "lm")}
+        return {kind: {"warm": LIBS, "tasks": TASKS, "cold": TASKS} for kind in ("mlp", "lm")}
     return {
-        "mlp": {"warm": LIBS, "cold": ("top1", "density")},
-        "lm": {"warm": ("hvp", "pyhessian"), "cold": ("top1",)},
+        "mlp": {"warm": LIBS, "tasks": TASKS, "cold": ("top1", "density")},
+        "lm": {"warm": ("hvp", "pyhessian"), "tasks": ("top1",), "cold": ("top1",)},
     }
 
 
@@ -288,6 +293,19 @@ def _matfree_run(st, task, setting):
     }
 
 
+class CallTimeout(Exception):
+    """A PyTorch peer's call passed its time limit (raised from its product, between products)."""
+
+
+_DEADLINE = [None]  # perf_counter time after which a counted PyTorch product raises CallTimeout
+
+
+def _tick(count):
+    count[0] += 1
+    if _DEADLINE[0] is not None and time.perf_counter() > _DEADLINE[0]:
+        raise CallTimeout(f"stopped after {count[0]} products (time limit)")
+
+
 def _quiet_torch():
     import warnings
 
@@ -317,7 +335,7 @@ def _pyhessian_run(st, task, setting):
     original = mod.hessian_vector_product
 
     def counted(*args, **kwargs):
-        count[0] += 1
+        _tick(count)
         return original(*args, **kwargs)
 
     mod.hessian_vector_product = counted
@@ -326,7 +344,9 @@ def _pyhessian_run(st, task, setting):
         H = st["hessian"](st["model"], st["crit"], data=st["data"], cuda=False)
         if task in ("top1", "top5"):
             vals, _ = H.eigenvalues(
-                maxIter=PYH_MAX_ITER, tol=setting, top_n=1 if task == "top1" else 5
+                maxIter=st.get("max_iter", PYH_MAX_ITER),
+                tol=setting,
+                top_n=1 if task == "top1" else 5,
             )
             out = {"eigenvalues": sorted(float(v) for v in vals)}
         elif task == "trace":
@@ -363,7 +383,7 @@ def _eigenthings_run(st, task, setting):
     original = op.matvec
 
     def counted(v):
-        count[0] += 1
+        _tick(count)
         return original(v)
 
     op.matvec = counted
@@ -533,20 +553,39 @@ def agreement(problem: dict) -> dict:
     }
 
 
-def warm(lib: str, problem: dict, ref: dict, quick: bool) -> dict:
-    """Every task of ``lib`` on ``problem``, warm: sweep to the target, then median of repeats."""
+def warm(lib: str, problem: dict, ref: dict, quick: bool, tasks=TASKS) -> dict:
+    """Every task of ``lib`` on ``problem``, warm: sweep to the target, then median of repeats.
+
+    A PyTorch peer's call is stopped after ``CALL_LIMIT_S`` (its products raise
+    :class:`CallTimeout`); a sweep stops after ``SWEEP_BUDGET_S`` of calls.
+    """
     n = problem_size(problem)
     reps = 1 if quick else (2 if n > WARM_N_BIG else WARM_REPEATS)
-    budget = 60.0 if quick else 400.0
+    budget = 30.0 if quick else SWEEP_BUDGET_S
+    limit = 20.0 if quick else CALL_LIMIT_S
     st = SETUP[lib](problem)
+    if quick:
+        st["max_iter"] = 200
+
+    def call(task, setting):
+        _DEADLINE[0] = time.perf_counter() + limit
+        try:
+            return RUN[lib](st, task, setting)
+        finally:
+            _DEADLINE[0] = None
+
     out = {}
-    for task in TASKS:
+    for task in tasks:
         target = _target(task)
         spent, tried, last = 0.0, [], None
         try:
             for setting in grid(lib, task, n, quick):
                 t0 = time.perf_counter()
-                ans = RUN[lib](st, task, setting)  # also the warm-up (compilation) of this setting
+                try:
+                    ans = call(task, setting)  # also the warm-up (compilation) of this setting
+                except CallTimeout as e:
+                    tried.append({"setting": setting, "timeout": str(e), "first_call_s": limit})
+                    break
                 secs = time.perf_counter() - t0
                 spent += secs
                 err = error_of(task, ans, ref)
@@ -556,9 +595,20 @@ def warm(lib: str, problem: dict, ref: dict, quick: bool) -> dict:
                     break
                 if spent > budget:
                     break
+            if last is None:
+                out[task] = {
+                    "status": "timeout",
+                    "reached": False,
+                    "setting": tried[-1]["setting"],
+                    "reason": f"no answer within {limit:.0f} s ({describe_setting(lib, task, tried[-1]['setting'])}: "
+                    f"{tried[-1]['timeout']})",
+                    "sweep": tried,
+                }
+                print(f"    warm {lib} {task}: {out[task]['reason']}", flush=True)
+                continue
             setting, ans, err = last
             reached = target is None or err <= target
-            t = C.time_fn(lambda s=setting, t=task: RUN[lib](st, t, s), repeats=reps, warmup=0)
+            t = C.time_fn(lambda s=setting, t=task: call(t, s), repeats=reps, warmup=0)
             ans = t.pop("value")
             rec = {
                 "setting": setting,
@@ -574,6 +624,8 @@ def warm(lib: str, problem: dict, ref: dict, quick: bool) -> dict:
                 rec["note"] = f"target not reached: swept {len(tried)} settings" + (
                     f", stopped after {spent:.0f} s" if spent > budget else ""
                 )
+                if "timeout" in tried[-1]:
+                    rec["note"] += f"; the next setting gave no answer within {limit:.0f} s"
             for key in ("estimate", "std_error"):
                 if key in ans:
                     rec[key] = ans[key]
@@ -584,8 +636,11 @@ def warm(lib: str, problem: dict, ref: dict, quick: bool) -> dict:
     return out
 
 
-def cold(lib: str, problem: dict, task: str, setting, launch: float) -> dict:
-    """One first answer in this fresh process; times from ``launch`` (the parent's clock)."""
+def cold(lib: str, problem: dict, task: str, setting, launch: float, limit: float) -> dict:
+    """One first answer in this fresh process; times from ``launch`` (the parent's clock).
+
+    A PyTorch peer is stopped after ``limit`` seconds of its answer (:class:`CallTimeout`).
+    """
     t_imports = time.time()
     if lib in ("hvp", "matfree"):
         import jax  # noqa: F401
@@ -608,6 +663,7 @@ def cold(lib: str, problem: dict, task: str, setting, launch: float) -> dict:
     t_setup = time.time()
     st = SETUP[lib](problem)
     t_answer = time.time()
+    _DEADLINE[0] = time.perf_counter() + limit
     ans = RUN[lib](st, task, setting)
     t_done = time.time()
     return {
@@ -701,6 +757,8 @@ def _cell_warm(rec: dict | None) -> str:
         return "-"
     if rec.get("status") == "error":
         return f"error: {rec['reason'][:120]}"
+    if rec.get("status") == "timeout":
+        return rec["reason"][:160]
     err = rec.get("error")
     parts = [f"{rec['matvecs']} mv" if rec.get("matvecs") is not None else rec.get("config", "")]
     if err is not None:
@@ -717,6 +775,8 @@ def _median(xs):
 def _summarize_cold(runs: list[dict], ref: dict, task: str) -> dict:
     ok = [r for r in runs if r.get("status") == "ok"]
     rec = {"runs": runs, "repeats": len(ok)}
+    if runs and all(r.get("status") == "skipped" for r in runs):
+        return {"status": "skipped", "reason": runs[0]["reason"], "repeats": 0}
     if not ok:
         rec["status"] = "error"
         rec["reason"] = runs[-1].get("reason", "failed") if runs else "not run"
@@ -737,6 +797,10 @@ def _summarize_cold(runs: list[dict], ref: dict, task: str) -> dict:
     if "estimate" in ans:
         rec["estimate"] = ans["estimate"]
     return rec
+
+
+def _signed(x: float) -> str:
+    return ("-" if x < 0 else "") + C.fmt_s(abs(x))
 
 
 def _reason(
@@ -763,7 +827,7 @@ def _reason(
     if cold and warm_ours and warm_peer:
         oo = ours["answer_s"] - warm_ours["time_s"]
         op_ = peer["answer_s"] - warm_peer["time_s"]
-        bits.append(f"first-call overhead (cold answer - warm) {C.fmt_s(oo)} vs {C.fmt_s(op_)}")
+        bits.append(f"first-call overhead (cold answer - warm) {_signed(oo)} vs {_signed(op_)}")
         if ours.get("total_s") is not None and peer.get("total_s") is not None:
             bits.append(
                 f"imports + setup {C.fmt_s(ours['imports_s'] + ours['setup_s'])} vs "
@@ -810,7 +874,7 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
         "lanczos_grid": list(LANCZOS_GRID),
         "plan": {k: {a: list(b) for a, b in v.items()} for k, v in cells.items()},
     }
-    timeout = 300 if quick else 3600
+    timeout = 600 if quick else 3600
     rows = []
     for p in problems(quick):
         n = problem_size(p)
@@ -826,11 +890,13 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
         plibs = [lib for lib in libs if lib in cells[p["kind"]]["warm"]]
         for lib in plibs:
             print(f"  {p['name']}: warm {lib} ...", flush=True)
-            res = _isolated("warm", {"lib": lib, "problem": p, "ref": ref, "quick": quick}, timeout)
+            tasks = list(cells[p["kind"]]["tasks"])
+            kwargs = {"lib": lib, "problem": p, "ref": ref, "quick": quick, "tasks": tasks}
+            res = _isolated("warm", kwargs, timeout)
             if res.get("status") != "ok":
-                res = {t: {"status": "error", "reason": res.get("reason", "failed")} for t in TASKS}
+                res = {t: {"status": "error", "reason": res.get("reason", "failed")} for t in tasks}
             else:
-                res = {t: res[t] for t in TASKS}
+                res = {t: res[t] for t in tasks}
             row["warm"][lib] = res
         # cold: each cell in its own process, with the warm run's matched setting; interleaved
         runs = {(lib, t): [] for lib in plibs for t in cells[p["kind"]]["cold"]}
@@ -838,13 +904,17 @@ def run(out_dir, *, quick: bool = False) -> C.Report:
             for task in cells[p["kind"]]["cold"]:
                 for lib in plibs:
                     w = row["warm"][lib].get(task, {})
-                    if w.get("status") == "error":
+                    if w.get("status") in ("error", "timeout"):
+                        runs[(lib, task)].append(
+                            {"status": "skipped", "reason": f"warm run: {w.get('reason')}"}
+                        )
                         continue
                     kwargs = {
                         "lib": lib,
                         "problem": p,
                         "task": task,
                         "setting": w.get("setting"),
+                        "limit": 60.0 if quick else CALL_LIMIT_S,
                         "launch": time.time(),
                     }
                     res = _isolated("cold", kwargs, timeout)
@@ -880,7 +950,8 @@ def _tables(rep: C.Report, rows: list[dict], libs: list[str], quick: bool) -> No
                     continue
                 any_cell = True
                 if c.get("status") != "ok":
-                    cells.append(f"error: {str(c.get('reason'))[:100]}")
+                    word = "not run" if c.get("status") == "skipped" else "error"
+                    cells.append(f"{word}: {str(c.get('reason'))[:120]}")
                     continue
                 err = f", err {c['error']:.0e}" if c.get("error") is not None else ""
                 miss = "" if c.get("reached") else ", target not reached"
@@ -971,7 +1042,8 @@ def _tables(rep: C.Report, rows: list[dict], libs: list[str], quick: bool) -> No
             cells = [r["name"], f"{r['n']:,}", TASK_TITLES[task]]
             for lib in libs:
                 cells.append(_cell_warm(r["warm"].get(lib, {}).get(task)))
-            table.append(cells)
+            if any(c != "-" for c in cells[3:]):
+                table.append(cells)
     rep.table(
         "Warm: median time per call after a warm-up, at matched accuracy",
         ["problem", "n", "task"] + [LIB_TITLES[lib] for lib in libs],
@@ -990,7 +1062,13 @@ def _tables(rep: C.Report, rows: list[dict], libs: list[str], quick: bool) -> No
                 continue
             for peer in peers:
                 w = r["warm"].get(peer, {}).get(task)
-                if not w or w.get("status") == "error" or not w.get("reached", True):
+                if not w or w.get("status") == "error":
+                    continue
+                if not w.get("reached", True):
+                    why = w.get("reason") or w.get("note") or "target not reached"
+                    rrows.append(
+                        [r["name"], TASK_TITLES[task], LIB_TITLES[peer], "-", "not judged", why]
+                    )
                     continue
                 ratio = w["time_s"] / ours["time_s"]
                 need = 1.5 if peer == "matfree" else (2.0 if r["n"] >= 300_000 else None)
