@@ -25,6 +25,7 @@ GROUPS = {
     "estimators": "benchmarks.bench_estimators",
     "peers": "benchmarks.bench_peers",
     "analysis": "benchmarks.bench_analysis",
+    "coldwarm": "benchmarks.bench_cold_warm",
 }
 ALIASES = {
     "1": "dense",
@@ -32,6 +33,10 @@ ALIASES = {
     "3": "estimators",
     "4": "peers",
     "5": "analysis",
+    "6": "coldwarm",
+    "cold": "coldwarm",
+    "warm": "coldwarm",
+    "cold_warm": "coldwarm",
     "dense_vs_hvp": "dense",
     "hvp_modes": "modes",
     "estimator": "estimators",
@@ -56,7 +61,7 @@ def _parse(argv):
         action="append",
         default=None,
         metavar="GROUP",
-        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-5)",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-6)",
     )
     p.add_argument(
         "--out",
@@ -78,7 +83,7 @@ def _groups(only):
             name = ALIASES.get(name, name)
             if name not in GROUPS:
                 raise SystemExit(
-                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-5)."
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-6)."
                 )
             if name not in names:
                 names.append(name)

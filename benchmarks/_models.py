@@ -9,6 +9,8 @@
 * :func:`cnn` - two 3x3 tanh convolutions and a dense head on the 8x8 images.
 * :func:`transformer` - a small Flax (Linen) pre-norm transformer language model on
   random token sequences.
+* :func:`nnx_lm` - the small Flax NNX transformer LM (168k parameters) of the cold/warm
+  benchmark, weights from :mod:`benchmarks._arrays` (shared with its PyTorch twin).
 
 Each builder returns ``(params, loss_fn, batch)`` with ``loss_fn(params, batch)`` a mean loss.
 """
@@ -21,20 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def mlp_size(width: int) -> int:
-    """Number of parameters of the ``64-w-w-10`` MLP."""
-    return 64 * width + width + width * width + width + width * 10 + 10
-
-
-@functools.cache
-def _digits_np():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float64)
-    y = d.target.astype(np.int32)
-    return x, y
+from benchmarks._arrays import digits_np as _digits_np  # re-exported
+from benchmarks._arrays import mlp_params_np, mlp_size  # noqa: F401  (re-exported)
 
 
 def digits(dtype=jnp.float32, num_examples: int | None = None):
@@ -43,18 +33,6 @@ def digits(dtype=jnp.float32, num_examples: int | None = None):
     if num_examples is not None:
         x, y = x[:num_examples], y[:num_examples]
     return jnp.asarray(x, dtype), jnp.asarray(y)
-
-
-def mlp_params_np(width: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Layer list ``[{"w": (in, out), "b": (out,)}, ...]`` as float64 NumPy arrays."""
-    rng = np.random.default_rng(seed)
-    sizes = [64, width, width, 10]
-    layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        w = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
-        b = 0.1 * rng.standard_normal(fan_out)
-        layers.append({"w": w, "b": b})
-    return layers
 
 
 def mlp_apply(params, x):
@@ -173,6 +151,82 @@ def transformer(
         return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1))
 
     return params, loss_fn, tokens
+
+
+def nnx_lm(*, dtype=jnp.float32, **config):
+    """The small Flax NNX transformer LM of :data:`benchmarks._arrays.LM_CONFIG` (168,192 parameters).
+
+    Pre-norm causal transformer: token embedding + learned positions, ``layers`` blocks of
+    (LayerNorm, 4-head self-attention with a causal mask, residual; LayerNorm, MLP
+    ``d -> 4d -> d`` with exact GELU, residual), final LayerNorm, linear head to the vocabulary;
+    mean next-token cross-entropy. The weights are :func:`benchmarks._arrays.lm_params_np`
+    (the PyTorch twin :func:`benchmarks.peers_torch.build_lm` holds the same numbers).
+    ``config`` overrides entries of ``LM_CONFIG`` (e.g. a tiny model for ``--quick``).
+
+    Returns ``(model, batch)``: the ``nnx.Module`` (built abstractly, then given the
+    weights: no random initialisation runs) and ``(inputs (B, T), targets (B, T))`` int32;
+    ``hvp.flax.from_nnx(model, "cross_entropy").hessian(batch)`` is its Hessian.
+    """
+    from flax import nnx
+
+    from benchmarks._arrays import LM_CONFIG, lm_params_np, lm_tokens_np
+
+    cfg = {**LM_CONFIG, **config}
+    d, heads = cfg["d_model"], cfg["heads"]
+    hd = d // heads
+
+    class Attention(nnx.Module):
+        def __init__(self, rngs):
+            self.query = nnx.Linear(d, d, rngs=rngs)
+            self.key = nnx.Linear(d, d, rngs=rngs)
+            self.value = nnx.Linear(d, d, rngs=rngs)
+            self.out = nnx.Linear(d, d, rngs=rngs)
+
+        def __call__(self, h):
+            b, t, _ = h.shape
+
+            def split(x):
+                return x.reshape(b, t, heads, hd)
+
+            q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            s = jnp.where(causal, s, jnp.finfo(s.dtype).min)
+            a = jax.nn.softmax(s, axis=-1)
+            return self.out(jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, t, d))
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1 = nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs)
+            self.attn = Attention(rngs)
+            self.ln2 = nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs)
+            self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
+            self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, h):
+            h = h + self.attn(self.ln1(h))
+            return h + self.fc2(jax.nn.gelu(self.fc1(self.ln2(h)), approximate=False))
+
+    class LM(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(cfg["vocab"], d, rngs=rngs)
+            self.pos = nnx.Param(jnp.zeros((cfg["seq_len"], d)))
+            self.blocks = nnx.List([Block(rngs) for _ in range(cfg["layers"])])
+            self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs)
+            self.head = nnx.Linear(d, cfg["vocab"], rngs=rngs)
+
+        def __call__(self, tokens):
+            h = self.embed(tokens) + self.pos[None, : tokens.shape[1]]
+            for block in self.blocks:
+                h = block(h)
+            return self.head(self.ln_f(h))
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LM(nnx.Rngs(cfg["seed"]))))
+    weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), lm_params_np(**cfg))
+    nnx.replace_by_pure_dict(state, weights)
+    model = nnx.merge(graphdef, state)
+    tokens = jnp.asarray(lm_tokens_np(**cfg))
+    return model, (tokens[:, :-1], tokens[:, 1:])
 
 
 def num_params(params) -> int:

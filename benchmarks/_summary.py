@@ -120,6 +120,32 @@ def summary(d: Path) -> str:
         for note in peers.get("notes", []):
             lines += ["", note]
         lines.append("")
+    cw = _load(d, "cold_warm")
+    if cw:
+        lines += [
+            "### Cold and warm (`coldwarm`): peer time / hvp time (> 1: hvp faster)",
+            "",
+            "| kind | problem | task | peer | ratio | target |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in cw.get("targets", []):
+            if t["kind"] == "cold":
+                ratio = f"{t['ratio_answer']:.2f}x / {t['ratio_total']:.2f}x (with imports)"
+            else:
+                ratio = f"{t['ratio']:.2f}x"
+            verdict = t.get("verdict") or (
+                ("met" if t["met"] else "missed") + f" ({t['target']})" if "met" in t else "-"
+            )
+            lines.append(
+                f"| {t['kind']} | {t['problem']} | {t['task']} | {t['peer']} | {ratio} | {verdict} |"
+            )
+        for label, rec in cw.get("demo", {}).get("runs", {}).items():
+            if rec.get("analysis_s") is not None:
+                lines += [
+                    "",
+                    f"`hvp demo` analysis, {label}: {C.fmt_s(rec['analysis_s'])} (target < 5 s)",
+                ]
+        lines.append("")
     est = _load(d, "estimators")
     if est:
         lines += [

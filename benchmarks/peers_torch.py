@@ -92,3 +92,68 @@ def shim_torch_eig() -> None:
 
     eig._hvp_shim = True
     torch.eig = eig  # modern PyTorch keeps a stub that raises; replace it
+
+
+def build_lm(config: dict | None = None, *, threads: int | None = None):
+    """``(model, criterion, (inputs, targets))``: the PyTorch twin of :func:`benchmarks._models.nnx_lm`.
+
+    Same weights (:func:`benchmarks._arrays.lm_params_np`, float32, kept in JAX's layout:
+    ``x @ kernel + bias``), same computation (pre-norm blocks, causal softmax attention with
+    the masked scores set to the dtype's minimum, exact GELU, LayerNorm epsilon 1e-5).
+    ``model(inputs)`` returns the logits flattened to ``(B * T, V)`` and ``targets`` is
+    ``(B * T,)``, so PyHessian's and hessian-eigenthings' ``criterion(model(x), y)`` is the mean
+    next-token cross-entropy. ``model.parameters()`` are in JAX's flattening order of the
+    parameter dict (:func:`benchmarks._arrays.flatten`), each with the JAX leaf's shape.
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    from benchmarks._arrays import LM_CONFIG, flatten, lm_params_np, lm_tokens_np
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = {**LM_CONFIG, **(config or {})}
+    d, heads = cfg["d_model"], cfg["heads"]
+    hd = d // heads
+    leaves = flatten(lm_params_np(**cfg))
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat = nn.ParameterList(
+                [nn.Parameter(torch.as_tensor(a, dtype=torch.float32)) for _, a in leaves]
+            )
+            self.index = {path: i for i, (path, _) in enumerate(leaves)}
+
+        def p(self, *path):
+            return self.flat[self.index[path]]
+
+        def linear(self, x, *path):
+            return x @ self.p(*path, "kernel") + self.p(*path, "bias")
+
+        def norm(self, x, *path):
+            return F.layer_norm(x, (d,), self.p(*path, "scale"), self.p(*path, "bias"), eps=1e-5)
+
+        def forward(self, tokens):
+            b, t = tokens.shape
+            h = self.p("embed", "embedding")[tokens] + self.p("pos")[:t][None]
+            causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+            for i in range(cfg["layers"]):
+                x = self.norm(h, "blocks", i, "ln1")
+                q, k, v = (
+                    self.linear(x, "blocks", i, "attn", name).reshape(b, t, heads, hd)
+                    for name in ("query", "key", "value")
+                )
+                s = torch.einsum("bqhd,bkhd->bhqk", q, k) / float(np.sqrt(hd))
+                s = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+                a = torch.softmax(s, dim=-1)
+                o = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, t, d)
+                h = h + self.linear(o, "blocks", i, "attn", "out")
+                x = self.norm(h, "blocks", i, "ln2")
+                h = h + self.linear(F.gelu(self.linear(x, "blocks", i, "fc1")), "blocks", i, "fc2")
+            logits = self.linear(self.norm(h, "ln_f"), "head")
+            return logits.reshape(b * t, -1)
+
+    tokens = torch.as_tensor(lm_tokens_np(**cfg), dtype=torch.long)
+    return LM().eval(), nn.CrossEntropyLoss(), (tokens[:, :-1], tokens[:, 1:].reshape(-1))
