@@ -18,10 +18,17 @@ Implementation (:func:`eigsh`):
 * Pytree-native: the basis is a pytree shaped like the parameters with a
   leading axis of length ``num_iters + 1``; inner products and updates are
   per-leaf ``tensordot``\ s, never a raveled vector, so every leaf keeps its
-  shape and sharding. The whole run is one ``jax.jit``-compiled
-  ``lax.while_loop``; the operator is passed in as an argument (it is a pytree).
-  :func:`eigsh` itself cannot be called inside ``jit``/``vmap`` (it checks
-  its result on the host): it raises a ``TypeError`` saying so.
+  shape and sharding (the block algebra of :mod:`hvp.linalg._blocks`).
+* A state machine (:class:`ThickRestartLanczos`, :mod:`hvp.linalg._driver`): phase 0 is one
+  Lanczos step (one product, :mod:`hvp.linalg._krylov`) followed by its Ritz extraction and
+  tests; phase 1 computes the true residuals of the ``k`` wanted Ritz vectors with one block
+  product of ``k`` vectors; phase 2 (no product) accepts, restarts explicitly, locks, restarts
+  thickly, or ends a run whose budget is spent (after a final residual check). The host
+  driver (default outside ``jit``) runs the steps from Python around the operator's one
+  compiled block product, with progress, checkpoints and resume; the compiled driver runs them
+  in one ``lax.while_loop``, so :func:`eigsh` works inside ``jax.jit`` and ``jax.vmap`` (there a
+  non-finite result is NaN instead of an error). ``tol`` and ``max_restarts`` live in the
+  state: other values reuse the compiled steps.
 * Full reorthogonalisation (classical Gram-Schmidt, applied twice and a third
   time when the second pass still cancels, "twice is enough", Giraud et al.
   2005). With it, ghost copies of converged eigenvalues cannot appear and
@@ -57,7 +64,12 @@ Implementation (:func:`eigsh`):
   copy, so any multiplicity up to ``k`` is resolved (at most ``k + 3`` cycles);
   the price is two extra Lanczos sequences in the common case. ``confirm=False`` skips it
   (then a repeated eigenvalue may be returned with too few copies, as by any
-  single-vector Lanczos or ARPACK).
+  single-vector Lanczos or ARPACK). With ``k=1`` (per end) there is nothing to confirm: one
+  wanted eigenvalue per end cannot be missing a copy (whatever its multiplicity it is one
+  number), so no confirming sequence runs (14 products instead of 47 for the top eigenvalue
+  of the test MLP Hessian); when the residual bound stays above the tolerance on breakdown
+  residuals of a low-rank operator, a full basis whose Lanczos part passes is accepted on
+  its true residuals.
 * Convergence, per pair (ARPACK convention, documented in ``docs/algorithms.md``):
   :math:`\|A y_i - \theta_i y_i\| \le \max(\mathrm{tol}\cdot\max(|\theta_i|,
   \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`, with :math:`\epsilon` the
@@ -94,8 +106,10 @@ float32 storage with float64 products gives about ``1e-6``.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
-from functools import partial
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -103,14 +117,24 @@ import numpy as np
 from jax import lax
 
 from hvp import tree as tu
-from hvp.linalg._checks import DtypePolicy, check_key, dtype_policy
-from hvp.operators import LinearOperator, NonFiniteError, as_operator
+from hvp.linalg._blocks import combine, get_row, gram, rowwise, set_row
+from hvp.linalg._checks import (
+    DtypePolicy,
+    acc_dtype,
+    check_finite_float,
+    check_int,
+    check_key,
+    coerce_operator,
+    dtype_policy,
+)
+from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
+from hvp.linalg._krylov import empty_basis, fresh_vector, lanczos_extend
+from hvp.operators import NonFiniteError
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
 __all__ = ["eigsh", "EigshResult", "WHICH"]
 
 WHICH = ("largest", "smallest", "both")
-_HI = lax.Precision.HIGHEST
 
 
 @tu.result(static=("which", "dtype_policy"))
@@ -123,10 +147,11 @@ class EigshResult:
         ``eigenvalues`` (unit norm; use ``hvp.tree.index(r.eigenvectors, i)``).
       residuals: ``||A v_i - lambda_i v_i||`` per pair, from true products.
       converged: bool per pair: ``residuals <= thresholds`` and the wanted set
-        (with its multiplicities) was confirmed from a fresh start vector.
-      num_matvecs: operator products used (Lanczos steps + true residuals).
+        (with its multiplicities) was confirmed from a fresh start vector (for ``k > 1``).
+      num_matvecs: operator products used (Lanczos steps + true residuals): a Python
+        ``int``, a traced int32 scalar inside ``jax.jit``/``jax.vmap``.
       num_restarts: restarts performed (thick restarts, locking/confirmation
-        restarts and explicit restarts after a failed residual check).
+        restarts and explicit restarts after a failed residual check); an ``int`` likewise.
       thresholds: the per-pair tolerance the residuals were tested against,
         ``max(tol * max(|lambda_i|, eps**(2/3) ||A||), 64 eps ||A||)`` (the floor is
         ``4 eps ||A||`` for half-precision products, see :func:`eigsh`).
@@ -152,125 +177,6 @@ class EigshResult:
     thresholds: jax.Array
     which: str = "largest"
     dtype_policy: DtypePolicy | None = None
-
-
-# ---------------------------------------------------------------------------
-# Per-leaf block helpers (a "block" is a pytree with a leading axis).
-# ---------------------------------------------------------------------------
-
-
-def _rows_dot(V, w):
-    """``V^T w``: inner products of every row of the block ``V`` with ``w``, shape ``(rows,)``."""
-    parts = []
-    for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w)):
-        ct = jnp.result_type(wl)
-        parts.append(tu.contract_rows(Vl.astype(ct), wl, precision=_HI))
-    return sum(parts[1:], parts[0])
-
-
-def _combine(c, V, like):
-    """``sum_i c_i V_i`` (``c`` of shape ``(rows,)``) in the dtypes of ``like``; or ``C V`` for 2-D ``c``."""
-    return jax.tree_util.tree_map(
-        lambda Vl, x: jnp.tensordot(c.astype(x.dtype), Vl.astype(x.dtype), axes=1, precision=_HI),
-        V,
-        like,
-    )
-
-
-def _get_row(V, j, like):
-    return jax.tree_util.tree_map(lambda Vl, x: Vl[j].astype(x.dtype), V, like)
-
-
-def _set_row(V, j, v):
-    return jax.tree_util.tree_map(lambda Vl, x: Vl.at[j].set(x.astype(Vl.dtype)), V, v)
-
-
-def _empty_basis(like, rows, basis_dtype):
-    zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((rows,) + jnp.shape(x), basis_dtype or jnp.result_type(x)), like
-    )
-    return tu.stacked_like(zeros, like)  # each row sharded like its parameter leaf
-
-
-def _orthogonalize(V, w, mask, like):
-    """Classical Gram-Schmidt of ``w`` against the rows of ``V`` selected by ``mask``.
-
-    Two passes, and a third when the second still removes more than half of
-    the norm (near-invariant subspace). Returns the total coefficients and the
-    orthogonalised vector.
-    """
-
-    def one_pass(w):
-        h = _rows_dot(V, w) * mask
-        return h, tu.sub(w, _combine(h, V, like))
-
-    h1, w1 = one_pass(w)
-    h2, w2 = one_pass(w1)
-    n1, n2 = tu.norm(w1), tu.norm(w2)
-
-    def third(args):
-        h, w = args
-        h3, w3 = one_pass(w)
-        return h + h3, w3
-
-    h, w = lax.cond(n2 < 0.5 * n1, third, lambda a: a, (h1 + h2, w2))
-    return h, w
-
-
-def _fresh_vector(key, V, mask, like):
-    """A random unit vector orthogonal to the masked rows of ``V`` (zero if none is left)."""
-    r = tu.normal_like(key, like)
-    for _ in range(2):  # a random vector is far from the span: two plain passes suffice
-        r = tu.sub(r, _combine(_rows_dot(V, r) * mask, V, like))
-    nr = tu.norm(r)  # about sqrt(n - rank) if room is left, round-off (about eps sqrt(n)) if not
-    ok = nr > jnp.sqrt(jnp.finfo(nr.dtype).eps) * jnp.sqrt(jnp.asarray(tu.size(like), nr.dtype))
-    return tu.scale(jnp.where(ok, 1.0 / jnp.where(ok, nr, 1.0), 0.0), r)
-
-
-def _eps(like, basis_dtype):
-    dts = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)]
-    if basis_dtype is not None:
-        dts.append(jnp.dtype(basis_dtype))
-    return max(float(jnp.finfo(d).eps) for d in dts)
-
-
-def lanczos_step(op, V, j, anorm, key, like, *, eps):
-    """One fully reorthogonalised Lanczos (Arnoldi) step on basis row ``j``.
-
-    Returns ``(h, beta, v_next, anorm, broke)``, see :func:`_lanczos_step`.
-    """
-    return _lanczos_step(op, V, j, anorm, key, like, eps=eps)[:5]
-
-
-def _lanczos_step(op, V, j, anorm, key, like, *, eps, apply=None):
-    """One fully reorthogonalised Lanczos (Arnoldi) step on basis row ``j``.
-
-    Returns ``(h, beta, v_next, anorm, broke, beta_raw)``: ``h`` the projection
-    coefficients of ``A v_j`` on rows ``0..j`` (``h[j]`` is alpha), ``beta`` the
-    coupling to the next vector (0 on breakdown), ``v_next`` the next unit
-    basis vector (a fresh random one orthogonal to the basis on breakdown, zero
-    if the space is exhausted), ``broke`` whether ``beta_raw``, the norm of the
-    orthogonalised product, is below ``_BREAKDOWN * eps * anorm`` (relative to
-    the running estimate ``anorm`` of ``||A||``).
-    """
-    apply = op._apply if apply is None else apply
-    rows = tu.leading_dim(V)
-    v = _get_row(V, j, like)
-    w = apply(v)
-    anorm = jnp.maximum(anorm, tu.norm(w))
-    mask = (jnp.arange(rows) <= j).astype(anorm.dtype)
-    h, w = _orthogonalize(V, w, mask, like)
-    beta = tu.norm(w)
-    broke = beta <= _BREAKDOWN * eps * anorm
-
-    def normal(_):
-        return beta, tu.scale(1.0 / jnp.where(beta > 0, beta, 1.0), w)
-
-    def fresh(_):
-        return jnp.zeros_like(beta), _fresh_vector(key, V, mask, like)
-
-    beta_rec, v_next = lax.cond(broke, fresh, normal, None)
-    return h, beta_rec, v_next, anorm, broke, beta
 
 
 # ---------------------------------------------------------------------------
@@ -312,7 +218,7 @@ def _split_keep(p):
 
 
 # ---------------------------------------------------------------------------
-# The compiled driver.
+# Constants.
 # ---------------------------------------------------------------------------
 
 #: breakdown: ``beta <= _BREAKDOWN * eps * ||A||`` (the Krylov space is invariant to working
@@ -372,193 +278,156 @@ def _num_extra(which):
     return 2 if which == "both" else 1
 
 
-@partial(
-    jax.jit,
-    static_argnames=(
-        "m",
-        "k_total",
-        "which",
-        "p",
-        "max_locks",
-        "basis_dtype",
-        "eps",
-        "eps_break",
-        "floor",
-        "confirm",
-        "full_space",
-    ),
-)
-def _eigsh_run(
-    op,
-    v0,
-    key,
-    tol,
-    max_restarts,
-    *,
-    m,
-    k_total,
-    which,
-    p,
-    max_locks,
-    basis_dtype,
-    eps,
-    eps_break,
-    floor,
-    confirm,
-    full_space=False,
-):
-    like = op.like
-    acc = tu.accumulation_dtype(*[jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)])
-    # the algorithm's vectors: shaped like the parameters, in the accumulation dtype
-    wl = tu.like_sharding(
+# ---------------------------------------------------------------------------
+# The state machine.
+# ---------------------------------------------------------------------------
+
+#: what the pending residual check (phase 1) is for; _DECIDE: no check, only decisions (phase 2)
+_CHECK, _TRY_TRUE, _FINAL, _DECIDE = 0, 1, 2, 3
+
+
+def _work_like(like):
+    """Zeros shaped (and sharded) like ``like`` in its accumulation dtype: the algorithm's vectors."""
+    acc = acc_dtype(like)
+    return tu.like_sharding(
         jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), acc), like), like
     )
-    store = basis_dtype or acc
 
-    def apply(v):  # products in the parameters' dtype, everything else in `acc`
-        v = jax.tree_util.tree_map(lambda x, ref: x.astype(jnp.result_type(ref)), v, like)
-        return jax.tree_util.tree_map(lambda y: jnp.asarray(y).astype(acc), op._apply(v))
 
-    eps23 = eps ** (2.0 / 3.0)
-
-    def thresholds(lam, anorm):
-        """Per-pair tolerance (ARPACK convention, floored at the product round-off)."""
-        return jnp.maximum(tol * jnp.maximum(jnp.abs(lam), eps23 * anorm), floor * anorm)
-
-    V = _set_row(_empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc))
-    zero_i = jnp.zeros((), jnp.int32)
-    false = jnp.array(False)
-    state = dict(
-        V=V,
-        H=jnp.zeros((m + 1, m), acc),
-        rho=jnp.zeros((m + 1,), acc),  # norm of the residual part that left the basis, per row
-        j=zero_i,
-        restarts=zero_i,
-        locks=zero_i,
-        matvecs=zero_i,
-        done=false,
-        anorm=jnp.zeros((), acc),
-        phase=zero_i,  # 0: searching; 1: confirming a locked set from a fresh vector
-        nconf=zero_i,  # consecutive confirmations that reproduced the locked set
-        rec=jnp.zeros((k_total,), acc),
-        tight=jnp.ones((), acc),
-        have_out=false,
-        confirmed=false,
-        Y=tu.stacked_like(
-            jax.tree_util.tree_map(lambda x: jnp.zeros((k_total,) + x.shape, acc), wl), wl
-        ),
-        lam=jnp.zeros((k_total,), acc),
-        res=jnp.zeros((k_total,), acc),
-        ok=false,
+def _rows_scale(c, V):
+    """Row ``a`` of the block ``V`` times ``c[a]``."""
+    return jax.tree_util.tree_map(
+        lambda x: x * c.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), V
     )
 
-    def ritz_vectors(s, cols):
-        Vm = jax.tree_util.tree_map(lambda Vl: Vl[:m], s["V"])
-        return _combine(cols.T, Vm, wl)
 
-    def verify(s, S, wi, confirmed):
-        """True residuals of the wanted Ritz pairs (``k_total`` products)."""
-        Y = ritz_vectors(s, S[:, wi])
-        norms = jnp.sqrt(jax.vmap(lambda y: tu.dot(y, y))(Y))
-        Y = jax.vmap(lambda y, nn: tu.scale(1.0 / jnp.where(nn > 0, nn, 1.0), y))(Y, norms)
-        AY = jax.vmap(apply)(Y)
-        lam = jax.vmap(tu.dot)(Y, AY)
-        R = jax.vmap(lambda ay, y, mu: tu.axpy(-mu, y, ay))(AY, Y, lam)
-        res = jnp.sqrt(jax.vmap(lambda r: tu.dot(r, r))(R))
-        anorm = jnp.maximum(s["anorm"], jnp.max(jnp.sqrt(jax.vmap(lambda a: tu.dot(a, a))(AY))))
-        ok = jnp.all(res <= thresholds(lam, anorm))
-        return dict(
-            s,
-            Y=Y,
-            lam=lam,
-            res=res,
-            ok=ok,
-            anorm=anorm,
-            have_out=jnp.array(True),
-            confirmed=confirmed,
-            matvecs=s["matvecs"] + k_total,
+@dataclasses.dataclass(frozen=True)
+class ThickRestartLanczos(StateMachine):
+    """Thick-restart Lanczos with locking and confirmation (:func:`eigsh`) as a state machine.
+
+    Phases:
+
+    * 0 (block size 1): one Lanczos step on basis row ``j``, then the Ritz extraction and the
+      tests of the step; most steps go on with phase 0, some ask for a residual check
+      (phase 1) or for decisions that change the basis (phase 2);
+    * 1 (block size ``k_total``): true residuals of the wanted Ritz vectors (one block
+      product); ``mode`` says what the check is for: the stopping test, a lock on true
+      residuals when the bound is stuck on breakdown residuals, or the final check of a run
+      that spent its budget;
+    * 2 (no product): accept, restart explicitly (a true residual missed its threshold), lock
+      the wanted pairs and restart from a fresh vector, restart thickly, or stop.
+
+    Static fields fix shapes and dtypes (basis size ``m``, ``k_total``, ``which``, the number
+    ``p`` of Ritz vectors kept at a thick restart, the round-off constants); ``tol``,
+    ``max_restarts`` and the key live in the state, so other values reuse the compiled steps.
+    """
+
+    name: ClassVar[str] = "eigsh"
+    m: int
+    k_total: int
+    which: str
+    p: int
+    max_locks: int
+    basis_dtype: str | None
+    eps: float
+    eps_break: float
+    floor: float
+    confirm: bool
+    full_space: bool
+    single: bool = False
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (1, self.k_total, 0)
+
+    # --- helpers -------------------------------------------------------------------------
+    def thresholds(self, s, lam, anorm):
+        """Per-pair tolerance (ARPACK convention, floored at the product round-off)."""
+        eps23 = self.eps ** (2.0 / 3.0)
+        return jnp.maximum(s["tol"] * jnp.maximum(jnp.abs(lam), eps23 * anorm), self.floor * anorm)
+
+    def ritz_vectors(self, s, cols, wl):
+        Vm = jax.tree_util.tree_map(lambda Vl: Vl[: self.m], s["V"])
+        return combine(cols, Vm, wl)
+
+    def base_key(self, s):
+        return jax.random.fold_in(jax.random.fold_in(s["key"], s["restarts"]), s["locks"])
+
+    # --- the driver's interface ------------------------------------------------------------
+    def prepare(self, op, state, phase):
+        wl = _work_like(op.like)
+        if phase == 2:
+            return None
+        if phase == 0:
+            v = get_row(state["V"], state["j"], wl)
+            return jax.tree_util.tree_map(lambda x: x[None], v)
+        # phase 1: the unit wanted Ritz vectors of the current basis
+        wi = _wanted(state["j"], self.k_total, self.which)
+        Y = self.ritz_vectors(state, state["S"][:, wi], wl)
+        norms = jnp.sqrt(rowwise(Y, Y))
+        return _rows_scale(1.0 / jnp.where(norms > 0, norms, 1.0), Y)
+
+    def update(self, op, state, phase, vs, avs):
+        wl = _work_like(op.like)
+        if phase == 2:
+            return self.decide(state, wl)
+        avs = tu.cast(avs, acc_dtype(op.like))
+        if phase == 0:
+            return self.lanczos_step(state, get_row(avs, 0), wl)
+        return self.residual_check(state, vs, avs)
+
+    def finalize(self, op, state):  # noqa: ARG002
+        lam, res, Y = state["lam"], state["res"], state["Y"]
+        order = jnp.argsort(lam)
+        lam, res = lam[order], res[order]
+        Y = jax.tree_util.tree_map(lambda x: x[order], Y)
+        thr = self.thresholds(state, lam, state["anorm"])
+        # Two returned vectors that are (nearly) the same vector are not two eigenpairs: a
+        # duplicate never counts as converged, whatever its residual.
+        G = gram(Y, Y)
+        independent = jnp.max(jnp.abs(G - jnp.eye(self.k_total, dtype=G.dtype))) <= 0.5
+        finite = state["finite"] & jnp.all(jnp.isfinite(lam)) & tu.all_finite(Y)
+        converged = (res <= thr) & state["confirmed"] & independent & finite
+        nan = jnp.full_like(lam, jnp.nan)
+        lam, res = jnp.where(finite, lam, nan), jnp.where(finite, res, nan)
+        return (
+            lam,
+            Y,
+            res,
+            converged,
+            state["matvecs"],
+            state["restarts"] + state["locks"],
+            thr,
+            state["confirmed"],
+            finite,
         )
 
-    def lock(s, theta, S, wi, est, key, confirmed_once):
-        """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
-        kept = ritz_vectors(s, S[:, wi])
-        rows = jnp.arange(m + 1)
-        newV = jax.tree_util.tree_map(
-            lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), s["V"], kept
+    def progress(self, state) -> Progress:
+        steps = int(state["matvecs"])
+        if not steps:
+            return Progress(matvecs=0)
+        worst = float(state["worst"])
+        locked = self.k_total if int(state["stage"]) == 1 else 0
+        text = (
+            f"worst wanted residual / threshold {worst:.2g}, {locked} pairs locked, "
+            f"{int(state['restarts']) + int(state['locks'])} restarts"
         )
-        fresh = _fresh_vector(key, newV, (rows < k_total).astype(acc), wl)
-        newV = _set_row(newV, k_total, fresh)
-        newH = jnp.zeros_like(s["H"]).at[jnp.arange(k_total), jnp.arange(k_total)].set(theta[wi])
-        newrho = jnp.zeros_like(s["rho"]).at[:k_total].set(est[wi])
-        return dict(
-            s,
-            V=newV,
-            H=newH,
-            rho=newrho,
-            j=jnp.asarray(k_total, jnp.int32),
-            locks=s["locks"] + 1,
-            phase=jnp.ones((), jnp.int32),
-            rec=theta[wi],
-            nconf=jnp.where(confirmed_once, s["nconf"] + 1, 0),
-        )
+        return Progress(matvecs=steps, total=None, text=text)
 
-    def restart(s, theta, S):
-        """Thick restart: keep ``p`` Ritz vectors and the last Lanczos vector (arrowhead)."""
-        if which == "both":
-            lo, hi = _split_keep(p)
-            idx = jnp.concatenate([jnp.arange(lo), m - hi + jnp.arange(hi)])
-        elif which == "largest":
-            idx = m - p + jnp.arange(p)
-        else:
-            idx = jnp.arange(p)
-        kept = ritz_vectors(s, S[:, idx])
-        last = _get_row(s["V"], m, wl)
-        newV = jax.tree_util.tree_map(
-            lambda Vl, K, L: (
-                jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
-            ),
-            s["V"],
-            kept,
-            last,
-        )
-        b = s["H"][m, m - 1]
-        newH = jnp.zeros_like(s["H"])
-        newH = newH.at[jnp.arange(p), jnp.arange(p)].set(theta[idx])
-        newH = newH.at[p, :p].set(b * S[m - 1, idx])
-        newH = newH.at[:p, p].set(b * S[m - 1, idx])
-        newrho = jnp.zeros_like(s["rho"]).at[:p].set(jnp.abs(S[:, idx]).T @ s["rho"][:m])
-        return dict(
-            s, V=newV, H=newH, rho=newrho, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1
-        )
-
-    def explicit_restart(s):
-        """Start again from the sum of the verified Ritz vectors (nothing locked or frozen)."""
-        v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), s["Y"])
-        v = tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
-        newV = _set_row(jax.tree_util.tree_map(jnp.zeros_like, s["V"]), 0, v)
-        return dict(
-            s,
-            V=newV,
-            H=jnp.zeros_like(s["H"]),
-            rho=jnp.zeros_like(s["rho"]),
-            j=jnp.zeros((), jnp.int32),
-            phase=jnp.zeros((), jnp.int32),
-            tight=0.1 * s["tight"],
-        )
-
-    can_confirm = confirm
-
-    def body(s):
+    # --- phase 0: a Lanczos step and its decisions ---------------------------------------
+    def lanczos_step(self, s, w, wl):
+        m, k_total, which = self.m, self.k_total, self.which
         j = s["j"]
-        base = jax.random.fold_in(jax.random.fold_in(key, s["restarts"]), s["locks"])
+        base = self.base_key(s)
         step_key = jax.random.fold_in(base, j)
-        h, beta, v_next, anorm, broke, beta_raw = _lanczos_step(
-            op, s["V"], j, s["anorm"], step_key, wl, eps=eps_break, apply=apply
+        finite = tu.all_finite(w)
+        h, beta, v_next, anorm, broke, beta_raw = lanczos_extend(
+            s["V"], j, w, s["anorm"], step_key, wl, eps_break=_BREAKDOWN * self.eps_break
         )
         H = s["H"].at[:, j].set(jnp.where(jnp.arange(m + 1) <= j, h, s["H"][:, j]))
         H = H.at[j + 1, j].set(beta)
         rho = s["rho"].at[j].set(jnp.where(broke, beta_raw, 0.0))
-        V = _set_row(s["V"], j + 1, v_next)
+        V = set_row(s["V"], j + 1, v_next)
         c = j + 1
         full = c == m
         s = dict(s, V=V, H=H, rho=rho, j=c, matvecs=s["matvecs"] + 1, have_out=jnp.array(False))
@@ -570,11 +439,12 @@ def _eigsh_run(
         # Residual bound of every Ritz pair: the Lanczos coupling plus what left the basis.
         coupling = jnp.abs(H[c, c - 1] * S[c - 1, :])  # the Lanczos part of the residual
         est = coupling + jnp.abs(S).T @ rho[:m]
-        thr = thresholds(theta, anorm) * s["tight"]
+        thr = self.thresholds(s, theta, anorm) * s["tight"]
         wi = _wanted(c, k_total, which)
-        if can_confirm:
+        false = jnp.array(False)
+        if self.confirm:
             xi = _extra(c, k_total, which)
-            confirming = s["phase"] == 1
+            confirming = s["stage"] == 1
             # Searching: lock when the wanted pairs' residual bounds are below tol with headroom
             # (a locked pair's residual is frozen, and Ritz vectors that mix locked rows add
             # their frozen residuals up).
@@ -597,7 +467,7 @@ def _eigsh_run(
             # 1 in 40 float32 runs on 4-fold spectra, gap 1e-3 relative); two rarely both do.
             confirmed_once = confirming & unchanged
             confirmed = confirmed_once & (s["nconf"] >= _CONFIRMATIONS - 1)
-            go_verify = passed & (confirmed | (s["locks"] >= max_locks))
+            go_verify = passed & (confirmed | (s["locks"] >= self.max_locks))
             go_lock = passed & ~go_verify
             # The bound adds up the residuals that left the basis at breakdowns (each up to
             # 32 eps ||A||, above the lock level 6.4 eps ||A|| of a zero eigenvalue): on a
@@ -613,75 +483,242 @@ def _eigsh_run(
             )
         else:
             confirmed = jnp.array(True)
+            confirmed_once = false
             # Without confirmation (asked for, or no room: m == n) a copy may be missing
             # unless the basis spans the whole space.
-            go_verify = (c >= (m if full_space else k_total)) & jnp.all(est[wi] <= thr[wi])
-            go_lock = jnp.array(False)
+            passed = jnp.all(est[wi] <= thr[wi])
+            go_verify = (c >= (m if self.full_space else k_total)) & passed
+            if self.single:
+                # One wanted pair per end: no copy can be missing, so no confirmation. When the
+                # bound is stuck on breakdown residuals (low-rank operators in float32, see
+                # try_true above) but the Lanczos part passes on a full basis, the true
+                # residuals decide (a failed check restarts explicitly with a stricter bound).
+                go_verify = go_verify | (full & ~passed & jnp.all(coupling[wi] <= _LOCK * thr[wi]))
+            go_lock = false
+            try_true = false
+        worst = jnp.max(est[wi] / jnp.where(thr[wi] > 0, thr[wi], 1.0))
+        s = dict(s, theta=theta, S=S, est=est, thr=thr, worst=worst)
 
-        s = lax.cond(go_verify, lambda a: verify(*a), lambda a: a[0], (s, S, wi, confirmed))
+        # Next: a residual check (phase 1), the decisions that change the basis (phase 2: lock,
+        # thick restart or stop), or the next Lanczos step (most steps).
+        check = go_verify | try_true
+        phase = jnp.where(check, 1, jnp.where(go_lock | full, 2, 0)).astype(jnp.int32)
+        mode = jnp.where(go_verify, _CHECK, jnp.where(try_true, _TRY_TRUE, _DECIDE))
+        s = dict(
+            s,
+            phase=phase,
+            mode=mode.astype(jnp.int32),
+            confirmed=jnp.where(go_verify, confirmed, jnp.where(try_true, False, s["confirmed"])),
+            go_lock=go_lock,
+            confirmed_once=confirmed_once,
+        )
+        # A product with NaN/Inf ends the run (the result is NaN and raises outside jit).
+        return dict(s, finite=s["finite"] & finite, done=s["done"] | ~finite)
+
+    # --- phase 1: true residuals of the wanted Ritz vectors --------------------------------
+    def residual_check(self, s, Y, AY):
+        lam = rowwise(Y, AY)
+        R = tu.sub(AY, _rows_scale(lam, Y))
+        res = jnp.sqrt(rowwise(R, R))
+        anorm = jnp.maximum(s["anorm"], jnp.max(jnp.sqrt(rowwise(AY, AY))))
+        ok = jnp.all(res <= self.thresholds(s, lam, anorm))
+        finite = tu.all_finite(AY)
+        s = dict(
+            s,
+            Y=Y,
+            lam=lam,
+            res=res,
+            ok=ok,
+            anorm=anorm,
+            have_out=jnp.array(True),
+            matvecs=s["matvecs"] + self.k_total,
+            phase=jnp.zeros((), jnp.int32),
+        )
+        return dict(
+            s,
+            phase=jnp.full((), 2, jnp.int32),
+            finite=s["finite"] & finite,
+            done=s["done"] | ~finite,
+        )
+
+    # --- phase 2: the decisions that follow a step or a check (no product) ----------------
+    def decide(self, s, wl):
+        base = self.base_key(s)
+        mode = s["mode"]
+
+        def final(s):
+            return dict(s, done=jnp.array(True))
+
+        def after(s):
+            return self.after(
+                s,
+                base,
+                wl,
+                go_verify=mode == _CHECK,
+                try_true=mode == _TRY_TRUE,
+                go_lock=s["go_lock"],
+                confirmed_once=s["confirmed_once"],
+            )
+
+        s = lax.cond(mode == _FINAL, final, after, dict(s, phase=jnp.zeros((), jnp.int32)))
+        return dict(s, go_lock=jnp.array(False), confirmed_once=jnp.array(False))
+
+    # --- what follows a step or a check ----------------------------------------------------
+    def after(self, s, base, wl, *, go_verify, try_true, go_lock, confirmed_once):
+        """Accept, restart explicitly, lock, restart thickly or stop (and ask for the final check)."""
+        m, k_total, which = self.m, self.k_total, self.which
+        theta, S, est, thr = s["theta"], s["S"], s["est"], s["thr"]
+        wi = _wanted(s["j"], k_total, which)
         done = go_verify & s["ok"]
         # The bound and the true residual disagree (round-off, or frozen residuals of locked
         # pairs adding up): restart explicitly from the verified vectors, asking more of the bound.
         failed = go_verify & ~s["ok"]
         s = dict(s, restarts=s["restarts"] + failed.astype(jnp.int32))
-        out_of_budget = s["restarts"] > max_restarts
-        s = lax.cond(
-            failed & ~out_of_budget,
-            lambda a: explicit_restart(a),
-            lambda a: a,
-            s,
-        )
-        if can_confirm:
-            s = lax.cond(
-                try_true & ~out_of_budget,
-                lambda a: verify(*a),
-                lambda a: a[0],
-                (s, S, wi, jnp.array(False)),
-            )
+        out_of_budget = s["restarts"] > s["max_restarts"]
+        s = lax.cond(failed & ~out_of_budget, self.explicit_restart, lambda a: a, s)
+        if self.confirm:
             true_lock = try_true & ~out_of_budget & jnp.all(s["res"] <= 0.5 * thr[wi])
             go_lock = go_lock | true_lock
             est = jnp.where(true_lock, est.at[wi].set(s["res"]), est)
             lock_key = jax.random.fold_in(base, m + 1)
             s = lax.cond(
                 go_lock,
-                lambda a: lock(*a),
+                lambda a: self.lock(*a, wl),
                 lambda a: a[0],
                 (s, theta, S, wi, est, lock_key, confirmed_once),
             )
         full = s["j"] == m
-        need_restart = full & ~done & (s["restarts"] < max_restarts) & ~out_of_budget
-        s = lax.cond(need_restart, lambda a: restart(*a), lambda a: a[0], (s, theta, S))
+        need_restart = full & ~done & (s["restarts"] < s["max_restarts"]) & ~out_of_budget
+        s = lax.cond(need_restart, lambda a: self.restart(*a, wl), lambda a: a[0], (s, theta, S))
         stop = done | out_of_budget | (full & ~need_restart)
-        return dict(s, done=stop)
+        # A run that stops without checked residuals (its budget is spent) checks the wanted
+        # Ritz vectors of its last basis: the final phase-1 step.
+        final = stop & ~s["have_out"]
+        return dict(
+            s,
+            done=stop & ~final,
+            phase=jnp.where(final, 1, s["phase"]).astype(jnp.int32),
+            mode=jnp.where(final, _FINAL, s["mode"]).astype(jnp.int32),
+            confirmed=jnp.where(final, not self.confirm, s["confirmed"]),
+        )
 
-    state = lax.while_loop(lambda s: ~s["done"], body, state)
+    def lock(self, s, theta, S, wi, est, key, confirmed_once, wl):
+        """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
+        m, k_total = self.m, self.k_total
+        kept = self.ritz_vectors(s, S[:, wi], wl)
+        rows = jnp.arange(m + 1)
+        newV = jax.tree_util.tree_map(
+            lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), s["V"], kept
+        )
+        fresh = fresh_vector(key, newV, (rows < k_total).astype(s["lam"].dtype), wl)
+        newV = set_row(newV, k_total, fresh)
+        newH = jnp.zeros_like(s["H"]).at[jnp.arange(k_total), jnp.arange(k_total)].set(theta[wi])
+        newrho = jnp.zeros_like(s["rho"]).at[:k_total].set(est[wi])
+        return dict(
+            s,
+            V=newV,
+            H=newH,
+            rho=newrho,
+            j=jnp.asarray(k_total, jnp.int32),
+            locks=s["locks"] + 1,
+            stage=jnp.ones((), jnp.int32),
+            rec=theta[wi],
+            nconf=jnp.where(confirmed_once, s["nconf"] + 1, 0),
+        )
 
-    def final(s):
-        c = s["j"]
-        theta, S = _ritz(s["H"], c, m)
-        wi = _wanted(c, k_total, which)
-        return verify(s, S, wi, jnp.array(not can_confirm))
+    def restart(self, s, theta, S, wl):
+        """Thick restart: keep ``p`` Ritz vectors and the last Lanczos vector (arrowhead)."""
+        m, p, which = self.m, self.p, self.which
+        if which == "both":
+            lo, hi = _split_keep(p)
+            idx = jnp.concatenate([jnp.arange(lo), m - hi + jnp.arange(hi)])
+        elif which == "largest":
+            idx = m - p + jnp.arange(p)
+        else:
+            idx = jnp.arange(p)
+        kept = self.ritz_vectors(s, S[:, idx], wl)
+        last = get_row(s["V"], m, wl)
+        newV = jax.tree_util.tree_map(
+            lambda Vl, K, L: (
+                jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
+            ),
+            s["V"],
+            kept,
+            last,
+        )
+        b = s["H"][m, m - 1]
+        newH = jnp.zeros_like(s["H"])
+        newH = newH.at[jnp.arange(p), jnp.arange(p)].set(theta[idx])
+        newH = newH.at[p, :p].set(b * S[m - 1, idx])
+        newH = newH.at[:p, p].set(b * S[m - 1, idx])
+        newrho = jnp.zeros_like(s["rho"]).at[:p].set(jnp.abs(S[:, idx]).T @ s["rho"][:m])
+        return dict(
+            s, V=newV, H=newH, rho=newrho, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1
+        )
 
-    state = lax.cond(state["have_out"], lambda s: s, final, state)
-    lam, res, Y = state["lam"], state["res"], state["Y"]
-    order = jnp.argsort(lam)
-    lam, res = lam[order], res[order]
-    Y = jax.tree_util.tree_map(lambda x: x[order], Y)
-    thr = thresholds(lam, state["anorm"])
-    # Two returned vectors that are (nearly) the same vector are not two eigenpairs: a
-    # duplicate never counts as converged, whatever its residual.
-    gram = jax.vmap(lambda a: jax.vmap(lambda b: tu.dot(a, b))(Y))(Y)
-    independent = jnp.max(jnp.abs(gram - jnp.eye(k_total, dtype=gram.dtype))) <= 0.5
-    converged = (res <= thr) & state["confirmed"] & independent
-    return (
-        lam,
-        Y,
-        res,
-        converged,
-        state["matvecs"],
-        state["restarts"] + state["locks"],
-        thr,
-        state["confirmed"],
+    def explicit_restart(self, s):
+        """Start again from the sum of the verified Ritz vectors (nothing locked or frozen)."""
+        v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), s["Y"])
+        acc = s["lam"].dtype
+        v = tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
+        newV = set_row(jax.tree_util.tree_map(jnp.zeros_like, s["V"]), 0, v)
+        return dict(
+            s,
+            V=newV,
+            H=jnp.zeros_like(s["H"]),
+            rho=jnp.zeros_like(s["rho"]),
+            j=jnp.zeros((), jnp.int32),
+            stage=jnp.zeros((), jnp.int32),
+            tight=0.1 * s["tight"],
+        )
+
+
+def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts):
+    """The state before the first step: ``v0`` (unit) in row 0 of an empty basis."""
+    m, k_total = alg.m, alg.k_total
+    acc = acc_dtype(like)
+    wl = _work_like(like)
+    store = jnp.dtype(alg.basis_dtype) if alg.basis_dtype is not None else acc
+    V = set_row(empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc))
+    zero_i = jnp.zeros((), jnp.int32)
+    false = jnp.array(False)
+    return dict(
+        V=V,
+        H=jnp.zeros((m + 1, m), acc),
+        rho=jnp.zeros((m + 1,), acc),  # norm of the residual part that left the basis, per row
+        j=zero_i,
+        restarts=zero_i,
+        locks=zero_i,
+        matvecs=zero_i,
+        done=false,
+        phase=zero_i,  # 0: a Lanczos step; 1: a residual check of the wanted Ritz vectors
+        mode=zero_i,  # what the residual check is for (_CHECK, _TRY_TRUE, _FINAL) or _DECIDE
+        go_lock=false,  # phase 2: lock the wanted pairs (decided by the last Lanczos step)
+        confirmed_once=false,  # phase 2: the last sequence reproduced the locked set
+        anorm=jnp.zeros((), acc),
+        stage=zero_i,  # 0: searching; 1: confirming a locked set from a fresh vector
+        nconf=zero_i,  # consecutive confirmations that reproduced the locked set
+        rec=jnp.zeros((k_total,), acc),
+        tight=jnp.ones((), acc),
+        have_out=false,
+        confirmed=false,
+        finite=jnp.array(True),
+        Y=tu.stacked_like(
+            jax.tree_util.tree_map(lambda x: jnp.zeros((k_total,) + x.shape, acc), wl), wl
+        ),
+        lam=jnp.zeros((k_total,), acc),
+        res=jnp.zeros((k_total,), acc),
+        ok=false,
+        # the last step's Ritz decomposition, kept for the residual check that follows it
+        theta=jnp.zeros((m,), acc),
+        S=jnp.zeros((m, m), acc),
+        est=jnp.zeros((m,), acc),
+        thr=jnp.ones((m,), acc),
+        worst=jnp.full((), jnp.inf, acc),
+        # dynamic settings: other values reuse the compiled steps
+        key=key,
+        tol=jnp.asarray(tol, acc),
+        max_restarts=jnp.asarray(max_restarts, jnp.int32),
     )
 
 
@@ -696,9 +733,8 @@ _normal_like_jit = jax.jit(tu.normal_like)
 def _start_vector(v0, like, key, *, what="v0"):
     """A unit start vector: random, a params-shaped pytree, or the sum of a stacked block."""
     if v0 is None:
-        v = _normal_like_jit(
-            key, like
-        )  # compiled: eager generation cost ~15 ms per call (benchmarks/)
+        # compiled: eager generation costs ~15 ms per call (benchmarks/)
+        v = _normal_like_jit(key, like)
     else:
         try:
             tu.assert_same_structure(
@@ -712,47 +748,44 @@ def _start_vector(v0, like, key, *, what="v0"):
                 )
             except ValueError:
                 raise ValueError(
-                    f"`{what}` must be a pytree shaped like the operator's parameters, or a stacked block "
-                    f"of such vectors (leading axis on every leaf, e.g. a previous result's "
-                    f"`eigenvectors`). {single_err}"
+                    f"`{what}` must be a pytree shaped like the operator's parameters, or a "
+                    "stacked block of such vectors (leading axis on every leaf, e.g. a previous "
+                    f"result's `eigenvectors`). {single_err}"
                 ) from None
             v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
         v = jax.tree_util.tree_map(lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like)
         v = tu.like_sharding(v, like)  # explicit mesh: a user's vector takes each leaf's type
-    nv = float(tu.norm(v))
-    if not np.isfinite(nv):
-        raise ValueError(
-            f"`{what}` contains NaN or Inf; pass a finite start vector or `{what}=None`."
-        )
-    if nv == 0.0:
-        raise ValueError(
-            f"`{what}` is the zero vector; pass a non-zero start vector or `{what}=None`."
-        )
+    nv = tu.norm(v)
+    if not tu.is_traced(nv):
+        if not np.isfinite(float(nv)):
+            raise ValueError(
+                f"`{what}` contains NaN or Inf; pass a finite start vector or `{what}=None`."
+            )
+        if float(nv) == 0.0:
+            raise ValueError(
+                f"`{what}` is the zero vector; pass a non-zero start vector or `{what}=None`."
+            )
+    # under jit a zero v0 gives NaN eigenvalues instead of an error
     return tu.scale(1.0 / nv, v)
-
-
-def _check_like(op: LinearOperator):
-    tu.assert_floating(op.like, name="operator.like")
-    n = op.size
-    if n == 0:
-        raise ValueError("The operator acts on vectors with 0 entries; there is no spectrum.")
-    return n
 
 
 def eigsh(
     op: OperatorLike,
     k: int = 6,
     *,
+    key: PRNGKey,
     which: str = "largest",
-    key: PRNGKey | None = None,
     num_iters: int | None = None,
     tol: float = 1e-6,
     max_restarts: int = 30,
     v0: PyTree | None = None,
-    reorthogonalize: str = "full",
+    reorthogonalize: bool = True,
     basis_dtype=None,
     confirm: bool = True,
     like=None,
+    driver: str = "auto",
+    progress: bool | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
 ) -> EigshResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -766,13 +799,13 @@ def eigsh(
       op: a :class:`hvp.LinearOperator` (``hvp.hessian(...)``, ``hvp.ggn(...)``,
         ``hvp.from_dense(...)``) or a matvec callable together with ``like=``.
       k: number of eigenpairs (per end for ``"both"``); ``1 <= k <= n``.
+      key: PRNG key (required) for the start vector and the fresh vectors of breakdowns,
+        locking and confirmation: ``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``;
+        same key, same result, whichever driver.
       which: ``"largest"``, ``"smallest"`` or ``"both"`` (algebraic order).
-      key: PRNG key for the start vector and breakdown restarts
-        (default ``jax.random.PRNGKey(0)``); same key, same result.
-      num_iters: Lanczos basis size ``m`` per restart cycle (default
-        ``max(2 * k_total + 10, 30)`` with ``k_total`` = ``2k`` for ``"both"``,
-        capped at ``n``). Memory is
-        ``(m + 1) * n * bytes(basis_dtype)``.
+      num_iters: Lanczos basis size ``m`` per restart cycle, i.e. the Krylov steps (products)
+        of one cycle (default ``max(2 * k_total + 10, 30)`` with ``k_total`` = ``2k`` for
+        ``"both"``, capped at ``n``). Memory is ``(m + 1) * n * bytes(basis_dtype)``.
       tol: convergence tolerance relative to each eigenvalue (ARPACK
         convention): :math:`\|A v_i - \lambda_i v_i\| \le \max(\mathrm{tol}
         \cdot \max(|\lambda_i|, \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`
@@ -787,8 +820,9 @@ def eigsh(
       v0: optional warm start: a pytree like the parameters, or a stacked
         block of vectors (e.g. the previous call's ``eigenvectors``), whose sum
         is used as start vector.
-      reorthogonalize: only ``"full"`` is supported (selective/partial
-        reorthogonalisation would save little with a restarted, bounded basis).
+      reorthogonalize: must be ``True`` (full reorthogonalisation): without it the
+        Lanczos basis loses orthogonality and returns spurious copies of converged
+        eigenvalues, which locking and confirmation cannot tell from true multiplicities.
       basis_dtype: storage dtype of the Lanczos basis (e.g. ``jnp.float32`` or
         ``jnp.bfloat16`` for float32/float64 parameters) to save memory; products
         and projections run in the parameters' dtype. Lower precision limits
@@ -797,17 +831,29 @@ def eigsh(
         also for bfloat16/float16 parameters).
       confirm: confirm the wanted set, with its multiplicities, by a restart
         from a fresh random vector orthogonal to the converged pairs (see the
-        module docstring). ``False`` saves that Lanczos sequence but may
-        return a repeated eigenvalue with too few copies.
+        module docstring). ``False`` saves those Lanczos sequences but may
+        return a repeated eigenvalue with too few copies. Ignored for ``k=1``, where
+        no copy can be missing.
       like: example pytree when ``op`` is a plain matvec callable.
+      driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
+        or ``"host"``; see :mod:`hvp.linalg._driver`. Both give the same numbers.
+      progress: host driver: show products, the worst wanted residual relative to its
+        threshold, the locked pairs and the restarts on stderr (``None``: when stderr is a
+        terminal). The number of products is not known in advance (no time estimate).
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (same arguments, same result, bit for bit).
 
     Returns:
-      :class:`EigshResult`.
+      :class:`EigshResult`. Outside ``jit`` ``num_matvecs`` and ``num_restarts`` are Python
+      ints; inside ``jax.jit``/``jax.vmap`` (compiled driver) they are traced int32 scalars, a
+      non-finite result is returned as NaN instead of raising, and no warning is emitted
+      (read ``converged``).
 
     Raises:
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
-        ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``.
-      TypeError: called inside ``jax.jit``/``jax.vmap`` (call it outside).
+        ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``,
+        ``reorthogonalize=False``, negative or non-finite ``tol``.
+      TypeError: ``key`` is not a PRNG key, ``k`` not an int.
       NonFiniteError: NaN or Inf in the result (the operator produced them,
         e.g. an overflow of half-precision products).
 
@@ -818,22 +864,31 @@ def eigsh(
       >>> r = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", key=jax.random.key(0))
       >>> np.round(np.asarray(r.eigenvalues), 6).tolist(), bool(r.converged.all())
       ([0.0, 0.0, 0.0], True)
+      >>> # inside jax.jit (the compiled driver)
+      >>> top = jax.jit(lambda a: hvp.eigsh(hvp.from_dense(a), 1, key=jax.random.key(0)).eigenvalues)
+      >>> round(float(top(jax.numpy.asarray(A))[0]), 6)
+      2.0
     """
-    op = as_operator(op, like)
-    n = _check_like(op)
+    op = coerce_operator(op, like, what="spectrum")
+    n = op.size
+    check_key(key)
     if which not in WHICH:
         raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
-    if reorthogonalize != "full":
-        raise ValueError(
-            f"`reorthogonalize` must be 'full' for eigsh, got {reorthogonalize!r}. (Without "
-            "it Lanczos produces spurious copies of converged eigenvalues.)"
+    if not isinstance(reorthogonalize, (bool, np.bool_)):
+        raise TypeError(
+            f"`reorthogonalize` must be a bool, got {type(reorthogonalize).__name__} "
+            f"({reorthogonalize!r})."
         )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"`k` must be an int, got {type(k).__name__}.")
-    k = int(k)
+    if not reorthogonalize:
+        raise ValueError(
+            "eigsh needs `reorthogonalize=True` (full reorthogonalisation): without it the Lanczos "
+            "basis loses orthogonality and produces spurious copies of converged eigenvalues, "
+            "which its locking and confirmation would take for multiplicities. Its basis is "
+            "bounded by `num_iters` (thick restarts), so full reorthogonalisation costs little; "
+            "to save memory lower `num_iters` or use `basis_dtype=jnp.float32`."
+        )
+    k = check_int("k", k, minimum=1)
     k_total = 2 * k if which == "both" else k
-    if k <= 0:
-        raise ValueError(f"`k` must be at least 1, got {k}.")
     if k_total > n:
         what = "2k" if which == "both" else "k"
         raise ValueError(
@@ -841,21 +896,14 @@ def eigsh(
             f"{n // 2 if which == 'both' else n} eigenpairs"
             f"{' per end' if which == 'both' else ''}."
         )
-    if not (
-        isinstance(tol, (int, float, np.floating))
-        and not isinstance(tol, bool)
-        and 0 <= tol < float("inf")
-    ):
-        raise ValueError(
-            f"`tol` must be a finite non-negative float (relative accuracy per eigenvalue, e.g. "
-            f"1e-6), got {tol!r}."
-        )
-    if int(max_restarts) < 0:
-        raise ValueError(f"`max_restarts` must be >= 0, got {max_restarts}.")
+    tol = check_finite_float(
+        "tol", tol, hint="It is the relative accuracy per eigenvalue (e.g. 1e-6)."
+    )
+    max_restarts = check_int("max_restarts", max_restarts, minimum=0)
     if num_iters is None:
         m = max(2 * k_total + 10, 30)
     else:
-        m = int(num_iters)
+        m = check_int("num_iters", num_iters, minimum=1)
         if m < k_total:
             raise ValueError(
                 f"`num_iters`={m} must be at least the number of wanted pairs ({k_total})."
@@ -869,54 +917,41 @@ def eigsh(
         basis_dtype = jnp.dtype(basis_dtype)
         if not jnp.issubdtype(basis_dtype, jnp.floating):
             raise TypeError(f"`basis_dtype` must be a floating dtype, got {basis_dtype}.")
-    if key is not None:
-        check_key(key)
-    key = jax.random.PRNGKey(0) if key is None else key
-    if tu.is_traced(op, v0, key):
-        raise TypeError(
-            "eigsh cannot run inside a JAX transformation (jax.jit, jax.vmap, jax.grad): it is "
-            "already one compiled XLA program, and it checks its result on the host (non-finite "
-            "products raise NonFiniteError, unconverged pairs warn). Call it outside the "
-            "transformation, e.g. `jax.jit` only the function that builds the operator's "
-            "parameters, and loop in Python over several operators instead of `vmap`."
-        )
     param_dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
     acc = tu.accumulation_dtype(*param_dtypes)
     low = max(param_dtypes, key=lambda d: float(jnp.finfo(d).eps))  # the least precise
     eps = float(jnp.finfo(low).eps)
-    floor = _round_off_floor(low, basis_dtype)
     n_extra = _num_extra(which)
     # Confirmation needs room for one more pair per end, in the space and in the basis.
-    can_confirm = bool(confirm) and k_total + n_extra <= n and m >= k_total + 2 * n_extra
-    k_start, k_run = jax.random.split(key)
-    start = _start_vector(v0, op.like, k_start)
-    out = _eigsh_run(
-        op,
-        start,
-        k_run,
-        jnp.asarray(tol, acc),
-        jnp.asarray(int(max_restarts), jnp.int32),
+    # One wanted pair per end (k=1) cannot hide a copy: whatever its multiplicity, the extreme
+    # eigenvalue is one number; no confirmation is needed (it tripled the cost of k=1).
+    single = k == 1
+    room = k_total + n_extra <= n and m >= k_total + 2 * n_extra
+    can_confirm = bool(confirm) and not single and room
+    alg = ThickRestartLanczos(
         m=m,
         k_total=k_total,
         which=which,
         p=p,
         max_locks=k_total + 1 + _CONFIRMATIONS,
-        basis_dtype=basis_dtype,
+        basis_dtype=None if basis_dtype is None else basis_dtype.name,
         eps=eps,
         # breakdown at 32 eps_acc ||A||, or at the round-off of a half-precision product
         eps_break=max(float(jnp.finfo(acc).eps), eps / _BREAKDOWN),
-        floor=floor,
+        floor=_round_off_floor(low, basis_dtype),
         confirm=can_confirm,
-        full_space=bool(confirm) and not can_confirm,
+        full_space=bool(confirm) and not single and not room,
+        single=single,
     )
-    lam, vecs, res, conv, nmv, nrs, thr, confirmed = out
-    if not (bool(jnp.all(jnp.isfinite(lam))) and bool(tu.all_finite(vecs))):
-        raise NonFiniteError(
-            f"eigsh on the {op.name} operator produced NaN or Inf: its matvec returns non-finite "
-            "values (in half precision, a product may overflow: use float32 parameters or scale "
-            "the loss). Check the parameters and data (`hvp.tree.nonfinite_leaves`), or build "
-            "the operator with `check_finite=True` to find the leaf."
-        )
+    k_start, k_run = jax.random.split(key)
+    start = _start_vector(v0, op.like, k_start)
+    state = _initial_state(alg, start, k_run, op.like, tol, max_restarts)
+    out, chosen = run(
+        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key, v0)
+    )
+    lam, vecs, res, conv, nmv, nrs, thr, confirmed, finite = out
+    if not tu.is_traced(nmv, nrs):  # host driver, or the compiled one called outside jit
+        nmv, nrs = int(nmv), int(nrs)
     result = EigshResult(
         eigenvalues=lam,
         eigenvectors=vecs,
@@ -928,6 +963,16 @@ def eigsh(
         which=which,
         dtype_policy=dtype_policy(op.like),
     )
+    if tu.is_traced(lam, conv):
+        return result  # inside jit/vmap: NaN instead of an error, `converged` instead of a warning
+    if not bool(finite):
+        raise NonFiniteError(
+            f"eigsh on the {op.name} operator produced NaN or Inf (within {int(nmv)} matvecs): "
+            "its matvec returns non-finite values (in half precision, a product may overflow: "
+            "use float32 parameters or scale the loss). Check the parameters and data "
+            "(`hvp.tree.nonfinite_leaves`), or build the operator with `check_finite=True` to "
+            "find the leaf."
+        )
     if not bool(jnp.all(conv)):
         nc = int(jnp.sum(conv))
         why = (

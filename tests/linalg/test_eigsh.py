@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from driver_checks import assert_drivers_agree, assert_resume_bitwise
 from problems import sym
 
 import hvp
@@ -105,7 +106,7 @@ def test_callable_matvec_with_like():
     res = eigsh(lambda v: mat @ v, 2, like=jnp.zeros(N), key=jax.random.PRNGKey(0), tol=1e-9)
     check_pairs(res, a, 2, "largest")
     with pytest.raises(TypeError, match="like="):
-        eigsh(lambda v: mat @ v, 2)
+        eigsh(lambda v: mat @ v, 2, key=jax.random.key(0))
 
 
 def test_mlp_hessian_top_and_bottom_five():
@@ -211,27 +212,35 @@ def test_nonfinite_operator_raises():
 
 def test_errors():
     op = hvp.from_dense(np.eye(N))
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match=f"n={N}"):
-        eigsh(op, N + 1)
+        eigsh(op, N + 1, key=key)
     with pytest.raises(ValueError, match="2k"):
-        eigsh(op, N // 2 + 1, which="both")
+        eigsh(op, N // 2 + 1, which="both", key=key)
     with pytest.raises(ValueError, match="at least 1"):
-        eigsh(op, 0)
+        eigsh(op, 0, key=key)
     with pytest.raises(ValueError, match="which"):
-        eigsh(op, 2, which="top")
+        eigsh(op, 2, which="top", key=key)
     with pytest.raises(ValueError, match="v0"):
-        eigsh(op, 2, v0={"a": jnp.ones(N)})
+        eigsh(op, 2, v0={"a": jnp.ones(N)}, key=key)
     with pytest.raises(ValueError, match="v0"):
-        eigsh(op, 2, v0=jnp.ones(N + 1))
+        eigsh(op, 2, v0=jnp.ones(N + 1), key=key)
     with pytest.raises(ValueError, match="zero"):
-        eigsh(op, 2, v0=jnp.zeros(N))
-    with pytest.raises(ValueError, match="reorthogonalize"):
-        eigsh(op, 2, reorthogonalize="none")
+        eigsh(op, 2, v0=jnp.zeros(N), key=key)
+    with pytest.raises(ValueError, match="reorthogonalize=True"):
+        eigsh(op, 2, reorthogonalize=False, key=key)
+    with pytest.raises(TypeError, match="reorthogonalize"):
+        eigsh(op, 2, reorthogonalize="full", key=key)
     with pytest.raises(ValueError, match="num_iters"):
-        eigsh(op, 4, num_iters=3)
+        eigsh(op, 4, num_iters=3, key=key)
+    # the key is required, and an int is refused with the fix
+    with pytest.raises(TypeError, match="key"):
+        eigsh(op, 2)
+    with pytest.raises(TypeError, match=r"jax.random.key\(seed\)"):
+        eigsh(op, 2, key=0)
     for bad in (float("inf"), float("nan"), -1.0):
-        with pytest.raises(ValueError, match="finite non-negative"):
-            eigsh(op, 2, tol=bad)
+        with pytest.raises(ValueError, match="finite number"):
+            eigsh(op, 2, tol=bad, key=key)
         with pytest.raises(ValueError, match="zero_tol"):
             hvp.spectrum_summary(op, key=jax.random.PRNGKey(0), zero_tol=bad)
 
@@ -243,6 +252,9 @@ def test_errors():
 
 NM = 40  # size of the multiplicity problems (one compile per (k, which, dtype))
 SEEDS = range(8)
+#: The sweeps run many tiny problems: the compiled driver (one XLA program, no per-step
+#: dispatch) keeps them fast; test_drivers_agree shows that both drivers give the same numbers.
+SWEEP = dict(driver="compiled")
 
 
 def arpack(a, k, which, tol=0.0):
@@ -296,7 +308,9 @@ def test_multiplicities_one_to_six(which, seeds=SEEDS):
             a = sym(spectrum_with_copies(rng, mult, which), seed=seed)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no "not converged" warning either
-                res = eigsh(hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(seed))
+                res = eigsh(
+                    hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(seed), **SWEEP
+                )
             err, honest = errors(res, a, k, which)
             assert honest
             assert bool(np.all(np.asarray(res.converged))), (mult, seed)
@@ -333,7 +347,9 @@ def test_null_spaces(rank):
         for which in ("smallest", "largest"):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                res = eigsh(hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(seed))
+                res = eigsh(
+                    hvp.from_dense(a), k, which=which, key=jax.random.PRNGKey(seed), **SWEEP
+                )
             err, honest = errors(res, a, k, which)
             assert honest and bool(np.all(np.asarray(res.converged)))
             assert err < 1e-10, (rank, seed, which, np.asarray(res.eigenvalues))
@@ -348,7 +364,7 @@ def test_issue_rank4_n64_smallest_vs_arpack():
         rng = np.random.default_rng(seed)
         u, _ = np.linalg.qr(rng.normal(size=(64, 4)))
         a = (u * np.array([1.0, 2.0, 3.0, 4.0])) @ u.T
-        res = eigsh(hvp.from_dense(a), 3, which="smallest", key=jax.random.PRNGKey(seed))
+        res = eigsh(hvp.from_dense(a), 3, which="smallest", key=jax.random.PRNGKey(seed), **SWEEP)
         lam = np.asarray(res.eigenvalues)
         assert np.abs(lam).max() < 1e-12, (seed, lam)
         assert bool(np.all(np.asarray(res.converged)))
@@ -368,7 +384,7 @@ def test_float32_multiplicities_and_nulls():
         for which in ("largest", "smallest"):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                res = eigsh(op, 4, which=which, key=jax.random.PRNGKey(seed), tol=1e-5)
+                res = eigsh(op, 4, which=which, key=jax.random.PRNGKey(seed), tol=1e-5, **SWEEP)
             assert res.eigenvalues.dtype == jnp.float32
             assert (
                 res.dtype_policy.compute == "float32" and res.dtype_policy.accumulate == "float32"
@@ -546,17 +562,62 @@ def test_float16_overflow_raises():
         eigsh(hvp.from_dense(jnp.asarray(a, jnp.float16)), 3, key=jax.random.PRNGKey(0))
 
 
-def test_transformations_give_a_clear_error():
-    a = jnp.asarray(sym(SPECTRA["separated"], seed=1))
+def test_inside_jit_and_vmap_equals_the_host_result():
+    """The compiled driver runs inside the user's jit and vmap and gives the host's numbers;
+    a NaN product there gives NaN eigenvalues (no exception, no warning)."""
+    a = sym(SPECTRA["negatives"], seed=8)
+    b = sym(SPECTRA["separated"], seed=9)
+    bad = a.copy()
+    bad[3, 5] = bad[5, 3] = np.nan
+    key = jax.random.PRNGKey(3)
 
-    @jax.jit
     def top(m):
-        return eigsh(hvp.from_dense(m), 2, key=jax.random.PRNGKey(0)).eigenvalues
+        r = eigsh(hvp.from_dense(m), 4, key=key, tol=1e-9)
+        return r.eigenvalues, r.residuals, r.num_matvecs, r.converged
 
-    with pytest.raises(TypeError, match="outside the transformation"):
-        top(a)
-    with pytest.raises(TypeError, match="jax.vmap"):
-        jax.vmap(lambda m: eigsh(hvp.from_dense(m), 2).eigenvalues)(jnp.stack([a, a]))
+    hosts = [eigsh(hvp.from_dense(m), 4, key=key, tol=1e-9) for m in (a, b)]
+    assert all(isinstance(h.num_matvecs, int) for h in hosts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lam, res, nmv, conv = jax.jit(jax.vmap(top))(jnp.asarray(np.stack([a, b, bad])))
+    for i, (m, host) in enumerate(zip((a, b), hosts, strict=True)):
+        np.testing.assert_allclose(lam[i], host.eigenvalues, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res[i], host.residuals, rtol=0, atol=1e-12)
+        assert int(nmv[i]) == host.num_matvecs and bool(np.all(conv[i]))
+        np.testing.assert_allclose(lam[i], np.linalg.eigvalsh(m)[-4:], rtol=0, atol=1e-12)
+    assert np.all(np.isnan(np.asarray(lam[2]))) and not np.any(np.asarray(conv[2]))
+
+
+def test_drivers_agree():
+    """Host and compiled drivers: the same numbers to round-off (triple eigenvalues at both
+    ends, which="both": locking, confirmation and residual checks on both ends)."""
+    rng = np.random.default_rng(11)
+    a = sym(spectrum_with_copies(rng, 3, "both"), seed=11)
+    op = hvp.from_dense(a)
+    # the configuration of test_multiplicities_one_to_six[both] (its compiled loop is reused)
+    host, comp = assert_drivers_agree(
+        lambda **kw: eigsh(op, 3, which="both", key=jax.random.key(1), **kw), rtol=0, atol=1e-12
+    )
+    assert isinstance(host.num_matvecs, int) and isinstance(host.num_restarts, int)
+    assert host.num_matvecs == int(comp.num_matvecs) and bool(np.all(host.converged))
+    np.testing.assert_allclose(
+        host.eigenvalues, expected(np.linalg.eigvalsh(a), 3, "both"), rtol=0, atol=1e-12
+    )
+
+
+def test_resume_bit_for_bit_and_compiled_steps_reused(tmp_path):
+    """An interrupted host run resumes bit for bit; another tol reuses the compiled steps."""
+    from hvp.linalg import _driver
+
+    op = hvp.from_dense(sym(SPECTRA["negatives"], seed=8))
+    call = lambda **kw: eigsh(op, 4, key=jax.random.PRNGKey(3), tol=1e-9, **kw)  # noqa: E731
+    # interrupted in the confirming sequences, after locks and residual checks
+    ref, _ = assert_resume_bitwise(call, tmp_path, interrupt_after=150, every=7)
+    assert ref.num_matvecs > 150
+    size = _driver._update._cache_size()
+    other = eigsh(op, 4, key=jax.random.PRNGKey(3), tol=1e-7, max_restarts=40, progress=True)
+    assert _driver._update._cache_size() == size  # tol and max_restarts live in the state
+    assert bool(np.all(other.converged)) and other.num_matvecs <= ref.num_matvecs
 
 
 def test_definiteness_labels():
@@ -633,7 +694,7 @@ def test_float32_kronecker_ggn_fourfold_largest_six():
     for key in [12] + list(range(6)):  # key 12 failed in the QA run (without x64 enabled)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            res = eigsh(g, 6, which="largest", key=jax.random.key(key))
+            res = eigsh(g, 6, which="largest", key=jax.random.key(key), **SWEEP)
         assert res.eigenvalues.dtype == jnp.float32
         check_float32_run(res, dense, 6, "largest", ("kron ggn", key))
 
@@ -654,7 +715,11 @@ def test_float32_fourfold_spectra_sweep(cases):
     for seed, k, which in cases:
         a = _fourfold(seed)
         res = eigsh(
-            hvp.from_dense(jnp.asarray(a, jnp.float32)), k, which=which, key=jax.random.key(seed)
+            hvp.from_dense(jnp.asarray(a, jnp.float32)),
+            k,
+            which=which,
+            key=jax.random.key(seed),
+            **SWEEP,
         )
         check_float32_run(res, a, k, which, (seed, k, which))
 
@@ -668,6 +733,38 @@ def test_float32_low_rank_both_ends_sweep():
     for seed, rank, k, base, key in cases:
         a = _low_rank(seed, rank, base=base)
         res = eigsh(
-            hvp.from_dense(jnp.asarray(a, jnp.float32)), k, which="both", key=jax.random.key(key)
+            hvp.from_dense(jnp.asarray(a, jnp.float32)),
+            k,
+            which="both",
+            key=jax.random.key(key),
+            **SWEEP,
         )
         check_float32_run(res, a, k, "both", (seed, rank, k))
+
+
+def test_one_pair_per_end_needs_no_confirmation():
+    """k=1: a copy cannot be missing, so no confirming sequences (47 products on the MLP Hessian
+    with them, 14 without, as in 0.1.0); low-rank float32 (repeated zeros) still right."""
+    from problems import operator, reference
+
+    h = operator("mlp", "hessian")
+    top = np.linalg.eigvalsh(reference("mlp", "hessian"))[-1]
+    res = eigsh(h, 1, key=jax.random.key(0))
+    print(f"mlp hessian k=1: {res.num_matvecs} matvecs")
+    assert res.num_matvecs <= 20 and bool(res.converged[0])
+    assert abs(float(res.eigenvalues[0]) - top) <= 1e-9 * abs(top)
+    for seed in range(4):
+        # low rank in float32 (a repeated zero at the bottom): the residual bound sticks on
+        # breakdown residuals, the true residuals decide
+        a = _low_rank(seed, 1 + seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            r = eigsh(
+                hvp.from_dense(jnp.asarray(a, jnp.float32)),
+                1,
+                which="both",
+                key=jax.random.key(seed),
+                **SWEEP,
+            )
+        check_float32_run(r, a, 1, "both", seed)
+        assert int(r.num_matvecs) <= 20
