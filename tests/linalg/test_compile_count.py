@@ -103,9 +103,6 @@ def counted(log, monkeypatch):
     return call
 
 
-CONVERTED_ELSEWHERE = pytest.mark.xfail(strict=False, reason="converted on another branch")
-
-
 def test_power_iteration_shares_the_product_across_settings(counted, log):
     r = counted(lambda op: hvp.power_iteration(op, key=KEY, num_iters=20, tol=1e-6))
     assert isinstance(r.num_matvecs, int)
@@ -118,12 +115,10 @@ def test_power_iteration_shares_the_product_across_settings(counted, log):
     assert TRACES["loss"] > traces
 
 
-@CONVERTED_ELSEWHERE
 def test_eigsh_k1(counted):
     counted(lambda op: hvp.eigsh(op, k=1, key=KEY))
 
 
-@CONVERTED_ELSEWHERE
 def test_eigsh_k5(counted):
     counted(lambda op: hvp.eigsh(op, k=5, key=KEY))
 
