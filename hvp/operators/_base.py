@@ -169,13 +169,11 @@ class LinearOperator:
             >>> hvp.from_dense(jnp.diag(jnp.array([1.0, 2.0]))).mv(jnp.ones(2))
             Array([1., 2.], dtype=float64)
         """
-        if tu.is_traced(v, self._children()):
+        if self._traced(v):
             return _apply_cached(self, v)
-        tu.assert_same_structure(
-            v, self.like, name="v", like_name=f"{self.name} vectors (`op.like`)"
-        )
-        out = _jit_apply(self, v)
-        if self.check_finite:
+        self._check_vectors(v, "v", leading=0)
+        out, finite = _jit_apply(self, v)
+        if finite is not None and not bool(finite):
             self._raise_if_nonfinite(out, "matvec")
         return out
 
@@ -193,34 +191,74 @@ class LinearOperator:
         """``A`` applied to each vector of a block stacked on a leading axis (``A v_i`` in row ``i``).
 
         ``vs`` is a pytree like :attr:`like` with an extra leading axis of size
-        ``b``. On concrete inputs it is one compiled call per block size
-        (validated as in :meth:`mv`); under ``jit``/``vmap`` it is inlined.
-        The block runs as a ``jax.vmap`` of the single product or as a
-        sequential ``lax.map`` of it, as :meth:`block_mode` says.
+        ``b``; validated as in :meth:`mv`. How the block runs follows
+        :meth:`block_mode`: ``"vmap"`` is one compiled, vectorised call per
+        block size; ``"map"`` on concrete inputs runs the single compiled
+        product of :meth:`mv` on each vector in turn (so it costs exactly what
+        ``b`` single products cost) and under ``jit``/``vmap`` is a ``lax.map``
+        of the single product.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> import hvp
+            >>> op = hvp.from_matvec(lambda v: 2.0 * v, jnp.zeros(2), block="map")
+            >>> op.matmat(jnp.eye(2))
+            Array([[2., 0.],
+                   [0., 2.]], dtype=float64)
         """
-        if tu.is_traced(vs, self._children()):
+        if self._traced(vs):
             return _block_apply(self, vs)
-        tu.assert_same_structure(
-            vs, self.like, name="vs", like_name=f"{self.name} vectors (`op.like`)", leading=1
-        )
-        out = _jit_matmat(self, vs)
-        if self.check_finite:
+        self._check_vectors(vs, "vs", leading=1)
+        if self.block_mode() == "map":
+            rows = [_jit_apply(self, v) for v in _rows(vs)]
+            out = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[r[0] for r in rows])
+            finite = None if rows[0][1] is None else all(bool(r[1]) for r in rows)
+        else:
+            out, finite = _jit_matmat(self, vs)
+        if finite is not None and not bool(finite):
             self._raise_if_nonfinite(out, "matmat")
         return out
 
+    def _traced(self, v) -> bool:
+        """Whether ``v`` or the operator's arrays are tracers (then products are inlined)."""
+        children = self.__dict__.get("_children_traced")
+        if children is None:  # the arrays of an operator never change: look once
+            children = self.__dict__["_children_traced"] = tu.is_traced(self._children())
+        return children or tu.is_traced(v)
+
+    def _check_vectors(self, v, name: str, *, leading: int) -> None:
+        """:func:`hvp.tree.assert_same_structure` against ``like``, with a fast path for matches.
+
+        The signature of ``like`` (structure, shapes, dtypes) is computed once per operator, so
+        a matching ``v`` costs a flatten and a comparison, not a full description of both trees.
+        """
+        sig = self.__dict__.get("_like_signature")
+        if sig is None:
+            leaves, tdef = jax.tree_util.tree_flatten(self.like)
+            sig = (tdef, tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in leaves))
+            self.__dict__["_like_signature"] = sig
+        leaves, tdef = jax.tree_util.tree_flatten(v)
+        if tdef == sig[0] and _leaves_match(leaves, sig[1], leading):
+            return
+        tu.assert_same_structure(
+            v, self.like, name=name, like_name=f"{self.name} vectors (`op.like`)", leading=leading
+        )
+
     def block_mode(self) -> str:
-        """``"vmap"`` or ``"map"``: how :meth:`matmat` runs a block on the default backend.
+        """``"vmap"`` or ``"map"``: how :meth:`matmat` runs a block of concrete vectors.
 
         ``block="vmap"`` / ``"map"`` force one. ``block="auto"`` (the default)
-        chooses ``"map"`` (a sequential ``lax.map`` of single products inside
-        one compiled call: per vector it costs what a single product costs)
-        when the default backend is the CPU and the product contains a
-        convolution (``conv_general_dilated``), and ``"vmap"`` otherwise. On
-        CPU, XLA runs vmapped convolutions (with batch statistics in
-        particular) far slower per vector than single ones: a small ResNet's
-        16-probe density estimate took more than 20 minutes where single
-        products were fast. Elsewhere a vmapped block amortises the
-        parameters' memory traffic and is faster per vector.
+        chooses ``"map"`` (one single product after the other: per vector it
+        costs exactly a single product) when the default backend is the CPU
+        and the product contains a convolution (``conv_general_dilated``),
+        and ``"vmap"`` otherwise. Measured on 2 CPU cores
+        (``benchmarks/bench_hvp_modes.py``): vmapped blocks of 4-8 vectors cost
+        0.5-0.8x a single product per vector for MLPs, a transformer and a
+        small ResNet, but 2.3x for a CNN with 16-32 channels, where a
+        ``lax.map`` inside one compiled call was even 9-77x slower (XLA:CPU
+        runs convolutions inside loops slowly). Under ``jit``/``vmap``,
+        ``"auto"`` therefore always vectorises, and only ``block="map"`` gives
+        a ``lax.map``.
 
         Examples:
             >>> import jax.numpy as jnp
@@ -232,10 +270,15 @@ class LinearOperator:
         """
         if self.block != "auto":
             return self.block
-        if jax.default_backend() != "cpu":
-            return "vmap"
-        closed, _ = _single_jaxpr(self, self.like)
-        return "map" if _has_primitive(closed, "conv_general_dilated") else "vmap"
+        mode = self.__dict__.get("_block_mode")
+        if mode is None:  # decided once per operator object
+            mode = "vmap"
+            if jax.default_backend() == "cpu":
+                closed, _ = _single_jaxpr(self, self.like)
+                if _has_primitive(closed, "conv_general_dilated"):
+                    mode = "map"
+            self.__dict__["_block_mode"] = mode
+        return mode
 
     @property
     def label(self) -> str:
@@ -363,8 +406,8 @@ def _apply_cached(op: LinearOperator, v):
 
 
 def _block_apply(op: LinearOperator, vs):
-    """``A v`` for every row of ``vs``: a vmap or a sequential map of the cached single product."""
-    if op.block_mode() == "map":
+    """``A v`` for every row of ``vs`` in one trace: a vmap, or a ``lax.map`` when ``block="map"``."""
+    if op.block == "map":
         return lax.map(lambda v: _apply_cached(op, v), vs)
     return jax.vmap(lambda v: _apply_cached(op, v))(vs)
 
@@ -384,14 +427,45 @@ def _has_primitive(jaxpr, prefix: str) -> bool:
     return False
 
 
+def _rows(vs):
+    """The vectors of a block (pytrees without the leading axis), as a list."""
+    leaves, tdef = jax.tree_util.tree_flatten(vs)
+    return [jax.tree_util.tree_unflatten(tdef, row) for row in zip(*(list(x) for x in leaves))]
+
+
+def _leaves_match(leaves, signature, leading: int) -> bool:
+    """Whether array ``leaves`` have the ``(shape, dtype)`` of ``signature`` after ``leading`` axes."""
+    lead = None
+    for x, (shape, dtype) in zip(leaves, signature):
+        xs, xd = getattr(x, "shape", None), getattr(x, "dtype", None)
+        if xs is None or xd is None or len(xs) != len(shape) + leading:
+            return False
+        if tuple(xs[leading:]) != shape or xd != dtype:
+            return False
+        if leading:
+            if lead is None:
+                lead = tuple(xs[:leading])
+            elif tuple(xs[:leading]) != lead:
+                return False
+    return True
+
+
+def _with_finite_flag(op: LinearOperator, out):
+    """``(out, all entries finite)`` when the operator checks results, else ``(out, None)``.
+
+    The check is part of the compiled product (no second dispatch); it is read on the host.
+    """
+    return out, (tu.all_finite(out) if op.check_finite else None)
+
+
 @jax.jit
 def _jit_apply(op: LinearOperator, v):
-    return _apply_cached(op, v)
+    return _with_finite_flag(op, _apply_cached(op, v))
 
 
 @jax.jit
 def _jit_matmat(op: LinearOperator, vs):
-    return _block_apply(op, vs)
+    return _with_finite_flag(op, _block_apply(op, vs))
 
 
 def check_block(block) -> str:

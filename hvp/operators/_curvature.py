@@ -452,6 +452,10 @@ class CurvatureOperator(LinearOperator):
         def mv(src):
             return src(v) if linear else self._product(self, src, v)
 
+        if self.dataset.num_batches == 1 and self.reduction == "mean":
+            # one batch: its weight n_b / N (or W_b / W) is exactly 1, skip the scaling pass
+            total = mv(sources[0])
+            return tu.like_sharding(_constrain(total, self._shardings), self.params)
         total = None
         for src, meta, w in zip(sources, self.dataset.meta, weights):
             if meta.stacked:
