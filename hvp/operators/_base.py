@@ -211,7 +211,7 @@ class LinearOperator:
         self._check_vectors(vs, "vs", leading=1)
         if self.block_mode() == "map":
             rows = [_jit_apply(self, v) for v in _rows(vs)]
-            out = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[r[0] for r in rows])
+            out = _stack_rows([r[0] for r in rows])
             finite = None if rows[0][1] is None else all(bool(r[1]) for r in rows)
         else:
             out, finite = _jit_matmat(self, vs)
@@ -427,10 +427,15 @@ def _has_primitive(jaxpr, prefix: str) -> bool:
     return False
 
 
+@jax.jit
 def _rows(vs):
-    """The vectors of a block (pytrees without the leading axis), as a list."""
-    leaves, tdef = jax.tree_util.tree_flatten(vs)
-    return [jax.tree_util.tree_unflatten(tdef, row) for row in zip(*(list(x) for x in leaves))]
+    """The vectors of a block (pytrees without the leading axis), in one compiled call."""
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], vs) for i in range(tu.leading_dim(vs))]
+
+
+@jax.jit
+def _stack_rows(rows):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
 
 
 def _leaves_match(leaves, signature, leading: int) -> bool:
