@@ -44,7 +44,17 @@ Fisher weights example ``i`` by :math:`W_i / W` (its share of the weights).
 
 Batches of equal shape are stacked and reduced inside one compiled
 ``lax.scan``; the matvec is compiled once per operator (the operator is a
-pytree whose arrays are jit arguments, not constants).
+pytree whose arrays are jit arguments, not constants), and the loss is traced
+once for all products, block sizes and operators rebuilt with the same
+functions (see :class:`~hvp.operators.LinearOperator`).
+
+Linearisation (:func:`hessian`, ``linearize="auto"`` by default): the
+gradient of every batch is linearised once when the operator is built, and
+products apply the stored linear maps, when the data and parameters are
+concrete and the maps' residuals (estimated by tracing the linearisation with
+``jax.eval_shape``, without running it) fit in ``linearize_budget`` bytes
+(default :data:`DEFAULT_LINEARIZE_BUDGET`, 1 GiB). Otherwise, and always for
+the GGN and the empirical Fisher, each product recomputes the forward pass.
 """
 
 from __future__ import annotations
