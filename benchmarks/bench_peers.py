@@ -159,7 +159,7 @@ def _reference(width, num_examples, quick):
         n = op.size
         t0 = time.perf_counter()
         if n <= DENSE_REF_MAX_N:
-            H = np.asarray(op.dense(max_size=None, chunk=128))
+            H = np.asarray(op.dense(max_size=None, chunk_size=128))
             eigs = np.linalg.eigvalsh((H + H.T) / 2)
             ref = {
                 "kind": "dense float64 eigh",

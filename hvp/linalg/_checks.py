@@ -260,9 +260,9 @@ def acc_dtype(like):
 
 
 def apply_in_dtype(op: LinearOperator, v):
-    """``A v`` with ``v`` cast to the operator's dtypes first (``v`` may be in the accumulation dtype)."""
+    """``A v`` (the public ``op.mv``) with ``v`` cast to the operator's dtypes first (``v`` may be in the accumulation dtype)."""
     v = jax.tree_util.tree_map(lambda x, lk: x.astype(jnp.result_type(lk)), v, op.like)
-    return op._apply(v)
+    return op.mv(v)
 
 
 # ------------------------------------------------------------------------------------------------

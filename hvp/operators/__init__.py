@@ -5,6 +5,7 @@ Builds on :mod:`hvp.tree`; consumed by :mod:`hvp.linalg`.
 
 from hvp.operators import _losses as losses
 from hvp.operators._base import (
+    BLOCK_MODES,
     DEFAULT_DENSE_LIMIT,
     DenseOperator,
     LinearOperator,
@@ -17,6 +18,7 @@ from hvp.operators._base import (
 )
 from hvp.operators._blocks import merge, select
 from hvp.operators._curvature import (
+    DEFAULT_LINEARIZE_BUDGET,
     Composed,
     CurvatureOperator,
     compose,
@@ -29,7 +31,9 @@ from hvp.operators._curvature import (
 from hvp.operators._data import Dataset, UnpackError, as_dataset, batch_weights, split_batch
 
 __all__ = [
+    "BLOCK_MODES",
     "DEFAULT_DENSE_LIMIT",
+    "DEFAULT_LINEARIZE_BUDGET",
     "Composed",
     "CurvatureOperator",
     "UnpackError",

@@ -44,12 +44,23 @@ Fisher weights example ``i`` by :math:`W_i / W` (its share of the weights).
 
 Batches of equal shape are stacked and reduced inside one compiled
 ``lax.scan``; the matvec is compiled once per operator (the operator is a
-pytree whose arrays are jit arguments, not constants).
+pytree whose arrays are jit arguments, not constants), and the loss is traced
+once for all products, block sizes and operators rebuilt with the same
+functions (see :class:`~hvp.operators.LinearOperator`).
+
+Linearisation (:func:`hessian`, ``linearize="auto"`` by default): the
+gradient of every batch is linearised once when the operator is built, and
+products apply the stored linear maps, when the data and parameters are
+concrete and the maps' residuals (estimated by tracing the linearisation with
+``jax.eval_shape``, without running it) fit in ``linearize_budget`` bytes
+(default :data:`DEFAULT_LINEARIZE_BUDGET`, 1 GiB). Otherwise, and always for
+the GGN and the empirical Fisher, each product recomputes the forward pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 
@@ -60,7 +71,7 @@ from jax import lax
 
 from hvp import tree as tu
 from hvp.operators import _blocks
-from hvp.operators._base import LinearOperator
+from hvp.operators._base import LinearOperator, _has_primitive, check_block
 from hvp.operators._data import (
     Dataset,
     UnpackError,
@@ -80,7 +91,12 @@ __all__ = [
     "hvp",
     "default_unpack",
     "compose",
+    "DEFAULT_LINEARIZE_BUDGET",
 ]
+
+#: Memory budget of ``linearize="auto"`` (bytes): :func:`hessian` linearises when the
+#: estimated residuals of all batches fit in it (1 GiB).
+DEFAULT_LINEARIZE_BUDGET = 1 << 30
 
 _REDUCTIONS = ("mean", "sum")
 _MODES = ("auto", "forward", "reverse")
@@ -302,15 +318,21 @@ def _replace_weights(batch, weights):
 class CurvatureOperator(LinearOperator):
     """Curvature (Hessian, GGN or empirical Fisher) of a loss over a data set.
 
-    Build with :func:`hessian`, :func:`ggn` or :func:`empirical_fisher`.
+    Build with :func:`hessian`, :func:`ggn` or :func:`empirical_fisher`. Each
+    curvature is its own per-batch product function (``op.kind`` names it);
+    the operator sums the per-batch products with the data set's weights (one
+    ``lax.scan`` per group of equally shaped batches). A linearised operator
+    (``op.linearized``) was given the linearised gradient of every batch when
+    it was built and applies those linear maps instead.
 
     Attributes:
       params: the point (or the parameter block, see ``wrt``) the curvature is
         taken at; vectors are pytrees like it.
-      kind: ``"hessian"``, ``"ggn"`` or ``"empirical_fisher"``.
+      kind: ``"hessian"``, ``"ggn"`` or ``"empirical_fisher"`` (read-only).
       reduction: ``"mean"`` or ``"sum"``.
       num_examples, num_batches: size of the data set.
-      size, shape, dtype: see :class:`~hvp.operators.LinearOperator`.
+      linearized: whether products apply stored linearisations.
+      size, shape, dtype, block: see :class:`~hvp.operators.LinearOperator`.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -328,7 +350,7 @@ class CurvatureOperator(LinearOperator):
     def __init__(
         self,
         *,
-        kind,
+        product,
         fns,
         params,
         full,
@@ -340,8 +362,9 @@ class CurvatureOperator(LinearOperator):
         name,
         shardings=None,
         mode="forward",
+        block="auto",
     ):
-        self.kind = kind
+        self._product = product
         self.mode = mode
         # Per-leaf shardings of the parameters (None for single-device leaves), applied to every
         # product so that matvecs keep each leaf's sharding, also inside compiled algorithms.
@@ -355,6 +378,7 @@ class CurvatureOperator(LinearOperator):
         self._lins = lins
         self.check_finite = check_finite
         self.name = name
+        self.block = block
 
     # pytree protocol -------------------------------------------------------
     def _children(self):
@@ -362,7 +386,7 @@ class CurvatureOperator(LinearOperator):
 
     def _static(self):
         return (
-            self.kind,
+            self._product,
             self._fns,
             self._mask,
             self.dataset.meta,
@@ -373,14 +397,17 @@ class CurvatureOperator(LinearOperator):
             self._shardings,
             self.mode,
             self.dataset.weighted,
+            self.block,
         )
 
     @classmethod
     def _rebuild(cls, static, children):
-        kind, fns, mask, meta, n, reduction, check, name, shardings, mode, weighted = static
+        product, fns, mask, meta, n, reduction, check, name, shardings, mode, weighted, block = (
+            static
+        )
         params, full, groups, totals, lins = children
         return cls(
-            kind=kind,
+            product=product,
             fns=fns,
             params=params,
             full=full,
@@ -394,9 +421,15 @@ class CurvatureOperator(LinearOperator):
             name=name,
             shardings=shardings,
             mode=mode,
+            block=block,
         )
 
     # public attributes -------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """``"hessian"``, ``"ggn"`` or ``"empirical_fisher"``: the curvature's name."""
+        return self._product.kind
+
     @property
     def like(self):
         return self.params
@@ -415,68 +448,104 @@ class CurvatureOperator(LinearOperator):
 
     def full_params(self, block=None):
         """The model's full parameter pytree with ``block`` (default: :attr:`params`) put in place."""
-        block = self.params if block is None else block
-        return block if self._mask is None else _blocks.merge(block, self._full, self._mask)
+        return _merge(self.params if block is None else block, self._full, self._mask)
 
     # products ----------------------------------------------------------------
-    def _batch_mv(self, batch, v):
-        p = self.params
-        reverse = self.mode == "reverse"
-        if self.kind == "hessian":
-            loss_fn = self._fns[0]
-            return jax.jvp(jax.grad(lambda q: loss_fn(self.full_params(q), batch)), (p,), (v,))[1]
-        if self.kind == "ggn":
-            model_fn, loss_fn, unpack = self._fns
-            x, y, w = split_batch(batch, unpack)
-            out, jv, jt = _jv_and_transpose(
-                lambda q: model_fn(self.full_params(q), x), p, v, reverse
-            )
-            return jt(_output_hvp(loss_fn, out, y, w, jv))
-        if self.kind == "empirical_fisher":
-            loss_fn = self._fns[0]
-            w = batch_weights(batch) if self.dataset.weighted else None
-            if w is not None:
-                acc = tu.accumulation_dtype(self.dtype)
-                w_ex = jnp.sum(jnp.reshape(w, (w.shape[0], -1)).astype(acc), axis=1)
-                # examples with zero weight enter with factor 0; give them unit weights so that a
-                # loss normalised by its weights stays finite on them
-                batch = _replace_weights(
-                    batch, jnp.where(jnp.reshape(w_ex > 0, w_ex.shape + (1,) * (w.ndim - 1)), w, 1)
-                )
-
-            def per_example(q):
-                full = self.full_params(q)
-                return jax.vmap(lambda ex: loss_fn(full, tu.map(lambda a: a[None], ex)))(batch)
-
-            losses, jv, jt = _jv_and_transpose(per_example, p, v, reverse)
-            if self.reduction == "mean":
-                if w is None:
-                    jv = jv / losses.shape[0]
-                else:
-                    jv = jv * (w_ex / jnp.sum(w_ex)).astype(jv.dtype)
-            return jt(jv)
-        raise AssertionError(self.kind)  # pragma: no cover
-
     def _apply(self, v):
         # Under an explicit mesh the tangents must carry the parameters' sharding types.
         tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
         v = tu.like_sharding(v, self.params)
-        total = tu.zeros_like(v)
         weights = self.dataset.weights(self.reduction)
-        sources = self._lins if self._lins is not None else self.dataset.groups
+        linear = self._lins is not None
+        sources = self._lins if linear else self.dataset.groups
+
+        def mv(src):
+            return src(v) if linear else self._product(self, src, v)
+
+        if self.dataset.num_batches == 1 and self.reduction == "mean":
+            # one batch: its weight n_b / N (or W_b / W) is exactly 1, skip the scaling pass
+            total = mv(sources[0])
+            return tu.like_sharding(_constrain(total, self._shardings), self.params)
+        total = None
         for src, meta, w in zip(sources, self.dataset.meta, weights):
-            mv = (lambda s: s(v)) if self._lins is not None else (lambda s: self._batch_mv(s, v))
             if meta.stacked:
                 ws = jnp.broadcast_to(jnp.asarray(w), (meta.num_batches,))
 
-                def body(acc, sw, mv=mv):
+                def body(acc, sw):
                     s, wb = sw
                     return _axpy(wb, mv(s), acc), None
 
-                total, _ = lax.scan(body, total, (src, ws))
+                init = tu.zeros_like(v) if total is None else total
+                total, _ = lax.scan(body, init, (src, ws))
             else:
-                total = _axpy(w, mv(src), total)
+                total = _scale(w, mv(src)) if total is None else _axpy(w, mv(src), total)
         return tu.like_sharding(_constrain(total, self._shardings), self.params)
+
+
+def _merge(block, full, mask):
+    """The full parameter pytree from a parameter block (``block`` itself without ``wrt``)."""
+    return block if mask is None else _blocks.merge(block, full, mask)
+
+
+def _product_of(kind: str):
+    """Marks a per-batch product function ``(op, batch, v) -> A_batch v`` with its curvature name."""
+
+    def mark(fn):
+        fn.kind = kind
+        return fn
+
+    return mark
+
+
+@_product_of("hessian")
+def _hessian_product(op: CurvatureOperator, batch, v):
+    """``H_b v`` by forward-over-reverse (Pearlmutter, 1994)."""
+    (loss_fn,) = op._fns
+    grad = jax.grad(lambda q: loss_fn(op.full_params(q), batch))
+    return jax.jvp(grad, (op.params,), (v,))[1]
+
+
+@_product_of("ggn")
+def _ggn_product(op: CurvatureOperator, batch, v):
+    """``J_b^T H_L J_b v`` (Schraudolph, 2002)."""
+    model_fn, loss_fn, unpack = op._fns
+    x, y, w = split_batch(batch, unpack)
+    out, jv, jt = _jv_and_transpose(
+        lambda q: model_fn(op.full_params(q), x), op.params, v, op.mode == "reverse"
+    )
+    return jt(_output_hvp(loss_fn, out, y, w, jv))
+
+
+@_product_of("empirical_fisher")
+def _fisher_product(op: CurvatureOperator, batch, v):
+    """``J_b^T D J_b v`` for the Jacobian of the per-example losses (weights ``D``: 1/n_b or W_i/W_b)."""
+    (loss_fn,) = op._fns
+    w = batch_weights(batch) if op.dataset.weighted else None
+    if w is not None:
+        acc = tu.accumulation_dtype(op.dtype)
+        w_ex = jnp.sum(jnp.reshape(w, (w.shape[0], -1)).astype(acc), axis=1)
+        # examples with zero weight enter with factor 0; give them unit weights so that a
+        # loss normalised by its weights stays finite on them
+        batch = _replace_weights(
+            batch, jnp.where(jnp.reshape(w_ex > 0, w_ex.shape + (1,) * (w.ndim - 1)), w, 1)
+        )
+
+    def per_example(q):
+        full = op.full_params(q)
+        return jax.vmap(lambda ex: loss_fn(full, tu.map(lambda a: a[None], ex)))(batch)
+
+    losses, jv, jt = _jv_and_transpose(per_example, op.params, v, op.mode == "reverse")
+    if op.reduction == "mean":
+        if w is None:
+            jv = jv / losses.shape[0]
+        else:
+            jv = jv * (w_ex / jnp.sum(w_ex)).astype(jv.dtype)
+    return jt(jv)
+
+
+def _scale(w, x):
+    """``w x`` with a (possibly array) weight cast to each leaf's dtype."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(w, a.dtype) * a, x)
 
 
 def _axpy(w, x, y):
@@ -643,21 +712,6 @@ def _has_custom_vjp(jaxpr) -> bool:
     return _has_primitive(jaxpr, "custom_vjp_call")
 
 
-def _has_primitive(jaxpr, prefix: str) -> bool:
-    """Whether a jaxpr (or any jaxpr nested in its equations) has a primitive named ``prefix...``."""
-    stack = [jaxpr]
-    while stack:
-        jp = stack.pop()
-        jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
-        for eqn in getattr(jp, "eqns", ()):
-            if eqn.primitive.name.startswith(prefix):
-                return True
-            for val in eqn.params.values():
-                vals = val if isinstance(val, (tuple, list)) else (val,)
-                stack.extend(x for x in vals if hasattr(x, "eqns") or hasattr(x, "jaxpr"))
-    return False
-
-
 def _choose_mode(mode: str, f_of_batch, params, dataset: Dataset, ctx: _Context) -> str:
     """``"forward"``, or ``"reverse"`` when the function has no forward mode.
 
@@ -683,8 +737,10 @@ def hessian(
     *,
     wrt=None,
     reduction: str = "mean",
-    linearize: bool = False,
+    linearize: bool | str = "auto",
+    linearize_budget: int | None = None,
     check_finite: bool = True,
+    block: str = "auto",
 ) -> CurvatureOperator:
     """The Hessian of ``loss_fn(params, batch) -> scalar`` over a data set, as an operator.
 
@@ -698,16 +754,26 @@ def hessian(
         ``(path, leaf) -> bool``) giving the Hessian block of those leaves.
       reduction: ``"mean"`` (batches weighted by size: the Hessian of the
         data-set mean loss) or ``"sum"``.
-      linearize: linearise the gradient once per batch with ``jax.linearize``
-        (in one compiled call) and reuse it for every product. This keeps the
+      linearize: ``"auto"`` (default), ``True`` or ``False``. ``True``
+        linearises the gradient of every batch once, when the operator is
+        built (``jax.linearize``, one compiled call), and every product then
+        applies these linear maps: on CPU 1.2-1.6x faster per product than
+        forward-over-reverse on an MLP, a CNN and a small transformer
+        (``benchmarks/results/cpu/hvp_modes.md``), at the price of keeping the
         forward and backward residuals of every batch in memory (about one
-        backward pass's activations per batch) and pays when many products are
-        taken on data that fits: on CPU it measured 1.2-1.6x faster per product
-        than the default on an MLP, a CNN and a small transformer
-        (``benchmarks/results/cpu/hvp_modes.md``). Keep it off for large data
-        sets or tight memory.
+        backward pass's activations per batch) and of one linearisation per
+        operator. ``"auto"`` linearises when the parameters and the data are
+        concrete (not inside ``jit``/``vmap``) and the estimated residuals
+        (the constants of the linearised maps, found by tracing them without
+        running: ``jax.eval_shape``) fit in ``linearize_budget``; otherwise the
+        products use forward-over-reverse, which keeps nothing between them.
+        ``op.linearized`` says which was chosen.
+      linearize_budget: bytes the residuals may take with ``linearize="auto"``;
+        default :data:`DEFAULT_LINEARIZE_BUDGET` (1 GiB).
       check_finite: raise :class:`~hvp.operators.NonFiniteError` when a product
         computed outside ``jit`` contains NaN/Inf.
+      block: how ``op.matmat`` runs a block of vectors: ``"auto"``, ``"vmap"``
+        or ``"map"`` (see :meth:`~hvp.operators.LinearOperator.block_mode`).
 
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
@@ -718,7 +784,8 @@ def hessian(
         parameters; a batch that cannot be unpacked (naming the operator).
       ValueError: an empty data set, batches of different structure (naming the
         index), a tuple of batches (pass a list), bad weights, a loss that is not
-        scalar, targets that do not fit the outputs. The loss is traced on the
+        scalar, targets that do not fit the outputs; ``linearize``, ``block`` or
+        ``linearize_budget`` not one of their allowed values. The loss is traced on the
         first batch of each shape group with the data concrete, so the
         :mod:`hvp.losses` check the labels there (every batch for a
         :func:`compose` loss and the Flax adapters).
@@ -730,6 +797,8 @@ def hessian(
       >>> H.dense().tolist()
       [[1.0, 0.0], [0.0, 1.0]]
     """
+    block_mode = check_block(block)
+    _check_linearize(linearize, linearize_budget)
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     name = "hessian" if wrt is None else f"hessian[{wrt}]"
     _once(
@@ -738,21 +807,68 @@ def hessian(
         params,
         lambda: _check_loss_fn(loss_fn, params, data, dataset, name, per_example=False),
     )
-    op = CurvatureOperator(
-        kind="hessian",
+    lins = None
+    if linearize is True or (
+        linearize == "auto" and not tu.is_traced(block, full, dataset.groups, dataset.totals)
+    ):
+        lin = functools.partial(_linearize_groups, loss_fn, mask=mask, meta=dataset.meta)
+        budget = DEFAULT_LINEARIZE_BUDGET if linearize_budget is None else linearize_budget
+        if linearize is True or _residual_bytes(lin, block, full, dataset.groups) <= budget:
+            lins = lin(block, full, dataset.groups)
+    return CurvatureOperator(
+        product=_hessian_product,
         fns=(loss_fn,),
         params=block,
         full=full,
         mask=mask,
         dataset=dataset,
         reduction=reduction,
-        lins=None,
+        lins=lins,
         check_finite=check_finite,
         name=name,
+        block=block_mode,
     )
-    if linearize:
-        op._lins = _linearize_all(op)
-    return op
+
+
+def _check_linearize(linearize, budget) -> None:
+    if not (linearize is True or linearize is False or linearize == "auto"):
+        raise ValueError(f'`linearize` must be "auto", True or False, got {linearize!r}.')
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0
+    ):
+        raise ValueError(
+            f"`linearize_budget` must be a number of bytes (an int >= 0) or None for the default "
+            f"({DEFAULT_LINEARIZE_BUDGET} bytes), got {budget!r}."
+        )
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mask", "meta"))
+def _linearize_groups(loss_fn, block, full, groups, *, mask, meta):
+    """The gradient of every batch linearised at ``block``, in one compiled call (``Partial``s).
+
+    Stacked groups give one linear map with stacked residuals (applied under ``lax.scan``).
+    Compiled once per loss function and shapes: operators rebuilt at new parameters reuse it
+    and get linear maps of the same structure (so their products reuse the compiled product).
+    """
+
+    def lin(batch):
+        grad = jax.grad(lambda q: loss_fn(_merge(q, full, mask), batch))
+        return jax.linearize(grad, block)[1]
+
+    return tuple(
+        jax.vmap(lin)(group) if m.stacked else lin(group) for group, m in zip(groups, meta)
+    )
+
+
+def _residual_bytes(lin, block, full, groups) -> int:
+    """Bytes of the arrays the linearised maps keep (traced without running, shared with the call)."""
+    shapes = jax.eval_shape(lin, block, full, groups)
+    return int(
+        sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+            for x in jax.tree_util.tree_leaves(shapes)
+        )
+    )
 
 
 def _check_loss_fn(loss_fn, params, data, dataset, name, *, per_example: bool) -> None:
@@ -794,21 +910,6 @@ def _first_example(batch):
         )
 
 
-@jax.jit
-def _linearize_all(op: CurvatureOperator):
-    """Linearise the gradient of every batch once, in one compiled call (returns ``Partial``s)."""
-    loss_fn = op._fns[0]
-
-    def lin(batch):
-        grad = jax.grad(lambda q: loss_fn(op.full_params(q), batch))
-        return jax.linearize(grad, op.params)[1]
-
-    lins = []
-    for group, meta in zip(op.dataset.groups, op.dataset.meta):
-        lins.append(jax.vmap(lin)(group) if meta.stacked else lin(group))
-    return tuple(lins)
-
-
 def ggn(
     model_fn: Callable,
     loss_fn: Callable,
@@ -820,6 +921,7 @@ def ggn(
     reduction: str = "mean",
     check_finite: bool = True,
     mode: str = "auto",
+    block: str = "auto",
 ) -> CurvatureOperator:
     """The generalised Gauss-Newton matrix ``J^T H_L J`` over a data set, matrix-free.
 
@@ -843,6 +945,7 @@ def ggn(
         mode, e.g. a ``jax.custom_vjp`` layer: then reverse mode), ``"forward"``
         or ``"reverse"`` (``J v`` as the transpose of the VJP; see the module
         docstring). The mode used is ``op.mode``.
+      block: as in :func:`hessian`.
 
     The GGN is positive semi-definite when ``loss_fn`` is convex in the
     outputs (cross-entropy, squared error).
@@ -863,6 +966,7 @@ def ggn(
       ('forward', (6, 6))
     """
     _check_mode(mode)
+    block_mode = check_block(block)
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     name = "ggn" if wrt is None else f"ggn[{wrt}]"
     ctx = _Context(name, data, dataset, "hvp.ggn")
@@ -875,7 +979,7 @@ def ggn(
 
     model_mode = _once(dataset, ("ggn", model_fn, loss_fn, unpack, mode), params, validate)
     return CurvatureOperator(
-        kind="ggn",
+        product=_ggn_product,
         fns=(model_fn, loss_fn, unpack),
         params=block,
         full=full,
@@ -886,6 +990,7 @@ def ggn(
         check_finite=check_finite,
         name=name,
         mode=model_mode,
+        block=block_mode,
     )
 
 
@@ -898,6 +1003,7 @@ def empirical_fisher(
     reduction: str = "mean",
     check_finite: bool = True,
     mode: str = "auto",
+    block: str = "auto",
 ) -> CurvatureOperator:
     """The empirical Fisher ``(1/N) sum_i g_i g_i^T`` (``sum_i`` with ``reduction="sum"``).
 
@@ -908,7 +1014,7 @@ def empirical_fisher(
     weights over the data set's), the empirical Fisher of the weighted mean
     loss. ``mode`` as in :func:`ggn` (``"auto"`` falls back to reverse mode
     when the model or the loss is a ``jax.custom_vjp`` function); other
-    arguments as in :func:`hessian`.
+    arguments (``block`` included) as in :func:`hessian`.
 
     Examples:
         >>> import jax.numpy as jnp, hvp
@@ -918,6 +1024,7 @@ def empirical_fisher(
         [[2.0, 0.0], [0.0, 2.0]]
     """
     _check_mode(mode)
+    block_mode = check_block(block)
     dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
     name = "empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]"
     ctx = _Context(name, data, dataset, getattr(loss_fn, "origin", "your loss_fn"))
@@ -944,7 +1051,7 @@ def empirical_fisher(
 
     fisher_mode = _once(dataset, ("empirical_fisher", loss_fn, mode), params, validate)
     return CurvatureOperator(
-        kind="empirical_fisher",
+        product=_fisher_product,
         fns=(loss_fn,),
         params=block,
         full=full,
@@ -955,4 +1062,5 @@ def empirical_fisher(
         check_finite=check_finite,
         name=name,
         mode=fisher_mode,
+        block=block_mode,
     )

@@ -242,10 +242,6 @@ class Dataset:
     def num_batches(self) -> int:
         return sum(m.num_batches for m in self.meta)
 
-    def first_batch(self):
-        g, m = self.groups[0], self.meta[0]
-        return tu.index(g, 0) if m.stacked else g
-
     def weights(self, reduction: str) -> tuple:
         """Weight of each batch of each group in the reduction (per group, shaped like ``totals``).
 

@@ -44,7 +44,7 @@ def test_block_equals_dense_sub_block(filt, kind):
     assert op.size == len(idx)
     ref = reference("nested", kind)[np.ix_(idx, idx)]
     if filt == "regex":  # the whole block once; products (one compile less) for the other filters
-        assert relative_error(op.dense(chunk=op.size), ref) < 1e-10
+        assert relative_error(op.dense(chunk_size=op.size), ref) < 1e-10
     for seed in (0, 1):
         v = tu.normal_like(jax.random.PRNGKey(seed), op.params)
         hv = op @ v

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from problems import build
+from problems import build, reference, relative_error
 
 import hvp
 from hvp import tree as tu
@@ -53,3 +53,67 @@ def test_products_do_not_retrace(kind):
     op.matmat(vs)
     op2.matmat(vs)
     assert traces["n"] == after_matmat
+
+
+def _counting(loss_fn, traces):
+    def counted(params, batch):
+        traces["n"] += 1  # once per trace of the user's loss
+        return loss_fn(params, batch)
+
+    return counted
+
+
+def test_loss_traced_once_for_every_product_block_size_driver_and_rebuild():
+    # One trace of the product (the loss once per batch shape) for mv, matvec, @, matmat of 1, 2 and 3 vectors, both drivers of an
+    # algorithm, and an operator rebuilt with the same loss at a new point: the single product is
+    # traced once into a jaxpr that every block size (vmap or map) and every caller reuses.
+    p = build("nested")
+    ref = reference("nested", "hessian")
+    traces = {"n": 0}
+    loss_fn = _counting(p.loss_fn, traces)
+    op = hvp.hessian(loss_fn, p.params, p.batches, linearize=False)
+    assert not op.linearized
+    built = traces["n"]  # validation traces the loss on the data when the operator is built
+    vs = [tu.normal_like(jax.random.PRNGKey(i), p.params) for i in range(3)]
+    want = [ref @ np.asarray(tu.ravel(v)) for v in vs]
+    outs = [op.mv(vs[0]), op @ vs[1], op.matvec(vs[2])]
+    for b in (1, 2, 3, 2):
+        block = op.matmat(tu.stack(vs[:b]))
+        outs += [tu.index(block, i) for i in range(b)]
+    per_trace = len(op.dataset.groups)  # the product traces the loss once per batch shape
+    assert per_trace == 2
+    assert traces["n"] - built == per_trace, "the products retraced the loss"
+    got = np.stack([np.asarray(tu.ravel(o)) for o in outs])
+    expect = np.stack(want + [want[i] for b in (1, 2, 3, 2) for i in range(b)])
+    assert relative_error(got, expect) < 1e-12  # float64 reference (jax.hessian)
+
+    kw = dict(key=jax.random.key(0), num_iters=3, tol=0.0)
+    host = hvp.linalg.power_iteration(op, driver="host", progress=False, **kw)
+    compiled = hvp.linalg.power_iteration(op, driver="compiled", **kw)
+    assert host.num_matvecs == compiled.num_matvecs == 3
+    assert abs(float(host.eigenvalue) - float(compiled.eigenvalue)) < 1e-12
+    assert traces["n"] - built == per_trace, "an algorithm retraced the loss"
+
+    op2 = hvp.hessian(loss_fn, tu.scale(0.5, p.params), p.batches, linearize=False)
+    rebuilt = traces["n"]
+    op2 @ vs[0]
+    op2.matmat(tu.stack(vs))
+    assert traces["n"] == rebuilt, "an operator rebuilt with the same loss retraced it"
+
+
+def test_linearized_operator_products_never_trace_the_loss():
+    p = build("nested")
+    traces = {"n": 0}
+    loss_fn = _counting(p.loss_fn, traces)
+    op = hvp.hessian(loss_fn, p.params, p.batches, linearize=True)
+    assert op.linearized
+    before = traces["n"]
+    v = tu.normal_like(jax.random.PRNGKey(0), p.params)
+    op @ v
+    op.matmat(tu.stack([v, v]))
+    # rebuilt at a new point: the linearisation is compiled once per loss and shapes
+    op2 = hvp.hessian(loss_fn, tu.scale(0.5, p.params), p.batches, linearize=True)
+    op2.matmat(tu.stack([v, v]))
+    assert traces["n"] - before <= len(op.dataset.groups)  # the rebuilt operator's validation
+    ref = reference("nested", "hessian")
+    assert relative_error(tu.ravel(op @ v), ref @ np.asarray(tu.ravel(v))) < 1e-12

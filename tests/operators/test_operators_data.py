@@ -94,7 +94,7 @@ def test_equal_batches_are_stacked_into_one_scan():
     )
     x_group = op.dataset.groups[0][0]
     assert x_group.shape == (3, 24, 3)
-    jaxpr = str(jax.make_jaxpr(lambda o, v: o._apply(v))(op, _v(op)))
+    jaxpr = str(jax.make_jaxpr(lambda o, v: o.mv(v))(op, _v(op)))
     assert jaxpr.count("scan[") == 1
 
 

@@ -5,23 +5,36 @@ the concatenated data set; the GGN from explicit per-example Jacobians and
 output-loss Hessians; the empirical Fisher from explicit per-example gradients.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problems import ALL_PROBLEMS, GGN_PROBLEMS, KINDS, build, operator, reference, relative_error
+from problems import (
+    ALL_PROBLEMS,
+    GGN_PROBLEMS,
+    KINDS,
+    build,
+    make_operator,
+    relative_error,
+)
+from problems import operator as _problem_operator
+from problems import reference as _problem_reference
 
 from hvp import tree as tu
 
 # Default run: every problem once, every kind and code path (closed-form and generic output
 # Hessians, dict batches, nested parameters, convolutions, linearisation) at least once. The
 # remaining problem x kind combinations exercise the same code and run with `-m slow`.
+# "hessian" is the default operator (linearize="auto": linearised on these small problems);
+# "hessian_forward" is forward-over-reverse (linearize=False).
 FAST_CASES = [
     ("quadratic", "hessian"),
     ("mlp", "hessian"),
-    ("cnn", "hessian"),
+    ("cnn", "hessian_forward"),
     ("dict_batch", "hessian"),
-    ("nested", "hessian"),
+    ("nested", "hessian_forward"),
     ("nested", "hessian_linearized"),
     ("logistic_regression", "ggn"),  # output loss without output_hvp
     ("dict_batch", "ggn"),  # softmax cross-entropy closed form, dict batch
@@ -36,15 +49,27 @@ ALL_CASES = [
     for kind in KINDS
     if (kind != "ggn" or name in GGN_PROBLEMS)
     and (kind != "hessian_linearized" or name in ("quadratic", "mlp", "nested"))
-]
+] + [(name, "hessian_forward") for name in ALL_PROBLEMS]
 CASES = FAST_CASES + [
     pytest.param(*case, marks=pytest.mark.slow) for case in ALL_CASES if case not in FAST_CASES
 ]
 F32_CASES = [("mlp", "hessian"), ("nested", "ggn"), ("nested", "empirical_fisher")]
 
 
+@functools.cache
+def operator(name, kind, dtype="float64"):
+    """The shared problems' cached operators, plus ``"hessian_forward"`` (``linearize=False``)."""
+    if kind == "hessian_forward":
+        return make_operator(build(name, dtype), "hessian", linearize=False)
+    return _problem_operator(name, kind, dtype)
+
+
+def reference(name, kind, dtype="float64"):
+    return _problem_reference(name, "hessian" if kind == "hessian_forward" else kind, dtype)
+
+
 def _dense(op):
-    return np.asarray(op.dense(chunk=op.size))  # one compiled matmat for the whole matrix
+    return np.asarray(op.dense(chunk_size=op.size))  # one compiled matmat for the whole matrix
 
 
 def _probes(params, count, seed=0):
@@ -56,6 +81,8 @@ def _probes(params, count, seed=0):
 def test_dense_matches_reference_float64(name, kind):
     op = operator(name, kind)
     ref = reference(name, kind)
+    if kind.startswith("hessian"):  # small problems: "auto" linearises
+        assert op.linearized == (kind != "hessian_forward")
     dense = _dense(op)
     assert dense.shape == ref.shape == (op.size, op.size)
     assert relative_error(dense, ref) < 1e-10
