@@ -298,7 +298,7 @@ class FlaxProblem:
         :class:`StaleStateWarning` says so (unless ``warn=False``) and the
         current :attr:`state` is kept.
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp, hvp.flax
           >>> from flax import nnx
           >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)))

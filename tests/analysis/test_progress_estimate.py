@@ -47,11 +47,19 @@ def test_stage_products_and_expected_seconds():
     p = stage_products(
         n=50, k=3, eig_iters=None, trace_matvecs=99, num_probes=4, num_iters=64, layer_matvecs=8
     )
-    # eigsh's default basis max(2k + 10, 30) capped at n, plus k residual products; budgets capped at n
-    assert p == {"top": 33, "bottom": 33, "trace": 50, "density": 4 * 50, "layers": 8}
+    # eigsh's default basis m = max(2k + 10, 30) capped at n; k > 1: three sequences (the wanted
+    # set and two confirmations) plus k residual products; budgets capped at n
+    assert p == {"top": 93, "bottom": 93, "trace": 50, "density": 4 * 50, "layers": 8}
     assert stage_products(
         n=10**6, k=5, eig_iters=80, trace_matvecs=9, num_probes=2, num_iters=3, layer_matvecs=4
-    ) == {"top": 85, "bottom": 85, "trace": 9, "density": 6, "layers": 4}
+    ) == {"top": 245, "bottom": 245, "trace": 9, "density": 6, "layers": 4}
+    # k = 1: no confirmation, one sequence plus one residual product
+    assert (
+        stage_products(
+            n=20, k=1, eig_iters=None, trace_matvecs=9, num_probes=2, num_iters=3, layer_matvecs=4
+        )["top"]
+        == 21
+    )
     cost = ProductCost(single_s=0.01, block_s=0.5, block_size=16, compile_s=2.0)
     # eigenvalue stages use single products, probe-batched stages the block cost
     assert expected_seconds("top", 100, cost) == pytest.approx(COMPILE_FACTORS["top"] * 2 + 1.0)
@@ -99,6 +107,30 @@ def test_estimate_is_printed_and_sane():
     assert "30 matvecs (expected ~" in text  # the stage line shows both
     # a sane factor, not a timing assertion: compilation dominates this tiny stage
     assert expect / 30 < actual < 30 * expect, (actual, expect)
+
+
+@pytest.mark.slow  # ~9 s of eigsh compilation; the formula is checked by the test above
+def test_eigsh_estimate_within_a_factor_of_the_actual_cost():
+    # the estimate is a typical cost, not a bound: within 3x of what eigsh spends (the
+    # 334/410-parameter MLP and CNN Hessians are in the docstring of stage_products)
+    op = _op()
+    for k in (1, 2):
+        est = stage_products(
+            n=op.size,
+            k=k,
+            eig_iters=None,
+            trace_matvecs=1,
+            num_probes=1,
+            num_iters=1,
+            layer_matvecs=1,
+        )
+        res = hvp.linalg.eigsh(op, k, key=jax.random.key(0), tol=1e-6)
+        assert bool(np.all(res.converged))
+        assert res.num_matvecs / 3 <= est["top"] <= 3 * res.num_matvecs, (
+            k,
+            res.num_matvecs,
+            est["top"],
+        )
 
 
 def test_no_measurement_without_the_display():
