@@ -299,7 +299,7 @@ def _matfree(op, v0, ref, reps):
     top1, top5 = ref["top5"][-1], ref["top5"]
 
     def matvec(v, op):
-        return op._apply(v)
+        return op.mv(v)
 
     cache = {}
 
@@ -353,7 +353,7 @@ def _matfree(op, v0, ref, reps):
     def slq(k, op):
         z = tu.rademacher_like(k, like)
         z = tu.scale(1.0 / tu.norm(z), z)
-        _, (T), *_ = tri(lambda v, op: tu.ravel(op._apply(tu.unravel_fn(like)(v))), tu.ravel(z), op)
+        _, (T), *_ = tri(lambda v, op: tu.ravel(op.mv(tu.unravel_fn(like)(v))), tu.ravel(z), op)
         w, s = jnp.linalg.eigh(T)
         return w, s[0] ** 2
 

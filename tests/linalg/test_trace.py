@@ -240,7 +240,7 @@ def test_matvec_callable_with_like():
     n = tu.size(like)
     a = _matrix(np.random.default_rng(8).normal(size=n), _orth(n, 8))
     op = hvp.from_dense(a, like=like)
-    res_fn = trace(op._apply, like=like, key=jax.random.key(0), num_matvecs=20)
+    res_fn = trace(op.mv, like=like, key=jax.random.key(0), num_matvecs=20)
     res_op = trace(op, key=jax.random.key(0), num_matvecs=20)
     np.testing.assert_allclose(float(res_fn.estimate), float(res_op.estimate), rtol=1e-12)
 
