@@ -1119,7 +1119,7 @@ def _assemble(
         kind=labels.kind,
         groups=block_groups(lt, labels),
     )
-    derived = derived_figures(top_sec, bot_sec, dens_sec)
+    derived = derived_figures(top_sec, bot_sec, dens_sec, size=int(tu.size(c.params)))
 
     settings_dict = s.to_dict()
     model_name = c.spec.spec
@@ -1230,7 +1230,7 @@ def zero_threshold(top: EigenSection, bottom: EigenSection, *, tol: float, dtype
 
 
 def derived_figures(
-    top: EigenSection, bottom: EigenSection, dens: DensitySection
+    top: EigenSection, bottom: EigenSection, dens: DensitySection, *, size: int | None = None
 ) -> DerivedSection:
     r"""The report's derived figures, from the eigenvalue and density sections (no products).
 
@@ -1238,7 +1238,8 @@ def derived_figures(
     * the condition estimate of :func:`hvp.linalg.condition_estimate` (the definition of
       :func:`hvp.linalg.spectrum_summary`): :math:`\lambda_{\max}/\lambda_{\min}` for a
       definite spectrum, ``inf`` for a singular semi-definite one, and for an indefinite one
-      :math:`\max|\lambda|` over the smallest non-zero SLQ Ritz value magnitude (rough);
+      :math:`\max|\lambda|` over the smallest non-zero SLQ Ritz value magnitude (rough; Ritz
+      values weighing less than ``0.1 / size`` are ignored, ``size`` the number of parameters);
     * the negative ratio :math:`|\lambda_{\min}|/\lambda_{\max}` (when
       :math:`\lambda_{\min} < -\epsilon < \epsilon < \lambda_{\max}`, else 0) and the negative
       mass of the density section;
@@ -1266,7 +1267,9 @@ def derived_figures(
     lam_max, lam_min = float(lam.max()), float(lam.min())
     zero = float(dens.zero_threshold)
     label, _, _ = linalg.definiteness(lam_min, lam_max, zero)
-    cond = linalg.condition_estimate(lam_min, lam_max, zero, nodes=dens.nodes, weights=dens.weights)
+    cond = linalg.condition_estimate(
+        lam_min, lam_max, zero, nodes=dens.nodes, weights=dens.weights, size=size
+    )
     neg_ratio = float(-lam_min / lam_max) if (lam_min < -zero and lam_max > zero) else 0.0
     return DerivedSection(
         lambda_max=lam_max,

@@ -23,6 +23,7 @@ def condition_estimate(
     *,
     nodes=None,
     weights=None,
+    size: int | None = None,
 ) -> float:
     r"""Condition estimate :math:`\kappa = \max|\lambda| / \min|\lambda|` of a symmetric operator.
 
@@ -33,7 +34,9 @@ def condition_estimate(
       ``inf`` (no finite condition number).
     * Indefinite spectrum: the smallest non-zero :math:`|\lambda|` lies inside the spectrum;
       it is estimated from the stochastic Lanczos quadrature Ritz values ``nodes`` (those with
-      :math:`|\theta| >` ``zero_threshold`` and a weight above ``1e-12``): a rough figure,
+      :math:`|\theta| >` ``zero_threshold`` and a weight above ``max(1e-12, 0.1 / size)``:
+      a node carrying less than a tenth of one eigenvalue's expected share ``1/n`` of a
+      random probe stands for no eigenvalue, e.g. a Ritz value inside a spectral gap): a rough figure,
       off in either direction (interior Ritz values are not converged eigenvalues). ``inf``
       when no such Ritz value exists, ``nan`` when ``nodes`` is not given.
 
@@ -45,6 +48,7 @@ def condition_estimate(
       nodes: SLQ Ritz values, any shape (e.g. ``SpectralDensity.nodes``,
         ``(num_probes, num_iters)``), needed for an indefinite spectrum only.
       weights: their quadrature weights, same shape as ``nodes``.
+      size: ``n``, the operator's size (sets the weight threshold above; ``None``: 1e-12).
 
     Returns:
       A Python float (``inf`` or ``nan`` as described).
@@ -72,7 +76,8 @@ def condition_estimate(
         raise ValueError(
             f"`nodes` and `weights` must have the same shape, got {theta.shape} and {w.shape}."
         )
-    mags = np.abs(theta[(np.abs(theta) > float(zero_threshold)) & (w > MIN_WEIGHT)])
+    floor = MIN_WEIGHT if size is None else max(MIN_WEIGHT, 0.1 / float(size))
+    mags = np.abs(theta[(np.abs(theta) > float(zero_threshold)) & (w > floor)])
     small = float(mags.min()) if mags.size else 0.0
     top = max(abs(lo), abs(hi))
     return top / small if small > 0 else float("inf")

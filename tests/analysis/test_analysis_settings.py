@@ -115,7 +115,7 @@ def test_report_and_spectrum_summary_agree_on_the_derived_figures(spectrum, expe
         num_matvecs=int(sd.num_matvecs),
         seconds=0.0,
     )
-    derived = derived_figures(top, bottom, dens)
+    derived = derived_figures(top, bottom, dens, size=n)
     np.testing.assert_allclose(derived.condition_estimate, expected, rtol=1e-8)
     np.testing.assert_allclose(summary.condition_number, expected, rtol=1e-8)
     np.testing.assert_allclose(zero, summary.zero_threshold, rtol=1e-8)
