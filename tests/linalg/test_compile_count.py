@@ -34,7 +34,7 @@ def _loss(params, batch):
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], 1))
 
 
-def _problem():
+def _problem(loss=_loss):
     rs = np.random.RandomState(0)
     params = {
         "w1": jnp.asarray(rs.randn(4, 5) / 2),
@@ -42,7 +42,9 @@ def _problem():
         "w2": jnp.asarray(rs.randn(5, 3) / 2),
     }
     batch = (jnp.asarray(rs.randn(16, 4)), jnp.asarray(rs.randint(0, 3, 16)))
-    return hvp.hessian(_loss, params, batch)
+    # forward-over-reverse: every product program traces the loss (a linearized operator,
+    # the default for small models, traces it once when built and never in its products)
+    return hvp.hessian(loss, params, batch, linearize=False)
 
 
 class _Log:
@@ -110,9 +112,13 @@ def test_power_iteration_shares_the_product_across_settings(counted, log):
     traces = TRACES["loss"]
     counted(lambda op: hvp.power_iteration(op, key=jax.random.key(1), num_iters=7, tol=0.0))
     assert TRACES["loss"] == traces
-    # the counter does see a compiled product: the compiled driver inlines the model's product
+    # the compiled driver reuses the operator's traced product too (no new trace) ...
     hvp.power_iteration(log.op, key=KEY, num_iters=3, driver="compiled")
+    assert TRACES["loss"] == traces
+    # ... while the counter does see a new product: another loss function is traced again
+    other = _problem(lambda p, b: _loss(p, b))
     assert TRACES["loss"] > traces
+    hvp.power_iteration(other, key=KEY, num_iters=3)
 
 
 def test_eigsh_k1(counted):

@@ -678,7 +678,7 @@ def test_docs_drivers_page_runs():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     text = open(os.path.join(root, "docs", "drivers.md"), encoding="utf-8").read()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 3 and "H, key=jax.random.key(0)," in blocks[0]
+    assert len(blocks) == 3 and "key=jax.random.key(0)," in blocks[0]
     ns: dict = {}
     for code in blocks[1:]:
         exec(compile(code, "docs/drivers.md", "exec"), ns)
