@@ -24,8 +24,13 @@ GROUPS = {
 }
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+# The default run covers these groups; `modes` (the operator product against the raw JAX
+# product, block modes: about half of this test's time) runs with `-m slow`; the library code
+# it times is checked against dense references in tests/operators/test_block_and_linearize.py.
+DEFAULT_GROUPS = ("dense", "estimators", "peers")
+
+
+def _quick(tmp_path_factory, groups):
     out = tmp_path_factory.mktemp("bench")
     env = dict(
         os.environ,
@@ -43,7 +48,7 @@ def quick_run(tmp_path_factory):
             "benchmarks",
             "--quick",
             "--only",
-            ",".join(GROUPS),
+            ",".join(groups),
             "--out",
             str(out),
         ],
@@ -55,6 +60,11 @@ def quick_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _quick(tmp_path_factory, DEFAULT_GROUPS)
 
 
 def _load(out, group):
@@ -72,7 +82,7 @@ def _load(out, group):
 def test_index_lists_every_group(quick_run):
     out, stdout = quick_run
     index = json.loads((out / "index.json").read_text())
-    assert set(index["groups"]) == set(GROUPS)
+    assert set(index["groups"]) == set(DEFAULT_GROUPS)
     assert "|---|" in stdout  # the tables are printed
 
 
@@ -89,8 +99,9 @@ def test_dense_vs_hvp(quick_run):
     assert row["hvp"]["peak_rss_bytes"] and row["hvp"]["peak_rss_bytes"] > 1e7
 
 
-def test_hvp_modes(quick_run):
-    data, md = _load(quick_run[0], "modes")
+@pytest.mark.slow
+def test_hvp_modes(tmp_path_factory):
+    data, md = _load(_quick(tmp_path_factory, ("modes",))[0], "modes")
     assert len(data["models"]) == 3
     for m in data["models"]:
         assert max(m["agreement_rel_err"].values()) < 1e-4, m["agreement_rel_err"]

@@ -32,7 +32,7 @@ from hvp import tree as tu
 FAST_CASES = [
     ("quadratic", "hessian"),
     ("mlp", "hessian"),
-    ("cnn", "hessian_forward"),
+    ("cnn", "hessian"),  # convolutions (forward-over-reverse on the CNN runs with -m slow)
     ("dict_batch", "hessian"),
     ("nested", "hessian_forward"),
     ("nested", "hessian_linearized"),
