@@ -54,7 +54,7 @@ from hvp.linalg._checks import (
     resolve_chunk,
 )
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._probes import probes
+from hvp.linalg._probes import block_schedule, next_phase, probes, unit_block
 from hvp.linalg._stats import chan_update
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
@@ -196,29 +196,6 @@ class DiagonalResult:
 # ------------------------------------------------------------------------------------------------
 # the state machine
 # ------------------------------------------------------------------------------------------------
-def _unit_block(like, start, size: int):
-    """The coordinate vectors ``e_start, ..., e_{start+size-1}`` (ravel order) as a block.
-
-    ``start`` may be traced; rows past ``n`` are zero.
-    """
-    n = tu.size(like)
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
-    idx = start + jnp.arange(size)
-    flat = (idx[:, None] == jnp.arange(n)[None, :]).astype(dtype)
-    return jax.vmap(tu.unravel_fn(like))(flat)
-
-
-def _schedule(total: int, chunk: int) -> tuple[int, ...]:
-    """Block sizes of the phases: full chunks of ``chunk``, then one remainder block (if any)."""
-    rem = total % chunk
-    return (chunk, rem) if rem and total > chunk else (min(chunk, total),)
-
-
-def _next_phase(done_count, total: int, chunk: int):
-    """Phase of the next step after ``done_count`` products: 0 while a full chunk is left."""
-    return jnp.where(total - done_count >= chunk, 0, 1).astype(jnp.int32)
-
-
 @dataclasses.dataclass(frozen=True)
 class Diagonal(StateMachine):
     """The diagonal estimator as a state machine: one block product of probes per step.
@@ -240,12 +217,12 @@ class Diagonal(StateMachine):
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        return _schedule(self.total, self.chunk)
+        return block_schedule(self.total, self.chunk)
 
     def prepare(self, op, state, phase):
         b = self.block_sizes[phase]
         if self.exact:
-            return _unit_block(op.like, state["matvecs"], b)
+            return unit_block(op.like, state["matvecs"], b)
         return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
 
     def update(self, op, state, phase, vs, avs):
@@ -257,7 +234,7 @@ class Diagonal(StateMachine):
         new = dict(
             state,
             matvecs=matvecs,
-            phase=_next_phase(matvecs, self.total, self.chunk),
+            phase=next_phase(matvecs, self.total, self.chunk),
             done=matvecs >= self.total,
         )
         if self.exact:  # each e_i * A e_i has one non-zero entry, at i: the sum is exact

@@ -47,7 +47,7 @@ from hvp.linalg._checks import (
     resolve_chunk,
 )
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._probes import probes
+from hvp.linalg._probes import block_schedule, next_phase, probes, unit_block
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.typing import OperatorLike, PRNGKey, PyTree
@@ -103,21 +103,6 @@ def _finish(f2, se2):
     return f, se
 
 
-def _unit_block(like, start, size: int):
-    """The coordinate vectors ``e_start, ..., e_{start+size-1}`` (ravel order) as a block."""
-    n = tu.size(like)
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
-    idx = start + jnp.arange(size)
-    flat = (idx[:, None] == jnp.arange(n)[None, :]).astype(dtype)
-    return jax.vmap(tu.unravel_fn(like))(flat)
-
-
-def _schedule(total: int, chunk: int) -> tuple[int, ...]:
-    """Block sizes of the phases: full chunks of ``chunk``, then one remainder block (if any)."""
-    rem = total % chunk
-    return (chunk, rem) if rem and total > chunk else (min(chunk, total),)
-
-
 @dataclasses.dataclass(frozen=True)
 class Frobenius(StateMachine):
     r"""The Frobenius-norm estimator as a state machine: one block product per step.
@@ -135,12 +120,12 @@ class Frobenius(StateMachine):
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        return _schedule(self.total, self.chunk)
+        return block_schedule(self.total, self.chunk)
 
     def prepare(self, op, state, phase):
         b = self.block_sizes[phase]
         if self.exact:
-            return _unit_block(op.like, state["matvecs"], b)
+            return unit_block(op.like, state["matvecs"], b)
         return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
 
     def update(self, op, state, phase, vs, avs):  # noqa: ARG002
@@ -151,7 +136,7 @@ class Frobenius(StateMachine):
             state["samples"], sq.astype(state["samples"].dtype), (start,)
         )
         matvecs = start + b
-        phase = jnp.where(self.total - matvecs >= self.chunk, 0, 1).astype(jnp.int32)
+        phase = next_phase(matvecs, self.total, self.chunk)
         return dict(
             state, samples=samples, matvecs=matvecs, phase=phase, done=matvecs >= self.total
         )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from hvp import tree as tu
 
-__all__ = ["PROBE_KINDS", "probe", "probes"]
+__all__ = ["PROBE_KINDS", "block_schedule", "next_phase", "probe", "probes", "unit_block"]
 
 PROBE_KINDS = ("rademacher", "normal")
 
@@ -30,3 +30,27 @@ def probes(key, like, count: int, kind: str, start=0):
     """Probes ``start, ..., start+count-1`` stacked on a leading axis (a block of ``count`` rows)."""
     idx = start + jnp.arange(count)
     return jax.vmap(lambda i: probe(jax.random.fold_in(key, i), like, kind))(idx)
+
+
+def unit_block(like, start, size: int):
+    """The coordinate vectors ``e_start, ..., e_{start+size-1}`` (ravel order) as a block.
+
+    The exact paths' "probes" (``n`` products give the exact answer). ``start`` may be traced;
+    rows past ``n`` are zero.
+    """
+    n = tu.size(like)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
+    idx = start + jnp.arange(size)
+    flat = (idx[:, None] == jnp.arange(n)[None, :]).astype(dtype)
+    return jax.vmap(tu.unravel_fn(like))(flat)
+
+
+def block_schedule(total: int, chunk: int) -> tuple[int, ...]:
+    """Block sizes of a fixed budget's phases: full chunks of ``chunk``, then one remainder block."""
+    rem = total % chunk
+    return (chunk, rem) if rem and total > chunk else (min(chunk, total),)
+
+
+def next_phase(done_count, total: int, chunk: int):
+    """Phase (of :func:`block_schedule`) of the next step after ``done_count`` products."""
+    return jnp.where(total - done_count >= chunk, 0, 1).astype(jnp.int32)

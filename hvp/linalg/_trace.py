@@ -113,7 +113,7 @@ from hvp.linalg._checks import (
     resolve_chunk,
 )
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._probes import probes
+from hvp.linalg._probes import probes, unit_block
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.typing import OperatorLike, PRNGKey
@@ -652,11 +652,7 @@ class ExactTrace(StateMachine):
         size = self.block_sizes[phase]
         if size == 0:  # a tail phase that this run never reaches
             return _zeros(op.like, 0)
-        like = op.like
-        unravel = tu.unravel_fn(like)
-        dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
-        idx = state["pos"] + jnp.arange(size)
-        return jax.vmap(lambda i: unravel(jax.nn.one_hot(i, self.n, dtype=dtype)))(idx)
+        return unit_block(op.like, state["pos"], size)
 
     def update(self, op, state, phase, vs, avs):  # noqa: ARG002
         size = self.block_sizes[phase]
