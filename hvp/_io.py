@@ -95,9 +95,10 @@ def check_writable_dir(path: str | os.PathLike, *, what: str = "output directory
         raise NotADirectoryError(f"{what} {str(path)!r} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".hvp-write-check.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        # An anonymous file (O_TMPFILE on Linux: never a name in the directory), so that a
+        # signal arriving during the check cannot leave a probe file behind.
+        with tempfile.TemporaryFile(prefix=".hvp-write-check.", dir=path):
+            pass
     except OSError as e:
         raise PermissionError(
             f"{what} {str(path)!r} is not writable ({e.strerror or e}); "
