@@ -622,13 +622,12 @@ def place_batch(batch: PyTree, params: PyTree, *, leading: int = 0) -> PyTree:
             return x
         if explicit_sharding(x) is not None:
             return x  # placed by the user
-        split = data_axes and np.ndim(x) > leading and np.shape(x)[leading] % data_size == 0
+        split = bool(data_axes) and np.ndim(x) > leading and np.shape(x)[leading] % data_size == 0
+        if not split:  # no free data axis (every mesh axis holds parameters) or ragged: replicate
+            return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         spec = (None,) * leading + ((data_axes if len(data_axes) > 1 else data_axes[0]),)
         return jax.device_put(
-            x,
-            jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(*spec) if split else jax.sharding.PartitionSpec()
-            ),
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
         )
 
     return jax.tree_util.tree_map(put, batch)

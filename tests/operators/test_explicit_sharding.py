@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import hvp
 from hvp import tree as tu
 
 SCRIPT = textwrap.dedent(
@@ -329,3 +332,24 @@ def test_contract_rows_matches_flattened_products():
     )
     with pytest.raises(ValueError, match="kind"):
         tu.contract_rows(jnp.asarray(v), jnp.asarray(v), kind="outer")
+
+
+def test_place_batch_replicates_when_every_mesh_axis_holds_parameters():
+    # A one-device Explicit mesh whose only axis shards the parameters leaves no axis for the
+    # data: the batch is replicated on the mesh (an IndexError before), and a Hessian product
+    # over it matches the unsharded one.
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+    w = jax.device_put(jnp.arange(1.0, 3.0), NamedSharding(mesh, P("model")))
+    x = np.arange(8.0).reshape(4, 2)
+    placed = tu.place_batch({"x": x}, {"w": w})["x"]
+    assert placed.sharding.mesh == mesh and placed.sharding.spec == P()
+    np.testing.assert_array_equal(np.asarray(placed), x)
+
+    def loss(params, batch):
+        return jnp.sum(jnp.tanh(batch["x"] @ params["w"]) ** 2)
+
+    v = {"w": jnp.ones(2)}
+    with jax.set_mesh(mesh):
+        sharded = hvp.hessian(loss, {"w": w}, {"x": x}) @ v
+    plain = hvp.hessian(loss, {"w": jnp.arange(1.0, 3.0)}, {"x": x}) @ v
+    np.testing.assert_allclose(np.asarray(sharded["w"]), np.asarray(plain["w"]), rtol=1e-12)
