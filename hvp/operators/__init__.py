@@ -4,6 +4,7 @@ Builds on :mod:`hvp.tree`; consumed by :mod:`hvp.linalg`.
 """
 
 from hvp.operators import _losses as losses
+from hvp.operators._algebra import DiagonalOperator, SumOperator, from_diagonal, identity
 from hvp.operators._base import (
     BLOCK_MODES,
     DEFAULT_DENSE_LIMIT,
@@ -39,6 +40,7 @@ __all__ = [
     "UnpackError",
     "Dataset",
     "DenseOperator",
+    "DiagonalOperator",
     "LinearOperator",
     "MatvecOperator",
     "NonFiniteError",
@@ -50,12 +52,15 @@ __all__ = [
     "default_unpack",
     "empirical_fisher",
     "from_dense",
+    "from_diagonal",
     "from_matvec",
     "ggn",
     "hessian",
     "hvp",
+    "identity",
     "losses",
     "merge",
     "select",
     "split_batch",
+    "SumOperator",
 ]

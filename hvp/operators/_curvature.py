@@ -431,6 +431,23 @@ class CurvatureOperator(LinearOperator):
         return self._product.kind
 
     @property
+    def psd(self) -> bool:
+        """Whether the curvature is positive semi-definite by construction.
+
+        ``False`` for the Hessian (indefinite in general); ``True`` for the
+        empirical Fisher and the Fisher (sums of outer products); for the GGN
+        ``True`` when the output loss is convex in the outputs, which is known
+        for the :mod:`hvp.losses` and for a loss declaring it with an attribute
+        ``convex = True`` (``my_loss.convex = True``), else ``False``.
+        """
+        kind = self.kind
+        if kind in ("empirical_fisher", "fisher"):
+            return True
+        if kind == "ggn":
+            return getattr(self._fns[1], "convex", False) is True
+        return False
+
+    @property
     def like(self):
         return self.params
 

@@ -117,6 +117,8 @@ class SoftmaxCrossEntropy:
     """
 
     name = "softmax_cross_entropy"
+    #: Convex in the logits: the GGN built with this loss is positive semi-definite.
+    convex = True
 
     def __init__(self, label_smoothing: float = 0.0):
         ls = float(label_smoothing)
@@ -244,6 +246,8 @@ class MeanSquaredError:
     """
 
     name = "mean_squared_error"
+    #: Convex in the outputs: the GGN built with this loss is positive semi-definite.
+    convex = True
 
     def _check(self, outputs, targets):
         if getattr(targets, "shape", None) != outputs.shape:
