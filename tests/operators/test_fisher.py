@@ -167,3 +167,22 @@ def test_sqrt_hessian():
     hess = jax.hessian(lambda z: losses.mean_squared_error(z, out * 0, w))(out)
     d = losses.mean_squared_error.sqrt_hessian(out, out * 0, w)
     np.testing.assert_allclose(np.diag((d**2).ravel()), np.asarray(hess).reshape(6, 6), atol=1e-14)
+
+
+def test_flax_adapter_fisher():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    problem = hvp.flax.from_nnx(model, "cross_entropy")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+    data = (x, jnp.array([0, 1, 2, 3, 0, 1]))
+    key = jax.random.key(0)
+    F = problem.operator("fisher", data, key=key, mc_samples=2)
+    ref = hvp.fisher(
+        problem.model_fn, problem.output_loss, problem.params, data, key=key, mc_samples=2
+    )
+    assert F.kind == "fisher" and F.psd
+    np.testing.assert_array_equal(F.dense(), ref.dense())
+    assert problem.operator("ggn", data, state=problem.state).psd
+    assert not problem.operator("hessian", data, state=problem.state).psd
+    with pytest.raises(ValueError, match="with_state"):
+        problem.operator("fisher", data, key=key, state=problem.state)
