@@ -41,6 +41,7 @@ operator outside ``jit`` with a concrete scalar to have its sign checked.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,8 @@ def _format_scalar(x) -> str:
 def check_same_like(a: LinearOperator, b: LinearOperator) -> None:
     """Raise a ``ValueError`` naming the difference unless ``a`` and ``b`` act on the same vectors."""
     la, lb = a.like, b.like
-    da, db = jax.tree_util.tree_structure(la), jax.tree_util.tree_structure(lb)
+    da: Any = jax.tree_util.tree_structure(la)
+    db: Any = jax.tree_util.tree_structure(lb)
     if da != db:
         raise ValueError(
             f"Cannot add {a.label} and {b.label}: their vectors have different pytree structures "

@@ -330,7 +330,10 @@ class CurvatureOperator(LinearOperator):
       params: the point (or the parameter block, see ``wrt``) the curvature is
         taken at; vectors are pytrees like it.
       kind: ``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` or ``"fisher"`` (read-only).
-      psd: whether the curvature is PSD by construction (see :attr:`psd`).
+      psd: whether the curvature is PSD by construction: ``False`` for the
+        Hessian, ``True`` for the empirical Fisher and the Fisher, and for the
+        GGN ``True`` when the output loss is known to be convex in the outputs
+        (the :mod:`hvp.losses`, or a loss with the attribute ``convex = True``).
       reduction: ``"mean"`` or ``"sum"``.
       num_examples, num_batches: size of the data set.
       linearized: whether products apply stored linearisations.
@@ -381,6 +384,7 @@ class CurvatureOperator(LinearOperator):
         self.check_finite = check_finite
         self.name = name
         self.block = block
+        self.psd = _is_psd(product.kind, fns)
 
     # pytree protocol -------------------------------------------------------
     def _children(self):
@@ -433,23 +437,6 @@ class CurvatureOperator(LinearOperator):
         return self._product.kind
 
     @property
-    def psd(self) -> bool:
-        """Whether the curvature is positive semi-definite by construction.
-
-        ``False`` for the Hessian (indefinite in general); ``True`` for the
-        empirical Fisher and the Fisher (sums of outer products); for the GGN
-        ``True`` when the output loss is convex in the outputs, which is known
-        for the :mod:`hvp.losses` and for a loss declaring it with an attribute
-        ``convex = True`` (``my_loss.convex = True``), else ``False``.
-        """
-        kind = self.kind
-        if kind in ("empirical_fisher", "fisher"):
-            return True
-        if kind == "ggn":
-            return getattr(self._fns[1], "convex", False) is True
-        return False
-
-    @property
     def like(self):
         return self.params
 
@@ -499,6 +486,22 @@ class CurvatureOperator(LinearOperator):
             else:
                 total = _scale(w, mv(src)) if total is None else _axpy(w, mv(src), total)
         return tu.like_sharding(_constrain(total, self._shardings), self.params)
+
+
+def _is_psd(kind: str, fns: tuple) -> bool:
+    """Whether a curvature is positive semi-definite by construction (``op.psd``).
+
+    ``False`` for the Hessian (indefinite in general); ``True`` for the
+    empirical Fisher and the Fisher (sums of outer products); for the GGN
+    ``True`` when the output loss is convex in the outputs, which is known for
+    the :mod:`hvp.losses` and for a loss declaring it with an attribute
+    ``convex = True`` (``my_loss.convex = True``), else ``False``.
+    """
+    if kind in ("empirical_fisher", "fisher"):
+        return True
+    if kind == "ggn":
+        return getattr(fns[1], "convex", False) is True
+    return False
 
 
 def _merge(block, full, mask):
@@ -1077,7 +1080,8 @@ def _sample_groups(model_fn, loss_fn, unpack, block, full, groups, key, *, mask,
         x, _, _ = split_batch(batch, unpack)
         return loss_fn.sample(model_fn(params, x), jax.random.fold_in(key, k), num_samples)
 
-    out, start = [], 0
+    out: list = []
+    start = 0
     for group, m in zip(groups, meta):
         if m.stacked:
             out.append(jax.vmap(one)(group, start + jnp.arange(m.num_batches)))
