@@ -391,7 +391,7 @@ class LinearOperator:
         if isinstance(other, LinearOperator):
             return _algebra.add(self, _algebra.negate(other))
         if _algebra._is_scalar_like(other) or isinstance(other, bool):
-            return _algebra.add_scalar(self, -_algebra.as_scalar(other, self, "scalar subtracted"))
+            return _algebra.add_scalar(self, other, negative=True)
         raise TypeError(
             f"Cannot subtract {type(other).__name__} from {self.label}: subtract a scalar or "
             "another operator on the same parameters."

@@ -128,6 +128,9 @@ def test_psd_flags():
     assert hvp.ggn(p.model_fn, convex_loss, p.params, p.batches).psd
     # a traced scalar is taken as non-negative: the damped GGN stays PSD inside jit
     assert jax.jit(lambda lam: jnp.array((G + lam).psd))(jnp.asarray(-1.0))
+    assert not jax.jit(lambda lam: jnp.array((G - lam).psd))(jnp.asarray(1.0))
+    assert not jax.jit(lambda lam: jnp.array((-(lam * G)).psd))(jnp.asarray(1.0))
+    assert (G - (-1.0)).psd and not (G * -2.0).psd and (G / 2.0).psd
     assert "psd=True" in repr(G + 0.5) and "0.5 * I" in repr(G + 0.5)
 
 
