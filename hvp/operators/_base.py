@@ -6,7 +6,7 @@ everything else is static, so an operator can be passed straight into a
 ``jax.jit``-compiled function, and ``op.matvec(v)`` works on concrete arrays
 and on tracers alike.
 
-Three concrete kinds exist:
+Concrete kinds:
 
 * :class:`CurvatureOperator` (built by :func:`hvp.hessian`, :func:`hvp.ggn`,
   :func:`hvp.empirical_fisher`): curvature of a loss over a data set.
@@ -15,6 +15,9 @@ Three concrete kinds exist:
 * :class:`DenseOperator` (:func:`hvp.operators.from_dense`): a dense symmetric
   matrix acting on flat vectors or on pytrees through ravel/unravel (tests,
   small problems).
+* :class:`~hvp.operators.SumOperator` and :class:`~hvp.operators.DiagonalOperator`
+  (:mod:`hvp.operators._algebra`): ``op + damping``, ``alpha * op``, sums, and
+  diagonals.
 """
 
 from __future__ import annotations
