@@ -1,9 +1,14 @@
-"""Curvature operators (layer 1): Hessian, GGN and empirical Fisher over data sets.
+"""Curvature operators (layer 1): Hessian, GGN, empirical Fisher and Fisher over data sets.
+
+Operators combine into operators (``G + 1e-3``, ``2.0 * H``, ``G - H``,
+:func:`from_diagonal`; see :mod:`hvp.operators._algebra`), and every operator
+has ``psd``.
 
 Builds on :mod:`hvp.tree`; consumed by :mod:`hvp.linalg`.
 """
 
 from hvp.operators import _losses as losses
+from hvp.operators._algebra import DiagonalOperator, SumOperator, from_diagonal, identity
 from hvp.operators._base import (
     BLOCK_MODES,
     DEFAULT_DENSE_LIMIT,
@@ -24,6 +29,7 @@ from hvp.operators._curvature import (
     compose,
     default_unpack,
     empirical_fisher,
+    fisher,
     ggn,
     hessian,
     hvp,
@@ -39,6 +45,7 @@ __all__ = [
     "UnpackError",
     "Dataset",
     "DenseOperator",
+    "DiagonalOperator",
     "LinearOperator",
     "MatvecOperator",
     "NonFiniteError",
@@ -49,13 +56,17 @@ __all__ = [
     "compose",
     "default_unpack",
     "empirical_fisher",
+    "fisher",
     "from_dense",
+    "from_diagonal",
     "from_matvec",
     "ggn",
     "hessian",
     "hvp",
+    "identity",
     "losses",
     "merge",
     "select",
     "split_batch",
+    "SumOperator",
 ]

@@ -6,7 +6,7 @@ everything else is static, so an operator can be passed straight into a
 ``jax.jit``-compiled function, and ``op.matvec(v)`` works on concrete arrays
 and on tracers alike.
 
-Three concrete kinds exist:
+Concrete kinds:
 
 * :class:`CurvatureOperator` (built by :func:`hvp.hessian`, :func:`hvp.ggn`,
   :func:`hvp.empirical_fisher`): curvature of a loss over a data set.
@@ -15,6 +15,9 @@ Three concrete kinds exist:
 * :class:`DenseOperator` (:func:`hvp.operators.from_dense`): a dense symmetric
   matrix acting on flat vectors or on pytrees through ravel/unravel (tests,
   small problems).
+* :class:`~hvp.operators.SumOperator` and :class:`~hvp.operators.DiagonalOperator`
+  (:mod:`hvp.operators._algebra`): ``op + damping``, ``alpha * op``, sums, and
+  diagonals.
 """
 
 from __future__ import annotations
@@ -88,6 +91,13 @@ class LinearOperator:
     ``matmat`` of one block size is one compiled call, shared by every
     algorithm (the host drivers of :mod:`hvp.linalg` call ``matmat``).
 
+    **Algebra.** ``op + c`` (``c`` a scalar: the damped operator ``A + c I``),
+    ``c + op``, ``op - c``, ``alpha * op``, ``op / alpha``, ``-op``, and
+    ``op1 + op2`` / ``op1 - op2`` for operators on the same parameters give
+    new operators (:class:`~hvp.operators.SumOperator`); scalars may be traced
+    (a damping changing inside ``jit`` does not retrace). See
+    :mod:`hvp.operators._algebra`.
+
     Attributes:
       like: example pytree; every vector ``v`` must match it.
       size: ``n``, the number of scalar entries of ``like``.
@@ -96,6 +106,8 @@ class LinearOperator:
       name: a short name used in messages (``"hessian"``, ``"ggn"``, ...).
       block: how :meth:`matmat` runs a block, one of :data:`BLOCK_MODES`
         (see :meth:`block_mode`).
+      psd: whether the operator is known to be positive semi-definite
+        (structure, not checked numerically; ``False`` unless known).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -113,6 +125,14 @@ class LinearOperator:
     name: str = "linear"
     check_finite: bool = False
     block: str = "auto"
+    #: Whether the operator is known to be positive semi-definite (``v^T A v >= 0``). Every
+    #: operator is symmetric; ``psd`` is structure, never verified numerically: ``True`` for the
+    #: GGN (convex output loss), the empirical Fisher and the Fisher, ``False`` for the Hessian
+    #: and by default; see :mod:`hvp.operators._algebra` for sums and dampings. Solvers read it
+    #: (``getattr(op, "psd", False)``) to choose CG (PSD) or MINRES (indefinite).
+    psd: bool = False
+    # NumPy scalars and arrays defer to the operator's reflected methods (``np.float64(2) * op``).
+    __array_ufunc__ = None
 
     # --- to be provided by subclasses -------------------------------------
     like: Any
@@ -346,7 +366,86 @@ class LinearOperator:
         return rows.T
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, size={self.size}, dtype={np.dtype(self.dtype)})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, size={self.size}, "
+            f"dtype={np.dtype(self.dtype)}, psd={self.psd})"
+        )
+
+    # --- algebra (hvp.operators._algebra) ---------------------------------------------
+    def __add__(self, other):
+        from hvp.operators import _algebra
+
+        if isinstance(other, LinearOperator):
+            return _algebra.add(self, other)
+        if _algebra._is_scalar_like(other) or isinstance(other, bool):
+            return _algebra.add_scalar(self, other)
+        raise TypeError(
+            f"Cannot add {type(other).__name__} to {self.label}: add a scalar (a damping, "
+            "`op + 1e-3`), another operator on the same parameters, or a diagonal "
+            "(`op + hvp.operators.from_diagonal(d)`)."
+        )
+
+    def __radd__(self, other):
+        return self.__add__(other)
+
+    def __sub__(self, other):
+        from hvp.operators import _algebra
+
+        if isinstance(other, LinearOperator):
+            return _algebra.add(self, _algebra.negate(other))
+        if _algebra._is_scalar_like(other) or isinstance(other, bool):
+            return _algebra.add_scalar(self, other, negative=True)
+        raise TypeError(
+            f"Cannot subtract {type(other).__name__} from {self.label}: subtract a scalar or "
+            "another operator on the same parameters."
+        )
+
+    def __rsub__(self, other):
+        from hvp.operators import _algebra
+
+        return _algebra.negate(self).__add__(other)
+
+    def __mul__(self, other):
+        from hvp.operators import _algebra
+
+        if isinstance(other, LinearOperator):
+            raise TypeError(
+                f"Products of operators ({self.label} * {other.label}) are not supported: the "
+                "product of two symmetric operators is not symmetric in general. Multiply by a "
+                "scalar (`2.0 * op`), or apply them in turn (`A @ (B @ v)`)."
+            )
+        if _algebra._is_scalar_like(other) or isinstance(other, bool):
+            return _algebra.scale(self, other)
+        raise TypeError(
+            f"Cannot multiply {self.label} by {type(other).__name__}: multiply by a scalar "
+            "(a Python number or a 0-d array), or use `hvp.operators.from_diagonal(d)` for a "
+            "diagonal scaling."
+        )
+
+    def __rmul__(self, other):
+        return self.__mul__(other)
+
+    def __truediv__(self, other):
+        from hvp.operators import _algebra
+
+        if isinstance(other, LinearOperator) or not (
+            _algebra._is_scalar_like(other) or isinstance(other, bool)
+        ):
+            raise TypeError(
+                f"{self.label} can only be divided by a scalar, got {type(other).__name__}."
+            )
+        alpha = _algebra.as_scalar(other, self, "divisor of an operator")
+        if not isinstance(alpha, jax.core.Tracer) and float(alpha) == 0.0:
+            raise ZeroDivisionError(f"Dividing {self.label} by zero.")
+        return _algebra.scale(self, 1.0 / alpha)
+
+    def __neg__(self):
+        from hvp.operators import _algebra
+
+        return _algebra.negate(self)
+
+    def __pos__(self):
+        return self
 
 
 # --- the traced single product, shared by mv and matmat of every block size ----------------
@@ -512,6 +611,7 @@ class MatvecOperator(LinearOperator):
         name: str = "matvec",
         check_finite: bool = False,
         block: str = "auto",
+        psd: bool = False,
     ):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable, got {type(matvec).__name__}.")
@@ -520,6 +620,7 @@ class MatvecOperator(LinearOperator):
         self.name = _operator_name(name, "matvec")
         self.check_finite = check_finite
         self.block = check_block(block)
+        self.psd = _check_psd(psd)
 
     def _apply(self, v):
         return self._fn(v)
@@ -528,12 +629,12 @@ class MatvecOperator(LinearOperator):
         return (self.like,)
 
     def _static(self):
-        return (self._fn, self.name, self.check_finite, self.block)
+        return (self._fn, self.name, self.check_finite, self.block, self.psd)
 
     @classmethod
     def _rebuild(cls, static, children):
         op = object.__new__(cls)
-        op._fn, op.name, op.check_finite, op.block = static
+        op._fn, op.name, op.check_finite, op.block, op.psd = static
         (op.like,) = children
         return op
 
@@ -551,7 +652,15 @@ class DenseOperator(LinearOperator):
         {'a': Array([1.], dtype=float64), 'b': Array([2., 3.], dtype=float64)}
     """
 
-    def __init__(self, matrix, like=None, *, name: str = "dense", check_finite: bool = False):
+    def __init__(
+        self,
+        matrix,
+        like=None,
+        *,
+        name: str = "dense",
+        check_finite: bool = False,
+        psd: bool = False,
+    ):
         matrix = jnp.asarray(matrix)
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"`matrix` must be square, got shape {matrix.shape}.")
@@ -566,6 +675,7 @@ class DenseOperator(LinearOperator):
         self.like = as_zeros(like)
         self.name = _operator_name(name, "dense")
         self.check_finite = check_finite
+        self.psd = _check_psd(psd)
 
     def _apply(self, v):
         flat = tu.ravel(v)
@@ -575,14 +685,23 @@ class DenseOperator(LinearOperator):
         return (self.matrix, self.like)
 
     def _static(self):
-        return (self.name, self.check_finite, self.block)
+        return (self.name, self.check_finite, self.block, self.psd)
 
     @classmethod
     def _rebuild(cls, static, children):
         op = object.__new__(cls)
         op.matrix, op.like = children
-        op.name, op.check_finite, op.block = static
+        op.name, op.check_finite, op.block, op.psd = static
         return op
+
+
+def _check_psd(psd) -> bool:
+    if not isinstance(psd, (bool, np.bool_)):
+        raise TypeError(
+            f"`psd` must be True or False (whether you know the operator to be positive "
+            f"semi-definite; it is not checked), got {psd!r}."
+        )
+    return bool(psd)
 
 
 def _operator_name(name, default: str) -> str:
@@ -616,8 +735,13 @@ def from_matvec(
     name: str = "matvec",
     check_finite: bool = False,
     block: str = "auto",
+    psd: bool = False,
 ) -> MatvecOperator:
     """A :class:`LinearOperator` from any symmetric ``matvec(v)`` on pytrees shaped like ``like``.
+
+    ``psd=True`` declares the operator positive semi-definite (``op.psd``,
+    read by solvers to choose CG over MINRES); it is **not verified**: a
+    wrong declaration makes such algorithms misbehave. Default ``False``.
 
     ``name`` is used in messages as "the <name> operator" (a trailing
     "operator" in it is dropped, so messages never say "operator operator").
@@ -634,11 +758,16 @@ def from_matvec(
         >>> op.label, (op @ jnp.ones(3)).tolist()
         ('the doubling operator', [2.0, 2.0, 2.0])
     """
-    return MatvecOperator(matvec, like, name=name, check_finite=check_finite, block=block)
+    return MatvecOperator(matvec, like, name=name, check_finite=check_finite, block=block, psd=psd)
 
 
-def from_dense(matrix, like: PyTree | None = None, *, name: str = "dense") -> DenseOperator:
+def from_dense(
+    matrix, like: PyTree | None = None, *, name: str = "dense", psd: bool = False
+) -> DenseOperator:
     """A :class:`LinearOperator` from a dense symmetric matrix (flat vectors, or pytrees like ``like``).
+
+    ``psd=True`` declares the matrix positive semi-definite (``op.psd``); it is
+    **not verified** (no eigenvalue computation). Default ``False``.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -647,7 +776,7 @@ def from_dense(matrix, like: PyTree | None = None, *, name: str = "dense") -> De
         >>> op @ jnp.array([1.0, 0.0])
         Array([2., 1.], dtype=float64)
     """
-    return DenseOperator(matrix, like, name=name)
+    return DenseOperator(matrix, like, name=name, psd=psd)
 
 
 def as_operator(op: OperatorLike | Array, like: PyTree | None = None) -> LinearOperator:
