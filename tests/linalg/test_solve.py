@@ -108,7 +108,7 @@ def test_cg_budget_too_small_is_flagged_with_true_residual():
     assert float(r.relative_residual) > 1e-10
 
 
-def test_cg_x0_block_and_jit():
+def test_cg_x0_and_block():
     a = _outliers() / 100 + 0.5 * np.eye(N)
     rng = np.random.default_rng(4)
     B = rng.normal(size=(3, N))
@@ -120,9 +120,6 @@ def test_cg_x0_block_and_jit():
     assert r.converged.shape == (3,) and bool(np.all(r.converged))
     np.testing.assert_allclose(np.asarray(r.x), ref, atol=1e-8)
     assert r.num_matvecs == 3 * (int(np.max(r.num_iters)) + 2)  # x0 product, steps, check
-    j = jax.jit(lambda b: hvp.solve(op, b, method="cg", damping=0.1, rtol=1e-10))(B[0])
-    np.testing.assert_allclose(np.asarray(j.x), ref[0], atol=1e-8)
-    assert bool(j.converged)
 
 
 def test_cg_drivers_agree_and_resume_bitwise(tmp_path):
@@ -272,9 +269,9 @@ def test_neumann_matches_dense_and_refuses_indefinite():
     np.testing.assert_allclose(
         float(slow.relative_residual), _true_rel(a, slow.x, b, 0.2), rtol=1e-10
     )
+    indefinite = hvp.from_dense(sym(np.linspace(-1.0, 2.0, N), seed=8))  # eigsh compiled above
     with pytest.raises(ValueError, match="positive definite"):
-        hvp.solve(operator("quadratic", "hessian"), _rhs(operator("quadratic", "hessian").like),
-                  method="neumann", key=jax.random.key(0))  # fmt: skip
+        hvp.solve(indefinite, b, method="neumann", key=jax.random.key(0))
     with pytest.raises(ValueError, match="preconditioner"):
         hvp.solve(op, b, method="neumann", scale=1.0, preconditioner=hvp.from_dense(np.eye(N)))
 
