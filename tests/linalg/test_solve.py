@@ -60,6 +60,25 @@ def test_cg_matches_dense_solve_on_ggn(name, kind, damping):
     assert rel <= 1e-10
 
 
+@pytest.mark.parametrize("method", ["minres", "neumann"])
+def test_minres_and_neumann_on_a_shared_ggn(method):
+    """Linear regression's GGN (repeated eigenvalues 0.66 ... 1.45) with damping."""
+    op = operator("linear_regression", "ggn")
+    a = reference("linear_regression", "ggn")
+    b = _rhs(op.like, seed=3)
+    r = hvp.solve(op, b, method=method, damping=0.1, rtol=1e-10, key=jax.random.key(0))
+    ref = np.linalg.solve(a + 0.1 * np.eye(len(a)), np.asarray(tu.ravel(b)))
+    assert bool(r.converged) and r.method == method and not bool(r.negative_curvature)
+    np.testing.assert_allclose(
+        np.asarray(tu.ravel(r.x)), ref, rtol=0, atol=1e-9 * np.abs(ref).max()
+    )
+    np.testing.assert_allclose(
+        float(r.relative_residual), _true_rel(a, r.x, b, 0.1), rtol=1e-5, atol=1e-14
+    )
+    # MINRES: at most 6 distinct eigenvalues -> 6 steps (+ round-off); Neumann: rate ~0.55
+    assert r.num_iters <= (8 if method == "minres" else 60)
+
+
 def test_cg_singular_plus_damping_and_mixed_pytree_structure():
     op = operator("nested", "ggn")  # mixed shapes: (1,), vectors and matrices
     a = reference("nested", "ggn")
@@ -84,6 +103,9 @@ def test_cg_float32():
     # the reported residual is evaluated in float32: right up to eps32 * ||A|| ||x|| / ||b||
     assert float(r.relative_residual) <= 1e-5
     np.testing.assert_allclose(float(r.relative_residual), rel, rtol=0, atol=5e-6)
+    m = hvp.solve(op, b, method="minres", damping=1e-1, rtol=1e-5)
+    assert bool(m.converged) and m.x.dtype == jnp.float32
+    assert _true_rel(a, m.x, b, 1e-1) <= 2e-5
 
 
 def test_cg_on_indefinite_hessian_reports_negative_curvature():
