@@ -60,7 +60,10 @@ def test_cg_matches_dense_solve_on_ggn(name, kind, damping):
     assert rel <= 1e-10
 
 
-@pytest.mark.parametrize("method", ["minres", "neumann"])
+@pytest.mark.parametrize(
+    "method",
+    ["minres", pytest.param("neumann", marks=pytest.mark.slow)],  # dense test covers it
+)
 def test_minres_and_neumann_on_a_shared_ggn(method):
     """Linear regression's GGN (repeated eigenvalues 0.66 ... 1.45) with damping."""
     op = operator("linear_regression", "ggn")
