@@ -14,7 +14,15 @@ from hvp.linalg._layers import LayerTrace, layer_trace
 from hvp.linalg._power import PowerResult, power_iteration
 from hvp.linalg._precond import Preconditioner
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
-from hvp.linalg._solve import SOLVE_METHODS, SolveResult, resolve_solve_method, solve
+from hvp.linalg._solve import (
+    SOLVE_METHODS,
+    ConvergenceError,
+    InverseOperator,
+    SolveResult,
+    inverse,
+    resolve_solve_method,
+    solve,
+)
 from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary
 from hvp.linalg._trace import TRACE_METHODS, TraceResult, resolve_trace_method, trace
 
@@ -51,6 +59,9 @@ __all__ = [
     "SOLVE_METHODS",
     "resolve_solve_method",
     "Preconditioner",
+    "inverse",
+    "InverseOperator",
+    "ConvergenceError",
     # the precision policy of every result
     "DtypePolicy",
     # drivers: progress, checkpoints and resume

@@ -17,6 +17,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hvp import tree as tu
 from hvp.linalg._cg import CG, cg_entries
@@ -29,12 +30,23 @@ from hvp.linalg._checks import (
     dtype_policy,
 )
 from hvp.linalg._driver import Checkpoint, run
+from hvp.linalg._lanczos import eigsh
+from hvp.linalg._minres import MINRES, minres_entries
+from hvp.linalg._neumann import SAFETY, Neumann, neumann_entries
 from hvp.linalg._precond import as_preconditioner
 from hvp.linalg._solvers import initial_state, row_norms, where_rows
 from hvp.operators import LinearOperator, NonFiniteError
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
-__all__ = ["SOLVE_METHODS", "SolveResult", "solve", "resolve_solve_method"]
+__all__ = [
+    "SOLVE_METHODS",
+    "ConvergenceError",
+    "InverseOperator",
+    "SolveResult",
+    "inverse",
+    "resolve_solve_method",
+    "solve",
+]
 
 SOLVE_METHODS = ("auto", "cg", "minres", "neumann")
 
@@ -104,6 +116,34 @@ def resolve_solve_method(method: str, op) -> str:
 
 def _default_budget(n: int) -> int:
     return int(min(10 * n + 2, 2**31 - 1))
+
+
+def _neumann_scale(op, damping: float, scale, key) -> tuple:
+    """The Neumann scale ``s`` and the products spent finding it (checks positive definiteness)."""
+    if scale is not None:
+        return check_finite_float("scale", scale, positive=True), 0
+    if key is None:
+        raise TypeError(
+            "method='neumann' with scale=None estimates the scale from hvp.eigsh: pass "
+            "`key=jax.random.key(seed)` (or `scale=`, above half the largest eigenvalue of A + "
+            "damping I)."
+        )
+    if op.size == 1:
+        lam = jnp.ravel(tu.ravel(op.mv(tu.ones_like(op.like))))
+        lo = hi = float(lam[0])
+        spent = 1
+    else:
+        res = eigsh(op, 1, key=key, which="both", tol=1e-3)
+        lo, hi = (float(v) for v in res.eigenvalues)
+        spent = int(res.num_matvecs)
+    if lo + damping <= 0:
+        raise ValueError(
+            f"method='neumann' needs A + damping I positive definite, but hvp.eigsh finds the "
+            f"eigenvalue {lo:.4g} + damping {damping:.4g} <= 0 on {op.label}: the series diverges. "
+            "Use method='minres' (symmetric indefinite), or a damping above "
+            f"{max(-lo, 0.0):.4g}."
+        )
+    return SAFETY * (hi + damping), spent
 
 
 def _as_block(b, like, block: bool, name: str):
@@ -224,6 +264,9 @@ def solve(
     Examples:
       >>> import jax.numpy as jnp, hvp
       >>> A = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, -1.0]]))  # indefinite
+      >>> r = hvp.solve(A, jnp.array([1.0, 0.0]), method="minres")
+      >>> r.x.round(6).tolist(), bool(r.converged), bool(r.negative_curvature)
+      ([0.333333, 0.333333], True, True)
       >>> r = hvp.solve(A, jnp.array([1.0, 0.0]), method="cg")  # CG meets p^T A p < 0: stops
       >>> bool(r.negative_curvature), bool(r.converged)
       (True, False)
@@ -275,8 +318,14 @@ def solve(
     if method == "cg":
         alg = CG(m=m, preconditioned=pre is not None)
         extra = cg_entries(jax.tree_util.tree_map(jnp.zeros_like, B), m, acc)
+    elif method == "minres":
+        alg = MINRES(m=m, preconditioned=pre is not None)
+        extra = minres_entries(jax.tree_util.tree_map(jnp.zeros_like, B), m, acc, rtol)
     else:
-        raise NotImplementedError(f"method={method!r} is not available yet in this build.")
+        s, spent = _neumann_scale(op, damping, scale, key)
+        built += spent
+        alg = Neumann(m=m)
+        extra = neumann_entries(jax.tree_util.tree_map(jnp.zeros_like, B), s, acc)
     state = initial_state(
         b=B,
         x=X,
@@ -322,4 +371,164 @@ def solve(
         damping=damping,
         preconditioner=None if pre is None else pre.kind,
         dtype_policy=dtype_policy(op.like),
+    )
+
+
+class ConvergenceError(RuntimeError):
+    """A solve inside :func:`inverse`'s product did not meet its tolerance (concrete values).
+
+    Examples:
+      >>> from hvp.linalg import ConvergenceError
+      >>> issubclass(ConvergenceError, RuntimeError)
+      True
+    """
+
+
+class InverseOperator(LinearOperator):
+    r"""The operator :math:`v \mapsto (A + \delta I)^{-1} v`, each product a :func:`solve`.
+
+    Built by :func:`inverse`. On concrete vectors :meth:`mv` and :meth:`matmat` run
+    :func:`solve` (a block of vectors is one block solve) and raise :class:`ConvergenceError`
+    when a solve misses its tolerance; under ``jax.jit`` the solve is inlined (compiled driver)
+    and an unconverged product is NaN, never a silently wrong vector.
+
+    Examples:
+      >>> import jax.numpy as jnp, hvp
+      >>> inv = hvp.linalg.inverse(hvp.from_dense(jnp.diag(jnp.array([2.0, 4.0]))), damping=0.0, method="cg")
+      >>> (inv @ jnp.ones(2)).tolist()
+      [0.5, 0.25]
+    """
+
+    def __init__(self, op, *, damping, method, rtol, atol, max_matvecs, preconditioner, name):
+        self.op = op
+        self.like = op.like
+        self.damping = damping
+        self.method = method
+        self.rtol = rtol
+        self.atol = atol
+        self.max_matvecs = max_matvecs
+        self.preconditioner = preconditioner
+        self.name = name
+        self.check_finite = False
+        self.block = "vmap"
+
+    def _settings(self, **kw):
+        return dict(
+            method=self.method,
+            damping=self.damping,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_matvecs=self.max_matvecs,
+            preconditioner=self.preconditioner,
+            **kw,
+        )
+
+    def _apply(self, v):
+        r = solve(self.op, v, **self._settings(driver="compiled"))
+        return jax.tree_util.tree_map(lambda x: jnp.where(r.converged, x, jnp.nan), r.x)
+
+    def _children(self):
+        return (self.op, self.preconditioner)
+
+    def _static(self):
+        return (self.damping, self.method, self.rtol, self.atol, self.max_matvecs, self.name)
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        out = object.__new__(cls)
+        out.op, out.preconditioner = children
+        out.damping, out.method, out.rtol, out.atol, out.max_matvecs, out.name = static
+        out.like = out.op.like
+        out.check_finite = False
+        out.block = "vmap"
+        return out
+
+    def _checked(self, r, what: str):
+        ok = np.asarray(r.converged)
+        if not ok.all():
+            worst = float(np.max(np.asarray(r.relative_residual)))
+            raise ConvergenceError(
+                f"A solve inside the {what} of {self.label} did not converge: true relative "
+                f"residual {worst:.3g} > rtol {self.rtol:g} (method={r.method!r}, damping "
+                f"{self.damping:g}, {r.num_matvecs} products"
+                + (", negative curvature met" if np.asarray(r.negative_curvature).any() else "")
+                + "). Raise `max_matvecs`, the damping or `rtol`, add a preconditioner, or use "
+                "method='minres' for an indefinite operator."
+            )
+        return r.x
+
+    def mv(self, v):  # noqa: D102 - see the class docstring
+        if self._traced(v):
+            return super().mv(v)
+        self._check_vectors(v, "v", leading=0)
+        return self._checked(solve(self.op, v, **self._settings()), "product")
+
+    def matmat(self, vs):  # noqa: D102 - see the class docstring
+        if self._traced(vs):
+            return super().matmat(vs)
+        self._check_vectors(vs, "vs", leading=1)
+        return self._checked(solve(self.op, vs, block=True, **self._settings()), "block product")
+
+
+def inverse(
+    op: OperatorLike,
+    *,
+    damping: float,
+    method: str = "auto",
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    max_matvecs: int | None = None,
+    preconditioner=None,
+) -> InverseOperator:
+    r"""The operator :math:`(A + \delta I)^{-1}`, whose every product is a :func:`solve`.
+
+    Use it wherever an operator is accepted: :func:`hvp.eigsh` of the inverse (the smallest
+    eigenvalues of :math:`A + \delta I` as the largest of the inverse), :func:`hvp.trace` of the
+    inverse, or inverse-curvature products for influence functions
+    (:math:`-\nabla L_{\text{test}}^\top (H + \delta I)^{-1} \nabla L_i`, Koh & Liang 2017).
+    Each product costs a full solve; a block product is one block solve. The solves use
+    ``method``, ``rtol``, ``atol``, ``max_matvecs`` and ``preconditioner`` as in :func:`solve`
+    (a built :class:`hvp.linalg.Preconditioner`, an operator or a callable; not a string).
+
+    Raises:
+      ValueError: as :func:`solve`; at construction for bad settings.
+      ConvergenceError: (when a product is computed on concrete values) a solve missed its
+        tolerance. Under ``jax.jit`` such a product is NaN instead.
+
+    Examples:
+      >>> import jax.numpy as jnp, hvp
+      >>> A = hvp.from_dense(jnp.diag(jnp.array([1.0, 3.0])))
+      >>> inv = hvp.linalg.inverse(A, damping=1.0, method="cg")
+      >>> (inv @ jnp.array([2.0, 4.0])).tolist()
+      [1.0, 1.0]
+    """
+    op = coerce_operator(op, what="inverse")
+    method = resolve_solve_method(method, op)
+    if method == "neumann":
+        raise ValueError(
+            "hvp.linalg.inverse supports method='cg', 'minres' or 'auto' (the Neumann scale would "
+            "be estimated again at every product); call hvp.solve(..., method='neumann', "
+            "scale=...) directly."
+        )
+    damping = check_finite_float("damping", damping)
+    rtol = check_finite_float("rtol", rtol)
+    atol = check_finite_float("atol", atol)
+    if max_matvecs is not None:
+        max_matvecs = check_int("max_matvecs", max_matvecs, minimum=1)
+    if isinstance(preconditioner, str):
+        raise TypeError(
+            f"hvp.linalg.inverse takes a built preconditioner: pass "
+            f"hvp.linalg.Preconditioner.from_{'diagonal' if preconditioner == 'diagonal' else 'eigsh'}"
+            "(op, key=...) instead of the string (it is built once and reused by every product)."
+        )
+    pre = as_preconditioner(preconditioner, op, key=None)
+    return InverseOperator(
+        op,
+        damping=damping,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        max_matvecs=max_matvecs,
+        preconditioner=pre,
+        name=f"inverse {op.name}",
     )

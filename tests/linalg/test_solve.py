@@ -171,3 +171,108 @@ def test_solve_errors_are_clear():
         hvp.solve(op, np.ones(3), x0=np.ones(3), max_matvecs=1)
     with pytest.raises(ValueError, match="rows"):
         hvp.solve(op, np.ones((2, 3)), x0=np.ones((3, 3)), block=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# MINRES
+# ------------------------------------------------------------------------------------------------
+def test_minres_iterates_match_scipy():
+    """x_k after k = 1..8 steps equals scipy.sparse.linalg.minres(maxiter=k) to round-off."""
+    from scipy.sparse.linalg import minres
+
+    op = operator("quadratic", "hessian")  # indefinite, 12 x 12
+    a = reference("quadratic", "hessian")
+    b = _rhs(op.like, seed=0)
+    bf = np.asarray(tu.ravel(b))
+    scale = np.abs(np.linalg.solve(a, bf)).max()
+    for damping in (0.0, 0.3):
+        for k in range(1, 9):
+            ref, _ = minres(a, bf, maxiter=k, rtol=0.0, shift=-damping)
+            r = hvp.solve(op, b, method="minres", damping=damping, max_matvecs=k + 1, rtol=0.0)
+            assert r.num_iters == k and r.num_matvecs == k + 1
+            np.testing.assert_allclose(np.asarray(tu.ravel(r.x)), ref, rtol=0, atol=1e-13 * scale)
+
+
+def test_minres_indefinite_solve_and_negative_curvature():
+    op = operator("quadratic", "hessian")
+    a = reference("quadratic", "hessian")
+    b = _rhs(op.like, seed=1)
+    r = hvp.solve(op, b, method="minres", rtol=1e-10)
+    ref = np.linalg.solve(a, np.asarray(tu.ravel(b)))
+    assert bool(r.converged) and bool(r.negative_curvature) and float(r.min_curvature) < 0
+    assert r.method == "minres" and hvp.linalg.resolve_solve_method("auto", op) == "minres"
+    np.testing.assert_allclose(np.asarray(tu.ravel(r.x)), ref, atol=1e-8 * np.abs(ref).max())
+    np.testing.assert_allclose(
+        float(r.relative_residual), _true_rel(a, r.x, b), rtol=1e-6, atol=1e-14
+    )
+    # too small a budget: flagged, with the true residual of the returned x
+    r = hvp.solve(op, b, method="minres", rtol=1e-10, max_matvecs=4)
+    assert not bool(r.converged) and r.num_iters == 3
+    np.testing.assert_allclose(float(r.relative_residual), _true_rel(a, r.x, b), rtol=1e-10)
+
+
+def test_minres_preconditioned_block_and_singular_damped():
+    a = sym(
+        np.concatenate([np.geomspace(-1e3, -1e1, 5), np.zeros(3), np.linspace(1, 2, N - 8)]), seed=6
+    )
+    op = hvp.from_dense(a)  # indefinite and singular (3 zero eigenvalues): damping makes it regular
+    B = np.random.default_rng(7).normal(size=(2, N))
+    ref = np.linalg.solve(a + 0.5 * np.eye(N), B.T).T
+    plain = hvp.solve(op, B, method="minres", damping=0.5, block=True, rtol=1e-9)
+    pre = Preconditioner.from_eigsh(op, k=5, key=jax.random.key(0), which="smallest")
+    prec = hvp.solve(op, B, method="minres", damping=0.5, block=True, rtol=1e-9, preconditioner=pre)
+    for r in (plain, prec):
+        assert bool(np.all(r.converged)) and r.num_iters.shape == (2,)
+        np.testing.assert_allclose(np.asarray(r.x), ref, atol=1e-7 * np.abs(ref).max())
+    assert int(np.max(prec.num_iters)) < int(np.max(plain.num_iters))
+
+
+def test_minres_drivers_agree_and_resume_bitwise(tmp_path):
+    op = operator("nested", "hessian")
+    b = _rhs(op.like)
+    call = lambda **kw: hvp.solve(op, b, method="minres", damping=1e-2, rtol=1e-8, **kw)  # noqa: E731
+    assert_drivers_agree(call, rtol=1e-7, atol=1e-9)  # residuals at round-off (5e-10) differ
+    assert_resume_bitwise(call, tmp_path, interrupt_after=4, every=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Neumann
+# ------------------------------------------------------------------------------------------------
+def test_neumann_matches_dense_and_refuses_indefinite():
+    a = _outliers() / 1e5 + 0.02 * np.eye(N)  # SPD, eigenvalues in [0.02, 1.02]
+    b = np.random.default_rng(8).normal(size=N)
+    op = hvp.from_dense(a)
+    r = hvp.solve(op, b, method="neumann", damping=0.2, key=jax.random.key(0), rtol=1e-8)
+    ref = np.linalg.solve(a + 0.2 * np.eye(N), b)
+    assert bool(r.converged) and r.method == "neumann" and not bool(r.negative_curvature)
+    np.testing.assert_allclose(np.asarray(r.x), ref, atol=1e-7 * np.abs(ref).max())
+    assert float(r.relative_residual) <= 1e-8
+    slow = hvp.solve(op, b, method="neumann", damping=0.2, scale=1.5, max_matvecs=6)
+    assert slow.num_iters == 5 and not bool(slow.converged)
+    np.testing.assert_allclose(
+        float(slow.relative_residual), _true_rel(a, slow.x, b, 0.2), rtol=1e-10
+    )
+    with pytest.raises(ValueError, match="positive definite"):
+        hvp.solve(operator("quadratic", "hessian"), _rhs(operator("quadratic", "hessian").like),
+                  method="neumann", key=jax.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match="preconditioner"):
+        hvp.solve(op, b, method="neumann", scale=1.0, preconditioner=hvp.from_dense(np.eye(N)))
+
+
+# ------------------------------------------------------------------------------------------------
+# inverse
+# ------------------------------------------------------------------------------------------------
+def test_inverse_operator_eigsh_jit_and_nonconvergence():
+    a = _outliers() / 1e3 + 0.1 * np.eye(N)
+    op = hvp.from_dense(a)
+    inv = hvp.inverse(op, damping=0.1, method="cg", rtol=1e-10)
+    res = hvp.eigsh(inv, 2, key=jax.random.key(0), tol=1e-8)
+    ref = 1.0 / (np.linalg.eigvalsh(a)[:2] + 0.1)
+    np.testing.assert_allclose(np.sort(np.asarray(res.eigenvalues)), np.sort(ref), rtol=1e-7)
+    v = np.random.default_rng(9).normal(size=N)
+    out = jax.jit(lambda v: inv @ v)(v)
+    np.testing.assert_allclose(np.asarray(out), np.linalg.solve(a + 0.1 * np.eye(N), v), rtol=1e-8)
+    short = hvp.inverse(op, damping=0.0, method="cg", max_matvecs=3)
+    with pytest.raises(hvp.linalg.ConvergenceError, match="did not converge"):
+        short @ v
+    assert bool(np.all(np.isnan(np.asarray(jax.jit(lambda v: short @ v)(v)))))
