@@ -18,7 +18,9 @@ batch; the solve (:func:`hvp.linalg.solve`) stops at a relative residual
 Martens (2010) and Martens & Sutskever (2012, "Training deep and recurrent
 networks with Hessian-free optimization") this implements:
 
-* the damped GGN with CG (or the damped Hessian with MINRES);
+* the damped GGN with CG (or the damped Hessian with MINRES); a solution that
+  points uphill (:math:`g^\top p > 0`, as MINRES can return on an indefinite
+  Hessian) is reversed, which lowers the model: :math:`q(-p) = q(p) - 2 g^\top p`;
 * warm starts: the solve starts from the previous step's solution times
   ``warm_start`` (0.95, Martens, 2010, Section 4.5);
 * a budget of curvature products per step (``max_matvecs``);
@@ -325,7 +327,10 @@ def hessian_free(
             driver="compiled",
         )
         finite = tu.all_finite(sol.x)
-        p = tu.map(lambda a: jnp.where(finite, a, jnp.zeros_like(a)), sol.x)
+        # An ascent direction (g^T p > 0: MINRES on an indefinite Hessian, or a truncated
+        # warm-started solve) is reversed: q(-p) = q(p) - 2 g^T p < q(p), and -p descends.
+        sign = jnp.where(tu.dot(grad, sol.x) > 0, -1.0, 1.0)
+        p = tu.map(lambda a: jnp.where(finite, sign.astype(a.dtype) * a, jnp.zeros_like(a)), sol.x)
         gp = tu.dot(grad, p).astype(acc)
         pbp = tu.dot(p, op @ p).astype(acc)
         q = gp + 0.5 * pbp  # undamped quadratic model
