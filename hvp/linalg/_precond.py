@@ -67,11 +67,11 @@ class Preconditioner:
 
     Examples:
       >>> import jax, jax.numpy as jnp, hvp
-      >>> op = hvp.from_dense(jnp.diag(jnp.array([100.0, 1.0, 2.0, 3.0])))
-      >>> pre = hvp.linalg.Preconditioner.from_eigsh(op, k=1, key=jax.random.key(0))
-      >>> r = hvp.solve(op, jnp.ones(4), method="cg", preconditioner=pre)
-      >>> bool(r.converged), r.preconditioner, r.x.round(4).tolist()
-      (True, 'deflation', [0.01, 1.0, 0.5, 0.3333])
+      >>> op = hvp.from_dense(jnp.diag(jnp.array([100.0, 1.0, 2.0, 4.0])))
+      >>> pre = hvp.linalg.Preconditioner.from_diagonal(op, key=jax.random.key(0), num_matvecs=4)
+      >>> r = hvp.solve(op, jnp.ones(4), method="cg", preconditioner=pre)  # exact Jacobi: 1 step
+      >>> bool(r.converged), r.preconditioner, r.num_iters, r.x.tolist()
+      (True, 'diagonal', 1, [0.01, 1.0, 0.5, 0.25])
     """
 
     kind: str
