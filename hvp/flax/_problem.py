@@ -180,8 +180,23 @@ class FlaxProblem:
             self.loss_fn, self.params if params is None else params, data, **kwargs
         )
 
+    def fisher(self, data, *, key, params=None, **kwargs) -> _ops.CurvatureOperator:
+        """:func:`hvp.fisher` (Monte-Carlo Fisher, labels sampled with ``key``) of :attr:`model_fn` and :attr:`output_loss`."""
+        kwargs.setdefault("unpack", self.unpack)
+        return _ops.fisher(
+            self.model_fn,
+            self.output_loss,
+            self.params if params is None else params,
+            data,
+            key=key,
+            **kwargs,
+        )
+
     def operator(self, kind: str, data, *, params=None, state=None, **kwargs):
-        """``kind`` in ``{"hessian", "ggn", "empirical_fisher"}``: the matching method.
+        """``kind`` in ``{"hessian", "ggn", "empirical_fisher", "fisher"}``: the matching method.
+
+        ``"fisher"`` is the Monte-Carlo Fisher (:meth:`fisher`, needs ``key=``),
+        not the empirical Fisher.
 
         With ``state`` (non-parameter state shaped like :attr:`state`, e.g. from
         :meth:`split`), the operator is that of ``self.with_state(state)``, but
@@ -192,16 +207,22 @@ class FlaxProblem:
         and ``like``.
         """
         if state is not None:
+            if kind == "fisher":
+                raise ValueError(
+                    "operator('fisher', ..., state=...) is not supported (its sampled labels are "
+                    "drawn when it is built); use `problem.with_state(state).fisher(data, key=key)`."
+                )
             return _StateOperator.build(self, kind, data, params, state, kwargs)
         fns = {
             "hessian": self.hessian,
             "ggn": self.ggn,
             "empirical_fisher": self.empirical_fisher,
-            "fisher": self.empirical_fisher,
+            "fisher": self.fisher,
         }
         if kind not in fns:
             raise ValueError(
-                f"Unknown operator kind {kind!r}; use 'hessian', 'ggn' or 'empirical_fisher'."
+                f"Unknown operator kind {kind!r}; use 'hessian', 'ggn', 'empirical_fisher' or "
+                "'fisher'."
             )
         return fns[kind](data, params=params, **kwargs)
 
@@ -329,7 +350,10 @@ class _StateOperator(_ops.LinearOperator):
     (``problem._rebind``), the kind and the options, not on the state values.
     """
 
-    def __init__(self, *, rebind, kind, options, params, state, data, name, check_finite):
+    def __init__(
+        self, *, rebind, kind, options, params, state, data, name, check_finite, psd=False
+    ):
+        self.psd = psd
         self._rebind_fn = rebind
         self.kind = kind
         self._options = options
@@ -361,6 +385,7 @@ class _StateOperator(_ops.LinearOperator):
             data=data,
             name=inner.name,
             check_finite=inner.check_finite,
+            psd=inner.psd,
         )
 
     @property
@@ -376,11 +401,11 @@ class _StateOperator(_ops.LinearOperator):
         return (self.params, self.state, self.data)
 
     def _static(self):
-        return (self._rebind_fn, self.kind, self._options, self.name, self.check_finite)
+        return (self._rebind_fn, self.kind, self._options, self.name, self.check_finite, self.psd)
 
     @classmethod
     def _rebuild(cls, static, children):
-        rebind, kind, options, name, check = static
+        rebind, kind, options, name, check, psd = static
         params, state, data = children
         return cls(
             rebind=rebind,
@@ -391,4 +416,5 @@ class _StateOperator(_ops.LinearOperator):
             data=data,
             name=name,
             check_finite=check,
+            psd=psd,
         )

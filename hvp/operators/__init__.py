@@ -1,4 +1,8 @@
-"""Curvature operators (layer 1): Hessian, GGN and empirical Fisher over data sets.
+"""Curvature operators (layer 1): Hessian, GGN, empirical Fisher and Fisher over data sets.
+
+Operators combine into operators (``G + 1e-3``, ``2.0 * H``, ``G - H``,
+:func:`from_diagonal`; see :mod:`hvp.operators._algebra`), and every operator
+has ``psd``.
 
 Builds on :mod:`hvp.tree`; consumed by :mod:`hvp.linalg`.
 """
@@ -25,6 +29,7 @@ from hvp.operators._curvature import (
     compose,
     default_unpack,
     empirical_fisher,
+    fisher,
     ggn,
     hessian,
     hvp,
@@ -51,6 +56,7 @@ __all__ = [
     "compose",
     "default_unpack",
     "empirical_fisher",
+    "fisher",
     "from_dense",
     "from_diagonal",
     "from_matvec",

@@ -33,14 +33,17 @@ the operator (Hessian-free optimisation, Martens 2010, changes it every step).
 semi-definite: a sum is PSD when every term is PSD with a non-negative
 coefficient and the damping is non-negative; ``alpha * op`` is PSD when ``op``
 is and ``alpha >= 0``. A scalar that is a tracer (inside ``jit``) cannot be
-inspected: it is *taken to be non-negative* for ``psd`` (dampings and scale
-factors are), so ``G + lam`` with a traced ``lam`` stays PSD; build the
-operator outside ``jit`` with a concrete scalar to have its sign checked.
+inspected: it is *taken to be non-negative as written* for ``psd`` (dampings
+and scale factors are), so ``G + lam`` with a traced ``lam`` stays PSD while
+``G - lam`` and ``-(lam * G)`` do not; build the operator outside ``jit`` with a
+concrete scalar to have its sign checked. The flag is conservative: ``-(-G)``
+or ``(G - H) + H`` are not recognised as PSD.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +112,8 @@ def _format_scalar(x) -> str:
 def check_same_like(a: LinearOperator, b: LinearOperator) -> None:
     """Raise a ``ValueError`` naming the difference unless ``a`` and ``b`` act on the same vectors."""
     la, lb = a.like, b.like
-    da, db = jax.tree_util.tree_structure(la), jax.tree_util.tree_structure(lb)
+    da: Any = jax.tree_util.tree_structure(la)
+    db: Any = jax.tree_util.tree_structure(lb)
     if da != db:
         raise ValueError(
             f"Cannot add {a.label} and {b.label}: their vectors have different pytree structures "
@@ -255,33 +259,52 @@ def _mul_scalars(a, b):
     return a * b
 
 
+def _signed_nonnegative(x, negative: bool) -> bool:
+    """Whether ``-x`` (``negative``) or ``x`` is known to be ``>= 0``; a tracer counts as ``>= 0``.
+
+    A traced scalar is taken to be non-negative as the user wrote it, so it is
+    non-positive once subtracted (``op - lam``) or negated.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return not negative
+    value = float(np.asarray(x))
+    return (-value if negative else value) >= 0
+
+
 def add(a: LinearOperator, b: LinearOperator) -> SumOperator:
     """``a + b`` for two operators on the same parameters (``ValueError`` naming the mismatch)."""
     check_same_like(a, b)
     ta, da = _split(a)
     tb, db = _split(b)
-    return SumOperator(ta + tb, _add_scalars(da, db))
+    psd = bool(getattr(a, "psd", False)) and bool(getattr(b, "psd", False))
+    return SumOperator(ta + tb, _add_scalars(da, db), psd=psd)
 
 
-def add_scalar(op: LinearOperator, c) -> SumOperator:
-    """``op + c I`` (the damped operator)."""
-    c = as_scalar(c, op, "damping added to an operator")
+def add_scalar(op: LinearOperator, c, *, negative: bool = False) -> SumOperator:
+    """``op + c I`` (the damped operator), or ``op - c I`` with ``negative=True``."""
+    c = as_scalar(c, op, "scalar subtracted from an operator" if negative else "damping")
     terms, d = _split(op)
-    return SumOperator(terms, _add_scalars(d, c))
+    psd = bool(getattr(op, "psd", False)) and _signed_nonnegative(c, negative)
+    return SumOperator(terms, _add_scalars(d, -c if negative else c), psd=psd)
 
 
-def scale(op: LinearOperator, alpha) -> SumOperator:
-    """``alpha * op``."""
+def scale(op: LinearOperator, alpha, *, negative: bool = False) -> SumOperator:
+    """``alpha * op`` (``-alpha * op`` with ``negative=True``)."""
     alpha = as_scalar(alpha, op, "factor multiplying an operator")
+    psd = bool(getattr(op, "psd", False)) and _signed_nonnegative(alpha, negative)
+    if negative:
+        alpha = -alpha
     terms, d = _split(op)
     return SumOperator(
-        tuple((_mul_scalars(c, alpha), o) for c, o in terms), None if d is None else d * alpha
+        tuple((_mul_scalars(c, alpha), o) for c, o in terms),
+        None if d is None else d * alpha,
+        psd=psd,
     )
 
 
 def negate(op: LinearOperator) -> SumOperator:
     """``-op``."""
-    return scale(op, -1.0)
+    return scale(op, 1.0, negative=True)
 
 
 # --- diagonal operators ----------------------------------------------------------------------------

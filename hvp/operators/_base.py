@@ -6,7 +6,7 @@ everything else is static, so an operator can be passed straight into a
 ``jax.jit``-compiled function, and ``op.matvec(v)`` works on concrete arrays
 and on tracers alike.
 
-Three concrete kinds exist:
+Concrete kinds:
 
 * :class:`CurvatureOperator` (built by :func:`hvp.hessian`, :func:`hvp.ggn`,
   :func:`hvp.empirical_fisher`): curvature of a loss over a data set.
@@ -15,6 +15,9 @@ Three concrete kinds exist:
 * :class:`DenseOperator` (:func:`hvp.operators.from_dense`): a dense symmetric
   matrix acting on flat vectors or on pytrees through ravel/unravel (tests,
   small problems).
+* :class:`~hvp.operators.SumOperator` and :class:`~hvp.operators.DiagonalOperator`
+  (:mod:`hvp.operators._algebra`): ``op + damping``, ``alpha * op``, sums, and
+  diagonals.
 """
 
 from __future__ import annotations
@@ -391,7 +394,7 @@ class LinearOperator:
         if isinstance(other, LinearOperator):
             return _algebra.add(self, _algebra.negate(other))
         if _algebra._is_scalar_like(other) or isinstance(other, bool):
-            return _algebra.add_scalar(self, -_algebra.as_scalar(other, self, "scalar subtracted"))
+            return _algebra.add_scalar(self, other, negative=True)
         raise TypeError(
             f"Cannot subtract {type(other).__name__} from {self.label}: subtract a scalar or "
             "another operator on the same parameters."

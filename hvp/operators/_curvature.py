@@ -88,6 +88,7 @@ __all__ = [
     "hessian",
     "ggn",
     "empirical_fisher",
+    "fisher",
     "hvp",
     "default_unpack",
     "compose",
@@ -328,7 +329,11 @@ class CurvatureOperator(LinearOperator):
     Attributes:
       params: the point (or the parameter block, see ``wrt``) the curvature is
         taken at; vectors are pytrees like it.
-      kind: ``"hessian"``, ``"ggn"`` or ``"empirical_fisher"`` (read-only).
+      kind: ``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` or ``"fisher"`` (read-only).
+      psd: whether the curvature is PSD by construction: ``False`` for the
+        Hessian, ``True`` for the empirical Fisher and the Fisher, and for the
+        GGN ``True`` when the output loss is known to be convex in the outputs
+        (the :mod:`hvp.losses`, or a loss with the attribute ``convex = True``).
       reduction: ``"mean"`` or ``"sum"``.
       num_examples, num_batches: size of the data set.
       linearized: whether products apply stored linearisations.
@@ -379,6 +384,7 @@ class CurvatureOperator(LinearOperator):
         self.check_finite = check_finite
         self.name = name
         self.block = block
+        self.psd = _is_psd(product.kind, fns)
 
     # pytree protocol -------------------------------------------------------
     def _children(self):
@@ -427,25 +433,8 @@ class CurvatureOperator(LinearOperator):
     # public attributes -------------------------------------------------------
     @property
     def kind(self) -> str:
-        """``"hessian"``, ``"ggn"`` or ``"empirical_fisher"``: the curvature's name."""
+        """``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` or ``"fisher"``: the curvature's name."""
         return self._product.kind
-
-    @property
-    def psd(self) -> bool:
-        """Whether the curvature is positive semi-definite by construction.
-
-        ``False`` for the Hessian (indefinite in general); ``True`` for the
-        empirical Fisher and the Fisher (sums of outer products); for the GGN
-        ``True`` when the output loss is convex in the outputs, which is known
-        for the :mod:`hvp.losses` and for a loss declaring it with an attribute
-        ``convex = True`` (``my_loss.convex = True``), else ``False``.
-        """
-        kind = self.kind
-        if kind in ("empirical_fisher", "fisher"):
-            return True
-        if kind == "ggn":
-            return getattr(self._fns[1], "convex", False) is True
-        return False
 
     @property
     def like(self):
@@ -497,6 +486,22 @@ class CurvatureOperator(LinearOperator):
             else:
                 total = _scale(w, mv(src)) if total is None else _axpy(w, mv(src), total)
         return tu.like_sharding(_constrain(total, self._shardings), self.params)
+
+
+def _is_psd(kind: str, fns: tuple) -> bool:
+    """Whether a curvature is positive semi-definite by construction (``op.psd``).
+
+    ``False`` for the Hessian (indefinite in general); ``True`` for the
+    empirical Fisher and the Fisher (sums of outer products); for the GGN
+    ``True`` when the output loss is convex in the outputs, which is known for
+    the :mod:`hvp.losses` and for a loss declaring it with an attribute
+    ``convex = True`` (``my_loss.convex = True``), else ``False``.
+    """
+    if kind in ("empirical_fisher", "fisher"):
+        return True
+    if kind == "ggn":
+        return getattr(fns[1], "convex", False) is True
+    return False
 
 
 def _merge(block, full, mask):
@@ -558,6 +563,22 @@ def _fisher_product(op: CurvatureOperator, batch, v):
         else:
             jv = jv * (w_ex / jnp.sum(w_ex)).astype(jv.dtype)
     return jt(jv)
+
+
+@_product_of("fisher")
+def _mc_fisher_product(op: CurvatureOperator, batch, v):
+    """``J_b^T F_out J_b v`` with the output-space Monte-Carlo Fisher of the samples drawn at build time."""
+    model_fn, loss_fn, unpack = op._fns
+    data, samples = batch
+    x, _, w = split_batch(data, unpack)
+    out, jv, jt = _jv_and_transpose(
+        lambda q: model_fn(op.full_params(q), x), op.params, v, op.mode == "reverse"
+    )
+    if w is None:
+        fu = loss_fn.fisher_output_hvp(out, samples, jv)
+    else:
+        fu = loss_fn.fisher_output_hvp(out, samples, jv, w)
+    return jt(fu)
 
 
 def _scale(w, x):
@@ -1002,6 +1023,196 @@ def ggn(
         full=full,
         mask=mask,
         dataset=dataset,
+        reduction=reduction,
+        lins=None,
+        check_finite=check_finite,
+        name=name,
+        mode=model_mode,
+        block=block_mode,
+    )
+
+
+def _check_fisher_loss(loss_fn) -> None:
+    missing = [
+        m for m in ("sample", "fisher_output_hvp") if not callable(getattr(loss_fn, m, None))
+    ]
+    if missing:
+        raise TypeError(
+            f"hvp.fisher needs an output loss that can sample targets from the model, but "
+            f"{loss_fn!r} has no {' or '.join(f'`{m}`' for m in missing)} method. Use "
+            "hvp.losses.softmax_cross_entropy or hvp.losses.mean_squared_error, use hvp.ggn (equal "
+            "to the Fisher in expectation for these losses), or give your loss (the negative "
+            "log-likelihood of p(y | outputs), up to scale) the two methods: "
+            "`sample(outputs, key, num_samples)` returning targets of shape (num_samples, "
+            "*targets.shape) drawn from p(y | outputs), and `fisher_output_hvp(outputs, samples, u, "
+            "weights=None)` returning sum_i c_i mean_s g_is (g_is . u_i) for the per-position "
+            "gradients g_is of the loss at the sampled targets (c_i: the position's weight in the "
+            "loss); see hvp.losses.MeanSquaredError for an example."
+        )
+
+
+def _check_fisher_key(key):
+    """A typed PRNG key (old-style ``uint32[2]`` keys are wrapped), or a clear error."""
+    if key is None or not hasattr(key, "dtype"):
+        raise TypeError(
+            f"`key` must be a JAX PRNG key (pass key=jax.random.key(seed)), got {type(key).__name__}."
+        )
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"`key` must be a single PRNG key, got a batch of shape {key.shape}.")
+        return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(
+        f"`key` must be a JAX PRNG key (pass key=jax.random.key(seed)), got an array of dtype "
+        f"{key.dtype} and shape {key.shape}."
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnums=(0, 1, 2), static_argnames=("mask", "meta", "num_samples")
+)
+def _sample_groups(model_fn, loss_fn, unpack, block, full, groups, key, *, mask, meta, num_samples):
+    """Targets sampled from the model for every batch (batch ``k`` uses ``fold_in(key, k)``)."""
+    params = _merge(block, full, mask)
+
+    def one(batch, k):
+        x, _, _ = split_batch(batch, unpack)
+        return loss_fn.sample(model_fn(params, x), jax.random.fold_in(key, k), num_samples)
+
+    out: list = []
+    start = 0
+    for group, m in zip(groups, meta):
+        if m.stacked:
+            out.append(jax.vmap(one)(group, start + jnp.arange(m.num_batches)))
+        else:
+            out.append(one(group, start))
+        start += m.num_batches
+    return tuple(out)
+
+
+def fisher(
+    model_fn: Callable,
+    loss_fn: Callable,
+    params: PyTree,
+    data,
+    *,
+    key,
+    mc_samples: int = 1,
+    unpack: Callable | None = None,
+    wrt=None,
+    reduction: str = "mean",
+    check_finite: bool = True,
+    mode: str = "auto",
+    block: str = "auto",
+) -> CurvatureOperator:
+    r"""The Monte-Carlo Fisher ``J^T E_{y~p(y|x)}[g g^T] J`` over a data set, matrix-free.
+
+    The Fisher information of the model's predictive distribution
+    :math:`p(y \mid z)` (the likelihood whose negative log is ``loss_fn``),
+    with labels sampled from the model, not taken from the data (that is the
+    empirical Fisher, :func:`empirical_fisher`; Kunstner et al., 2019):
+
+    .. math::
+
+       F = \sum_b \frac{n_b}{N} J_b^\top \Big( \sum_i c_i \frac1S \sum_{s=1}^S
+           g_{is} g_{is}^\top \Big) J_b, \qquad
+       g_{is} = \nabla_{z_i} \ell(z_i, y_{is}), \quad y_{is} \sim p(y \mid z_i),
+
+    with ``S = mc_samples`` samples per position (example, or token), ``c_i``
+    the position's weight in the loss (``1/n_b``, or ``w_i / sum(w)`` for
+    weighted batches) and ``J_b`` the Jacobian of the model's outputs. Since
+    :math:`\mathbb E[g g^\top] = \nabla^2_z \ell` for these losses, the
+    expectation of ``F`` is the GGN (:func:`ggn`; Martens, 2014, "New insights
+    and perspectives on the natural gradient method"), and ``F`` converges to it
+    as :math:`1/\sqrt S`. Each sample term is an outer product, so ``F`` is
+    positive semi-definite (``op.psd`` is ``True``); its rank is at most
+    ``S`` times the number of positions.
+
+    The labels are drawn **once, when the operator is built** (one forward
+    pass over the data set; batch ``k`` uses ``jax.random.fold_in(key, k)``),
+    so the operator is a fixed matrix: the same ``key`` gives the same
+    operator, and every algorithm sees one consistent PSD matrix. A product
+    costs what a GGN product costs (``S`` only enlarges the output-space step).
+
+    Args:
+      model_fn: as in :func:`ggn`.
+      loss_fn: as in :func:`ggn`, and it must have ``sample(outputs, key,
+        num_samples)`` and ``fisher_output_hvp(outputs, samples, u,
+        weights=None)`` (the :mod:`hvp.losses` do: categorical labels for
+        softmax cross-entropy, Gaussian targets with variance 1/2 for squared
+        error, see :mod:`hvp.operators._losses`).
+      params: as in :func:`ggn`.
+      data: as in :func:`ggn`.
+      unpack: as in :func:`ggn`.
+      wrt: as in :func:`ggn`.
+      reduction: as in :func:`ggn`.
+      check_finite: as in :func:`ggn`.
+      mode: as in :func:`ggn`.
+      block: as in :func:`ggn`.
+      key: a JAX PRNG key (``jax.random.key(seed)``), required.
+      mc_samples: ``S``, the number of sampled labels per position (``>= 1``).
+
+    Raises:
+      TypeError: a loss without ``sample``/``fisher_output_hvp`` (the message
+        says what to implement), a missing or invalid ``key``, the errors of
+        :func:`ggn`.
+      ValueError: ``mc_samples`` not a positive int, the errors of :func:`ggn`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> x, y = jnp.eye(3), jnp.array([0, 1, 1])
+      >>> F = hvp.fisher(lambda p, x: x @ p, hvp.losses.softmax_cross_entropy, jnp.zeros((3, 2)),
+      ...                (x, y), key=jax.random.key(0), mc_samples=4)
+      >>> F.kind, F.psd, F.dense().shape
+      ('fisher', True, (6, 6))
+    """
+    _check_fisher_loss(loss_fn)
+    key = _check_fisher_key(key)
+    if (
+        isinstance(mc_samples, bool)
+        or not isinstance(mc_samples, (int, np.integer))
+        or mc_samples < 1
+    ):
+        raise ValueError(
+            f"`mc_samples` must be a positive int (labels sampled per example), got {mc_samples!r}."
+        )
+    _check_mode(mode)
+    block_mode = check_block(block)
+    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    name = "fisher" if wrt is None else f"fisher[{wrt}]"
+    ctx = _Context(name, data, dataset, "hvp.fisher")
+
+    def validate():
+        _check_targets(model_fn, loss_fn, unpack, params, dataset, ctx)
+        return _choose_mode(
+            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, dataset, ctx
+        )
+
+    model_mode = _once(dataset, ("fisher", model_fn, loss_fn, unpack, mode), params, validate)
+    samples = _sample_groups(
+        model_fn,
+        loss_fn,
+        unpack,
+        block,
+        full,
+        dataset.groups,
+        key,
+        mask=mask,
+        meta=dataset.meta,
+        num_samples=int(mc_samples),
+    )
+    # every batch carries its sampled targets: (batch, samples), scanned together
+    sampled = dataclasses.replace(
+        dataset, groups=tuple((g, s) for g, s in zip(dataset.groups, samples))
+    )
+    return CurvatureOperator(
+        product=_mc_fisher_product,
+        fns=(model_fn, loss_fn, unpack),
+        params=block,
+        full=full,
+        mask=mask,
+        dataset=sampled,
         reduction=reduction,
         lins=None,
         check_finite=check_finite,

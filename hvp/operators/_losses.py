@@ -31,6 +31,25 @@ with ``w_i`` broadcast to every position ``i`` it covers. Without weights
   broadcast to the outputs' shape; ``mean((o - t)^2)`` without weights):
   ``H_L = 2 diag(w) / sum(w)``.
 
+**The Fisher** (:func:`hvp.fisher`). Each built-in loss is the negative
+log-likelihood of a predictive distribution :math:`p(y \mid z)` up to scale,
+chosen so that :math:`\mathbb E_{y \sim p}[g g^\top] = \nabla^2_z \ell` for
+the per-position gradient :math:`g = \nabla_z \ell(z, y)`:
+
+* softmax cross-entropy: :math:`y \sim \mathrm{Categorical}(\mathrm{softmax}(z))`,
+  :math:`g = p - e_y`, :math:`\mathbb E[g g^\top] = \mathrm{diag}(p) - p p^\top`.
+* squared error, per entry :math:`\ell = (o - t)^2` with Hessian 2:
+  :math:`t \sim \mathcal N(o, \sigma^2)`, :math:`g = 2 (o - t)`,
+  :math:`\mathbb E[g^2] = 4 \sigma^2 = 2` for :math:`\sigma^2 = 1/2`.
+
+``sample(outputs, key, num_samples)`` draws the targets and
+``fisher_output_hvp(outputs, samples, u, weights=None)`` applies the Monte-Carlo
+output-space Fisher :math:`\sum_i c_i \frac1S \sum_s g_{is} (g_{is}^\top u_i)`
+with the same position weights :math:`c_i = w_i / \sum w` as ``output_hvp``,
+whose expectation is exactly ``output_hvp`` (for targets of unit mass).
+``sqrt_hessian(outputs, targets, weights=None)`` is a square root of the
+output Hessian per position (:math:`S S^\top = H`).
+
 On concrete targets (not inside ``jit``; the operators check every batch when
 they are built) the losses check the targets against the outputs: integer
 labels must lie in ``[0, C)`` (at the positions with nonzero weight),
@@ -220,6 +239,75 @@ class SoftmaxCrossEntropy:
         pu = p * u
         return mass * (pu - p * jnp.sum(pu, axis=-1, keepdims=True)) / denom
 
+    def _position_weights(self, logits, weights):
+        """``c_i = w_i / sum(w)`` per position (``1 / #positions`` without weights), shape ``(..., 1)``."""
+        w = _expand_weights(weights, logits.shape[:-1], self.name)
+        denom = _normaliser(w, math.prod(logits.shape[:-1]), logits.dtype)
+        c = jnp.ones(logits.shape[:-1], logits.dtype) if w is None else w.astype(logits.dtype)
+        return (c / denom)[..., None]
+
+    def sample(self, logits, key, num_samples: int = 1):
+        """Labels drawn from the model: ``y ~ Categorical(softmax(logits))`` per position.
+
+        Returns int32 labels of shape ``(num_samples, *logits.shape[:-1])``.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp
+          >>> y = softmax_cross_entropy.sample(jnp.array([[0.0, 30.0]]), jax.random.key(0), 3)
+          >>> y.shape, y.tolist()
+          ((3, 1), [[1], [1], [1]])
+        """
+        return jax.random.categorical(
+            key, logits, axis=-1, shape=(int(num_samples),) + tuple(logits.shape[:-1])
+        ).astype(jnp.int32)
+
+    def fisher_output_hvp(self, logits, samples, u, weights=None):
+        r"""The Monte-Carlo output-space Fisher applied to ``u``.
+
+        :math:`\sum_i c_i \frac1S \sum_s g_{is} (g_{is}^\top u_i)` with
+        :math:`g_{is} = p_i - e_{y_{is}}` (the gradient of the position's
+        cross-entropy at the sampled label ``samples[s]``) and :math:`c_i` the
+        position's weight in the loss. Its expectation over the samples is
+        ``output_hvp`` (``diag(p) - p p^T`` per position).
+
+        Examples:
+          >>> import jax, jax.numpy as jnp
+          >>> z, u = jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]])
+          >>> softmax_cross_entropy.fisher_output_hvp(z, jnp.array([[0], [1]]), u).tolist()
+          [[0.25, -0.25]]
+        """
+        p = jax.nn.softmax(logits, axis=-1)
+        g = p[None] - jax.nn.one_hot(samples, logits.shape[-1], dtype=p.dtype)
+        gu = jnp.sum(g * u[None], axis=-1, keepdims=True)
+        return self._position_weights(logits, weights) * jnp.mean(g * gu, axis=0)
+
+    def sqrt_hessian(self, logits, targets=None, weights=None):
+        r"""A square root of the output Hessian per position: ``S`` of shape ``(..., C, C)``.
+
+        :math:`S_i = \sqrt{c_i m_i} (\mathrm{diag}(\sqrt{p_i}) - p_i \sqrt{p_i}^\top)`
+        with :math:`S_i S_i^\top = c_i m_i (\mathrm{diag}(p_i) - p_i p_i^\top)`, the
+        block of position ``i`` of ``output_hvp`` (``m_i`` the mass of the targets,
+        1 for labels and one-hot targets; ``targets=None`` takes ``m_i = 1``).
+        Expanding: :math:`D D + p s^\top s p^\top - D s p^\top - p s^\top D` with
+        :math:`D = \mathrm{diag}(s)`, :math:`s = \sqrt p`, :math:`D s = p`,
+        :math:`s^\top s = 1`, gives :math:`\mathrm{diag}(p) - p p^\top`.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> S = softmax_cross_entropy.sqrt_hessian(jnp.zeros((1, 2)))
+          >>> (S @ jnp.swapaxes(S, -1, -2)).tolist()  # (diag(p) - p p^T) / 1 position
+          [[[0.25, -0.25], [-0.25, 0.25]]]
+        """
+        p = jax.nn.softmax(logits, axis=-1)
+        s = jnp.sqrt(p)
+        scale = self._position_weights(logits, weights)
+        if targets is not None:
+            t, _ = self._targets(logits, targets, weights)
+            scale = scale * jnp.sum(t, axis=-1, keepdims=True)
+        root = jnp.sqrt(scale)[..., None]
+        eye = jnp.eye(logits.shape[-1], dtype=p.dtype)
+        return root * (s[..., None] * eye - p[..., :, None] * s[..., None, :])
+
     def __repr__(self):
         if self.label_smoothing:
             return f"hvp.losses.SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
@@ -271,6 +359,60 @@ class MeanSquaredError:
             return (2.0 / outputs.size) * u
         w = _expand_weights(weights, outputs.shape, self.name).astype(u.dtype)
         return 2.0 * w * u / _normaliser(w, outputs.size, u.dtype)
+
+    def _position_weights(self, outputs, weights):
+        """``c = w / sum(w)`` per entry (``1 / size`` without weights), shaped like the outputs."""
+        if weights is None:
+            return jnp.full(outputs.shape, 1.0 / outputs.size, outputs.dtype)
+        w = _expand_weights(weights, outputs.shape, self.name).astype(outputs.dtype)
+        return w / _normaliser(w, outputs.size, outputs.dtype)
+
+    def sample(self, outputs, key, num_samples: int = 1):
+        r"""Targets drawn from the model: ``t = outputs + eps / sqrt(2)``, ``eps ~ N(0, 1)`` per entry.
+
+        The variance :math:`\sigma^2 = 1/2` makes the gradient
+        :math:`g = 2 (o - t)` of the entry's squared error have
+        :math:`\mathbb E[g^2] = 4 \sigma^2 = 2`, the entry's second derivative.
+        Returns shape ``(num_samples, *outputs.shape)``.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp
+          >>> t = mean_squared_error.sample(jnp.zeros((2, 3)), jax.random.key(0), 4)
+          >>> t.shape
+          (4, 2, 3)
+        """
+        eps = jax.random.normal(key, (int(num_samples),) + tuple(outputs.shape), outputs.dtype)
+        return outputs[None] + jnp.sqrt(jnp.asarray(0.5, outputs.dtype)) * eps
+
+    def fisher_output_hvp(self, outputs, samples, u, weights=None):
+        r"""The Monte-Carlo output-space Fisher applied to ``u``: ``c * mean_s(g_s^2) * u``.
+
+        :math:`g_s = 2 (o - t_s)` per entry and ``c`` the entry's weight in the
+        loss; its expectation over the samples is ``output_hvp`` (``2 c u``).
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> o = jnp.zeros((1, 1))
+          >>> mean_squared_error.fisher_output_hvp(o, jnp.array([[[0.5]], [[-0.5]]]), jnp.ones((1, 1)))
+          Array([[1.]], dtype=float64)
+        """
+        g = 2.0 * (outputs[None] - samples)
+        return self._position_weights(outputs, weights) * jnp.mean(g * g, axis=0) * u
+
+    def sqrt_hessian(self, outputs, targets=None, weights=None):
+        """A square root of the (diagonal) output Hessian: ``sqrt(2 c)``, shaped like the outputs.
+
+        The output Hessian is ``diag(2 c)`` (``c = w / sum(w)`` per entry), so its
+        square root is diagonal too; the diagonal is returned.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> mean_squared_error.sqrt_hessian(jnp.zeros((1, 2))).tolist()  # sqrt(2 / 2)
+          [[1.0, 1.0]]
+        """
+        if targets is not None:
+            self._check(outputs, targets)
+        return jnp.sqrt(2.0 * self._position_weights(outputs, weights))
 
     def __repr__(self):
         return "hvp.losses.mean_squared_error"
