@@ -13,7 +13,7 @@ matrix-free: the curvature :math:`B` is the generalised Gauss-Newton matrix
 :math:`J^\top H_\ell J` (:func:`hvp.ggn`, positive semi-definite, solved by
 conjugate gradients) or the Hessian (:func:`hvp.hessian`, indefinite away
 from a minimum, solved by MINRES), each product one pass over the curvature
-batch; the solve (:func:`hvp.linalg.solve`) stops at a relative residual
+batch; the solve (:func:`hvp.solve`) stops at a relative residual
 ``rtol`` or after ``max_matvecs`` products, whichever comes first. Of
 Martens (2010) and Martens & Sutskever (2012, "Training deep and recurrent
 networks with Hessian-free optimization") this implements:
@@ -104,7 +104,7 @@ class HessianFreeState(NamedTuple):
       (0, 1.0, [0.0, 0.0])
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax states name their step counter `count`
     damping: jax.Array
     prev_step: Any
     loss: jax.Array
@@ -188,7 +188,7 @@ def hessian_free(
         eigenvalue of the GGN (``hvp.eigsh``) are a safe start, and the
         adaptation moves it by factors of 3/2 and 2/3 per step.
       max_matvecs: budget of curvature products of one solve (>= 2; as in
-        :func:`hvp.linalg.solve`, the product of the warm start and the final
+        :func:`hvp.solve`, the product of the warm start and the final
         true-residual product count); a step uses one more, for :math:`p^\top B p`.
       rtol: the solve stops when its relative residual
         :math:`\|b - (B + \lambda I)x\| / \|b\|` falls below ``rtol``.
