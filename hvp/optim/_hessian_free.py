@@ -183,10 +183,9 @@ def hessian_free(
         GGN to be positive semi-definite).
       curvature: ``"ggn"`` (default; conjugate gradients) or ``"hessian"``
         (MINRES, for indefinite curvature).
-      damping: initial :math:`\lambda > 0`. Martens (2010) starts at 45 for
-        autoencoders; with a mean loss over a batch, values near the top
-        eigenvalue of the GGN (``hvp.eigsh``) are a safe start, and the
-        adaptation moves it by factors of 3/2 and 2/3 per step.
+      damping: initial :math:`\lambda > 0`. The adaptation moves it by
+        factors of 3/2 and 2/3 per step, so a poor start costs a few steps; the
+        top eigenvalue of the GGN (``hvp.eigsh``) is a safe upper end.
       max_matvecs: budget of curvature products of one solve (>= 2; as in
         :func:`hvp.solve`, the product of the warm start and the final
         true-residual product count); a step uses one more, for :math:`p^\top B p`.
