@@ -27,6 +27,7 @@ GROUPS = {
     "analysis": "benchmarks.bench_analysis",
     "coldwarm": "benchmarks.bench_cold_warm",
     "solve": "benchmarks.bench_solve",
+    "hessian_free": "benchmarks.bench_hessian_free",
 }
 ALIASES = {
     "1": "dense",
@@ -36,6 +37,8 @@ ALIASES = {
     "5": "analysis",
     "6": "coldwarm",
     "7": "solve",
+    "8": "hessian_free",
+    "hf": "hessian_free",
     "cold": "coldwarm",
     "warm": "coldwarm",
     "cold_warm": "coldwarm",
@@ -63,7 +66,7 @@ def _parse(argv):
         action="append",
         default=None,
         metavar="GROUP",
-        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-7)",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-8)",
     )
     p.add_argument(
         "--out",
@@ -85,7 +88,7 @@ def _groups(only):
             name = ALIASES.get(name, name)
             if name not in GROUPS:
                 raise SystemExit(
-                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-7)."
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-8)."
                 )
             if name not in names:
                 names.append(name)

@@ -5,7 +5,7 @@ Layers (each imports only from the ones before it):
 * :mod:`hvp.tree` - pytree arithmetic, random probes, validation.
 * :mod:`hvp.operators` - Hessian / GGN / empirical Fisher operators over data sets.
 * :mod:`hvp.linalg` - matrix-free algorithms (Lanczos, SLQ, trace, diagonal).
-* integrations - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`.
+* integrations - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`, :mod:`hvp.optim`.
 * :mod:`hvp.cli` - the ``hvp`` command.
 """
 
@@ -51,6 +51,7 @@ _LAZY = {
     "flax": ("hvp.flax", None),
     "monitor": ("hvp.monitor", None),
     "analysis": ("hvp.analysis", None),
+    "optim": ("hvp.optim", None),
     "CurvatureMonitor": ("hvp.monitor", "CurvatureMonitor"),
     "analyze": ("hvp.analysis", "analyze"),
 }
@@ -108,4 +109,5 @@ __all__ = [
     "flax",
     "monitor",
     "analysis",
+    "optim",
 ]

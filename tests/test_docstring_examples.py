@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
     "hvp.flax",
     "hvp.monitor",
     "hvp.analysis",
+    "hvp.optim",
 ]
 
 
