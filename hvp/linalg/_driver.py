@@ -92,9 +92,16 @@ __all__ = [
     "CheckpointMismatchError",
     "Progress",
     "StateMachine",
+    "as_checkpoint",
     "block_product",
+    "check_checkpoint_path",
+    "fingerprint",
+    "load_state",
+    "read_checkpoint_meta",
+    "remove_checkpoint",
     "resolve_driver",
     "run",
+    "save_state",
 ]
 
 DRIVERS = ("auto", "compiled", "host")
@@ -531,6 +538,21 @@ def _remove(path) -> None:
             stale.unlink()
 
 
+def as_checkpoint(checkpoint) -> Checkpoint | None:
+    """``checkpoint`` (``None``, a path or a :class:`Checkpoint`) as a :class:`Checkpoint`."""
+    return _as_checkpoint(checkpoint)
+
+
+def check_checkpoint_path(path) -> None:
+    """Raise before any work when a checkpoint at ``path`` could never be written."""
+    _check_checkpoint_path(path)
+
+
+def remove_checkpoint(path) -> None:
+    """Delete a finished run's checkpoint file (and temporary files a killed save left)."""
+    _remove(path)
+
+
 class _Terminated(SystemExit):
     """SIGTERM turned into an exception so that the host driver can save its state."""
 
@@ -684,6 +706,51 @@ def _save(path, state, fingerprint: dict, steps: int) -> None:
     meta = dict(fingerprint, steps=steps, dtypes=dtypes, weak_types=weak)
     with atomic_open(path, "wb") as f:  # written straight to the file: no second copy in memory
         np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The metadata of a checkpoint file (what :func:`save_state` stored beside the state).
+
+    For algorithms whose state layout depends on earlier decisions (adaptive rounds): read
+    the decisions first, build a template state, then :func:`load_state`.
+
+    Raises:
+      CheckpointMismatchError: the file is truncated, corrupt or not an hvp checkpoint.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["__meta__"]))
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except Exception as err:
+        raise CheckpointMismatchError(
+            f"Cannot read the checkpoint {os.fspath(path)!r} ({type(err).__name__}: {err}): the "
+            "file is truncated, corrupt or not an hvp checkpoint. Delete it to start afresh."
+        ) from err
+    return meta
+
+
+def fingerprint(alg, op, state, traced=()) -> dict:
+    """What identifies a run of ``alg`` on ``op`` from ``state`` (see :func:`save_state`)."""
+    return _fingerprint(alg, op, state, traced)
+
+
+def save_state(path, state, fingerprint: dict, **extra) -> None:
+    """Save ``state`` atomically with ``fingerprint`` and JSON-serialisable ``extra`` metadata.
+
+    The building block of checkpoints that span several :func:`run` calls (adaptive rounds).
+    """
+    _save(path, state, dict(fingerprint, **extra), 0)
+
+
+def load_state(path, template, fingerprint: dict):
+    """The state saved by :func:`save_state`, typed and placed like ``template``.
+
+    Raises:
+      CheckpointMismatchError: the file is of another run (``fingerprint`` differs), holds
+        another layout than ``template``, or is unreadable.
+    """
+    return _load(path, template, fingerprint)[0]
 
 
 _CAUSES = {
