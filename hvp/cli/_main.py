@@ -589,6 +589,9 @@ def _enable_compilation_cache() -> None:
             return
         os.makedirs(where, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", where)
+        # JAX caches only programs that took >= 1 s to compile by default; an analysis's are
+        # mostly small (the algorithms' steps), so that default left most of them uncached.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except Exception:  # an unwritable home directory must not stop the analysis
         return
 

@@ -109,6 +109,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from functools import partial
 from typing import ClassVar
 
 import jax
@@ -722,6 +723,17 @@ def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts):
     )
 
 
+_initial_state_jit = jax.jit(_initial_state, static_argnums=0)
+
+
+@partial(jax.jit, static_argnums=0)
+def _random_initial_state(alg: ThickRestartLanczos, key, like, tol, max_restarts):
+    """The initial state from a random unit start vector (``v0=None``), in one program."""
+    k_start, k_run = jax.random.split(key)
+    v = tu.normal_like(k_start, like)
+    return _initial_state(alg, tu.scale(1.0 / tu.norm(v), v), k_run, like, tol, max_restarts)
+
+
 # ---------------------------------------------------------------------------
 # Public entry point.
 # ---------------------------------------------------------------------------
@@ -943,9 +955,12 @@ def eigsh(
         full_space=bool(confirm) and not single and not room,
         single=single,
     )
-    k_start, k_run = jax.random.split(key)
-    start = _start_vector(v0, op.like, k_start)
-    state = _initial_state(alg, start, k_run, op.like, tol, max_restarts)
+    if v0 is None:  # one compiled program (eagerly: about 50 small ones, 0.5 s cold on CPU)
+        state = _random_initial_state(alg, key, op.like, tol, max_restarts)
+    else:
+        k_start, k_run = jax.random.split(key)
+        start = _start_vector(v0, op.like, k_start)
+        state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts)
     out, chosen = run(
         alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key, v0)
     )
@@ -973,8 +988,8 @@ def eigsh(
             "(`hvp.tree.nonfinite_leaves`), or build the operator with `check_finite=True` to "
             "find the leaf."
         )
-    if not bool(jnp.all(conv)):
-        nc = int(jnp.sum(conv))
+    if not np.all(np.asarray(conv)):
+        nc = int(np.sum(np.asarray(conv)))
         why = (
             ""
             if bool(confirmed) or not can_confirm

@@ -525,6 +525,9 @@ def _initial_state(key, like, alg: LanczosQuadrature) -> dict:
     return state
 
 
+_initial_state_jit = jax.jit(_initial_state, static_argnums=2)
+
+
 def _slq_eps(like, basis_dtype) -> float:
     """Breakdown threshold unit: the roundoff of the coarsest dtype the vectors pass through."""
     dts = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(like)]
@@ -651,7 +654,7 @@ def spectral_density(
         basis_dtype=None if basis_dtype is None else basis_dtype.name,
         eps=_slq_eps(op.like, basis_dtype),
     )
-    state = _initial_state(key, op.like, alg)
+    state = _initial_state_jit(key, op.like, alg)  # one program (eagerly: one per leaf shape)
     (nodes, weights, nmv), chosen = run(
         alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
     )

@@ -83,7 +83,9 @@ machine          steps (block products)
 Probe ``i`` always comes from ``fold_in(key, i)`` (:mod:`hvp.linalg._probes`), so the
 estimate does not depend on the chunk size nor on the driver. Adaptive mode is a loop over
 rounds, each one run of a machine that starts from the previous round's state (Hutch++ and
-XTrace keep their sketch and extend it; Hutchinson continues the probe sequence).
+XTrace keep their sketch and extend it; Hutchinson continues the probe sequence). A
+checkpoint of adaptive mode saves the round at its start and the round's run as it goes,
+so a resumed adaptive run equals an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -112,7 +114,21 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
-from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
+from hvp.linalg._driver import (
+    Checkpoint,
+    CheckpointMismatchError,
+    Progress,
+    StateMachine,
+    as_checkpoint,
+    check_checkpoint_path,
+    fingerprint,
+    load_state,
+    read_checkpoint_meta,
+    remove_checkpoint,
+    resolve_driver,
+    run,
+    save_state,
+)
 from hvp.linalg._probes import probes, unit_block
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
@@ -914,10 +930,11 @@ def trace(
       progress: host driver: show the products, the current estimate ``± std_error`` and the
         time left on stderr (``None``: when stderr is a terminal). Adaptive mode shows one
         display per round.
-      checkpoint: host driver, fixed budget: a path or :class:`hvp.linalg.Checkpoint` to save
-        the state to and resume from (same arguments, same result, bit for bit). Adaptive mode
-        cannot be checkpointed (its rounds grow the sketch); pass the budget as
-        ``num_matvecs`` instead.
+      checkpoint: host driver: a path or :class:`hvp.linalg.Checkpoint` to save the state to
+        and resume from (same arguments, same result, bit for bit). In adaptive mode the file
+        holds the current round (its sketch, kept probes and pooled samples, saved at the
+        start of each round) and a second file, ``path + ".round"``, the round's progress
+        (saved every ``Checkpoint.every`` steps); both are removed when the run ends.
 
     Returns:
       :class:`TraceResult` with ``estimate``, ``std_error``, ``num_matvecs`` (a Python
@@ -1008,15 +1025,20 @@ def trace(
             "Adaptive mode (`rtol=`/`atol=`) decides on concrete values and cannot run inside "
             "`jax.jit`; call it outside, or use a fixed `num_matvecs`."
         )
-    if checkpoint is not None:
-        raise ValueError(
-            "`checkpoint=` resumes a fixed budget; adaptive mode (`rtol=`/`atol=`) grows its "
-            "sketch from round to round and cannot be checkpointed. Pass the budget as "
-            "`num_matvecs=` (without `rtol`/`atol`) to checkpoint the run."
-        )
     chunk = resolve_chunk(chunk_size, max(num_matvecs, 1))
     return _adaptive(
-        op, key, method, num_matvecs, max_matvecs, rtol, atol, chunk, jackknife, driver, progress
+        op,
+        key,
+        method,
+        num_matvecs,
+        max_matvecs,
+        rtol,
+        atol,
+        chunk,
+        jackknife,
+        driver,
+        progress,
+        checkpoint,
     )
 
 
@@ -1038,7 +1060,64 @@ def _cost(method: str, num_matvecs: int) -> int:
     return num_matvecs
 
 
-def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife, driver, progress):
+@dataclasses.dataclass(frozen=True)
+class _AdaptiveTrace:
+    """What identifies an adaptive run in its checkpoint (the settings of all its rounds)."""
+
+    name: ClassVar[str] = "trace (adaptive)"
+    method: str
+    batch: int
+    max_matvecs: int
+    rtol: float
+    atol: float
+    chunk: int
+    jackknife: bool
+
+
+_ROUND_MACHINES = {m.__name__: m for m in (Hutchinson, HutchPP, XTrace, ExactTrace)}
+
+
+def _round_path(path) -> str:
+    """The checkpoint of the current round's run, beside the adaptive run's own file."""
+    return os.fspath(path) + ".round"
+
+
+def _template(alg, key, like):
+    """A state with the layout of a round of ``alg`` (to restore a saved round into)."""
+    if isinstance(alg, Hutchinson):
+        return _hutchinson_state(key, like, alg.count, 0, 0)
+    if isinstance(alg, HutchPP):
+        return _hutchpp_state(alg, key, like, None, 0)
+    if isinstance(alg, XTrace):
+        return _xtrace_state(alg, _zeros(like, alg.p - alg.p_old), like, None, 0)
+    return _exact_state(like, alg.n, 0)
+
+
+def _load_round(path, fp: dict, key, like):
+    """``(machine, initial state, products before it, pooled samples)`` of the saved round."""
+    meta = read_checkpoint_meta(path)
+    if meta.get("algorithm") != fp["algorithm"] or meta.get("settings") != fp["settings"]:
+        load_state(path, {"key": key}, fp)  # raises, naming what differs
+    try:
+        alg = _ROUND_MACHINES[meta["round_machine"]](**meta["round_settings"])
+        total, pooled = int(meta["total"]), int(meta["pooled"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointMismatchError(
+            f"The checkpoint {os.fspath(path)!r} has no valid description of its round "
+            f"({type(err).__name__}: {err}). Delete it to start afresh."
+        ) from err
+    template = {
+        "key": key,
+        "round": _template(alg, key, like),
+        "pooled": jnp.zeros((pooled,), acc_dtype(like)),
+    }
+    saved = load_state(path, template, fp)
+    return alg, saved["round"], total, saved["pooled"] if pooled else None
+
+
+def _adaptive(
+    op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife, driver, progress, checkpoint
+):
     """Adaptive rounds; every product is used once and the total never passes ``n`` unless exact.
 
     Each round is one run of a state machine (:class:`Hutchinson`, :class:`HutchPP` or
@@ -1050,67 +1129,116 @@ def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife,
     (``1/sqrt(m)`` decay for Hutchinson, ``1/m`` for Hutch++ and XTrace), the exact trace
     is computed instead when ``max_matvecs`` allows it (``n`` more products); when it does
     not, rounds continue while their total stays below ``n``.
+
+    **Checkpoints.** A round is fully described by its machine (static settings), its initial
+    state (which holds everything carried over: the sketch, the kept probes and products,
+    the probe counter) and, for Hutchinson, the samples pooled so far. At the start of each
+    round these are saved atomically to ``checkpoint.path``; the round's own run saves its
+    progress every ``checkpoint.every`` steps to ``checkpoint.path + ".round"``. Resuming
+    restores the round and resumes its run, so the result equals an uninterrupted run bit
+    for bit (every later decision is a function of these arrays). Both files go when the
+    run ends.
     """
     n, like = op.size, op.like
     policy = dtype_policy(like)
     power = 0.5 if method == "hutchinson" else 1.0
+    ckpt = as_checkpoint(checkpoint)
+    inner = fp = resumed = None
+    if ckpt is not None:
+        resolve_driver(driver, op, key, progress=progress, checkpoint=ckpt)
+        check_checkpoint_path(ckpt.path)
+        inner = Checkpoint(_round_path(ckpt.path), ckpt.every)
+        ident = _AdaptiveTrace(method, batch, max_matvecs, rtol, atol, chunk, jackknife)
+        fp = fingerprint(ident, op, {"key": key}, traced=(key,))
+        if os.path.exists(ckpt.path):
+            resumed = _load_round(ckpt.path, fp, key, like)
 
-    def go(alg, state):
-        return run(alg, op, state, driver=driver, progress=progress)[0]
+    def finish(result):
+        if ckpt is not None:
+            remove_checkpoint(ckpt.path)
+            remove_checkpoint(inner.path)
+        return result
 
-    total, carry, parts = 0, None, []
-    k_old = r_old = p_old = 0  # sketch / residual / XTrace probes used so far
+    total, carry, pooled, last = 0, None, None, None
     res = None
     while True:
-        if total == 0:
-            target = batch
-        elif method == "hutchinson":
-            target = total + min(batch, max_matvecs - total)
+        if resumed is not None:
+            alg, state, total, pooled = resumed
+            resumed = None
         else:
-            target = min(2 * total, max_matvecs)
-        if total > 0:
-            predicted = _predicted_total(total, res.estimate, res.std_error, rtol, atol, power)
-        else:
-            predicted = 0.0
-        exact_affordable = total + n <= max_matvecs
-        if (target >= n or predicted >= n) and exact_affordable:
-            alg = ExactTrace(n=n, step=min(chunk, n))
-            est, se, samples, _ = go(alg, _exact_state(like, n, total))
+            k_old, r_old = (last.k, last.r) if isinstance(last, HutchPP) else (0, 0)
+            p_old = last.p if isinstance(last, XTrace) else 0
+            if total == 0:
+                target = batch
+            elif method == "hutchinson":
+                target = total + min(batch, max_matvecs - total)
+            else:
+                target = min(2 * total, max_matvecs)
+            if total > 0:
+                predicted = _predicted_total(total, res.estimate, res.std_error, rtol, atol, power)
+            else:
+                predicted = 0.0
+            exact_affordable = total + n <= max_matvecs
+            if (target >= n or predicted >= n) and exact_affordable:
+                alg = ExactTrace(n=n, step=min(chunk, n))
+                state = _exact_state(like, n, total)
+            elif target >= n or target <= total or _cost(method, target) <= total:
+                break  # random rounds never reach n products: stop, unconverged
+            elif method == "hutchinson":
+                count = target - total
+                alg = Hutchinson(count=count, step=min(chunk, count), chunk=chunk)
+                state = _hutchinson_state(key, like, count, total, total)
+            elif method == "hutch++":
+                k = max(k_old, target // 3)
+                r = target - 2 * k
+                if r < r_old:
+                    k, r = k_old, target - 2 * k_old
+                alg = HutchPP(k_old=k_old, k=k, r_old=r_old, r=r, chunk=chunk, keep=True)
+                state = _hutchpp_state(alg, key, like, carry, total)
+            else:
+                p = target // 2
+                omega = _draw(key, like, p_old, count=p - p_old, kind="normal")
+                alg = XTrace(p_old=p_old, p=p, chunk=chunk, n=n, jackknife=jackknife, keep=True)
+                state = _xtrace_state(alg, omega, like, carry, total)
+            if ckpt is not None:
+                remove_checkpoint(inner.path)  # a finished round's file that outlived it
+                empty = jnp.zeros((0,), acc_dtype(like))
+                save_state(
+                    ckpt.path,
+                    {"key": key, "round": state, "pooled": empty if pooled is None else pooled},
+                    fp,
+                    round_machine=type(alg).__name__,
+                    round_settings=dataclasses.asdict(alg),
+                    total=total,
+                    pooled=0 if pooled is None else int(pooled.shape[0]),
+                )
+        out = run(alg, op, state, driver=driver, progress=progress, checkpoint=inner)[0]
+        last = alg
+        if isinstance(alg, ExactTrace):
+            est, se, samples, _ = out
             raise_if_nonfinite(op, "trace estimate", est)
-            return TraceResult(
-                estimate=est,
-                std_error=se,
-                num_matvecs=total + n,
-                method="exact",
-                samples=samples,
-                converged=True,
-                dtype_policy=policy,
+            return finish(
+                TraceResult(
+                    estimate=est,
+                    std_error=se,
+                    num_matvecs=total + n,
+                    method="exact",
+                    samples=samples,
+                    converged=True,
+                    dtype_policy=policy,
+                )
             )
-        if target >= n:  # random rounds never reach n products: stop, unconverged
-            break
-        if target <= total or _cost(method, target) <= total:
-            break
-        if method == "hutchinson":
-            count = target - total
-            alg = Hutchinson(count=count, step=min(chunk, count), chunk=chunk)
-            parts.append(go(alg, _hutchinson_state(key, like, count, total, total))[2])
-            samples = jnp.concatenate(parts)
+        if isinstance(alg, Hutchinson):
+            pooled = out[2] if pooled is None else jnp.concatenate([pooled, out[2]])
+            samples = pooled
             est, se = _mean_se(samples)
-            total = target
-        elif method == "hutch++":
-            k = max(k_old, target // 3)
-            r = target - 2 * k
-            if r < r_old:
-                k, r = k_old, target - 2 * k_old
-            alg = HutchPP(k_old=k_old, k=k, r_old=r_old, r=r, chunk=chunk, keep=True)
-            est, se, samples, _, carry = go(alg, _hutchpp_state(alg, key, like, carry, total))
-            k_old, r_old, total = k, r, 2 * k + r
+            total += alg.count
+        elif isinstance(alg, HutchPP):
+            est, se, samples, _, carry = out
+            total = 2 * alg.k + alg.r
         else:
-            p = target // 2
-            omega = _draw(key, like, p_old, count=p - p_old, kind="normal")
-            alg = XTrace(p_old=p_old, p=p, chunk=chunk, n=n, jackknife=jackknife, keep=True)
-            est, se, samples, _, carry = go(alg, _xtrace_state(alg, omega, like, carry, total))
-            p_old, total = p, 2 * p
+            est, se, samples, _, carry = out
+            total = 2 * alg.p
         res = TraceResult(
             estimate=est,
             std_error=se,
@@ -1122,5 +1250,5 @@ def _adaptive(op, key, method, batch, max_matvecs, rtol, atol, chunk, jackknife,
         )
         raise_if_nonfinite(op, "trace estimate", est)
         if total >= 2 and _met(est, se, rtol, atol):
-            return dataclasses.replace(res, converged=True)
-    return res
+            return finish(dataclasses.replace(res, converged=True))
+    return finish(res)

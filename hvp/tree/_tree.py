@@ -915,6 +915,12 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+@jax.jit
+def _finite_flags(leaves):
+    """Whether each leaf is finite, in one compiled program (eagerly: two per leaf shape)."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def nonfinite_leaves(tree: PyTree) -> list[str]:
     """Paths of the leaves that contain NaN or Inf (forces a host sync).
 
@@ -927,5 +933,5 @@ def nonfinite_leaves(tree: PyTree) -> list[str]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return []
-    flags = jax.device_get(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in flat]))
+    flags = jax.device_get(_finite_flags([x for _, x in flat]))
     return [path_str(p) or "<root>" for (p, _), ok in zip(flat, np.asarray(flags)) if not ok]

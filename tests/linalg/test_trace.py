@@ -466,6 +466,91 @@ def test_resume_bitwise(method, tmp_path):
     assert_resume_bitwise(_small(method), tmp_path, interrupt_after=2)
 
 
+_ADAPTIVE = {
+    # method: (operator, round size, rtol, block products, interrupt after these products)
+    # hutchinson: rounds of 8 pooled probes (4 per step) until 40 products
+    "hutchinson": ("flat", 8, 3e-3, [4] * 10, (3,)),
+    # hutch++: totals 6, 12, 24 (the sketch and the kept residual probes extended)
+    "hutch++": ("decaying", 6, 2e-2, [2] * 6 + [4] * 3, (7,)),
+    # xtrace: totals 6, 12, 24 (Omega, then Q, per round)
+    "xtrace": ("decaying", 6, 2e-2, [3, 3, 3, 3, 6, 6], (3,)),
+}
+
+
+def _adaptive(method, **fixed):
+    name, m, rtol, _, _ = _ADAPTIVE[method]
+
+    def call(**kw):
+        args = dict(key=jax.random.key(5), num_matvecs=m, method=method, rtol=rtol)
+        args.update(max_matvecs=400, chunk_size=4, **fixed)
+        return trace(OPS[name], **{**args, **kw})
+
+    return call
+
+
+@pytest.mark.parametrize(
+    "method", ["hutchinson", "hutch++", pytest.param("xtrace", marks=pytest.mark.slow)]
+)
+def test_adaptive_drivers_agree_and_resume_bitwise(method, tmp_path, monkeypatch):
+    call, blocks = _adaptive(method), _ADAPTIVE[method][3]
+    with monkeypatch.context() as mp:
+        calls = _count_blocks(mp)
+        call(driver="host")
+        assert calls == blocks  # the host run's block products: several random rounds
+    host, comp = assert_drivers_agree(call, rtol=1e-12)
+    assert host.converged and host.num_matvecs == comp.num_matvecs == sum(blocks)
+    # interrupted in the first round and in later rounds (a carried sketch / pooled samples)
+    for after in _ADAPTIVE[method][4]:
+        _, resumed = assert_resume_bitwise(call, tmp_path, interrupt_after=after)
+        assert resumed.num_matvecs == host.num_matvecs
+        assert not (tmp_path / "state.npz.round").exists()
+
+
+def test_adaptive_resume_in_the_exact_round(tmp_path):
+    # n = 30: a random round of 4 products predicts more than n, so 30 unit vectors follow
+    def call(**kw):
+        return trace(
+            _SMALL,
+            key=jax.random.key(5),
+            num_matvecs=4,
+            method="hutch++",
+            rtol=1e-9,
+            max_matvecs=60,
+            chunk_size=3,
+            **kw,
+        )
+
+    for after in (2, 7):
+        ref, _ = assert_resume_bitwise(call, tmp_path, interrupt_after=after)
+    assert ref.method == "exact" and ref.num_matvecs == 34
+    assert abs(float(ref.estimate) - _SMALL_TRUTH) < 1e-12
+
+
+def test_adaptive_checkpoint_of_another_run_is_refused(tmp_path):
+    path = tmp_path / "state.npz"
+    orig = _driver.block_product
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return orig(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_driver, "block_product", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            _adaptive("hutch++")(checkpoint=hvp.linalg.Checkpoint(path, every=1))
+    assert path.exists()
+    with pytest.raises(hvp.linalg.CheckpointMismatchError, match="settings"):
+        _adaptive("hutch++")(rtol=1e-2, checkpoint=path)
+    with pytest.raises(hvp.linalg.CheckpointMismatchError, match="another key"):
+        _adaptive("hutch++")(key=jax.random.key(6), checkpoint=path)
+    with pytest.raises(hvp.linalg.CheckpointMismatchError, match="adaptive"):
+        trace(OPS["decaying"], key=jax.random.key(5), num_matvecs=6, checkpoint=path)  # fixed
+    assert _adaptive("hutch++")(checkpoint=path).converged and not path.exists()
+
+
 def _count_blocks(monkeypatch):
     calls = []
     orig = _driver.block_product
@@ -505,8 +590,8 @@ def test_progress_text_and_checkpoint_rules(tmp_path):
     state = {"samples": np.array([1.0, 2.0, 3.0, 0.0]), "pos": 3, "matvecs": 3}
     info = alg.progress(state)
     assert (info.matvecs, info.total) == (3, 4) and info.text == "trace 2 ± 0.58"
-    with pytest.raises(ValueError, match="adaptive mode"):
-        trace(_SMALL, key=jax.random.key(0), rtol=0.1, checkpoint=tmp_path / "t.npz")
+    with pytest.raises(ValueError, match="host driver"):
+        trace(_SMALL, key=jax.random.key(0), rtol=0.1, driver="compiled", checkpoint=tmp_path)
     with pytest.raises(ValueError, match="host driver"):
         trace(_SMALL, key=jax.random.key(0), driver="compiled", checkpoint=tmp_path / "t.npz")
     with pytest.raises(ValueError, match="driver"):
