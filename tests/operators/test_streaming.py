@@ -1,0 +1,266 @@
+"""Streamed data sets (issue 13, items 1-3): equal to the in-memory operators, one pass per block.
+
+The streamed operator reads its data set again on every product; these tests check it against
+the in-memory operator (float64, 1e-12) and against dense float64 references, count the passes
+each algorithm makes with an instrumented loader, bound the batches on the device, and check the
+determinism check, the automatic choice and the errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from problems import build, make_operator, reference, relative_error
+
+import hvp
+from hvp.operators import _data
+
+KEY = jax.random.key(0)
+
+
+class CountingLoader:
+    """A loader whose ``__iter__`` starts over; counts the passes (fresh iterators)."""
+
+    def __init__(self, batches, *, change_on_pass=None, change=None):
+        self.batches = [jax.tree_util.tree_map(np.asarray, b) for b in batches]
+        self.passes = 0
+        self.change_on_pass = change_on_pass
+        self.change = change
+
+    def __iter__(self):
+        self.passes += 1
+        batches = self.batches
+        if self.change_on_pass is not None and self.passes >= self.change_on_pass:
+            batches = self.change(batches)
+        return iter(batches)
+
+
+def _shuffled(batches):
+    rng = np.random.default_rng(7)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    perm = rng.permutation(len(x))
+    x, y = x[perm], y[perm]
+    out, start = [], 0
+    for b in batches:
+        n = len(b[0])
+        out.append((x[start : start + n], y[start : start + n]))
+        start += n
+    return out
+
+
+def _rel(a, b):
+    return relative_error(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# equality with the in-memory operators and the dense references
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("nested", "hessian"),
+        ("linear_regression", "ggn"),
+        ("linear_regression", "empirical_fisher"),
+    ],
+)
+def test_streamed_operator_equals_in_memory(name, kind):
+    # mixed-shape pytree parameters (nested), 3 equal batches + a ragged last one (13 examples)
+    prob = build(name)
+    mem = make_operator(prob, kind)
+    loader = CountingLoader(prob.batches)
+    st = make_operator(prob, kind, data=loader, stream=True)
+    assert st.streaming and not mem.streaming and isinstance(st, hvp.operators.CurvatureOperator)
+    assert (st.num_examples, st.num_batches) == (mem.num_examples, mem.num_batches)
+    dense = np.asarray(st.dense())
+    assert _rel(dense, mem.dense()) < 1e-12
+    assert _rel(dense, reference(name, kind)) < 1e-10
+    v = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), prob.params)
+    assert _rel(hvp.tree.ravel(st.mv(v)), hvp.tree.ravel(mem.mv(v))) < 1e-12
+    assert loader.passes == 3  # the building pass, dense() (one block of n columns), mv
+
+
+def test_weighted_batches_and_array_batches_on_npy_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(11, 3)), rng.normal(size=(11, 2))
+    w = rng.uniform(0.0, 2.0, size=11)
+    w[4] = 0.0  # a masked example
+    for arr, nm in ((x, "x"), (y, "y"), (w, "w")):
+        np.save(tmp_path / f"{nm}.npy", arr)
+    files = tuple(str(tmp_path / f"{nm}.npy") for nm in ("x", "y", "w"))
+    params = {"w": 0.3 * rng.normal(size=(3, 2)), "b": np.zeros(2)}
+
+    def model(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    loss = hvp.operators.compose(model, hvp.losses.mean_squared_error)
+    source = hvp.operators.ArrayBatches(files, batch_size=4)  # 4, 4, 3: ragged
+    in_memory = list(source)
+    assert isinstance(in_memory[0][0], np.memmap)
+    for build_op in (
+        lambda d, **k: hvp.hessian(loss, params, d, **k),
+        lambda d, **k: hvp.ggn(model, hvp.losses.mean_squared_error, params, d, **k),
+        lambda d, **k: hvp.empirical_fisher(loss, params, d, **k),
+    ):
+        st, mem = build_op(source, stream=True), build_op(in_memory, stream=False)
+        assert st.streaming and st.dataset.weighted
+        assert _rel(st.dense(), mem.dense()) < 1e-12
+    # the weighted Hessian equals the one of the whole data set as one weighted batch
+    whole = hvp.hessian(loss, params, (x, y, w))
+    assert _rel(hvp.hessian(loss, params, source, stream=True).dense(), whole.dense()) < 1e-12
+    # reduction="sum": every batch has weight 1
+    st = hvp.hessian(loss, params, source, stream=True, reduction="sum")
+    assert _rel(st.dense(), hvp.hessian(loss, params, in_memory, reduction="sum").dense()) < 1e-12
+
+
+def test_algorithms_on_a_streamed_operator_equal_in_memory():
+    prob = build("quadratic")  # n = 12, indefinite
+    mem = make_operator(prob, "hessian")
+    st = make_operator(prob, "hessian", data=CountingLoader(prob.batches), stream=True)
+    e1, e2 = (hvp.eigsh(op, 2, key=KEY, num_iters=11) for op in (mem, st))
+    np.testing.assert_allclose(e2.eigenvalues, e1.eigenvalues, rtol=1e-10, atol=1e-12)
+    assert bool(np.all(e2.converged)) and e2.num_matvecs == e1.num_matvecs
+    ref = np.linalg.eigvalsh(reference("quadratic", "hessian"))
+    np.testing.assert_allclose(np.asarray(e2.eigenvalues), ref[-2:], rtol=1e-8)
+    t1, t2 = (hvp.trace(op, key=KEY, num_matvecs=9, method="hutch++") for op in (mem, st))
+    assert (
+        abs(float(t2.estimate) - np.trace(reference("quadratic", "hessian")))
+        < 4 * float(t2.std_error) + 1e-8
+    )
+    np.testing.assert_allclose(float(t2.estimate), float(t1.estimate), rtol=1e-12)
+    d1, d2 = (hvp.spectral_density(op, key=KEY, num_probes=2, num_iters=4) for op in (mem, st))
+    np.testing.assert_allclose(d2.nodes, d1.nodes, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(d2.weights, d1.weights, rtol=1e-10, atol=1e-12)
+    g1, g2 = (hvp.diagonal(op, key=KEY, num_matvecs=4) for op in (mem, st))
+    assert _rel(hvp.tree.ravel(g2.estimate), hvp.tree.ravel(g1.estimate)) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# one data pass per block of vectors
+# ------------------------------------------------------------------------------------------------
+def test_one_pass_per_block_of_vectors():
+    prob = build("quadratic")  # n = 12 > every budget below (no exact-trace shortcut)
+    loader = CountingLoader(prob.batches)
+    op = make_operator(prob, "hessian", data=loader, stream=True)
+
+    def passes(call):
+        before = loader.passes
+        out = call()
+        return loader.passes - before, out
+
+    p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=9, method="hutch++"))
+    assert p <= 3
+    p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=8, method="xtrace"))
+    assert p <= 2
+    p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=8, method="hutchinson"))
+    assert p == 1  # one probe block
+    p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=8, chunk_size=4))
+    assert p == 2  # one pass per probe block of 4
+    p, _ = passes(lambda: hvp.diagonal(op, key=KEY, num_matvecs=8, chunk_size=4))
+    assert p == 2
+    p, _ = passes(lambda: hvp.spectral_density(op, key=KEY, num_probes=4, num_iters=5))
+    assert p == 5  # 4 probes in lockstep: one pass per Lanczos step, not 4
+    p, res = passes(lambda: hvp.eigsh(op, 1, key=KEY, num_iters=10))
+    assert p == res.num_matvecs  # single-vector Lanczos: one pass per product
+
+
+# ------------------------------------------------------------------------------------------------
+# device memory: at most prefetch + 1 batches
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_at_most_prefetch_plus_one_batches_on_the_device(monkeypatch, prefetch):
+    prob = build("linear_regression")
+    batches = prob.batches * 2  # 8 batches
+    op = make_operator(prob, "ggn", data=CountingLoader(batches), stream=True, prefetch=prefetch)
+    created, peak = [], [0]
+    put = _data.put_batch
+
+    def counting_put(batch, params):
+        out, made = put(batch, params)
+        created.append(made)
+        live = sum(any(not x.is_deleted() for x in m) for m in created)
+        peak[0] = max(peak[0], live)
+        return out, made
+
+    monkeypatch.setattr(_data, "put_batch", counting_put)
+    v = jax.tree_util.tree_map(jnp.ones_like, prob.params)
+    out = op.mv(v)
+    assert len(created) == len(batches)
+    assert peak[0] == min(prefetch + 1, len(batches))
+    assert all(x.is_deleted() for m in created for x in m)  # nothing left on the device
+    mem = make_operator(prob, "ggn", data=batches)
+    assert _rel(hvp.tree.ravel(out), hvp.tree.ravel(mem.mv(v))) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# determinism check
+# ------------------------------------------------------------------------------------------------
+def test_a_loader_that_shuffles_or_augments_raises():
+    prob = build("linear_regression")
+    v = jax.tree_util.tree_map(jnp.ones_like, prob.params)
+    shuffling = CountingLoader(prob.batches, change_on_pass=2, change=_shuffled)
+    op = make_operator(prob, "ggn", data=shuffling, stream=True)
+    with pytest.raises(hvp.operators.NonDeterministicDataError, match="shuffl") as info:
+        op.mv(v)
+    assert "batch 0 differs" in str(info.value) and "dropout" in str(info.value).lower()
+
+    def augment(batches):  # noise on the last batch only
+        return batches[:-1] + [(batches[-1][0] + 1e-3, batches[-1][1])]
+
+    noisy = CountingLoader(prob.batches, change_on_pass=3, change=augment)
+    op = make_operator(prob, "ggn", data=noisy, stream=True)
+    op.mv(v)  # pass 2 is still the same data
+    with pytest.raises(hvp.operators.NonDeterministicDataError, match="batch 3 differs"):
+        op.mv(v)
+    # a callable that returns the same (exhausted) iterator every time
+    it = iter(prob.batches)
+    op = make_operator(prob, "ggn", data=lambda: it, stream=True)
+    with pytest.raises(hvp.operators.NonDeterministicDataError, match="FRESH iterator"):
+        op.mv(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# the automatic choice and the errors
+# ------------------------------------------------------------------------------------------------
+def test_auto_choice_follows_the_memory_rule():
+    prob = build("linear_regression")
+    nbytes = sum(_data.batch_nbytes(b) for b in prob.batches)
+    loss = prob.loss_fn
+
+    def kind(data, **kw):
+        return hvp.hessian(loss, prob.params, data, linearize=False, **kw).streaming
+
+    assert _data.default_stream_budget() == _data.DEFAULT_STREAM_BUDGET  # CPU: fixed 2 GiB
+    assert not kind(prob.batches)  # small: in memory
+    assert kind(prob.batches, stream_budget=nbytes - 1)
+    assert not kind(prob.batches, stream_budget=nbytes)
+    loader = CountingLoader(prob.batches)
+    assert kind(loader, stream_budget=nbytes - 1) and not kind(loader, stream_budget=nbytes)
+    assert not kind(lambda: iter(prob.batches))  # a callable of small data: kept
+    assert not kind(iter(prob.batches), stream_budget=0)  # a generator: read once and kept
+    assert kind(prob.batches, stream=True, stream_budget=10**12)  # overrides
+    assert not kind(loader, stream=False, stream_budget=0)
+
+
+def test_clear_errors():
+    prob = build("linear_regression")
+    v = jax.tree_util.tree_map(jnp.ones_like, prob.params)
+    with pytest.raises(TypeError, match="pass a callable returning a fresh iterator"):
+        make_operator(prob, "ggn", data=(b for b in prob.batches), stream=True)
+    with pytest.raises(TypeError, match="one batch"):
+        make_operator(prob, "ggn", data=prob.batches[0], stream=True)
+    with pytest.raises(ValueError, match="`stream` must be"):
+        make_operator(prob, "ggn", stream="yes")
+    with pytest.raises(ValueError, match="`prefetch` must be"):
+        make_operator(prob, "ggn", stream=True, prefetch=-1)
+    with pytest.raises(ValueError, match="linearize=True"):
+        make_operator(prob, "hessian", stream=True, linearize=True)
+    with pytest.raises(ValueError, match="empty"):
+        make_operator(prob, "ggn", data=lambda: iter([]), stream=True)
+    op = make_operator(prob, "ggn", stream=True)
+    with pytest.raises(ValueError, match="driver='host'"):
+        hvp.trace(op, key=KEY, num_matvecs=3, driver="compiled")
+    with pytest.raises(ValueError, match="driver='host'"):
+        jax.jit(op.mv)(v)
+    with pytest.raises(ValueError, match="cannot run inside jax.jit"):
+        jax.jit(lambda k: hvp.trace(op, key=k, num_matvecs=3).estimate)(KEY)
