@@ -637,10 +637,10 @@ class StreamingCurvatureOperator(CurvatureOperator):
 
     def _pass(self, v, *, block: bool, what: str):
         tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
-        v = tu.like_sharding(v, self.params)
+        v = tu.stacked_like(v, self.params) if block else tu.like_sharding(v, self.params)
         # "map" (convolutions on CPU): the single compiled product on each row, in the same pass
         rows = block and self.block_mode() == "map"
-        vecs = list(_rows(v)) if rows else None
+        vecs = [tu.like_sharding(r, self.params) for r in _rows(v)] if rows else None
         acc = [tu.zeros_like(r) for r in vecs] if rows else tu.zeros_like(v)
 
         def step(batch, w, acc):
