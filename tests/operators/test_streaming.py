@@ -330,3 +330,23 @@ def test_streamed_batches_split_over_the_data_axis_of_an_explicit_mesh():
     # (the building pass puts nothing on the device; dense() and mv read 4 batches each)
     assert out["specs"] == [["batch"]] * 8
     assert out["out_specs"] == [["model"], [None, "model"]]
+
+
+def test_one_compiled_program_per_batch_shape_and_block_size():
+    from hvp.operators._curvature import _stream_step
+
+    x = np.random.default_rng(1).normal(size=(23, 3))  # 5 batches of 4 and a ragged one of 3
+    data = hvp.operators.ArrayBatches((x, np.zeros(23)), batch_size=4)
+
+    def loss(p, b):  # a fresh function: nothing compiled for it yet
+        return jnp.mean(jnp.sin(b[0] @ p) ** 2)
+
+    op = hvp.hessian(loss, jnp.ones(3), data, stream=True)
+    size = _stream_step._cache_size()
+    op.mv(jnp.ones(3))
+    op.mv(jnp.zeros(3))
+    assert _stream_step._cache_size() - size == 2  # batches of 4, and the ragged last batch
+    op.matmat(jnp.eye(3))
+    op.matmat(2 * jnp.eye(3))
+    assert _stream_step._cache_size() - size == 4  # the same for a block of 3
+    assert _rel(op.dense(), hvp.hessian(loss, jnp.ones(3), list(data)).dense()) < 1e-12
