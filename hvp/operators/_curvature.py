@@ -561,6 +561,12 @@ class StreamingCurvatureOperator(CurvatureOperator):
             block=block,
         )
 
+    @property
+    def _stream(self) -> StreamingDataset:
+        ds = self.dataset
+        assert isinstance(ds, StreamingDataset)
+        return ds
+
     def _apply(self, v):  # noqa: ARG002 - reached only under a trace
         raise _streaming_in_jit_error(self)
 
@@ -606,7 +612,7 @@ class StreamingCurvatureOperator(CurvatureOperator):
             return self.block
         mode = self.__dict__.get("_block_mode")
         if mode is None:  # the rule of LinearOperator.block_mode on the first batch's product
-            _, batch = next(_first_of_groups(self.dataset.probe))
+            _, batch = next(_first_of_groups(self._stream.probe))
             mode = self.__dict__["_block_mode"] = self._batch_operator(batch).block_mode()
         return mode
 
@@ -640,7 +646,7 @@ class StreamingCurvatureOperator(CurvatureOperator):
         v = tu.stacked_like(v, self.params) if block else tu.like_sharding(v, self.params)
         # "map" (convolutions on CPU): the single compiled product on each row, in the same pass
         rows = block and self.block_mode() == "map"
-        vecs = [tu.like_sharding(r, self.params) for r in _rows(v)] if rows else None
+        vecs = [tu.like_sharding(r, self.params) for r in _rows(v)] if rows else []
         acc = [tu.zeros_like(r) for r in vecs] if rows else tu.zeros_like(v)
 
         def step(batch, w, acc):
@@ -649,7 +655,8 @@ class StreamingCurvatureOperator(CurvatureOperator):
                 return [_stream_step(op1, r, w, a, block=False) for r, a in zip(vecs, acc)]
             return _stream_step(op1, v, w, acc, block=block)
 
-        out = self.dataset.reduce(self.params, step, acc, self.dataset.weights(self.reduction))
+        ds = self._stream
+        out = ds.reduce(self.params, step, acc, ds.weights(self.reduction))
         if rows:
             out = _stack_rows(out)
         if self.check_finite and not bool(tu.all_finite(out)):

@@ -804,7 +804,7 @@ class StreamingDataset:
             totals.append(_host_total(b, n, weighted))
             digests.append(batch_digest(b))
             nbytes += batch_nbytes(b)
-            if kept is not None:
+            if kept is not None and _keep is not None:
                 if nbytes <= _keep:
                     kept.append(b)
                 else:

@@ -84,6 +84,10 @@ def test_streamed_operator_equals_in_memory(name, kind):
     v = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), prob.params)
     assert _rel(hvp.tree.ravel(st.mv(v)), hvp.tree.ravel(mem.mv(v))) < 1e-12
     assert loader.passes == 3  # the building pass, dense() (one block of n columns), mv
+    if kind == "ggn":  # block="map": single products on each row, still one pass per block
+        st_map = make_operator(prob, kind, data=loader, stream=True, block="map")
+        assert st_map.block_mode() == "map"
+        assert _rel(st_map.dense(), dense) < 1e-12 and loader.passes == 5
 
 
 def test_weighted_batches_and_array_batches_on_npy_files(tmp_path):
@@ -119,6 +123,7 @@ def test_weighted_batches_and_array_batches_on_npy_files(tmp_path):
     assert _rel(st.dense(), hvp.hessian(loss, params, in_memory, reduction="sum").dense()) < 1e-12
 
 
+@pytest.mark.slow  # the streamed runs are checked against dense references in the pass-count test
 def test_algorithms_on_a_streamed_operator_equal_in_memory():
     prob = build("quadratic")  # n = 12, indefinite
     mem = make_operator(prob, "hessian")
@@ -154,8 +159,10 @@ def test_one_pass_per_block_of_vectors():
         out = call()
         return loader.passes - before, out
 
-    p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=9, method="hutch++"))
+    dense = reference("quadratic", "hessian")
+    p, res = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=9, method="hutch++"))
     assert p <= 3
+    assert abs(float(res.estimate) - np.trace(dense)) < 4 * float(res.std_error) + 1e-8
     p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=8, method="xtrace"))
     assert p <= 2
     p, _ = passes(lambda: hvp.trace(op, key=KEY, num_matvecs=8, method="hutchinson"))
@@ -168,6 +175,8 @@ def test_one_pass_per_block_of_vectors():
     assert p == 5  # 4 probes in lockstep: one pass per Lanczos step, not 4
     p, res = passes(lambda: hvp.eigsh(op, 1, key=KEY, num_iters=10))
     assert p == res.num_matvecs  # single-vector Lanczos: one pass per product
+    assert bool(np.all(res.converged))
+    np.testing.assert_allclose(res.eigenvalues[0], np.linalg.eigvalsh(dense)[-1], rtol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------
