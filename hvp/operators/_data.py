@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Any
@@ -677,17 +678,27 @@ def batch_digest(batch) -> str:
     """
     leaves, treedef = jax.tree_util.tree_flatten(batch)
     h = hashlib.sha256(str(treedef).encode())
-    for x in leaves:
-        shape = tuple(np.shape(x))
-        size = int(np.prod(shape, dtype=np.int64))
-        pos = _sample_positions(size)
-        if isinstance(x, jax.Array):
-            vals = np.asarray(jnp.ravel(x)[jnp.asarray(pos)])
-        else:
-            vals = np.asarray(x).flat[pos] if size else np.zeros(0)
-        h.update(str((shape, str(getattr(x, "dtype", np.asarray(vals).dtype)))).encode())
+    positions = [
+        tuple(_sample_positions(int(np.prod(np.shape(x), dtype=np.int64))).tolist()) for x in leaves
+    ]
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    sampled = {}
+    if on_device:  # one compiled gather and one small copy for all device leaves
+        got = jax.device_get(
+            _take(tuple(leaves[i] for i in on_device), tuple(positions[i] for i in on_device))
+        )
+        sampled = dict(zip(on_device, got))
+    for i, x in enumerate(leaves):
+        pos = np.asarray(positions[i], np.int64)
+        vals = sampled[i] if i in sampled else np.asarray(x).flat[pos]
+        h.update(str((tuple(np.shape(x)), str(getattr(x, "dtype", vals.dtype)))).encode())
         h.update(np.ascontiguousarray(vals).tobytes())
     return h.hexdigest()
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _take(leaves, positions):
+    return [jnp.ravel(x)[np.asarray(p, np.int64)] for x, p in zip(leaves, positions)]
 
 
 def _structure_error(i, tdef0, tdef) -> ValueError:

@@ -359,3 +359,9 @@ def test_one_compiled_program_per_batch_shape_and_block_size():
     op.matmat(2 * jnp.eye(3))
     assert _stream_step._cache_size() - size == 4  # the same for a block of 3
     assert _rel(op.dense(), hvp.hessian(loss, jnp.ones(3), list(data)).dense()) < 1e-12
+    # an operator at other parameters over the same streamed data set: no new building pass
+    passes = op.dataset.passes
+    op2 = hvp.hessian(loss, 2 * jnp.ones(3), op.dataset)
+    assert op2.streaming and op2.dataset is op.dataset and op.dataset.passes == passes
+    assert _rel(op2.dense(), hvp.hessian(loss, 2 * jnp.ones(3), list(data)).dense()) < 1e-12
+    assert _stream_step._cache_size() - size == 4  # dense() and op2 reuse the compiled programs
