@@ -365,3 +365,14 @@ def test_one_compiled_program_per_batch_shape_and_block_size():
     assert op2.streaming and op2.dataset is op.dataset and op.dataset.passes == passes
     assert _rel(op2.dense(), hvp.hessian(loss, 2 * jnp.ones(3), list(data)).dense()) < 1e-12
     assert _stream_step._cache_size() - size == 4  # dense() and op2 reuse the compiled programs
+
+
+def test_checkpoint_resume_on_a_streamed_operator(tmp_path):
+    from tests.linalg.driver_checks import assert_resume_bitwise
+
+    prob = build("quadratic")
+    op = make_operator(prob, "hessian", data=CountingLoader(prob.batches), stream=True)
+    assert_resume_bitwise(
+        lambda **kw: hvp.spectral_density(op, key=KEY, num_probes=4, num_iters=5, **kw),
+        tmp_path,
+    )
