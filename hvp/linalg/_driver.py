@@ -388,15 +388,28 @@ _read_flags = jax.jit(_flags)
 def resolve_driver(driver: str, *traced: Any, progress=None, checkpoint=None) -> str:
     """``"compiled"`` or ``"host"`` for ``driver`` (see the module docstring for ``"auto"``).
 
+    A streamed operator (``op.streaming``, among ``traced``) always gets the host driver.
+
     Raises:
       ValueError: an unknown driver; ``"host"`` (or progress / a checkpoint) inside a JAX
-        transformation.
+        transformation; a streamed operator inside a transformation or with ``"compiled"``.
     """
     if driver not in DRIVERS:
         raise ValueError(f"`driver` must be one of {DRIVERS}, got {driver!r}.")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True, False or None, got {progress!r}.")
     inside = tu.is_traced(*traced)
+    if any(getattr(x, "streaming", False) is True for x in traced):
+        # a streamed operator: the host reads the data on every product (no compiled loop)
+        if inside or driver == "compiled":
+            where = "inside jax.jit/jax.vmap" if inside else "with driver='compiled'"
+            raise ValueError(
+                f"A streamed operator (built with stream=True, or stream='auto' for data larger "
+                f"than the budget) cannot run {where}: the host reads its batches on every "
+                "product. Use driver='host' (driver='auto' picks it) outside jax.jit, or build the "
+                "operator with stream=False if the data fit on the device."
+            )
+        driver = "host"
     if driver == "auto":
         driver = "compiled" if inside else "host"
     if inside and driver == "host":

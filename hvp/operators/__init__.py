@@ -26,6 +26,7 @@ from hvp.operators._curvature import (
     DEFAULT_LINEARIZE_BUDGET,
     Composed,
     CurvatureOperator,
+    StreamingCurvatureOperator,
     compose,
     default_unpack,
     empirical_fisher,
@@ -34,9 +35,28 @@ from hvp.operators._curvature import (
     hessian,
     hvp,
 )
-from hvp.operators._data import Dataset, UnpackError, as_dataset, batch_weights, split_batch
+from hvp.operators._data import (
+    DEFAULT_STREAM_BUDGET,
+    ArrayBatches,
+    Dataset,
+    NonDeterministicDataError,
+    StreamingDataset,
+    UnpackError,
+    as_data,
+    as_dataset,
+    batch_weights,
+    default_stream_budget,
+    split_batch,
+)
 
 __all__ = [
+    "ArrayBatches",
+    "DEFAULT_STREAM_BUDGET",
+    "NonDeterministicDataError",
+    "StreamingCurvatureOperator",
+    "StreamingDataset",
+    "as_data",
+    "default_stream_budget",
     "BLOCK_MODES",
     "DEFAULT_DENSE_LIMIT",
     "DEFAULT_LINEARIZE_BUDGET",

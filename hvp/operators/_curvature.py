@@ -71,11 +71,20 @@ from jax import lax
 
 from hvp import tree as tu
 from hvp.operators import _blocks
-from hvp.operators._base import LinearOperator, _has_primitive, check_block
+from hvp.operators._base import (
+    LinearOperator,
+    _apply_cached,
+    _has_primitive,
+    _rows,
+    _stack_rows,
+    check_block,
+)
 from hvp.operators._data import (
     Dataset,
+    GroupMeta,
+    StreamingDataset,
     UnpackError,
-    as_dataset,
+    as_data,
     batch_weights,
     default_unpack,
     split_batch,
@@ -85,6 +94,7 @@ from hvp.typing import PyTree
 
 __all__ = [
     "CurvatureOperator",
+    "StreamingCurvatureOperator",
     "hessian",
     "ggn",
     "empirical_fisher",
@@ -337,6 +347,8 @@ class CurvatureOperator(LinearOperator):
       reduction: ``"mean"`` or ``"sum"``.
       num_examples, num_batches: size of the data set.
       linearized: whether products apply stored linearisations.
+      streaming: whether every product reads the data set from its source
+        (:class:`StreamingCurvatureOperator`).
       size, shape, dtype, block: see :class:`~hvp.operators.LinearOperator`.
 
     Examples:
@@ -351,6 +363,9 @@ class CurvatureOperator(LinearOperator):
         >>> H.kind, H.reduction, H.num_examples, H.num_batches, H.shape
         ('hessian', 'mean', 4, 2, (2, 2))
     """
+
+    #: whether products stream the data set from the host (:class:`StreamingCurvatureOperator`)
+    streaming = False
 
     def __init__(
         self,
@@ -504,6 +519,190 @@ def _is_psd(kind: str, fns: tuple) -> bool:
     return False
 
 
+class StreamingCurvatureOperator(CurvatureOperator):
+    """A :class:`CurvatureOperator` over a streamed data set (:class:`~hvp.operators.StreamingDataset`).
+
+    Built by :func:`hessian`, :func:`ggn` and :func:`empirical_fisher` when the data set is
+    streamed (``stream=True``, or ``stream="auto"`` for a re-iterable data set of more bytes
+    than ``stream_budget``). Every product (:meth:`mv`, and :meth:`matmat` for a whole block
+    of vectors) is **one pass** over the data: each batch is moved to the device (prefetched,
+    at most ``prefetch + 1`` batches there at once), its product computed by one compiled
+    program per batch shape and block size (a ragged last batch adds one), and the products
+    added with the in-memory operator's weights (:math:`n_b/N`, or :math:`W_b/W` for weighted
+    batches; 1 with ``reduction="sum"``), so results equal the in-memory operator's up to
+    rounding. The host drives the data, so the operator cannot run inside ``jax.jit``: the
+    algorithms of :mod:`hvp.linalg` pick their host driver for it (``driver="auto"``) and
+    ``driver="compiled"`` raises. ``op.dataset.passes`` counts the passes read.
+
+    Examples:
+        >>> import numpy as np, jax.numpy as jnp, hvp
+        >>> x = np.arange(12.0).reshape(6, 2)
+        >>> loss = lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2)
+        >>> H = hvp.hessian(loss, jnp.zeros(2), hvp.operators.ArrayBatches((x, np.zeros(6)), 4),
+        ...                 stream=True)
+        >>> H.streaming, H.num_batches, np.allclose(H.dense(), 2 * x.T @ x / 6)
+        (True, 2, True)
+    """
+
+    streaming = True
+
+    def _children(self):
+        return (self.params, self._full)
+
+    def _static(self):
+        return (
+            self._product,
+            self._fns,
+            self._mask,
+            self.dataset,
+            self.reduction,
+            self.check_finite,
+            self.name,
+            self._shardings,
+            self.mode,
+            self.block,
+        )
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        product, fns, mask, dataset, reduction, check, name, shardings, mode, block = static
+        params, full = children
+        return cls(
+            product=product,
+            fns=fns,
+            params=params,
+            full=full,
+            mask=mask,
+            dataset=dataset,
+            reduction=reduction,
+            lins=None,
+            check_finite=check,
+            name=name,
+            shardings=shardings,
+            mode=mode,
+            block=block,
+        )
+
+    @property
+    def _stream(self) -> StreamingDataset:
+        ds = self.dataset
+        assert isinstance(ds, StreamingDataset)
+        return ds
+
+    def _apply(self, v):  # noqa: ARG002 - reached only under a trace
+        raise _streaming_in_jit_error(self)
+
+    def mv(self, v):
+        """``A v`` in one pass over the data set (see the class docstring).
+
+        Raises:
+          ValueError: called inside ``jax.jit``/``jax.vmap`` (the host reads the data).
+          NonDeterministicDataError: the data differ from the first pass.
+          NonFiniteError: a non-finite result with ``check_finite``.
+
+        Examples:
+            >>> import numpy as np, jax.numpy as jnp, hvp
+            >>> b = (np.eye(2), np.zeros(2))
+            >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2), jnp.zeros(2),
+            ...                 [b, b], stream=True)
+            >>> H.mv(jnp.ones(2)).tolist()
+            [1.0, 1.0]
+        """
+        if self._traced(v):
+            raise _streaming_in_jit_error(self)
+        self._check_vectors(v, "v", leading=0)
+        return self._pass(v, block=False, what="matvec")
+
+    def matmat(self, vs):
+        """``A`` applied to every row of the block ``vs`` in **one** pass over the data set.
+
+        Examples:
+            >>> import numpy as np, jax.numpy as jnp, hvp
+            >>> b = (np.eye(2), np.zeros(2))
+            >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2), jnp.zeros(2),
+            ...                 [b, b], stream=True)
+            >>> H.matmat(jnp.eye(2)).tolist(), H.dataset.passes  # the building pass + one
+            ([[1.0, 0.0], [0.0, 1.0]], 2)
+        """
+        if self._traced(vs):
+            raise _streaming_in_jit_error(self)
+        self._check_vectors(vs, "vs", leading=1)
+        return self._pass(vs, block=True, what="matmat")
+
+    def block_mode(self) -> str:
+        if self.block != "auto":
+            return self.block
+        mode = self.__dict__.get("_block_mode")
+        if mode is None:  # the rule of LinearOperator.block_mode on the first batch's product
+            _, batch = next(_first_of_groups(self._stream.probe))
+            mode = self.__dict__["_block_mode"] = self._batch_operator(batch).block_mode()
+        return mode
+
+    def _batch_operator(self, batch) -> CurvatureOperator:
+        """The in-memory operator of one batch (its weight in the data set is applied by the pass)."""
+        n = int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
+        return CurvatureOperator(
+            product=self._product,
+            fns=self._fns,
+            params=self.params,
+            full=self._full,
+            mask=self._mask,
+            dataset=Dataset(
+                groups=(batch,),
+                meta=(GroupMeta(num_batches=1, batch_size=n, stacked=False),),
+                num_examples=n,
+                totals=(),
+                weighted=self.dataset.weighted,
+            ),
+            reduction=self.reduction,
+            lins=None,
+            check_finite=False,
+            name=self.name,
+            shardings=self._shardings,
+            mode=self.mode,
+            block=self.block,
+        )
+
+    def _pass(self, v, *, block: bool, what: str):
+        tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
+        v = tu.stacked_like(v, self.params) if block else tu.like_sharding(v, self.params)
+        # "map" (convolutions on CPU): the single compiled product on each row, in the same pass
+        rows = block and self.block_mode() == "map"
+        vecs = [tu.like_sharding(r, self.params) for r in _rows(v)] if rows else []
+        acc = [tu.zeros_like(r) for r in vecs] if rows else tu.zeros_like(v)
+
+        def step(batch, w, acc):
+            op1 = self._batch_operator(batch)
+            if rows:
+                return [_stream_step(op1, r, w, a, block=False) for r, a in zip(vecs, acc)]
+            return _stream_step(op1, v, w, acc, block=block)
+
+        ds = self._stream
+        out = ds.reduce(self.params, step, acc, ds.weights(self.reduction))
+        if rows:
+            out = _stack_rows(out)
+        if self.check_finite and not bool(tu.all_finite(out)):
+            self._raise_if_nonfinite(out, what)
+        return out
+
+
+def _streaming_in_jit_error(op) -> ValueError:
+    return ValueError(
+        f"The {op.name} operator streams its data set (stream=True, or stream='auto' for data "
+        "larger than the budget): the host reads the batches on every product, so it cannot run "
+        "inside jax.jit/jax.vmap or a compiled loop (driver='compiled'). Call the algorithm "
+        "outside jit with driver='host' (driver='auto' picks it for streamed operators), or build "
+        "the operator with stream=False if the data fit on the device."
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _stream_step(op1, v, w, acc, *, block: bool):
+    """``acc + w A_b v`` for one batch's operator: one compiled program per batch shape and block size."""
+    av = jax.vmap(lambda x: _apply_cached(op1, x))(v) if block else _apply_cached(op1, v)
+    return _axpy(w, av, acc)
+
+
 def _merge(block, full, mask):
     """The full parameter pytree from a parameter block (``block`` itself without ``wrt``)."""
     return block if mask is None else _blocks.merge(block, full, mask)
@@ -616,26 +815,38 @@ def _constrain(tree, shardings: tuple):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _prepare(params, data, *, wrt, reduction):
+def _prepare(params, data, *, wrt, reduction, stream="auto", stream_budget=None, prefetch=1):
     _check_params(params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
     tu.check_mesh_context(params)
-    dataset = as_dataset(data)
-    # Host or single-device batches join the explicit mesh of the parameters (no-op otherwise).
-    dataset = dataclasses.replace(
-        dataset,
-        groups=tuple(
-            tu.place_batch(g, params, leading=int(m.stacked))
-            for g, m in zip(dataset.groups, dataset.meta)
-        ),
-    )
+    dataset = as_data(data, stream=stream, budget=stream_budget, prefetch=prefetch)
+    if not isinstance(dataset, StreamingDataset):
+        # Host or single-device batches join the explicit mesh of the parameters (no-op otherwise).
+        dataset = dataclasses.replace(
+            dataset,
+            groups=tuple(
+                tu.place_batch(g, params, leading=int(m.stacked))
+                for g, m in zip(dataset.groups, dataset.meta)
+            ),
+        )
     if wrt is None:
         block, full, mask = params, None, None
     else:
         block, mask = _blocks.select(params, wrt)
         full = params
     return dataset, block, full, mask
+
+
+def _probe(dataset):
+    """The batches the builders check the loss on: a streamed data set's first batch of each shape."""
+    return dataset.probe if isinstance(dataset, StreamingDataset) else dataset
+
+
+def _operator_class(dataset):
+    return (
+        StreamingCurvatureOperator if isinstance(dataset, StreamingDataset) else CurvatureOperator
+    )
 
 
 def _once(dataset: Dataset, key: tuple, params, fn):
@@ -779,6 +990,9 @@ def hessian(
     linearize_budget: int | None = None,
     check_finite: bool = True,
     block: str = "auto",
+    stream: bool | str = "auto",
+    stream_budget: int | None = None,
+    prefetch: int = 1,
 ) -> CurvatureOperator:
     """The Hessian of ``loss_fn(params, batch) -> scalar`` over a data set, as an operator.
 
@@ -812,6 +1026,16 @@ def hessian(
         computed outside ``jit`` contains NaN/Inf.
       block: how ``op.matmat`` runs a block of vectors: ``"auto"``, ``"vmap"``
         or ``"map"`` (see :meth:`~hvp.operators.LinearOperator.block_mode`).
+      stream: ``"auto"`` (default), ``True`` or ``False``: read the data set one
+        batch at a time on every product instead of keeping it on the device (see
+        :func:`hvp.operators.as_data` for the memory rule of ``"auto"``: a re-iterable data
+        set of more bytes than ``stream_budget`` is streamed). A streamed operator
+        (``op.streaming``) runs only outside ``jit``, with the host driver.
+      stream_budget: bytes of data ``stream="auto"`` keeps on the device; default
+        :func:`hvp.operators.default_stream_budget` (2 GiB on the CPU, a quarter of an
+        accelerator's memory).
+      prefetch: streamed data sets: batches moved to the device ahead of the one computing
+        (default 1: double buffering; at most ``prefetch + 1`` batches are on the device).
 
     Returns:
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
@@ -837,23 +1061,39 @@ def hessian(
     """
     block_mode = check_block(block)
     _check_linearize(linearize, linearize_budget)
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    dataset, block, full, mask = _prepare(
+        params,
+        data,
+        wrt=wrt,
+        reduction=reduction,
+        stream=stream,
+        stream_budget=stream_budget,
+        prefetch=prefetch,
+    )
+    streaming = isinstance(dataset, StreamingDataset)
+    if streaming and linearize is True:
+        raise ValueError(
+            "linearize=True keeps the linearised gradient of every batch in memory, which a "
+            "streamed data set cannot: use linearize='auto' or False with a streamed data set "
+            "(or stream=False if the data fit on the device)."
+        )
     name = "hessian" if wrt is None else f"hessian[{wrt}]"
     _once(
         dataset,
         ("hessian", loss_fn),
         params,
-        lambda: _check_loss_fn(loss_fn, params, data, dataset, name, per_example=False),
+        lambda: _check_loss_fn(loss_fn, params, data, _probe(dataset), name, per_example=False),
     )
     lins = None
-    if linearize is True or (
-        linearize == "auto" and not tu.is_traced(block, full, dataset.groups, dataset.totals)
+    if not streaming and (
+        linearize is True
+        or (linearize == "auto" and not tu.is_traced(block, full, dataset.groups, dataset.totals))
     ):
         lin = functools.partial(_linearize_groups, loss_fn, mask=mask, meta=dataset.meta)
         budget = DEFAULT_LINEARIZE_BUDGET if linearize_budget is None else linearize_budget
         if linearize is True or _residual_bytes(lin, block, full, dataset.groups) <= budget:
             lins = lin(block, full, dataset.groups)
-    return CurvatureOperator(
+    return _operator_class(dataset)(
         product=_hessian_product,
         fns=(loss_fn,),
         params=block,
@@ -960,6 +1200,9 @@ def ggn(
     check_finite: bool = True,
     mode: str = "auto",
     block: str = "auto",
+    stream: bool | str = "auto",
+    stream_budget: int | None = None,
+    prefetch: int = 1,
 ) -> CurvatureOperator:
     """The generalised Gauss-Newton matrix ``J^T H_L J`` over a data set, matrix-free.
 
@@ -984,6 +1227,9 @@ def ggn(
         or ``"reverse"`` (``J v`` as the transpose of the VJP; see the module
         docstring). The mode used is ``op.mode``.
       block: as in :func:`hessian`.
+      stream: as in :func:`hessian`.
+      stream_budget: as in :func:`hessian`.
+      prefetch: as in :func:`hessian`.
 
     The GGN is positive semi-definite when ``loss_fn`` is convex in the
     outputs (cross-entropy, squared error).
@@ -1005,18 +1251,27 @@ def ggn(
     """
     _check_mode(mode)
     block_mode = check_block(block)
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    dataset, block, full, mask = _prepare(
+        params,
+        data,
+        wrt=wrt,
+        reduction=reduction,
+        stream=stream,
+        stream_budget=stream_budget,
+        prefetch=prefetch,
+    )
     name = "ggn" if wrt is None else f"ggn[{wrt}]"
-    ctx = _Context(name, data, dataset, "hvp.ggn")
+    probe = _probe(dataset)
+    ctx = _Context(name, data, probe, "hvp.ggn")
 
     def validate():
-        _check_targets(model_fn, loss_fn, unpack, params, dataset, ctx)
+        _check_targets(model_fn, loss_fn, unpack, params, probe, ctx)
         return _choose_mode(
-            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, dataset, ctx
+            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, probe, ctx
         )
 
     model_mode = _once(dataset, ("ggn", model_fn, loss_fn, unpack, mode), params, validate)
-    return CurvatureOperator(
+    return _operator_class(dataset)(
         product=_ggn_product,
         fns=(model_fn, loss_fn, unpack),
         params=block,
@@ -1232,6 +1487,9 @@ def empirical_fisher(
     check_finite: bool = True,
     mode: str = "auto",
     block: str = "auto",
+    stream: bool | str = "auto",
+    stream_budget: int | None = None,
+    prefetch: int = 1,
 ) -> CurvatureOperator:
     """The empirical Fisher ``(1/N) sum_i g_i g_i^T`` (``sum_i`` with ``reduction="sum"``).
 
@@ -1242,7 +1500,8 @@ def empirical_fisher(
     weights over the data set's), the empirical Fisher of the weighted mean
     loss. ``mode`` as in :func:`ggn` (``"auto"`` falls back to reverse mode
     when the model or the loss is a ``jax.custom_vjp`` function); other
-    arguments (``block`` included) as in :func:`hessian`.
+    arguments (``block``, ``stream``, ``stream_budget`` and ``prefetch`` included) as in
+    :func:`hessian`.
 
     Examples:
         >>> import jax.numpy as jnp, hvp
@@ -1253,13 +1512,22 @@ def empirical_fisher(
     """
     _check_mode(mode)
     block_mode = check_block(block)
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    dataset, block, full, mask = _prepare(
+        params,
+        data,
+        wrt=wrt,
+        reduction=reduction,
+        stream=stream,
+        stream_budget=stream_budget,
+        prefetch=prefetch,
+    )
     name = "empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]"
-    ctx = _Context(name, data, dataset, getattr(loss_fn, "origin", "your loss_fn"))
+    probe = _probe(dataset)
+    ctx = _Context(name, data, probe, getattr(loss_fn, "origin", "your loss_fn"))
 
     def validate():
         try:
-            _check_loss_fn(loss_fn, params, data, dataset, name, per_example=True)
+            _check_loss_fn(loss_fn, params, data, probe, name, per_example=True)
         except Exception as err:
             if not any(
                 tu.explicit_sharding(x) is not None for x in jax.tree_util.tree_leaves(params)
@@ -1275,10 +1543,10 @@ def empirical_fisher(
             ) from err
         # A custom_vjp in the loss shows in its trace on a whole batch as on one example (and a
         # batch sharded over an explicit mesh axis cannot be sliced inside the trace).
-        return _choose_mode(mode, loss_fn, params, dataset, ctx)
+        return _choose_mode(mode, loss_fn, params, probe, ctx)
 
     fisher_mode = _once(dataset, ("empirical_fisher", loss_fn, mode), params, validate)
-    return CurvatureOperator(
+    return _operator_class(dataset)(
         product=_fisher_product,
         fns=(loss_fn,),
         params=block,

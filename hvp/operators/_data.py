@@ -3,8 +3,15 @@ r"""Data sets for curvature operators: one batch or many, weighted exactly.
 A *batch* is any pytree of arrays that share a leading example axis (a tuple
 ``(x, y)``, a dict ``{"image": ..., "label": ...}``, a single array). A *data
 set* is a ``list`` of batches, or any other iterable of batches (a generator is
-read once and kept). A ``tuple``, ``dict`` or array is always read as **one**
-batch; wrap several batches in a list.
+read once and kept), or a callable returning a fresh iterator of batches. A
+``tuple``, ``dict`` or array is always read as **one** batch; wrap several
+batches in a list.
+
+Data sets that do not fit on the device are **streamed** (:class:`StreamingDataset`,
+:func:`as_data`): a re-iterable source (a callable returning a fresh iterator, a
+list of host batches, :class:`ArrayBatches` over NumPy arrays, memory maps or
+``.npy`` files, a loader whose ``__iter__`` starts over) is read one batch at a
+time on every product, with the same batch weights.
 
 Batches with the same shapes and dtypes are stacked into one array per leaf so
 that the operator can accumulate over them inside a single compiled
@@ -40,8 +47,12 @@ token losses when sequence lengths differ between batches).
 
 from __future__ import annotations
 
+import collections
 import collections.abc
 import dataclasses
+import functools
+import hashlib
+import os
 from typing import Any
 
 import jax
@@ -58,6 +69,12 @@ __all__ = [
     "batch_weights",
     "default_unpack",
     "UnpackError",
+    "ArrayBatches",
+    "StreamingDataset",
+    "NonDeterministicDataError",
+    "DEFAULT_STREAM_BUDGET",
+    "default_stream_budget",
+    "as_data",
 ]
 
 _KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "labels"))
@@ -467,3 +484,528 @@ def as_dataset(data: Any) -> Dataset:
         totals=tuple(totals),
         weighted=weighted,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming data sets: re-iterable sources read one batch at a time on every product pass
+# ------------------------------------------------------------------------------------------------
+#: Streaming budget on CPU and when the device reports no memory limit (bytes): a re-iterable
+#: data set of more bytes is streamed by ``stream="auto"`` (2 GiB).
+DEFAULT_STREAM_BUDGET = 2 << 30
+
+#: Fraction of an accelerator's memory (``device.memory_stats()["bytes_limit"]``) that
+#: ``stream="auto"`` lets an in-memory data set take.
+STREAM_DEVICE_FRACTION = 0.25
+
+_STREAM_CHOICES = (True, False, "auto")
+_SAMPLES_PER_LEAF = 8  # values read per leaf and batch for the determinism fingerprint
+
+
+def default_stream_budget(device=None) -> int:
+    """Bytes a data set may take on the device before ``stream="auto"`` streams it.
+
+    On an accelerator that reports its memory (``device.memory_stats()["bytes_limit"]``),
+    :data:`STREAM_DEVICE_FRACTION` (a quarter) of it; on the CPU and elsewhere the fixed
+    :data:`DEFAULT_STREAM_BUDGET` (2 GiB).
+
+    Examples:
+        >>> import jax
+        >>> from hvp.operators import default_stream_budget
+        >>> default_stream_budget() == (2 << 30) if jax.default_backend() == "cpu" else True
+        True
+    """
+    device = jax.devices()[0] if device is None else device
+    if device.platform != "cpu":
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except Exception:  # noqa: BLE001 - a backend without memory statistics
+            limit = None
+        if limit:
+            return int(STREAM_DEVICE_FRACTION * limit)
+    return DEFAULT_STREAM_BUDGET
+
+
+class NonDeterministicDataError(ValueError):
+    """A streamed data set yielded other data on a later pass than on the first one.
+
+    Every product of a streamed operator reads the whole data set again; Krylov methods (Lanczos,
+    SLQ, Hutch++, CG) assume every product applies the same matrix. A loader that shuffles or
+    augments at random changes the matrix between products and makes every result wrong, so
+    each pass is compared with the first one (the shapes of every batch and a checksum of a few
+    sampled values of every leaf), and a difference raises this error (a ``ValueError``).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.operators import NonDeterministicDataError
+        >>> issubclass(NonDeterministicDataError, ValueError)
+        True
+    """
+
+
+class ArrayBatches:
+    """A re-iterable data set over arrays kept on the host: NumPy arrays, ``np.memmap`` or ``.npy`` files.
+
+    ``arrays`` is a batch-shaped pytree (``(x, y)``, ``{"image": ..., "label": ...}``) whose
+    leaves are NumPy arrays, memory maps or paths of ``.npy`` files (opened with
+    ``np.load(path, mmap_mode="r")``: nothing is read until a batch is sliced). Every
+    ``iter(...)`` starts over and yields the slices ``[i : i + batch_size]`` of every leaf
+    (views of memory maps: read from disk when they are moved to the device), the last one
+    smaller unless ``drop_remainder=True``. Pass it as the ``data`` of :func:`hvp.hessian`,
+    :func:`hvp.ggn` or :func:`hvp.empirical_fisher` to stream a data set that does not fit on
+    the device.
+
+    Args:
+      arrays: pytree of arrays or ``.npy`` paths with a common leading example axis.
+      batch_size: examples per batch (an int >= 1).
+      drop_remainder: drop a last, smaller batch.
+
+    Raises:
+      ValueError: leaves disagree on the number of examples, or ``batch_size`` < 1.
+      TypeError: ``batch_size`` is not an int.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.operators import ArrayBatches
+        >>> ds = ArrayBatches((np.arange(10.0).reshape(5, 2), np.zeros(5)), batch_size=2)
+        >>> len(ds), [b[0].shape[0] for b in ds], ds.nbytes
+        (3, [2, 2, 1], 120)
+    """
+
+    def __init__(self, arrays, batch_size: int, *, drop_remainder: bool = False):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"`batch_size` must be an int, got {type(batch_size).__name__}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+
+        def load(x):
+            if isinstance(x, (str, os.PathLike)):
+                return np.load(os.fspath(x), mmap_mode="r")
+            return x
+
+        self.arrays = jax.tree_util.tree_map(
+            load, arrays, is_leaf=lambda x: isinstance(x, (str, os.PathLike))
+        )
+        leaves = jax.tree_util.tree_leaves(self.arrays)
+        sizes = {int(np.shape(x)[0]) for x in leaves if np.ndim(x)}
+        if not leaves or len(sizes) != 1 or any(np.ndim(x) == 0 for x in leaves):
+            raise ValueError(
+                "The arrays of an ArrayBatches need one common leading (example) axis; got shapes "
+                f"{[np.shape(x) for x in leaves]}."
+            )
+        self.num_examples = sizes.pop()
+        self.batch_size = int(batch_size)
+        self.drop_remainder = bool(drop_remainder)
+
+    def __len__(self) -> int:
+        if self.drop_remainder:
+            return self.num_examples // self.batch_size
+        return -(-self.num_examples // self.batch_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all batches (from the shapes; nothing is read)."""
+        used = len(self) * self.batch_size if self.drop_remainder else self.num_examples
+        return sum(
+            used * int(np.prod(np.shape(x)[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
+            for x in jax.tree_util.tree_leaves(self.arrays)
+        )
+
+    def __iter__(self):
+        for k in range(len(self)):
+            lo = k * self.batch_size
+            hi = min(lo + self.batch_size, self.num_examples)
+            yield jax.tree_util.tree_map(lambda x, lo=lo, hi=hi: x[lo:hi], self.arrays)
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayBatches(num_examples={self.num_examples}, batch_size={self.batch_size}, "
+            f"batches={len(self)})"
+        )
+
+
+def is_reiterable(data) -> bool:
+    """Whether ``data`` can be read several times as a sequence of batches.
+
+    A callable (returning a fresh iterator of batches each time) or an iterable of batches
+    whose ``__iter__`` starts over (a list, :class:`ArrayBatches`, a data loader object); not
+    a generator or another iterator (they are read once), and not a single batch.
+    """
+    if isinstance(data, (Dataset, StreamingDataset)):
+        return False
+    if callable(data) and not isinstance(data, (np.ndarray, jax.Array)):
+        return not _is_registered_pytree_node(data)
+    if isinstance(data, collections.abc.Iterator):
+        return False
+    return is_batch_sequence(data)
+
+
+def _leaf_nbytes(x) -> int:
+    dtype = getattr(x, "dtype", None)
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else np.asarray(x).dtype.itemsize
+    return int(np.prod(np.shape(x), dtype=np.int64)) * itemsize
+
+
+def batch_nbytes(batch) -> int:
+    """Bytes of the arrays of one batch (from their shapes and dtypes; nothing is read).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.operators._data import batch_nbytes
+        >>> batch_nbytes((np.zeros((4, 3)), np.zeros(4, np.int32)))
+        112
+    """
+    return sum(_leaf_nbytes(x) for x in jax.tree_util.tree_leaves(batch))
+
+
+def _sample_positions(size: int) -> np.ndarray:
+    k = min(size, _SAMPLES_PER_LEAF)
+    return np.unique(np.linspace(0, size - 1, k).round().astype(np.int64))
+
+
+def batch_digest(batch) -> str:
+    """A checksum of a batch's structure, shapes, dtypes and a few values of every leaf.
+
+    Reads at most 8 evenly spaced values per leaf (first and last included), so it costs next
+    to nothing on a memory-mapped batch; used to check that every pass over a streamed data set
+    sees the data of the first pass (:class:`NonDeterministicDataError`).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.operators._data import batch_digest
+        >>> a = np.arange(6.0).reshape(3, 2)
+        >>> batch_digest((a, a)) == batch_digest((a.copy(), a)), batch_digest((a, a)) == batch_digest((a + 1, a))
+        (True, False)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    h = hashlib.sha256(str(treedef).encode())
+    positions = [
+        tuple(_sample_positions(int(np.prod(np.shape(x), dtype=np.int64))).tolist()) for x in leaves
+    ]
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    sampled = {}
+    if on_device:  # one compiled gather and one small copy for all device leaves
+        got = jax.device_get(
+            _take(tuple(leaves[i] for i in on_device), tuple(positions[i] for i in on_device))
+        )
+        sampled = dict(zip(on_device, got))
+    for i, x in enumerate(leaves):
+        pos = np.asarray(positions[i], np.int64)
+        vals = sampled[i] if i in sampled else np.asarray(x).flat[pos]
+        h.update(str((tuple(np.shape(x)), str(getattr(x, "dtype", vals.dtype)))).encode())
+        h.update(np.ascontiguousarray(vals).tobytes())
+    return h.hexdigest()
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _take(leaves, positions):
+    return [jnp.ravel(x)[np.asarray(p, np.int64)] for x, p in zip(leaves, positions)]
+
+
+def _structure_error(i, tdef0, tdef) -> ValueError:
+    return ValueError(
+        f"Batch {i}'s structure differs from batch 0's: every batch of a data set must be "
+        f"the same kind of pytree (same tuple length / dict keys).\n  batch 0: {tdef0}\n"
+        f"  batch {i}: {tdef}\nConvert them to one layout, e.g. all (inputs, targets) tuples."
+    )
+
+
+def _host_total(batch, n: int, weighted: bool) -> float:
+    if not weighted:
+        return float(n)
+    return float(np.sum(np.asarray(batch_weights(batch), np.float64)))
+
+
+_NOT_REITERABLE = (
+    "A generator or iterator can be read only once, but a streamed data set is read again on every "
+    "product: pass a callable returning a fresh iterator (e.g. `lambda: make_batches()`), a list of "
+    "host (NumPy) batches, hvp.operators.ArrayBatches(arrays_or_npy_paths, batch_size), or a "
+    "loader object whose `__iter__` starts over"
+)
+
+
+def _fresh_iterator(source, pass_index: int):
+    it = source() if callable(source) else source
+    try:
+        return iter(it)
+    except TypeError:
+        raise TypeError(
+            f"The data source {'returned ' if callable(source) else 'is '}a "
+            f"{type(it).__name__}, which is not an iterable of batches (pass {pass_index}). "
+            f"{_NOT_REITERABLE}."
+        ) from None
+
+
+class StreamingDataset:
+    """A data set read from its source one batch at a time on every product pass.
+
+    Built by the operators (``stream=True``, or ``stream="auto"`` for a re-iterable data set of
+    more bytes than the budget, see :func:`as_data`) from one first pass over the source, which
+    validates every batch as :func:`as_dataset` does and records the number of examples, the
+    weight of every batch in the data-set mean (the same :math:`n_b/N` or :math:`W_b/W` as the
+    in-memory :class:`Dataset`), the shape group of every batch, a checksum of every batch
+    (:func:`batch_digest`) and the first batch of each shape group (to check the loss, as the
+    in-memory path does). Nothing of the data stays on the device.
+
+    :meth:`reduce` is one pass: batch ``i + 1`` (up to ``prefetch`` batches ahead) is put on the
+    device (``jax.device_put``, or the parameters' explicit mesh with the example axis over the
+    data axes, :func:`hvp.tree.place_batch`) while batch ``i`` computes; a batch's device arrays
+    are deleted as soon as its product has finished, so at most ``prefetch + 1`` batches are on
+    the device at any time. Every pass is checked against the first one
+    (:class:`NonDeterministicDataError`).
+
+    Attributes:
+      source: the callable or re-iterable object.
+      num_examples, num_batches: size of the data set.
+      totals: per batch, its number of examples or its sum of weights (float64 NumPy array).
+      weighted: whether the batches carry weights.
+      meta: per shape group, a :class:`GroupMeta` (``num_batches`` counts its batches).
+      probe: a :class:`Dataset` of the first batch of each shape group.
+      prefetch: batches put on the device ahead of the one computing.
+      nbytes: bytes of one pass (all batches).
+      passes: passes read so far, the first (building) pass included.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.operators import ArrayBatches, StreamingDataset
+        >>> from hvp.operators._data import as_data
+        >>> ds = as_data(ArrayBatches((np.ones((5, 2)), np.zeros(5)), 2), stream=True)
+        >>> isinstance(ds, StreamingDataset), ds.num_examples, ds.num_batches, ds.passes
+        (True, 5, 3, 1)
+    """
+
+    def __init__(self, source, *, prefetch: int = 1, _keep: int | None = None):
+        self.source = source
+        self.prefetch = prefetch
+        self.passes = 0
+        it = _fresh_iterator(source, 0)
+        self.passes = 1
+        sizes, totals, group_of, digests = [], [], [], []
+        order: dict = {}
+        first: list = []
+        kept: list | None = [] if _keep is not None else None
+        nbytes = 0
+        tdef0 = weighted = None
+        for i, b in enumerate(it):
+            n = _check_batch(b, i)
+            tdef = jax.tree_util.tree_structure(b)
+            w = batch_weights(b)
+            if i == 0:
+                tdef0, weighted = tdef, w is not None
+            elif tdef != tdef0:
+                raise _structure_error(i, tdef0, tdef)
+            if (w is not None) != weighted:
+                raise ValueError(
+                    f"Batch {i} {'carries' if w is not None else 'carries no'} weights but batch 0 "
+                    f"{'does' if weighted else 'does not'}; either every batch has weights or none."
+                )
+            if w is not None:
+                if not hasattr(w, "shape"):
+                    raise ValueError(
+                        f"The weights of batch {i} (the third element of an (inputs, targets, "
+                        f"weights) tuple, or the 'weights' key) must be an array, got a "
+                        f"{type(w).__name__}."
+                    )
+                _check_weights(w, i, n)
+            sig = _signature(b)
+            if sig not in order:
+                order[sig] = len(order)
+                first.append(b)
+            group_of.append(order[sig])
+            sizes.append(n)
+            totals.append(_host_total(b, n, weighted))
+            digests.append(batch_digest(b))
+            nbytes += batch_nbytes(b)
+            if kept is not None and _keep is not None:
+                if nbytes <= _keep:
+                    kept.append(b)
+                else:
+                    kept = None  # over the budget: stream, keep nothing
+        if not sizes:
+            raise ValueError(
+                "The data set is empty: the source yielded no batch. Pass at least one batch (a "
+                "pytree of arrays with a leading example axis)."
+            )
+        self.kept = kept
+        self.num_examples = int(sum(sizes))
+        self.num_batches = len(sizes)
+        self.totals = np.asarray(totals, np.float64)
+        self.weighted = bool(weighted)
+        self.nbytes = int(nbytes)
+        self._group_of = tuple(group_of)
+        self._digests = tuple(digests)
+        self._sizes = tuple(sizes)
+        counts = np.bincount(np.asarray(group_of), minlength=len(first))
+        self.meta = tuple(
+            GroupMeta(num_batches=int(c), batch_size=int(_check_batch(b, None)), stacked=False)
+            for b, c in zip(first, counts)
+        )
+        self.probe = as_dataset(first) if len(first) > 1 else as_dataset(first[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamingDataset(num_examples={self.num_examples}, num_batches={self.num_batches}, "
+            f"prefetch={self.prefetch})"
+        )
+
+    def weights(self, reduction: str) -> np.ndarray:
+        """Weight of each batch in the reduction: ``n_b / N`` (``W_b / W``) for ``"mean"``, 1 for ``"sum"``."""
+        if reduction == "mean":
+            return self.totals / self.totals.sum()
+        return np.ones_like(self.totals)
+
+    def _mismatch(self, what: str) -> NonDeterministicDataError:
+        return NonDeterministicDataError(
+            f"The streamed data set changed between passes: on pass {self.passes} {what} "
+            f"(compared with the first pass, which read {self.num_batches} batches). Every product "
+            "reads the whole data set again and every iterative method (Lanczos/eigsh, SLQ, "
+            "Hutch++, CG) needs the same matrix in each product, so results would be wrong. The "
+            "usual cause is a loader that shuffles or augments at random: turn shuffling and "
+            "random augmentation off (or reseed the loader identically for every pass), and make "
+            "a callable source return a fresh iterator over the same batches each time. (Dropout "
+            "or other train-mode randomness in the model is not seen here: evaluate the model in "
+            "deterministic/eval mode.)"
+        )
+
+    def _verify(self, i: int, batch) -> None:
+        if i >= self.num_batches:
+            raise self._mismatch(f"it yielded more than {self.num_batches} batches")
+        if batch_digest(batch) != self._digests[i]:
+            raise self._mismatch(f"batch {i} differs (its shapes or a checksum of sampled values)")
+
+    def reduce(self, params, step, acc, weights):
+        """One pass: ``acc = step(device_batch, weights[i], acc)`` for every batch ``i``, in order.
+
+        ``weights`` is :meth:`weights` of the operator's reduction. Batches are placed like the parameters (:func:`hvp.tree.place_batch`) and
+        prefetched as described in the class docstring.
+
+        Raises:
+          NonDeterministicDataError: the pass differs from the first one.
+          TypeError: a callable source did not return an iterable.
+        """
+        it = _fresh_iterator(self.source, self.passes)
+        self.passes += 1
+        pending: collections.deque = collections.deque()
+        running: list = []  # device arrays of the batch whose step is in flight
+        count = 0
+
+        def release():
+            jax.block_until_ready(acc)  # the step in flight has finished: free its batch
+            for x in running:
+                x.delete()
+            running.clear()
+
+        def run_oldest():
+            nonlocal acc
+            i, b, owned = pending.popleft()
+            acc = step(b, weights[i], acc)
+            running.extend(owned)
+
+        for i, hb in enumerate(it):  # reading batch i on the host overlaps the step in flight
+            self._verify(i, hb)
+            release()
+            pending.append((i, *put_batch(hb, params)))
+            if len(pending) > self.prefetch:
+                run_oldest()
+            count = i + 1
+        if count != self.num_batches:
+            detail = (
+                "it yielded no batch (a callable source must return a FRESH iterator each time, "
+                "not the same exhausted one)"
+                if count == 0
+                else f"it yielded {count} batches"
+            )
+            raise self._mismatch(detail)
+        while pending:
+            release()
+            run_oldest()
+        release()
+        return acc
+
+
+def put_batch(batch, params):
+    """``(device batch, arrays this call created)``: a host batch moved to the device.
+
+    On an explicit mesh of ``params`` the example axis is split over the data axes
+    (:func:`hvp.tree.place_batch`); other host leaves go to the default device
+    (``jax.device_put``, asynchronous). Leaves that already are ``jax.Array`` are kept as they
+    are and never listed as created (the streaming pass deletes only what it created).
+
+    Examples:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> from hvp.operators._data import put_batch
+        >>> b, created = put_batch((np.ones((2, 3)), jnp.zeros(2)), jnp.ones(3))
+        >>> type(b[0]).__name__ != "ndarray", len(created)
+        (True, 1)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    placed = jax.tree_util.tree_leaves(tu.place_batch(batch, params))
+    out, created = [], []
+    for x, y in zip(leaves, placed):
+        if not isinstance(y, jax.Array):
+            y = jax.device_put(y)
+        if not isinstance(x, jax.Array):
+            created.append(y)
+        out.append(y)
+    return jax.tree_util.tree_unflatten(treedef, out), created
+
+
+def as_data(data, *, stream="auto", budget: int | None = None, prefetch: int = 1):
+    """The data of an operator: an in-memory :class:`Dataset` or a :class:`StreamingDataset`.
+
+    The memory rule of ``stream="auto"``: a re-iterable data set (a callable returning a fresh
+    iterator, a list of batches, :class:`ArrayBatches`, a loader whose ``__iter__`` starts over)
+    is streamed when its bytes (summed from the batches' shapes and dtypes) exceed ``budget``
+    (default :func:`default_stream_budget`: a quarter of an accelerator's memory, 2 GiB on the
+    CPU), and stacked on the device otherwise; one batch, a generator or another iterator are
+    always kept in memory (they can be read only once). ``stream=True`` always streams (a
+    re-iterable data set is required) and ``stream=False`` never does (a callable is called
+    once and its batches kept).
+
+    Raises:
+      TypeError: ``stream=True`` with a generator/iterator (pass a callable returning a fresh
+        iterator) or one batch.
+      ValueError: ``stream``, ``budget`` or ``prefetch`` not allowed values; the errors of
+        :func:`as_dataset`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hvp.operators._data import as_data
+        >>> batches = [(np.ones((2, 3)), np.zeros(2))] * 3
+        >>> type(as_data(batches)).__name__, type(as_data(batches, budget=100)).__name__
+        ('Dataset', 'StreamingDataset')
+    """
+    if not any(stream is c for c in (True, False)) and stream != "auto":
+        raise ValueError(f'`stream` must be True, False or "auto", got {stream!r}.')
+    for name, val in (("prefetch", prefetch), ("stream_budget", budget)):
+        if val is None and name == "stream_budget":
+            continue
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
+            raise ValueError(f"`{name}` must be an int >= 0, got {val!r}.")
+    if isinstance(data, (Dataset, StreamingDataset)):
+        return data
+    reiterable = is_reiterable(data)
+    if stream is False:
+        if callable(data) and reiterable:
+            data = list(_fresh_iterator(data, 0))
+        return as_dataset(data)
+    if stream is True:
+        if not reiterable:
+            if isinstance(data, collections.abc.Iterator):
+                raise TypeError(f"stream=True: {_NOT_REITERABLE}.")
+            raise TypeError(
+                "stream=True needs a data set of several batches that can be read again: a "
+                "callable returning a fresh iterator of batches, a list of batches or "
+                f"hvp.operators.ArrayBatches; got a {type(data).__name__} (one batch).{tuple_of_batches_hint(data)}"
+            )
+        return StreamingDataset(data, prefetch=int(prefetch))
+    if not reiterable:  # one batch, or a generator: read once and kept
+        return as_dataset(data)
+    budget = default_stream_budget() if budget is None else int(budget)
+    if isinstance(data, list):  # bytes from the shapes, without reading twice
+        if sum(batch_nbytes(b) for b in data) <= budget:
+            return as_dataset(data)
+        return StreamingDataset(data, prefetch=int(prefetch))
+    ds = StreamingDataset(data, prefetch=int(prefetch), _keep=budget)
+    if ds.kept is not None:
+        return as_dataset(ds.kept)
+    return ds
