@@ -71,8 +71,14 @@ from hvp.operators import NonFiniteError
 
 __all__ = ["LeanEigshResult", "lean_eigsh"]
 
-#: Cullum-Willoughby tolerance: eigenvalues within ``_CW * eps_acc * ||T||`` are "equal".
-_CW = 1e3
+#: Cullum-Willoughby tolerances (times ``eps_acc * ||T||``): eigenvalues of ``T_j`` closer than
+#: ``_MULT`` are one (multiple) eigenvalue; a simple one closer than ``_SPUR`` to an eigenvalue of
+#: ``T_j`` without its first row and column is spurious.
+_MULT = 1e3
+_SPUR = 16.0
+#: the Ritz values are tested every ``_EVERY`` steps (two ``num_iters``-sized ``eigh``), and at
+#: the last step and on breakdown.
+_EVERY = 4
 #: breakdown (invariant Krylov space) when ``beta <= _BREAK * eps_acc * ||A||``.
 _BREAK = 32.0
 #: residual floor ``max(_FLOOR * eps_acc, 4 eps) * ||A||`` (``eps``: the products' dtype).
@@ -120,7 +126,7 @@ def _tridiag_eigh(alpha, beta, j, m, first: int = 0):
     return theta, S, jnp.sum(active)
 
 
-def _good_ritz(alpha, beta, j, m, tol_cw):
+def _good_ritz(alpha, beta, j, m, tol_mult, tol_spur):
     """Ritz values of ``T_j`` (ascending), their vectors, and the Cullum-Willoughby "good" mask.
 
     Numerically multiple eigenvalues of ``T_j`` are genuine (the first copy is kept); a simple
@@ -132,14 +138,14 @@ def _good_ritz(alpha, beta, j, m, tol_cw):
     active = idx < c
     gap_prev = jnp.concatenate([jnp.full((1,), jnp.inf, theta.dtype), jnp.diff(theta)])
     gap_next = jnp.concatenate([jnp.diff(theta), jnp.full((1,), jnp.inf, theta.dtype)])
-    dup_prev = active & (gap_prev <= tol_cw)
-    dup_next = (idx + 1 < c) & (gap_next <= tol_cw)
+    dup_prev = active & (gap_prev <= tol_mult)
+    dup_next = (idx + 1 < c) & (gap_next <= tol_mult)
     simple = ~dup_prev & ~dup_next
     mu_active = idx < c_hat
     dist = jnp.min(
         jnp.where(mu_active[None, :], jnp.abs(theta[:, None] - mu[None, :]), jnp.inf), axis=1
     )
-    spurious = simple & (dist <= tol_cw)
+    spurious = simple & (dist <= tol_spur)
     good = active & ~spurious & ~dup_prev
     return theta, S, good
 
@@ -242,15 +248,26 @@ class LeanLanczos(StateMachine):
         j1 = j + 1
         broke = beta <= _BREAK * self.eps_acc * anorm
         v_next = tu.scale(1.0 / jnp.where(broke, 1.0, beta), w)
-        tol_cw = _CW * self.eps_acc * anorm
-        theta, S, good = _good_ritz(alpha1 + alpha2, betas, j1, self.m, tol_cw)
-        pick, found = _wanted(theta, good, self.which, self.k)
-        th = theta[pick]
-        bounds = jnp.abs(jnp.where(broke, 0.0, beta) * S[j, pick])
+        at_end = broke | (j1 >= state["max_steps"]) | ~ok
+
+        def analyse(_):
+            unit = self.eps_acc * anorm
+            theta, S, good = _good_ritz(
+                alpha1 + alpha2, betas, j1, self.m, _MULT * unit, _SPUR * unit
+            )
+            pick, found = _wanted(theta, good, self.which, self.k)
+            th = theta[pick]
+            bounds = jnp.abs(jnp.where(broke, 0.0, beta) * S[j, pick])
+            return th, S[:, pick], found, bounds
+
+        def skip(_):
+            return state["ritz"], state["S"], state["found"], state["bounds"]
+
+        test = at_end | ((j1 % _EVERY == 0) & (j1 >= self.k_total))
+        th, S_pick, found, bounds = jax.lax.cond(test, analyse, skip, None)
         thr = self._thresholds(th, anorm, state["tol"])
         conv = found & (bounds <= thr)
-        stop = ~ok | broke | jnp.all(conv) | (j1 >= state["max_steps"])
-        S_pick = S[:, pick]
+        stop = at_end | (test & jnp.all(conv))
         # Second pass: start again from v0; y = s_0 v0 now, s_i v_i after each further step.
         v0 = state["v0"]
         y0 = jax.tree_util.tree_map(
@@ -273,8 +290,8 @@ class LeanLanczos(StateMachine):
             v=pick_tree(v0, v_next),
             v_prev=pick_tree(tu.zeros_like(v), v),
             y=pick_tree(y0, state["y"]),
-            S=jnp.where(stop, S_pick, state["S"]),
-            found=jnp.where(stop, found, state["found"]),
+            S=S_pick,
+            found=found,
             bounds=bounds,
             ritz=th,
             i=jnp.zeros((), jnp.int32),
