@@ -843,7 +843,7 @@ def eigsh(
         large models (:mod:`hvp.linalg._lean`): Lanczos without reorthogonalisation, the
         Cullum-Willoughby test against spurious Ritz values and a second pass for the
         eigenvectors; ``(4 + 2k) n`` numbers whatever ``num_iters`` (then the most Lanczos steps,
-        default ``max(4 k_total + 60, 100)``; the second pass repeats them). It returns each
+        default ``max(4 k_total + 60, 300)``; the second pass repeats them). It returns each
         *distinct* eigenvalue once (multiplicities are not seen), does not restart, and ignores
         ``max_restarts`` and ``confirm``; the result is a :class:`LeanEigshResult`.
       driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
@@ -924,7 +924,7 @@ def eigsh(
             raise ValueError(
                 "`basis_dtype` does not apply to basis='none' (no basis is stored); drop it."
             )
-        m = max(4 * k_total + 60, 100) if num_iters is None else num_iters
+        m = max(4 * k_total + 60, 300) if num_iters is None else num_iters
         m = check_int("num_iters", m, minimum=1)
         k_start, _ = jax.random.split(key)
         return lean_eigsh(

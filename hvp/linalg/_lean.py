@@ -21,7 +21,8 @@ Large Symmetric Eigenvalue Computations*, vol. 1, 1985, ch. 4): numerically mult
 eigenvalues of :math:`T_j` are genuine (one copy is kept); a simple eigenvalue of :math:`T_j`
 that is also an eigenvalue of :math:`\hat T_j` (:math:`T_j` without its first row and column) is
 spurious and discarded. The rest are the "good" Ritz values. The iteration stops when the wanted
-good Ritz values have Lanczos residual bounds :math:`|\beta_j s_{j,i}|` below their thresholds,
+good Ritz values have Lanczos residual bounds :math:`|\beta_j s_{j,i}|` below their thresholds
+(tested every 4 steps: two ``num_iters``-sized ``eigh``),
 on breakdown (an invariant Krylov space: every Ritz value is exact) or after ``num_iters``
 steps.
 
@@ -61,6 +62,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.linalg import eigh_tridiagonal
 
 from hvp import tree as tu
 from hvp.linalg._blocks import get_row, rowwise, to_like
@@ -76,6 +78,8 @@ __all__ = ["LeanEigshResult", "lean_eigsh"]
 #: ``T_j`` without its first row and column is spurious.
 _MULT = 1e3
 _SPUR = 16.0
+#: ... and whose eigenvector's first component is below ``_FIRST * eps_acc``.
+_FIRST = 100.0
 #: the Ritz values are tested every ``_EVERY`` steps (two ``num_iters``-sized ``eigh``), and at
 #: the last step and on breakdown.
 _EVERY = 4
@@ -107,7 +111,7 @@ class LeanEigshResult(EigshResult):
     multiplicities: str = "distinct"
 
 
-def _tridiag_eigh(alpha, beta, j, m, first: int = 0):
+def _tridiag_eigh(alpha, beta, j, m, first: int = 0, vectors: bool = True):
     """Eigenpairs of the leading active block of the tridiagonal ``T`` in a static ``m x m`` frame.
 
     Rows ``first..j-1`` are active (``first=1`` drops the first row and column: Cullum and
@@ -119,21 +123,22 @@ def _tridiag_eigh(alpha, beta, j, m, first: int = 0):
     active = (idx >= first) & (idx < j)
     a = jnp.where(active, alpha, 0.0)
     off = jnp.where(active[:-1] & active[1:], beta[:-1], 0.0)
-    T = jnp.diag(a) + jnp.diag(off, 1) + jnp.diag(off, -1)
     sentinel = 2.0 * (jnp.max(jnp.abs(a)) + 2.0 * jnp.max(jnp.abs(off), initial=0.0)) + 1.0
-    T = T + jnp.diag(jnp.where(active, 0.0, sentinel))
-    theta, S = jnp.linalg.eigh(T)
+    d = a + jnp.where(active, 0.0, sentinel)
+    if not vectors:  # eigenvalues only: bisection on the tridiagonal (cheaper than eigh)
+        return eigh_tridiagonal(d, off, eigvals_only=True), None, jnp.sum(active)
+    theta, S = jnp.linalg.eigh(jnp.diag(d) + jnp.diag(off, 1) + jnp.diag(off, -1))
     return theta, S, jnp.sum(active)
 
 
-def _good_ritz(alpha, beta, j, m, tol_mult, tol_spur):
+def _good_ritz(alpha, beta, j, m, tol_mult, tol_spur, tol_first):
     """Ritz values of ``T_j`` (ascending), their vectors, and the Cullum-Willoughby "good" mask.
 
     Numerically multiple eigenvalues of ``T_j`` are genuine (the first copy is kept); a simple
     one that is also an eigenvalue of ``T_j`` without its first row and column is spurious.
     """
     theta, S, c = _tridiag_eigh(alpha, beta, j, m)
-    mu, _, c_hat = _tridiag_eigh(alpha, beta, j, m, first=1)
+    mu, _, c_hat = _tridiag_eigh(alpha, beta, j, m, first=1, vectors=False)
     idx = jnp.arange(m)
     active = idx < c
     gap_prev = jnp.concatenate([jnp.full((1,), jnp.inf, theta.dtype), jnp.diff(theta)])
@@ -145,7 +150,12 @@ def _good_ritz(alpha, beta, j, m, tol_mult, tol_spur):
     dist = jnp.min(
         jnp.where(mu_active[None, :], jnp.abs(theta[:, None] - mu[None, :]), jnp.inf), axis=1
     )
-    spurious = simple & (dist <= tol_spur)
+    # Spurious: an eigenvalue of both T_j and T_j-hat, i.e. its eigenvector's first component
+    # vanishes (Cullum & Willoughby, 1985, lemma 4.2.1). In float32 the eigenvalue distance alone
+    # cannot separate a spurious value from a genuine one whose start-vector component is small
+    # (|s_1| ~ 1/sqrt(n): distance ~ s_1^2 ||T||, below float32 round-off for n >= 1e5), so both
+    # the distance and the first component must vanish to working accuracy.
+    spurious = simple & (dist <= tol_spur) & (jnp.abs(S[0]) <= tol_first)
     good = active & ~spurious & ~dup_prev
     return theta, S, good
 
@@ -253,7 +263,13 @@ class LeanLanczos(StateMachine):
         def analyse(_):
             unit = self.eps_acc * anorm
             theta, S, good = _good_ritz(
-                alpha1 + alpha2, betas, j1, self.m, _MULT * unit, _SPUR * unit
+                alpha1 + alpha2,
+                betas,
+                j1,
+                self.m,
+                _MULT * unit,
+                _SPUR * unit,
+                _FIRST * self.eps_acc,
             )
             pick, found = _wanted(theta, good, self.which, self.k)
             th = theta[pick]

@@ -65,13 +65,13 @@ def _check_against_dense(H, name, which, k, lean, *, dtype="float64", rtol=1e-10
 )
 def test_lean_matches_dense_float64(name, which, k):
     H = operator(name, "hessian")
-    lean = hvp.eigsh(H, k, which=which, basis="none", key=KEY, tol=1e-8)
+    lean = hvp.eigsh(H, k, which=which, basis="none", key=KEY, tol=1e-8, num_iters=120)
     _check_against_dense(H, name, which, k, lean)
 
 
 def test_lean_matches_full_and_dense_on_the_indefinite_quadratic():
     H = operator("quadratic", "hessian")
-    lean = hvp.eigsh(H, 3, which="both", basis="none", key=KEY, tol=1e-8)
+    lean = hvp.eigsh(H, 3, which="both", basis="none", key=KEY, tol=1e-8, num_iters=120)
     full = hvp.eigsh(H, 3, which="both", key=KEY, tol=1e-8)
     _check_against_dense(H, "quadratic", "both", 3, lean)
     np.testing.assert_allclose(lean.eigenvalues, full.eigenvalues, rtol=1e-10, atol=1e-12)
@@ -81,7 +81,7 @@ def test_lean_matches_full_and_dense_on_the_indefinite_quadratic():
 
 def test_lean_float32_against_float64_reference():
     H = operator("quadratic", "hessian", "float32")
-    r = hvp.eigsh(H, 2, basis="none", key=KEY, tol=1e-6)
+    r = hvp.eigsh(H, 2, basis="none", key=KEY, tol=1e-6, num_iters=120)
     assert r.dtype_policy.compute == "float32"
     _check_against_dense(H, "quadratic", "largest", 2, r, dtype="float32", rtol=1e-5)
 
@@ -92,13 +92,13 @@ def test_repeated_eigenvalues_are_returned_once():
     q, _ = np.linalg.qr(rng.normal(size=(14, 14)))
     lam = np.array([5.0, 5.0, 5.0, 4.0, 4.0, 3.0, 2.0, 1.0, 1.0, 0.5, 0.2, 0.1, 0.0, 0.0])
     A = (q * lam) @ q.T
-    r = hvp.eigsh(hvp.from_dense(A), 3, basis="none", key=KEY, tol=1e-10)
+    r = hvp.eigsh(hvp.from_dense(A), 3, basis="none", key=KEY, tol=1e-10, num_iters=60)
     np.testing.assert_allclose(r.eigenvalues, [3.0, 4.0, 5.0], atol=1e-10)
     assert bool(np.all(r.converged)) and r.multiplicities == "distinct"
     # fewer distinct eigenvalues than asked for: the missing pair is not converged, and said so
     B = np.diag([0.0, 0.0, 1.0, 1.0, 2.0])
     with pytest.warns(RuntimeWarning, match="distinct"):
-        r = hvp.eigsh(hvp.from_dense(B), 4, basis="none", key=KEY)
+        r = hvp.eigsh(hvp.from_dense(B), 4, basis="none", key=KEY, num_iters=60)
     assert np.asarray(r.converged).tolist() == [False, True, True, True]
     np.testing.assert_allclose(np.asarray(r.eigenvalues)[1:], [0.0, 1.0, 2.0], atol=1e-12)
 
@@ -117,7 +117,7 @@ def test_lean_drivers_agree_and_resume_bitwise(tmp_path):
     H = operator("quadratic", "hessian")
 
     def call(**kw):
-        return hvp.eigsh(H, 2, which="both", basis="none", key=KEY, tol=1e-8, **kw)
+        return hvp.eigsh(H, 2, which="both", basis="none", key=KEY, tol=1e-8, num_iters=60, **kw)
 
     host, _ = assert_drivers_agree(call)
     assert_resume_bitwise(call, tmp_path, interrupt_after=host.num_matvecs // 2)
