@@ -11,6 +11,7 @@ from hvp.linalg._driver import Checkpoint, CheckpointMismatchError, Progress
 from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm
 from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor
 from hvp.linalg._layers import LayerTrace, layer_trace
+from hvp.linalg._lean import LeanEigshResult
 from hvp.linalg._power import PowerResult, power_iteration
 from hvp.linalg._precond import Preconditioner
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
@@ -30,6 +31,7 @@ __all__ = [
     # eigenvalues and spectra
     "eigsh",
     "EigshResult",
+    "LeanEigshResult",
     "power_iteration",
     "PowerResult",
     "spectral_density",

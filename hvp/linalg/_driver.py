@@ -58,7 +58,8 @@ different run is refused with :class:`CheckpointMismatchError` naming what diffe
 or foreign file too. A finished run removes its file. ``SIGTERM`` (main thread, no handler of
 the caller installed) saves the state and exits with status 143 (``SIGTERM_EXIT_CODE``); after
 ``SIGKILL`` the last periodic save is resumed. Multi-process (multi-host) states are not
-supported: every leaf must be addressable from this process.
+supported: every leaf must be addressable from this process. With several processes only
+process 0 shows progress.
 """
 
 from __future__ import annotations
@@ -508,8 +509,10 @@ def run(
         return _run_compiled(alg, op, state), chosen
     if checkpoint is not None:
         _check_checkpoint_path(checkpoint.path)
-        if not all(
-            getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(state)
+        # Several processes: the state becomes global arrays after the first step (even when the
+        # initial one is local), which one file per process cannot hold.
+        if jax.process_count() > 1 or not all(
+            getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves((state, op))
         ):
             raise ValueError(
                 "`checkpoint=` needs every array of the state on this process's devices; a "
@@ -915,7 +918,7 @@ def _progress_mode(progress) -> str:
         progress = tty and not os.environ.get("CI")
     if not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True, False or None, got {progress!r}.")
-    if not progress:
+    if not progress or jax.process_index() != 0:  # several processes: process 0 reports
         return "off"
     return "rich" if tty else "plain"
 

@@ -136,6 +136,8 @@ from hvp.typing import OperatorLike, PRNGKey, PyTree
 __all__ = ["eigsh", "EigshResult", "WHICH"]
 
 WHICH = ("largest", "smallest", "both")
+#: where :func:`eigsh` keeps its Krylov basis (``"none"``: the lean mode of :mod:`._lean`).
+BASES = ("device", "none")
 
 
 @tu.result(static=("which", "dtype_policy"))
@@ -795,6 +797,7 @@ def eigsh(
     basis_dtype=None,
     confirm: bool = True,
     like=None,
+    basis: str = "device",
     driver: str = "auto",
     progress: bool | None = None,
     checkpoint: Checkpoint | str | os.PathLike | None = None,
@@ -847,6 +850,14 @@ def eigsh(
         return a repeated eigenvalue with too few copies. Ignored for ``k=1``, where
         no copy can be missing.
       like: example pytree when ``op`` is a plain matvec callable.
+      basis: where the Krylov basis lives. ``"device"`` (default): thick-restart Lanczos with
+        the full basis, ``(num_iters + 1) n`` numbers. ``"none"``: the memory-lean mode for very
+        large models (:mod:`hvp.linalg._lean`): Lanczos without reorthogonalisation, the
+        Cullum-Willoughby test against spurious Ritz values and a second pass for the
+        eigenvectors; ``(4 + 2k) n`` numbers whatever ``num_iters`` (then the most Lanczos steps,
+        default ``max(4 k_total + 60, 300)``; the second pass repeats them). It returns each
+        *distinct* eigenvalue once (multiplicities are not seen), does not restart, and ignores
+        ``max_restarts`` and ``confirm``; the result is a :class:`LeanEigshResult`.
       driver: ``"auto"`` (compiled inside ``jax.jit``/``vmap``, host otherwise), ``"compiled"``
         or ``"host"``; see :mod:`hvp.linalg._driver`. Both give the same numbers.
       progress: host driver: show products, the worst wanted residual relative to its
@@ -864,7 +875,8 @@ def eigsh(
     Raises:
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``,
-        ``reorthogonalize=False``, negative or non-finite ``tol``.
+        ``reorthogonalize=False``, negative or non-finite ``tol``, an unknown ``basis``,
+        ``basis_dtype`` with ``basis="none"``.
       TypeError: ``key`` is not a PRNG key, ``k`` not an int.
       NonFiniteError: NaN or Inf in the result (the operator produced them,
         e.g. an overflow of half-precision products).
@@ -912,6 +924,34 @@ def eigsh(
         "tol", tol, hint="It is the relative accuracy per eigenvalue (e.g. 1e-6)."
     )
     max_restarts = check_int("max_restarts", max_restarts, minimum=0)
+    if basis not in BASES:
+        raise ValueError(
+            f"`basis` must be one of {BASES}, got {basis!r}: 'device' keeps the full Lanczos "
+            "basis, 'none' keeps O(1) vectors (the memory-lean mode)."
+        )
+    if basis == "none":
+        from hvp.linalg._lean import lean_eigsh
+
+        if basis_dtype is not None:
+            raise ValueError(
+                "`basis_dtype` does not apply to basis='none' (no basis is stored); drop it."
+            )
+        m = max(4 * k_total + 60, 300) if num_iters is None else num_iters
+        m = check_int("num_iters", m, minimum=1)
+        k_start, _ = jax.random.split(key)
+        return lean_eigsh(
+            op,
+            k,
+            start=_start_vector(v0, op.like, k_start),
+            key=key,
+            v0=v0,
+            which=which,
+            num_iters=m,
+            tol=tol,
+            driver=driver,
+            progress=progress,
+            checkpoint=checkpoint,
+        )
     if num_iters is None:
         m = max(2 * k_total + 10, 30)
     else:

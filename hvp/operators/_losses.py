@@ -69,7 +69,16 @@ __all__ = ["softmax_cross_entropy", "mean_squared_error", "SoftmaxCrossEntropy",
 
 
 def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+    """Whether every array is a value this process can read (not a tracer, not multi-host).
+
+    A global array spanning several processes (``jax.make_array_from_process_local_data``) cannot
+    be read back on one host, so the eager value checks are skipped for it, as under ``jit``.
+    """
+    return not any(
+        isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True)
+        for x in xs
+        if x is not None
+    )
 
 
 def _expand_weights(weights, shape: tuple, who: str):
