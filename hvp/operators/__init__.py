@@ -29,6 +29,7 @@ from hvp.operators._curvature import (
     hvp,
 )
 from hvp.operators._data import Dataset, UnpackError, as_dataset, batch_weights, split_batch
+from hvp.operators._gradient import data_gradient
 
 __all__ = [
     "BLOCK_MODES",
@@ -47,6 +48,7 @@ __all__ = [
     "as_zeros",
     "batch_weights",
     "compose",
+    "data_gradient",
     "default_unpack",
     "empirical_fisher",
     "from_dense",
