@@ -308,6 +308,7 @@ def _json_summary(report, out, files, args, **extra) -> dict:
                 "negative_mass",
             )
         },
+        "critical_point": (d.get("critical") or {}).get("verdict"),
         "num_matvecs": d["num_matvecs"],
         "seconds": d["timings"]["total"],
         "reproduce": d["command"],
@@ -317,6 +318,8 @@ def _json_summary(report, out, files, args, **extra) -> dict:
 
 def _report_done(report, out, args, **extra) -> None:
     files = ["report.json"] + (["density.png", "layers.png"] if args.plots else [])
+    if args.plots and getattr(report, "compression", None) is not None:
+        files.append("compression.png")
     if args.json:
         import json
 
