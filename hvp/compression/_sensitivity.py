@@ -211,7 +211,8 @@ class QuantizationSensitivity:
             choice = [len(bits) - 1] * L
             size = int(np.sum(n) * bits[-1])
             while size > budget:
-                best, best_cost = None, math.inf
+                best: int | None = None
+                best_cost = math.inf
                 for i in range(L):
                     j = choice[i]
                     if j == 0:
@@ -220,6 +221,7 @@ class QuantizationSensitivity:
                     cost = (omega[i, j - 1] - omega[i, j]) / saved
                     if cost < best_cost:
                         best, best_cost = i, cost
+                assert best is not None  # a layer above the fewest bits exists: budget >= smallest
                 j = choice[best]
                 size -= int(n[best] * (bits[j] - bits[j - 1]))
                 choice[best] = j - 1
@@ -244,13 +246,15 @@ class QuantizationSensitivity:
                     f"`method='exhaustive'` would try {count} choices ({len(bits)}**{L}); use "
                     "method='greedy'."
                 )
-            best_obj, choice = math.inf, None
+            best_obj, found = math.inf, None
             for combo in itertools.product(range(len(bits)), repeat=L):
                 if sum(int(n[i]) * bits[j] for i, j in enumerate(combo)) > budget:
                     continue
                 obj = float(sum(omega[i, j] for i, j in enumerate(combo)))
                 if obj < best_obj:
-                    best_obj, choice = obj, list(combo)
+                    best_obj, found = obj, list(combo)
+            assert found is not None  # the fewest bits everywhere fit: budget >= smallest
+            choice = found
         else:
             raise ValueError(f"Unknown method {method!r}; use 'greedy' or 'exhaustive'.")
         chosen = tuple(bits[j] for j in choice)
@@ -284,11 +288,13 @@ class QuantizationSensitivity:
           >>> s.quantize(params, [2])["a"]["kernel"].tolist(), s.layers  # biases are kept
           ([[1.0], [0.0]], ('a',))
         """
-        bits = getattr(bits, "bits", bits)
-        if len(bits) != len(self.layers):
-            raise ValueError(f"Give one bit width per layer ({len(self.layers)}), got {len(bits)}.")
+        widths = list(bits.bits if isinstance(bits, BitAllocation) else bits)
+        if len(widths) != len(self.layers):
+            raise ValueError(
+                f"Give one bit width per layer ({len(self.layers)}), got {len(widths)}."
+            )
         q = uniform_quantize if quantizer is None else quantizer
-        width = dict(zip(self.layers, bits))
+        width = dict(zip(self.layers, widths))
         paths = tu.leaf_paths(params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         out = [

@@ -214,14 +214,13 @@ def classify_critical_point(
     zero_tol = check_finite_float("zero_tol", zero_tol)
 
     n = op.size
-    eig_kw = dict(key=key, tol=tol, driver=driver, progress=progress)
     if n >= 2:
-        res = eigsh(op, 1, which="both", **eig_kw)
+        res = eigsh(op, 1, which="both", key=key, tol=tol, driver=driver, progress=progress)
         lam = np.asarray(res.eigenvalues, np.float64)
         resid = np.asarray(res.residuals, np.float64)
         lo, hi, r_lo, r_hi = lam[0], lam[-1], resid[0], resid[-1]
     else:  # one parameter: the one eigenvalue is both ends
-        res = eigsh(op, 1, which="largest", **eig_kw)
+        res = eigsh(op, 1, which="largest", key=key, tol=tol, driver=driver, progress=progress)
         lo = hi = float(np.asarray(res.eigenvalues)[0])
         r_lo = r_hi = float(np.asarray(res.residuals)[0])
     matvecs = int(res.num_matvecs)

@@ -22,19 +22,17 @@ KEY = jax.random.key(0)
 
 @functools.lru_cache(maxsize=1)
 def _model():
-    """A tanh MLP 4-5-3 (+ a 3-3 layer) with softmax cross-entropy; n = 25 + 18 + 12 = 55."""
+    """A tanh MLP 4-5-3 with softmax cross-entropy; n = 25 + 18 = 43 (two layers: two Lanczos compiles)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 4))
     y = rng.integers(0, 3, size=30)
     params = {
         "dense_0": {"kernel": jnp.asarray(rng.normal(size=(4, 5))), "bias": jnp.zeros(5)},
-        "dense_1": {"kernel": jnp.asarray(rng.normal(size=(5, 3))), "bias": jnp.zeros(3)},
-        "out": {"kernel": jnp.asarray(0.3 * rng.normal(size=(3, 3))), "bias": jnp.zeros(3)},
+        "out": {"kernel": jnp.asarray(rng.normal(size=(5, 3))), "bias": jnp.zeros(3)},
     }
 
     def loss(p, b):
         h = jnp.tanh(b[0] @ p["dense_0"]["kernel"] + p["dense_0"]["bias"])
-        h = jnp.tanh(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"])
         return hvp.losses.softmax_cross_entropy(h @ p["out"]["kernel"] + p["out"]["bias"], b[1])
 
     H = hvp.hessian(loss, params, [(x[:16], y[:16]), (x[16:], y[16:])])
@@ -83,7 +81,7 @@ def test_uniform_quantize_levels_scale_and_error():
 def test_sensitivity_exact_against_the_dense_hessian():
     params, H, dense = _model()
     s = quantization_sensitivity(H, key=KEY, num_matvecs=10_000)  # >= n: the exact diagonal
-    assert s.method == "exact" and s.layers == ("dense_0", "dense_1", "out")
+    assert s.method == "exact" and s.layers == ("dense_0", "out")
     for i, layer in enumerate(s.layers):
         idx = _block(params, dense, layer)
         block = dense[np.ix_(idx, idx)]
@@ -107,7 +105,7 @@ def test_sensitivity_std_error_and_obd_statistics():
     params, H, dense = _model()
     d = hvp.diagonal(H, key=KEY, num_matvecs=40)
     s = quantization_sensitivity(H, key=KEY, diag=d, top_eigenvalue=False)
-    assert s.num_matvecs == 0 and s.samples.shape == (40, 3)
+    assert s.num_matvecs == 0 and s.samples.shape == (40, 2)
     for i, layer in enumerate(s.layers):
         idx = _block(params, dense, layer)
         z = (s.trace[i] - np.trace(dense[np.ix_(idx, idx)])) / s.trace_std_error[i]
@@ -136,7 +134,7 @@ def test_pruning_mask_sparsity_is_exact():
     params, _, _ = _model()
     scores = jax.tree_util.tree_map(jnp.abs, params)
     kernels = {k: np.asarray(v["kernel"]) for k, v in params.items()}
-    n = sum(v.size for v in kernels.values())  # 20 + 15 + 9 = 44 prunable
+    n = sum(v.size for v in kernels.values())  # 20 + 15 = 35 prunable
     for sparsity in (0.0, 0.5, 0.7, 0.9, 1.0):
         m = pruning_mask(scores, sparsity)
         kept = sum(int(np.sum(m[k]["kernel"])) for k in kernels)
@@ -172,7 +170,7 @@ def test_bit_allocation_respects_the_budget_and_matches_brute_force():
         # the brute force here, independently of the library's "exhaustive"
         best = min(
             sum(omega[i, j] for i, j in enumerate(c))
-            for c in itertools.product(range(3), repeat=3)
+            for c in itertools.product(range(3), repeat=len(n))
             if sum(n[i] * s.bits[j] for i, j in enumerate(c)) <= budget
         )
         np.testing.assert_allclose(e.objective, best)
