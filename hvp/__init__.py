@@ -5,7 +5,8 @@ Layers (each imports only from the ones before it):
 * :mod:`hvp.tree` - pytree arithmetic, random probes, validation.
 * :mod:`hvp.operators` - Hessian / GGN / empirical Fisher operators over data sets.
 * :mod:`hvp.linalg` - matrix-free algorithms (Lanczos, SLQ, trace, diagonal).
-* integrations - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`, :mod:`hvp.optim`.
+* uses - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`, :mod:`hvp.optim`,
+  :mod:`hvp.critical`, :mod:`hvp.compression`.
 * :mod:`hvp.cli` - the ``hvp`` command.
 """
 
@@ -54,6 +55,10 @@ _LAZY = {
     "optim": ("hvp.optim", None),
     "CurvatureMonitor": ("hvp.monitor", "CurvatureMonitor"),
     "analyze": ("hvp.analysis", "analyze"),
+    "critical": ("hvp.critical", None),
+    "classify_critical_point": ("hvp.critical", "classify_critical_point"),
+    "CriticalPointResult": ("hvp.critical", "CriticalPointResult"),
+    "compression": ("hvp.compression", None),
 }
 
 
@@ -110,4 +115,8 @@ __all__ = [
     "monitor",
     "analysis",
     "optim",
+    "critical",
+    "classify_critical_point",
+    "CriticalPointResult",
+    "compression",
 ]

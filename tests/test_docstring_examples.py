@@ -22,6 +22,8 @@ PUBLIC_MODULES = [
     "hvp.monitor",
     "hvp.analysis",
     "hvp.optim",
+    "hvp.critical",
+    "hvp.compression",
 ]
 
 

@@ -32,6 +32,11 @@ from hvp.analysis._checkpoint import (
     resolve_checkpoint,
     restore_into,
 )
+from hvp.analysis._compression_critical import (
+    CompressionSection,
+    CriticalSection,
+    plot_compression,
+)
 from hvp.analysis._data import LoadedData, digits, load_data
 from hvp.analysis._demo import DEMO_MODEL_SPEC, digits_mlp, run_demo
 from hvp.analysis._errors import AnalysisError, AnalysisTypeError, StructureMismatchError
@@ -62,6 +67,9 @@ __all__ = [
     "DerivedSection",
     "EigenSection",
     "LayerSection",
+    "CriticalSection",
+    "CompressionSection",
+    "plot_compression",
     "LoadedData",
     "ModelSpec",
     "StructureMismatchError",

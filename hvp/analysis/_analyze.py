@@ -279,6 +279,10 @@ class AnalysisReport:
       num_matvecs: total operator products over all figures.
       command: an ``hvp analyze`` command line that reproduces the figures.
       extra: free-form provenance (the demo records its training run here).
+      critical: :class:`~hvp.analysis.CriticalSection`: what kind of point the parameters are
+        at (gradient norm and the extreme eigenvalues above; always computed).
+      compression: :class:`~hvp.analysis.CompressionSection` with ``compression=True``
+        (``--compression``), else ``None``.
 
     Examples:
         >>> import os, tempfile
@@ -324,6 +328,8 @@ class AnalysisReport:
     num_matvecs: int
     command: str
     extra: dict
+    critical: Any = None
+    compression: Any = None
 
     def write(self, out_dir, *, plots: bool = True) -> dict[str, str]:
         """Write ``report.json`` (and ``density.png``, ``layers.png``) into ``out_dir``; return the paths."""
@@ -379,6 +385,9 @@ class AnalysisSettings:
       layer_view: ``"grouped"`` (one row per block) or ``"all"`` (one per layer) in the
         terminal table and ``layers.png``.
       top_layers: rows of the terminal's per-layer table (>= 1).
+      compression: add the compression section (HAWQ per-layer quantisation sensitivity, a bit
+        allocation, OBD saliency; ``layer_matvecs`` probes plus one Lanczos run per layer) and
+        ``compression.png`` (see :mod:`hvp.analysis._compression_critical`).
 
     Raises:
       AnalysisTypeError: a setting of the wrong type (also a ``TypeError``).
@@ -415,6 +424,7 @@ class AnalysisSettings:
     item: str | None = None
     layer_view: str = "grouped"
     top_layers: int = 10
+    compression: bool = False
 
     def __post_init__(self):
         checked = dict(
@@ -444,6 +454,11 @@ class AnalysisSettings:
         if not isinstance(self.x64, (bool, np.bool_)):
             raise AnalysisTypeError(f"`x64` (--x64) must be a bool, got {self.x64!r}.")
         checked["x64"] = bool(self.x64)
+        if not isinstance(self.compression, (bool, np.bool_)):
+            raise AnalysisTypeError(
+                f"`compression` (--compression) must be a bool, got {self.compression!r}."
+            )
+        checked["compression"] = bool(self.compression)
         if self.item is not None and not isinstance(self.item, str):
             raise AnalysisTypeError(f"`item` (--item) must be a string, got {self.item!r}.")
         for name, value in checked.items():
@@ -494,6 +509,7 @@ class AnalysisSettings:
             item=self.item,
             layer_view=self.layer_view,
             top_layers=self.top_layers,
+            compression=self.compression,
         )
 
 
@@ -588,6 +604,8 @@ def _command_line(checkpoint, model, data, settings: dict) -> str:
             parts += [flag, str(v)]
     if settings.get("x64"):
         parts.append("--x64")
+    if settings.get("compression"):
+        parts.append("--compression")
     return " ".join(parts)
 
 
@@ -882,6 +900,8 @@ class _Computed:
     density: Any  # SpectralDensity
     layers: Any  # LayerTrace
     timings: dict
+    gradient: Any = None  # the data-set gradient (critical-point section)
+    compression: Any = None  # CompressionSection, with --compression
 
 
 def _compute(
@@ -1044,6 +1064,9 @@ def _compute(
                 results[name], timings[name], resumed = _stage(store, name, algorithms[name])
                 st.done(_done(results[name], resumed))
 
+        # 5. the gradient (critical-point section) and, with --compression, compression
+        extras = _critical_and_compression(op, s, stages, timings)
+
     return _Computed(
         spec=spec,
         ckpt=ckpt,
@@ -1052,7 +1075,40 @@ def _compute(
         data=ds,
         timings=timings,
         **results,
+        **extras,
     )
+
+
+#: The compression section's key: ``fold_in(PRNGKey(seed), COMPRESSION_KEY)`` (outside the
+#: split of :data:`_SEED_ORDER`, so the other figures do not change with ``--compression``).
+COMPRESSION_KEY = 15
+
+
+def _critical_and_compression(op, s: AnalysisSettings, stages, timings: dict) -> dict:
+    """The data-set gradient and, with ``s.compression``, the compression section (not resumable)."""
+    from hvp.analysis._compression_critical import compression_section
+    from hvp.operators import data_gradient
+
+    out = {}
+    _interrupt.check()
+    with stages.stage("Gradient over the data set (critical point)") as st:
+        t0 = time.perf_counter()
+        out["gradient"] = data_gradient(op)
+        timings["gradient"] = time.perf_counter() - t0
+        st.done(f"norm {float(tu.norm(out['gradient'])):.3g}")
+    if s.compression:
+        _interrupt.check()
+        with stages.stage("Compression sensitivity (HAWQ, OBD)") as st:
+            t0 = time.perf_counter()
+            out["compression"] = compression_section(
+                op,
+                key=jax.random.fold_in(jax.random.PRNGKey(s.seed), COMPRESSION_KEY),
+                num_matvecs=s.layer_matvecs,
+                chunk_size=s.chunk_size,
+            )
+            timings["compression"] = time.perf_counter() - t0
+            st.done(f"{out['compression'].num_matvecs} products")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1120,11 +1176,26 @@ def _assemble(
         groups=block_groups(lt, labels),
     )
     derived = derived_figures(top_sec, bot_sec, dens_sec, size=int(tu.size(c.params)))
+    critical = None
+    if c.gradient is not None:
+        from hvp.analysis._compression_critical import critical_section
+
+        critical = critical_section(
+            None,
+            top_sec,
+            bot_sec,
+            operator=s.operator,
+            zero_threshold=zero,
+            seconds=timings.get("gradient", 0.0),
+            gradient=c.gradient,
+        )
 
     settings_dict = s.to_dict()
     model_name = c.spec.spec
     data_name = c.data.spec
     total_mv = sum(sec.num_matvecs for sec in (top_sec, bot_sec, tr_sec, dens_sec, layer_sec))
+    if c.compression is not None:
+        total_mv += c.compression.num_matvecs
     timings["total"] = time.perf_counter() - t_start
     return AnalysisReport(
         schema_version=SCHEMA_VERSION,
@@ -1174,6 +1245,8 @@ def _assemble(
             else ""
         ),
         extra=dict(extra or {}),
+        critical=critical,
+        compression=c.compression,
     )
 
 

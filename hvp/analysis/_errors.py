@@ -97,6 +97,7 @@ FLAGS = {
     "item": "--item",
     "layer_view": "--layers",
     "top_layers": "--top-layers",
+    "compression": "--compression",
 }
 
 

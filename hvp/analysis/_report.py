@@ -212,7 +212,7 @@ def load_report(path) -> dict:
 
 
 #: The files an analysis writes into its output directory (the PNGs only with plots).
-OUTPUT_FILES = ("report.json", "density.png", "layers.png")
+OUTPUT_FILES = ("report.json", "density.png", "layers.png", "compression.png")
 
 
 def prepare_output_dir(out_dir, *, overwrite: bool = False, extra: tuple[str, ...] = ()) -> Path:
@@ -270,6 +270,18 @@ def write_outputs(report, out_dir, *, plots: bool = True) -> dict[str, str]:
     else:
         for name in ("density.png", "layers.png"):
             (out / name).unlink(missing_ok=True)
+    # the compression section's figure (hvp analyze --compression)
+    section = (
+        report.get("compression")
+        if isinstance(report, dict)
+        else getattr(report, "compression", None)
+    )
+    if plots and section is not None:
+        from hvp.analysis._compression_critical import plot_compression
+
+        files["compression_plot"] = str(plot_compression(report, out / "compression.png"))
+    else:
+        (out / "compression.png").unlink(missing_ok=True)
     return files
 
 
@@ -428,3 +440,15 @@ def print_summary(
     console = console or Console()
     console.print(summary_table(report))
     console.print(layer_table(report, view=layer_view, top=top_layers))
+    _print_critical_and_compression(report, console)
+
+
+def _print_critical_and_compression(report, console) -> None:
+    """The critical-point verdict and, when present, the compression table."""
+    from hvp.analysis._compression_critical import compression_table, critical_rows
+
+    for figure, value in critical_rows(report):
+        console.print(f"{figure}: {value}")
+    table = compression_table(report)
+    if table is not None:
+        console.print(table)

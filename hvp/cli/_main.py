@@ -183,6 +183,13 @@ def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--x64", action="store_true", help="compute in float64 (default: float32)")
     g.add_argument(
+        "--compression",
+        action="store_true",
+        help="add the compression section: HAWQ per-layer quantisation sensitivity (2/4/8 bits), "
+        "a bit allocation and OBD pruning saliency, with compression.png; costs --layer-matvecs "
+        "products plus one Lanczos run per layer (default: off)",
+    )
+    g.add_argument(
         "--chunk-size",
         type=_positive_int,
         default=DEFAULTS["chunk_size"],
@@ -212,6 +219,7 @@ def _analysis_kwargs(args) -> dict:
         plots=args.plots,
         layer_view=args.layer_view,
         top_layers=args.top_layers,
+        compression=args.compression,
         overwrite=args.overwrite,
     )
 
@@ -300,6 +308,7 @@ def _json_summary(report, out, files, args, **extra) -> dict:
                 "negative_mass",
             )
         },
+        "critical_point": (d.get("critical") or {}).get("verdict"),
         "num_matvecs": d["num_matvecs"],
         "seconds": d["timings"]["total"],
         "reproduce": d["command"],
@@ -309,6 +318,8 @@ def _json_summary(report, out, files, args, **extra) -> dict:
 
 def _report_done(report, out, args, **extra) -> None:
     files = ["report.json"] + (["density.png", "layers.png"] if args.plots else [])
+    if args.plots and getattr(report, "compression", None) is not None:
+        files.append("compression.png")
     if args.json:
         import json
 

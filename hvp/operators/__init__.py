@@ -48,6 +48,7 @@ from hvp.operators._data import (
     default_stream_budget,
     split_batch,
 )
+from hvp.operators._gradient import data_gradient
 
 __all__ = [
     "ArrayBatches",
@@ -74,6 +75,7 @@ __all__ = [
     "as_zeros",
     "batch_weights",
     "compose",
+    "data_gradient",
     "default_unpack",
     "empirical_fisher",
     "fisher",
