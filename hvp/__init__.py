@@ -5,7 +5,8 @@ Layers (each imports only from the ones before it):
 * :mod:`hvp.tree` - pytree arithmetic, random probes, validation.
 * :mod:`hvp.operators` - Hessian / GGN / empirical Fisher operators over data sets.
 * :mod:`hvp.linalg` - matrix-free algorithms (Lanczos, SLQ, trace, diagonal).
-* integrations - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`.
+* integrations - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`,
+  :mod:`hvp.landscape`, :mod:`hvp.influence`.
 * :mod:`hvp.cli` - the ``hvp`` command.
 """
 
@@ -48,6 +49,8 @@ _LAZY = {
     "analysis": ("hvp.analysis", None),
     "CurvatureMonitor": ("hvp.monitor", "CurvatureMonitor"),
     "analyze": ("hvp.analysis", "analyze"),
+    "landscape": ("hvp.landscape", None),  # a callable module: hvp.landscape(op, ...)
+    "influence": ("hvp.influence", None),
 }
 
 
@@ -98,4 +101,6 @@ __all__ = [
     "flax",
     "monitor",
     "analysis",
+    "landscape",
+    "influence",
 ]

@@ -21,6 +21,8 @@ PUBLIC_MODULES = [
     "hvp.flax",
     "hvp.monitor",
     "hvp.analysis",
+    "hvp.landscape",
+    "hvp.influence",
 ]
 
 

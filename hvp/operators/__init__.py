@@ -28,7 +28,15 @@ from hvp.operators._curvature import (
     hessian,
     hvp,
 )
-from hvp.operators._data import Dataset, UnpackError, as_dataset, batch_weights, split_batch
+from hvp.operators._data import (
+    Dataset,
+    UnpackError,
+    as_dataset,
+    batch_weights,
+    split_batch,
+    weighted_sum,
+)
+from hvp.operators._value import batch_loss, data_loss, data_loss_and_grad
 
 __all__ = [
     "BLOCK_MODES",
@@ -45,8 +53,11 @@ __all__ = [
     "as_dataset",
     "as_operator",
     "as_zeros",
+    "batch_loss",
     "batch_weights",
     "compose",
+    "data_loss",
+    "data_loss_and_grad",
     "default_unpack",
     "empirical_fisher",
     "from_dense",
@@ -58,4 +69,5 @@ __all__ = [
     "merge",
     "select",
     "split_batch",
+    "weighted_sum",
 ]
