@@ -26,6 +26,7 @@ GROUPS = {
     "peers": "benchmarks.bench_peers",
     "analysis": "benchmarks.bench_analysis",
     "coldwarm": "benchmarks.bench_cold_warm",
+    "influence": "benchmarks.bench_influence",
 }
 ALIASES = {
     "1": "dense",
