@@ -422,7 +422,8 @@ def self_influence(
       An :class:`InfluenceResult` with ``self_influence`` (``scores`` is ``None``).
 
     Raises:
-      As :func:`influence`.
+      TypeError: ``op`` is not a curvature operator; a missing key for ``"arnoldi"``.
+      ValueError: as :func:`influence`.
 
     Examples:
       >>> import jax.numpy as jnp, hvp
