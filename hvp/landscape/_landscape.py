@@ -39,6 +39,7 @@ which differs from the loss by the model's second-order terms.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,11 +85,11 @@ class LandscapeResult:
     """
 
     coordinates: tuple
-    losses: jax.Array
-    quadratic: jax.Array
-    loss0: jax.Array
-    grad_dots: jax.Array
-    curvatures: jax.Array
+    losses: Any
+    quadratic: Any
+    loss0: Any
+    grad_dots: Any
+    curvatures: Any
     directions: tuple
     num_evaluations: int
     num_matvecs: int
