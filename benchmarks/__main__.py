@@ -26,6 +26,7 @@ GROUPS = {
     "peers": "benchmarks.bench_peers",
     "analysis": "benchmarks.bench_analysis",
     "coldwarm": "benchmarks.bench_cold_warm",
+    "solve": "benchmarks.bench_solve",
     "influence": "benchmarks.bench_influence",
 }
 ALIASES = {
@@ -35,6 +36,8 @@ ALIASES = {
     "4": "peers",
     "5": "analysis",
     "6": "coldwarm",
+    "7": "solve",
+    "8": "influence",
     "cold": "coldwarm",
     "warm": "coldwarm",
     "cold_warm": "coldwarm",
@@ -62,7 +65,7 @@ def _parse(argv):
         action="append",
         default=None,
         metavar="GROUP",
-        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-6)",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-7)",
     )
     p.add_argument(
         "--out",
@@ -84,7 +87,7 @@ def _groups(only):
             name = ALIASES.get(name, name)
             if name not in GROUPS:
                 raise SystemExit(
-                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-6)."
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-7)."
                 )
             if name not in names:
                 names.append(name)

@@ -32,7 +32,9 @@ small-model reference ``method="dense"``). Three ways to apply :math:`(H + \mu I
 * ``"solve"``: :math:`s_t = (H + \mu I)^{-1} \nabla\ell(z_t)` per test example by
   :func:`hvp.solve` (conjugate gradients, MINRES or the Neumann series/LiSSA of Agarwal et al.,
   2017, used by Koh & Liang), then :math:`\mathcal I = -s_t^\top \nabla\ell(z)` for every
-  training example: one solve per test example (per training example for the self-influence).
+  training example: one system per test example (per training example for the
+  self-influence), solved ``chunk_size`` at a time as one block (one block product per
+  iteration).
 * ``"dense"``: the reference for small models: the dense matrix, ``numpy.linalg.solve`` in
   the operator's dtype (float64 for float64 parameters).
 
@@ -235,19 +237,16 @@ def _dense_inverse(op, damping):
     return A, rows
 
 
-def _solve(op, b, damping, solver, rtol, max_matvecs):
-    solve = getattr(_linalg, "solve", None)
-    if solve is None:  # pragma: no cover - hvp.solve not in this build
-        raise NotImplementedError(
-            'method="solve" needs hvp.solve, which this build of hvp lacks; use '
-            'method="arnoldi" or "dense".'
-        )
-    kwargs = {"method": solver, "damping": damping}
+def _solve(op, B, damping, solver, rtol, max_matvecs, key):
+    """``(H + damping I)^{-1}`` applied to a block of gradients by :func:`hvp.solve` (one call)."""
+    kwargs = {"method": solver, "damping": damping, "block": True}
     if rtol is not None:
         kwargs["rtol"] = rtol
     if max_matvecs is not None:
         kwargs["max_matvecs"] = max_matvecs
-    r = solve(op, b, **kwargs)
+    if key is not None:
+        kwargs["key"] = key
+    r = _linalg.solve(op, B, **kwargs)
     return r.x, int(r.num_matvecs), bool(np.all(np.asarray(r.converged)))
 
 
@@ -292,14 +291,16 @@ def influence(
       method: ``"arnoldi"`` (default), ``"solve"`` or ``"dense"``.
       damping: :math:`\mu \ge 0` added to the operator.
       rank: eigenpairs kept by ``"arnoldi"`` (:func:`hvp.eigsh` with ``k=rank``).
-      key: PRNG key of :func:`hvp.eigsh` (``"arnoldi"`` without ``eigsh``).
+      key: PRNG key of :func:`hvp.eigsh` (``"arnoldi"`` without ``eigsh``); with ``"solve"``
+        passed to :func:`hvp.solve` (needed by ``solver="neumann"`` for its scale).
       eigsh: an :func:`hvp.eigsh` result of ``op`` to reuse (``"arnoldi"``; then ``rank``
         and ``key`` are not used).
       which: the eigenpairs of ``"arnoldi"``: ``"largest"`` (default).
       solver: the :func:`hvp.solve` method of ``"solve"`` (``"cg"``, ``"minres"``,
         ``"neumann"``).
-      rtol: tolerance of each solve (default: :func:`hvp.solve`'s).
-      max_matvecs: product budget of each solve (default: :func:`hvp.solve`'s).
+      rtol: relative tolerance of each solve, on the true residual (default:
+        :func:`hvp.solve`'s, 1e-6).
+      max_matvecs: product budget per right-hand side (default: :func:`hvp.solve`'s).
       chunk_size: examples whose gradients are computed at once (default up to 8).
       with_self_influence: also return the training examples' self-influence (free for
         ``"arnoldi"`` and ``"dense"``; one solve per training example for ``"solve"``).
@@ -351,12 +352,14 @@ def influence(
         solver_name = solver
         g_test = per_example_grads(op, test, chunk_size=chunk)
         sols, matvecs, converged = [], 0, True
-        for t in range(n_test):
-            s, m, c = _solve(op, tu.index(g_test, t), damping, solver, rtol, max_matvecs)
-            sols.append(s)
+        for start in range(0, n_test, chunk):  # s_t = (H + mu I)^-1 g_t, a block per chunk
+            block = tu.map(lambda a, start=start: a[start : start + chunk], g_test)
+            x, m, c = _solve(op, block, damping, solver, rtol, max_matvecs, key)
+            sols.append(x)
             matvecs += m
             converged &= c
-        scores = -_dots(op, train, tu.stack(sols), n_train, chunk).T
+        solutions = tu.map(lambda *xs: jnp.concatenate(xs), *sols)
+        scores = -_dots(op, train, solutions, n_train, chunk).T
         grads = n_test + n_train
         if with_self_influence:
             r = self_influence(
@@ -368,6 +371,7 @@ def influence(
                 rtol=rtol,
                 max_matvecs=max_matvecs,
                 chunk_size=chunk_size,
+                key=key,
             )
             self_inf = r.self_influence
             matvecs += r.num_matvecs
@@ -448,15 +452,14 @@ def self_influence(
     else:
         solver_name = solver
         values, matvecs, converged = [], 0, True
-        for s, c in _chunks(train, n, chunk):
-            grads = _grads_chunk(op, op.params, c)
-            for j in range(min(chunk, n - s)):
-                g = tu.index(grads, j)
-                x, m, ok = _solve(op, g, damping, solver, rtol, max_matvecs)
-                values.append(float(tu.dot(g, x)))
-                matvecs += m
-                converged &= ok
-        values = np.asarray(values)
+        for start, c in _chunks(train, n, chunk):
+            valid = min(chunk, n - start)
+            grads = tu.map(lambda a, valid=valid: a[:valid], _grads_chunk(op, op.params, c))
+            x, m, ok = _solve(op, grads, damping, solver, rtol, max_matvecs, key)
+            values.append(np.asarray(_blocks.rowwise(grads, x)))
+            matvecs += m
+            converged &= ok
+        values = np.concatenate(values)
     return InfluenceResult(
         scores=None,
         self_influence=values,

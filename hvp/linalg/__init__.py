@@ -12,7 +12,17 @@ from hvp.linalg._frobenius import FrobeniusResult, frobenius_norm
 from hvp.linalg._lanczos import EigshResult, eigsh, zero_floor
 from hvp.linalg._layers import LayerTrace, layer_trace
 from hvp.linalg._power import PowerResult, power_iteration
+from hvp.linalg._precond import Preconditioner
 from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
+from hvp.linalg._solve import (
+    SOLVE_METHODS,
+    ConvergenceError,
+    InverseOperator,
+    SolveResult,
+    inverse,
+    resolve_solve_method,
+    solve,
+)
 from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary
 from hvp.linalg._trace import TRACE_METHODS, TraceResult, resolve_trace_method, trace
 
@@ -43,6 +53,15 @@ __all__ = [
     "LayerTrace",
     "frobenius_norm",
     "FrobeniusResult",
+    # damped solves
+    "solve",
+    "SolveResult",
+    "SOLVE_METHODS",
+    "resolve_solve_method",
+    "Preconditioner",
+    "inverse",
+    "InverseOperator",
+    "ConvergenceError",
     # the precision policy of every result
     "DtypePolicy",
     # drivers: progress, checkpoints and resume

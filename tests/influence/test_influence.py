@@ -138,12 +138,24 @@ def test_arnoldi_full_rank_is_exact_and_truncation_is_the_projection(setup):
     assert d["method"] == "arnoldi" and len(d["scores"]) == N_TEST
 
 
-@pytest.mark.skipif(not hasattr(hvp.linalg, "solve"), reason="hvp.solve not in this build")
 def test_solve_matches_dense(setup):
     s = setup
-    r = hvp.influence(s["H"], s["test"], s["train"], method="solve", damping=0.01, rtol=1e-10)
+    damping = 0.01
+    r = hvp.influence(
+        s["H"],
+        s["test"],
+        s["train"],
+        method="solve",
+        damping=damping,
+        rtol=1e-10,
+        with_self_influence=True,
+        chunk_size=16,
+    )
     assert r.converged and r.solver == "cg" and r.num_matvecs > 0
-    assert _rel(r.scores, _reference(s, 0.01)) < 1e-7
+    assert _rel(r.scores, _reference(s, damping)) < 1e-8
+    A = s["Hd"] + damping * np.eye(17)
+    ref_self = np.einsum("ij,ji->i", s["g_train"], np.linalg.solve(A, s["g_train"].T))
+    assert _rel(r.self_influence, ref_self) < 1e-8
 
 
 def test_leave_one_out_rank_correlation(setup):

@@ -1,0 +1,232 @@
+r"""The state machine shared by the iterative solvers of :func:`hvp.solve` (CG, MINRES, Neumann).
+
+Every solver works on a block of ``m`` right-hand sides at once (``m = 1`` for a single system):
+each state vector is a block with a leading axis of ``m`` rows, each scalar of the recurrence an
+``(m,)`` array, and each step is one :meth:`hvp.LinearOperator.matmat` of ``m`` vectors. Three
+phases, each one block product:
+
+* phase 0, the start: ``r = b - (A + damping I) x0`` (only with a user ``x0``; without it
+  ``r = b`` and the recurrence is initialised when the state is built);
+* phase 1, one iteration of the method (:meth:`Solver.step_prepare`, :meth:`Solver.step_update`);
+* phase 2, the check: the **true** residual ``b - (A + damping I) x`` of the current iterate,
+  from one more product. Rows whose true residual meets the tolerance are converged; rows whose
+  recursive estimate claimed convergence but whose true residual does not (round-off drift) are
+  restarted from the true residual (at most :data:`MAX_RESTARTS` times, within the budget); the
+  run ends when no row restarts.
+
+The run enters the check when every row has stopped iterating or when only one product of the
+budget ``max_matvecs`` (per right-hand side) is left, so the reported residual is always the true
+residual of the returned ``x`` and ``finalize`` does no product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from hvp import tree as tu
+from hvp.linalg._blocks import rowwise, to_like
+from hvp.linalg._checks import acc_dtype
+from hvp.linalg._driver import Progress, StateMachine
+
+__all__ = [
+    "MAX_RESTARTS",
+    "Solver",
+    "initial_state",
+    "row_axpy",
+    "row_norms",
+    "row_scale",
+    "where_rows",
+    "with_worst",
+]
+
+#: restarts from the true residual per right-hand side (after a recursive estimate drifted).
+MAX_RESTARTS = 3
+
+
+def _rows_shape(c, leaf):
+    return jnp.reshape(c, (-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+
+
+def row_scale(c, V):
+    """Row ``i`` of the block ``V`` times ``c[i]``."""
+    return jax.tree_util.tree_map(lambda x: _rows_shape(c, x) * x, V)
+
+
+def row_axpy(c, X, Y):
+    """``Y + c[i] X`` row by row."""
+    return jax.tree_util.tree_map(lambda x, y: y + _rows_shape(c, x) * x, X, Y)
+
+
+def where_rows(mask, A, B):
+    """Row ``i`` of ``A`` where ``mask[i]``, else of ``B``."""
+    return jax.tree_util.tree_map(
+        lambda a, b: jnp.where(jnp.reshape(mask, (-1,) + (1,) * (a.ndim - 1)), a, b), A, B
+    )
+
+
+def row_norms(V):
+    """The 2-norm of every row of the block ``V`` (``(m,)``, accumulation dtype)."""
+    return jnp.sqrt(jnp.maximum(rowwise(V, V), 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver(StateMachine):
+    """Base of the solvers: the start, check and restart phases; subclasses give the iteration.
+
+    Fields: ``m`` the number of right-hand sides, ``preconditioned`` whether the state holds a
+    preconditioner (``state["pre"]``, applied with its ``apply(block, damping)``).
+
+    Subclasses implement :meth:`init_rows` (the recurrence's state from a residual block, for
+    the rows of a mask), :meth:`step_prepare` and :meth:`step_update` (one iteration: update
+    ``x``, set ``stop``/``final``/``est``/``negcurv``/``mincurv``/``iters`` per row).
+    """
+
+    m: int = 1
+    preconditioned: bool = False
+
+    progress_keys: ClassVar[tuple[str, ...]] = ("matvecs", "steps", "max_steps", "worst")
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return (self.m, self.m, self.m)
+
+    # --- to implement ------------------------------------------------------------------------
+    def init_rows(self, op, state: dict, r, mask) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step_prepare(self, op, state: dict):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step_update(self, op, state: dict, vs, avs) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def precond(self, state: dict, R):
+        """``P^{-1} R`` for a block ``R`` (the identity without a preconditioner)."""
+        if not self.preconditioned:
+            return R
+        return state["pre"].apply(R, state["damping"])
+
+    def damped(self, op, state, vs, avs):
+        """``(A + damping I) v`` for every row of ``vs``, in the accumulation dtype."""
+        acc = acc_dtype(op.like)
+        return tu.add(tu.cast(avs, acc), tu.scale(state["damping"], tu.cast(vs, acc)))
+
+    # --- the state machine --------------------------------------------------------------------
+    def _residual(self, op, state, vs, avs):
+        return tu.sub(state["b"], self.damped(op, state, vs, avs))
+
+    def _after_init(self, state):
+        """Phase after a (re)start: iterate, or check at once (all rows stopped / no budget)."""
+        no_budget = state["steps"] + 1 >= state["max_steps"]
+        to_check = jnp.all(state["stop"]) | no_budget
+        return jnp.where(to_check, 2, 1).astype(jnp.int32)
+
+    def prepare(self, op, state, phase):
+        if phase == 1:
+            return self.step_prepare(op, state)
+        return to_like(state["x"], op.like)  # x in the parameters' dtype
+
+    def update(self, op, state, phase, vs, avs):
+        steps = state["steps"] + 1
+        state = dict(state, steps=steps, matvecs=state["matvecs"] + self.m)
+        if phase == 0:
+            r = self._residual(op, state, vs, avs)
+            state = self.init_rows(op, state, r, jnp.ones((self.m,), bool))
+            return dict(state, phase=self._after_init(state))
+        if phase == 1:
+            state = self.step_update(op, state, vs, avs)
+            no_budget = steps + 1 >= state["max_steps"]
+            to_check = jnp.all(state["stop"]) | no_budget
+            return dict(state, phase=jnp.where(to_check, 2, 1).astype(jnp.int32))
+        # phase 2: the true residual of x (the x returned: cast to the parameters' dtype)
+        acc = acc_dtype(op.like)
+        x = tu.cast(vs, acc)
+        r = self._residual(op, state, vs, avs)
+        rn = row_norms(r)
+        ok = rn <= state["thresh"]
+        bn = state["bnorm"]
+        rel = jnp.where(bn > 0, rn / jnp.where(bn > 0, bn, 1), jnp.where(rn == 0, 0.0, jnp.inf))
+        budget = steps + 2 <= state["max_steps"]
+        restart = (
+            ~ok
+            & state["stop"]
+            & ~state["final"]
+            & (state["restarts"] < MAX_RESTARTS)
+            & budget
+            & jnp.isfinite(rn)
+        )
+        state = dict(state, x=x, relres=rel.astype(acc), checked_ok=ok)
+        rs = self.init_rows(op, state, r, restart)
+        rs = dict(rs, restarts=state["restarts"] + restart.astype(jnp.int32))
+        any_restart = jnp.any(restart)
+        phase = jnp.where(any_restart, self._after_init(rs), 2).astype(jnp.int32)
+        # rows that do not restart stay stopped
+        rs = dict(rs, stop=rs["stop"] | ~restart, phase=phase, done=~any_restart)
+        return rs
+
+    def finalize(self, op, state):
+        x = to_like(state["x"], op.like)
+        finite = tu.all_finite(x) & ~jnp.any(jnp.isnan(state["relres"]))
+        conv = state["checked_ok"] & jnp.isfinite(state["relres"])
+        return (
+            x,
+            state["relres"],
+            conv,
+            state["iters"],
+            state["negcurv"],
+            state["mincurv"],
+            state["matvecs"],
+            finite,
+        )
+
+    def progress(self, state) -> Progress:
+        worst = float(state["worst"])
+        return Progress(
+            matvecs=int(state["matvecs"]),
+            total=int(state["max_steps"]) * self.m,
+            text=f"{self.name}: worst relative residual estimate {worst:.2e}",
+        )
+
+
+def with_worst(state: dict) -> dict:
+    """``state`` with ``worst``: the largest recursive relative residual estimate (progress)."""
+    bn = state["bnorm"]
+    rel = jnp.where(bn > 0, state["est"] / jnp.where(bn > 0, bn, 1), 0)
+    return dict(state, worst=jnp.max(rel).astype(state["worst"].dtype))
+
+
+def initial_state(*, b, x, bnorm, thresh, damping, max_steps, pre, like, extra: dict) -> dict:
+    """The entries every solver state holds (``extra``: the method's own)."""
+    acc = acc_dtype(like)
+    m = bnorm.shape[0]
+    state = dict(
+        b=b,
+        x=x,
+        bnorm=bnorm,
+        thresh=thresh,
+        damping=jnp.asarray(damping, acc),
+        steps=jnp.zeros((), jnp.int32),
+        max_steps=jnp.asarray(max_steps, jnp.int32),
+        iters=jnp.zeros((m,), jnp.int32),
+        stop=jnp.zeros((m,), bool),
+        final=jnp.zeros((m,), bool),
+        negcurv=jnp.zeros((m,), bool),
+        mincurv=jnp.full((m,), jnp.inf, acc),
+        restarts=jnp.zeros((m,), jnp.int32),
+        relres=jnp.full((m,), jnp.inf, acc),
+        checked_ok=jnp.zeros((m,), bool),
+        worst=jnp.ones((), acc),
+        est=jnp.zeros((m,), acc),
+        matvecs=jnp.zeros((), jnp.int32),
+        phase=jnp.zeros((), jnp.int32),
+        done=jnp.array(False),
+    )
+    if pre is not None:
+        state["pre"] = pre
+    state.update(extra)
+    return state
