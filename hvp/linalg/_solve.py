@@ -34,7 +34,7 @@ from hvp.linalg._lanczos import eigsh
 from hvp.linalg._minres import MINRES, minres_entries
 from hvp.linalg._neumann import SAFETY, Neumann, neumann_entries
 from hvp.linalg._precond import as_preconditioner
-from hvp.linalg._solvers import initial_state, row_norms, where_rows
+from hvp.linalg._solvers import Solver, initial_state, row_norms, where_rows
 from hvp.operators import LinearOperator, NonFiniteError
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
@@ -315,6 +315,7 @@ def solve(
     X = where_rows(bnorm > 0, X, jax.tree_util.tree_map(jnp.zeros_like, X))  # b = 0: x = 0
     thresh = jnp.maximum(rtol * bnorm, atol).astype(acc)
     built = 0 if pre is None else int(pre.num_matvecs)
+    alg: Solver
     if method == "cg":
         alg = CG(m=m, preconditioned=pre is not None)
         extra = cg_entries(jax.tree_util.tree_map(jnp.zeros_like, B), m, acc)

@@ -189,7 +189,7 @@ class Solver(StateMachine):
         return Progress(
             matvecs=int(state["matvecs"]),
             total=int(state["max_steps"]) * self.m,
-            text=f"{self.name}: worst relative residual estimate {worst:.2e}",
+            text=f"worst relative residual estimate {worst:.2e}",
         )
 
 
