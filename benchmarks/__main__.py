@@ -28,6 +28,7 @@ GROUPS = {
     "coldwarm": "benchmarks.bench_cold_warm",
     "solve": "benchmarks.bench_solve",
     "hessian_free": "benchmarks.bench_hessian_free",
+    "influence": "benchmarks.bench_influence",
 }
 ALIASES = {
     "1": "dense",
@@ -39,6 +40,7 @@ ALIASES = {
     "7": "solve",
     "8": "hessian_free",
     "hf": "hessian_free",
+    "9": "influence",
     "cold": "coldwarm",
     "warm": "coldwarm",
     "cold_warm": "coldwarm",

@@ -6,7 +6,7 @@ Layers (each imports only from the ones before it):
 * :mod:`hvp.operators` - Hessian / GGN / empirical Fisher operators over data sets.
 * :mod:`hvp.linalg` - matrix-free algorithms (Lanczos, SLQ, trace, diagonal).
 * uses - :mod:`hvp.flax`, :mod:`hvp.monitor`, :mod:`hvp.analysis`, :mod:`hvp.optim`,
-  :mod:`hvp.critical`, :mod:`hvp.compression`.
+  :mod:`hvp.critical`, :mod:`hvp.compression`, :mod:`hvp.landscape`, :mod:`hvp.influence`.
 * :mod:`hvp.cli` - the ``hvp`` command.
 """
 
@@ -59,6 +59,8 @@ _LAZY = {
     "classify_critical_point": ("hvp.critical", "classify_critical_point"),
     "CriticalPointResult": ("hvp.critical", "CriticalPointResult"),
     "compression": ("hvp.compression", None),
+    "landscape": ("hvp.landscape", None),  # a callable module: hvp.landscape(op, ...)
+    "influence": ("hvp.influence", None),
 }
 
 
@@ -119,4 +121,6 @@ __all__ = [
     "classify_critical_point",
     "CriticalPointResult",
     "compression",
+    "landscape",
+    "influence",
 ]

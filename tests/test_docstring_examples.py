@@ -24,6 +24,8 @@ PUBLIC_MODULES = [
     "hvp.optim",
     "hvp.critical",
     "hvp.compression",
+    "hvp.landscape",
+    "hvp.influence",
 ]
 
 

@@ -330,6 +330,7 @@ class AnalysisReport:
     extra: dict
     critical: Any = None
     compression: Any = None
+    landscape: dict | None = None
 
     def write(self, out_dir, *, plots: bool = True) -> dict[str, str]:
         """Write ``report.json`` (and ``density.png``, ``layers.png``) into ``out_dir``; return the paths."""
@@ -425,6 +426,7 @@ class AnalysisSettings:
     layer_view: str = "grouped"
     top_layers: int = 10
     compression: bool = False
+    landscape: bool = False
 
     def __post_init__(self):
         checked = dict(
@@ -451,6 +453,11 @@ class AnalysisSettings:
                 raise AnalysisTypeError(f"{e} (--tol)") from None
             except ValueError as e:
                 raise AnalysisError(f"{e} (--tol)") from None
+        if not isinstance(self.landscape, (bool, np.bool_)):
+            raise AnalysisTypeError(
+                f"`landscape` (--landscape) must be a bool, got {self.landscape!r}."
+            )
+        checked["landscape"] = bool(self.landscape)
         if not isinstance(self.x64, (bool, np.bool_)):
             raise AnalysisTypeError(f"`x64` (--x64) must be a bool, got {self.x64!r}.")
         checked["x64"] = bool(self.x64)
@@ -510,6 +517,7 @@ class AnalysisSettings:
             layer_view=self.layer_view,
             top_layers=self.top_layers,
             compression=self.compression,
+            landscape=self.landscape,
         )
 
 
@@ -606,6 +614,8 @@ def _command_line(checkpoint, model, data, settings: dict) -> str:
         parts.append("--x64")
     if settings.get("compression"):
         parts.append("--compression")
+    if settings.get("landscape"):
+        parts.append("--landscape")
     return " ".join(parts)
 
 
@@ -902,6 +912,7 @@ class _Computed:
     timings: dict
     gradient: Any = None  # the data-set gradient (critical-point section)
     compression: Any = None  # CompressionSection, with --compression
+    landscape: dict | None = None  # {"eigen": LandscapeResult, "random": LandscapeResult}
 
 
 def _compute(
@@ -1066,6 +1077,18 @@ def _compute(
 
         # 5. the gradient (critical-point section) and, with --compression, compression
         extras = _critical_and_compression(op, s, stages, timings)
+        # 5. loss landscape (--landscape) ---------------------------------------------------
+        if s.landscape:
+            _interrupt.check()
+            with stages.stage("Loss landscape (1-D eigen, 2-D random)") as st:
+                results["landscape"], timings["landscape"] = _timed(
+                    lambda: landscape_sections(
+                        op, results["top"], seed=s.seed, chunk_size=s.chunk_size
+                    )
+                )
+                st.done(
+                    f"{sum(r.num_evaluations for r in results['landscape'].values())} loss evaluations"
+                )
 
     return _Computed(
         spec=spec,
@@ -1247,6 +1270,7 @@ def _assemble(
         extra=dict(extra or {}),
         critical=critical,
         compression=c.compression,
+        landscape=c.landscape,
     )
 
 
@@ -1354,6 +1378,51 @@ def derived_figures(
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),
         seconds=float(top.seconds + bottom.seconds + dens.seconds),
     )
+
+
+#: Points of the report's 1-D landscape (along the top eigenvector) and per axis of the 2-D one.
+LANDSCAPE_POINTS = (21, 11)
+#: The landscape's key: ``jax.random.fold_in(jax.random.PRNGKey(seed), LANDSCAPE_KEY)`` (kept
+#: apart from the other stages' keys so that ``--landscape`` changes none of their figures).
+LANDSCAPE_KEY = 0x4C53
+
+
+def landscape_sections(op, top, *, seed: int, chunk_size=None) -> dict:
+    r"""The report's loss landscapes (``--landscape``): ``{"eigen": ..., "random": ...}``.
+
+    * ``"eigen"``: the 1-D slice along the top eigenvector of the analysis (its ``top``
+      eigenpairs are reused: no new products) with the second-order model overlaid, on
+      ``[-a, a]`` where the model's curvature term reaches the loss,
+      :math:`a = \sqrt{2 \max(L, 10^{-3}) / \lambda_{\max}}` (``a = 1`` when
+      :math:`\lambda_{\max} \le 0`);
+    * ``"random"``: the 2-D slice along two filter-normalised random directions (Li et al.,
+      2018) on ``[-1, 1]^2``, the convention of their plots.
+
+    Both are :class:`hvp.landscape.LandscapeResult`; :data:`LANDSCAPE_POINTS` points.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hvp
+      >>> from hvp.analysis._analyze import landscape_sections
+      >>> H = hvp.hessian(lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2), {"w": jnp.ones((2, 2))},
+      ...                 (jnp.eye(2), jnp.zeros((2, 2))))
+      >>> out = landscape_sections(H, hvp.eigsh(H, 1, key=jax.random.key(0)), seed=0)
+      >>> sorted(out), out["random"].losses.shape
+      (['eigen', 'random'], (11, 11))
+    """
+    from hvp.landscape import landscape
+    from hvp.operators import data_loss
+
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), LANDSCAPE_KEY)
+    lam = float(np.max(np.asarray(top.eigenvalues)))
+    loss0 = float(data_loss(op))
+    span = float(np.sqrt(2.0 * max(loss0, 1e-3) / lam)) if lam > 0 and np.isfinite(lam) else 1.0
+    n1, n2 = LANDSCAPE_POINTS
+    return {
+        "eigen": landscape(op, directions=top, span=span, num_points=n1, chunk_size=chunk_size),
+        "random": landscape(
+            op, directions="random", dims=2, key=key, num_points=n2, chunk_size=chunk_size
+        ),
+    }
 
 
 def _stage(store: _StageStore | None, name: str, fn):

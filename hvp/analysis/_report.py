@@ -213,6 +213,8 @@ def load_report(path) -> dict:
 
 #: The files an analysis writes into its output directory (the PNGs only with plots).
 OUTPUT_FILES = ("report.json", "density.png", "layers.png", "compression.png")
+#: The landscape figures (``--landscape``; see :func:`write_landscape_plots`).
+LANDSCAPE_FILES = ("landscape_eigen.png", "landscape_random.png", "landscape_surface.png")
 
 
 def prepare_output_dir(out_dir, *, overwrite: bool = False, extra: tuple[str, ...] = ()) -> Path:
@@ -240,7 +242,9 @@ def prepare_output_dir(out_dir, *, overwrite: bool = False, extra: tuple[str, ..
     except OSError as e:
         raise AnalysisError(f"{e} (--out).") from None
     if not overwrite:
-        found = [name for name in (*OUTPUT_FILES, *extra) if (out / name).exists()]
+        found = [
+            name for name in (*OUTPUT_FILES, *LANDSCAPE_FILES, *extra) if (out / name).exists()
+        ]
         if found:
             raise AnalysisError(
                 f"The output directory '{out}' already holds {', '.join(found)} from an earlier "
@@ -282,7 +286,45 @@ def write_outputs(report, out_dir, *, plots: bool = True) -> dict[str, str]:
         files["compression_plot"] = str(plot_compression(report, out / "compression.png"))
     else:
         (out / "compression.png").unlink(missing_ok=True)
+    files.update(write_landscape_plots(report, out, plots=plots))
     return files
+
+
+def write_landscape_plots(report, out_dir, *, plots: bool = True) -> dict[str, str]:
+    """The ``--landscape`` figures: the 1-D slice with its quadratic model, contour, surface.
+
+    Written (atomically) when the report has a ``landscape`` section and ``plots`` is true;
+    otherwise any landscape figure of an earlier run in ``out_dir`` is removed.
+
+    Examples:
+      >>> import tempfile
+      >>> from hvp.analysis._report import write_landscape_plots
+      >>> write_landscape_plots({"landscape": None}, tempfile.mkdtemp())
+      {}
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    section = report.get("landscape") if isinstance(report, dict) else report.landscape
+    if not (plots and section):
+        for name in LANDSCAPE_FILES:
+            (out / name).unlink(missing_ok=True)
+        return {}
+    from hvp.landscape import plot_landscape
+
+    eigen, random, surface = (out / name for name in LANDSCAPE_FILES)
+    plot_landscape(section["eigen"], eigen, title="Loss along the top eigenvector")
+    plot_landscape(
+        section["random"],
+        random,
+        surface_path=surface,
+        title="Loss on two filter-normalised random directions",
+    )
+    return {
+        "landscape_eigen_plot": str(eigen),
+        "landscape_random_plot": str(random),
+        "landscape_surface_plot": str(surface),
+    }
 
 
 def _get(report, section: str, key: str | None = None) -> Any:

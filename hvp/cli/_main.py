@@ -221,7 +221,13 @@ def _analysis_kwargs(args) -> dict:
         top_layers=args.top_layers,
         compression=args.compression,
         overwrite=args.overwrite,
+        **_landscape_kwargs(args),
     )
+
+
+def _landscape_kwargs(args) -> dict:
+    # `hvp demo` shares _analysis_kwargs but has no --landscape flag
+    return {"landscape": True} if getattr(args, "landscape", False) else {}
 
 
 # --- analyze ------------------------------------------------------------------------------------------
@@ -277,7 +283,18 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
         "stages (same numbers as an uninterrupted run). DIR is emptied when the report is done",
     )
     _add_analysis_flags(p)
+    _add_landscape_flag(p)
     _add_common(p)
+
+
+def _add_landscape_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--landscape",
+        action="store_true",
+        help="add loss landscapes to the report: the 1-D slice along the top eigenvector with its "
+        "second-order model, and a 2-D slice on two filter-normalised random directions "
+        "(landscape_eigen.png, landscape_random.png, landscape_surface.png; 142 loss evaluations)",
+    )
 
 
 def _json_summary(report, out, files, args, **extra) -> dict:
@@ -320,6 +337,10 @@ def _report_done(report, out, args, **extra) -> None:
     files = ["report.json"] + (["density.png", "layers.png"] if args.plots else [])
     if args.plots and getattr(report, "compression", None) is not None:
         files.append("compression.png")
+    if args.plots and getattr(args, "landscape", False):
+        from hvp.analysis._report import LANDSCAPE_FILES
+
+        files += list(LANDSCAPE_FILES)
     if args.json:
         import json
 

@@ -47,8 +47,10 @@ from hvp.operators._data import (
     batch_weights,
     default_stream_budget,
     split_batch,
+    weighted_sum,
 )
 from hvp.operators._gradient import data_gradient
+from hvp.operators._value import batch_loss, data_loss, data_loss_and_grad
 
 __all__ = [
     "ArrayBatches",
@@ -73,9 +75,12 @@ __all__ = [
     "as_dataset",
     "as_operator",
     "as_zeros",
+    "batch_loss",
     "batch_weights",
     "compose",
     "data_gradient",
+    "data_loss",
+    "data_loss_and_grad",
     "default_unpack",
     "empirical_fisher",
     "fisher",
@@ -91,4 +96,5 @@ __all__ = [
     "select",
     "split_batch",
     "SumOperator",
+    "weighted_sum",
 ]

@@ -67,7 +67,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from hvp import tree as tu
 from hvp.operators import _blocks
@@ -89,6 +88,7 @@ from hvp.operators._data import (
     default_unpack,
     split_batch,
     tuple_of_batches_hint,
+    weighted_sum,
 )
 from hvp.typing import PyTree
 
@@ -476,30 +476,13 @@ class CurvatureOperator(LinearOperator):
         # Under an explicit mesh the tangents must carry the parameters' sharding types.
         tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
         v = tu.like_sharding(v, self.params)
-        weights = self.dataset.weights(self.reduction)
         linear = self._lins is not None
         sources = self._lins if linear else self.dataset.groups
 
         def mv(src):
             return src(v) if linear else self._product(self, src, v)
 
-        if self.dataset.num_batches == 1 and self.reduction == "mean":
-            # one batch: its weight n_b / N (or W_b / W) is exactly 1, skip the scaling pass
-            total = mv(sources[0])
-            return tu.like_sharding(_constrain(total, self._shardings), self.params)
-        total = None
-        for src, meta, w in zip(sources, self.dataset.meta, weights):
-            if meta.stacked:
-                ws = jnp.broadcast_to(jnp.asarray(w), (meta.num_batches,))
-
-                def body(acc, sw):
-                    s, wb = sw
-                    return _axpy(wb, mv(s), acc), None
-
-                init = tu.zeros_like(v) if total is None else total
-                total, _ = lax.scan(body, init, (src, ws))
-            else:
-                total = _scale(w, mv(src)) if total is None else _axpy(w, mv(src), total)
+        total = weighted_sum(mv, self.dataset, self.reduction, sources=sources, zeros=v)
         return tu.like_sharding(_constrain(total, self._shardings), self.params)
 
 

@@ -58,6 +58,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from hvp import tree as tu
 
@@ -75,6 +76,7 @@ __all__ = [
     "DEFAULT_STREAM_BUDGET",
     "default_stream_budget",
     "as_data",
+    "weighted_sum",
 ]
 
 _KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "labels"))
@@ -1009,3 +1011,66 @@ def as_data(data, *, stream="auto", budget: int | None = None, prefetch: int = 1
     if ds.kept is not None:
         return as_dataset(ds.kept)
     return ds
+
+
+def _scale(w, x):
+    """``w x`` with a (possibly array) weight cast to each leaf's dtype."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(w, a.dtype) * a, x)
+
+
+def _axpy(w, x, y):
+    """``w x + y`` with a (possibly array) weight cast to each leaf's dtype."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.asarray(w, a.dtype) * a + b, x, y)
+
+
+def weighted_sum(fn, dataset: Dataset, reduction: str = "mean", *, sources=None, zeros=None):
+    r"""The data-set reduction :math:`\sum_b w_b\, \mathrm{fn}(\mathrm{batch}_b)` in one trace.
+
+    The one data loop of the library: the curvature operators' products and the data-set
+    loss and gradient (:func:`hvp.operators.data_loss`) both go through it. Batches of a
+    stacked group are reduced inside one ``lax.scan``; the weights are
+    :meth:`Dataset.weights` (``n_b / N``, ``W_b / W`` or 1), so with ``reduction="mean"``
+    the result is exactly ``fn`` of the concatenated data set when ``fn`` is a batch mean.
+    Works under ``jit`` and ``vmap`` (``fn`` may close over traced values).
+
+    Args:
+      fn: ``batch -> pytree`` of floating arrays (the same structure for every batch).
+      dataset: a :class:`Dataset` (:func:`as_dataset`).
+      reduction: ``"mean"`` or ``"sum"`` (every weight 1).
+      sources: per group, what ``fn`` is applied to instead of the group's batches (stacked
+        like them); default ``dataset.groups``.
+      zeros: a pytree shaped like ``fn``'s output, used as the scan's start value (default:
+        zeros of ``fn``'s output shape, traced once with ``jax.eval_shape``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from hvp.operators import as_dataset, weighted_sum
+      >>> ds = as_dataset([(jnp.array([1.0, 2.0]), jnp.zeros(2)), (jnp.array([6.0]), jnp.zeros(1))])
+      >>> float(weighted_sum(lambda b: jnp.mean(b[0]), ds))  # mean of 1, 2, 6
+      3.0
+    """
+    sources = dataset.groups if sources is None else sources
+    weights = dataset.weights(reduction)
+    if dataset.num_batches == 1 and reduction == "mean":
+        # one batch: its weight n_b / N (or W_b / W) is exactly 1, skip the scaling pass
+        return fn(sources[0])
+    total = None
+    for src, meta, w in zip(sources, dataset.meta, weights):
+        if meta.stacked:
+            ws = jnp.broadcast_to(jnp.asarray(w), (meta.num_batches,))
+
+            def body(acc, sw):
+                s, wb = sw
+                return _axpy(wb, fn(s), acc), None
+
+            if total is not None:
+                init = total
+            elif zeros is not None:
+                init = jax.tree_util.tree_map(jnp.zeros_like, zeros)
+            else:
+                shapes = jax.eval_shape(fn, jax.tree_util.tree_map(lambda a: a[0], src))
+                init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            total, _ = lax.scan(body, init, (src, ws))
+        else:
+            total = _scale(w, fn(src)) if total is None else _axpy(w, fn(src), total)
+    return total
