@@ -176,7 +176,7 @@ class EigshResult:
     residuals: jax.Array
     converged: jax.Array
     num_matvecs: jax.Array
-    num_restarts: jax.Array
+    num_restarts: int | jax.Array
     thresholds: jax.Array
     which: str = "largest"
     dtype_policy: DtypePolicy | None = None

@@ -413,6 +413,11 @@ class InverseOperator(LinearOperator):
         self.check_finite = False
         self.block = "vmap"
 
+    @property
+    def psd(self) -> bool:  # type: ignore[override]
+        """The inverse of a PSD operator plus a damping ``>= 0`` is PSD (``op.psd``)."""
+        return bool(getattr(self.op, "psd", False)) and float(self.damping) >= 0.0
+
     def _settings(self, **kw):
         return dict(
             method=self.method,
