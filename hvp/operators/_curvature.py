@@ -505,7 +505,7 @@ def _is_psd(kind: str, fns: tuple) -> bool:
 class StreamingCurvatureOperator(CurvatureOperator):
     """A :class:`CurvatureOperator` over a streamed data set (:class:`~hvp.operators.StreamingDataset`).
 
-    Built by :func:`hessian`, :func:`ggn` and :func:`empirical_fisher` when the data set is
+    Built by :func:`hessian`, :func:`ggn`, :func:`empirical_fisher` and :func:`fisher` when the data set is
     streamed (``stream=True``, or ``stream="auto"`` for a re-iterable data set of more bytes
     than ``stream_budget``). Every product (:meth:`mv`, and :meth:`matmat` for a whole block
     of vectors) is **one pass** over the data: each batch is moved to the device (prefetched,
@@ -621,8 +621,8 @@ class StreamingCurvatureOperator(CurvatureOperator):
             mode = self.__dict__["_block_mode"] = self._batch_operator(batch).block_mode()
         return mode
 
-    def _batch_operator(self, batch) -> CurvatureOperator:
-        """The in-memory operator of one batch (its weight in the data set is applied by the pass)."""
+    def _batch_operator(self, batch, index: int = 0) -> CurvatureOperator:  # noqa: ARG002
+        """The in-memory operator of batch ``index`` (its weight in the data set is applied by the pass)."""
         n = int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
         return CurvatureOperator(
             product=self._product,
@@ -654,14 +654,14 @@ class StreamingCurvatureOperator(CurvatureOperator):
         vecs = [tu.like_sharding(r, self.params) for r in _rows(v)] if rows else []
         acc = [tu.zeros_like(r) for r in vecs] if rows else tu.zeros_like(v)
 
-        def step(batch, w, acc):
-            op1 = self._batch_operator(batch)
+        def step(i, batch, w, acc):
+            op1 = self._batch_operator(batch, i)
             if rows:
                 return [_stream_step(op1, r, w, a, block=False) for r, a in zip(vecs, acc)]
             return _stream_step(op1, v, w, acc, block=block)
 
         ds = self._stream
-        out = ds.reduce(self.params, step, acc, ds.weights(self.reduction))
+        out = ds.reduce(self.params, step, acc, ds.weights(self.reduction), indexed=True)
         if rows:
             out = _stack_rows(out)
         if self.check_finite and not bool(tu.all_finite(out)):
@@ -761,6 +761,60 @@ def _mc_fisher_product(op: CurvatureOperator, batch, v):
     else:
         fu = loss_fn.fisher_output_hvp(out, samples, jv, w)
     return jt(fu)
+
+
+@functools.cache
+def _mc_fisher_stream_product(num_samples: int):
+    """The per-batch product of a streamed Fisher: targets sampled in the product itself.
+
+    A streamed batch arrives as ``(batch, key_k)`` with ``key_k = fold_in(key, k)`` for its
+    in-memory index ``k``; the targets are drawn from the model's outputs at the operator's
+    point with that key, exactly as :func:`fisher` draws them for the in-memory data set when
+    it is built, so every pass applies the same matrix. One function per ``num_samples``
+    (cached: operators rebuilt with the same settings share its compiled programs).
+    """
+
+    @_product_of("fisher")
+    def product(op: CurvatureOperator, batch, v):
+        model_fn, loss_fn, unpack = op._fns
+        data, key = batch
+        x, _, w = split_batch(data, unpack)
+        out, jv, jt = _jv_and_transpose(
+            lambda q: model_fn(op.full_params(q), x), op.params, v, op.mode == "reverse"
+        )
+        samples = loss_fn.sample(out, key, num_samples)
+        if w is None:
+            return jt(loss_fn.fisher_output_hvp(out, samples, jv))
+        return jt(loss_fn.fisher_output_hvp(out, samples, jv, w))
+
+    return product
+
+
+class _StreamingFisher(StreamingCurvatureOperator):
+    """The Monte-Carlo Fisher over a streamed data set (:func:`fisher` with a streamed ``data``).
+
+    Carries the sampling key: batch ``i`` of every pass is given ``fold_in(key, k)`` with ``k``
+    its index in the in-memory data set (:meth:`StreamingDataset.in_memory_index`), so its
+    targets are the in-memory operator's, redrawn identically on every pass.
+    """
+
+    sample_key = None
+
+    def _children(self):
+        return (*super()._children(), self.sample_key)
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        *rest, key = children
+        op = super()._rebuild(static, tuple(rest))
+        op.sample_key = key
+        return op
+
+    def _batch_operator(self, batch, index: int = 0) -> CurvatureOperator:
+        order = self.__dict__.get("_order")
+        if order is None:
+            order = self.__dict__["_order"] = self._stream.in_memory_index()
+        return super()._batch_operator((batch, jax.random.fold_in(self.sample_key, order[index])))
 
 
 def _scale(w, x):
@@ -1343,6 +1397,9 @@ def fisher(
     check_finite: bool = True,
     mode: str = "auto",
     block: str = "auto",
+    stream: bool | str = "auto",
+    stream_budget: int | None = None,
+    prefetch: int = 1,
 ) -> CurvatureOperator:
     r"""The Monte-Carlo Fisher ``J^T E_{y~p(y|x)}[g g^T] J`` over a data set, matrix-free.
 
@@ -1373,6 +1430,14 @@ def fisher(
     operator, and every algorithm sees one consistent PSD matrix. A product
     costs what a GGN product costs (``S`` only enlarges the output-space step).
 
+    A **streamed** data set (``stream=True``, or ``stream="auto"`` above ``stream_budget``,
+    as in :func:`hessian`) keeps no labels between products: each product draws batch ``k``'s
+    labels again from the model's outputs at the operator's point with the same
+    ``fold_in(key, k)`` (``k`` the batch's index in the in-memory data set), so every pass
+    applies the same matrix, equal to the in-memory Fisher's up to rounding; the sampling is
+    then part of every product (a draw per output position and sample, next to the model's
+    forward pass).
+
     Args:
       model_fn: as in :func:`ggn`.
       loss_fn: as in :func:`ggn`, and it must have ``sample(outputs, key,
@@ -1390,6 +1455,9 @@ def fisher(
       block: as in :func:`ggn`.
       key: a JAX PRNG key (``jax.random.key(seed)``), required.
       mc_samples: ``S``, the number of sampled labels per position (``>= 1``).
+      stream: as in :func:`hessian`.
+      stream_budget: as in :func:`hessian`.
+      prefetch: as in :func:`hessian`.
 
     Raises:
       TypeError: a loss without ``sample``/``fisher_output_hvp`` (the message
@@ -1417,17 +1485,43 @@ def fisher(
         )
     _check_mode(mode)
     block_mode = check_block(block)
-    dataset, block, full, mask = _prepare(params, data, wrt=wrt, reduction=reduction)
+    dataset, block, full, mask = _prepare(
+        params,
+        data,
+        wrt=wrt,
+        reduction=reduction,
+        stream=stream,
+        stream_budget=stream_budget,
+        prefetch=prefetch,
+    )
     name = "fisher" if wrt is None else f"fisher[{wrt}]"
-    ctx = _Context(name, data, dataset, "hvp.fisher")
+    probe = _probe(dataset)
+    ctx = _Context(name, data, probe, "hvp.fisher")
 
     def validate():
-        _check_targets(model_fn, loss_fn, unpack, params, dataset, ctx)
+        _check_targets(model_fn, loss_fn, unpack, params, probe, ctx)
         return _choose_mode(
-            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, dataset, ctx
+            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, probe, ctx
         )
 
     model_mode = _once(dataset, ("fisher", model_fn, loss_fn, unpack, mode), params, validate)
+    if isinstance(dataset, StreamingDataset):
+        op = _StreamingFisher(
+            product=_mc_fisher_stream_product(int(mc_samples)),
+            fns=(model_fn, loss_fn, unpack),
+            params=block,
+            full=full,
+            mask=mask,
+            dataset=dataset,
+            reduction=reduction,
+            lins=None,
+            check_finite=check_finite,
+            name=name,
+            mode=model_mode,
+            block=block_mode,
+        )
+        op.sample_key = key
+        return op
     samples = _sample_groups(
         model_fn,
         loss_fn,

@@ -874,11 +874,38 @@ class StreamingDataset:
         if batch_digest(batch) != self._digests[i]:
             raise self._mismatch(f"batch {i} differs (its shapes or a checksum of sampled values)")
 
-    def reduce(self, params, step, acc, weights):
+    def in_memory_index(self) -> tuple:
+        """Per batch (in the order read), its index in the in-memory :class:`Dataset`'s batch order.
+
+        :func:`as_dataset` groups the batches by shape, so its batch ``k`` counts the batches of
+        the first shape group, then of the second, ...; a data set whose only odd batch is the
+        last has the identity order. Used where a batch's index must match the in-memory path
+        (:func:`hvp.fisher` samples batch ``k`` with ``jax.random.fold_in(key, k)``).
+
+        Examples:
+            >>> import numpy as np
+            >>> from hvp.operators._data import as_data
+            >>> b = lambda n: (np.ones((n, 2)), np.zeros(n))
+            >>> as_data([b(2), b(1), b(2)], stream=True).in_memory_index()  # groups [0, 2], [1]
+            (0, 2, 1)
+        """
+        group_of = np.asarray(self._group_of)
+        counts = np.bincount(group_of, minlength=len(self.meta))
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        seen = np.zeros(len(self.meta), np.int64)
+        out = []
+        for g in group_of:
+            out.append(int(start[g] + seen[g]))
+            seen[g] += 1
+        return tuple(out)
+
+    def reduce(self, params, step, acc, weights, *, indexed: bool = False):
         """One pass: ``acc = step(device_batch, weights[i], acc)`` for every batch ``i``, in order.
 
-        ``weights`` is :meth:`weights` of the operator's reduction. Batches are placed like the parameters (:func:`hvp.tree.place_batch`) and
-        prefetched as described in the class docstring.
+        ``weights`` is :meth:`weights` of the operator's reduction; with ``indexed=True`` the step
+        is called as ``step(i, device_batch, weights[i], acc)``. Batches are placed like the
+        parameters (:func:`hvp.tree.place_batch`) and prefetched as described in the class
+        docstring.
 
         Raises:
           NonDeterministicDataError: the pass differs from the first one.
@@ -899,7 +926,7 @@ class StreamingDataset:
         def run_oldest():
             nonlocal acc
             i, b, owned = pending.popleft()
-            acc = step(b, weights[i], acc)
+            acc = step(i, b, weights[i], acc) if indexed else step(b, weights[i], acc)
             running.extend(owned)
 
         for i, hb in enumerate(it):  # reading batch i on the host overlaps the step in flight
@@ -1023,7 +1050,9 @@ def _axpy(w, x, y):
     return jax.tree_util.tree_map(lambda a, b: jnp.asarray(w, a.dtype) * a + b, x, y)
 
 
-def weighted_sum(fn, dataset: Dataset, reduction: str = "mean", *, sources=None, zeros=None):
+def weighted_sum(
+    fn, dataset: Dataset, reduction: str = "mean", *, sources=None, zeros=None, like=None
+):
     r"""The data-set reduction :math:`\sum_b w_b\, \mathrm{fn}(\mathrm{batch}_b)` in one trace.
 
     The one data loop of the library: the curvature operators' products and the data-set
@@ -1041,6 +1070,16 @@ def weighted_sum(fn, dataset: Dataset, reduction: str = "mean", *, sources=None,
         like them); default ``dataset.groups``.
       zeros: a pytree shaped like ``fn``'s output, used as the scan's start value (default:
         zeros of ``fn``'s output shape, traced once with ``jax.eval_shape``).
+      like: streamed data sets: parameters whose explicit mesh the batches are placed on
+        (:func:`hvp.tree.place_batch`); default ``None`` (the default device).
+
+    A :class:`StreamingDataset` is reduced in one pass over its source, outside ``jit``: ``fn``
+    is compiled once per call and batch shape and applied to each batch as it arrives (the
+    accumulation order differs from the in-memory scan's, so results agree to rounding).
+
+    Raises:
+      ValueError: a streamed data set inside ``jax.jit``/``jax.vmap`` (``fn`` closes over
+        traced values), or with ``sources``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -1049,6 +1088,8 @@ def weighted_sum(fn, dataset: Dataset, reduction: str = "mean", *, sources=None,
       >>> float(weighted_sum(lambda b: jnp.mean(b[0]), ds))  # mean of 1, 2, 6
       3.0
     """
+    if isinstance(dataset, StreamingDataset):
+        return _streamed_sum(fn, dataset, reduction, sources=sources, zeros=zeros, like=like)
     sources = dataset.groups if sources is None else sources
     weights = dataset.weights(reduction)
     if dataset.num_batches == 1 and reduction == "mean":
@@ -1074,3 +1115,45 @@ def weighted_sum(fn, dataset: Dataset, reduction: str = "mean", *, sources=None,
         else:
             total = _scale(w, fn(src)) if total is None else _axpy(w, fn(src), total)
     return total
+
+
+def _streamed_in_jit_error() -> ValueError:
+    return ValueError(
+        "A streamed data set (stream=True, or stream='auto' for data larger than the budget) is "
+        "read on the host, one pass over its source per call, so a reduction over it (the data-set "
+        "loss, its gradient, a curvature product) cannot run inside jax.jit/jax.vmap or a compiled "
+        "loop. Call it outside jit (the algorithms of hvp.linalg pick driver='host' for streamed "
+        "operators), or build the operator with stream=False if the data fit on the device."
+    )
+
+
+def _streamed_sum(fn, ds: StreamingDataset, reduction: str, *, sources, zeros, like):
+    """:func:`weighted_sum` over a streamed data set: one pass, ``fn`` compiled per batch shape."""
+    if sources is not None:
+        raise ValueError(
+            "`sources` replaces the batches of an in-memory Dataset; a streamed data set reads "
+            "its batches from its source (pass sources=None)."
+        )
+    if zeros is None:
+        _, first = next(_first_batches(ds.probe))
+        zeros = jax.eval_shape(fn, first)
+    acc = jax.tree_util.tree_map(lambda s: jnp.zeros(np.shape(s), s.dtype), zeros)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(acc)):
+        raise _streamed_in_jit_error()
+    jitted = jax.jit(lambda b, w, a: _axpy(w, fn(b), a))
+
+    def step(b, w, a):
+        out = jitted(b, w, a)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
+            raise _streamed_in_jit_error()  # fn closes over values of a vmap
+        return out
+
+    return ds.reduce(like, step, acc, ds.weights(reduction))
+
+
+def _first_batches(dataset: Dataset):
+    """``(index, batch)`` of the first batch of each shape group of an in-memory data set."""
+    k = 0
+    for group, meta in zip(dataset.groups, dataset.meta):
+        yield k, (jax.tree_util.tree_map(lambda a: a[0], group) if meta.stacked else group)
+        k += meta.num_batches

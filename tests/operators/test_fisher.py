@@ -203,3 +203,69 @@ def test_weighted_batches_and_parameter_block():
         # be off by the difference to the unweighted GGN (measured 0.25)
         assert err < 0.1, err
         assert np.linalg.norm(unweighted - g) / np.linalg.norm(g) > 2 * err
+
+
+class _Loader:
+    """A re-iterable loader of host batches that counts its passes."""
+
+    def __init__(self, batches):
+        self.batches = [jax.tree_util.tree_map(np.asarray, b) for b in batches]
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_streamed_fisher_equals_the_in_memory_fisher():
+    """A streamed data set: the labels are redrawn per batch with the in-memory keys, every pass."""
+    key = jax.random.key(11)
+    # Gaussian targets: weighted batches (zeros included), a parameter block, the ragged batch in
+    # the middle (the in-memory batch order, by shape group, is then 0, 2, 3, 1)
+    p = build("linear_regression")
+    rng = np.random.default_rng(1)
+    batches = [(x, y, rng.choice([0.0, 1.0, 3.0], size=len(y))) for x, y in p.batches]
+    batches = [batches[0], batches[3], batches[1], batches[2]]
+
+    def fisher(data, k=key, **kw):
+        return hvp.fisher(
+            p.model_fn, p.output_loss, p.params, data, key=k, mc_samples=3, wrt="w", **kw
+        )
+
+    mem = np.asarray(fisher(batches).dense())
+    loader = _Loader(batches)
+    st = fisher(loader, stream=True)
+    assert st.streaming and st.kind == "fisher" and st.psd
+    assert st.dataset.in_memory_index() == (0, 3, 1, 2)
+    dense = np.asarray(st.dense())
+    assert np.linalg.norm(dense - mem) <= 1e-12 * np.linalg.norm(mem)
+    np.testing.assert_array_equal(np.asarray(st.dense()), dense)  # the same matrix every pass
+    assert loader.passes == 3  # building + two dense() blocks
+    v = hvp.tree.normal_like(key, st.params)
+    assert fisher(_Loader(batches), stream_budget=1).streaming  # "auto" above the budget
+    other = fisher(loader, k=jax.random.key(12), stream=True)  # another key, another matrix
+    assert not np.allclose(hvp.tree.ravel(other.mv(v)), dense @ hvp.tree.ravel(v))
+    # categorical labels (softmax cross-entropy, dict batches): one block of products
+    q = build("dict_batch")
+    vs = hvp.tree.stack([hvp.tree.normal_like(jax.random.key(i), q.params) for i in range(2)])
+    a, b = (
+        hvp.fisher(q.model_fn, q.output_loss, q.params, d, key=key, mc_samples=2, stream=s).matmat(
+            vs
+        )
+        for d, s in ((q.batches, False), (_Loader(q.batches), True))
+    )
+    assert hvp.tree.norm(hvp.tree.sub(a, b)) <= 1e-12 * hvp.tree.norm(a)
+
+
+@pytest.mark.slow  # the operator is checked against the in-memory one (dense, bitwise per pass) above
+def test_eigsh_on_a_streamed_fisher():
+    """A Krylov method sees one fixed operator: eigsh converges to the in-memory top eigenvalue."""
+    p, key = build("linear_regression"), jax.random.key(11)
+    mem, st = (
+        hvp.fisher(p.model_fn, p.output_loss, p.params, d, key=key, mc_samples=3, stream=s)
+        for d, s in ((p.batches, False), (_Loader(p.batches), True))
+    )
+    r = hvp.eigsh(st, 1, key=key, num_iters=12)
+    assert bool(np.all(r.converged))
+    top = np.linalg.eigvalsh(np.asarray(mem.dense()))[-1]
+    np.testing.assert_allclose(float(r.eigenvalues[0]), top, rtol=1e-10)
