@@ -761,7 +761,8 @@ class StreamingDataset:
       totals: per batch, its number of examples or its sum of weights (float64 NumPy array).
       weighted: whether the batches carry weights.
       meta: per shape group, a :class:`GroupMeta` (``num_batches`` counts its batches).
-      probe: a :class:`Dataset` of the first batch of each shape group.
+      probe: a :class:`Dataset` of the first batch of each shape group, as the source yielded
+        it (NumPy batches stay on the host).
       prefetch: batches put on the device ahead of the one computing.
       nbytes: bytes of one pass (all batches).
       passes: passes read so far, the first (building) pass included.
@@ -841,7 +842,16 @@ class StreamingDataset:
             GroupMeta(num_batches=int(c), batch_size=int(_check_batch(b, None)), stacked=False)
             for b, c in zip(first, counts)
         )
-        self.probe = as_dataset(first) if len(first) > 1 else as_dataset(first[0])
+        # the first batch of each shape, kept as the source yielded it (host arrays stay on the
+        # host: nothing of the data set stays on the device between passes)
+        self.probe = Dataset(
+            groups=tuple(first),
+            meta=tuple(
+                GroupMeta(num_batches=1, batch_size=m.batch_size, stacked=False) for m in self.meta
+            ),
+            num_examples=sum(m.batch_size for m in self.meta),
+            weighted=self.weighted,
+        )
 
     def __repr__(self) -> str:
         return (
