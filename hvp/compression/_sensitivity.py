@@ -437,7 +437,8 @@ def quantization_sensitivity(
     Raises:
       TypeError: bad ``key``; ``bits`` not ints.
       ValueError: ``bits`` empty, repeated or below 2; no leaf selected by ``quantize``;
-        ``params`` not shaped like the operator's vectors.
+        ``params`` not shaped like the operator's vectors; ``top_eigenvalue=True`` with a
+        streamed operator (``op.streaming``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, hvp
@@ -449,6 +450,14 @@ def quantization_sensitivity(
       [[0.09, 0.0002], [6.25, 0.25]]
     """
     op = as_operator(op, like)
+    if top_eigenvalue and getattr(op, "streaming", False):
+        raise ValueError(
+            "top_eigenvalue=True runs eigsh on each layer's diagonal block through a compiled "
+            "product, which a streamed operator (its data set read from the host on every "
+            "product) cannot run. Pass top_eigenvalue=False (the trace sensitivities need only "
+            "the diagonal: one data pass per probe block), or build the operator with "
+            "stream=False if the data fit on the device."
+        )
     weights = _weights(op, params)
     bits = tuple(sorted(int(check_int("bits", b, minimum=2)) for b in bits))
     if not bits or len(set(bits)) != len(bits):

@@ -376,6 +376,14 @@ class _StateOperator(_ops.LinearOperator):
         options = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
         # built once concretely: validates kind, data and shapes now, and gives the name
         inner = problem.with_state(state).operator(kind, data, params=params, **dict(options))
+        if getattr(inner, "streaming", False):
+            raise ValueError(
+                "operator(kind, data, state=...) makes the batches an argument of compiled "
+                "products, which a streamed data set (stream=True, or more bytes than "
+                "stream_budget) cannot be: it is read from the host on every product. Use "
+                "`problem.with_state(state).operator(kind, data)` (a streamed operator at that "
+                "state), or stream=False if the data fit on the device."
+            )
         return cls(
             rebind=problem._rebind,
             kind=kind,

@@ -157,6 +157,29 @@ def _grid_losses(op, params, dirs, coords, *, dims):
     return jax.vmap(at)(coords)
 
 
+def _streamed_grid_losses(op, params, dirs, chunks) -> np.ndarray:
+    """Every grid point's data-set loss over a streamed data set, in **one** pass over the data.
+
+    Each batch is read once; the loss of every point is taken on it (``chunks`` of points under
+    ``vmap``, one after the other under ``lax.map``) and the batch weights are those of
+    :func:`hvp.operators.data_loss` (:func:`hvp.operators.weighted_sum`).
+    """
+    f = _ops.batch_loss(op)
+    dims = chunks.shape[-1]
+    cs = jnp.asarray(chunks)
+
+    def losses(batch):
+        def at(c):
+            p = params
+            for i in range(dims):
+                p = tu.axpy(c[i], tu.index(dirs, i), p)
+            return f(p, batch)
+
+        return jnp.ravel(jax.lax.map(jax.vmap(at), cs))
+
+    return np.asarray(_ops.weighted_sum(losses, op.dataset, op.reduction, like=params))
+
+
 def _span(span, kind: str) -> tuple[float, float]:
     if span is None:
         return (-0.5, 1.5) if kind == "towards" else (-1.0, 1.0)
@@ -355,11 +378,16 @@ def landscape(
     cpad = np.zeros((padded, dims), dtype=cdtype)
     cpad[:count] = coords
     stacked = tu.stack(vecs)
-    out = [
-        np.asarray(_grid_losses(op, params, stacked, jnp.asarray(cpad[s : s + chunk]), dims=dims))
-        for s in range(0, padded, chunk)
-    ]
-    losses = np.concatenate(out)[:count]
+    if getattr(op, "streaming", False):  # a streamed data set: the whole grid in one data pass
+        losses = _streamed_grid_losses(op, params, stacked, cpad.reshape(-1, chunk, dims))[:count]
+    else:
+        out = [
+            np.asarray(
+                _grid_losses(op, params, stacked, jnp.asarray(cpad[s : s + chunk]), dims=dims)
+            )
+            for s in range(0, padded, chunk)
+        ]
+        losses = np.concatenate(out)[:count]
     quad = float(loss0) + coords @ grad_dots + 0.5 * np.einsum("pi,ij,pj->p", coords, curv, coords)
     shape = (num_points,) * dims
     return LandscapeResult(

@@ -367,6 +367,13 @@ class CurvatureOperator(LinearOperator):
     #: whether products stream the data set from the host (:class:`StreamingCurvatureOperator`)
     streaming = False
 
+    def __new__(cls, *args, **kwargs):  # noqa: ARG004 - the arguments go to __init__
+        # Over a streamed data set a curvature operator is a StreamingCurvatureOperator, also
+        # when built from another operator's parts (as hvp.operators.data_gradient does).
+        if cls is CurvatureOperator and isinstance(kwargs.get("dataset"), StreamingDataset):
+            cls = StreamingCurvatureOperator
+        return super().__new__(cls)
+
     def __init__(
         self,
         *,
@@ -445,6 +452,10 @@ class CurvatureOperator(LinearOperator):
             block=block,
         )
 
+    def _sources(self) -> tuple:
+        """Per group, what the per-batch product is applied to (the batches; see :func:`fisher`)."""
+        return self.dataset.groups
+
     # public attributes -------------------------------------------------------
     @property
     def kind(self) -> str:
@@ -477,7 +488,7 @@ class CurvatureOperator(LinearOperator):
         tu.check_mesh_context(self.params, what=f"the {self.name} operator's parameters")
         v = tu.like_sharding(v, self.params)
         linear = self._lins is not None
-        sources = self._lins if linear else self.dataset.groups
+        sources = self._lins if linear else self._sources()
 
         def mv(src):
             return src(v) if linear else self._product(self, src, v)
@@ -1534,17 +1545,13 @@ def fisher(
         meta=dataset.meta,
         num_samples=int(mc_samples),
     )
-    # every batch carries its sampled targets: (batch, samples), scanned together
-    sampled = dataclasses.replace(
-        dataset, groups=tuple((g, s) for g, s in zip(dataset.groups, samples))
-    )
-    return CurvatureOperator(
+    op = _SampledFisher(
         product=_mc_fisher_product,
         fns=(model_fn, loss_fn, unpack),
         params=block,
         full=full,
         mask=mask,
-        dataset=sampled,
+        dataset=dataset,
         reduction=reduction,
         lins=None,
         check_finite=check_finite,
@@ -1552,6 +1559,32 @@ def fisher(
         mode=model_mode,
         block=block_mode,
     )
+    op.samples = samples
+    return op
+
+
+class _SampledFisher(CurvatureOperator):
+    """The Monte-Carlo Fisher over an in-memory data set, with the targets sampled when built.
+
+    ``op.dataset`` is the data set itself (so :func:`hvp.operators.data_loss`,
+    :func:`hvp.operators.data_gradient` and the tools built on them see the data's targets);
+    the products scan every batch together with its sampled targets, ``(batch, samples)``.
+    """
+
+    samples: tuple = ()
+
+    def _sources(self) -> tuple:
+        return tuple(zip(self.dataset.groups, self.samples))
+
+    def _children(self):
+        return (*super()._children(), self.samples)
+
+    @classmethod
+    def _rebuild(cls, static, children):
+        *rest, samples = children
+        op = super()._rebuild(static, tuple(rest))
+        op.samples = samples
+        return op
 
 
 def empirical_fisher(

@@ -35,7 +35,7 @@ def batch_loss(op: CurvatureOperator) -> Callable:
     """``f(params, batch) -> scalar``: the loss of one batch that ``op`` is the curvature of.
 
     ``params`` is shaped like ``op.params`` (the ``wrt`` block when the operator has one; the
-    other leaves stay at the operator's point). For :func:`hvp.ggn` it is
+    other leaves stay at the operator's point). For :func:`hvp.ggn` and :func:`hvp.fisher` it is
     ``loss_fn(model_fn(params, inputs), targets[, weights])``; for :func:`hvp.hessian` and
     :func:`hvp.empirical_fisher` the ``loss_fn`` they were given.
 
@@ -51,7 +51,7 @@ def batch_loss(op: CurvatureOperator) -> Callable:
     """
     _check_op(op, "batch_loss")
     fns, kind = op._fns, op.kind
-    if kind == "ggn":
+    if kind in ("ggn", "fisher"):  # the Fisher's loss: the output loss on the data's targets
         model_fn, loss_fn, unpack = fns
 
         def f(params, batch):
