@@ -29,6 +29,7 @@ GROUPS = {
     "solve": "benchmarks.bench_solve",
     "hessian_free": "benchmarks.bench_hessian_free",
     "influence": "benchmarks.bench_influence",
+    "stream": "benchmarks.bench_stream",
 }
 ALIASES = {
     "1": "dense",
