@@ -195,6 +195,33 @@ class SumOperator(LinearOperator):
     def like(self):
         return self.terms[0][1].like
 
+    @property
+    def streaming(self) -> bool:
+        """Whether a term streams its data set (then products run on the host, term by term)."""
+        return any(getattr(op, "streaming", False) is True for _, op in self.terms)
+
+    def mv(self, v):
+        if not self.streaming:
+            return super().mv(v)
+        return self._host_product(v, block=False)
+
+    def matmat(self, vs):
+        if not self.streaming:
+            return super().matmat(vs)
+        return self._host_product(vs, block=True)
+
+    def _host_product(self, v, *, block: bool):
+        """With a streamed term: each term's own product (one data pass per streamed term)."""
+        total = None
+        for coef, op in self.terms:
+            out = op.matmat(v) if block else op.mv(v)
+            if coef is not None:
+                out = tu.scale(coef, out)
+            total = out if total is None else tu.add(total, out)
+        if self.damping is not None:
+            total = tu.axpy(self.damping, v, total)
+        return total
+
     def _apply(self, v):
         total = None
         for coef, op in self.terms:

@@ -94,3 +94,27 @@ def test_flax_operator_with_state_refuses_a_streamed_data_set():
     assert problem.operator("ggn", data, stream=True).streaming  # without state: streamed
     with pytest.raises(ValueError, match=r"with_state\(state\)\.operator"):
         problem.operator("ggn", data, state=problem.state, stream=True)
+
+
+def test_operator_algebra_with_a_streamed_term():
+    """``op + c``, ``a * op``, ``op1 + op2`` of a streamed operator: host products, term by term."""
+    p = build("linear_regression")
+    loss = hvp.operators.compose(p.model_fn, p.output_loss)
+    loader = _Loader(p.batches)
+    st = hvp.hessian(loss, p.params, loader, stream=True)
+    mem = hvp.hessian(loss, p.params, p.batches, stream=False)
+    a, b = 2.0 * st + 0.5, 2.0 * mem + 0.5
+    assert a.streaming and not b.streaming
+    before = loader.passes
+    _close(a.dense(), b.dense())  # one block: one pass
+    assert loader.passes - before == 1
+    v = hvp.tree.normal_like(KEY, p.params)
+    _close((st + mem).mv(v), (2.0 * mem).mv(v))
+    # the host driver is chosen for the sum: the in-memory sum's run on the host driver
+    t1, t2 = (
+        hvp.trace(o, key=KEY, num_matvecs=4, method="hutchinson", driver=d)
+        for o, d in ((a, "auto"), (b, "host"))
+    )
+    np.testing.assert_allclose(float(t1.estimate), float(t2.estimate), rtol=1e-12)
+    with pytest.raises(ValueError, match="driver='host'"):
+        jax.jit(a.mv)(v)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -36,13 +35,12 @@ def test_one_product_measurement_on_a_tiny_npy_data_set(tmp_path):
     assert r["pass_s"] > 0 and r["peak_anon_bytes"] > 0
     # the parameters, two vectors and at most prefetch + 1 = 2 batches of 128 x 16 float32
     assert 0 < r["peak_live_array_bytes"] < 1e6
-    # the operator the script streams equals the in-memory one
-    params, model, data = B._setup(x_path, y_path, 500, 128, 4)
-    loss = hvp.operators.compose(model, hvp.losses.softmax_cross_entropy)
-    v = hvp.tree.rademacher_like(jax.random.key(0), params)
-    st = hvp.hessian(loss, params, data, stream=True).mv(v)
-    mem = hvp.hessian(loss, params, list(data), stream=False).mv(v)
-    np.testing.assert_allclose(hvp.tree.ravel(st), hvp.tree.ravel(mem), rtol=1e-5, atol=1e-7)
+    # the script streams the prefix of the file it wrote, through memory maps
+    params, _, data = B._setup(x_path, y_path, 500, 128, 4)
+    assert isinstance(data, hvp.operators.ArrayBatches) and data.num_examples == 500
+    assert (
+        isinstance(data.arrays[0], np.memmap) and hvp.tree.size(params) == 16 * 4 + 4 + 4 * 10 + 10
+    )
 
 
 @pytest.mark.slow
