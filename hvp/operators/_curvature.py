@@ -63,6 +63,7 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -809,7 +810,7 @@ class _StreamingFisher(StreamingCurvatureOperator):
     targets are the in-memory operator's, redrawn identically on every pass.
     """
 
-    sample_key = None
+    sample_key: Any = None
 
     def _children(self):
         return (*super()._children(), self.sample_key)
@@ -1517,13 +1518,14 @@ def fisher(
 
     model_mode = _once(dataset, ("fisher", model_fn, loss_fn, unpack, mode), params, validate)
     if isinstance(dataset, StreamingDataset):
-        op = _StreamingFisher(
+        stream_data: Any = dataset  # the streamed operator takes a StreamingDataset
+        streamed = _StreamingFisher(
             product=_mc_fisher_stream_product(int(mc_samples)),
             fns=(model_fn, loss_fn, unpack),
             params=block,
             full=full,
             mask=mask,
-            dataset=dataset,
+            dataset=stream_data,
             reduction=reduction,
             lins=None,
             check_finite=check_finite,
@@ -1531,8 +1533,8 @@ def fisher(
             mode=model_mode,
             block=block_mode,
         )
-        op.sample_key = key
-        return op
+        streamed.sample_key = key
+        return streamed
     samples = _sample_groups(
         model_fn,
         loss_fn,
@@ -1545,7 +1547,7 @@ def fisher(
         meta=dataset.meta,
         num_samples=int(mc_samples),
     )
-    op = _SampledFisher(
+    sampled = _SampledFisher(
         product=_mc_fisher_product,
         fns=(model_fn, loss_fn, unpack),
         params=block,
@@ -1559,8 +1561,8 @@ def fisher(
         mode=model_mode,
         block=block_mode,
     )
-    op.samples = samples
-    return op
+    sampled.samples = samples
+    return sampled
 
 
 class _SampledFisher(CurvatureOperator):
