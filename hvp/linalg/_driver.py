@@ -727,7 +727,7 @@ def _all_checksums(flat: list) -> list:
     """
     if not flat:
         return []
-    places = {}
+    places: dict = {}
     for i, x in enumerate(flat):
         committed = getattr(x, "committed", False)
         place = frozenset(x.sharding.device_set) if committed else None
