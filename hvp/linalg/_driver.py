@@ -214,6 +214,11 @@ class StateMachine:
     """
 
     name: ClassVar[str] = "algorithm"
+    #: ``True``: the host driver calls :meth:`prepare`, :meth:`update` and :meth:`finalize`
+    #: directly instead of compiling them (they run their own compiled pieces and keep part of
+    #: the state in host memory, e.g. ``eigsh(basis="host")``); such a machine owns its state
+    #: (it may donate it) and runs on the host driver only.
+    host_steps: ClassVar[bool] = False
     #: State entries that :meth:`progress` reads (copied to the host for the display only);
     #: ``None``: every scalar entry.
     progress_keys: ClassVar[tuple[str, ...] | None] = None
@@ -380,7 +385,12 @@ _update_noprod = jax.jit(
 _finalize = jax.jit(
     lambda alg, op, s: alg.finalize(op, s), static_argnums=0, compiler_options=_STEP_OPTIONS
 )
-_read_flags = jax.jit(_flags)
+_flags_jit = jax.jit(_flags)
+
+
+def _read_flags(state):
+    """``[phase, done]`` of ``state`` (only those two entries enter the compiled call)."""
+    return _flags_jit({"phase": state["phase"], "done": state["done"]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,6 +515,12 @@ def run(
     if missing:
         raise ValueError(f"The state of {alg.name} lacks the entries {missing} the drivers need.")
     chosen = resolve_driver(driver, op, state, *traced, progress=progress, checkpoint=checkpoint)
+    if chosen == "compiled" and alg.host_steps:
+        raise ValueError(
+            f"{alg.name} runs its steps from the host (part of its state is in host memory), so "
+            "it cannot run with driver='compiled' nor inside jax.jit/jax.vmap; use "
+            "driver='host' (or 'auto') outside the transformation."
+        )
     if chosen == "compiled":
         return _run_compiled(alg, op, state), chosen
     if checkpoint is not None:
@@ -528,7 +544,8 @@ def _run_host(alg, op, state, *, progress, checkpoint: Checkpoint | None, traced
     steps = 0
     if checkpoint is not None and Path(checkpoint.path).exists():
         state, steps = _load(checkpoint.path, state, fingerprint)
-    state = _own(state)
+    if not alg.host_steps:  # (a host-steps machine owns its state: see StateMachine)
+        state = _own(state)
     display = _Display(alg, state, mode=_progress_mode(progress))
     last_saved = steps
     restore_sigterm = _catch_sigterm() if checkpoint is not None else None
@@ -537,12 +554,18 @@ def _run_host(alg, op, state, *, progress, checkpoint: Checkpoint | None, traced
             phase, done = (int(x) for x in np.asarray(_read_flags(state)))
             while not done:
                 display.update(state)
-                vs = _unalias(_prepare(alg, op, state, phase), state)
-                if alg.block_sizes[phase]:
-                    avs = block_product(op, vs, alg.chunk_size)
-                    state, flags = _update(alg, op, state, phase, vs, avs)
+                if alg.host_steps:
+                    vs = alg.prepare(op, state, phase)
+                    avs = block_product(op, vs, alg.chunk_size) if alg.block_sizes[phase] else None
+                    state = alg.update(op, state, phase, vs, avs)
+                    flags = _read_flags(state)
                 else:
-                    state, flags = _update_noprod(alg, op, state, phase, vs)
+                    vs = _unalias(_prepare(alg, op, state, phase), state)
+                    if alg.block_sizes[phase]:
+                        avs = block_product(op, vs, alg.chunk_size)
+                        state, flags = _update(alg, op, state, phase, vs, avs)
+                    else:
+                        state, flags = _update_noprod(alg, op, state, phase, vs)
                 steps += 1
                 phase, done = (int(x) for x in np.asarray(flags))
                 if checkpoint is not None and steps - last_saved >= checkpoint.every:
@@ -569,7 +592,7 @@ def _run_host(alg, op, state, *, progress, checkpoint: Checkpoint | None, traced
     finally:
         if restore_sigterm is not None:
             restore_sigterm()
-    out = _finalize(alg, op, state)
+    out = alg.finalize(op, state) if alg.host_steps else _finalize(alg, op, state)
     if checkpoint is not None:
         _remove(checkpoint.path)
     return out
@@ -695,13 +718,38 @@ def _checksums(leaves):
     return out
 
 
+def _all_checksums(flat: list) -> list:
+    """:func:`_checksums` of every array of ``flat``, copied to the host.
+
+    One compiled call when the arrays can meet in one computation (the usual case); arrays
+    committed to different devices (a state kept partly in host memory, on the CPU device, next
+    to parameters on an accelerator) are checksummed by one call per device set.
+    """
+    if not flat:
+        return []
+    places: dict = {}
+    for i, x in enumerate(flat):
+        committed = getattr(x, "committed", False)
+        place = frozenset(x.sharding.device_set) if committed else None
+        places.setdefault(place, []).append(i)
+    if len([p for p in places if p is not None]) <= 1:
+        return jax.device_get(_checksums(flat))
+    loose = places.pop(None, [])
+    out: list = [None] * len(flat)
+    for n, idx in enumerate(places.values()):
+        idx = idx + loose if n == 0 else idx  # uncommitted arrays join the first device set
+        for i, c in zip(idx, jax.device_get(_checksums([flat[i] for i in idx])), strict=True):
+            out[i] = c
+    return out
+
+
 def _digests(groups: list) -> list[str]:
     """One hex digest per group of pytree leaves (shapes, dtypes and exact checksums).
 
     Computed on the devices in one call: nothing but a few integers is copied to the host.
     """
     flat = [x if isinstance(x, jax.Array) else jnp.asarray(x) for g in groups for x in g]
-    sums = jax.device_get(_checksums(flat)) if flat else []
+    sums = _all_checksums(flat)
     out, i = [], 0
     for g in groups:
         h = hashlib.sha256()

@@ -97,7 +97,8 @@ Implementation (:func:`eigsh`):
   (``dtype_policy``). A product that overflows
   raises :class:`hvp.NonFiniteError`, never a silent zero.
 
-Memory: the basis holds ``(num_iters + 1) * n`` numbers of ``basis_dtype``
+Memory: the basis holds ``(num_iters + 1) * n`` numbers of ``basis_dtype`` (in host RAM with
+``basis="host"``, :mod:`hvp.linalg._host_basis`)
 (e.g. ``num_iters=40`` and ``n = 10^7`` float32 parameters: 1.6 GB), plus
 ``k`` Ritz vectors at the end. ``basis_dtype=jnp.bfloat16`` halves float32
 storage but limits orthogonality, hence accuracy, to about ``1e-2`` relative;
@@ -137,7 +138,7 @@ __all__ = ["eigsh", "EigshResult", "WHICH"]
 
 WHICH = ("largest", "smallest", "both")
 #: where :func:`eigsh` keeps its Krylov basis (``"none"``: the lean mode of :mod:`._lean`).
-BASES = ("device", "none")
+BASES = ("device", "host", "none")
 
 
 @tu.result(static=("which", "dtype_policy"))
@@ -304,6 +305,69 @@ def _rows_scale(c, V):
     )
 
 
+# ---------------------------------------------------------------------------
+# Every access to the Krylov basis ``V`` (a block of ``m + 1`` rows). The state machine calls
+# them on its device basis; ``eigsh(basis="host")`` (:mod:`hvp.linalg._host_basis`) calls the
+# same functions, compiled for the host's CPU device, on a basis kept in host memory.
+# ---------------------------------------------------------------------------
+
+
+def _unit_ritz(V, cols, m, wl):
+    """The unit Ritz vectors ``V[:m]^T cols`` (one per column of ``cols``, shape ``(m, c)``)."""
+    Y = combine(cols, jax.tree_util.tree_map(lambda Vl: Vl[:m], V), wl)
+    norms = jnp.sqrt(rowwise(Y, Y))
+    return _rows_scale(1.0 / jnp.where(norms > 0, norms, 1.0), Y)
+
+
+def _extend_basis(V, j, w, anorm, key, wl, *, eps_break):
+    """One Lanczos step on the basis: row ``j + 1`` set, and the step's numbers.
+
+    Returns ``(V, (h, beta, anorm, broke, beta_raw))`` (see :func:`lanczos_extend`).
+    """
+    h, beta, v_next, anorm, broke, beta_raw = lanczos_extend(
+        V, j, w, anorm, key, wl, eps_break=eps_break
+    )
+    return set_row(V, j + 1, v_next), (h, beta, anorm, broke, beta_raw)
+
+
+def _locked_basis(V, cols, key, k_total, wl):
+    """Locking: the ``k_total`` wanted Ritz vectors, then a fresh vector orthogonal to them."""
+    m = cols.shape[0]
+    kept = combine(cols, jax.tree_util.tree_map(lambda Vl: Vl[:m], V), wl)
+    rows = jnp.arange(tu.leading_dim(V))
+    newV = jax.tree_util.tree_map(
+        lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), V, kept
+    )
+    fresh = fresh_vector(key, newV, (rows < k_total).astype(cols.dtype), wl)
+    return set_row(newV, k_total, fresh)
+
+
+def _restarted_basis(V, cols, wl):
+    """Thick restart: the ``p`` kept Ritz vectors (``cols``: ``(m, p)``), then the last row."""
+    m, p = cols.shape
+    kept = combine(cols, jax.tree_util.tree_map(lambda Vl: Vl[:m], V), wl)
+    last = get_row(V, m, wl)
+    return jax.tree_util.tree_map(
+        lambda Vl, K, L: (
+            jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
+        ),
+        V,
+        kept,
+        last,
+    )
+
+
+def _reset_basis(V, v):
+    """Explicit restart: ``v`` in row 0 of an empty basis."""
+    return set_row(jax.tree_util.tree_map(jnp.zeros_like, V), 0, v)
+
+
+def _unit_sum(Y, acc):
+    """The normalised sum of the rows of ``Y`` (the explicit restart's start vector)."""
+    v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), Y)
+    return tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
+
+
 @dataclasses.dataclass(frozen=True)
 class ThickRestartLanczos(StateMachine):
     """Thick-restart Lanczos with locking and confirmation (:func:`eigsh`) as a state machine.
@@ -349,12 +413,26 @@ class ThickRestartLanczos(StateMachine):
         eps23 = self.eps ** (2.0 / 3.0)
         return jnp.maximum(s["tol"] * jnp.maximum(jnp.abs(lam), eps23 * anorm), self.floor * anorm)
 
-    def ritz_vectors(self, s, cols, wl):
-        Vm = jax.tree_util.tree_map(lambda Vl: Vl[: self.m], s["V"])
-        return combine(cols, Vm, wl)
-
     def base_key(self, s):
         return jax.random.fold_in(jax.random.fold_in(s["key"], s["restarts"]), s["locks"])
+
+    def step_key(self, s):
+        """The key of the fresh vector a breakdown at the current step draws."""
+        return jax.random.fold_in(self.base_key(s), s["j"])
+
+    # --- the basis: storage interface (HostBasisLanczos keeps it in host memory) -----------
+    def rewrite(self, s, kind: str, arg, key, wl):
+        """The state with its basis rewritten by a lock, a thick restart or an explicit restart.
+
+        ``kind`` is ``"lock"`` (``arg``: the wanted Ritz coefficients, ``key``: the fresh
+        vector's), ``"restart"`` (``arg``: the kept Ritz coefficients) or ``"reset"`` (``arg``:
+        the new start vector).
+        """
+        if kind == "lock":
+            return dict(s, V=_locked_basis(s["V"], arg, key, self.k_total, wl))
+        if kind == "restart":
+            return dict(s, V=_restarted_basis(s["V"], arg, wl))
+        return dict(s, V=_reset_basis(s["V"], arg))
 
     # --- the driver's interface ------------------------------------------------------------
     def prepare(self, op, state, phase):
@@ -365,10 +443,11 @@ class ThickRestartLanczos(StateMachine):
             v = get_row(state["V"], state["j"], wl)
             return jax.tree_util.tree_map(lambda x: x[None], v)
         # phase 1: the unit wanted Ritz vectors of the current basis
-        wi = _wanted(state["j"], self.k_total, self.which)
-        Y = self.ritz_vectors(state, state["S"][:, wi], wl)
-        norms = jnp.sqrt(rowwise(Y, Y))
-        return _rows_scale(1.0 / jnp.where(norms > 0, norms, 1.0), Y)
+        return _unit_ritz(state["V"], self.wanted_cols(state), self.m, wl)
+
+    def wanted_cols(self, state):
+        """The Ritz coefficients ``S[:, wanted]`` of the pairs the residual check tests."""
+        return state["S"][:, _wanted(state["j"], self.k_total, self.which)]
 
     def update(self, op, state, phase, vs, avs):
         wl = _work_like(op.like)
@@ -419,21 +498,26 @@ class ThickRestartLanczos(StateMachine):
 
     # --- phase 0: a Lanczos step and its decisions ---------------------------------------
     def lanczos_step(self, s, w, wl):
+        V, ext = _extend_basis(
+            s["V"], s["j"], w, s["anorm"], self.step_key(s), wl, eps_break=self.break_level
+        )
+        return self.step_tail(dict(s, V=V), *ext, tu.all_finite(w))
+
+    @property
+    def break_level(self) -> float:
+        """Breakdown when ``beta <= break_level * ||A||``."""
+        return _BREAKDOWN * self.eps_break
+
+    def step_tail(self, s, h, beta, anorm, broke, beta_raw, finite):
+        """The Lanczos step after the basis was extended: projected matrix, Ritz pairs, tests."""
         m, k_total, which = self.m, self.k_total, self.which
         j = s["j"]
-        base = self.base_key(s)
-        step_key = jax.random.fold_in(base, j)
-        finite = tu.all_finite(w)
-        h, beta, v_next, anorm, broke, beta_raw = lanczos_extend(
-            s["V"], j, w, s["anorm"], step_key, wl, eps_break=_BREAKDOWN * self.eps_break
-        )
         H = s["H"].at[:, j].set(jnp.where(jnp.arange(m + 1) <= j, h, s["H"][:, j]))
         H = H.at[j + 1, j].set(beta)
         rho = s["rho"].at[j].set(jnp.where(broke, beta_raw, 0.0))
-        V = set_row(s["V"], j + 1, v_next)
         c = j + 1
         full = c == m
-        s = dict(s, V=V, H=H, rho=rho, j=c, matvecs=s["matvecs"] + 1, have_out=jnp.array(False))
+        s = dict(s, H=H, rho=rho, j=c, matvecs=s["matvecs"] + 1, have_out=jnp.array(False))
 
         theta, S = _ritz(H, c, m)
         active = jnp.arange(m) < c
@@ -607,19 +691,12 @@ class ThickRestartLanczos(StateMachine):
 
     def lock(self, s, theta, S, wi, est, key, confirmed_once, wl):
         """Lock the wanted Ritz pairs, restart from a fresh random vector orthogonal to them."""
-        m, k_total = self.m, self.k_total
-        kept = self.ritz_vectors(s, S[:, wi], wl)
-        rows = jnp.arange(m + 1)
-        newV = jax.tree_util.tree_map(
-            lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), s["V"], kept
-        )
-        fresh = fresh_vector(key, newV, (rows < k_total).astype(s["lam"].dtype), wl)
-        newV = set_row(newV, k_total, fresh)
+        k_total = self.k_total
+        s = self.rewrite(s, "lock", S[:, wi], key, wl)
         newH = jnp.zeros_like(s["H"]).at[jnp.arange(k_total), jnp.arange(k_total)].set(theta[wi])
         newrho = jnp.zeros_like(s["rho"]).at[:k_total].set(est[wi])
         return dict(
             s,
-            V=newV,
             H=newH,
             rho=newrho,
             j=jnp.asarray(k_total, jnp.int32),
@@ -639,35 +716,20 @@ class ThickRestartLanczos(StateMachine):
             idx = m - p + jnp.arange(p)
         else:
             idx = jnp.arange(p)
-        kept = self.ritz_vectors(s, S[:, idx], wl)
-        last = get_row(s["V"], m, wl)
-        newV = jax.tree_util.tree_map(
-            lambda Vl, K, L: (
-                jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
-            ),
-            s["V"],
-            kept,
-            last,
-        )
+        s = self.rewrite(s, "restart", S[:, idx], None, wl)
         b = s["H"][m, m - 1]
         newH = jnp.zeros_like(s["H"])
         newH = newH.at[jnp.arange(p), jnp.arange(p)].set(theta[idx])
         newH = newH.at[p, :p].set(b * S[m - 1, idx])
         newH = newH.at[:p, p].set(b * S[m - 1, idx])
         newrho = jnp.zeros_like(s["rho"]).at[:p].set(jnp.abs(S[:, idx]).T @ s["rho"][:m])
-        return dict(
-            s, V=newV, H=newH, rho=newrho, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1
-        )
+        return dict(s, H=newH, rho=newrho, j=jnp.asarray(p, jnp.int32), restarts=s["restarts"] + 1)
 
     def explicit_restart(self, s):
         """Start again from the sum of the verified Ritz vectors (nothing locked or frozen)."""
-        v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), s["Y"])
-        acc = s["lam"].dtype
-        v = tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
-        newV = set_row(jax.tree_util.tree_map(jnp.zeros_like, s["V"]), 0, v)
+        s = self.rewrite(s, "reset", _unit_sum(s["Y"], s["lam"].dtype), None, None)
         return dict(
             s,
-            V=newV,
             H=jnp.zeros_like(s["H"]),
             rho=jnp.zeros_like(s["rho"]),
             j=jnp.zeros((), jnp.int32),
@@ -681,12 +743,20 @@ def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts):
     m, k_total = alg.m, alg.k_total
     acc = acc_dtype(like)
     wl = _work_like(like)
-    store = jnp.dtype(alg.basis_dtype) if alg.basis_dtype is not None else acc
-    V = set_row(empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc))
     zero_i = jnp.zeros((), jnp.int32)
     false = jnp.array(False)
+    if alg.host_steps:  # the basis lives in host memory (HostBasisLanczos adds it) ...
+        # ... and a decision that rewrites it leaves a plan here (kind, coefficients, key)
+        V = dict(
+            plan=zero_i,
+            plan_C=jnp.zeros((m, m), acc),
+            plan_key=jax.random.fold_in(key, 0),
+        )
+    else:
+        store = jnp.dtype(alg.basis_dtype) if alg.basis_dtype is not None else acc
+        V = dict(V=set_row(empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc)))
     return dict(
-        V=V,
+        **V,
         H=jnp.zeros((m + 1, m), acc),
         rho=jnp.zeros((m + 1,), acc),  # norm of the residual part that left the basis, per row
         j=zero_i,
@@ -734,6 +804,14 @@ def _random_initial_state(alg: ThickRestartLanczos, key, like, tol, max_restarts
     k_start, k_run = jax.random.split(key)
     v = tu.normal_like(k_start, like)
     return _initial_state(alg, tu.scale(1.0 / tu.norm(v), v), k_run, like, tol, max_restarts)
+
+
+@jax.jit
+def _random_start(key, like):
+    """The random unit start vector of :func:`_random_initial_state` and the run's key."""
+    k_start, k_run = jax.random.split(key)
+    v = tu.normal_like(k_start, like)
+    return tu.scale(1.0 / tu.norm(v), v), k_run
 
 
 # ---------------------------------------------------------------------------
@@ -851,7 +929,13 @@ def eigsh(
         no copy can be missing.
       like: example pytree when ``op`` is a plain matvec callable.
       basis: where the Krylov basis lives. ``"device"`` (default): thick-restart Lanczos with
-        the full basis, ``(num_iters + 1) n`` numbers. ``"none"``: the memory-lean mode for very
+        the full basis, ``(num_iters + 1) n`` numbers. ``"host"``: the same algorithm and result
+        with the basis in host RAM (JAX arrays on the host's CPU device,
+        :mod:`hvp.linalg._host_basis`): the device holds ``k`` Ritz vectors, two vectors per
+        Lanczos step and about ``3k`` during a residual check; each step sends ``A v_j`` to the
+        host and the next basis vector back (``2n`` numbers) and reorthogonalises on the host
+        (``4-6 (j + 1) n`` flops). Host driver only (progress and checkpoints work), one
+        process. ``"none"``: the memory-lean mode for very
         large models (:mod:`hvp.linalg._lean`): Lanczos without reorthogonalisation, the
         Cullum-Willoughby test against spurious Ritz values and a second pass for the
         eigenvectors; ``(4 + 2k) n`` numbers whatever ``num_iters`` (then the most Lanczos steps,
@@ -876,7 +960,8 @@ def eigsh(
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``,
         ``reorthogonalize=False``, negative or non-finite ``tol``, an unknown ``basis``,
-        ``basis_dtype`` with ``basis="none"``.
+        ``basis_dtype`` with ``basis="none"``, ``basis="host"`` with ``driver="compiled"``,
+        inside ``jax.jit``/``jax.vmap`` or with several processes.
       TypeError: ``key`` is not a PRNG key, ``k`` not an int.
       NonFiniteError: NaN or Inf in the result (the operator produced them,
         e.g. an overflow of half-precision products).
@@ -892,6 +977,10 @@ def eigsh(
       >>> top = jax.jit(lambda a: hvp.eigsh(hvp.from_dense(a), 1, key=jax.random.key(0)).eigenvalues)
       >>> round(float(top(jax.numpy.asarray(A))[0]), 6)
       2.0
+      >>> # the basis in host memory (same result; host driver only)
+      >>> h = hvp.eigsh(hvp.from_dense(A), 3, which="smallest", basis="host", key=jax.random.key(0))
+      >>> np.round(np.asarray(h.eigenvalues), 6).tolist(), h.num_matvecs == r.num_matvecs
+      ([0.0, 0.0, 0.0], True)
     """
     op = coerce_operator(op, like, what="spectrum")
     n = op.size
@@ -927,8 +1016,13 @@ def eigsh(
     if basis not in BASES:
         raise ValueError(
             f"`basis` must be one of {BASES}, got {basis!r}: 'device' keeps the full Lanczos "
-            "basis, 'none' keeps O(1) vectors (the memory-lean mode)."
+            "basis on the device, 'host' keeps it in host memory (the device holds O(k) vectors), "
+            "'none' keeps O(1) vectors (the memory-lean mode)."
         )
+    if basis == "host":
+        from hvp.linalg._host_basis import check_host_basis
+
+        check_host_basis(op, key, v0, driver)
     if basis == "none":
         from hvp.linalg._lean import lean_eigsh
 
@@ -995,7 +1089,18 @@ def eigsh(
         full_space=bool(confirm) and not single and not room,
         single=single,
     )
-    if v0 is None:  # one compiled program (eagerly: about 50 small ones, 0.5 s cold on CPU)
+    if basis == "host":  # the same algorithm with its basis in host memory
+        from hvp.linalg._host_basis import HostBasisLanczos, host_initial_state
+
+        alg = HostBasisLanczos(**{f.name: getattr(alg, f.name) for f in dataclasses.fields(alg)})
+        if v0 is None:
+            start, k_run = _random_start(key, op.like)
+        else:
+            k_start, k_run = jax.random.split(key)
+            start = _start_vector(v0, op.like, k_start)
+        state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts)
+        state = host_initial_state(alg, state, start)
+    elif v0 is None:  # one compiled program (eagerly: about 50 small ones, 0.5 s cold on CPU)
         state = _random_initial_state(alg, key, op.like, tol, max_restarts)
     else:
         k_start, k_run = jax.random.split(key)
