@@ -334,6 +334,31 @@ def _stdout_to_stderr(enabled: bool):
         os.close(saved)
 
 
+#: Texts of a collective's error when another process of the run has stopped (gloo over TCP).
+_PEER_LOST = ("closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+@contextlib.contextmanager
+def _peer_lost_is_one_line(enabled: bool):
+    """Several processes: a collective that failed because another process stopped is reported.
+
+    The error becomes an :class:`~hvp.analysis.AnalysisError` saying so (one line, exit status
+    1) instead of gloo's runtime error.
+    """
+    try:
+        yield
+    except Exception as e:
+        from hvp.analysis._errors import AnalysisError
+
+        text = str(e)
+        if enabled and not isinstance(e, AnalysisError) and any(t in text for t in _PEER_LOST):
+            raise AnalysisError(
+                "Another process of the run stopped (a collective lost its connection: "
+                f"{_first_line(e)[:200]}); this process stops too. See the other processes' output."
+            ) from e
+        raise
+
+
 def _json_summary(report, out, files, args, **extra) -> dict:
     """The ``--json`` summary: the headline figures, their cost and the files written."""
     d = report.to_dict()
@@ -398,7 +423,10 @@ def _run_analyze(args) -> int:
 
     # before any JAX computation; a no-op on one host
     distributed = initialize(args.distributed)
-    with _stdout_to_stderr(distributed):  # gloo's C++ log lines must not mix into --json
+    with (
+        _stdout_to_stderr(distributed),  # gloo's C++ log lines must not mix into --json
+        _peer_lost_is_one_line(distributed),
+    ):
         report = analyze(
             args.checkpoint,
             model=args.model,

@@ -12,6 +12,7 @@ so the three processes spend their time starting JAX and compiling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,26 +72,30 @@ def _env(**launch):
     return env
 
 
-def _start(inputs, out, extra, **launch):
+def _start(inputs, out, extra, log=None, **launch):
+    """The command; its stderr in the file ``log`` (read while it runs) or a pipe."""
     cmd = [sys.executable, "-m", "hvp", "analyze", str(inputs / "ckpt"), "--model", MODEL]
     cmd += ["--data", str(inputs / "data.npz"), *FLAGS, *extra, "--out", str(out)]
-    return subprocess.Popen(
-        cmd,
-        env=_env(**launch),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # a signal sent to the test's group does not reach them
-    )
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.PIPE) as err:
+        proc = subprocess.Popen(
+            cmd,
+            env=_env(**launch),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # a signal sent to the test's group does not reach them
+        )
+    proc.log = log
+    return proc
 
 
-def _launch(inputs, out, extra=(), *, reference=None):
+def _launch(inputs, out, extra=(), *, reference=None, logs=(None, None)):
     """The two processes of the launch command (and, with ``reference``, the one-process run)."""
     port = _free_port()
     launch = dict(
         JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2, JAX_DISTRIBUTED_TIMEOUT=60
     )
-    procs = [_start(inputs, out, extra, JAX_PROCESS_ID=i, **launch) for i in range(2)]
+    procs = [_start(inputs, out, extra, logs[i], JAX_PROCESS_ID=i, **launch) for i in range(2)]
     if reference is not None:
         procs.append(_start(inputs, reference, extra))
     return procs
@@ -106,7 +111,10 @@ def _finish(procs, timeout=300):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
+    return [
+        (p.returncode, o, e if p.log is None else open(p.log).read())
+        for p, (o, e) in zip(procs, outs, strict=True)
+    ]
 
 
 def _check_reports(multi: dict, single: dict, rtol: float) -> None:
@@ -183,14 +191,27 @@ def test_one_process_failing_stops_both(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_on_every_process(inputs, tmp_path):
-    procs = _launch(inputs, tmp_path / "out", ["--x64"])
-    time.sleep(8)  # started, inside the run
-    for p in procs:
+@pytest.mark.parametrize("to", ["both", "process 1"])
+def test_ctrl_c(inputs, tmp_path, to):
+    """SIGINT to both processes: 130 on both. To process 1 only: 130 there, and process 0 stops
+    with status 1 and one line saying that another process stopped (not a hang)."""
+    logs = [tmp_path / f"err{i}.txt" for i in range(2)]
+    procs = _launch(inputs, tmp_path / "out", ["--x64"], logs=logs)
+    deadline = time.monotonic() + 120
+    # both past the start-up: gloo has connected them (its first collective)
+    while not all("[Gloo]" in log.read_text() for log in logs):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)
+    for p in procs if to == "both" else procs[1:]:
         p.send_signal(signal.SIGINT)
-    for rc, _, err in _finish(procs, timeout=120):
-        assert rc == 130, (rc, err[-2000:])
-        assert "hvp analyze: interrupted" in err
+    (r0, _, e0), (r1, _, e1) = _finish(procs, timeout=120)
+    assert r1 == 130 and "hvp analyze: interrupted" in e1, (r1, e1[-2000:])
+    if to == "both":
+        assert r0 == 130 and "hvp analyze: interrupted" in e0, (r0, e0[-2000:])
+    else:
+        assert r0 == 1 and "Another process of the run stopped" in e0, (r0, e0[-2000:])
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 # --- the launch settings, in process (no runtime started) ----------------------------------------
