@@ -72,6 +72,14 @@ from hvp._version import __version__
 from hvp.analysis import _interrupt
 from hvp.analysis._checkpoint import read_checkpoint, resolve_checkpoint, restore_into
 from hvp.analysis._data import load_data
+from hvp.analysis._distributed import (
+    agreed,
+    data_mesh,
+    is_multiprocess,
+    is_writer,
+    replicate_restored,
+    shard_batches,
+)
 from hvp.analysis._errors import FLAGS, AnalysisError, AnalysisTypeError, setting_int
 from hvp.analysis._layer_report import block_groups
 from hvp.analysis._progress import Stages, stage_products
@@ -571,6 +579,7 @@ def device_info() -> dict:
         "device_kind": devs[0].device_kind,
         "count": len(devs),
         "backend": jax.default_backend(),
+        "process_count": jax.process_count(),
     }
 
 
@@ -764,18 +773,30 @@ def analyze(
         )
     if options:
         settings = settings.replace(**options)
-    # Cheap checks before any heavy work: packages, the checkpoint path, the output directory.
-    check_dependencies(plots=plots and out_dir is not None)
-    resolve_checkpoint(checkpoint, step=settings.step, item=settings.item)
-    if out_dir is not None:
-        from hvp.analysis._report import prepare_output_dir
+    # Several processes (jax.distributed): process 0 alone shows progress and writes outputs.
+    multi = is_multiprocess()
+    writer = is_writer()
+    progress = progress and writer
+    # Cheap checks before any heavy work: packages, the checkpoint path, the output directory
+    # (on several processes: if one fails, all stop, before any collective program).
+    with agreed("checking the settings, the checkpoint and the output directory"):
+        if multi and resume_dir is not None:
+            raise AnalysisError(
+                "--resume (resume_dir=) is not supported when several processes run: the "
+                "finished stages are global arrays that one directory per host cannot hold. "
+                "Run without --resume, or resume on one host."
+            )
+        check_dependencies(plots=plots and out_dir is not None and writer)
+        resolve_checkpoint(checkpoint, step=settings.step, item=settings.item)
+        if out_dir is not None and writer:
+            from hvp.analysis._report import prepare_output_dir
 
-        prepare_output_dir(out_dir, overwrite=overwrite)
-    store = (
-        None
-        if resume_dir is None
-        else _StageStore(resume_dir, _fingerprint(checkpoint, model, settings))
-    )
+            prepare_output_dir(out_dir, overwrite=overwrite)
+        store = (
+            None
+            if resume_dir is None
+            else _StageStore(resume_dir, _fingerprint(checkpoint, model, settings))
+        )
     if settings.x64 and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)  # restored by @_restoring_x64
 
@@ -787,8 +808,10 @@ def analyze(
     report = _assemble(checkpoint, model, settings, computed, extra=extra, t_start=t_start)
     _interrupt.check()
     if out_dir is not None:
-        with _interrupt.deferred():  # a signal here is raised once every file is complete
-            report.write(out_dir, plots=plots)
+        # process 0 writes; on several processes every one then learns whether that worked
+        with agreed("writing the report"), _interrupt.deferred():
+            if writer:  # a signal here is raised once every file is complete
+                report.write(out_dir, plots=plots)
     if store is not None:
         store.clear()
     return report
@@ -926,20 +949,24 @@ def _compute(
     dtype = jnp.float64 if s.x64 else jnp.float32
     timings: dict[str, float] = {}
     stages = Stages(enabled=progress, console=console)
+    multi = is_multiprocess()
+    mesh = data_mesh() if multi else None
     with stages:
         # 1. model + checkpoint ------------------------------------------------------------
-        with stages.stage("Building the model") as st:
+        with stages.stage("Building the model") as st, agreed("building the model"):
             t0 = time.perf_counter()
             spec = load_model(model)
             timings["load_model"] = time.perf_counter() - t0
             st.done(spec.kind)
-        with stages.stage("Reading the checkpoint") as st:
+        with stages.stage("Reading the checkpoint") as st, agreed("reading the checkpoint"):
             t0 = time.perf_counter()
             ckpt = read_checkpoint(checkpoint, step=s.step, item=s.item)
             restored = restore_into(spec, ckpt, dtype=dtype)
             timings["load_checkpoint"] = time.perf_counter() - t0
             where = f" under key '{restored.key}'" if restored.key is not None else ""
             st.done(f"{len(restored.restored)} arrays{where}")
+        if multi:  # every process read the same arrays: one copy per device of the global mesh
+            restored = replicate_restored(restored, mesh)
         if restored.kind == "nnx":
             problem = hflax.from_nnx(restored.model, spec.loss)
         else:
@@ -957,7 +984,10 @@ def _compute(
 
         _interrupt.check()
         # 2. data ----------------------------------------------------------------------------
-        with stages.stage("Reading the data", total=s.num_batches) as st:
+        with (
+            stages.stage("Reading the data", total=s.num_batches) as st,
+            agreed("reading the data"),
+        ):
             t0 = time.perf_counter()
             ds = load_data(
                 s.data,
@@ -966,6 +996,9 @@ def _compute(
                 dtype=dtype,
                 progress=st.advance_to,
             )
+            batches = ds.batches
+            if multi:  # this process's rows of every batch, as global arrays
+                batches = shard_batches(batches, mesh)
             timings["load_data"] = time.perf_counter() - t0
             st.done(
                 f"{ds.num_examples} examples in {ds.num_batches} batch{'es' if ds.num_batches > 1 else ''}"
@@ -975,7 +1008,7 @@ def _compute(
         # 3. operator ------------------------------------------------------------------------
         t0 = time.perf_counter()
         try:
-            op = problem.hessian(ds.batches) if s.operator == "hessian" else problem.ggn(ds.batches)
+            op = problem.hessian(batches) if s.operator == "hessian" else problem.ggn(batches)
             jax.eval_shape(op.matvec, params)
         except AnalysisError:
             raise
@@ -992,19 +1025,21 @@ def _compute(
         keys = dict(
             zip(_SEED_ORDER, jax.random.split(jax.random.PRNGKey(s.seed), len(_SEED_ORDER)))
         )
-        stages.estimate(  # expected products and seconds per stage (only with the display on)
-            op,
-            stage_products(
-                n=n,
-                k=s.k,
-                eig_iters=s.eig_iters,
-                trace_matvecs=s.trace_matvecs,
-                num_probes=s.num_probes,
-                num_iters=s.num_iters,
-                layer_matvecs=s.layer_matvecs,
-            ),
-            block_size=s.num_probes,
-        )
+        # (on several processes: skipped, the timing products would run on process 0 only)
+        if not multi:
+            stages.estimate(  # expected products and seconds per stage (only with the display on)
+                op,
+                stage_products(
+                    n=n,
+                    k=s.k,
+                    eig_iters=s.eig_iters,
+                    trace_matvecs=s.trace_matvecs,
+                    num_probes=s.num_probes,
+                    num_iters=s.num_iters,
+                    layer_matvecs=s.layer_matvecs,
+                ),
+                block_size=s.num_probes,
+            )
 
         # 4. figures (the stage display replaces the algorithms' own progress) ---------------
         # With a resume directory each stage also saves its state as it runs, so that a stage

@@ -339,7 +339,7 @@ def read_checkpoint(path, *, step: int | None = None, item: str | None = None) -
                     tree_meta = _tree_metadata(_handler_metadata(ocp, abs_dir))
                     if tree_meta is None:
                         raise ValueError("Orbax found no tree metadata in the directory")
-                cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+                cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
                 leaves = jax.tree_util.tree_leaves(tree_meta)
                 if not leaves:
                     raise AnalysisError(f"The checkpoint in '{item_dir}' holds no arrays.")

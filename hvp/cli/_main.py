@@ -32,6 +32,7 @@ New subcommands register in :data:`COMMANDS` (``name -> (add_arguments, run)``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -284,6 +285,7 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     )
     _add_analysis_flags(p)
     _add_landscape_flag(p)
+    _add_distributed_flag(p)
     _add_common(p)
 
 
@@ -295,6 +297,66 @@ def _add_landscape_flag(p: argparse.ArgumentParser) -> None:
         "second-order model, and a 2-D slice on two filter-normalised random directions "
         "(landscape_eigen.png, landscape_random.png, landscape_surface.png; 142 loss evaluations)",
     )
+
+
+def _add_distributed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--distributed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run on several hosts: the same command on every host, started with "
+        "JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=0..N-1 "
+        "(or on a cluster JAX detects: SLURM, Open MPI, Cloud TPU); each host reads its share "
+        "of every batch and process 0 writes the outputs (default: on when those variables are "
+        "set; see docs/scaling.md)",
+    )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """Send what native code writes on stdout (file descriptor 1) to stderr inside the block.
+
+    On several processes gloo, the CPU collectives library, prints ``[Gloo] Rank 0 is
+    connected ...`` lines on the C++ standard output when it connects; stdout is kept for the
+    summary (one JSON object with ``--json``), printed after the block.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+#: Texts of a collective's error when another process of the run has stopped (gloo over TCP).
+_PEER_LOST = ("closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+@contextlib.contextmanager
+def _peer_lost_is_one_line(enabled: bool):
+    """Several processes: a collective that failed because another process stopped is reported.
+
+    The error becomes an :class:`~hvp.analysis.AnalysisError` saying so (one line, exit status
+    1) instead of gloo's runtime error.
+    """
+    try:
+        yield
+    except Exception as e:
+        from hvp.analysis._errors import AnalysisError
+
+        text = str(e)
+        if enabled and not isinstance(e, AnalysisError) and any(t in text for t in _PEER_LOST):
+            raise AnalysisError(
+                "Another process of the run stopped (a collective lost its connection: "
+                f"{_first_line(e)[:200]}); this process stops too. See the other processes' output."
+            ) from e
+        raise
 
 
 def _json_summary(report, out, files, args, **extra) -> dict:
@@ -357,19 +419,28 @@ def _report_done(report, out, args, **extra) -> None:
 
 def _run_analyze(args) -> int:
     from hvp.analysis._analyze import analyze
+    from hvp.analysis._distributed import initialize, is_writer
 
-    report = analyze(
-        args.checkpoint,
-        model=args.model,
-        data=args.data,
-        seed=args.seed,
-        step=args.step,
-        item=args.item,
-        out_dir=args.out,
-        progress=not args.quiet,
-        resume_dir=args.resume,
-        **_analysis_kwargs(args),
-    )
+    # before any JAX computation; a no-op on one host
+    distributed = initialize(args.distributed)
+    with (
+        _stdout_to_stderr(distributed),  # gloo's C++ log lines must not mix into --json
+        _peer_lost_is_one_line(distributed),
+    ):
+        report = analyze(
+            args.checkpoint,
+            model=args.model,
+            data=args.data,
+            seed=args.seed,
+            step=args.step,
+            item=args.item,
+            out_dir=args.out,
+            progress=not args.quiet,
+            resume_dir=args.resume,
+            **_analysis_kwargs(args),
+        )
+    if not is_writer():  # several processes: process 0 prints the summary and writes the files
+        return 0
     resumed = report.extra.get("resumed_stages")
     _report_done(report, args.out, args, **({"resumed_stages": resumed} if resumed else {}))
     return 0
