@@ -405,7 +405,8 @@ class AnalysisSettings:
       influence_method: ``"auto"`` (dense up to 1000 parameters, else Arnoldi), ``"arnoldi"``,
         ``"solve"`` or ``"dense"``.
       influence_rank: eigenpairs of the Arnoldi variant (>= 1).
-      influence_damping: damping (>= 0; ``None``: ``1e-3 * lambda_max``).
+      influence_damping: damping (>= 0; ``None``: ``max(0, -lambda_min) + 1e-3 * lambda_max``,
+        which makes the damped operator positive definite).
 
     Raises:
       AnalysisTypeError: a setting of the wrong type (also a ``TypeError``).
@@ -1211,6 +1212,7 @@ def _compute(
                     rank=s.influence_rank,
                     damping=s.influence_damping,
                     lambda_max=float(np.max(np.asarray(results["top"].eigenvalues))),
+                    lambda_min=float(np.min(np.asarray(results["bottom"].eigenvalues))),
                     key=jax.random.fold_in(jax.random.PRNGKey(s.seed), INFLUENCE_KEY),
                     chunk_size=s.chunk_size,
                     eigsh=results["top"],

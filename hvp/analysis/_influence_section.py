@@ -26,9 +26,11 @@ outliers, mislabelled examples; Pruthi et al., 2020; Schioppa et al., 2022).
   the operator from :func:`hvp.eigsh`, Schioppa et al., 2022) above; ``"solve"`` (conjugate
   gradients per test example and per training example for the self-influence) on request.
 * **Damping** :math:`\mu` (``--influence-damping``): by default
-  :data:`RELATIVE_DAMPING` :math:`\cdot \lambda_{\max}` of the report (a small ridge that keeps
-  :math:`A + \mu I` invertible on the null space of the data, e.g. always-blank pixels);
-  the section states the value and the rule.
+  :math:`\mu = \max(0, -\lambda_{\min}) + 10^{-3} \lambda_{\max}` from the report's extreme
+  eigenvalues, the smallest shift that makes :math:`A + \mu I` positive definite with its
+  smallest eigenvalue at least :math:`10^{-3}\lambda_{\max}` (Koh & Liang damp a non-convex
+  Hessian for the same reason; the ridge also covers the null space of the data, e.g.
+  always-blank pixels). The section states the value and the rule.
 
 The section holds, per test example, the ``--influence-top`` most helpful and most harmful
 training examples with their scores (and labels where the targets are integer labels), the
@@ -68,7 +70,7 @@ INFLUENCE_METHODS = ("auto", "arnoldi", "solve", "dense")
 DENSE_MAX_PARAMS = 1000
 #: ``--influence-method dense`` refuses models larger than this (``n^2`` memory, ``n`` products).
 DENSE_LIMIT = 20_000
-#: Default damping: this fraction of the report's largest eigenvalue.
+#: Default damping: ``max(0, -lambda_min)`` plus this fraction of the report's largest eigenvalue.
 RELATIVE_DAMPING = 1e-3
 #: The section's key: ``fold_in(PRNGKey(seed), INFLUENCE_KEY)`` (outside the split of the other
 #: stages, so ``--influence`` changes none of their figures).
@@ -239,6 +241,21 @@ def resolve_method(method: str, num_params: int) -> tuple[str, str]:
     return "arnoldi", f"auto: arnoldi (n = {num_params} > {DENSE_MAX_PARAMS} parameters)"
 
 
+#: Per-example gradients held at once by default: about this many numbers (64 MiB in float32).
+GRADIENT_BUDGET = 1 << 24
+
+
+def gradient_chunk(num_params: int) -> int:
+    """Default per-example gradients per compiled chunk: ``GRADIENT_BUDGET / n`` in ``[1, 256]``.
+
+    Examples:
+      >>> from hvp.analysis._influence_section import gradient_chunk
+      >>> gradient_chunk(2410), gradient_chunk(10**8)
+      (256, 1)
+    """
+    return int(min(256, max(1, GRADIENT_BUDGET // max(1, num_params))))
+
+
 def check_settings(method: str, rank: int, num_params: int) -> tuple[str, str]:
     """:func:`resolve_method`, and ``rank`` at most the number of parameters (for Arnoldi)."""
     method, rule = resolve_method(method, num_params)
@@ -263,6 +280,7 @@ def influence_section(
     rank: int = 20,
     damping: float | None = None,
     lambda_max: float = 1.0,
+    lambda_min: float = 0.0,
     key=None,
     chunk_size=None,
     eigsh=None,
@@ -280,10 +298,12 @@ def influence_section(
       top: entries per list.
       method: ``"auto"``, ``"arnoldi"``, ``"solve"`` or ``"dense"`` (see the module docstring).
       rank: eigenpairs of ``"arnoldi"``.
-      damping: :math:`\mu`, or ``None``: ``RELATIVE_DAMPING * max(lambda_max, 0)``.
+      damping: :math:`\mu`, or ``None``: ``max(0, -lambda_min) + RELATIVE_DAMPING *
+        max(lambda_max, 0)``.
       lambda_max: the report's largest eigenvalue.
+      lambda_min: the report's smallest eigenvalue.
       key: PRNG key of the eigenpairs (``"arnoldi"`` without a usable ``eigsh``).
-      chunk_size: per-example gradients computed at once.
+      chunk_size: per-example gradients computed at once (``None``: :func:`gradient_chunk`).
       eigsh: an :func:`hvp.eigsh` result of ``op`` with ``which="largest"`` and at least
         ``rank`` pairs (the report's top eigenpairs): ``"arnoldi"`` keeps its ``rank`` largest
         pairs and computes none (``key`` is then not used).
@@ -309,8 +329,11 @@ def influence_section(
     n_params = int(op.size)
     method, method_rule = check_settings(method, rank, n_params)
     if damping is None:
-        damping = RELATIVE_DAMPING * max(float(lambda_max), 0.0)
-        damping_rule = f"{RELATIVE_DAMPING:g} * lambda_max of the report"
+        damping = max(0.0, -float(lambda_min)) + RELATIVE_DAMPING * max(float(lambda_max), 0.0)
+        damping_rule = (
+            f"max(0, -lambda_min) + {RELATIVE_DAMPING:g} * lambda_max of the report: A + damping I "
+            "is positive definite"
+        )
     else:
         damping_rule = "--influence-damping"
     if test is None:
@@ -332,6 +355,8 @@ def influence_section(
         excluded = False
         test_batch_for_labels = test
         test_idx_in_batch = list(range(num_test))
+    if chunk_size is None:
+        chunk_size = gradient_chunk(n_params)
     reused = None
     if method == "arnoldi" and eigsh is not None and eigsh.which == "largest":
         lam = np.asarray(eigsh.eigenvalues)

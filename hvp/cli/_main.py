@@ -349,7 +349,8 @@ def _add_influence_flags(p: argparse.ArgumentParser) -> None:
         "--influence-damping",
         type=_number(float, lambda v: v >= 0, "a non-negative number"),
         default=None,
-        help="damping added to the curvature (default: 1e-3 x the largest eigenvalue)",
+        help="damping added to the curvature (default: max(0, -λ_min) + 1e-3·λ_max of the "
+        "report, which makes the damped curvature positive definite)",
     )
 
 

@@ -189,8 +189,9 @@ def test_analyze_influence_section_end_to_end(tmp_path):
         out_dir=tmp_path / "out",
     )
     sec = report.influence
-    lam_max = float(report.top.eigenvalues[-1])
-    assert sec.method == "dense" and sec.damping == pytest.approx(1e-3 * lam_max)
+    lam_max, lam_min = float(report.top.eigenvalues[-1]), float(report.bottom.eigenvalues[0])
+    assert sec.method == "dense"
+    assert sec.damping == pytest.approx(max(0.0, -lam_min) + 1e-3 * lam_max)
     # the same scores from hvp.influence on the report's operator (the GGN-free Hessian here)
     p = saved["params"]
 
@@ -211,3 +212,14 @@ def test_analyze_influence_section_end_to_end(tmp_path):
     buf = io.StringIO()
     hvp.analysis.print_summary(report, Console(file=buf, width=200))
     assert "Influence (Koh & Liang)" in buf.getvalue()
+
+
+def test_density_figure_title_ends_with_the_critical_point_verdict():
+    from hvp.analysis._plots import _verdict_line
+
+    assert _verdict_line({"critical": None}) == ""
+    c = {"kind": "saddle", "verdict": "saddle point", "gradient_norm": 1e-5, "grad_tol": 1e-3}
+    line = _verdict_line({"critical": {**c, "zero_threshold": 1e-4}})
+    assert line.startswith("\nverdict: saddle point") and "≤ 0.001" in line
+    c = {"kind": "not critical", "verdict": "not a critical point: gradient norm 0.07"}
+    assert "(> tolerance 0.001)" in _verdict_line({"critical": {**c, "grad_tol": 1e-3}})
