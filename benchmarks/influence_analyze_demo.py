@@ -6,9 +6,12 @@ the 1,797 digits, seed 0) in float64: the section's default damping
 (the last 3 digits, their own scores left out), then
 
 * the exact influence (``method="dense"``: the dense Hessian and ``numpy.linalg.solve``);
-* the Arnoldi variant that ``--influence-method auto`` picks for this model (more than 1,000
-  parameters) with ``p`` = 20 (the default ``--influence-rank``) and 100 eigenpairs from
-  ``hvp.eigsh``;
+* what ``--influence-method auto`` runs for this model (more than 1,000 parameters): the
+  scores by conjugate gradients (``hvp.solve``, relative residual 1e-8 in float64), the
+  self-influence by the Arnoldi variant with ``p`` = 20 eigenpairs (the default
+  ``--influence-rank``);
+* ``--influence-method arnoldi``: the Arnoldi variant with ``p`` = 20 and 100 eigenpairs from
+  ``hvp.eigsh`` for the scores too;
 
 compared over all 1,797 training examples of each test digit: relative error, Spearman rank
 correlation, and the overlap of the section's top-5 helpful / harmful / self-influence lists
@@ -18,6 +21,7 @@ CPU cores); writes ``benchmarks/results/cpu/influence_analyze.{md,json}``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -69,17 +73,42 @@ def main() -> dict:
     t_dense = time.perf_counter() - t0
     ref, ref_help, ref_harm, ref_self = _lists(exact.scores, exact.self_influence, test_idx)
     rows = []
-    for p in (20, 100):
+    for p in ("solve", 20, 100):
         t0 = time.perf_counter()
-        r = hvp.influence(
-            H, test, data, rank=p, key=jax.random.key(0), damping=damping, with_self_influence=True
-        )
+        if p == "solve":  # the section's auto method above 1,000 parameters
+            r = hvp.influence(
+                H, test, data, method="solve", solver="cg", rtol=1e-8, damping=damping
+            )
+            si = hvp.influence.self_influence(
+                H, data, rank=20, key=jax.random.key(0), damping=damping
+            )
+            r = dataclasses.replace(
+                r,
+                self_influence=si.self_influence,
+                num_matvecs=r.num_matvecs + si.num_matvecs,
+                converged=r.converged and si.converged,
+            )
+        else:
+            r = hvp.influence(
+                H,
+                test,
+                data,
+                rank=p,
+                key=jax.random.key(0),
+                damping=damping,
+                with_self_influence=True,
+            )
         seconds = time.perf_counter() - t0
         s, helpful, harmful, self_top = _lists(r.scores, r.self_influence, test_idx)
         ok = ~np.isnan(ref)
         rows.append(
             {
-                "method": f"arnoldi p={p}",
+                "method": (
+                    "solve (CG, rtol 1e-8; self-influence arnoldi p=20)"
+                    if p == "solve"
+                    else f"arnoldi p={p}"
+                ),
+                "converged": bool(r.converged),
                 "relative_error": float(np.linalg.norm(s[ok] - ref[ok]) / np.linalg.norm(ref[ok])),
                 "spearman": [
                     float(spearmanr(s[t][ok[t]], ref[t][ok[t]]).statistic) for t in range(NUM_TEST)

@@ -309,8 +309,9 @@ def _add_influence_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add the influence section (Koh & Liang 2017): for a few test examples the most "
         "helpful and most harmful training examples with their scores, the largest "
-        "self-influences (outliers, mislabelled examples), and influence.png; costs one "
-        "eigsh (arnoldi) or n products (dense) plus one per-example gradient per example",
+        "self-influences (outliers, mislabelled examples), and influence.png; costs n products "
+        "(dense) or a CG solve per test example and one eigsh (solve, arnoldi), plus one "
+        "per-example gradient per example",
     )
     g.add_argument(
         "--influence-test",
@@ -335,15 +336,17 @@ def _add_influence_flags(p: argparse.ArgumentParser) -> None:
         "--influence-method",
         choices=INFLUENCE_METHODS,
         default=DEFAULTS["influence_method"],
-        help=f"inverse of the curvature: auto = dense up to {DENSE_MAX_PARAMS} parameters, else "
-        "arnoldi (top eigenpairs); solve = CG per test and per training example "
-        "(default: %(default)s)",
+        help=f"inverse of the curvature for the scores: auto = dense up to {DENSE_MAX_PARAMS} "
+        "parameters (exact), else solve (CG per test example); arnoldi = the top "
+        "--influence-rank eigenpairs (cheaper, approximate); the self-influence is dense or "
+        "arnoldi (default: %(default)s)",
     )
     g.add_argument(
         "--influence-rank",
         type=_positive_int,
         default=DEFAULTS["influence_rank"],
-        help="eigenpairs kept by the arnoldi method (default: %(default)s)",
+        help="eigenpairs of the Arnoldi variant (arnoldi scores, and the self-influence unless "
+        "dense); the report's top eigenpairs are reused when at most -k (default: %(default)s)",
     )
     g.add_argument(
         "--influence-damping",

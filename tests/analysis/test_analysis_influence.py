@@ -116,6 +116,23 @@ def test_section_equals_hvp_influence_and_plots(tmp_path):
     )
     assert sec.rank == 4 and sec.num_matvecs == 0
     assert sec.eigenpairs == "the report's top eigenpairs"
+    # solve: the scores by CG (exact to its tolerance), the self-influence by Arnoldi
+    sec = influence_section(
+        H, train, num_test=1, top=2, method="solve", rank=4, damping=0.01, eigsh=pairs(6)
+    )
+    exact = hvp.influence(
+        H, jax.tree_util.tree_map(lambda a: a[13:], train), train, method="dense", damping=0.01
+    )
+    s_ref = np.array(exact.scores[0])
+    s_ref[13] = np.nan
+    np.testing.assert_allclose(
+        sec.helpful_scores[0], np.sort(s_ref[~np.isnan(s_ref)])[:2], rtol=1e-6
+    )
+    arn = hvp.influence.self_influence(H, train, damping=0.01, eigsh=pairs(4))
+    np.testing.assert_allclose(
+        sec.self_influence_values, np.sort(arn.self_influence)[::-1][:2], rtol=1e-9
+    )
+    assert sec.converged and sec.self_influence_method == "arnoldi (rank 4)"
     # the figure: images, and bars for non-image inputs; the terminal table
     report = {"influence": sec.to_dict()}
     assert plot_influence(report, tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
@@ -131,7 +148,7 @@ def test_section_equals_hvp_influence_and_plots(tmp_path):
 
 def test_settings_and_flags_are_validated(capsys):
     assert resolve_method("auto", DENSE_MAX_PARAMS)[0] == "dense"
-    assert resolve_method("auto", DENSE_MAX_PARAMS + 1)[0] == "arnoldi"
+    assert resolve_method("auto", DENSE_MAX_PARAMS + 1)[0] == "solve"
     with pytest.raises(AnalysisError, match="refused above"):
         resolve_method("dense", 10**6)
     with pytest.raises(AnalysisError, match=r"--influence-top.*add --influence"):
