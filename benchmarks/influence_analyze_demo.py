@@ -150,7 +150,9 @@ def main() -> dict:
         f"{lam[0]:.4g} … {lam[-1]:.4g}; damping {damping:.4g} (the section's default rule). "
         f"Test digits: the last {NUM_TEST} ({test_idx}), scored against all {n} training digits "
         f"(their own score left out). Exact: dense Hessian ({exact.num_matvecs} products, "
-        f"{t_dense:.1f} s).",
+        f"{t_dense:.1f} s). Seconds are wall time of one run on a shared CPU, compilation "
+        "included (programs compiled by an earlier row are reused): a rough guide, not a timing "
+        "benchmark.",
         "",
         "| method | rel. error | Spearman (3 test digits) | top-5 helpful overlap | top-5 harmful "
         "overlap | self-infl. Spearman | top-5 self-infl. overlap | products | s |",

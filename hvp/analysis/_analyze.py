@@ -825,7 +825,8 @@ def analyze(
       **options: settings by name (``data``, ``operator``, ``k``, ``num_probes``, ``num_iters``,
         ``eig_iters``, ``tol``, ``trace_method``, ``trace_matvecs``, ``layer_matvecs``,
         ``batch_size``, ``num_batches``, ``seed``, ``x64``, ``chunk_size``, ``step``, ``item``,
-        ``layer_view``, ``top_layers``; see :class:`AnalysisSettings`), applied on top of
+        ``layer_view``, ``top_layers``, ``compression``, ``landscape``, ``influence`` and the
+        ``influence_*`` settings; see :class:`AnalysisSettings`), applied on top of
         ``settings``.
 
     Returns:
