@@ -30,9 +30,9 @@ from hvp.analysis._influence_section import (
 )
 
 
-def _problem(n=14, images=True):
+def _problem(n=14):
     rng = np.random.default_rng(0)
-    x = rng.uniform(size=(n, 4, 4, 1)) if images else rng.normal(size=(n, 5))
+    x = rng.uniform(size=(n, 4, 4, 1))
     y = rng.integers(0, 3, size=n).astype(np.int32)
     d = int(np.prod(x.shape[1:]))
     params = {"w": jnp.asarray(0.3 * rng.normal(size=(d, 3))), "b": jnp.zeros(3)}
@@ -136,12 +136,10 @@ def test_section_equals_hvp_influence_and_plots(tmp_path):
     # the figure: images, and bars for non-image inputs; the terminal table
     report = {"influence": sec.to_dict()}
     assert plot_influence(report, tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
-    loss2, params2, train2 = _problem(images=False)
-    sec2 = influence_section(hvp.hessian(loss2, params2, train2), train2, top=2, damping=0.01)
-    assert sec2.image_shape is None and sec2.images is None
-    assert plot_influence({"influence": sec2.to_dict()}, tmp_path / "b.png").stat().st_size > 0
+    bars = {**sec.to_dict(), "image_shape": None, "images": None}  # non-image inputs: bars
+    assert plot_influence({"influence": bars}, tmp_path / "b.png").stat().st_size > 0
     buf = io.StringIO()
-    Console(file=buf, width=200).print(influence_table({"influence": sec2}))
+    Console(file=buf, width=200).print(influence_table({"influence": sec}))
     assert "most helpful" in buf.getvalue() and "self-influence" in buf.getvalue()
     json.dumps(sec.to_dict())  # JSON-serialisable
 
@@ -172,6 +170,24 @@ def test_settings_and_flags_are_validated(capsys):
     ):
         assert main(["analyze", "ckpt", "--model", "m:f", *bad]) == 2
     assert "--influence-damping" in capsys.readouterr().err
+    from hvp.cli._main import _analysis_kwargs, build_parser
+
+    argv = ["analyze", "ckpt", "--model", "m:f", "--influence", "--influence-test", "held.npz"]
+    argv += ["--influence-top", "4", "--influence-method", "arnoldi", "--influence-damping", "0.1"]
+    kw = _analysis_kwargs(build_parser().parse_args(argv))
+    assert kw["influence"] and kw["influence_test"] == "held.npz" and kw["influence_top"] == 4
+    assert kw["influence_method"] == "arnoldi" and kw["influence_damping"] == 0.1
+    assert kw["influence_rank"] == 20 and kw["influence_num_test"] == 3
+    demo = _analysis_kwargs(build_parser().parse_args(["demo"]))  # hvp demo: no influence flags
+    assert "influence" not in demo
+    s = AnalysisSettings(**{k: v for k, v in kw.items() if k.startswith("influence")})
+    from hvp.analysis._analyze import _command_line
+
+    line = _command_line("ckpt", "m:f", "digits", s.to_dict())
+    assert line.endswith(
+        "--influence --influence-test held.npz --influence-top 4 "
+        "--influence-method arnoldi --influence-damping 0.1"
+    )
 
 
 def _tiny():
