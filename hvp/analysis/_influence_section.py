@@ -528,11 +528,10 @@ def influence_table(report):
     c = _section(report)
     if c is None:
         return None
-    rank = f", rank {c['rank']}" if c["rank"] is not None else ""
     t = Table(
         title=(
-            f"Influence (Koh & Liang): {c['method']} inverse of the {c['operator']}{rank}, damping "
-            f"{c['damping']:.3g} ({c['damping_rule']}); scores < 0 helpful, > 0 harmful"
+            f"Influence (Koh & Liang): {_describe(c)}, damping {c['damping']:.3g} "
+            f"({c['damping_rule']}); scores < 0 helpful, > 0 harmful"
         ),
         title_justify="left",
     )
@@ -610,12 +609,20 @@ def plot_influence(report, path):
     return path
 
 
+def _describe(c) -> str:
+    """The method in words: the scores' inverse, and the self-influence's when it differs."""
+    names = {"dense": "dense", "solve": "CG", "arnoldi": "Arnoldi"}
+    what = f"{names.get(c['method'], c['method'])} inverse of the {c['operator']}"
+    if c["method"] == "arnoldi" and c.get("rank") is not None:
+        what += f" (rank {c['rank']})"
+    self_method = c.get("self_influence_method")
+    if c["method"] == "solve" and self_method:
+        what += f"; self-influence: {self_method}"
+    return what
+
+
 def _title(c) -> str:
-    rank = f", rank {c['rank']}" if c.get("rank") is not None else ""
-    return (
-        f"Influence ({c['method']} inverse of the {c['operator']}{rank}, damping "
-        f"{c['damping']:.2g}): score < 0 helpful, > 0 harmful"
-    )
+    return f"Influence ({_describe(c)}, damping {c['damping']:.2g}): score < 0 helpful, > 0 harmful"
 
 
 def _lab(c, key, t, j):
