@@ -1249,7 +1249,7 @@ def _influence_test_data(op, params, s: AnalysisSettings, dtype):
     except Exception as e:
         raise AnalysisError(
             f"The model and loss cannot be evaluated on the --influence-test data "
-            f"'{test.spec}': {_one_line(e)}; it must have the layout of --data."
+            f"'{test.spec}' ({_one_line(e).rstrip('.')}); it must have the layout of --data."
         ) from e
     return batch
 

@@ -245,6 +245,16 @@ def test_analyze_influence_section_end_to_end(tmp_path):
     buf = io.StringIO()
     hvp.analysis.print_summary(report, Console(file=buf, width=200))
     assert "Influence (Koh & Liang)" in buf.getvalue()
+    # a held-out split the model cannot read is refused before any algorithm runs
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 7)), y=np.zeros(3, np.int32))
+    with pytest.raises(AnalysisError, match="--influence-test data .* layout of --data"):
+        hvp.analysis.analyze(
+            ckpt,
+            model=_tiny,
+            data=[(x, y)],
+            influence=True,
+            influence_test=str(tmp_path / "bad.npz"),
+        )
 
 
 def test_density_figure_title_ends_with_the_critical_point_verdict():
