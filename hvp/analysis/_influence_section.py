@@ -342,7 +342,6 @@ def influence_section(
       ('dense', [2], [2, 0])
     """
     from hvp import influence as _influence
-    from hvp.influence import self_influence as _self_influence
     from hvp.operators import batch_loss
 
     t0 = time.perf_counter()
@@ -401,26 +400,20 @@ def influence_section(
             rank=rank,
             key=key,
             chunk_size=chunk_size,
-            with_self_influence=method != "solve",
+            with_self_influence=True,
             eigsh=reused,
+            # with "solve" the self-influence by Arnoldi (one solve per training example is too
+            # many), in the same pass over the training gradients as the scores
             **(
-                {"solver": "cg", "rtol": SOLVE_RTOL[bool(op.dtype == jnp.float64)]}
+                {
+                    "solver": "cg",
+                    "rtol": SOLVE_RTOL[bool(op.dtype == jnp.float64)],
+                    "self_influence_method": "arnoldi",
+                }
                 if method == "solve"
                 else {}
             ),
         )
-        if method == "solve":  # the self-influence by Arnoldi: one solve per example is too many
-            si = _self_influence(
-                op, train, damping=damping, rank=rank, key=key, chunk_size=chunk_size, eigsh=reused
-            )
-            r = dataclasses.replace(
-                r,
-                self_influence=si.self_influence,
-                rank=si.rank,
-                converged=bool(r.converged and si.converged),
-                num_matvecs=int(r.num_matvecs + si.num_matvecs),
-                num_gradients=int(r.num_gradients + si.num_gradients),
-            )
     except ValueError as e:
         raise AnalysisError(
             f"The influence section failed: {e} (--influence-damping, --influence-method, "
