@@ -40,6 +40,7 @@ from hvp.analysis._compression_critical import (
 from hvp.analysis._data import LoadedData, digits, load_data
 from hvp.analysis._demo import DEMO_MODEL_SPEC, digits_mlp, run_demo
 from hvp.analysis._errors import AnalysisError, AnalysisTypeError, StructureMismatchError
+from hvp.analysis._influence_section import InfluenceSection, plot_influence
 from hvp.analysis._plots import plot_density, plot_layers
 from hvp.analysis._report import (
     REPORT_SCHEMA,
@@ -70,6 +71,8 @@ __all__ = [
     "CriticalSection",
     "CompressionSection",
     "plot_compression",
+    "InfluenceSection",
+    "plot_influence",
     "LoadedData",
     "ModelSpec",
     "StructureMismatchError",

@@ -291,6 +291,10 @@ class AnalysisReport:
         at (gradient norm and the extreme eigenvalues above; always computed).
       compression: :class:`~hvp.analysis.CompressionSection` with ``compression=True``
         (``--compression``), else ``None``.
+      landscape: ``{"eigen": ..., "random": ...}`` loss landscapes with ``landscape=True``
+        (``--landscape``), else ``None``.
+      influence: :class:`~hvp.analysis.InfluenceSection` with ``influence=True``
+        (``--influence``), else ``None``.
 
     Examples:
         >>> import os, tempfile
@@ -339,6 +343,7 @@ class AnalysisReport:
     critical: Any = None
     compression: Any = None
     landscape: dict | None = None
+    influence: Any = None
 
     def write(self, out_dir, *, plots: bool = True) -> dict[str, str]:
         """Write ``report.json`` (and ``density.png``, ``layers.png``) into ``out_dir``; return the paths."""
@@ -397,6 +402,19 @@ class AnalysisSettings:
       compression: add the compression section (HAWQ per-layer quantisation sensitivity, a bit
         allocation, OBD saliency; ``layer_matvecs`` probes plus one Lanczos run per layer) and
         ``compression.png`` (see :mod:`hvp.analysis._compression_critical`).
+      landscape: add the loss landscapes (``--landscape``).
+      influence: add the influence section (Koh & Liang, 2017) and ``influence.png``: the most
+        helpful and harmful training examples of a few test examples and the largest
+        self-influences (see :mod:`hvp.analysis._influence_section`).
+      influence_test: data spec of held-out test examples (``None``: the last
+        ``influence_num_test`` examples of ``data``).
+      influence_num_test: test examples (>= 1).
+      influence_top: entries per list (>= 1).
+      influence_method: ``"auto"`` (dense up to 1000 parameters, else Arnoldi), ``"arnoldi"``,
+        ``"solve"`` or ``"dense"``.
+      influence_rank: eigenpairs of the Arnoldi variant (>= 1).
+      influence_damping: damping (>= 0; ``None``: ``max(0, -lambda_min) + 1e-3 * lambda_max``,
+        which makes the damped operator positive definite).
 
     Raises:
       AnalysisTypeError: a setting of the wrong type (also a ``TypeError``).
@@ -435,6 +453,13 @@ class AnalysisSettings:
     top_layers: int = 10
     compression: bool = False
     landscape: bool = False
+    influence: bool = False
+    influence_test: str | None = None
+    influence_num_test: int = 3
+    influence_top: int = 5
+    influence_method: str = "auto"
+    influence_rank: int = 20
+    influence_damping: float | None = None
 
     def __post_init__(self):
         checked = dict(
@@ -453,7 +478,11 @@ class AnalysisSettings:
             chunk_size=setting_int("chunk_size", self.chunk_size, 1, optional=True),
             step=setting_int("step", self.step, 0, optional=True),
             top_layers=setting_int("top_layers", self.top_layers, 1),
+            influence_num_test=setting_int("influence_num_test", self.influence_num_test, 1),
+            influence_top=setting_int("influence_top", self.influence_top, 1),
+            influence_rank=setting_int("influence_rank", self.influence_rank, 1),
         )
+        checked.update(self._influence_checks())
         if self.tol is not None:
             try:
                 checked["tol"] = check_finite_float("tol", self.tol)
@@ -478,6 +507,46 @@ class AnalysisSettings:
             raise AnalysisTypeError(f"`item` (--item) must be a string, got {self.item!r}.")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    def _influence_checks(self) -> dict:
+        from hvp.analysis._influence_section import INFLUENCE_METHODS
+
+        if not isinstance(self.influence, (bool, np.bool_)):
+            raise AnalysisTypeError(
+                f"`influence` (--influence) must be a bool, got {self.influence!r}."
+            )
+        out = {
+            "influence": bool(self.influence),
+            "influence_method": _setting_choice(
+                "influence_method", self.influence_method, INFLUENCE_METHODS
+            ),
+        }
+        if self.influence_test is not None and not isinstance(self.influence_test, str):
+            raise AnalysisTypeError(
+                "`influence_test` (--influence-test) must be a data spec string, got "
+                f"{type(self.influence_test).__name__}."
+            )
+        if self.influence_damping is not None:
+            try:
+                out["influence_damping"] = check_finite_float(
+                    "influence_damping", self.influence_damping
+                )
+            except TypeError as e:
+                raise AnalysisTypeError(f"{e} (--influence-damping)") from None
+            except ValueError as e:
+                raise AnalysisError(f"{e} (--influence-damping)") from None
+        if not out["influence"]:
+            given = [
+                FLAGS[name]
+                for name in INFLUENCE_OPTIONS
+                if getattr(self, name) != _FIELD_DEFAULTS[name]
+            ]
+            if given:
+                raise AnalysisError(
+                    f"{', '.join(given)} set{'s' if len(given) == 1 else ''} up the influence "
+                    "section, which is off: add --influence (influence=True)."
+                )
+        return out
 
     @property
     def dtype(self) -> np.dtype:
@@ -526,7 +595,26 @@ class AnalysisSettings:
             top_layers=self.top_layers,
             compression=self.compression,
             landscape=self.landscape,
+            influence=self.influence,
+            influence_test=self.influence_test,
+            influence_num_test=self.influence_num_test,
+            influence_top=self.influence_top,
+            influence_method=self.influence_method,
+            influence_rank=self.influence_rank,
+            influence_damping=self.influence_damping,
         )
+
+
+#: The settings of the influence section (valid only with ``influence=True``).
+INFLUENCE_OPTIONS = (
+    "influence_test",
+    "influence_num_test",
+    "influence_top",
+    "influence_method",
+    "influence_rank",
+    "influence_damping",
+)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AnalysisSettings)}
 
 
 #: Default settings, shared by :func:`analyze`, ``hvp analyze`` and ``hvp demo``
@@ -625,6 +713,12 @@ def _command_line(checkpoint, model, data, settings: dict) -> str:
         parts.append("--compression")
     if settings.get("landscape"):
         parts.append("--landscape")
+    if settings.get("influence"):
+        parts.append("--influence")
+        for key in INFLUENCE_OPTIONS:
+            v = settings.get(key)
+            if v is not None and v != _FIELD_DEFAULTS[key]:
+                parts += [FLAGS[key], str(v)]
     return " ".join(parts)
 
 
@@ -740,7 +834,8 @@ def analyze(
       **options: settings by name (``data``, ``operator``, ``k``, ``num_probes``, ``num_iters``,
         ``eig_iters``, ``tol``, ``trace_method``, ``trace_matvecs``, ``layer_matvecs``,
         ``batch_size``, ``num_batches``, ``seed``, ``x64``, ``chunk_size``, ``step``, ``item``,
-        ``layer_view``, ``top_layers``; see :class:`AnalysisSettings`), applied on top of
+        ``layer_view``, ``top_layers``, ``compression``, ``landscape``, ``influence`` and the
+        ``influence_*`` settings; see :class:`AnalysisSettings`), applied on top of
         ``settings``.
 
     Returns:
@@ -936,6 +1031,7 @@ class _Computed:
     gradient: Any = None  # the data-set gradient (critical-point section)
     compression: Any = None  # CompressionSection, with --compression
     landscape: dict | None = None  # {"eigen": LandscapeResult, "random": LandscapeResult}
+    influence: Any = None  # InfluenceSection, with --influence
 
 
 def _compute(
@@ -1017,10 +1113,15 @@ def _compute(
                 f"The model and loss cannot be evaluated on the data '{ds.spec}': {_one_line(e)}"
             ) from e
         timings["operator"] = time.perf_counter() - t0
+        influence_test = _influence_test_data(op, params, s, dtype) if s.influence else None
         if 2 * s.k > n:
             raise AnalysisError(
                 f"-k {s.k} asks for {2 * s.k} eigenvalues but the model has only {n} parameters."
             )
+        if s.influence:
+            from hvp.analysis._influence_section import check_settings
+
+            check_settings(s.influence_method, s.influence_rank, n)
 
         keys = dict(
             zip(_SEED_ORDER, jax.random.split(jax.random.PRNGKey(s.seed), len(_SEED_ORDER)))
@@ -1124,6 +1225,38 @@ def _compute(
                 st.done(
                     f"{sum(r.num_evaluations for r in results['landscape'].values())} loss evaluations"
                 )
+        # 6. influence (--influence) ----------------------------------------------------------
+        if s.influence:
+            from hvp.analysis._influence_section import (
+                INFLUENCE_KEY,
+                concat_batches,
+                influence_section,
+            )
+
+            _interrupt.check()
+            with stages.stage("Influence functions (Koh & Liang)") as st:
+                t0 = time.perf_counter()
+                results["influence"] = influence_section(
+                    op,
+                    concat_batches(ds.batches),
+                    test=influence_test,
+                    test_spec=s.influence_test,
+                    data_spec=s.data,
+                    num_test=s.influence_num_test,
+                    top=s.influence_top,
+                    method=s.influence_method,
+                    rank=s.influence_rank,
+                    damping=s.influence_damping,
+                    lambda_max=float(np.max(np.asarray(results["top"].eigenvalues))),
+                    lambda_min=float(np.min(np.asarray(results["bottom"].eigenvalues))),
+                    key=jax.random.fold_in(jax.random.PRNGKey(s.seed), INFLUENCE_KEY),
+                    chunk_size=s.chunk_size,
+                    eigsh=results["top"],
+                )
+                timings["influence"] = time.perf_counter() - t0
+                st.done(
+                    f"{results['influence'].method}, {results['influence'].num_matvecs} products"
+                )
 
     return _Computed(
         spec=spec,
@@ -1135,6 +1268,25 @@ def _compute(
         **results,
         **extras,
     )
+
+
+def _influence_test_data(op, params, s: AnalysisSettings, dtype):
+    """The ``--influence-test`` examples as one batch (``None`` without the flag), checked early."""
+    from hvp.analysis._influence_section import concat_batches
+    from hvp.operators import batch_loss
+
+    if s.influence_test is None:
+        return None
+    test = load_data(s.influence_test, batch_size=None, dtype=dtype)
+    batch = concat_batches(test.batches)
+    try:
+        jax.eval_shape(batch_loss(op), params, batch)
+    except Exception as e:
+        raise AnalysisError(
+            f"The model and loss cannot be evaluated on the --influence-test data "
+            f"'{test.spec}' ({_one_line(e).rstrip('.')}); it must have the layout of --data."
+        ) from e
+    return batch
 
 
 #: The compression section's key: ``fold_in(PRNGKey(seed), COMPRESSION_KEY)`` (outside the
@@ -1254,6 +1406,8 @@ def _assemble(
     total_mv = sum(sec.num_matvecs for sec in (top_sec, bot_sec, tr_sec, dens_sec, layer_sec))
     if c.compression is not None:
         total_mv += c.compression.num_matvecs
+    if c.influence is not None:
+        total_mv += c.influence.num_matvecs
     timings["total"] = time.perf_counter() - t_start
     return AnalysisReport(
         schema_version=SCHEMA_VERSION,
@@ -1306,6 +1460,7 @@ def _assemble(
         critical=critical,
         compression=c.compression,
         landscape=c.landscape,
+        influence=c.influence,
     )
 
 

@@ -98,6 +98,14 @@ FLAGS = {
     "layer_view": "--layers",
     "top_layers": "--top-layers",
     "compression": "--compression",
+    "landscape": "--landscape",
+    "influence": "--influence",
+    "influence_test": "--influence-test",
+    "influence_num_test": "--influence-num-test",
+    "influence_top": "--influence-top",
+    "influence_method": "--influence-method",
+    "influence_rank": "--influence-rank",
+    "influence_damping": "--influence-damping",
 }
 
 

@@ -1,8 +1,9 @@
 """Figures of an analysis report (matplotlib, Agg backend, no display needed).
 
 * :func:`plot_density`: the eigenvalue density on a log scale (like PyHessian's
-  ESD plot) with the Lanczos extreme eigenvalues marked and the negative mass
-  in the legend.
+  ESD plot) with the Lanczos extreme eigenvalues marked, the negative mass
+  in the legend and the critical-point verdict (gradient norm, tolerances) under
+  the title: the picture of the spectrum ends with what kind of point it is.
 * :func:`plot_layers`: per-block or per-layer trace (with standard-error bars)
   and the share of the top eigenvector, legible for deep models (see
   :mod:`hvp.analysis._layer_report`).
@@ -125,7 +126,7 @@ def plot_density(report, path) -> Path:
         f"{op} eigenvalue density — {_short(model['spec'])}\n"
         f"{model['num_params']:,} parameters, {d['data']['num_examples']:,} examples "
         f"({_short(d['data']['spec'], 30)}), λ_max = {d['derived']['lambda_max']:.4g}, "
-        f"λ_min = {d['derived']['lambda_min']:.4g}",
+        f"λ_min = {d['derived']['lambda_min']:.4g}" + _verdict_line(d),
         fontsize=10,
     )
     ax.grid(True, which="major", alpha=0.3)
@@ -137,6 +138,22 @@ def plot_density(report, path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _verdict_line(d: dict) -> str:
+    """The critical-point verdict under the title (``""`` for a report without the section)."""
+    c = d.get("critical")
+    if not c:
+        return ""
+    kind, verdict = c.get("kind"), str(c["verdict"])
+    if kind == "not critical":
+        return f"\nverdict: {verdict} (> tolerance {c['grad_tol']:g})"
+    if kind == "inconclusive":
+        return "\nverdict: inconclusive with the GGN (PSD by construction; use --operator hessian)"
+    return (
+        f"\nverdict: {verdict} (‖∇L‖ = {c['gradient_norm']:.2g} ≤ {c['grad_tol']:g}; "
+        f"|λ| ≤ {c['zero_threshold']:.2g} counts as 0)"
+    )
 
 
 def plot_layers(report, path, *, view: str | None = None) -> Path:

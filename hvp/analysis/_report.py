@@ -212,7 +212,7 @@ def load_report(path) -> dict:
 
 
 #: The files an analysis writes into its output directory (the PNGs only with plots).
-OUTPUT_FILES = ("report.json", "density.png", "layers.png", "compression.png")
+OUTPUT_FILES = ("report.json", "density.png", "layers.png", "compression.png", "influence.png")
 #: The landscape figures (``--landscape``; see :func:`write_landscape_plots`).
 LANDSCAPE_FILES = ("landscape_eigen.png", "landscape_random.png", "landscape_surface.png")
 
@@ -286,6 +286,16 @@ def write_outputs(report, out_dir, *, plots: bool = True) -> dict[str, str]:
         files["compression_plot"] = str(plot_compression(report, out / "compression.png"))
     else:
         (out / "compression.png").unlink(missing_ok=True)
+    # the influence section's figure (hvp analyze --influence)
+    section = (
+        report.get("influence") if isinstance(report, dict) else getattr(report, "influence", None)
+    )
+    if plots and section is not None:
+        from hvp.analysis._influence_section import plot_influence
+
+        files["influence_plot"] = str(plot_influence(report, out / "influence.png"))
+    else:
+        (out / "influence.png").unlink(missing_ok=True)
     files.update(write_landscape_plots(report, out, plots=plots))
     return files
 
@@ -483,6 +493,11 @@ def print_summary(
     console.print(summary_table(report))
     console.print(layer_table(report, view=layer_view, top=top_layers))
     _print_critical_and_compression(report, console)
+    from hvp.analysis._influence_section import influence_table
+
+    table = influence_table(report)
+    if table is not None:
+        console.print(table)
 
 
 def _print_critical_and_compression(report, console) -> None:

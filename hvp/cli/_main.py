@@ -223,6 +223,7 @@ def _analysis_kwargs(args) -> dict:
         compression=args.compression,
         overwrite=args.overwrite,
         **_landscape_kwargs(args),
+        **_influence_kwargs(args),
     )
 
 
@@ -286,6 +287,7 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     _add_analysis_flags(p)
     _add_landscape_flag(p)
     _add_distributed_flag(p)
+    _add_influence_flags(p)
     _add_common(p)
 
 
@@ -359,6 +361,80 @@ def _peer_lost_is_one_line(enabled: bool):
         raise
 
 
+def _add_influence_flags(p: argparse.ArgumentParser) -> None:
+    from hvp.analysis._analyze import DEFAULTS
+    from hvp.analysis._influence_section import DENSE_MAX_PARAMS, INFLUENCE_METHODS
+
+    g = p.add_argument_group("influence (--influence)")
+    g.add_argument(
+        "--influence",
+        action="store_true",
+        help="add the influence section (Koh & Liang 2017): for a few test examples the most "
+        "helpful and most harmful training examples with their scores, the largest "
+        "self-influences (outliers, mislabelled examples), and influence.png; costs n products "
+        "(dense) or a CG solve per test example and one eigsh (solve, arnoldi), plus one "
+        "per-example gradient per example",
+    )
+    g.add_argument(
+        "--influence-test",
+        default=None,
+        metavar="SPEC",
+        help="data spec of held-out test examples, in the layout of --data (default: the last "
+        "--influence-num-test examples of --data, whose own scores are then left out)",
+    )
+    g.add_argument(
+        "--influence-num-test",
+        type=_positive_int,
+        default=DEFAULTS["influence_num_test"],
+        help="test examples (default: %(default)s)",
+    )
+    g.add_argument(
+        "--influence-top",
+        type=_positive_int,
+        default=DEFAULTS["influence_top"],
+        help="training examples per list (default: %(default)s)",
+    )
+    g.add_argument(
+        "--influence-method",
+        choices=INFLUENCE_METHODS,
+        default=DEFAULTS["influence_method"],
+        help=f"inverse of the curvature for the scores: auto = dense up to {DENSE_MAX_PARAMS} "
+        "parameters (exact), else solve (CG per test example); arnoldi = the top "
+        "--influence-rank eigenpairs (cheaper, approximate); the self-influence is dense or "
+        "arnoldi (default: %(default)s)",
+    )
+    g.add_argument(
+        "--influence-rank",
+        type=_positive_int,
+        default=DEFAULTS["influence_rank"],
+        help="eigenpairs of the Arnoldi variant (arnoldi scores, and the self-influence unless "
+        "dense); the report's top eigenpairs are reused when at most -k (default: %(default)s)",
+    )
+    g.add_argument(
+        "--influence-damping",
+        type=_number(float, lambda v: v >= 0, "a non-negative number"),
+        default=None,
+        help="damping added to the curvature (default: max(0, -λ_min) + 1e-3·λ_max of the "
+        "report, which makes the damped curvature positive definite)",
+    )
+
+
+def _influence_kwargs(args) -> dict:
+    # `hvp demo` shares _analysis_kwargs but has no --influence flags
+    if not hasattr(args, "influence"):
+        return {}
+    names = (
+        "influence",
+        "influence_test",
+        "influence_num_test",
+        "influence_top",
+        "influence_method",
+        "influence_rank",
+        "influence_damping",
+    )
+    return {name: getattr(args, name) for name in names}
+
+
 def _json_summary(report, out, files, args, **extra) -> dict:
     """The ``--json`` summary: the headline figures, their cost and the files written."""
     d = report.to_dict()
@@ -388,6 +464,7 @@ def _json_summary(report, out, files, args, **extra) -> dict:
             )
         },
         "critical_point": (d.get("critical") or {}).get("verdict"),
+        **_influence_summary(d),
         "num_matvecs": d["num_matvecs"],
         "seconds": d["timings"]["total"],
         "reproduce": d["command"],
@@ -395,10 +472,20 @@ def _json_summary(report, out, files, args, **extra) -> dict:
     }
 
 
+def _influence_summary(d: dict) -> dict:
+    sec = d.get("influence")
+    if not sec:
+        return {}
+    keys = ("method", "damping", "rank", "test_indices", "helpful_indices", "harmful_indices")
+    return {"influence": {k: sec[k] for k in (*keys, "self_influence_indices")}}
+
+
 def _report_done(report, out, args, **extra) -> None:
     files = ["report.json"] + (["density.png", "layers.png"] if args.plots else [])
     if args.plots and getattr(report, "compression", None) is not None:
         files.append("compression.png")
+    if args.plots and getattr(report, "influence", None) is not None:
+        files.append("influence.png")
     if args.plots and getattr(args, "landscape", False):
         from hvp.analysis._report import LANDSCAPE_FILES
 

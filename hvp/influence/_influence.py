@@ -274,6 +274,7 @@ def influence(
     max_matvecs: int | None = None,
     chunk_size: int | None = None,
     with_self_influence: bool = False,
+    self_influence_method: str | None = None,
 ) -> InfluenceResult:
     r"""Influence of every training example on the loss of every test example.
 
@@ -304,13 +305,18 @@ def influence(
       chunk_size: examples whose gradients are computed at once (default up to 8).
       with_self_influence: also return the training examples' self-influence (free for
         ``"arnoldi"`` and ``"dense"``; one solve per training example for ``"solve"``).
+      self_influence_method: ``None`` (default: the scores' method) or ``"arnoldi"``: with
+        ``method="solve"``, the self-influence from the top-``rank`` eigenpairs (``eigsh`` or
+        ``key``) instead of one solve per training example, in the same pass over the training
+        gradients as the scores (``rank`` and ``eigenvalues`` then describe those pairs).
 
     Returns:
       An :class:`InfluenceResult` with ``scores`` (NumPy, float64 for float64 parameters).
 
     Raises:
       TypeError: ``op`` is not a curvature operator; a missing key for ``"arnoldi"``.
-      ValueError: unknown ``method``; negative ``damping``; ``lambda_j + damping <= 0`` for a
+      ValueError: unknown ``method``; ``self_influence_method`` not ``None``/``"arnoldi"`` or
+        ``"arnoldi"`` with ``method="dense"``; negative ``damping``; ``lambda_j + damping <= 0`` for a
         kept eigenpair (``"arnoldi"``) or a singular matrix (``"dense"``); batches without a
         common leading axis.
 
@@ -327,6 +333,13 @@ def influence(
     n_test = _num_examples(test, "test")
     n_train = _num_examples(train, "train")
     damping, chunk = _common(op, damping, method, chunk_size, max(n_test, n_train))
+    if self_influence_method not in (None, "arnoldi") or (
+        self_influence_method == "arnoldi" and method == "dense"
+    ):
+        raise ValueError(
+            "`self_influence_method` must be None (the scores' method) or 'arnoldi' with "
+            f"method='solve' or 'arnoldi', got {self_influence_method!r} with method={method!r}."
+        )
     self_inf = None
     solver_name = ""
     rank_used = eigenvalues = None
@@ -359,9 +372,20 @@ def influence(
             matvecs += m
             converged &= c
         solutions = tu.map(lambda *xs: jnp.concatenate(xs), *sols)
-        scores = -_dots(op, train, solutions, n_train, chunk).T
         grads = n_test + n_train
-        if with_self_influence:
+        if with_self_influence and self_influence_method == "arnoldi":
+            # the eigenvectors join the solutions: one pass over the training gradients
+            rows, lam, inv, m, c = _arnoldi_basis(op, rank, key, damping, eigsh, which)
+            both = tu.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), solutions, rows)
+            dots = _dots(op, train, both, n_train, chunk)
+            scores = -dots[:, :n_test].T
+            self_inf = (dots[:, n_test:] ** 2) @ inv
+            rank_used, eigenvalues = int(lam.size), lam
+            matvecs += m
+            converged &= c
+        else:
+            scores = -_dots(op, train, solutions, n_train, chunk).T
+        if with_self_influence and self_influence_method != "arnoldi":
             r = self_influence(
                 op,
                 train,

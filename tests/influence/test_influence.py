@@ -190,3 +190,30 @@ def test_errors(setup):
         hvp.influence(s["H"], s["test"], s["train"], method="dense", damping=-1.0)
     with pytest.raises(ValueError, match="leading"):
         hvp.influence(s["H"], (jnp.ones((2, 16)), jnp.ones(3)), s["train"], method="dense")
+
+
+def test_solve_scores_with_arnoldi_self_influence_in_one_pass(setup):
+    s = setup
+    key = jax.random.key(5)
+    both = hvp.influence(
+        s["H"],
+        s["test"],
+        s["train"],
+        method="solve",
+        rtol=1e-10,
+        damping=0.1,
+        rank=6,
+        key=key,
+        with_self_influence=True,
+        self_influence_method="arnoldi",
+    )
+    alone = hvp.influence(s["H"], s["test"], s["train"], method="solve", rtol=1e-10, damping=0.1)
+    np.testing.assert_allclose(both.scores, alone.scores, rtol=1e-12)
+    arn = hvp.influence.self_influence(s["H"], s["train"], damping=0.1, rank=6, key=key)
+    np.testing.assert_allclose(both.self_influence, arn.self_influence, rtol=1e-12)
+    assert both.num_gradients == N_TEST + N_TRAIN and both.rank == 6
+    assert both.num_matvecs == alone.num_matvecs + arn.num_matvecs
+    with pytest.raises(ValueError, match="self_influence_method"):
+        hvp.influence(
+            s["H"], s["test"], s["train"], method="dense", self_influence_method="arnoldi"
+        )
