@@ -1,5 +1,10 @@
 """Run the benchmark groups: ``python -m benchmarks [--quick] [--only GROUP ...] [--out DIR]``.
 
+``python -m benchmarks --profile gpu [--time-budget S] [--quick] [--out DIR]`` runs the GPU profile
+instead (:func:`benchmarks.bench_lm_scale.run_profile`): the transformer LM suite and the MLP
+scale suite in bfloat16 on the first accelerator, sized to its memory, within ``S`` seconds
+(default 480), results in ``benchmarks/results/<device-name>/``.
+
 Each group writes ``<group>.json``, ``<group>.md`` and PNG plots into the output
 directory (default ``benchmarks/results/<device>/``; with ``--quick`` a fresh
 temporary directory unless ``--out`` is given, so quick runs never overwrite the
@@ -29,6 +34,7 @@ GROUPS = {
     "solve": "benchmarks.bench_solve",
     "hessian_free": "benchmarks.bench_hessian_free",
     "influence": "benchmarks.bench_influence",
+    "lm_scale": "benchmarks.bench_lm_scale",
 }
 ALIASES = {
     "1": "dense",
@@ -49,6 +55,8 @@ ALIASES = {
     "estimator": "estimators",
     "peer": "peers",
     "analyze": "analysis",
+    "10": "lm_scale",
+    "lm": "lm_scale",
 }
 
 
@@ -68,7 +76,7 @@ def _parse(argv):
         action="append",
         default=None,
         metavar="GROUP",
-        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-8)",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-10)",
     )
     p.add_argument(
         "--out",
@@ -76,6 +84,21 @@ def _parse(argv):
         default=None,
         help="output directory (default: benchmarks/results/<device>/, or a temporary "
         "directory with --quick)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("gpu",),
+        default=None,
+        help="gpu: the GPU profile (transformer LM and MLP scale suites in bfloat16, sized to the "
+        "device memory, within --time-budget seconds; writes benchmarks/results/<device-name>/ "
+        "after every measurement); the groups are not run",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=480.0,
+        metavar="S",
+        help="wall-time budget of --profile gpu in seconds (default 480)",
     )
     return p.parse_args(argv)
 
@@ -90,7 +113,7 @@ def _groups(only):
             name = ALIASES.get(name, name)
             if name not in GROUPS:
                 raise SystemExit(
-                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-8)."
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-10)."
                 )
             if name not in names:
                 names.append(name)
@@ -99,6 +122,8 @@ def _groups(only):
 
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.profile == "gpu":
+        return _gpu_profile(args)
     groups = _groups(args.only)
     from benchmarks import _common as C
 
@@ -141,6 +166,28 @@ def main(argv=None) -> int:
             f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {out / (rep.group + '.md')}",
             flush=True,
         )
+    return 0
+
+
+def _gpu_profile(args) -> int:
+    if args.only:
+        raise SystemExit("--profile gpu runs its own suite; leave out --only.")
+    # measurements run in child processes: the parent must not reserve the device's memory
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from benchmarks import _common as C
+    from benchmarks import bench_lm_scale
+
+    out = args.out
+    if out is None and args.quick:
+        out = Path(tempfile.mkdtemp(prefix="hvp-bench-quick-"))
+    t0 = time.perf_counter()
+    rep = bench_lm_scale.run_profile(out, quick=args.quick, time_budget=args.time_budget)
+    C.print_markdown(rep.markdown())
+    print(
+        f"[profile gpu] done in {time.perf_counter() - t0:.1f} s -> "
+        f"{rep.out_dir / (rep.group + '.md')}",
+        flush=True,
+    )
     return 0
 
 
