@@ -91,11 +91,19 @@ LABELS = {
     "slq_lean": "SLQ (lean)",
 }
 FULL_BUDGET_CPU = 5e9  # bytes: per process, on the 24 GB machine shared by 6 engineers
-GUARD_CPU = 7e9  # the memory guard kills a CPU measurement above this resident size
-#: Estimated bytes per parameter of a measurement (lean algorithms), all dtypes included:
-#: the parameters, ``(4 + 2k)`` float32 Lanczos vectors, the product's tangents and gradients,
-#: with a margin; activations of the small batch are negligible at these sizes.
-BYTES_PER_PARAM = 40
+#: The memory guard kills a CPU measurement above this resident size. The lean modes measured
+#: 29-40 ``n`` float32 vectors at 10.5M parameters (with a fixed part); at 104.8M that can pass
+#: 8 GB, which the shared 24 GB machine allows for one process at a time.
+GUARD_CPU = 11e9
+#: Estimated bytes per parameter of a GPU measurement (lean algorithms), all dtypes included:
+#: bfloat16 parameters (2), the product's bfloat16 tangents and gradients (about 10), the
+#: ``4 + 2k = 6`` float32 Lanczos vectors of the lean ``eigsh`` (24), and a margin.
+BYTES_PER_PARAM = 48
+#: Peak memory of the full modes in units of ``n`` float32 vectors, as measured on the CPU at
+#: 10.5M parameters (``eigsh`` full basis 107 ``n``: its 21 vectors and the thick-restart
+#: temporaries; SLQ with reorthogonalisation 32 ``n``), with a margin: the rule that decides
+#: where a full mode is run.
+FULL_OVER_N = {"eigsh_full": 110, "slq_full": 35}
 #: The share of the profile's time budget given to the LM suite (the rest: the MLP).
 LM_SHARE = 0.7
 #: Fixed cost of one isolated measurement (process start, JAX, model, compilation), seconds,
@@ -134,9 +142,8 @@ def lm_config(n_target: float, *, vocab=VOCAB, seq_len=SEQ_LEN, batch=BATCH, see
 
 
 def full_memory_bytes(what: str, n: int) -> float:
-    """Estimated bytes of a full-memory mode: its basis plus the lean footprint."""
-    basis = {"eigsh_full": EIGSH["num_iters"] + 1, "slq_full": SLQ["num_iters"] + 1}[what]
-    return basis * n * 4 + BYTES_PER_PARAM * n
+    """Estimated peak bytes of a full-memory mode (:data:`FULL_OVER_N` float32 vectors)."""
+    return FULL_OVER_N[what] * 4.0 * n
 
 
 def fit_sizes(ladder, bytes_limit: float, *, bytes_per_param=BYTES_PER_PARAM, share=0.8):
@@ -547,13 +554,25 @@ def _mlp_points(profile: str, mlp_rows: list[dict]) -> list[tuple]:
 
 
 def _lm_size(
-    suite: _Suite, cfg: dict, *, full_budget: float, timeout: float, mem_limit, deadline=None
+    suite: _Suite,
+    cfg: dict,
+    *,
+    full_budget: float,
+    timeout: float,
+    mem_limit,
+    deadline=None,
+    previous: dict | None = None,
 ):
-    """Measure every algorithm on one LM size; a row of ``suite.rows``, written after each."""
+    """Measure every algorithm on one LM size; a row of ``suite.rows``, written after each.
+    Entries of ``previous`` (the same size's row of an earlier run) that finished are kept."""
     n = cfg["n"]
     row = {"n": n, "config": cfg}
     suite.rows.append(row)
     for what in WHATS:
+        old = (previous or {}).get(what) or {}
+        if old.get("status") == "ok":
+            row[what] = dict(old, resumed=True)
+            continue
         if what.endswith("_full") and full_memory_bytes(what, n) > full_budget:
             need = full_memory_bytes(what, n)
             row[what] = {"status": "skipped", "reason": f"needs about {need / 1e9:.1f} GB"}
@@ -595,14 +614,38 @@ def _lm_size(
 # --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
-def run(out: Path | str | None = None, *, quick: bool = False) -> Report:
-    """The CPU suite (the ``lm_scale`` group of ``python -m benchmarks``): 10M, 50M, 100M."""
+def _previous_rows(out_dir: Path, suite: _Suite) -> dict:
+    """``{n: row}`` of the ``lm_scale.json`` already in ``out_dir`` (for ``resume``)."""
+    try:
+        old = json.loads((out_dir / "lm_scale.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    suite.data["resumed_from"] = {
+        "uptime_start": old.get("uptime_start"),
+        "date_utc": (old.get("environment") or {}).get("date_utc"),
+    }
+    return {r["n"]: r for r in old.get("lm", [])}
+
+
+def run(out: Path | str | None = None, *, quick: bool = False, resume: bool = False) -> Report:
+    """The CPU suite (the ``lm_scale`` group of ``python -m benchmarks``): 10M, 50M, 100M.
+
+    With ``resume``, the measurements that finished in the ``lm_scale.json`` already in the
+    output folder are kept and only the others run."""
     out_dir = Path(out) if out else (RESULTS / "cpu")
     suite = _Suite(out_dir, quick=quick, profile="cpu", dtype="float32", isolate=not quick)
+    previous = _previous_rows(out_dir, suite) if resume else {}
     shape = QUICK_SHAPE if quick else {}
     for n_target in QUICK_SIZES if quick else CPU_SIZES:
         cfg = lm_config(n_target, **shape)
-        _lm_size(suite, cfg, full_budget=FULL_BUDGET_CPU, timeout=1800, mem_limit=int(GUARD_CPU))
+        _lm_size(
+            suite,
+            cfg,
+            full_budget=FULL_BUDGET_CPU,
+            timeout=2400,
+            mem_limit=int(GUARD_CPU),
+            previous=previous.get(cfg["n"]),
+        )
     suite.write(plot=True)
     return suite.report
 
@@ -654,8 +697,13 @@ def run_profile(
             )
             suite.write()
             continue
+        if any(s.get("reason", "").startswith("out of memory") for s in suite.skipped):
+            suite.skipped.append(
+                {"model": "lm", "n": cfg["n"], "reason": "a smaller size ran out of memory"}
+            )
+            continue
         t0 = time.monotonic()
-        _lm_size(
+        row = _lm_size(
             suite,
             cfg,
             full_budget=0.8 * limit,
@@ -664,6 +712,10 @@ def run_profile(
             deadline=deadline,
         )
         done.append((cfg["n"], time.monotonic() - t0))
+        if any((row.get(w) or {}).get("status") == "oom" for w in WHATS if not w.endswith("_full")):
+            suite.skipped.append(
+                {"model": "lm", "n": cfg["n"], "reason": "out of memory: larger sizes skipped"}
+            )
     # the MLP of bench_scale: product and lean eigsh, up to the largest size that fits
     mlp_kept, mlp_skipped = fit_sizes(MLP_QUICK_LADDER if quick else MLP_GPU_LADDER, limit)
     for n, reason in mlp_skipped:
@@ -710,6 +762,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--time-budget", type=float, default=480.0, help="GPU profile: seconds")
     p.add_argument("--out", default=None, help="output folder")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="CPU: keep the finished measurements of the lm_scale.json in the output folder",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     out = args.out or (tempfile.mkdtemp(prefix="hvp-lm-scale-") if args.quick else None)
@@ -717,7 +774,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         rep = run_profile(out, quick=args.quick, time_budget=args.time_budget)
     else:
-        rep = run(out, quick=args.quick)
+        rep = run(out, quick=args.quick, resume=args.resume)
     print_markdown(rep.markdown())
     return 0
 

@@ -37,10 +37,10 @@ def test_lm_config_reaches_the_target_sizes():
 
 
 def test_sizes_scale_with_the_device_memory():
-    kept, skipped = B.fit_sizes(B.GPU_LADDER, 80e9)  # an 80 GB H100: 40 bytes per parameter
+    kept, skipped = B.fit_sizes(B.GPU_LADDER, 80e9)  # an 80 GB H100: 48 bytes per parameter
     assert kept == [1e8, 3e8, 1e9] and [n for n, _ in skipped] == [2e9, 4e9]
     assert "more than 80% of the device's 80.0 GB" in skipped[0][1]
-    kept, _ = B.fit_sizes(B.GPU_LADDER, 141e9)  # an H200
+    kept, _ = B.fit_sizes(B.GPU_LADDER, 141e9)  # an H200 (48 bytes per parameter)
     assert kept == [1e8, 3e8, 1e9, 2e9]
     kept, skipped = B.fit_sizes(B.GPU_LADDER, 1e9)
     assert kept == [] and len(skipped) == 5
@@ -83,14 +83,14 @@ def test_gpu_profile_sizes_to_a_fake_device_and_writes_partial_results(tmp_path,
     calls, plots = [], []
     monkeypatch.setattr(B._Suite, "measure", _fake_measure(calls))
     monkeypatch.setattr(B._Suite, "_plot", lambda self: plots.append(len(self.rows)))
-    # 8 MB of "device": 80% at 40 bytes per parameter fit 160,000 parameters: the 2e4 and 6e4
+    # 20 MB of "device": 80% at 48 bytes per parameter fit 333,000 parameters: the 2e4 and 6e4
     # LMs and the 1e3 and 1e4 MLPs; the 1e6 LM is skipped for memory, and so is the full-basis
-    # eigsh of the 6e4 LM (21 float32 basis vectors on top: 8.4 MB)
-    monkeypatch.setenv("HVP_BENCH_DEVICE_BYTES", "8e6")
+    # eigsh of the 6e4 LM (110 float32 vectors of n = 68,000: 30 MB)
+    monkeypatch.setenv("HVP_BENCH_DEVICE_BYTES", "2e7")
     rep = B.run_profile(tmp_path, quick=True, time_budget=600.0)
     data = json.loads((tmp_path / "lm_scale.json").read_text())
     assert data["profile"] == "gpu" and data["dtype"] == "bfloat16"
-    assert data["device_bytes_limit"] == 8e6
+    assert data["device_bytes_limit"] == 2e7
     assert data["device_bytes_source"] == "HVP_BENCH_DEVICE_BYTES"
     assert [r["n"] for r in data["lm"]] == [B.lm_config(2e4, **B.QUICK_SHAPE)["n"], 68000]
     assert all(data["lm"][0][w]["status"] == "ok" for w in B.WHATS)
@@ -147,11 +147,15 @@ def test_cli_profile_flag_is_parsed():
     args = _parse(["--profile", "gpu", "--quick", "--time-budget", "60"])
     assert args.profile == "gpu" and args.quick and args.time_budget == 60
     assert _parse([]).profile is None
+    from benchmarks.__main__ import _groups
+
+    assert "lm_scale" not in _groups(None)  # opt-in: an hour of CPU
+    assert _groups(["lm"]) == _groups(["10"]) == ["lm_scale"]
 
 
 @pytest.mark.slow
 def test_quick_gpu_profile_end_to_end_on_cpu(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg", HVP_BENCH_DEVICE_BYTES="8e6")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg", HVP_BENCH_DEVICE_BYTES="2e7")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--profile", "gpu", "--quick", "--out", str(tmp_path)],
