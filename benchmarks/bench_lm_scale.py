@@ -341,9 +341,10 @@ class _Suite:
             res["wall_s"] = time.perf_counter() - t0
         return res
 
-    def write(self, *, plot: bool = False) -> None:
+    def write(self, *, plot: bool = False, uptime: bool = True) -> None:
         """Write the JSON and Markdown (and with ``plot`` the figure) as they stand now."""
-        self.data["uptime_end"] = _uptime()
+        if uptime:
+            self.data["uptime_end"] = _uptime()
         self.report.sections.clear()
         self._tables()
         if plot and any(r.get(w, {}).get("status") == "ok" for r in self.rows for w in WHATS):
@@ -365,7 +366,14 @@ class _Suite:
             "`reorthogonalize=True`; lean: `basis='none'` / `reorthogonalize=False`.\n\n"
             f"Machine load (`uptime`) at the start: `{d['uptime_start']}`; at the last write: "
             f"`{d['uptime_end']}` (the cores are shared with other jobs: times are upper "
-            "bounds of an idle machine's).",
+            "bounds of an idle machine's)."
+            + (
+                f" Measurements kept from an earlier run (`--resume`; marked `resumed` in the "
+                f"JSON) started {d['resumed_from'].get('date_utc')} under load "
+                f"`{d['resumed_from'].get('uptime_start')}`."
+                if d.get("resumed_from")
+                else ""
+            ),
         )
 
         def cell_t(r):
@@ -412,9 +420,9 @@ class _Suite:
                 [
                     f"{e['n'] / 1e6:.1f}M",
                     f"{e['config']['d_model']} x {e['config']['layers']}",
-                    _num(ef.get("eigenvalue")),
-                    _num(el.get("eigenvalue")),
-                    str(el.get("converged", "-")),
+                    _num(ef.get("eigenvalue"), 6),
+                    _num(el.get("eigenvalue"), 6),
+                    f"{el.get('converged', '-')} ({_num(el.get('residual'), 2)})",
                     f"{_num(tr.get('estimate'))} ± {_num(tr.get('std_error'))}",
                     f"[{_num(sl.get('nodes_min'))}, {_num(sl.get('nodes_max'))}]",
                     fmt_bytes(e["n"] * (2 if self.dtype == "bfloat16" else 4)),
@@ -427,12 +435,15 @@ class _Suite:
                 "d_model x blocks",
                 "top eigenvalue (full)",
                 "top eigenvalue (lean)",
-                "lean converged",
+                "lean converged (residual)",
                 "trace ± std error",
                 "SLQ nodes (lean)",
                 "parameters",
             ],
             res_rows,
+            note="Residual: the true residual norm `||A y - lambda y||` of the lean mode's Ritz "
+            "pair; converged means below its threshold (`tol * |lambda|` and the round-off "
+            "floor) within `num_iters` Lanczos steps.",
         )
         if self.mlp_rows:
             self.report.table(
@@ -523,8 +534,8 @@ class _Suite:
         self.report.figures.append(name)
 
 
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _num(x, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
 
 
 def _mlp_mem(r):
@@ -614,6 +625,23 @@ def _lm_size(
 # --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
+def render(out_dir: Path | str) -> Report:
+    """Re-write ``lm_scale.md`` and ``lm_scale.png`` from the ``lm_scale.json`` in ``out_dir``
+    (nothing is measured; e.g. after copying a GPU run's JSON)."""
+    out_dir = Path(out_dir)
+    data = json.loads((out_dir / "lm_scale.json").read_text())
+    suite = _Suite.__new__(_Suite)
+    suite.report = Report("lm_scale", data["title"], out_dir)
+    suite.report.quick = data.get("quick", False)
+    suite.profile, suite.dtype, suite.isolate = data["profile"], data["dtype"], False
+    for k in ("group", "title", "quick", "figures", "notes"):
+        data.pop(k, None)
+    suite.report.data = suite.data = data
+    suite.rows, suite.mlp_rows, suite.skipped = data["lm"], data["mlp"], data["skipped"]
+    suite.write(plot=True, uptime=False)
+    return suite.report
+
+
 def _previous_rows(out_dir: Path, suite: _Suite) -> dict:
     """``{n: row}`` of the ``lm_scale.json`` already in ``out_dir`` (for ``resume``)."""
     try:
@@ -763,6 +791,11 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=480.0, help="GPU profile: seconds")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument(
+        "--render",
+        action="store_true",
+        help="only re-write lm_scale.md and lm_scale.png from the lm_scale.json in --out",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="CPU: keep the finished measurements of the lm_scale.json in the output folder",
@@ -770,6 +803,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     out = args.out or (tempfile.mkdtemp(prefix="hvp-lm-scale-") if args.quick else None)
+    if args.render:
+        print_markdown(render(out or RESULTS / "cpu").markdown())
+        return 0
     if args.profile == "gpu":
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         rep = run_profile(out, quick=args.quick, time_budget=args.time_budget)

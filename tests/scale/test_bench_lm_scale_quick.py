@@ -141,6 +141,22 @@ def test_plot_is_written_atomically(tmp_path):
     assert "![lm_scale.png](lm_scale.png)" in (tmp_path / "lm_scale.md").read_text()
 
 
+def test_render_rewrites_the_markdown_from_the_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(B._Suite, "_plot", lambda self: None)
+    suite = B._Suite(tmp_path, quick=True, profile="gpu", dtype="bfloat16", isolate=False)
+    ok = {"status": "ok", "median_s": 0.5, "peak_bytes": 4e8, "peak_over_n": 1.0, "matvecs": 7}
+    eig = dict(ok, eigenvalue=12.25, residual=0.5, converged=False)
+    suite.rows.append(
+        {"n": 10**8, "config": {"d_model": 768, "layers": 13}, "product": ok, "eigsh_lean": eig}
+    )
+    suite.write()
+    md = (tmp_path / "lm_scale.md").read_text()
+    (tmp_path / "lm_scale.md").unlink()
+    B.render(tmp_path)
+    assert (tmp_path / "lm_scale.md").read_text() == md
+    assert "| 100.0M | 768 x 13 | - | 12.25 | False (0.5) |" in md
+
+
 def test_cli_profile_flag_is_parsed():
     from benchmarks.__main__ import _parse
 
