@@ -10,10 +10,11 @@ Run:
   shared cores); ``--quick``: tiny models, a temporary folder.
 * ``python -m benchmarks --profile gpu``: the GPU profile (:func:`run_profile`). On the first
   accelerator it reads ``memory_stats()["bytes_limit"]``, keeps the sizes of a ladder (100M,
-  300M, 1B, 2B, 4B parameters) whose estimated memory fits in 80% of it, runs the LM suite in
-  bfloat16 and then the MLP of ``bench_scale`` (product and lean ``eigsh``) up to the largest
-  size that fits, within a wall-time budget (``--time-budget``, default 480 s: a size whose
-  projected time would pass the budget is skipped and recorded so), and writes
+  300M, 1B, 2B, 4B parameters) whose estimated memory (:data:`BYTES_PER_PARAM`) fits in 80% of
+  it, runs the LM suite in bfloat16 on them, largest first, and then the MLP of ``bench_scale``
+  (product and lean ``eigsh``, largest first), within a wall-time budget (``--time-budget``,
+  default 480 s, 70% for the LM: a size whose projected time would pass it is skipped and
+  recorded so; the isolated processes share JAX's persistent compilation cache), and writes
   ``benchmarks/results/<device-name>/lm_scale.{md,json,png}`` after every measurement, so a
   run killed by a timeout keeps what finished. ``HVP_BENCH_DEVICE_BYTES`` overrides the device
   memory it finds (``tests/scale/test_bench_lm_scale_quick.py`` runs the profile's sizing and
@@ -166,15 +167,20 @@ def fit_sizes(ladder, bytes_limit: float, *, bytes_per_param=BYTES_PER_PARAM, sh
     return kept, skipped
 
 
-def project_seconds(n_next: float, done: list[tuple[float, float]], num_measurements: int) -> float:
-    """Projected wall time of a size with ``n_next`` parameters from ``done = [(n, seconds)]``
-    (the sizes measured so far): the last size's time scaled linearly in ``n`` above a fixed
-    per-process overhead, or ``num_measurements * PROCESS_OVERHEAD_S`` before any."""
-    fixed = num_measurements * PROCESS_OVERHEAD_S
+def project_seconds(n_next: float, count: int, done: list[tuple[float, float, int]]) -> float:
+    """Projected wall time of ``count`` measurements of a size with ``n_next`` parameters from
+    ``done = [(n, seconds, measurements)]`` (the sizes measured so far): the last size's time per
+    measurement (compilation and process start-up included), times ``count``, scaled up linearly
+    when ``n_next`` is larger (not down: start-up and compilation do not shrink with ``n``);
+    ``count * PROCESS_OVERHEAD_S`` before any."""
     if not done:
-        return fixed
-    n_last, t_last = done[-1]
-    return fixed + max(t_last - fixed, 0.0) * (n_next / n_last)
+        return count * PROCESS_OVERHEAD_S
+    n_last, t_last, c_last = done[-1]
+    return t_last / max(c_last, 1) * count * max(1.0, n_next / n_last)
+
+
+def _clock() -> float:
+    return time.monotonic()
 
 
 def device_bytes_limit() -> tuple[float | None, str]:
@@ -597,7 +603,7 @@ def _lm_size(
                 }
             )
             continue
-        left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        left = timeout if deadline is None else min(timeout, deadline - _clock())
         if left <= 5:
             row[what] = {"status": "skipped", "reason": "time budget spent"}
             suite.skipped.append(
@@ -683,7 +689,7 @@ def run_profile(
 ) -> Report:
     """The GPU profile: the LM suite and the MLP scale suite sized to the device, in bfloat16,
     within ``time_budget`` seconds of wall time (see the module docstring)."""
-    t_start = time.monotonic()
+    t_start = _clock()
     deadline = t_start + time_budget
     limit, source = device_bytes_limit()
     name = device_name()
@@ -691,6 +697,10 @@ def run_profile(
         limit, source = 8e9, "default 8 GB (the device reports no memory limit)"
     out_dir = Path(out) if out else (RESULTS / name)
     suite = _Suite(out_dir, quick=quick, profile="gpu", dtype="bfloat16", isolate=not quick)
+    # the measurements of a size compile the same product: share the compilations between their
+    # processes (JAX's persistent cache), so the budget goes to products, not to compilers
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="hvp-jax-cache-")
+    suite.env.update(JAX_COMPILATION_CACHE_DIR=cache)
     suite.data.update(
         device_bytes_limit=limit,
         device_bytes_source=source,
@@ -708,12 +718,18 @@ def run_profile(
         flush=True,
     )
     lm_deadline = t_start + LM_SHARE * time_budget
-    done: list[tuple[float, float]] = []
-    for n_target in kept:
+    full_budget = 0.8 * limit
+    done: list[tuple[float, float, int]] = []
+    # largest first: the goal is the largest model that fits; smaller ones while time is left
+    for n_target in sorted(kept, reverse=True):
         cfg = lm_config(n_target, **shape)
-        n_measure = len(WHATS)
-        projected = project_seconds(cfg["n"], done, n_measure)
-        now = time.monotonic()
+        count = sum(
+            1
+            for w in WHATS
+            if not (w.endswith("_full") and full_memory_bytes(w, cfg["n"]) > full_budget)
+        )
+        projected = project_seconds(cfg["n"], count, done)
+        now = _clock()
         if now + projected > lm_deadline and done:
             suite.skipped.append(
                 {
@@ -725,33 +741,19 @@ def run_profile(
             )
             suite.write()
             continue
-        if any(s.get("reason", "").startswith("out of memory") for s in suite.skipped):
-            suite.skipped.append(
-                {"model": "lm", "n": cfg["n"], "reason": "a smaller size ran out of memory"}
-            )
-            continue
-        t0 = time.monotonic()
-        row = _lm_size(
-            suite,
-            cfg,
-            full_budget=0.8 * limit,
-            timeout=600,
-            mem_limit=None,
-            deadline=deadline,
+        t0 = _clock()
+        _lm_size(
+            suite, cfg, full_budget=full_budget, timeout=600, mem_limit=None, deadline=deadline
         )
-        done.append((cfg["n"], time.monotonic() - t0))
-        if any((row.get(w) or {}).get("status") == "oom" for w in WHATS if not w.endswith("_full")):
-            suite.skipped.append(
-                {"model": "lm", "n": cfg["n"], "reason": "out of memory: larger sizes skipped"}
-            )
-    # the MLP of bench_scale: product and lean eigsh, up to the largest size that fits
+        done.append((cfg["n"], _clock() - t0, count))
+    # the MLP of bench_scale: product and lean eigsh, the largest size that fits first
     mlp_kept, mlp_skipped = fit_sizes(MLP_QUICK_LADDER if quick else MLP_GPU_LADDER, limit)
     for n, reason in mlp_skipped:
         suite.skipped.append({"model": "mlp", "n": n, "reason": reason})
     done = []
-    for n_target in mlp_kept:
-        projected = project_seconds(n_target, done, 2)
-        now = time.monotonic()
+    for n_target in sorted(mlp_kept, reverse=True):
+        projected = project_seconds(n_target, 2, done)
+        now = _clock()
         if now + projected > deadline and (done or now > deadline - 10):
             suite.skipped.append(
                 {
@@ -761,11 +763,11 @@ def run_profile(
                 }
             )
             continue
-        t0 = time.monotonic()
+        t0 = _clock()
         row = {"n_target": n_target}
         suite.mlp_rows.append(row)
         for what in ("product", "eigsh_none"):
-            left = deadline - time.monotonic()
+            left = deadline - _clock()
             if left <= 5:
                 row[what] = {"status": "skipped", "reason": "time budget spent"}
                 continue
@@ -776,8 +778,8 @@ def run_profile(
             )
             print(f"[lm_scale] MLP n={n_target:.0e} {what}: {row[what].get('status')}", flush=True)
             suite.write()
-        done.append((n_target, time.monotonic() - t0))
-    suite.data["wall_s"] = time.monotonic() - t_start
+        done.append((n_target, _clock() - t0, 2))
+    suite.data["wall_s"] = _clock() - t_start
     suite.write(plot=True)
     return suite.report
 

@@ -47,10 +47,11 @@ def test_sizes_scale_with_the_device_memory():
 
 
 def test_projected_time_skips_what_would_pass_the_budget():
-    assert B.project_seconds(1e9, [], 7) == 7 * B.PROCESS_OVERHEAD_S
-    fixed = 7 * B.PROCESS_OVERHEAD_S
-    # 100 s of work above the fixed cost at 1e8 projects 1000 s at 1e9
-    assert B.project_seconds(1e9, [(1e8, fixed + 100.0)], 7) == pytest.approx(fixed + 1000.0)
+    assert B.project_seconds(1e9, 7, []) == 7 * B.PROCESS_OVERHEAD_S
+    # 5 measurements took 100 s at 1e8: 20 s each; 7 of them at a 10x larger size: 1400 s
+    assert B.project_seconds(1e9, 7, [(1e8, 100.0, 5)]) == pytest.approx(1400.0)
+    # a smaller size is not projected cheaper (start-up and compilation do not shrink)
+    assert B.project_seconds(1e7, 3, [(1e8, 100.0, 5)]) == pytest.approx(60.0)
 
 
 def _fake_measure(calls):
@@ -92,11 +93,12 @@ def test_gpu_profile_sizes_to_a_fake_device_and_writes_partial_results(tmp_path,
     assert data["profile"] == "gpu" and data["dtype"] == "bfloat16"
     assert data["device_bytes_limit"] == 2e7
     assert data["device_bytes_source"] == "HVP_BENCH_DEVICE_BYTES"
-    assert [r["n"] for r in data["lm"]] == [B.lm_config(2e4, **B.QUICK_SHAPE)["n"], 68000]
-    assert all(data["lm"][0][w]["status"] == "ok" for w in B.WHATS)
-    assert data["lm"][1]["eigsh_full"]["status"] == "skipped"
-    assert all(data["lm"][1][w]["status"] == "ok" for w in B.WHATS if w != "eigsh_full")
-    assert [r["n_target"] for r in data["mlp"]] == [1e3, 1e4]
+    # the largest size that fits first
+    assert [r["n"] for r in data["lm"]] == [68000, B.lm_config(2e4, **B.QUICK_SHAPE)["n"]]
+    assert all(data["lm"][1][w]["status"] == "ok" for w in B.WHATS)
+    assert data["lm"][0]["eigsh_full"]["status"] == "skipped"
+    assert all(data["lm"][0][w]["status"] == "ok" for w in B.WHATS if w != "eigsh_full")
+    assert [r["n_target"] for r in data["mlp"]] == [1e4, 1e3]
     assert [(s["model"], s["n"], s.get("what")) for s in data["skipped"]] == [
         ("lm", 1e6, None),
         ("lm", 68000, "eigsh_full"),
@@ -113,20 +115,29 @@ def test_gpu_profile_sizes_to_a_fake_device_and_writes_partial_results(tmp_path,
 
 
 def test_gpu_profile_skips_a_size_projected_over_the_time_budget(tmp_path, monkeypatch):
+    clock = [0.0]
     calls = []
-    monkeypatch.setattr(B._Suite, "measure", _fake_measure(calls))
+    fake = _fake_measure(calls)
+
+    def measure(self, target, kwargs, **kw):
+        clock[0] += 10.0  # every measurement takes 10 s of (fake) wall time
+        return fake(self, target, kwargs, **kw)
+
+    monkeypatch.setattr(B._Suite, "measure", measure)
     monkeypatch.setattr(B._Suite, "_plot", lambda self: None)
-    # a measurement is assumed to cost 12 s of fixed overhead: the first LM size always runs,
-    # the next ones are projected at 7 x 12 = 84 s, over the LM's 70% of a 20 s budget; the
-    # first MLP size runs, the second is projected at 2 x 12 = 24 s, over the < 20 s left
-    monkeypatch.setattr(B, "PROCESS_OVERHEAD_S", 12.0)
+    monkeypatch.setattr(B, "_clock", lambda: clock[0])
     monkeypatch.setenv("HVP_BENCH_DEVICE_BYTES", "1e9")
-    B.run_profile(tmp_path, quick=True, time_budget=20.0)
+    # 100 s budget, 70 s for the LM: the largest LM (1e6, 7 measurements) takes 70 s; the
+    # smaller ones are projected at 7 x 10 s each, over the 0 s left. The MLP: the 1e4 one runs
+    # (nothing measured yet, 30 s left), the 1e3 one is projected at 2 x 10 s, over the 10 s left
+    B.run_profile(tmp_path, quick=True, time_budget=100.0)
     data = json.loads((tmp_path / "lm_scale.json").read_text())
-    assert len(data["lm"]) == 1 and len(data["mlp"]) == 1
+    assert [r["n"] for r in data["lm"]] == [B.lm_config(1e6, **B.QUICK_SHAPE)["n"]]
     lm_reasons = [s["reason"] for s in data["skipped"] if s["model"] == "lm"]
-    assert len(lm_reasons) == 2 and all(r.startswith("projected 84 s") for r in lm_reasons)
-    assert [s["n"] for s in data["skipped"] if s["model"] == "mlp"] == [1e4]
+    assert len(lm_reasons) == 2 and all(r.startswith("projected 70 s") for r in lm_reasons)
+    assert [r["n_target"] for r in data["mlp"]] == [1e4]
+    assert [s["n"] for s in data["skipped"] if s["model"] == "mlp"] == [1e3]
+    assert data["wall_s"] == 90.0
 
 
 def test_plot_is_written_atomically(tmp_path):
@@ -174,7 +185,18 @@ def test_quick_gpu_profile_end_to_end_on_cpu(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg", HVP_BENCH_DEVICE_BYTES="2e7")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--profile", "gpu", "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--profile",
+            "gpu",
+            "--quick",
+            "--time-budget",
+            "3000",  # tiny models, compile-bound: minutes on 2 shared cores
+            "--out",
+            str(tmp_path),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
