@@ -379,6 +379,12 @@ class _Suite:
                 f"`{d['resumed_from'].get('uptime_start')}`."
                 if d.get("resumed_from")
                 else ""
+            )
+            + "".join(
+                f" {LABELS[w]} at {e['n'] / 1e6:.1f}M: {e[w]['rerun_note']}."
+                for e in self.rows
+                for w in WHATS
+                if (e.get(w) or {}).get("rerun_note")
             ),
         )
 
@@ -532,6 +538,7 @@ class _Suite:
         os.close(fd)
         try:
             fig.savefig(tmp, dpi=110)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the plot from other readers
             os.replace(tmp, out / name)  # atomic: a reader never sees half a file
         finally:
             plt.close(fig)
