@@ -1,5 +1,10 @@
 """Run the benchmark groups: ``python -m benchmarks [--quick] [--only GROUP ...] [--out DIR]``.
 
+``python -m benchmarks --profile gpu [--time-budget S] [--quick] [--out DIR]`` runs the GPU profile
+instead (:func:`benchmarks.bench_lm_scale.run_profile`): the transformer LM suite and the MLP
+scale suite in bfloat16 on the first accelerator, sized to its memory, within ``S`` seconds
+(default 480), results in ``benchmarks/results/<device-name>/``.
+
 Each group writes ``<group>.json``, ``<group>.md`` and PNG plots into the output
 directory (default ``benchmarks/results/<device>/``; with ``--quick`` a fresh
 temporary directory unless ``--out`` is given, so quick runs never overwrite the
@@ -30,6 +35,7 @@ GROUPS = {
     "hessian_free": "benchmarks.bench_hessian_free",
     "influence": "benchmarks.bench_influence",
     "stream": "benchmarks.bench_stream",
+    "lm_scale": "benchmarks.bench_lm_scale",
 }
 ALIASES = {
     "1": "dense",
@@ -50,6 +56,8 @@ ALIASES = {
     "estimator": "estimators",
     "peer": "peers",
     "analyze": "analysis",
+    "10": "lm_scale",
+    "lm": "lm_scale",
 }
 
 
@@ -69,7 +77,7 @@ def _parse(argv):
         action="append",
         default=None,
         metavar="GROUP",
-        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-8)",
+        help=f"run only these groups (repeatable or comma-separated): {', '.join(GROUPS)} (or 1-10)",
     )
     p.add_argument(
         "--out",
@@ -78,12 +86,31 @@ def _parse(argv):
         help="output directory (default: benchmarks/results/<device>/, or a temporary "
         "directory with --quick)",
     )
+    p.add_argument(
+        "--profile",
+        choices=("gpu",),
+        default=None,
+        help="gpu: the GPU profile (transformer LM and MLP scale suites in bfloat16, sized to the "
+        "device memory, within --time-budget seconds; writes benchmarks/results/<device-name>/ "
+        "after every measurement); the groups are not run",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=480.0,
+        metavar="S",
+        help="wall-time budget of --profile gpu in seconds (default 480)",
+    )
     return p.parse_args(argv)
+
+
+#: Groups run only when named with ``--only`` (an hour of CPU: not part of a plain full run).
+OPT_IN = ("lm_scale",)
 
 
 def _groups(only):
     if not only:
-        return list(GROUPS)
+        return [g for g in GROUPS if g not in OPT_IN]
     names = []
     for item in only:
         for name in item.split(","):
@@ -91,7 +118,7 @@ def _groups(only):
             name = ALIASES.get(name, name)
             if name not in GROUPS:
                 raise SystemExit(
-                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-8)."
+                    f"Unknown benchmark group {name!r}; choose from {', '.join(GROUPS)} (or 1-10)."
                 )
             if name not in names:
                 names.append(name)
@@ -100,6 +127,8 @@ def _groups(only):
 
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.profile == "gpu":
+        return _gpu_profile(args)
     groups = _groups(args.only)
     from benchmarks import _common as C
 
@@ -142,6 +171,28 @@ def main(argv=None) -> int:
             f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {out / (rep.group + '.md')}",
             flush=True,
         )
+    return 0
+
+
+def _gpu_profile(args) -> int:
+    if args.only:
+        raise SystemExit("--profile gpu runs its own suite; leave out --only.")
+    # measurements run in child processes: the parent must not reserve the device's memory
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from benchmarks import _common as C
+    from benchmarks import bench_lm_scale
+
+    out = args.out
+    if out is None and args.quick:
+        out = Path(tempfile.mkdtemp(prefix="hvp-bench-quick-"))
+    t0 = time.perf_counter()
+    rep = bench_lm_scale.run_profile(out, quick=args.quick, time_budget=args.time_budget)
+    C.print_markdown(rep.markdown())
+    print(
+        f"[profile gpu] done in {time.perf_counter() - t0:.1f} s -> "
+        f"{rep.out_dir / (rep.group + '.md')}",
+        flush=True,
+    )
     return 0
 
 

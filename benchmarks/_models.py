@@ -10,7 +10,9 @@
 * :func:`transformer` - a small Flax (Linen) pre-norm transformer language model on
   random token sequences.
 * :func:`nnx_lm` - the small Flax NNX transformer LM (168k parameters) of the cold/warm
-  benchmark, weights from :mod:`benchmarks._arrays` (shared with its PyTorch twin).
+  benchmark, weights from :mod:`benchmarks._arrays` (shared with its PyTorch twin);
+  :func:`nnx_lm_random` the same architecture at any size (10M to 1B parameters for
+  ``bench_lm_scale``), weights drawn with ``jax.random`` in the target dtype.
 
 Each builder returns ``(params, loss_fn, batch)`` with ``loss_fn(params, batch)`` a mean loss.
 """
@@ -172,6 +174,21 @@ def nnx_lm(*, dtype=jnp.float32, **config):
     from benchmarks._arrays import LM_CONFIG, lm_params_np, lm_tokens_np
 
     cfg = {**LM_CONFIG, **config}
+    graphdef, state = nnx_lm_abstract(**cfg)
+    weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), lm_params_np(**cfg))
+    nnx.replace_by_pure_dict(state, weights)
+    model = nnx.merge(graphdef, state)
+    tokens = jnp.asarray(lm_tokens_np(**cfg))
+    return model, (tokens[:, :-1], tokens[:, 1:])
+
+
+def nnx_lm_abstract(**config):
+    """``(graphdef, state)`` of the NNX transformer LM of :func:`nnx_lm` for ``config``
+    (``vocab``, ``seq_len``, ``d_model``, ``heads``, ``layers``, ``seed``), built with
+    ``nnx.eval_shape``: the state holds shapes only (no memory, no random initialisation)."""
+    from flax import nnx
+
+    cfg = dict(config)
     d, heads = cfg["d_model"], cfg["heads"]
     hd = d // heads
 
@@ -221,11 +238,55 @@ def nnx_lm(*, dtype=jnp.float32, **config):
                 h = block(h)
             return self.head(self.ln_f(h))
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: LM(nnx.Rngs(cfg["seed"]))))
-    weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), lm_params_np(**cfg))
+    return nnx.split(nnx.eval_shape(lambda: LM(nnx.Rngs(cfg["seed"]))))
+
+
+def nnx_lm_random(*, dtype=jnp.float32, **config):
+    """:func:`nnx_lm` at any size, its weights drawn with ``jax.random`` directly in ``dtype``.
+
+    Same architecture and parameter layout as :func:`nnx_lm` (``config`` overrides
+    :data:`benchmarks._arrays.LM_CONFIG`; :func:`benchmarks._arrays.lm_size` counts the
+    parameters) and the same distributions as :func:`benchmarks._arrays.lm_params_np`
+    (kernels ``N(0, 1/fan_in)``, biases ``N(0, 0.01^2)``, LayerNorm scales ``1 + N(0, 0.1^2)``,
+    embeddings ``N(0, 1)``, positions ``N(0, 0.1^2)``), but drawn leaf by leaf on the default
+    device from ``jax.random.key(seed)``, so a model of a billion parameters is built without
+    a float64 copy on the host. Tokens are uniform on the vocabulary (``jax.random``).
+
+    Returns ``(model, batch)`` as :func:`nnx_lm`.
+    """
+    from flax import nnx
+
+    from benchmarks._arrays import LM_CONFIG
+
+    cfg = {**LM_CONFIG, **config}
+    graphdef, state = nnx_lm_abstract(**cfg)
+    pure = nnx.to_pure_dict(state)
+    paths = jax.tree_util.tree_flatten_with_path(pure)[0]
+    key = jax.random.key(cfg["seed"])
+
+    def draw(i, path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        k = jax.random.fold_in(key, i)
+        z = jax.random.normal(k, leaf.shape, jnp.float32)
+        if name == "kernel":
+            z = z / np.sqrt(leaf.shape[0])
+        elif name == "bias":
+            z = 0.01 * z
+        elif name == "scale":
+            z = 1.0 + 0.1 * z
+        elif name != "embedding":  # positions
+            z = 0.1 * z
+        return z.astype(dtype)
+
+    weights = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(pure),
+        [draw(i, path, leaf) for i, (path, leaf) in enumerate(paths)],
+    )
     nnx.replace_by_pure_dict(state, weights)
     model = nnx.merge(graphdef, state)
-    tokens = jnp.asarray(lm_tokens_np(**cfg))
+    tokens = jax.random.randint(
+        jax.random.fold_in(key, len(paths)), (cfg["batch"], cfg["seq_len"] + 1), 0, cfg["vocab"]
+    ).astype(jnp.int32)
     return model, (tokens[:, :-1], tokens[:, 1:])
 
 
