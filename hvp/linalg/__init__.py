@@ -24,6 +24,7 @@ from hvp.linalg._solve import (
     resolve_solve_method,
     solve,
 )
+from hvp.linalg._solvers import default_rtol
 from hvp.linalg._summary import SpectrumSummary, definiteness, spectrum_summary
 from hvp.linalg._trace import TRACE_METHODS, TraceResult, resolve_trace_method, trace
 
@@ -60,6 +61,7 @@ __all__ = [
     "SolveResult",
     "SOLVE_METHODS",
     "resolve_solve_method",
+    "default_rtol",
     "Preconditioner",
     "inverse",
     "InverseOperator",

@@ -147,8 +147,9 @@ class MINRES(Solver):
         acond = gmax / gmin
         est = phibar * state["pscale"]
         small = (est <= state["thresh"]) | (1 + test1 <= 1) | exhausted
-        final = bad | (1 + test2 <= 1) | (test2 <= state["rtol"]) | (acond >= 0.1 / eps)
-        final = final | (anorm * ynorm * eps >= beta1)
+        # SciPy's precision tests: x is as good as the dtype allows (``limited``)
+        limit = (1 + test2 <= 1) | (acond >= 0.1 / eps) | (anorm * ynorm * eps >= beta1)
+        final = bad | limit | (test2 <= state["rtol"])
         active = ~state["stop"]
         vv = rowwise(v, v).astype(dt)
         curv = jnp.where(active & (vv > 0), alfa / jnp.where(vv > 0, vv, 1), jnp.inf)
@@ -161,6 +162,7 @@ class MINRES(Solver):
         out.update(
             stop=state["stop"] | (active & (small | final)),
             final=state["final"] | (active & final),
+            limited=state["limited"] | (active & limit & ~bad),
             negcurv=state["negcurv"] | (active & (alfa <= 0)),
             mincurv=jnp.minimum(state["mincurv"], curv),
             iters=state["iters"] + active.astype(jnp.int32),

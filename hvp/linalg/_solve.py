@@ -14,6 +14,7 @@ is that residual meeting the tolerance, never a recursive estimate. See ``docs/s
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,14 @@ from hvp.linalg._lanczos import eigsh
 from hvp.linalg._minres import MINRES, minres_entries
 from hvp.linalg._neumann import SAFETY, Neumann, neumann_entries
 from hvp.linalg._precond import as_preconditioner
-from hvp.linalg._solvers import Solver, initial_state, row_norms, where_rows
+from hvp.linalg._solvers import (
+    RTOL64,
+    Solver,
+    default_rtol,
+    initial_state,
+    row_norms,
+    where_rows,
+)
 from hvp.operators import LinearOperator, NonFiniteError
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
@@ -51,7 +59,7 @@ __all__ = [
 SOLVE_METHODS = ("auto", "cg", "minres", "neumann")
 
 
-@tu.result(static=("method", "damping", "preconditioner", "dtype_policy"))
+@tu.result(static=("method", "damping", "rtol", "preconditioner", "dtype_policy"))
 class SolveResult:
     r"""Result of :func:`solve`.
 
@@ -63,6 +71,12 @@ class SolveResult:
       relative_residual: the true :math:`\|b - (A + \delta I) x\| / \|b\|` of the returned ``x``
         (one product after the last iteration; ``0`` for ``b = 0, x = 0``), accumulation dtype.
       converged: ``relative_residual <= max(rtol, atol / ||b||)`` on that true residual.
+      stagnated: not converged because the true residual stagnated at the round-off floor of the
+        dtype on this system: the method's recursive residual met ``rtol`` (or it stopped on its
+        own precision test) but the true residual did not, and a restart from the true residual
+        no longer cut it by half. ``rtol`` is then below what the dtype reaches here:
+        ``relative_residual`` is about the best ``x`` the dtype gives (loosen ``rtol``, or use
+        float64 parameters).
       num_matvecs: products of ``A`` used, all systems and the preconditioner's construction
         included (a Python int outside ``jax.jit``).
       num_iters: iterations of the method per system (a Python int for one system outside jit).
@@ -73,6 +87,7 @@ class SolveResult:
         over those directions (``inf`` when no iteration ran).
       method: ``"cg"``, ``"minres"`` or ``"neumann"`` (the method used, after ``"auto"``).
       damping: :math:`\delta`.
+      rtol: the relative tolerance used (:func:`hvp.linalg.default_rtol` for ``rtol=None``).
       preconditioner: ``None``, ``"diagonal"``, ``"deflation"`` or ``"operator"``.
       dtype_policy: products in the parameters' dtype, the recurrences in ``accumulate``.
 
@@ -90,8 +105,10 @@ class SolveResult:
     num_iters: jax.Array
     negative_curvature: jax.Array
     min_curvature: jax.Array
+    stagnated: jax.Array
     method: str = "cg"
     damping: float = 0.0
+    rtol: float = 1e-6
     preconditioner: str | None = None
     dtype_policy: DtypePolicy | None = None
 
@@ -186,7 +203,7 @@ def solve(
     damping: float = 0.0,
     preconditioner=None,
     x0: PyTree | None = None,
-    rtol: float = 1e-6,
+    rtol: float | None = None,
     atol: float = 0.0,
     max_matvecs: int | None = None,
     block: bool = False,
@@ -231,6 +248,10 @@ def solve(
         ``b = 0`` returns ``x = 0``.
       rtol: relative tolerance: converged when :math:`\|b - (A+\delta I)x\| \le
         \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (per system, on the true residual).
+        ``None``: :func:`hvp.linalg.default_rtol` of the parameters' dtype,
+        :math:`\max(10^{-6}, \sqrt{\varepsilon})` (``1e-6`` float64, ``3.45e-4`` float32). An
+        ``rtol`` below what the dtype reaches on the system ends ``stagnated`` (see
+        :class:`SolveResult`) with a ``RuntimeWarning`` (outside ``jax.jit``).
       atol: absolute tolerance (see ``rtol``).
       max_matvecs: the most products per right-hand side, the start product (with ``x0``) and the
         final true-residual product included (so at most ``max_matvecs - 1`` iterations, one
@@ -261,6 +282,10 @@ def solve(
       NonFiniteError: the operator produced NaN or Inf (outside ``jax.jit``; under jit ``x`` is
         NaN).
 
+    Warns:
+      RuntimeWarning: (outside ``jax.jit``) a system stagnated above ``rtol`` at the round-off
+        floor of the dtype (``result.stagnated``); the message gives the residual reached.
+
     Examples:
       >>> import jax.numpy as jnp, hvp
       >>> A = hvp.from_dense(jnp.array([[2.0, 1.0], [1.0, -1.0]]))  # indefinite
@@ -279,7 +304,7 @@ def solve(
     )
     method = resolve_solve_method(method, op)
     damping = check_finite_float("damping", damping)
-    rtol = check_finite_float("rtol", rtol)
+    rtol = default_rtol(op.like) if rtol is None else check_finite_float("rtol", rtol)
     atol = check_finite_float("atol", atol)
     if not isinstance(block, bool):
         raise TypeError(f"`block` must be True or False, got {block!r}.")
@@ -321,7 +346,11 @@ def solve(
         extra = cg_entries(jax.tree_util.tree_map(jnp.zeros_like, B), m, acc)
     elif method == "minres":
         alg = MINRES(m=m, preconditioned=pre is not None)
-        extra = minres_entries(jax.tree_util.tree_map(jnp.zeros_like, B), m, acc, rtol)
+        # SciPy's least-squares stop ||A r|| <= rtol ||A|| ||r|| holds on every regular system once
+        # rtol >= 1/cond(A): at the loose defaults of low precision it would end a regular solve
+        # at step 1, so it is capped at the float64 default
+        lsq_rtol = min(rtol, RTOL64)
+        extra = minres_entries(jax.tree_util.tree_map(jnp.zeros_like, B), m, acc, lsq_rtol)
     else:
         s, spent = _neumann_scale(op, damping, scale, key)
         built += spent
@@ -344,7 +373,7 @@ def solve(
     out, chosen = run(
         alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
     )
-    x, rel, conv, iters, neg, mincurv, nmv, finite = out
+    x, rel, conv, iters, neg, mincurv, nmv, finite, stag = out
     nmv = nmv + built
     if not tu.is_traced(finite) and not bool(finite):
         raise NonFiniteError(
@@ -355,9 +384,13 @@ def solve(
         )
     if chosen == "host" or not tu.is_traced(nmv):
         nmv = int(nmv)
+    if not tu.is_traced(stag, rel) and np.asarray(stag).any():
+        _warn_stagnated(np.asarray(rel)[np.asarray(stag)], rtol, op, method)
     if not block:
         x = jax.tree_util.tree_map(lambda v: v[0], x)
-        rel, conv, iters, neg, mincurv = (a[0] for a in (rel, conv, iters, neg, mincurv))
+        rel, conv, iters, neg, mincurv, stag = (
+            a[0] for a in (rel, conv, iters, neg, mincurv, stag)
+        )
         if not tu.is_traced(iters):
             iters = int(iters)
     return SolveResult(
@@ -368,10 +401,29 @@ def solve(
         num_iters=iters,
         negative_curvature=neg,
         min_curvature=mincurv,
+        stagnated=stag,
         method=method,
         damping=damping,
+        rtol=rtol,
         preconditioner=None if pre is None else pre.kind,
         dtype_policy=dtype_policy(op.like),
+    )
+
+
+def _warn_stagnated(rels, rtol: float, op, method: str) -> None:
+    policy = dtype_policy(op.like)
+    best = float(np.min(rels))
+    warnings.warn(
+        f"hvp.solve (method={method!r}) on {op.label}: {len(rels)} system(s) stagnated at a true "
+        f"relative residual of {best:.3g} (worst {float(np.max(rels)):.3g}) above rtol={rtol:g}: "
+        f"the round-off floor of {policy.compute} products on this system (the recursive "
+        "residual met rtol, the true one did not, and restarting from it no longer helped). "
+        f"The returned x is about as accurate as {policy.compute} allows; pass rtol >= "
+        f"{float(np.max(rels)):.2g} (or rtol=None: {default_rtol(op.like):.3g} for "
+        f"{policy.compute}), add damping or a preconditioner, or use float64 parameters. "
+        "`result.stagnated` marks these systems.",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 
@@ -430,7 +482,9 @@ class InverseOperator(LinearOperator):
         )
 
     def _apply(self, v):
-        r = solve(self.op, v, **self._settings(driver="compiled"))
+        with warnings.catch_warnings():  # a stagnated product is NaN here (or ConvergenceError)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = solve(self.op, v, **self._settings(driver="compiled"))
         return jax.tree_util.tree_map(lambda x: jnp.where(r.converged, x, jnp.nan), r.x)
 
     def _children(self):
@@ -458,6 +512,11 @@ class InverseOperator(LinearOperator):
                 f"residual {worst:.3g} > rtol {self.rtol:g} (method={r.method!r}, damping "
                 f"{self.damping:g}, {r.num_matvecs} products"
                 + (", negative curvature met" if np.asarray(r.negative_curvature).any() else "")
+                + (
+                    ", stagnated at the round-off floor of the dtype: rtol is out of its reach"
+                    if np.asarray(r.stagnated).any()
+                    else ""
+                )
                 + "). Raise `max_matvecs`, the damping or `rtol`, add a preconditioner, or use "
                 "method='minres' for an indefinite operator."
             )
@@ -467,13 +526,19 @@ class InverseOperator(LinearOperator):
         if self._traced(v):
             return super().mv(v)
         self._check_vectors(v, "v", leading=0)
-        return self._checked(solve(self.op, v, **self._settings()), "product")
+        with warnings.catch_warnings():  # a stagnated product raises ConvergenceError
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = solve(self.op, v, **self._settings())
+        return self._checked(r, "product")
 
     def matmat(self, vs):  # noqa: D102 - see the class docstring
         if self._traced(vs):
             return super().matmat(vs)
         self._check_vectors(vs, "vs", leading=1)
-        return self._checked(solve(self.op, vs, block=True, **self._settings()), "block product")
+        with warnings.catch_warnings():  # a stagnated product raises ConvergenceError
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = solve(self.op, vs, block=True, **self._settings())
+        return self._checked(r, "block product")
 
 
 def inverse(
@@ -481,7 +546,7 @@ def inverse(
     *,
     damping: float,
     method: str = "auto",
-    rtol: float = 1e-6,
+    rtol: float | None = None,
     atol: float = 0.0,
     max_matvecs: int | None = None,
     preconditioner=None,
@@ -494,7 +559,9 @@ def inverse(
     (:math:`-\nabla L_{\text{test}}^\top (H + \delta I)^{-1} \nabla L_i`, Koh & Liang 2017).
     Each product costs a full solve; a block product is one block solve. The solves use
     ``method``, ``rtol``, ``atol``, ``max_matvecs`` and ``preconditioner`` as in :func:`solve`
-    (a built :class:`hvp.linalg.Preconditioner`, an operator or a callable; not a string).
+    (a built :class:`hvp.linalg.Preconditioner`, an operator or a callable; not a string);
+    ``rtol=None`` is :func:`hvp.linalg.default_rtol` of the operator's dtype (``1e-6`` float64,
+    ``3.45e-4`` float32), fixed here (``inv.rtol``).
 
     Raises:
       ValueError: as :func:`solve`; at construction for bad settings.
@@ -517,7 +584,7 @@ def inverse(
             "scale=...) directly."
         )
     damping = check_finite_float("damping", damping)
-    rtol = check_finite_float("rtol", rtol)
+    rtol = default_rtol(op.like) if rtol is None else check_finite_float("rtol", rtol)
     atol = check_finite_float("atol", atol)
     if max_matvecs is not None:
         max_matvecs = check_int("max_matvecs", max_matvecs, minimum=1)

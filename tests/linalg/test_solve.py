@@ -94,10 +94,16 @@ def test_cg_singular_plus_damping_and_mixed_pytree_structure():
     assert np.linalg.norm(np.asarray(tu.ravel(r.x)) - ref) / np.linalg.norm(ref) < 1e-5
 
 
-def test_cg_float32():
+@pytest.fixture(scope="module")
+def float32_system():
+    """SPD with cond 1e3 (a damped GGN's spread) in float32: ``(a, op32, b32)``, one operator."""
     a = _outliers() / 1e3 + 0.1 * np.eye(N)
-    op = hvp.from_dense(jnp.asarray(a, jnp.float32))
-    b = jnp.asarray(np.random.default_rng(1).normal(size=N), jnp.float32)
+    b = np.random.default_rng(1).normal(size=N)
+    return a, hvp.from_dense(jnp.asarray(a, jnp.float32)), jnp.asarray(b, jnp.float32)
+
+
+def test_cg_float32(float32_system):
+    a, op, b = float32_system
     r = hvp.solve(op, b, method="cg", damping=1e-1, rtol=1e-5)
     assert r.dtype_policy.accumulate == "float32" and r.x.dtype == jnp.float32
     assert bool(r.converged)
@@ -109,6 +115,36 @@ def test_cg_float32():
     m = hvp.solve(op, b, method="minres", damping=1e-1, rtol=1e-5)
     assert bool(m.converged) and m.x.dtype == jnp.float32
     assert _true_rel(a, m.x, b, 1e-1) <= 2e-5
+
+
+def test_default_rtol_is_dtype_aware_and_stagnation_is_reported(float32_system):
+    """rtol=None: 1e-6 in float64, sqrt(eps32) in float32; an rtol out of float32's reach ends
+    `stagnated` with a warning after a few restarts, not at the end of the budget."""
+    a, op32, b32 = float32_system
+    b = np.asarray(b32, np.float64)
+    eps32 = float(np.finfo(np.float32).eps)
+    assert hvp.linalg.default_rtol(op32.like) == pytest.approx(np.sqrt(eps32))
+    assert hvp.linalg.default_rtol(jnp.float64) == 1e-6
+    r = hvp.solve(op32, b32, method="cg")
+    assert r.rtol == pytest.approx(np.sqrt(eps32)) and bool(r.converged)
+    assert not bool(r.stagnated) and _true_rel(a, r.x, b32) <= r.rtol
+    for method in ("cg", "minres"):
+        with pytest.warns(RuntimeWarning, match="stagnated"):
+            s = hvp.solve(op32, b32, method=method, rtol=1e-9)
+        assert s.rtol == 1e-9 and bool(s.stagnated) and not bool(s.converged)
+        # measured: 66 (CG) and 29 (MINRES) products of the 402 budget; true residual 1.3e-5 and
+        # 2.1e-5 (float32's floor here), reported to float32's accuracy
+        assert s.num_matvecs <= 100
+        rel = _true_rel(a, s.x, b32)
+        assert 1e-9 < rel <= 1e-4
+        np.testing.assert_allclose(float(s.relative_residual), rel, rtol=0, atol=2e-6)
+    r64 = hvp.solve(hvp.from_dense(a), b, method="cg")  # float64: the default stays 1e-6
+    assert r64.rtol == 1e-6 and bool(r64.converged) and _true_rel(a, r64.x, b) <= 1e-6
+    # the inverse fixes the default at construction and names the stagnation when it raises
+    assert hvp.inverse(op32, damping=0.0, method="cg").rtol == r.rtol
+    tight = hvp.inverse(op32, damping=0.0, method="cg", rtol=1e-9)
+    with pytest.raises(hvp.linalg.ConvergenceError, match="stagnated"):
+        tight @ b32
 
 
 def test_cg_on_indefinite_hessian_reports_negative_curvature():
