@@ -162,7 +162,7 @@ def initialize(flag: bool | None = None, *, environ: Mapping[str, str] | None = 
                 f"JAX_DISTRIBUTED_TIMEOUT={timeout!r} must be a positive number of seconds."
             )
         kwargs["initialization_timeout"] = int(timeout)
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):  # type: ignore[attr-defined]
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs)

@@ -341,7 +341,7 @@ def influence_section(
       >>> sec.method, sec.test_indices, sec.self_influence_indices
       ('dense', [2], [2, 0])
     """
-    from hvp import influence as _influence
+    from hvp.influence import influence as _influence
     from hvp.operators import batch_loss
 
     t0 = time.perf_counter()
@@ -405,7 +405,7 @@ def influence_section(
             # with "solve" the self-influence by Arnoldi (one solve per training example is too
             # many), in the same pass over the training gradients as the scores
             **(
-                {
+                {  # type: ignore[arg-type]
                     "solver": "cg",
                     "rtol": SOLVE_RTOL[bool(op.dtype == jnp.float64)],
                     "self_influence_method": "arnoldi",

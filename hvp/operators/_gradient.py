@@ -15,6 +15,8 @@ equally shaped batches), the one data loop that the curvature products and
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 from hvp import tree as tu
@@ -92,7 +94,7 @@ def data_gradient(op: CurvatureOperator) -> PyTree:
             from hvp.operators._curvature import _streaming_in_jit_error
 
             raise _streaming_in_jit_error(op)
-        ds = op.dataset
+        ds: Any = op.dataset  # a StreamingDataset
         out = ds.reduce(
             op.params,
             lambda batch, w, acc: _stream_step(op, batch, w, acc),
