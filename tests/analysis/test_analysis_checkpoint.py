@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from checkpoint_files import save_checkpoint
 from flax import nnx
 
 from hvp import tree as tu
@@ -33,10 +34,7 @@ def _hash_tree(root):
 
 
 def _save(path, tree):
-    ck = ocp.StandardCheckpointer()
-    ck.save(os.path.abspath(path), tree)
-    ck.wait_until_finished()
-    ck.close()
+    save_checkpoint(path, tree)
     return path
 
 

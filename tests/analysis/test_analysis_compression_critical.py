@@ -2,14 +2,13 @@
 
 import io
 import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+from checkpoint_files import save_checkpoint
 from rich.console import Console
 
 import hvp
@@ -25,11 +24,7 @@ def test_sections_in_report_json_plot_and_summary(tmp_path):
     rng = np.random.default_rng(0)
     (net, variables), _ = _tiny()
     saved = jax.tree_util.tree_map(lambda a: np.asarray(rng.normal(size=a.shape)), variables)
-    ckpt = os.path.abspath(tmp_path / "ckpt")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt, saved)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    ckpt = save_checkpoint(tmp_path / "ckpt", saved)
     x, y = rng.normal(size=(12, 3)), rng.normal(size=(12, 2))
     report = hvp.analysis.analyze(
         ckpt,

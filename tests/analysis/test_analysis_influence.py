@@ -9,14 +9,13 @@ retraining in tests/influence/); then one tiny `analyze(..., influence=True)` ch
 
 import io
 import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from checkpoint_files import save_checkpoint
 from rich.console import Console
 
 import hvp
@@ -199,11 +198,7 @@ def test_analyze_influence_section_end_to_end(tmp_path):
     rng = np.random.default_rng(1)
     (_, variables), _ = _tiny()
     saved = jax.tree_util.tree_map(lambda a: np.asarray(rng.normal(size=a.shape)), variables)
-    ckpt = os.path.abspath(tmp_path / "ckpt")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt, saved)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    ckpt = save_checkpoint(tmp_path / "ckpt", saved)
     x, y = rng.normal(size=(10, 4)), rng.integers(0, 3, size=10).astype(np.int32)
     report = hvp.analysis.analyze(
         ckpt,
