@@ -108,13 +108,14 @@ def available_memory_bytes() -> int | None:
 # --------------------------------------------------------------------------------------------
 # memory of this process
 # --------------------------------------------------------------------------------------------
-def _status_field(field: str, pid: int | str = "self") -> int | None:
+def status_field(field: str, pid: int | str = "self") -> int | None:
+    """``field`` of ``/proc/<pid>/status`` (e.g. ``VmHWM``, ``RssAnon``) in bytes, or ``None``."""
     return _proc_kb_field(f"/proc/{pid}/status", field)
 
 
 def rss_bytes() -> int | None:
     """Current resident set size of this process."""
-    return _status_field("VmRSS")
+    return status_field("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -129,7 +130,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int | None:
     """Peak RSS since the last :func:`reset_peak_rss` (or since start)."""
-    hwm = _status_field("VmHWM")
+    hwm = status_field("VmHWM")
     if hwm is not None:
         return hwm
     try:
@@ -287,7 +288,7 @@ def run_isolated(
         peak = 0
         status, reason = None, None
         while proc.poll() is None:
-            rss = _status_field("VmRSS", proc.pid) or 0
+            rss = status_field("VmRSS", proc.pid) or 0
             peak = max(peak, rss)
             if mem_limit_bytes is not None and rss > mem_limit_bytes:
                 proc.kill()

@@ -43,7 +43,9 @@ from benchmarks._common import (
     fmt_bytes,
     fmt_s,
     print_markdown,
+    reset_peak_rss,
     run_isolated,
+    status_field,
 )
 
 GIB = 1 << 30
@@ -94,11 +96,7 @@ class _Sampler:
 
     @staticmethod
     def anon() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return status_field("RssAnon") or 0
 
     @staticmethod
     def live() -> int:
@@ -234,7 +232,7 @@ def measure_one(
         p0 = passes()
         times = []
         with _Sampler() as smp:
-            hwm_reset = _reset_hwm()
+            hwm_reset = reset_peak_rss()
             for _ in range(2):
                 t = time.perf_counter()
                 jax.block_until_ready(op.mv(v))
@@ -250,7 +248,7 @@ def measure_one(
         p0 = passes()
         t = time.perf_counter()
         with _Sampler() as smp:
-            hwm_reset = _reset_hwm()
+            hwm_reset = reset_peak_rss()
             res = algorithms(op)
             t1 = time.perf_counter()
             fisher = hvp.fisher(
@@ -291,30 +289,10 @@ def measure_one(
     out.update(
         peak_anon_bytes=smp.peak_anon,
         peak_live_array_bytes=smp.peak_live,
-        peak_rss_hwm_bytes=_status("VmHWM") if hwm_reset else None,
-        rss_file_bytes_after=_status("RssFile"),
+        peak_rss_hwm_bytes=status_field("VmHWM") if hwm_reset else None,
+        rss_file_bytes_after=status_field("RssFile"),
     )
     return out
-
-
-def _status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run(out_dir=None, *, quick: bool = False, sizes_gib=None) -> Report:
