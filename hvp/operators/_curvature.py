@@ -1517,22 +1517,21 @@ def fisher(
         )
 
     model_mode = _once(dataset, ("fisher", model_fn, loss_fn, unpack, mode), params, validate)
+    common: dict[str, Any] = dict(
+        fns=(model_fn, loss_fn, unpack),
+        params=block,
+        full=full,
+        mask=mask,
+        dataset=dataset,
+        reduction=reduction,
+        lins=None,
+        check_finite=check_finite,
+        name=name,
+        mode=model_mode,
+        block=block_mode,
+    )
     if isinstance(dataset, StreamingDataset):
-        stream_data: Any = dataset  # the streamed operator takes a StreamingDataset
-        streamed = _StreamingFisher(
-            product=_mc_fisher_stream_product(int(mc_samples)),
-            fns=(model_fn, loss_fn, unpack),
-            params=block,
-            full=full,
-            mask=mask,
-            dataset=stream_data,
-            reduction=reduction,
-            lins=None,
-            check_finite=check_finite,
-            name=name,
-            mode=model_mode,
-            block=block_mode,
-        )
+        streamed = _StreamingFisher(product=_mc_fisher_stream_product(int(mc_samples)), **common)
         streamed.sample_key = key
         return streamed
     samples = _sample_groups(
@@ -1547,20 +1546,7 @@ def fisher(
         meta=dataset.meta,
         num_samples=int(mc_samples),
     )
-    sampled = _SampledFisher(
-        product=_mc_fisher_product,
-        fns=(model_fn, loss_fn, unpack),
-        params=block,
-        full=full,
-        mask=mask,
-        dataset=dataset,
-        reduction=reduction,
-        lins=None,
-        check_finite=check_finite,
-        name=name,
-        mode=model_mode,
-        block=block_mode,
-    )
+    sampled = _SampledFisher(product=_mc_fisher_product, **common)
     sampled.samples = samples
     return sampled
 
