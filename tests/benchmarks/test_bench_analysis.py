@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from benchmark_runs import run_benchmark
 
 from benchmarks import _models as M
 from benchmarks.bench_analysis import STAGES, parse_plan
 from hvp import tree as tu
 from hvp.tree import group_by_layer, layer_labels
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_lm1b_shape_names_and_masked_loss():
@@ -77,31 +72,9 @@ def test_parse_plan():
 
 @pytest.mark.slow
 def test_quick_analysis_group(tmp_path):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        MPLBACKEND="Agg",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    run_benchmark(
+        "benchmarks", "--quick", "--only", "analysis", "--out", str(tmp_path), timeout=1200
     )
-    env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "analysis",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "analysis.json").read_text())
     assert data["quick"] is True and [m["model"] for m in data["models"]] == ["resnet-bn", "lm1b"]
     md = (tmp_path / "analysis.md").read_text()

@@ -8,14 +8,9 @@ from the numbers (synthetic rows, no timing). Slow run: ``python -m benchmarks -
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from benchmark_runs import run_benchmark
 
 
 def test_nnx_lm_size_and_loss():
@@ -99,32 +94,16 @@ def test_tables_judge_targets(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
-    env = dict(
-        os.environ,
-        HVP_BENCH_HIDE_PEERS="all",
-        JAX_PLATFORMS="cpu",
-        MPLBACKEND="Agg",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "coldwarm",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks",
+        "--quick",
+        "--only",
+        "coldwarm",
+        "--out",
+        str(tmp_path),
         timeout=900,
+        HVP_BENCH_HIDE_PEERS="all",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "cold_warm.json").read_text())
     assert data["quick"] is True
     for row in data["rows"]:

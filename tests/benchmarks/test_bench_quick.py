@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_runs import run_benchmark
 
-REPO = Path(__file__).resolve().parents[2]
 GROUPS = {
     "dense": "dense_vs_hvp",
     "modes": "hvp_modes",
@@ -32,33 +28,17 @@ DEFAULT_GROUPS = ("dense", "estimators", "peers")
 
 def _quick(tmp_path_factory, groups):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(
-        os.environ,
-        HVP_BENCH_HIDE_PEERS="all",
-        JAX_PLATFORMS="cpu",
-        MPLBACKEND="Agg",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run(
+    proc = run_benchmark(
         # the analysis group (compile-bound, minutes) has its own test: test_bench_analysis.py
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            ",".join(groups),
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+        "benchmarks",
+        "--quick",
+        "--only",
+        ",".join(groups),
+        "--out",
+        str(out),
         timeout=600,
+        HVP_BENCH_HIDE_PEERS="all",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
 

@@ -10,17 +10,12 @@ what finished. The ``slow`` test runs the real quick profile end to end (tiny mo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_runs import run_benchmark
 
 from benchmarks import bench_lm_scale as B
 from benchmarks._arrays import lm_size
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_lm_config_reaches_the_target_sizes():
@@ -182,28 +177,18 @@ def test_cli_profile_flag_is_parsed():
 
 @pytest.mark.slow
 def test_quick_gpu_profile_end_to_end_on_cpu(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg", HVP_BENCH_DEVICE_BYTES="2e7")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--profile",
-            "gpu",
-            "--quick",
-            "--time-budget",
-            "3000",  # tiny models, compile-bound: minutes on 2 shared cores
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks",
+        "--profile",
+        "gpu",
+        "--quick",
+        "--time-budget",
+        "3000",  # tiny models, compile-bound: minutes on 2 shared cores
+        "--out",
+        str(tmp_path),
         timeout=900,
+        HVP_BENCH_DEVICE_BYTES="2e7",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "lm_scale.json").read_text())
     assert data["quick"] is True and data["dtype"] == "bfloat16"
     for row in data["lm"]:

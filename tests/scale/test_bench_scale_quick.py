@@ -4,14 +4,9 @@ they time is checked in test_lean_eigsh.py and tests/linalg/test_slq.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from benchmark_runs import run_benchmark
 
 
 @pytest.mark.slow
@@ -19,17 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
     ("module", "group"), [("bench_scale", "scale"), ("bench_slq_ghosts", "slq_ghosts")]
 )
 def test_quick_run_writes_results(tmp_path, module, group):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_benchmark(f"benchmarks.{module}", "--quick", "--out", str(tmp_path), timeout=900)
     data = json.loads((tmp_path / f"{group}.json").read_text())
     assert data["quick"] is True
     if group == "scale":

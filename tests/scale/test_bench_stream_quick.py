@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from benchmark_runs import run_benchmark
 
 import hvp
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_one_product_measurement_on_a_tiny_npy_data_set(tmp_path):
@@ -50,17 +45,7 @@ def test_one_product_measurement_on_a_tiny_npy_data_set(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_writes_results(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_stream", "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_benchmark("benchmarks.bench_stream", "--quick", "--out", str(tmp_path), timeout=900)
     data = json.loads((tmp_path / "stream.json").read_text())
     assert data["quick"] is True and (tmp_path / "stream.png").exists()
     assert all(r["status"] == "ok" and r["passes"] == 2 for r in data["products"])
