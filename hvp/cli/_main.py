@@ -423,16 +423,9 @@ def _influence_kwargs(args) -> dict:
     # `hvp demo` shares _analysis_kwargs but has no --influence flags
     if not hasattr(args, "influence"):
         return {}
-    names = (
-        "influence",
-        "influence_test",
-        "influence_num_test",
-        "influence_top",
-        "influence_method",
-        "influence_rank",
-        "influence_damping",
-    )
-    return {name: getattr(args, name) for name in names}
+    from hvp.analysis._analyze import INFLUENCE_OPTIONS
+
+    return {name: getattr(args, name) for name in ("influence", *INFLUENCE_OPTIONS)}
 
 
 def _json_summary(report, out, files, args, **extra) -> dict:

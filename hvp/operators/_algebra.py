@@ -210,11 +210,11 @@ class SumOperator(LinearOperator):
             return super().matmat(vs)
         return self._host_product(vs, block=True)
 
-    def _host_product(self, v, *, block: bool):
-        """With a streamed term: each term's own product (one data pass per streamed term)."""
+    def _combine(self, v, product):
+        """``sum_i coef_i product(op_i, v) + damping v`` over the terms."""
         total = None
         for coef, op in self.terms:
-            out = op.matmat(v) if block else op.mv(v)
+            out = product(op, v)
             if coef is not None:
                 out = tu.scale(coef, out)
             total = out if total is None else tu.add(total, out)
@@ -222,16 +222,12 @@ class SumOperator(LinearOperator):
             total = tu.axpy(self.damping, v, total)
         return total
 
+    def _host_product(self, v, *, block: bool):
+        """With a streamed term: each term's own product (one data pass per streamed term)."""
+        return self._combine(v, lambda op, x: op.matmat(x) if block else op.mv(x))
+
     def _apply(self, v):
-        total = None
-        for coef, op in self.terms:
-            out = _apply_cached(op, v)
-            if coef is not None:
-                out = tu.scale(coef, out)
-            total = out if total is None else tu.add(total, out)
-        if self.damping is not None:
-            total = tu.axpy(self.damping, v, total)
-        return total
+        return self._combine(v, _apply_cached)
 
     def _children(self):
         return (
