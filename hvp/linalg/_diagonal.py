@@ -376,7 +376,14 @@ def diagonal(
     alg = Diagonal(total=total, chunk=resolve_chunk(chunk_size, total), exact=exact)
     state = _initial_state(op.like, key, total, exact)
     (est, se, sums), _ = run(
-        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+        alg,
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key,),
+        consume=True,
     )
     raise_if_nonfinite(op, "diagonal estimate", *jax.tree_util.tree_leaves(est))
     return DiagonalResult(

@@ -235,7 +235,14 @@ def frobenius_norm(
     if not exact:
         state["key"] = key
     (f, se, f2, se2, samples), _ = run(
-        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+        alg,
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key,),
+        consume=True,
     )
     method, cost = ("exact" if exact else "hutchinson"), total
     raise_if_nonfinite(op, "Frobenius norm estimate", f2)

@@ -1107,7 +1107,14 @@ def eigsh(
         start = _start_vector(v0, op.like, k_start)
         state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts)
     out, chosen = run(
-        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key, v0)
+        alg,
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key, v0),
+        consume=True,
     )
     lam, vecs, res, conv, nmv, nrs, thr, confirmed, finite = out
     if not tu.is_traced(nmv, nrs):  # host driver, or the compiled one called outside jit

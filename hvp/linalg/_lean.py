@@ -46,10 +46,13 @@ Limits, stated honestly:
 * No restarts: a pair that has not converged after ``num_iters`` steps is returned with
   ``converged=False`` and a warning.
 
-Memory: ``(4 + 2k) n`` numbers of the accumulation dtype: the start vector, ``v_{j-1}``,
-``v_j``, the product, and the ``k`` Ritz vectors with their ``k`` products in the final
-check; independent of ``num_iters``. The ``num_iters x k`` eigenvector coefficients of
-:math:`T_j` and its eigen-decomposition (``num_iters^2`` numbers) are small.
+Memory: ``(4 + 2k) n`` numbers of the accumulation dtype: ``v_{j-1}``, ``v_j``, the block
+sent to the operator and its product, and the ``k`` Ritz vectors (whose first row keeps the
+start vector during the first pass) with their ``k`` products in the final check; independent
+of ``num_iters``. The operator's product needs its own working memory on top (for a network's
+Hessian about 1.5-3.5 ``n`` measured, see ``benchmarks/results/cpu/lm_scale.md``). The
+``num_iters x k`` eigenvector coefficients of :math:`T_j` and its eigen-decomposition
+(``num_iters^2`` numbers) are small.
 """
 
 from __future__ import annotations
@@ -284,8 +287,9 @@ class LeanLanczos(StateMachine):
         thr = self._thresholds(th, anorm, state["tol"])
         conv = found & (bounds <= thr)
         stop = at_end | (test & jnp.all(conv))
-        # Second pass: start again from v0; y = s_0 v0 now, s_i v_i after each further step.
-        v0 = state["v0"]
+        # Second pass: start again from v0 (kept in row 0 of y during the first pass, which does
+        # not use y); y = s_0 v0 now, s_i v_i after each further step.
+        v0 = get_row(state["y"], 0)
         y0 = jax.tree_util.tree_map(
             lambda x: S_pick[0].reshape((-1,) + (1,) * x.ndim).astype(x.dtype) * x[None], v0
         )
@@ -418,10 +422,11 @@ def _initial_state(alg: LeanLanczos, start, like, tol, max_steps):
     v0 = tu.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v0)
     m, kt = alg.m, alg.k_total
     zeros_k = jnp.zeros((kt,), acc)
-    y = jax.tree_util.tree_map(lambda x: jnp.zeros((kt,) + x.shape, x.dtype), v0)
+    # y holds the Ritz vectors in the second pass; in the first its row 0 keeps the start vector
+    # (one parameter-sized vector less than a separate entry).
+    y = jax.tree_util.tree_map(lambda x: jnp.zeros((kt,) + x.shape, x.dtype).at[0].set(x), v0)
     y = tu.stacked_like(y, like) if not tu.is_traced(v0) else y
     return dict(
-        v0=v0,
         v=v0,
         v_prev=tu.zeros_like(v0),
         y=y,
@@ -478,8 +483,16 @@ def lean_eigsh(
         eps_acc=float(jnp.finfo(acc).eps),
     )
     state = _initial_state(alg, start, op.like, tol, num_iters)
+    del start  # (the state holds its own copy: one parameter-sized vector less during the run)
     out, _ = run(
-        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key, v0)
+        alg,
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key, v0),
+        consume=True,
     )
     lam, vecs, res, conv, nmv, thr, finite = out
     if not tu.is_traced(nmv):

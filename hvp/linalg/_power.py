@@ -235,6 +235,7 @@ def power_iteration(
         progress=progress,
         checkpoint=checkpoint,
         traced=(key,),
+        consume=True,
     )
     vec, lam, res, nmv, conv, finite = out
     if chosen == "host":

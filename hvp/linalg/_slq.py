@@ -656,7 +656,14 @@ def spectral_density(
     )
     state = _initial_state_jit(key, op.like, alg)  # one program (eagerly: one per leaf shape)
     (nodes, weights, nmv), chosen = run(
-        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+        alg,
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key,),
+        consume=True,
     )
     if chosen == "host":
         nmv = int(nmv)

@@ -371,7 +371,14 @@ def solve(
         state = alg.init_rows(op, state, B, jnp.ones((m,), bool))
         state["phase"] = alg._after_init(state)
     out, chosen = run(
-        alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
+        alg,
+        op,
+        state,
+        driver=driver,
+        progress=progress,
+        checkpoint=checkpoint,
+        traced=(key,),
+        consume=True,
     )
     x, rel, conv, iters, neg, mincurv, nmv, finite, stag = out
     nmv = nmv + built

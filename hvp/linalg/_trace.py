@@ -850,7 +850,9 @@ def _xtrace_round(
     state = _xtrace_state(
         alg, omega_new, op.like, carry, 0 if carry is None else int(carry["matvecs"])
     )
-    (est, se, samples, _, state), _ = run(alg, op, state, driver=driver, progress=progress)
+    (est, se, samples, _, state), _ = run(
+        alg, op, state, driver=driver, progress=progress, consume=True
+    )
     return est, se, samples, state
 
 
@@ -993,6 +995,7 @@ def trace(
             progress=progress,
             checkpoint=checkpoint,
             traced=(key,),
+            consume=True,
         )
         est, se, samples = out[:3]
         raise_if_nonfinite(op, "trace estimate", est)
@@ -1212,7 +1215,9 @@ def _adaptive(
                     total=total,
                     pooled=0 if pooled is None else int(pooled.shape[0]),
                 )
-        out = run(alg, op, state, driver=driver, progress=progress, checkpoint=inner)[0]
+        out = run(alg, op, state, driver=driver, progress=progress, checkpoint=inner, consume=True)[
+            0
+        ]
         last = alg
         if isinstance(alg, ExactTrace):
             est, se, samples, _ = out

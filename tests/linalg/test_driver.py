@@ -202,6 +202,32 @@ def test_donated_state_never_deletes_a_callers_array(tmp_path):
     np.testing.assert_allclose(np.asarray(host), (ref / np.linalg.norm(ref)).T, rtol=1e-12)
 
 
+def test_consumed_state_donates_only_what_nothing_else_holds():
+    """``run(consume=True)`` donates the state's private arrays (no second initial state for the
+    run) and copies the arrays a caller or the operator still holds, or that appear twice."""
+    users = jnp.asarray(np.random.RandomState(2).randn(2, N))
+    twice = jnp.ones((2,))
+    op_array = jax.tree_util.tree_leaves(OP)[0]
+    state = dict(vs=jnp.asarray(np.random.RandomState(3).randn(2, N)), mine=users)
+    state.update(a=twice, b=twice, op=op_array)
+    owned = _driver._own(state, keep_private=True)
+    assert owned["vs"] is state["vs"]  # held by the state alone: donated as is
+    for name in ("mine", "a", "b", "op"):  # a caller's, twice, the operator's: copies
+        assert owned[name] is not state[name]
+    copied = _driver._own(state, keep_private=False)  # run(consume=False): every array copied
+    assert copied["vs"] is not state["vs"]
+    host = dict(vs=jnp.asarray(np.random.RandomState(5).randn(2, N)))
+    view = np.asarray(host["vs"])  # a live host view of the buffer (it holds the array)
+    assert _driver._own(host, keep_private=True)["vs"] is not host["vs"]
+    del view
+    # End to end: the algorithms consume their own states, never a user's start vector.
+    v0 = jnp.asarray(np.random.RandomState(4).randn(N))
+    for basis in ("device", "none"):
+        r = hvp.eigsh(OP, 1, v0=v0, basis=basis, key=jax.random.key(0))
+        assert not v0.is_deleted()
+        np.testing.assert_allclose(float(r.eigenvalues[0]), np.linalg.eigvalsh(A)[-1], rtol=1e-6)
+
+
 def test_power_drivers_agree_and_resume(tmp_path):
     host, comp = assert_drivers_agree(_power, rtol=1e-12)
     assert isinstance(host.num_matvecs, int) and host.num_matvecs == int(comp.num_matvecs)
