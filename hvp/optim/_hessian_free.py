@@ -325,8 +325,8 @@ def hessian_free(
         tol = max(_HF_RTOL, _linalg.default_rtol(params)) if rtol is None else rtol
         # the damping enters as an operator term (a traced scalar among the operator's arrays),
         # not as the solver's static `damping=`: the step compiles once however it moves
-        with warnings.catch_warnings():  # a stagnated solve: `state.converged` is False
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings():  # an unconverged solve: `state.converged` is False
+            warnings.simplefilter("ignore", _linalg.ConvergenceWarning)
             sol = _linalg.solve(
                 op + lam,
                 tu.scale(-1.0, grad),
