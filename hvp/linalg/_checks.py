@@ -307,7 +307,8 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative algorithm returned a result that did not meet its tolerance.
 
     One rule for every iterative algorithm of :mod:`hvp.linalg` (:func:`hvp.solve` with every
-    method, :func:`hvp.eigsh`, :func:`hvp.power_iteration`): **outside** ``jax.jit`` a result
+    method, :func:`hvp.eigsh`, :func:`hvp.power_iteration`, :func:`hvp.trace` in adaptive
+    mode): **outside** ``jax.jit`` a result
     with ``converged=False`` emits this warning, naming what was reached against what was
     asked, the products used and what can help (more iterations, damping, a higher precision
     dtype, a preconditioner); **inside** ``jax.jit`` (and ``vmap``) nothing is emitted and the
