@@ -395,7 +395,7 @@ def solve(
     out, chosen = run(
         alg, op, state, driver=driver, progress=progress, checkpoint=checkpoint, traced=(key,)
     )
-    x, rel, conv, iters, neg, mincurv, nmv, finite, stag, xit = out
+    x, rel, conv, iters, neg, mincurv, nmv, finite, stag, xit, fallback = out
     nmv = nmv + built
     if not tu.is_traced(finite) and not bool(finite):
         raise NonFiniteError(
@@ -409,7 +409,7 @@ def solve(
     if not tu.is_traced(conv, rel, stag, iters, xit) and not np.asarray(conv).all():
         _warn_not_converged(
             op, method, rtol, damping, max_matvecs, nmv,
-            *(np.asarray(a) for a in (rel, conv, stag, neg, mincurv, iters, xit)),
+            *(np.asarray(a) for a in (rel, conv, stag, neg, mincurv, iters, xit, fallback)),
         )  # fmt: skip
     if not block:
         x = jax.tree_util.tree_map(lambda v: v[0], x)
@@ -437,7 +437,7 @@ def solve(
 
 
 def _warn_not_converged(
-    op, method, rtol, damping, max_matvecs, nmv, rel, conv, stag, neg, mincurv, iters, xit
+    op, method, rtol, damping, max_matvecs, nmv, rel, conv, stag, neg, mincurv, iters, xit, fallback
 ) -> None:
     """The :class:`hvp.ConvergenceWarning` of an unconverged solve (concrete values only)."""
     policy = dtype_policy(op.like)
@@ -493,7 +493,7 @@ def _warn_not_converged(
             f"{float(jnp.finfo(jnp.dtype(policy.compute)).eps):.1g}, which bounds the residual "
             "reachable)"
         )
-    safe = (xit < iters) & bad
+    safe = ((xit < iters) | fallback) & bad
     note = ""
     if safe.any():
         zero = bool((xit[safe] == 0).all())

@@ -286,6 +286,7 @@ class Solver(StateMachine):
             finite,
             state["stagnated"] & ~conv,
             state["best_iter"],
+            finite & (rn < state["prev_true"]),  # the last checked x was worse: a fallback
         )
 
     def progress(self, state) -> Progress:

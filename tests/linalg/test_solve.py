@@ -211,6 +211,10 @@ def test_cg_safeguard_returns_zero_when_the_last_iterate_is_worse():
         r = hvp.solve(hvp.from_dense(a), b, method="cg", max_matvecs=2)
     assert r.num_iters == 1 and r.x_iter == 0 and float(r.relative_residual) == 1.0
     assert not np.asarray(r.x).any()
+    x0 = np.full(N, 10.0)  # a start worse than zero: its start product shows it, zero is kept
+    with pytest.warns(hvp.ConvergenceWarning, match="safeguard returned the start"):
+        r0 = hvp.solve(hvp.from_dense(a), b, method="cg", x0=x0, max_matvecs=2)
+    assert r0.num_iters == 0 and float(r0.relative_residual) == 1.0 and not np.asarray(r0.x).any()
 
 
 @pytest.mark.slow  # 14 s of compilation; the dense bfloat16 test above covers the stop
