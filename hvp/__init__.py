@@ -13,6 +13,7 @@ Layers (each imports only from the ones before it):
 from hvp import tree
 from hvp._version import __version__
 from hvp.linalg import (
+    ConvergenceWarning,
     DiagonalResult,
     EigshResult,
     FrobeniusResult,
@@ -93,6 +94,7 @@ __all__ = [
     "hvp",
     "losses",
     "DiagonalResult",
+    "ConvergenceWarning",
     "SolveResult",
     "solve",
     "inverse",

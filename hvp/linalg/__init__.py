@@ -4,7 +4,7 @@ They take any :class:`hvp.operators.LinearOperator` (or a matvec with an example
 know nothing of models or data.
 """
 
-from hvp.linalg._checks import DtypePolicy
+from hvp.linalg._checks import ConvergenceWarning, DtypePolicy
 from hvp.linalg._condition import condition_estimate
 from hvp.linalg._diagonal import DiagonalResult, LeafTraces, diagonal
 from hvp.linalg._driver import Checkpoint, CheckpointMismatchError, Progress
@@ -66,6 +66,8 @@ __all__ = [
     "inverse",
     "InverseOperator",
     "ConvergenceError",
+    # non-convergence outside jit
+    "ConvergenceWarning",
     # the precision policy of every result
     "DtypePolicy",
     # drivers: progress, checkpoints and resume

@@ -17,6 +17,13 @@ critical point of an unbounded quadratic. That row stops with its previous itera
 ``negative_curvature=True`` (Steihaug 1983 and Martens 2010 stop there too); it is converged only
 if its true residual happens to meet the tolerance.
 
+**Best iterate.** CG minimises the error in the :math:`A`-norm, not the residual, whose norm
+can rise from one iteration to the next (by orders of magnitude on an ill-conditioned or
+indefinite system). The state keeps the iterate with the smallest recursive residual since the
+last (re)start (``xb``), and the true-residual check verifies that one (MATLAB's ``pcg`` returns
+its minimal-residual iterate too); the solver's safeguard then returns it only when its true
+residual is below ``||b||`` and every other checked iterate's.
+
 Why not :func:`jax.scipy.sparse.linalg.cg` (nor lineax, which is not a dependency of hvp): JAX's
 ``cg`` returns ``info=None`` (no iteration count, residual nor convergence flag; its docstring
 calls it a placeholder), stops on the recursive residual only (round-off drift reports success on
@@ -45,12 +52,18 @@ class CG(Solver):
 
     name: ClassVar[str] = "cg"
 
+    def candidate(self, state):
+        return state["xb"], state["xb_iter"]
+
     def init_rows(self, op, state, r, mask):  # noqa: ARG002
         z = self.precond(state, r)
         rz = rowwise(r, z)
         rn = row_norms(r)
         stop = rn <= state["thresh"]
         new = dict(
+            xb=where_rows(mask, state["x"], state["xb"]),
+            xb_est=jnp.where(mask, rn.astype(state["xb_est"].dtype), state["xb_est"]),
+            xb_iter=jnp.where(mask, state["iters"], state["xb_iter"]),
             r=where_rows(mask, r, state["r"]),
             p=where_rows(mask, z, state["p"]),
             rz=jnp.where(mask, rz, state["rz"]),
@@ -82,7 +95,12 @@ class CG(Solver):
         bad_pre = go & (rz < 0)  # an indefinite preconditioner
         stop = state["stop"] | neg | bad_pre | (go & ((rn <= state["thresh"]) | (rz == 0)))
         curv = jnp.where(active & (pp > 0), pq / jnp.where(pp > 0, pp, 1), jnp.inf)
+        iters = state["iters"] + go.astype(jnp.int32)
+        best = go & (rn.astype(state["xb_est"].dtype) < state["xb_est"])
         new = dict(
+            xb=where_rows(best, x, state["xb"]),
+            xb_est=jnp.where(best, rn.astype(state["xb_est"].dtype), state["xb_est"]),
+            xb_iter=jnp.where(best, iters, state["xb_iter"]),
             x=where_rows(go, x, state["x"]),
             r=where_rows(go, r, state["r"]),
             p=where_rows(go, p_new, p),
@@ -91,7 +109,7 @@ class CG(Solver):
             final=state["final"] | neg | bad_pre,
             negcurv=state["negcurv"] | neg,
             mincurv=jnp.minimum(state["mincurv"], curv.astype(state["mincurv"].dtype)),
-            iters=state["iters"] + go.astype(jnp.int32),
+            iters=iters,
             est=jnp.where(go, rn, state["est"]),
         )
         return with_worst(dict(state, **new))
@@ -99,4 +117,7 @@ class CG(Solver):
 
 def cg_entries(block, m: int, acc) -> dict:
     """The CG entries of a fresh state (``block``: zeros like ``b``; filled by ``init_rows``)."""
-    return dict(r=block, p=block, rz=jnp.zeros((m,), acc))
+    return dict(
+        r=block, p=block, rz=jnp.zeros((m,), acc), xb=block,
+        xb_est=jnp.zeros((m,), acc), xb_iter=jnp.zeros((m,), jnp.int32),
+    )  # fmt: skip

@@ -17,6 +17,7 @@ algorithms share:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, overload
 
 import jax
@@ -27,6 +28,7 @@ from hvp import tree as tu
 from hvp.operators import LinearOperator, NonFiniteError, as_operator, as_zeros
 
 __all__ = [
+    "ConvergenceWarning",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_CHUNK",
     "DtypePolicy",
@@ -40,6 +42,7 @@ __all__ = [
     "dtype_policy",
     "raise_if_nonfinite",
     "resolve_chunk",
+    "warn_not_converged",
 ]
 
 KEY_HINT = "pass key=jax.random.key(seed)"
@@ -295,3 +298,35 @@ def raise_if_nonfinite(op: LinearOperator, what: str, *values: Any) -> None:
         "parameters (`hvp.tree.nonfinite_leaves(params)`), the data and the loss for overflow "
         "(float32/float64 parameters may help), or test the operator on one vector (`op @ v`)."
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# convergence
+# ------------------------------------------------------------------------------------------------
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative algorithm returned a result that did not meet its tolerance.
+
+    One rule for every iterative algorithm of :mod:`hvp.linalg` (:func:`hvp.solve` with every
+    method, :func:`hvp.eigsh`, :func:`hvp.power_iteration`, :func:`hvp.trace` in adaptive
+    mode): **outside** ``jax.jit`` a result
+    with ``converged=False`` emits this warning, naming what was reached against what was
+    asked, the products used and what can help (more iterations, damping, a higher precision
+    dtype, a preconditioner); **inside** ``jax.jit`` (and ``vmap``) nothing is emitted and the
+    result's ``converged`` field says it. A subclass of ``RuntimeWarning`` (as NumPy's and
+    SciPy's numerical warnings), so existing ``RuntimeWarning`` filters keep working; silence it
+    with ``warnings.simplefilter("ignore", hvp.ConvergenceWarning)``.
+
+    Examples:
+      >>> import warnings, jax.numpy as jnp, hvp
+      >>> A = hvp.from_dense(jnp.diag(jnp.arange(1.0, 9.0)))
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     r = hvp.solve(A, jnp.ones(8), method="cg", max_matvecs=3)
+      >>> bool(r.converged), caught[0].category.__name__
+      (False, 'ConvergenceWarning')
+    """
+
+
+def warn_not_converged(message: str, *, stacklevel: int = 3) -> None:
+    """Emit :class:`ConvergenceWarning` with ``message`` (callers skip it under ``jax.jit``)."""
+    warnings.warn(ConvergenceWarning(message), stacklevel=stacklevel)

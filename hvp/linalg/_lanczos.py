@@ -121,6 +121,7 @@ from jax import lax
 from hvp import tree as tu
 from hvp.linalg._blocks import combine, get_row, gram, rowwise, set_row
 from hvp.linalg._checks import (
+    ConvergenceWarning,
     DtypePolicy,
     acc_dtype,
     check_finite_float,
@@ -1153,7 +1154,7 @@ def eigsh(
             f"matvecs (largest residual {float(jnp.max(res)):.3g}). Increase `num_iters` or "
             "`max_restarts`, or loosen `tol`; `result.converged` marks the pairs that did "
             "converge.",
-            RuntimeWarning,
+            ConvergenceWarning,
             stacklevel=2,
         )
     return result

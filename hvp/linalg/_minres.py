@@ -18,6 +18,23 @@ rtol``, ``cond(A) >= 0.1/eps``, ``||A|| ||x|| eps >= beta1``, the exhausted Kryl
 one); the recursive residual :math:`\bar\phi_k` meeting the tolerance is the usual one. Whatever the
 reason, the answer is judged on the true residual afterwards.
 
+**Products in lower precision than the recurrence** (bfloat16/float16 parameters: products in
+that dtype, the recurrence in float32). SciPy's precision tests use the machine epsilon of its one
+working dtype; here the products' epsilon :math:`\varepsilon_p` is far larger (``7.8e-3`` for
+bfloat16 against ``1.2e-7``), and the true residual drifts from :math:`\bar\phi_k` by about
+:math:`\varepsilon_p \|A\| \|x_k\|` (Greenbaum 1997; Sleijpen, van der Vorst & Fokkema 2000).
+On a singular or nearly singular system :math:`\|x_k\|` keeps growing along the near-null
+directions while :math:`\bar\phi_k` keeps falling, so the true residual turns and grows,
+above :math:`\|b\|` in the end (measured on the tanh MLP's undamped bfloat16 Hessian: the true
+residual is smallest, ``0.56 ||b||``, near step 340, and ``1.8 ||b||`` after the default budget of
+3,341 steps, while :math:`\bar\phi` reads ``0.20 ||b||``). So the run also stops, flagged
+``limited`` (and ``stagnated`` when not converged), once
+:math:`\varepsilon_p\, \gamma_{\max}\, \|x_k\| \ge \beta_1` (SciPy's
+``anorm * ynorm * eps >= beta1`` with the products' epsilon and :math:`\gamma_{\max} \le
+\|A + \delta I\|`, the largest diagonal entry of the QR factor, for ``anorm``, which SciPy's
+``tnorm2`` overestimates by :math:`\beta_1`): the products' round-off alone then reaches
+:math:`\|b\|`. The test runs only when the products' dtype is less precise than the recurrence's.
+
 **Negative curvature** is reported along the Lanczos vectors :math:`v_k`: the diagonal entry
 :math:`\alpha_k = v_k^\top (A + \delta I) v_k \le 0` proves that the operator is not positive
 definite (MINRES does not stop for it: it solves indefinite systems), and ``min_curvature`` is the
@@ -101,6 +118,9 @@ class MINRES(Solver):
     def step_update(self, op, state, vs, avs):
         dt = state["beta"].dtype
         eps = jnp.finfo(dt).eps
+        eps_p = max(
+            float(jnp.finfo(jnp.result_type(a)).eps) for a in jax.tree_util.tree_leaves(op.like)
+        )
         v = vs
         itn = state["itn"] + 1
         beta, oldb, beta1 = state["beta"], state["oldb"], state["beta1"]
@@ -149,6 +169,8 @@ class MINRES(Solver):
         small = (est <= state["thresh"]) | (1 + test1 <= 1) | exhausted
         # SciPy's precision tests: x is as good as the dtype allows (``limited``)
         limit = (1 + test2 <= 1) | (acond >= 0.1 / eps) | (anorm * ynorm * eps >= beta1)
+        if eps_p > float(eps):  # products less precise than the recurrence: their round-off
+            limit = limit | (gmax * ynorm * eps_p >= beta1)
         final = bad | limit | (test2 <= state["rtol"])
         active = ~state["stop"]
         vv = rowwise(v, v).astype(dt)

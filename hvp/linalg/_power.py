@@ -32,6 +32,7 @@ from hvp.linalg._checks import (
     check_key,
     coerce_operator,
     dtype_policy,
+    warn_not_converged,
 )
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
 from hvp.operators import NonFiniteError
@@ -211,6 +212,11 @@ def power_iteration(
       ValueError: ``num_iters < 1``, negative or non-finite ``tol``, ``v0`` of the wrong structure.
       NonFiniteError: the operator produced NaN or Inf (e.g. a float16 overflow).
 
+    Warns:
+      ConvergenceWarning: (:class:`hvp.ConvergenceWarning`; outside ``jax.jit`` only, where
+        ``converged`` says it) the residual did not reach ``tol * |lambda|`` within
+        ``num_iters`` products; the message gives both and what can help.
+
     Examples:
       >>> import jax, jax.numpy as jnp, hvp
       >>> r = hvp.power_iteration(hvp.from_dense(jnp.diag(jnp.array([1.0, -3.0]))),
@@ -248,6 +254,8 @@ def power_iteration(
             "`hvp.tree.nonfinite_leaves(op @ v)`, check the parameters, the data and the loss, "
             "or run in float32."
         )
+    if not tu.is_traced(conv, lam, res) and not bool(conv):
+        _warn_not_converged(op, float(lam), float(res), tol, int(nmv))
     return PowerResult(
         eigenvalue=lam,
         eigenvector=vec,
@@ -255,4 +263,26 @@ def power_iteration(
         num_matvecs=nmv,
         converged=conv,
         dtype_policy=dtype_policy(op.like),
+    )
+
+
+def _warn_not_converged(op, lam: float, res: float, tol: float, nmv: int) -> None:
+    policy = dtype_policy(op.like)
+    low = policy.compute in ("bfloat16", "float16")
+    warn_not_converged(
+        f"power_iteration on the {op.name} operator did not converge: residual "
+        f"||A v - lambda v|| = {res:.3g} > tol * |lambda| = {tol * abs(lam):.3g} (eigenvalue "
+        f"{lam:.6g}) after {nmv} products. Power iteration converges at the rate "
+        "|lambda_2 / lambda_1| per product: slowly when the two largest magnitudes are close, "
+        "never when -lambda and lambda are both eigenvalues. What can help: raise `num_iters`, "
+        "loosen `tol`, or use hvp.eigsh (Lanczos, far fewer products for the same accuracy)"
+        + (
+            f"; with {policy.compute} products the residual cannot fall much below "
+            f"{float(jnp.finfo(jnp.dtype(policy.compute)).eps):.1g} * |lambda|: use float32 "
+            "parameters"
+            if low
+            else ""
+        )
+        + ". `result.converged` says it; inside jax.jit there is no warning.",
+        stacklevel=4,
     )

@@ -8,7 +8,9 @@ right-hand side :math:`b` shaped like the parameters (or a block of them), by co
 :func:`hvp.linalg._driver.run` (compiled inside ``jax.jit``, on the host with progress and
 checkpoints otherwise), and every method ends with one more product to report the **true**
 relative residual :math:`\|b - (A + \delta I) x\| / \|b\|` of the returned ``x``: ``converged``
-is that residual meeting the tolerance, never a recursive estimate. See ``docs/solve.md``.
+is that residual meeting the tolerance, never a recursive estimate. The returned ``x`` is the
+best verified iterate (never worse than ``x = 0``), and an unconverged solve warns outside
+``jax.jit`` (:class:`hvp.ConvergenceWarning`). See ``docs/solve.md``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import numpy as np
 from hvp import tree as tu
 from hvp.linalg._cg import CG, cg_entries
 from hvp.linalg._checks import (
+    ConvergenceWarning,
     DtypePolicy,
     acc_dtype,
     check_finite_float,
     check_int,
     coerce_operator,
     dtype_policy,
+    warn_not_converged,
 )
 from hvp.linalg._driver import Checkpoint, run
 from hvp.linalg._lanczos import eigsh
@@ -67,10 +71,18 @@ class SolveResult:
     of ``m`` (one entry per system); otherwise they are scalars.
 
     Attributes:
-      x: the solution, a pytree like ``b`` in the parameters' dtype.
+      x: the solution, a pytree like ``b`` in the parameters' dtype: the **best verified
+        iterate**, the one with the smallest true residual among the start (``x = 0``, or ``x0``
+        when its residual is smaller) and the iterates checked with a true-residual product (the
+        last one, or for CG the one with the smallest recursive residual, and those before each
+        restart). So its residual is never above :math:`\|b\|`: a failed solve returns
+        ``x = 0`` rather than something worse.
       relative_residual: the true :math:`\|b - (A + \delta I) x\| / \|b\|` of the returned ``x``
-        (one product after the last iteration; ``0`` for ``b = 0, x = 0``), accumulation dtype.
+        (from the product that checked it, one after the last iteration; ``1`` for the fallback
+        ``x = 0``, no product; ``0`` for ``b = 0, x = 0``), accumulation dtype.
       converged: ``relative_residual <= max(rtol, atol / ||b||)`` on that true residual.
+      x_iter: the iteration the returned ``x`` comes from (``0``: the start, ``x = 0`` or
+        ``x0``; below ``num_iters``: the safeguard returned an earlier iterate than the last).
       stagnated: not converged because the true residual stagnated at the round-off floor of the
         dtype on this system: the method's recursive residual met ``rtol`` (or it stopped on its
         own precision test) but the true residual did not, and a restart from the true residual
@@ -106,6 +118,7 @@ class SolveResult:
     negative_curvature: jax.Array
     min_curvature: jax.Array
     stagnated: jax.Array
+    x_iter: jax.Array
     method: str = "cg"
     damping: float = 0.0
     rtol: float = 1e-6
@@ -251,7 +264,7 @@ def solve(
         ``None``: :func:`hvp.linalg.default_rtol` of the parameters' dtype,
         :math:`\max(10^{-6}, \sqrt{\varepsilon})` (``1e-6`` float64, ``3.45e-4`` float32). An
         ``rtol`` below what the dtype reaches on the system ends ``stagnated`` (see
-        :class:`SolveResult`) with a ``RuntimeWarning`` (outside ``jax.jit``).
+        :class:`SolveResult`) with a :class:`hvp.ConvergenceWarning` (outside ``jax.jit``).
       atol: absolute tolerance (see ``rtol``).
       max_matvecs: the most products per right-hand side, the start product (with ``x0``) and the
         final true-residual product included (so at most ``max_matvecs - 1`` iterations, one
@@ -283,8 +296,17 @@ def solve(
         NaN).
 
     Warns:
-      RuntimeWarning: (outside ``jax.jit``) a system stagnated above ``rtol`` at the round-off
-        floor of the dtype (``result.stagnated``); the message gives the residual reached.
+      ConvergenceWarning: (:class:`hvp.ConvergenceWarning`, a ``RuntimeWarning``; outside
+        ``jax.jit`` only, where ``converged`` says it) a system did not converge: the message
+        gives the residual reached against ``rtol``, the products used, why it stopped
+        (stagnation at the round-off floor of the dtype, negative curvature, the budget) and
+        what can help (more ``max_matvecs``, damping for a singular or indefinite operator,
+        float32 parameters instead of bfloat16/float16, a preconditioner), and says when the
+        safeguard returned an earlier iterate or ``x = 0``.
+
+    Cost of the safeguard: no product (the start's residual is :math:`\|b\|` or the start
+    product of ``x0``; every other candidate is checked by the products counted above); one more
+    vector per system (two for CG).
 
     Examples:
       >>> import jax.numpy as jnp, hvp
@@ -380,7 +402,7 @@ def solve(
         traced=(key,),
         consume=True,
     )
-    x, rel, conv, iters, neg, mincurv, nmv, finite, stag = out
+    x, rel, conv, iters, neg, mincurv, nmv, finite, stag, xit, fallback = out
     nmv = nmv + built
     if not tu.is_traced(finite) and not bool(finite):
         raise NonFiniteError(
@@ -391,15 +413,18 @@ def solve(
         )
     if chosen == "host" or not tu.is_traced(nmv):
         nmv = int(nmv)
-    if not tu.is_traced(stag, rel) and np.asarray(stag).any():
-        _warn_stagnated(np.asarray(rel)[np.asarray(stag)], rtol, op, method)
+    if not tu.is_traced(conv, rel, stag, iters, xit) and not np.asarray(conv).all():
+        _warn_not_converged(
+            op, method, rtol, damping, max_matvecs, nmv,
+            *(np.asarray(a) for a in (rel, conv, stag, neg, mincurv, iters, xit, fallback)),
+        )  # fmt: skip
     if not block:
         x = jax.tree_util.tree_map(lambda v: v[0], x)
-        rel, conv, iters, neg, mincurv, stag = (
-            a[0] for a in (rel, conv, iters, neg, mincurv, stag)
+        rel, conv, iters, neg, mincurv, stag, xit = (
+            a[0] for a in (rel, conv, iters, neg, mincurv, stag, xit)
         )
-        if not tu.is_traced(iters):
-            iters = int(iters)
+        if not tu.is_traced(iters, xit):
+            iters, xit = int(iters), int(xit)
     return SolveResult(
         x=x,
         relative_residual=rel,
@@ -409,6 +434,7 @@ def solve(
         negative_curvature=neg,
         min_curvature=mincurv,
         stagnated=stag,
+        x_iter=xit,
         method=method,
         damping=damping,
         rtol=rtol,
@@ -417,20 +443,87 @@ def solve(
     )
 
 
-def _warn_stagnated(rels, rtol: float, op, method: str) -> None:
+def _warn_not_converged(
+    op, method, rtol, damping, max_matvecs, nmv, rel, conv, stag, neg, mincurv, iters, xit, fallback
+) -> None:
+    """The :class:`hvp.ConvergenceWarning` of an unconverged solve (concrete values only)."""
     policy = dtype_policy(op.like)
-    best = float(np.min(rels))
-    warnings.warn(
-        f"hvp.solve (method={method!r}) on {op.label}: {len(rels)} system(s) stagnated at a true "
-        f"relative residual of {best:.3g} (worst {float(np.max(rels)):.3g}) above rtol={rtol:g}: "
-        f"the round-off floor of {policy.compute} products on this system (the recursive "
-        "residual met rtol, the true one did not, and restarting from it no longer helped). "
-        f"The returned x is about as accurate as {policy.compute} allows; pass rtol >= "
-        f"{float(np.max(rels)):.2g} (or rtol=None: {default_rtol(op.like):.3g} for "
-        f"{policy.compute}), add damping or a preconditioner, or use float64 parameters. "
-        "`result.stagnated` marks these systems.",
-        RuntimeWarning,
-        stacklevel=3,
+    bad = ~conv
+    rels = rel[bad]
+    m = len(conv)
+    which = f"{int(bad.sum())} of {m} systems" if m > 1 else "the system"
+    head = (
+        f"hvp.solve (method={method!r}, damping={damping:g}) on {op.label}: {which} did not "
+        f"converge: true relative residual {float(np.min(rels)):.3g}"
+        + (f" (worst {float(np.max(rels)):.3g})" if len(rels) > 1 else "")
+        + f" > rtol={rtol:g} after {nmv} products."
+    )
+    why, helps = [], []
+    if stag[bad].any():
+        why.append(
+            f"stagnated at the round-off floor of {policy.compute} products on this system "
+            "(the recursive residual met rtol or reached the precision limit, the true one did "
+            "not, and restarting from it no longer helped): the returned x is about as accurate "
+            f"as {policy.compute} allows"
+        )
+        helps.append(
+            f"pass rtol >= {float(np.max(rels)):.2g} (or rtol=None: "
+            f"{default_rtol(op.like):.3g} for {policy.compute})"
+        )
+        helps.append("add damping (the floor grows with the condition number)")
+    negs = neg[bad] & (method != "minres")
+    if negs.any():
+        lo = float(np.min(mincurv[bad]))
+        why.append(
+            f"met negative curvature (a direction d with d^T (A + damping I) d / d^T d = {lo:.3g}"
+            f" <= 0): A + damping I is not positive definite, which {method!r} needs"
+        )
+        helps.append(
+            "use method='minres' (symmetric indefinite), or a damping above "
+            f"{max(-lo, 0.0) + damping:.3g}"
+        )
+    if not stag[bad].any() and not negs.all():
+        why.append(
+            f"stopped at the budget (max_matvecs={max_matvecs} products per system)"
+            + (" or on a growing residual (`scale` too small)" if method == "neumann" else "")
+        )
+        helps.append("raise `max_matvecs`")
+        helps.append(
+            "add damping (a singular or indefinite operator converges slowly, or only to a "
+            "least-squares residual)"
+        )
+        if method != "neumann":
+            helps.append("add a preconditioner (`preconditioner=`)")
+    if policy.compute in ("bfloat16", "float16"):
+        helps.append(
+            f"use float32 parameters (products in {policy.compute} carry a relative error near "
+            f"{float(jnp.finfo(jnp.dtype(policy.compute)).eps):.1g}, which bounds the residual "
+            "reachable)"
+        )
+    safe = ((xit < iters) | fallback) & bad
+    note = ""
+    if safe.any():
+        zero = bool((xit[safe] == 0).all())
+        note = (
+            " The last iterate's true residual was worse, so the best-iterate safeguard "
+            + (
+                "returned the start (x = 0, or x0 where it was better)"
+                if zero
+                else "returned an earlier iterate (`result.x_iter`)"
+            )
+            + "."
+        )
+    warn_not_converged(
+        head
+        + " It "
+        + "; it ".join(why)
+        + "."
+        + note
+        + " What can help: "
+        + "; ".join(dict.fromkeys(helps))
+        + ". `result.converged` (and `result.stagnated`) mark these systems; inside jax.jit "
+        "there is no warning.",
+        stacklevel=4,
     )
 
 
@@ -489,8 +582,8 @@ class InverseOperator(LinearOperator):
         )
 
     def _apply(self, v):
-        with warnings.catch_warnings():  # a stagnated product is NaN here (or ConvergenceError)
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings():  # an unconverged product is NaN here
+            warnings.simplefilter("ignore", ConvergenceWarning)
             r = solve(self.op, v, **self._settings(driver="compiled"))
         return jax.tree_util.tree_map(lambda x: jnp.where(r.converged, x, jnp.nan), r.x)
 
@@ -533,8 +626,8 @@ class InverseOperator(LinearOperator):
         if self._traced(v):
             return super().mv(v)
         self._check_vectors(v, "v", leading=0)
-        with warnings.catch_warnings():  # a stagnated product raises ConvergenceError
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings():  # an unconverged product raises ConvergenceError
+            warnings.simplefilter("ignore", ConvergenceWarning)
             r = solve(self.op, v, **self._settings())
         return self._checked(r, "product")
 
@@ -542,8 +635,8 @@ class InverseOperator(LinearOperator):
         if self._traced(vs):
             return super().matmat(vs)
         self._check_vectors(vs, "vs", leading=1)
-        with warnings.catch_warnings():  # a stagnated product raises ConvergenceError
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings():  # an unconverged product raises ConvergenceError
+            warnings.simplefilter("ignore", ConvergenceWarning)
             r = solve(self.op, vs, block=True, **self._settings())
         return self._checked(r, "block product")
 

@@ -18,6 +18,15 @@ The run enters the check when every row has stopped iterating or when only one p
 budget ``max_matvecs`` (per right-hand side) is left, so the reported residual is always the true
 residual of the returned ``x`` and ``finalize`` does no product.
 
+**Best-iterate safeguard.** Every row keeps the iterate with the smallest **true** residual seen
+so far (``best_x``, ``best_rn``, ``best_iter``): the start (``x = 0``, residual ``||b||``, known
+without a product; or the user's ``x0`` when its start product shows it better than zero) and
+every checked iterate. The run returns that one, so a returned ``x`` never has a true residual
+above ``||b||`` and never above an earlier checked iterate's. Which iterate is checked is the
+method's :meth:`Solver.candidate`: the last iterate, except for CG, whose residual is not
+monotone, which checks the iterate with the smallest recursive residual since its last (re)start
+(as MATLAB's ``pcg``). Cost: one more vector per system (two for CG), no product.
+
 **Stagnation.** A restart is iterative refinement from the true residual; in exact arithmetic it
 would cut that residual by about the tolerance again. When it cuts it by less than
 :data:`MIN_PROGRESS` (or a method stops on its own precision test), the true residual has reached
@@ -163,6 +172,10 @@ class Solver(StateMachine):
     def step_update(self, op, state: dict, vs, avs) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def candidate(self, state: dict):
+        """``(x, iters)``: the iterate the next check verifies and the iteration it comes from."""
+        return state["x"], state["iters"]
+
     # --- helpers ---------------------------------------------------------------------------------
     def precond(self, state: dict, R):
         """``P^{-1} R`` for a block ``R`` (the identity without a preconditioner)."""
@@ -188,13 +201,22 @@ class Solver(StateMachine):
     def prepare(self, op, state, phase):
         if phase == 1:
             return self.step_prepare(op, state)
-        return to_like(state["x"], op.like)  # x in the parameters' dtype
+        if phase == 0:
+            return to_like(state["x"], op.like)  # x0 in the parameters' dtype
+        return to_like(self.candidate(state)[0], op.like)  # the x to return, if it is the best
 
     def update(self, op, state, phase, vs, avs):
         steps = state["steps"] + 1
         state = dict(state, steps=steps, matvecs=state["matvecs"] + self.m)
         if phase == 0:
             r = self._residual(op, state, vs, avs)
+            rn = row_norms(r).astype(state["best_rn"].dtype)
+            better = rn < state["best_rn"]  # x0 beats x = 0 (||b||)
+            state = dict(
+                state,
+                best_x=where_rows(better, state["x"], state["best_x"]),
+                best_rn=jnp.where(better, rn, state["best_rn"]),
+            )
             state = self.init_rows(op, state, r, jnp.ones((self.m,), bool))
             return dict(state, phase=self._after_init(state))
         if phase == 1:
@@ -202,11 +224,19 @@ class Solver(StateMachine):
             no_budget = steps + 1 >= state["max_steps"]
             to_check = jnp.all(state["stop"]) | no_budget
             return dict(state, phase=jnp.where(to_check, 2, 1).astype(jnp.int32))
-        # phase 2: the true residual of x (the x returned: cast to the parameters' dtype)
+        # phase 2: the true residual of the candidate x (cast to the parameters' dtype)
         acc = acc_dtype(op.like)
         x = tu.cast(vs, acc)
         r = self._residual(op, state, vs, avs)
         rn = row_norms(r)
+        # the safeguard: keep the checked x when it is no worse than the best so far (a NaN never)
+        better = rn.astype(acc) <= state["best_rn"]
+        state = dict(
+            state,
+            best_x=where_rows(better, x, state["best_x"]),
+            best_rn=jnp.where(better, rn.astype(acc), state["best_rn"]),
+            best_iter=jnp.where(better, self.candidate(state)[1], state["best_iter"]),
+        )
         ok = rn <= state["thresh"]
         bn = state["bnorm"]
         rel = jnp.where(bn > 0, rn / jnp.where(bn > 0, bn, 1), jnp.where(rn == 0, 0.0, jnp.inf))
@@ -236,12 +266,18 @@ class Solver(StateMachine):
         return rs
 
     def finalize(self, op, state):
-        x = to_like(state["x"], op.like)
-        finite = tu.all_finite(x) & ~jnp.any(jnp.isnan(state["relres"]))
-        conv = state["checked_ok"] & jnp.isfinite(state["relres"])
+        # the last checked x decides finiteness (NonFiniteError outside jit, NaN inside)
+        finite = tu.all_finite(state["x"]) & ~jnp.any(jnp.isnan(state["relres"]))
+        x = to_like(jax.tree_util.tree_map(
+            lambda a, b: jnp.where(finite, a, b), state["best_x"], state["x"]
+        ), op.like)  # fmt: skip
+        bn, rn = state["bnorm"], state["best_rn"]
+        rel = jnp.where(bn > 0, rn / jnp.where(bn > 0, bn, 1), jnp.where(rn == 0, 0.0, jnp.inf))
+        rel = jnp.where(finite, rel, state["relres"]).astype(state["relres"].dtype)
+        conv = finite & (rn <= state["thresh"]) & jnp.isfinite(rel)
         return (
             x,
-            state["relres"],
+            rel,
             conv,
             state["iters"],
             state["negcurv"],
@@ -249,6 +285,8 @@ class Solver(StateMachine):
             state["matvecs"],
             finite,
             state["stagnated"] & ~conv,
+            state["best_iter"],
+            finite & (rn < state["prev_true"]),  # the last checked x was worse: a fallback
         )
 
     def progress(self, state) -> Progress:
@@ -290,6 +328,9 @@ def initial_state(*, b, x, bnorm, thresh, damping, max_steps, pre, like, extra: 
         limited=jnp.zeros((m,), bool),
         stagnated=jnp.zeros((m,), bool),
         checked_ok=jnp.zeros((m,), bool),
+        best_x=jax.tree_util.tree_map(jnp.zeros_like, x),
+        best_rn=jnp.asarray(bnorm, acc),
+        best_iter=jnp.zeros((m,), jnp.int32),
         worst=jnp.ones((), acc),
         est=jnp.zeros((m,), acc),
         matvecs=jnp.zeros((), jnp.int32),

@@ -113,6 +113,7 @@ from hvp.linalg._checks import (
     dtype_policy,
     raise_if_nonfinite,
     resolve_chunk,
+    warn_not_converged,
 )
 from hvp.linalg._driver import (
     Checkpoint,
@@ -952,6 +953,11 @@ def trace(
       hvp.NonFiniteError: the products produced NaN or Inf (outside ``jax.jit``; under it the
         estimate is NaN instead).
 
+    Warns:
+      ConvergenceWarning: (:class:`hvp.ConvergenceWarning`) adaptive mode spent ``max_matvecs``
+        without meeting its tolerance (``converged=False``); the message gives the standard
+        error reached against the tolerance, the products and what can help.
+
     A fixed budget works inside ``jax.jit`` and ``jax.vmap`` (the compiled driver; pass the
     operator as an argument); adaptive mode decides on concrete values between rounds and
     runs outside them.
@@ -1256,4 +1262,26 @@ def _adaptive(
         raise_if_nonfinite(op, "trace estimate", est)
         if total >= 2 and _met(est, se, rtol, atol):
             return finish(dataclasses.replace(res, converged=True))
+    if res is not None:
+        _warn_not_converged(op, res, rtol, atol, max_matvecs)
     return finish(res)
+
+
+def _warn_not_converged(op, res, rtol, atol, max_matvecs) -> None:
+    """The :class:`hvp.ConvergenceWarning` of an adaptive trace that missed its tolerance."""
+    est, se = float(res.estimate), float(res.std_error)
+    warn_not_converged(
+        f"hvp.trace (method={res.method!r}, adaptive) on the {op.name} operator did not "
+        f"converge: std_error {se:.3g} > max(rtol * |estimate|, atol) = "
+        f"{max(rtol * abs(est), atol):.3g} (estimate {est:.6g}) after {res.num_matvecs} "
+        f"products (max_matvecs={max_matvecs}). What can help: raise `max_matvecs` (up to n = "
+        f"{op.size} gives the exact trace), loosen `rtol`/`atol`"
+        + (
+            ", or method='hutch++'/'xtrace' (their error falls as 1/m, Hutchinson's as 1/sqrt(m), "
+            "on spectra with a few large eigenvalues)"
+            if res.method == "hutchinson"
+            else ""
+        )
+        + ". `result.converged` says it.",
+        stacklevel=5,
+    )

@@ -151,7 +151,10 @@ def hessian_free(
     included). Each ``update`` solves :math:`(B + \lambda I) p = -g` for the
     curvature :math:`B` at ``params`` (the GGN with CG, or the Hessian with
     MINRES), warm-started from ``warm_start`` times the previous solution and
-    with at most ``max_matvecs`` products, takes a backtracking line search
+    with at most ``max_matvecs`` products (the solve returns its best verified iterate, never
+    one whose residual exceeds that of ``p = 0`` or of the warm start: see
+    :func:`hvp.solve`; a truncated solve emits no warning here, ``state.converged`` says it),
+    takes a backtracking line search
     along :math:`p` and adapts :math:`\lambda` from the reduction ratio; see
     :mod:`hvp.optim._hessian_free` for the rules and which of Martens' pieces
     are implemented.
@@ -325,8 +328,8 @@ def hessian_free(
         tol = max(_HF_RTOL, _linalg.default_rtol(params)) if rtol is None else rtol
         # the damping enters as an operator term (a traced scalar among the operator's arrays),
         # not as the solver's static `damping=`: the step compiles once however it moves
-        with warnings.catch_warnings():  # a stagnated solve: `state.converged` is False
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with warnings.catch_warnings():  # an unconverged solve: `state.converged` is False
+            warnings.simplefilter("ignore", _linalg.ConvergenceWarning)
             sol = _linalg.solve(
                 op + lam,
                 tu.scale(-1.0, grad),

@@ -30,7 +30,8 @@ def test_top_magnitude_pair(top):
 def test_iteration_cap_and_flag():
     eigs = np.concatenate([[1.0, 0.99], np.linspace(0, 0.5, N - 2)])  # slow: ratio 0.99
     a = sym(eigs, seed=2)
-    res = power_iteration(hvp.from_dense(a), key=jax.random.PRNGKey(0), num_iters=5, tol=1e-10)
+    with pytest.warns(hvp.ConvergenceWarning, match=r"did not converge.*after 5 products"):
+        res = power_iteration(hvp.from_dense(a), key=jax.random.PRNGKey(0), num_iters=5, tol=1e-10)
     assert int(res.num_matvecs) == 5
     assert not bool(res.converged)
     assert float(res.residual) > 1e-10

@@ -1,9 +1,12 @@
 """hvp.solve (CG, MINRES, Neumann), preconditioners and hvp.inverse against dense float64 solves."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse.linalg
 from problems import operator, reference, sym
 
 import hvp
@@ -160,13 +163,73 @@ def test_cg_on_indefinite_hessian_reports_negative_curvature():
     assert float(r.relative_residual) > 1e-10
 
 
-def test_cg_budget_too_small_is_flagged_with_true_residual():
-    a = _outliers()
+def test_unconverged_solve_warns_outside_jit_only_and_returns_a_verified_x():
+    """One rule for every method (MINRES's and Neumann's tests check it too): converged=False
+    warns (ConvergenceWarning) outside jit, never inside; success never warns; the returned x's
+    residual is the true one and at most ||b||."""
+    method = "cg"
+    a = sym(np.linspace(1.0, 2.0, N), seed=5)  # N: the compiled steps of the other tests
     b = np.random.default_rng(0).normal(size=len(a))
-    r = hvp.solve(hvp.from_dense(a), b, method="cg", max_matvecs=5, rtol=1e-10)
-    assert r.num_matvecs == 5 and r.num_iters == 4 and not bool(r.converged)
-    np.testing.assert_allclose(float(r.relative_residual), _true_rel(a, r.x, b), rtol=1e-10)
-    assert float(r.relative_residual) > 1e-10
+    kw = dict(method=method, rtol=1e-10)
+    with pytest.warns(hvp.ConvergenceWarning, match=r"did not converge.*after 3 products"):
+        r = hvp.solve(hvp.from_dense(a), b, max_matvecs=3, **kw)
+    assert r.num_matvecs == 3 and r.num_iters == 2 and not bool(r.converged)
+    rel = _true_rel(a, r.x, b)
+    np.testing.assert_allclose(float(r.relative_residual), rel, rtol=1e-10)
+    assert 1e-10 < rel <= 1.0 and r.x_iter == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hvp.ConvergenceWarning)
+        ok = hvp.solve(hvp.from_dense(a), b, **kw)  # success: no warning
+        assert bool(ok.converged) and _true_rel(a, ok.x, b) <= 1e-10
+        short = jax.jit(lambda v: hvp.solve(hvp.from_dense(a), v, max_matvecs=3, **kw))(b)
+        assert not bool(short.converged)  # inside jit: the field says it, no warning
+        np.testing.assert_allclose(float(short.relative_residual), rel, rtol=1e-8)
+
+
+def test_bfloat16_minres_on_a_singular_system_stops_at_the_product_floor():
+    """Products in bfloat16, recurrence in float32: MINRES stops (stagnated) once the products'
+    round-off reaches ||b|| (it ran 301 steps before), with a residual below ||b||, and warns."""
+    eigs = np.concatenate([np.zeros(3), np.geomspace(1e-3, 1, 12), -np.geomspace(1e-3, 1, 15)])
+    a = sym(eigs, seed=0)  # singular and indefinite: b is not in the range
+    b = np.random.default_rng(0).normal(size=len(a))
+    a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    with pytest.warns(hvp.ConvergenceWarning, match="stagnated.*float32 parameters"):
+        r = hvp.solve(hvp.from_dense(a16), b16, method="minres")
+    assert bool(r.stagnated) and r.num_matvecs < 200  # measured 144
+    lsq = np.linalg.lstsq(a, b, rcond=None)[0]  # the least-squares floor: 0.34 ||b||
+    rel = _true_rel(np.asarray(a16, np.float64), r.x, b16)
+    assert _true_rel(a, lsq, b) < rel <= float(r.relative_residual) + 0.05 and rel < 1.0
+
+
+def test_cg_safeguard_returns_zero_when_the_last_iterate_is_worse():
+    """CG's first iterate on diag(1, 1000, 1, ...) has 9x the residual of x = 0 (SciPy's cg
+    returns it); hvp.solve returns x = 0, says so (x_iter=0, relative residual 1) and warns."""
+    a, b = np.diag([1.0, 1000.0] + [1.0] * (N - 2)), np.r_[1.0, 0.1, np.zeros(N - 2)]
+    x1, _ = scipy.sparse.linalg.cg(a, b, maxiter=1)
+    assert np.linalg.norm(b - a @ x1) > 9 * np.linalg.norm(b)  # the last iterate is worse
+    with pytest.warns(hvp.ConvergenceWarning, match="safeguard returned the start"):
+        r = hvp.solve(hvp.from_dense(a), b, method="cg", max_matvecs=2)
+    assert r.num_iters == 1 and r.x_iter == 0 and float(r.relative_residual) == 1.0
+    assert not np.asarray(r.x).any()
+    x0 = np.full(N, 10.0)  # a start worse than zero: its start product shows it, zero is kept
+    with pytest.warns(hvp.ConvergenceWarning, match="safeguard returned the start"):
+        r0 = hvp.solve(hvp.from_dense(a), b, method="cg", x0=x0, max_matvecs=2)
+    assert r0.num_iters == 0 and float(r0.relative_residual) == 1.0 and not np.asarray(r0.x).any()
+
+
+@pytest.mark.slow  # 14 s of compilation; the dense bfloat16 test above covers the stop
+def test_bfloat16_minres_stops_at_the_product_floor_no_worse_than_zero():
+    """The trial's case: MINRES on a tanh MLP's (singular) Hessian with bfloat16 parameters ran
+    the whole budget (3,342 products) to a true residual of 1.9 ||b||, silently. Now it stops once
+    the products' round-off reaches ||b||, returns a residual below ||b|| and warns."""
+    op = operator("mlp", "hessian", "bfloat16")
+    a = reference("mlp", "hessian")
+    b = tu.cast(_rhs(op.like), jnp.bfloat16)
+    with pytest.warns(hvp.ConvergenceWarning, match="bfloat16.*float32 parameters"):
+        r = hvp.solve(op, b, method="minres")
+    assert not bool(r.converged) and bool(r.stagnated) and r.num_matvecs < 1000  # measured 461
+    rel = _true_rel(a, r.x, b)  # float64 Hessian at the float64 parameters
+    assert float(r.relative_residual) <= 1.0 and rel <= 1.0  # measured 0.585, 0.583
 
 
 def test_cg_x0_and_block():
@@ -266,7 +329,9 @@ def test_minres_indefinite_solve_and_negative_curvature():
     op = operator("quadratic", "hessian")
     a = reference("quadratic", "hessian")
     b = _rhs(op.like, seed=1)
-    r = hvp.solve(op, b, method="minres", rtol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hvp.ConvergenceWarning)  # success: no warning
+        r = hvp.solve(op, b, method="minres", rtol=1e-10)
     ref = np.linalg.solve(a, np.asarray(tu.ravel(b)))
     assert bool(r.converged) and bool(r.negative_curvature) and float(r.min_curvature) < 0
     assert r.method == "minres" and hvp.linalg.resolve_solve_method("auto", op) == "minres"
@@ -274,10 +339,13 @@ def test_minres_indefinite_solve_and_negative_curvature():
     np.testing.assert_allclose(
         float(r.relative_residual), _true_rel(a, r.x, b), rtol=1e-6, atol=1e-14
     )
-    # too small a budget: flagged, with the true residual of the returned x
-    r = hvp.solve(op, b, method="minres", rtol=1e-10, max_matvecs=4)
-    assert not bool(r.converged) and r.num_iters == 3
-    np.testing.assert_allclose(float(r.relative_residual), _true_rel(a, r.x, b), rtol=1e-10)
+    # too small a budget: flagged and warned, with the true residual of the returned x
+    with pytest.warns(hvp.ConvergenceWarning, match=r"did not converge.*after 4 products"):
+        r = hvp.solve(op, b, method="minres", rtol=1e-10, max_matvecs=4)
+    assert not bool(r.converged) and r.num_iters == 3 and r.x_iter == 3
+    rel = _true_rel(a, r.x, b)
+    np.testing.assert_allclose(float(r.relative_residual), rel, rtol=1e-10)
+    assert rel <= 1.0
 
 
 def test_minres_preconditioned_block_and_singular_damped():
@@ -320,16 +388,19 @@ def test_neumann_matches_dense_and_refuses_indefinite():
     a = _outliers() / 1e5 + 0.02 * np.eye(N)  # SPD, eigenvalues in [0.02, 1.02]
     b = np.random.default_rng(8).normal(size=N)
     op = hvp.from_dense(a)
-    r = hvp.solve(op, b, method="neumann", damping=0.2, key=jax.random.key(0), rtol=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hvp.ConvergenceWarning)  # success: no warning
+        r = hvp.solve(op, b, method="neumann", damping=0.2, key=jax.random.key(0), rtol=1e-8)
     ref = np.linalg.solve(a + 0.2 * np.eye(N), b)
     assert bool(r.converged) and r.method == "neumann" and not bool(r.negative_curvature)
     np.testing.assert_allclose(np.asarray(r.x), ref, atol=1e-7 * np.abs(ref).max())
     assert float(r.relative_residual) <= 1e-8
-    slow = hvp.solve(op, b, method="neumann", damping=0.2, scale=1.5, max_matvecs=6)
-    assert slow.num_iters == 5 and not bool(slow.converged)
-    np.testing.assert_allclose(
-        float(slow.relative_residual), _true_rel(a, slow.x, b, 0.2), rtol=1e-10
-    )
+    with pytest.warns(hvp.ConvergenceWarning, match=r"did not converge.*after 6 products"):
+        slow = hvp.solve(op, b, method="neumann", damping=0.2, scale=1.5, max_matvecs=6)
+    assert slow.num_iters == 5 and not bool(slow.converged) and slow.x_iter == 5
+    rel = _true_rel(a, slow.x, b, 0.2)
+    np.testing.assert_allclose(float(slow.relative_residual), rel, rtol=1e-10)
+    assert rel <= 1.0
     indefinite = hvp.from_dense(sym(np.linspace(-1.0, 2.0, N), seed=8))  # eigsh compiled above
     with pytest.raises(ValueError, match="positive definite"):
         hvp.solve(indefinite, b, method="neumann", key=jax.random.key(0))
