@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from typing import ClassVar
 
 import jax
@@ -69,7 +68,7 @@ from jax.scipy.linalg import eigh_tridiagonal
 
 from hvp import tree as tu
 from hvp.linalg._blocks import get_row, rowwise, to_like
-from hvp.linalg._checks import acc_dtype, dtype_policy
+from hvp.linalg._checks import acc_dtype, dtype_policy, warn_not_converged
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
 from hvp.linalg._lanczos import EigshResult
 from hvp.operators import NonFiniteError
@@ -518,14 +517,26 @@ def lean_eigsh(
         )
     if not bool(jnp.all(conv)):
         k_total = 2 * k if which == "both" else k
-        warnings.warn(
+        steps = (nmv - k_total + 1) // 2  # first pass j steps, second j - 1, then k_total
+        if steps >= num_iters:
+            why = (
+                f"its first pass used all `num_iters`={num_iters} Lanczos steps: raise "
+                "`num_iters` (the lean mode's memory does not grow with it; each step costs 2 "
+                "products)"
+            )
+        else:
+            why = (
+                "the Krylov space holds fewer distinct eigenvalues than `k` (it returns each "
+                "distinct eigenvalue once), or the pairs met their Lanczos bound but not the "
+                "true-residual check: ask for fewer pairs, or use `basis='device'` (restarts, "
+                "multiplicities)"
+            )
+        warn_not_converged(
             f"eigsh(basis='none', {which}, k={k}) on the {op.name} operator: only "
             f"{int(jnp.sum(conv))} of {k_total} eigenpairs reached tol={tol:g} after {nmv} "
-            f"matvecs (largest residual {float(jnp.max(res)):.3g}). The lean mode does not "
-            "restart: increase `num_iters`, loosen `tol`, or ask for fewer pairs (it returns "
-            "distinct eigenvalues: fewer distinct ones than `k` in the Krylov space leave pairs "
-            "unconverged).",
-            RuntimeWarning,
+            f"matvecs (largest residual {float(jnp.max(res)):.3g}, threshold "
+            f"{float(jnp.min(thr)):.3g}). The lean mode does not restart; {why}. "
+            "`result.converged` marks the pairs that did converge.",
             stacklevel=3,
         )
     return result
