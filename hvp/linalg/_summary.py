@@ -209,8 +209,8 @@ def spectrum_summary(
     eps = max(zero_tol, zero_floor(both.dtype_policy.compute, tol)) * top
     label, singular, cond = definiteness(lmin, lmax, eps)
     sd = spectral_density(op, key=k_slq, num_probes=num_probes, num_iters=num_iters)
-    neg = sd.negative_mass(eps)
-    pos = sd.positive_mass(eps)
+    neg = float(sd.negative_mass(eps))
+    pos = float(sd.positive_mass(eps))
     nodes = np.asarray(sd.nodes, np.float64)
     weights = np.asarray(sd.weights, np.float64)
     neg_abs = float(np.mean(np.sum(weights * np.where(nodes < -eps, -nodes, 0.0), axis=1)))
