@@ -254,7 +254,11 @@ class SpectralDensity:
         return out / (sigma * np.sqrt(2 * np.pi))
 
     def cdf(self, x) -> np.ndarray:
-        """Estimated fraction of eigenvalues ``<= x`` (the SLQ measure's distribution function)."""
+        """Estimated fraction of eigenvalues ``<= x`` (the SLQ measure's distribution function).
+
+        The probe-pooled Gauss staircase; for its standard error and quadrature bracket use
+        ``interval_mass(-inf, x)`` (the fraction ``< x``; see :class:`SpectralMassEstimate`).
+        """
         nodes, weights = self._pooled()
         x = np.asarray(x, dtype=np.float64)
         order = np.argsort(nodes)
@@ -763,8 +767,9 @@ def spectral_density(
     Returns:
       :class:`SpectralDensity` with ``nodes``, ``weights`` (``(P, m)``), ``num_matvecs``
       (a Python ``int`` outside ``jax.jit``, a traced int32 scalar under it),
-      ``dtype_policy`` and helpers ``density``, ``grid``, ``negative_mass``, ``trace_fn``,
-      ``wasserstein1``.
+      ``dtype_policy`` and helpers ``density``, ``grid``, ``cdf``, ``negative_mass``,
+      ``positive_mass``, ``interval_mass`` (:class:`SpectralMassEstimate`: estimate,
+      ``std_error`` and quadrature bracket), ``trace_fn``, ``wasserstein1``.
 
     Precision: products run in the parameters' dtype (bfloat16/float16 included); the
     Lanczos iterates are orthogonalised, and ``alpha``, ``beta``, the tridiagonal matrix

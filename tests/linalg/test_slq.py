@@ -162,6 +162,16 @@ def test_spectrum_summary():
     assert s.lambda_min == pytest.approx(-2.0, rel=1e-8)
     assert s.converged
     assert abs(s.negative_mass - 15 / N) < 0.03
+    print(
+        "negative mass, std error, bracket:",
+        s.negative_mass,
+        s.negative_mass_std_error,
+        s.negative_mass_lower,
+        s.negative_mass_upper,
+    )
+    assert s.negative_mass_lower <= s.negative_mass <= s.negative_mass_upper
+    assert s.negative_mass_upper - s.negative_mass_lower < 0.1  # a gap around 0: a tight bracket
+    assert abs(s.negative_mass - 15 / N) <= 4 * s.negative_mass_std_error
     assert s.negative_positive_ratio == pytest.approx(s.negative_mass / s.positive_mass)
     true_abs = np.sum(-eigs[eigs < 0]) / np.sum(eigs[eigs > 0])
     assert s.negative_positive_abs_ratio == pytest.approx(true_abs, rel=0.25)
