@@ -119,7 +119,7 @@ def test_degenerate_operators_no_nan():
     )
     np.testing.assert_array_equal(np.asarray(zero.nodes), 0.0)
     np.testing.assert_allclose(np.asarray(zero.weights).sum(axis=1), 1.0)
-    assert zero.negative_mass() == 0.0
+    assert float(zero.negative_mass()) == 0.0
     low = np.zeros(N)
     low[:3] = [-1.0, 2.0, 5.0]  # rank 3: each probe's Krylov space is invariant after 4 steps
     d = spectral_density(
