@@ -169,9 +169,20 @@ class DensitySection:
       grid, density: the Gaussian-broadened density on a grid (integrates to 1).
       sigma: the Gaussian width.
       nodes, weights: the quadrature nodes (Ritz values) and weights, ``(num_probes, num_iters)``.
-      negative_mass: estimated fraction of the eigenvalues below ``-zero_threshold``.
+      negative_mass: estimated fraction of the eigenvalues below ``-zero_threshold``: the SLQ
+        Gauss estimate, raised to ``negative_count_eigsh / n`` when that is larger.
       zero_threshold: ``max(tol, hvp.linalg.zero_floor(dtype, tol)) * max|lambda|``; Ritz values closer to 0 count as zero (round-off, null space).
       num_probes, num_iters, num_matvecs, seconds: settings and cost.
+      negative_mass_std_error: the probe standard error of the SLQ estimate.
+      negative_mass_lower, negative_mass_upper: the quadrature bracket
+        (:class:`hvp.linalg.SpectralMassEstimate`: every probe's exact mass lies in its own
+        bracket; these are the probe means), the lower end raised to
+        ``negative_count_eigsh / n``. The fraction lies in ``[lower - 2 b, upper + 2 b]``
+        with about 95% confidence, ``b`` = ``negative_mass_bracket_std_error``; a wide
+        bracket narrows with more Lanczos steps (``num_iters``), not more probes.
+      negative_count_eigsh: how many eigenvalues are certainly below ``-zero_threshold``
+        by the converged bottom eigenpairs (Ritz value plus the residual norm of the
+        converged set, Kahan's theorem): a hard lower bound of the count.
 
     Examples:
         >>> import numpy as np
@@ -195,6 +206,11 @@ class DensitySection:
     num_iters: int
     num_matvecs: int
     seconds: float
+    negative_mass_std_error: float = float("nan")
+    negative_mass_lower: float = float("nan")
+    negative_mass_upper: float = float("nan")
+    negative_mass_bracket_std_error: float = float("nan")
+    negative_count_eigsh: int = 0
 
 
 @tu.result(static=("layers", "labels", "block", "kind"))
@@ -1347,12 +1363,12 @@ def _assemble(
         sigma=sigma,
         nodes=np.asarray(sd.nodes, np.float64),
         weights=np.asarray(sd.weights, np.float64),
-        negative_mass=_f(sd.negative_mass(zero)),
         zero_threshold=zero,
         num_probes=s.num_probes,
         num_iters=s.num_iters,
         num_matvecs=int(sd.num_matvecs),
         seconds=float(timings["density"]),
+        **negative_mass_fields(sd, bot_sec, zero, size=int(tu.size(c.params))),
     )
     tr_sec = TraceSection(
         estimate=_f(c.trace.estimate),
@@ -1514,6 +1530,48 @@ def zero_threshold(top: EigenSection, bottom: EigenSection, *, tol: float, dtype
 
     scale = float(max(np.abs(top.eigenvalues).max(), np.abs(bottom.eigenvalues).max()))
     return max(float(tol), linalg.zero_floor(dtype, tol)) * scale
+
+
+def negative_mass_fields(sd, bottom: EigenSection, zero: float, *, size: int) -> dict:
+    r"""The density section's negative-mass fields: SLQ estimate, error, bracket, eigsh bound.
+
+    From ``sd.negative_mass(zero)`` (:class:`hvp.linalg.SpectralMassEstimate`: Gauss
+    estimate, probe standard error, Chebyshev-Markov-Stieltjes bracket) and the bottom
+    eigenpairs: by Kahan's theorem (Parlett, *The Symmetric Eigenvalue Problem*, 1998,
+    thm. 11.5.1) the ``c`` converged orthonormal Ritz pairs have ``c`` distinct eigenvalues
+    within :math:`\lVert R \rVert_2 \le (\sum_i r_i^2)^{1/2}` of their Ritz values
+    (:math:`r_i` the residual norms), so those with :math:`\theta_i + \lVert R\rVert <
+    -\epsilon` count certainly: ``negative_count_eigsh / size`` is a hard lower bound of
+    the fraction, which raises the estimate and the bracket's lower end when larger.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np, hvp
+        >>> from hvp.analysis import EigenSection
+        >>> from hvp.analysis._analyze import negative_mass_fields
+        >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.arange(-2.0, 6.0))),
+        ...                           key=jax.random.key(0), num_probes=4, num_iters=8)
+        >>> bottom = EigenSection(eigenvalues=np.array([-2.0, -1.0]), residuals=np.array([1e-9, 1e-9]),
+        ...                       converged=np.array([True, True]), num_matvecs=9, num_restarts=0,
+        ...                       seconds=0.0)
+        >>> f = negative_mass_fields(sd, bottom, 1e-6, size=8)
+        >>> f["negative_count_eigsh"], f["negative_mass_lower"], round(f["negative_mass"], 6)
+        (2, 0.25, 0.25)
+    """
+    m = sd.negative_mass(zero)
+    lam = np.asarray(bottom.eigenvalues, np.float64)
+    res = np.asarray(bottom.residuals, np.float64)
+    ok = np.asarray(bottom.converged, bool) & np.isfinite(lam) & np.isfinite(res)
+    r = float(np.sqrt(np.sum(res[ok] ** 2)))
+    count = int(np.sum(lam[ok] + r < -zero))
+    floor = count / size if size > 0 else 0.0
+    return dict(
+        negative_mass=max(float(m.estimate), floor),
+        negative_mass_std_error=float(m.std_error),
+        negative_mass_lower=max(float(m.lower), floor),
+        negative_mass_upper=max(float(m.upper), floor),
+        negative_mass_bracket_std_error=float(m.bracket_std_error),
+        negative_count_eigsh=count,
+    )
 
 
 def derived_figures(

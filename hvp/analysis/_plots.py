@@ -94,7 +94,7 @@ def plot_density(report, path) -> Path:
             np.maximum(rho[neg], floor),
             color="#d62728",
             alpha=0.25,
-            label=f"negative mass {dens['negative_mass']:.2%}",
+            label=_negative_mass_label(dens),
         )
     top = np.asarray(d["top"]["eigenvalues"], dtype=float)
     bot = np.asarray(d["bottom"]["eigenvalues"], dtype=float)
@@ -176,3 +176,12 @@ def plot_layers(report, path, *, view: str | None = None) -> Path:
     from hvp.analysis._layer_report import plot_layers as _plot_layers
 
     return _plot_layers(report, path, view=view)
+
+
+def _negative_mass_label(dens: dict) -> str:
+    """``negative mass 14.00% (9.20–62.00%)``: the estimate and, when known, its bracket."""
+    label = f"negative mass {dens['negative_mass']:.2%}"
+    lo, hi = dens.get("negative_mass_lower"), dens.get("negative_mass_upper")
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        label += f" ({lo:.2%}–{hi:.2%})"
+    return label

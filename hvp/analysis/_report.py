@@ -364,6 +364,48 @@ def _list(x):
     return [float(v) for v in np.asarray(x, dtype=float).ravel()]
 
 
+def negative_mass_cells(density) -> tuple[str, str, str | None]:
+    """The headline's negative-mass cells ``(value, error, hint)`` from a density section.
+
+    ``value`` is the estimate with its quadrature bracket, ``"0.017 (0.011-0.024)"``;
+    ``error`` the probe standard error, ``"± 0.003"``; ``hint`` says how to narrow the
+    bracket when it is wider than ``max(0.02, estimate)`` (``None`` otherwise). Reports
+    written before the bracket existed give the bare estimate.
+
+    Examples:
+        >>> from hvp.analysis._report import negative_mass_cells
+        >>> negative_mass_cells({"negative_mass": 0.017, "negative_mass_lower": 0.011,
+        ...                      "negative_mass_upper": 0.024, "negative_mass_std_error": 0.003})
+        ('0.017 (0.011–0.024)', '± 0.003', None)
+        >>> wide = negative_mass_cells({"negative_mass": 0.24, "negative_mass_lower": 0.03,
+        ...                             "negative_mass_upper": 0.8, "negative_mass_std_error": 0.07,
+        ...                             "num_iters": 64})
+        >>> wide[0], "raise --iters (now 64)" in wide[2]
+        ('0.24 (0.03–0.8)', True)
+    """
+    get = density.get if isinstance(density, dict) else lambda k: getattr(density, k, None)
+    est, lo, hi = get("negative_mass"), get("negative_mass_lower"), get("negative_mass_upper")
+    se = get("negative_mass_std_error")
+    if any(x is None or not math.isfinite(float(x)) for x in (est, lo, hi)):
+        return _fmt(est), "", None
+
+    def mass(x) -> str:
+        return f"{float(x):.3g}"
+
+    value = f"{mass(est)} ({mass(lo)}–{mass(hi)})"
+    err = "" if se is None or not math.isfinite(float(se)) else f"± {mass(se)}"
+    hint = None
+    if float(hi) - float(lo) > max(0.02, float(est)):
+        iters = get("num_iters")
+        now = f" (now {iters})" if iters is not None else ""
+        hint = (
+            f"negative mass: the SLQ quadrature bracket {mass(lo)}–{mass(hi)} is wide (a Ritz "
+            f"value standing for many eigenvalues lies near the zero threshold); more Lanczos "
+            f"steps narrow it: raise --iters{now}, more probes do not."
+        )
+    return value, err, hint
+
+
 def summary_table(report):
     """A ``rich.table.Table`` with every global figure, its error, matvecs and seconds.
 
@@ -429,10 +471,11 @@ def summary_table(report):
         str(g("trace", "num_matvecs")),
         f"{g('trace', 'seconds'):.2f}",
     )
+    neg_value, neg_err, neg_hint = negative_mass_cells(g("density"))
     t.add_row(
         "negative mass (SLQ)",
-        _fmt(g("density", "negative_mass")),
-        "",
+        neg_value,
+        neg_err,
         str(g("density", "num_matvecs")),
         f"{g('density', 'seconds'):.2f}",
     )
@@ -449,6 +492,8 @@ def summary_table(report):
         f"total {g('num_matvecs')} matvecs, {g('timings')['total']:.1f} s; seed "
         f"{g('settings')['seed']}"
     )
+    if neg_hint:
+        t.caption += "\n" + neg_hint
     return t
 
 

@@ -236,7 +236,7 @@ def classify_critical_point(
             progress=progress,
         )
         matvecs += int(sd.num_matvecs)
-        neg_mass = sd.negative_mass(zero)
+        neg_mass = float(sd.negative_mass(zero))
         nodes = np.asarray(sd.nodes, np.float64).ravel()
         weights = np.asarray(sd.weights, np.float64).ravel()
         total = float(np.sum(weights * np.abs(nodes)))

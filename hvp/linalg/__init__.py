@@ -14,7 +14,13 @@ from hvp.linalg._layers import LayerTrace, layer_trace
 from hvp.linalg._lean import LeanEigshResult
 from hvp.linalg._power import PowerResult, power_iteration
 from hvp.linalg._precond import Preconditioner
-from hvp.linalg._slq import SpectralDensity, TraceFnEstimate, spectral_density, wasserstein1
+from hvp.linalg._slq import (
+    SpectralDensity,
+    SpectralMassEstimate,
+    TraceFnEstimate,
+    spectral_density,
+    wasserstein1,
+)
 from hvp.linalg._solve import (
     SOLVE_METHODS,
     ConvergenceError,
@@ -37,6 +43,7 @@ __all__ = [
     "PowerResult",
     "spectral_density",
     "SpectralDensity",
+    "SpectralMassEstimate",
     "TraceFnEstimate",
     "wasserstein1",
     "spectrum_summary",

@@ -69,7 +69,13 @@ from hvp.linalg._probes import probes
 from hvp.linalg._stats import mean_std_error
 from hvp.typing import OperatorLike, PRNGKey, PyTree
 
-__all__ = ["spectral_density", "SpectralDensity", "TraceFnEstimate", "wasserstein1"]
+__all__ = [
+    "spectral_density",
+    "SpectralDensity",
+    "SpectralMassEstimate",
+    "TraceFnEstimate",
+    "wasserstein1",
+]
 
 
 @tu.result
@@ -105,6 +111,64 @@ class TraceFnEstimate:
             stacklevel=2,
         )
         return self.std_error
+
+
+@tu.result
+class SpectralMassEstimate:
+    r"""An SLQ estimate of the fraction of eigenvalues in an interval, with how sure it is.
+
+    Two kinds of error, reported apart. *Sampling*: the SLQ estimand
+    :math:`\mathbb E_q[\mu_q(I)]`, with :math:`\mu_q = \sum_i (v_i^\top q)^2
+    \delta_{\lambda_i}` the spectral measure of the unit probe :math:`q`, is exactly the
+    fraction of eigenvalues in :math:`I`; the probe average has the standard error
+    ``std_error``. *Quadrature*: a ``num_iters``-point Gauss rule (nodes
+    :math:`\theta_1 < \dots < \theta_m`, weights :math:`w_i`) does not determine
+    :math:`\mu_q(I)` for an indicator function, but the Chebyshev-Markov-Stieltjes
+    inequalities (Karlin & Shapley, 1953; Golub & Meurant, *Matrices, Moments and
+    Quadrature with Applications*, 2010, ch. 6),
+    :math:`\sum_{i<j} w_i \le F_q(\theta_j - 0) \le F_q(\theta_j) \le \sum_{i\le j} w_i`,
+    bracket it between partial weight sums: every probe's exact mass lies in
+    ``[lower_samples[p], upper_samples[p]]`` (exact arithmetic; a deterministic bound). The
+    bracket is wide when a heavy node (e.g. one standing for a cluster of eigenvalues near 0)
+    sits next to an end of the interval; more Lanczos steps (``num_iters``) tighten it, more
+    probes do not. The fraction of eigenvalues in :math:`I` lies in
+    ``[lower - z * bracket_std_error, upper + z * bracket_std_error]`` with the confidence of
+    a normal ``z``-interval.
+
+    Attributes:
+      estimate: mean over probes of the Gauss estimate :math:`\sum_{\theta_j \in I} w_j`
+        (a float).
+      std_error: its standard error (sample std / sqrt(probes); ``inf`` with one probe).
+      lower, upper: means over probes of the per-probe quadrature brackets (floats).
+      bracket_std_error: the larger standard error of ``lower`` and ``upper``.
+      samples, lower_samples, upper_samples: the per-probe values, shape ``(num_probes,)``.
+
+    ``float(m)`` is ``m.estimate`` (what ``negative_mass`` and ``positive_mass`` returned
+    before they returned this result) and formats like it (``f"{m:.3f}"``).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, hvp
+        >>> op = hvp.from_dense(jnp.diag(jnp.arange(-2.0, 6.0)))  # 2 of 8 eigenvalues < 0
+        >>> sd = hvp.spectral_density(op, key=jax.random.key(0), num_probes=8, num_iters=3)
+        >>> m = sd.negative_mass()
+        >>> m.lower <= m.estimate <= m.upper, sorted(m.to_dict())[:3]
+        (True, ['bracket_std_error', 'estimate', 'lower'])
+    """
+
+    estimate: float
+    std_error: float
+    lower: float
+    upper: float
+    bracket_std_error: float
+    samples: np.ndarray
+    lower_samples: np.ndarray
+    upper_samples: np.ndarray
+
+    def __float__(self) -> float:
+        return float(self.estimate)
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self.estimate), spec)
 
 
 @tu.result(static=("size", "dtype_policy"))
@@ -190,24 +254,113 @@ class SpectralDensity:
         return out / (sigma * np.sqrt(2 * np.pi))
 
     def cdf(self, x) -> np.ndarray:
-        """Estimated fraction of eigenvalues ``<= x`` (the SLQ measure's distribution function)."""
+        """Estimated fraction of eigenvalues ``<= x`` (the SLQ measure's distribution function).
+
+        The probe-pooled Gauss staircase; for its standard error and quadrature bracket use
+        ``interval_mass(-inf, x)`` (the fraction ``< x``; see :class:`SpectralMassEstimate`).
+        """
         nodes, weights = self._pooled()
         x = np.asarray(x, dtype=np.float64)
         order = np.argsort(nodes)
         cum = np.concatenate([[0.0], np.cumsum(weights[order])])
         return cum[np.searchsorted(nodes[order], x, side="right")]
 
-    def negative_mass(self, threshold: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-threshold`` (``threshold >= 0``, finite)."""
-        threshold = check_finite_float("threshold", abs(float(threshold)))
-        nodes, weights = self._pooled()
-        return float(np.sum(weights[nodes < -abs(threshold)]))
+    def interval_mass(self, lo: float = -np.inf, hi: float = np.inf) -> SpectralMassEstimate:
+        r"""Estimated fraction of eigenvalues in the open interval ``(lo, hi)``, with its uncertainty.
 
-    def positive_mass(self, threshold: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues above ``threshold`` (finite; its sign is ignored)."""
+        Per probe ``p``, the Gauss rule gives the estimate :math:`\sum_{lo < \theta_{pj} < hi}
+        w_{pj}` and, by the Chebyshev-Markov-Stieltjes inequalities, a bracket
+        :math:`[L_p, U_p]` that certainly holds the probe's exact mass (see
+        :class:`SpectralMassEstimate`); the result averages both over the probes.
+
+        Args:
+          lo: the interval's lower end (``-inf`` allowed; not NaN).
+          hi: its upper end, ``hi > lo`` (``inf`` allowed).
+
+        Returns:
+          :class:`SpectralMassEstimate` (``float()`` of it is the estimate).
+
+        Raises:
+          ValueError: ``lo`` or ``hi`` is NaN, or ``lo >= hi``.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, hvp
+          >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.array([-2.0, -1.0, 1.0, 2.0]))),
+          ...                           key=jax.random.key(0), num_probes=4, num_iters=4)
+          >>> m = sd.interval_mass(-1.5, 1.5)  # 4 iterations on n = 4: the quadrature is exact
+          >>> round(m.lower, 6) <= 0.5 <= round(m.upper, 6), round(float(m), 6)
+          (True, 0.5)
+        """
+        lo, hi = float(lo), float(hi)
+        if np.isnan(lo) or np.isnan(hi) or not lo < hi:
+            raise ValueError(
+                f"interval_mass needs lo < hi (not NaN), got lo={lo!r}, hi={hi!r}: pass the "
+                "interval's lower end first."
+            )
+        nodes = np.asarray(self.nodes, dtype=np.float64)
+        weights = np.asarray(self.weights, dtype=np.float64)
+        order = np.argsort(nodes, axis=1, kind="stable")
+        theta = np.take_along_axis(nodes, order, axis=1)
+        w = np.take_along_axis(weights, order, axis=1)
+        w = w / w.sum(axis=1, keepdims=True)  # 1 in exact arithmetic
+        samples = np.sum(np.where((theta > lo) & (theta < hi), w, 0.0), axis=1)
+        low_hi, up_hi = _cms_bracket(theta, w, hi)  # bounds of F(hi - 0)
+        low_lo, up_lo = _cms_bracket(theta, w, lo)  # bounds of F(lo)
+        lower = np.clip(low_hi - up_lo, 0.0, 1.0)
+        upper = np.clip(up_hi - low_lo, 0.0, 1.0)
+        if theta.shape[1] >= self.size > 0:  # n Lanczos steps: the Gauss rule is the measure
+            lower = upper = samples
+        _, se = mean_std_error(jnp.asarray(samples))
+        _, se_lo = mean_std_error(jnp.asarray(lower))
+        _, se_up = mean_std_error(jnp.asarray(upper))
+        return SpectralMassEstimate(
+            estimate=float(np.mean(samples)),
+            std_error=float(se),
+            lower=float(np.mean(lower)),
+            upper=float(np.mean(upper)),
+            bracket_std_error=float(max(float(se_lo), float(se_up))),
+            samples=samples,
+            lower_samples=lower,
+            upper_samples=upper,
+        )
+
+    def negative_mass(self, threshold: float = 0.0) -> SpectralMassEstimate:
+        """Estimated fraction of eigenvalues below ``-|threshold|``, with its uncertainty.
+
+        :meth:`interval_mass` of ``(-inf, -|threshold|)``. Returns a
+        :class:`SpectralMassEstimate` (``float()`` of it is the estimate, the number this
+        method returned before 0.x; see its ``lower``/``upper`` for how sure it is).
+
+        Raises:
+          ValueError: ``threshold`` is not finite.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, hvp
+          >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.array([-1.0, 1.0, 2.0, 3.0]))),
+          ...                           key=jax.random.key(0), num_probes=4, num_iters=4)
+          >>> round(float(sd.negative_mass()), 6)  # exact quadrature (num_iters = n): 1 of 4
+          0.25
+        """
         threshold = check_finite_float("threshold", abs(float(threshold)))
-        nodes, weights = self._pooled()
-        return float(np.sum(weights[nodes > abs(threshold)]))
+        return self.interval_mass(-np.inf, -threshold)
+
+    def positive_mass(self, threshold: float = 0.0) -> SpectralMassEstimate:
+        """Estimated fraction of eigenvalues above ``|threshold|``, with its uncertainty.
+
+        :meth:`interval_mass` of ``(|threshold|, inf)``; see :meth:`negative_mass`.
+
+        Raises:
+          ValueError: ``threshold`` is not finite.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, hvp
+          >>> sd = hvp.spectral_density(hvp.from_dense(jnp.diag(jnp.array([-1.0, 1.0, 2.0, 3.0]))),
+          ...                           key=jax.random.key(0), num_probes=4, num_iters=4)
+          >>> round(float(sd.positive_mass(1.5)), 6)  # 2 and 3 of -1, 1, 2, 3
+          0.5
+        """
+        threshold = check_finite_float("threshold", abs(float(threshold)))
+        return self.interval_mass(threshold, np.inf)
 
     def trace_fn(self, f) -> TraceFnEstimate:
         r"""Estimate :math:`\operatorname{tr} f(A) = n\,\mathbb E_q[\sum_j w_j f(\theta_j)]` with its standard error.
@@ -224,6 +377,25 @@ class SpectralDensity:
         """Wasserstein-1 distance between this estimate and a reference spectrum (see :func:`wasserstein1`)."""
         nodes, w = self._pooled()
         return wasserstein1(nodes, w, eigenvalues, weights)
+
+
+def _cms_bracket(theta: np.ndarray, w: np.ndarray, t: float):
+    r"""Per-row bounds ``(L, U)`` of :math:`F(t - 0)` and :math:`F(t)` from Gauss rules.
+
+    ``theta`` (ascending) and ``w`` (each row summing to 1) are ``(P, m)`` Gauss rules of
+    measures with distribution functions ``F``. The Chebyshev-Markov-Stieltjes inequalities
+    :math:`\sum_{i<j} w_i \le F(\theta_j - 0) \le F(\theta_j) \le \sum_{i\le j} w_i` and
+    monotonicity give ``L = sum_{i<j} w_i`` with ``j`` the last node ``<= t`` and
+    ``U = sum_{i<=k} w_i`` with ``k`` the first node ``>= t`` (``L = 0`` with no node
+    ``<= t``, ``U = 1`` with no node ``>= t``).
+    """
+    cum = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w, axis=1)], axis=1)
+    rows = np.arange(w.shape[0])
+    j = np.sum(theta <= t, axis=1)  # nodes <= t: the last one is node j (1-based)
+    k = np.sum(theta < t, axis=1) + 1  # the first node >= t (m + 1: none)
+    lower = cum[rows, np.maximum(j - 1, 0)]
+    upper = np.where(k <= w.shape[1], cum[rows, np.minimum(k, w.shape[1])], 1.0)
+    return lower, np.minimum(upper, 1.0)
 
 
 def wasserstein1(x, x_weights=None, y=None, y_weights=None) -> float:
@@ -595,8 +767,9 @@ def spectral_density(
     Returns:
       :class:`SpectralDensity` with ``nodes``, ``weights`` (``(P, m)``), ``num_matvecs``
       (a Python ``int`` outside ``jax.jit``, a traced int32 scalar under it),
-      ``dtype_policy`` and helpers ``density``, ``grid``, ``negative_mass``, ``trace_fn``,
-      ``wasserstein1``.
+      ``dtype_policy`` and helpers ``density``, ``grid``, ``cdf``, ``negative_mass``,
+      ``positive_mass``, ``interval_mass`` (:class:`SpectralMassEstimate`: estimate,
+      ``std_error`` and quadrature bracket), ``trace_fn``, ``wasserstein1``.
 
     Precision: products run in the parameters' dtype (bfloat16/float16 included); the
     Lanczos iterates are orthogonalised, and ``alpha``, ``beta``, the tridiagonal matrix

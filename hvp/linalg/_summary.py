@@ -57,6 +57,11 @@ class SpectrumSummary:
       positive_definite: ``definiteness == "positive definite"``.
       singular: an extreme eigenvalue is zero (``True``), none is and the operator is
         definite (``False``), or unknown (``None``: indefinite, 0 is inside the spectrum).
+      negative_mass_std_error: the probe standard error of ``negative_mass``.
+      negative_mass_lower, negative_mass_upper: its quadrature bracket (the probe means of
+        the Chebyshev-Markov-Stieltjes bounds, :class:`~hvp.linalg.SpectralMassEstimate`):
+        wide when a Ritz value standing for many eigenvalues lies near ``-zero_threshold``;
+        more ``num_iters`` narrow it.
 
     Examples:
       >>> import jax, numpy as np, hvp
@@ -78,6 +83,9 @@ class SpectrumSummary:
     definiteness: str = "indefinite"
     positive_definite: bool = False
     singular: bool | None = None
+    negative_mass_std_error: float = float("nan")
+    negative_mass_lower: float = float("nan")
+    negative_mass_upper: float = float("nan")
 
 
 def definiteness(lambda_min: float, lambda_max: float, zero_threshold: float):
@@ -209,8 +217,9 @@ def spectrum_summary(
     eps = max(zero_tol, zero_floor(both.dtype_policy.compute, tol)) * top
     label, singular, cond = definiteness(lmin, lmax, eps)
     sd = spectral_density(op, key=k_slq, num_probes=num_probes, num_iters=num_iters)
-    neg = sd.negative_mass(eps)
-    pos = sd.positive_mass(eps)
+    neg_est = sd.negative_mass(eps)
+    neg = float(neg_est)
+    pos = float(sd.positive_mass(eps))
     nodes = np.asarray(sd.nodes, np.float64)
     weights = np.asarray(sd.weights, np.float64)
     neg_abs = float(np.mean(np.sum(weights * np.where(nodes < -eps, -nodes, 0.0), axis=1)))
@@ -233,4 +242,7 @@ def spectrum_summary(
         definiteness=label,
         positive_definite=label == "positive definite",
         singular=singular,
+        negative_mass_std_error=neg_est.std_error,
+        negative_mass_lower=neg_est.lower,
+        negative_mass_upper=neg_est.upper,
     )

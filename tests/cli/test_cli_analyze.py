@@ -233,18 +233,27 @@ def test_report_matches_dense_float64_reference(demo):
     v = vecs[:, 0]
     ref_mass = [float(np.sum(v[~owner] ** 2)), float(np.sum(v[owner] ** 2))]
     np.testing.assert_allclose(report["layers"]["top_eigenvector_mass"], ref_mass, atol=1e-4)
-    # negative mass: the weight of the SLQ nodes below -zero_threshold (with 12 Lanczos steps the node that
-    # stands for the near-zero bulk may fall on either side of 0, so it is not compared with the exact
-    # fraction here; hvp.linalg's tests check SLQ accuracy), and the density integrates to 1
+    # negative mass: the weight of the SLQ nodes below -zero_threshold, raised to the count the
+    # converged bottom eigenpairs certify (with 12 Lanczos steps the node that stands for the
+    # near-zero bulk may fall on either side of 0, so the estimate is not compared with the exact
+    # fraction; its quadrature bracket, widened by 4 standard errors, must hold it), and the
+    # density integrates to 1
     nodes, weights = (
         np.asarray(report["density"]["nodes"]),
         np.asarray(report["density"]["weights"]),
     )
-    thr = report["density"]["zero_threshold"]
+    dens = report["density"]
+    thr = dens["zero_threshold"]
     assert thr == pytest.approx(1e-6 * max(abs(top).max(), abs(bottom).max()))
+    exact_neg = np.mean(lam < -thr)
+    assert 0 < dens["negative_count_eigsh"] <= np.sum(lam < -thr)
     assert report["derived"]["negative_mass"] == pytest.approx(
-        np.sum(weights[nodes < -thr]) / len(nodes)
+        max(np.sum(weights[nodes < -thr]) / len(nodes), dens["negative_count_eigsh"] / len(lam))
     )
+    z = 4 * dens["negative_mass_bracket_std_error"]
+    assert dens["negative_mass_lower"] - z <= exact_neg <= dens["negative_mass_upper"] + z
+    assert dens["negative_mass_lower"] <= dens["negative_mass"] <= dens["negative_mass_upper"]
+    assert dens["negative_mass_std_error"] > 0
     grid, rho = np.asarray(report["density"]["grid"]), np.asarray(report["density"]["density"])
     assert np.all(rho >= 0) and abs(np.sum(rho) * (grid[1] - grid[0]) - 1) < 0.02
     assert (

@@ -307,7 +307,7 @@ def test_spectral_density_helpers_refuse_non_finite(bad):
     if not np.isfinite(bad):
         with pytest.raises(ValueError, match="`threshold` must be a finite number"):
             sd.negative_mass(threshold=bad)
-    assert sd.negative_mass() == 0.0 and sd.positive_mass(threshold=1.5) == 0.5
+    assert float(sd.negative_mass()) == 0.0 and float(sd.positive_mass(threshold=1.5)) == 0.5
 
 
 # ------------------------------------------------------------------------------------------------

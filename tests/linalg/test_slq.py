@@ -75,8 +75,8 @@ def test_negative_mass(accurate):
     true = np.mean(EIGS < 0)  # 0.3
     est = accurate.negative_mass()
     print(f"negative mass: estimate {est:.4f}, true {true:.4f}")
-    assert abs(est - true) < 0.03
-    assert accurate.negative_mass() + accurate.positive_mass() == pytest.approx(1.0, abs=1e-9)
+    assert abs(float(est) - true) < 0.03
+    assert float(est) + float(accurate.positive_mass()) == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_degenerate_operators_no_nan():
     )
     np.testing.assert_array_equal(np.asarray(zero.nodes), 0.0)
     np.testing.assert_allclose(np.asarray(zero.weights).sum(axis=1), 1.0)
-    assert zero.negative_mass() == 0.0
+    assert float(zero.negative_mass()) == 0.0
     low = np.zeros(N)
     low[:3] = [-1.0, 2.0, 5.0]  # rank 3: each probe's Krylov space is invariant after 4 steps
     d = spectral_density(
@@ -162,6 +162,16 @@ def test_spectrum_summary():
     assert s.lambda_min == pytest.approx(-2.0, rel=1e-8)
     assert s.converged
     assert abs(s.negative_mass - 15 / N) < 0.03
+    print(
+        "negative mass, std error, bracket:",
+        s.negative_mass,
+        s.negative_mass_std_error,
+        s.negative_mass_lower,
+        s.negative_mass_upper,
+    )
+    assert s.negative_mass_lower <= s.negative_mass <= s.negative_mass_upper
+    assert s.negative_mass_upper - s.negative_mass_lower < 0.1  # a gap around 0: a tight bracket
+    assert abs(s.negative_mass - 15 / N) <= 4 * s.negative_mass_std_error
     assert s.negative_positive_ratio == pytest.approx(s.negative_mass / s.positive_mass)
     true_abs = np.sum(-eigs[eigs < 0]) / np.sum(eigs[eigs > 0])
     assert s.negative_positive_abs_ratio == pytest.approx(true_abs, rel=0.25)
@@ -357,3 +367,96 @@ def test_float32_basis_of_a_float64_operator(op):
         err = max(err, np.abs(theta - sd.nodes[p]).max() / np.abs(EIGS).max())
     print(f"float32 basis: max |nodes - float64 NumPy| / max|lambda| = {err:.1e}")
     assert 1e-12 < err < 1e-6  # measured 2.1e-9; float64 storage gives ~1e-14
+
+
+# ------------------------------------------------------------------------------------------------
+# spectral masses with their uncertainty (Chebyshev-Markov-Stieltjes brackets, probe std error)
+# ------------------------------------------------------------------------------------------------
+def _cluster_spectrum():
+    """Like a CNN Hessian (n = 80): 3/8 of the eigenvalues in a cluster |lambda| < 5e-5 of
+    both signs (below the zero threshold 1e-4 max|lambda|), 10% clearly negative, the rest
+    positive."""
+    rng = np.random.default_rng(4)
+
+    def mag(lo, hi, k):
+        return np.exp(rng.uniform(np.log(lo), np.log(hi), k))
+
+    cluster = mag(1e-8, 5e-5, 30) * rng.choice([-1.0, 1.0], 30)
+    return np.sort(np.concatenate([cluster, -mag(1e-3, 0.5, 8), mag(1e-3, 2.0, 42)]))
+
+
+EIGS_C = _cluster_spectrum()
+A_C = sym(EIGS_C, seed=5)
+ZERO_C = 1e-4 * np.abs(EIGS_C).max()  # the analyze report's zero threshold (float32 tol)
+COARSE = 12  # Lanczos steps of the coarse runs (one compile for all their keys)
+
+
+def _probe_masses(a, eigs, key, num_probes, intervals):
+    """Exact mass of each probe's spectral measure in each open interval, ``(len, P)``."""
+    lam, vecs = np.linalg.eigh(a)
+    z = np.asarray(probes(key, jnp.zeros(len(eigs)), num_probes, "rademacher"))
+    mu = (z / np.sqrt(len(eigs)) @ vecs) ** 2  # (P, n): the probes' spectral measures
+    return np.stack([mu[:, (lam > lo) & (lam < hi)].sum(axis=1) for lo, hi in intervals])
+
+
+@pytest.fixture(scope="module")
+def cluster_op():
+    return hvp.from_dense(A_C)
+
+
+def _coarse(op, seed):
+    return spectral_density(op, key=jax.random.PRNGKey(seed), num_probes=16, num_iters=COARSE)
+
+
+def test_mass_brackets_hold_for_every_probe(accurate, cluster_op):
+    """Deterministic: every probe's exact mass lies in its quadrature bracket (many probes and
+    keys, thresholds at a node cluster, indefinite spectra); the Gauss estimate lies in it too."""
+    cases = [(accurate, A, EIGS, jax.random.PRNGKey(0), [0.0, 0.05, 1.0])]
+    cases += [
+        (_coarse(cluster_op, s), A_C, EIGS_C, jax.random.PRNGKey(s), [0.0, 1e-6, ZERO_C, 1e-2])
+        for s in range(6)
+    ]
+    widest = 0.0
+    for sd, a, eigs, key, thresholds in cases:
+        intervals = [(-np.inf, -t) for t in thresholds] + [(t, np.inf) for t in thresholds]
+        intervals += [(-0.3, 0.02), (-ZERO_C, ZERO_C), (0.5, 3.0)]
+        exact = _probe_masses(a, eigs, key, sd.num_probes, intervals)
+        for (lo, hi), ex in zip(intervals, exact):
+            m = sd.interval_mass(lo, hi)
+            assert np.all(m.lower_samples <= ex + 1e-9) and np.all(ex <= m.upper_samples + 1e-9)
+            assert np.all(m.lower_samples <= m.samples) and np.all(m.samples <= m.upper_samples)
+            assert m.lower <= m.estimate <= m.upper
+            widest = max(widest, m.upper - m.lower)
+        neg, pos = sd.negative_mass(thresholds[1]), sd.positive_mass(thresholds[1])
+        assert neg.to_dict()["estimate"] == float(neg) == neg.estimate
+        assert float(neg) + float(pos) <= 1.0 + 1e-12
+    assert widest > 0.3  # the brackets do their job: some are wide (the cluster near 0)
+
+
+def test_negative_mass_near_a_zero_cluster_says_how_sure_it_is(cluster_op):
+    """Regression (CNN Hessian at the report's zero threshold): a coarse rule misplaces the
+    cluster's node, so the Gauss estimate is far off; the bracket contains the exact fraction,
+    and num_iters = n gives the exact per-probe masses."""
+    exact = float(np.mean(EIGS_C < -ZERO_C))  # 0.1
+    key = jax.random.PRNGKey(0)
+    coarse = _coarse(cluster_op, 0).negative_mass(ZERO_C)
+    full = spectral_density(cluster_op, key=key, num_probes=16, num_iters=80)
+    full = full.negative_mass(ZERO_C)
+    print(
+        f"exact {exact:.3f}; {COARSE} steps: {coarse.estimate:.3f} +- {coarse.std_error:.3f} "
+        f"[{coarse.lower:.3f}, {coarse.upper:.3f}]; 80: {full.estimate:.3f} +- {full.std_error:.3f}"
+    )
+    assert abs(coarse.estimate - exact) > 0.5 * exact  # the bias the bracket has to show
+    z = 4.0 * coarse.bracket_std_error
+    assert coarse.lower - z <= exact <= coarse.upper + z and coarse.upper - coarse.lower > 0.3
+    assert full.lower == full.upper == full.estimate  # n steps: the quadrature is the measure
+    probe_exact = _probe_masses(A_C, EIGS_C, key, 16, [(-np.inf, -ZERO_C)])[0]
+    np.testing.assert_allclose(full.samples, probe_exact, atol=1e-10)
+    assert abs(full.estimate - exact) <= 4.0 * full.std_error
+    assert abs(full.estimate - exact) < abs(coarse.estimate - exact)
+
+
+def test_interval_mass_errors(accurate):
+    for lo, hi in [(1.0, 1.0), (2.0, 1.0), (float("nan"), 1.0)]:
+        with pytest.raises(ValueError, match="lo < hi"):
+            accurate.interval_mass(lo, hi)
