@@ -1315,6 +1315,8 @@ def _critical_and_compression(op, s: AnalysisSettings, stages, timings: dict) ->
                 key=jax.random.fold_in(jax.random.PRNGKey(s.seed), COMPRESSION_KEY),
                 num_matvecs=s.layer_matvecs,
                 chunk_size=s.chunk_size,
+                operator=s.operator,
+                gradient_norm=float(tu.norm(out["gradient"])),
             )
             timings["compression"] = time.perf_counter() - t0
             st.done(f"{out['compression'].num_matvecs} products")
