@@ -71,7 +71,7 @@ from hvp._io import atomic_open, atomic_write_text, check_writable_dir
 from hvp._version import __version__
 from hvp.analysis import _interrupt
 from hvp.analysis._checkpoint import read_checkpoint, resolve_checkpoint, restore_into
-from hvp.analysis._data import load_data
+from hvp.analysis._data import check_model_on_data, load_data
 from hvp.analysis._distributed import (
     agreed,
     data_mesh,
@@ -1103,6 +1103,10 @@ def _compute(
         _interrupt.check()
         # 3. operator ------------------------------------------------------------------------
         t0 = time.perf_counter()
+        # the model's first call on the data, by shape: a clear error before any long work
+        check_model_on_data(
+            problem.model_fn, params, batches[0], unpack=problem.unpack, spec=s.data
+        )
         try:
             op = problem.hessian(batches) if s.operator == "hessian" else problem.ggn(batches)
             jax.eval_shape(op.matvec, params)
