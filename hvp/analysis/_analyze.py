@@ -85,6 +85,7 @@ from hvp.analysis._layer_report import block_groups
 from hvp.analysis._progress import Stages, stage_products
 from hvp.analysis._specs import load_model
 from hvp.linalg._checks import check_finite_float
+from hvp.operators import NonFiniteError
 
 __all__ = [
     "analyze",
@@ -1112,6 +1113,8 @@ def _compute(
             jax.eval_shape(op.matvec, params)
         except AnalysisError:
             raise
+        except NonFiniteError as e:  # NaN/Inf in the data: the message names batch and leaf
+            raise AnalysisError(f"--data '{ds.spec}': {e}") from e
         except Exception as e:
             raise AnalysisError(
                 f"The model and loss cannot be evaluated on the data '{ds.spec}': {_one_line(e)}"

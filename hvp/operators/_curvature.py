@@ -1041,13 +1041,21 @@ class _Context:
         ]
         if self.params is not None:
             lines.append(f"  params: {tu.shape_summary(self.params)}")
-        lines.append(
-            f"The function is called as `{self.call}` with each batch exactly as the data give it "
-            "(dtype[shape] per leaf above): make it read that structure (e.g. `x, y = batch` "
-            "needs batches `(inputs, targets)`, `batch['x']` needs dict batches), or pass the data "
-            "in the structure it expects; a parameter it reads must exist in `params` with that "
-            "shape."
-        )
+        if self.call.startswith("model_fn"):
+            lines.append(
+                f"The model is called as `{self.call}` on the inputs of each batch (dtype[shape] "
+                "per leaf above): give the data the layout the model expects (e.g. NHWC images "
+                "(N, H, W, C) for a convolution, not flat vectors), or pass an `unpack` returning "
+                "the right inputs; a parameter it reads must exist in `params` with that shape."
+            )
+        else:
+            lines.append(
+                f"The function is called as `{self.call}` with each batch exactly as the data give "
+                "it (dtype[shape] per leaf above): make it read that structure (e.g. `x, y = "
+                "batch` needs batches `(inputs, targets)`, `batch['x']` needs dict batches), or "
+                "pass the data in the structure it expects; a parameter it reads must exist in "
+                "`params` with that shape."
+            )
         kind = type(err) if type(err) in (ValueError, TypeError) else TypeError
         return kind("\n".join(lines))
 
@@ -1284,6 +1292,9 @@ def _check_loss_fn(loss_fn, params, data, dataset, name, *, per_example: bool) -
     """
     origin = getattr(loss_fn, "origin", "your loss_fn (it could not split the batch)")
     ctx = _Context(name, data, dataset, origin, params=params)
+    if isinstance(loss_fn, Composed):  # the model first: its errors then name the model
+        _check_targets(loss_fn.model_fn, loss_fn.output_loss, loss_fn.unpack, params, dataset, ctx)
+        ctx.call, ctx.note = None, ""
     for k, batch in _first_of_groups(dataset):
         ctx.index = k
         concrete = True
@@ -1300,8 +1311,6 @@ def _check_loss_fn(loss_fn, params, data, dataset, name, *, per_example: bool) -
             _check_scalar(out, "`loss_fn(params, batch)`")
         if not per_example:
             _check_example_axis(loss_fn, params, batch, name)
-    if isinstance(loss_fn, Composed):
-        _check_targets(loss_fn.model_fn, loss_fn.output_loss, loss_fn.unpack, params, dataset, ctx)
 
 
 def _check_example_axis(loss_fn, params, batch, name: str) -> None:

@@ -53,6 +53,12 @@ def test_labels_outside_the_classes_stop_analyze_before_the_analysis(tmp_path):
             out_dir=tmp_path / "out",
         )
     assert not (tmp_path / "out" / "report.json").exists()
+    # NaN in the data: refused when the operator is built, naming the batch, leaf and count
+    y[[3, 17]] = 0
+    x[20, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    with pytest.raises(AnalysisError, match=r"NaN or Inf: batch 1, leaf '0' \(1 of 80 values"):
+        analyze(tmp_path / "ckpt", model=spec, data=str(tmp_path / "nan.npz"), batch_size=16)
 
 
 def test_npz_language_model_and_weighted_data(tmp_path):
