@@ -172,6 +172,12 @@ def _check_params(params, *, name="params") -> None:
 
 
 def _check_scalar(out, what: str) -> None:
+    if not hasattr(out, "shape"):  # a tuple (loss, aux), a dict, None
+        raise TypeError(
+            f"{what} must return a floating-point scalar, but it returned "
+            f"{type(out).__name__} {tu.shape_summary(out)}. Return the loss alone (for a loss "
+            "with auxiliary outputs `(loss, aux)`, pass `lambda p, b: loss_fn(p, b)[0]`)."
+        )
     shape = getattr(out, "shape", None)
     if shape != ():
         hint = ""
