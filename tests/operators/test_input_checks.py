@@ -219,7 +219,7 @@ def test_a_loss_reading_the_batch_wrongly_names_the_structures_and_signature(set
         hvp.hessian(unpacks, {"b": p["b"]}, (x, y))
 
 
-def test_nonfinite_data_are_refused_when_built_naming_batch_leaf_and_count(setup):
+def test_nonfinite_data_are_refused_when_built_naming_batch_leaf_and_count(setup, monkeypatch):
     p, x, y = setup
     bad = np.asarray(x).copy()
     bad[4, 1], bad[5, 2] = np.nan, np.inf
@@ -232,3 +232,8 @@ def test_nonfinite_data_are_refused_when_built_naming_batch_leaf_and_count(setup
         hvp.hessian(_ce_loss, p, streamed, stream=True)
     # check_finite=False builds it anyway (a loss that masks them is the user's business)
     assert hvp.hessian(_ce_loss, p, batches, check_finite=False).size == 16
+    # the counts of the compiled path (accelerators) equal NumPy's (CPU memory)
+    tree = {"x": jnp.asarray(bad), "y": y, "h": bad.astype(np.float16)}
+    assert hvp.tree.nonfinite_counts(tree) == {"h": 2, "x": 2}
+    monkeypatch.setattr(hvp.tree._tree, "_on_host", lambda a: False)
+    assert hvp.tree.nonfinite_counts(tree) == {"h": 2, "x": 2}
