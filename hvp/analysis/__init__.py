@@ -37,7 +37,7 @@ from hvp.analysis._compression_critical import (
     CriticalSection,
     plot_compression,
 )
-from hvp.analysis._data import LoadedData, digits, load_data
+from hvp.analysis._data import LoadedData, check_model_on_data, digits, load_data
 from hvp.analysis._demo import DEMO_MODEL_SPEC, digits_mlp, run_demo
 from hvp.analysis._errors import AnalysisError, AnalysisTypeError, StructureMismatchError
 from hvp.analysis._influence_section import InfluenceSection, plot_influence
@@ -82,6 +82,7 @@ __all__ = [
     "digits",
     "digits_mlp",
     "load_data",
+    "check_model_on_data",
     "load_model",
     "load_report",
     "plot_density",

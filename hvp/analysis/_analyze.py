@@ -71,7 +71,7 @@ from hvp._io import atomic_open, atomic_write_text, check_writable_dir
 from hvp._version import __version__
 from hvp.analysis import _interrupt
 from hvp.analysis._checkpoint import read_checkpoint, resolve_checkpoint, restore_into
-from hvp.analysis._data import load_data
+from hvp.analysis._data import check_model_on_data, load_data
 from hvp.analysis._distributed import (
     agreed,
     data_mesh,
@@ -85,6 +85,7 @@ from hvp.analysis._layer_report import block_groups
 from hvp.analysis._progress import Stages, stage_products
 from hvp.analysis._specs import load_model
 from hvp.linalg._checks import check_finite_float
+from hvp.operators import NonFiniteError
 
 __all__ = [
     "analyze",
@@ -1119,11 +1120,17 @@ def _compute(
         _interrupt.check()
         # 3. operator ------------------------------------------------------------------------
         t0 = time.perf_counter()
+        # the model's first call on the data, by shape: a clear error before any long work
+        check_model_on_data(
+            problem.model_fn, params, batches[0], unpack=problem.unpack, spec=s.data
+        )
         try:
             op = problem.hessian(batches) if s.operator == "hessian" else problem.ggn(batches)
             jax.eval_shape(op.matvec, params)
         except AnalysisError:
             raise
+        except NonFiniteError as e:  # NaN/Inf in the data: the message names batch and leaf
+            raise AnalysisError(f"--data '{ds.spec}': {e}") from e
         except Exception as e:
             raise AnalysisError(
                 f"The model and loss cannot be evaluated on the data '{ds.spec}': {_one_line(e)}"
@@ -1331,6 +1338,8 @@ def _critical_and_compression(op, s: AnalysisSettings, stages, timings: dict) ->
                 key=jax.random.fold_in(jax.random.PRNGKey(s.seed), COMPRESSION_KEY),
                 num_matvecs=s.layer_matvecs,
                 chunk_size=s.chunk_size,
+                operator=s.operator,
+                gradient_norm=float(tu.norm(out["gradient"])),
             )
             timings["compression"] = time.perf_counter() - t0
             st.done(f"{out['compression'].num_matvecs} products")

@@ -86,7 +86,7 @@ class CriticalSection:
     seconds: float
 
 
-@tu.result(static=("layers", "bits"))
+@tu.result(static=("layers", "bits", "obd_note"))
 class CompressionSection:
     r"""Per-layer quantisation sensitivity (HAWQ) and an OBD pruning summary.
 
@@ -107,6 +107,12 @@ class CompressionSection:
         saliency of the pruned weights, ``{"0.5": value, ...}``.
       num_matvecs: products used (probes + Lanczos).
       seconds: time of the section.
+      obd_num_negative: kernel weights whose OBD saliency :math:`\tfrac12 A_{ii} w_i^2` is
+        negative (a negative diagonal entry of the curvature).
+      obd_note: empty, or (with the Hessian, at a point that is not critical or with negative
+        saliencies) why OBD's ranking is unreliable there and what to use instead: OBD assumes a
+        minimum (gradient about zero, positive semi-definite curvature), and the GGN
+        (``--operator ggn``) is positive semi-definite everywhere.
 
     Examples:
       >>> import numpy as np
@@ -138,6 +144,32 @@ class CompressionSection:
     obd_pruned_saliency: dict
     num_matvecs: int
     seconds: float
+    obd_num_negative: int = 0
+    obd_note: str = ""
+
+
+def _obd_note(operator: str, gradient_norm, num_negative: int, num_weights: int) -> str:
+    """Why OBD saliencies may mislead at this point (``""`` when nothing needs saying)."""
+    not_critical = gradient_norm is not None and gradient_norm > GRAD_TOL
+    if operator != "hessian" or not (not_critical or num_negative):
+        return ""
+    found = []
+    if not_critical:
+        found.append(
+            f"the gradient norm is {gradient_norm:.3g} > {GRAD_TOL:g} (not a critical point)"
+        )
+    if num_negative:
+        found.append(
+            f"{num_negative} of {num_weights} kernel weights have negative saliency (negative "
+            "diagonal curvature)"
+        )
+    return (
+        "OBD assumes a minimum (gradient ~ 0, positive semi-definite curvature); here "
+        + " and ".join(found)
+        + ". Negative saliencies come from negative curvature or a non-critical point and do not "
+        "estimate a loss increase: rank weights for compression with the GGN (--operator ggn), "
+        "which is positive semi-definite at any point."
+    )
 
 
 def critical_section(
@@ -176,8 +208,15 @@ def critical_section(
     )
 
 
-def compression_section(op, *, key, num_matvecs: int, chunk_size=None) -> CompressionSection:
-    """The compression section: HAWQ sensitivities, an allocation, OBD totals (one diagonal)."""
+def compression_section(
+    op, *, key, num_matvecs: int, chunk_size=None, operator: str = "hessian", gradient_norm=None
+) -> CompressionSection:
+    """The compression section: HAWQ sensitivities, an allocation, OBD totals (one diagonal).
+
+    ``operator`` names the curvature of ``op`` and ``gradient_norm`` is the data-set gradient's
+    norm (when known): with the Hessian at a non-critical point or with negative saliencies the
+    section carries a note (:attr:`CompressionSection.obd_note`).
+    """
     import time
 
     from hvp.compression import is_kernel, obd_saliency, quantization_sensitivity
@@ -193,10 +232,14 @@ def compression_section(op, *, key, num_matvecs: int, chunk_size=None) -> Compre
     leaves = jax.tree_util.tree_leaves(obd.saliency)
     where = {name: i for i, name in enumerate(sens.layers)}
     totals = np.zeros(len(sens.layers))
+    negative = weights = 0
     for p, s in zip(paths, leaves):
         layer = tu.layer_of(p)
         if layer in where and is_kernel(p, s):
-            totals[where[layer]] += float(np.sum(np.asarray(s, np.float64)))
+            s64 = np.asarray(s, np.float64)
+            totals[where[layer]] += float(np.sum(s64))
+            negative += int(np.sum(s64 < 0))
+            weights += s64.size
     pruned = {}
     for sp in SPARSITIES:
         mask = obd.mask(sp)
@@ -224,6 +267,8 @@ def compression_section(op, *, key, num_matvecs: int, chunk_size=None) -> Compre
         obd_pruned_saliency=pruned,
         num_matvecs=int(d.num_matvecs) + int(sens.num_matvecs),
         seconds=time.perf_counter() - t0,
+        obd_num_negative=negative,
+        obd_note=_obd_note(operator, gradient_norm, negative, weights),
     )
 
 
@@ -275,6 +320,8 @@ def compression_table(report):
         )
     pruned = ", ".join(f"{float(k):.0%}: {v:.3g}" for k, v in c["obd_pruned_saliency"].items())
     t.caption = f"OBD saliency of the weights pruned at {pruned} (global mask)"
+    if c.get("obd_note"):
+        t.caption += f"\nNote: {c['obd_note']}"
     return t
 
 

@@ -25,6 +25,11 @@ Targets are checked against the model's outputs (integer labels in ``[0, C)``
 at weighted positions, one-hot/probability targets of width ``C``) for every
 batch when the curvature operator is built, before any product.
 
+The model is called once on the inputs of the first batch, by shape only
+(:func:`check_model_on_data`, before the curvature operator is built): a model
+that cannot run on them (a CNN given flat ``digits``) stops the analysis with
+the data's shapes, the model's error and the data choices with their shapes.
+
 Arrays (digits, ``.npz``) are cut into consecutive batches of ``batch_size``
 examples (the last one may be smaller; the curvature operators weight batches
 by size, so the result is the curvature of the mean loss over all the
@@ -49,7 +54,7 @@ import numpy as np
 from hvp.analysis._errors import AnalysisError, setting_int
 from hvp.analysis._specs import resolve_callable
 
-__all__ = ["LoadedData", "load_data", "digits"]
+__all__ = ["LoadedData", "load_data", "digits", "check_model_on_data", "DATA_CHOICES"]
 
 _KEY_PAIRS = (("x", "y"), ("inputs", "targets"))
 
@@ -295,3 +300,89 @@ def load_data(
         if progress is not None:
             progress(i + 1)
     return LoadedData(batches=out, num_examples=total, spec=name)
+
+
+#: The ``--data`` choices with the shapes they give (listed when the model fails on the data).
+DATA_CHOICES = (
+    ("digits", "x float32 (N, 64) in [0, 1], y int32 (N,) labels 0..9; N = 1797"),
+    ("digits:images", "x float32 (N, 8, 8, 1) NHWC images, y int32 (N,)"),
+    (
+        "path/to/data.npz",
+        "arrays x and y (or inputs and targets) with a leading example axis, optionally "
+        "weights; or integer tokens inputs alone",
+    ),
+    ("module.path:function or file.py:function", "a function returning your own batches"),
+)
+#: Inputs of the bundled data sets: another choice is suggested when the model runs on it.
+_BUNDLED_INPUTS = {"digits": (64,), "digits:images": (8, 8, 1)}
+
+
+def _shape_text(tree) -> str:
+    from hvp import tree as tu
+
+    return tu.shape_summary(tree)
+
+
+def check_model_on_data(model_fn, params, batch, *, unpack=None, spec=None) -> None:
+    """Call ``model_fn(params, inputs)`` on the first batch's inputs by shape (``jax.eval_shape``).
+
+    Nothing is computed. When the model raises, the error names the shapes of the inputs given,
+    the model's exception (type and first line), a bundled data choice the model does run on
+    (``digits`` / ``digits:images``, tried by shape too) and every data choice with its shapes
+    (:data:`DATA_CHOICES`). A batch that cannot be split into inputs and targets is left to the
+    operator's own check.
+
+    Args:
+      model_fn: ``model_fn(params, inputs) -> outputs`` (e.g. :attr:`hvp.flax.FlaxProblem.model_fn`).
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+      batch: the first batch of the data.
+      unpack: the problem's ``unpack`` (default :func:`hvp.operators.default_unpack`).
+      spec: the data spec, for the message.
+
+    Raises:
+      AnalysisError: the model cannot run on the data's inputs.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from hvp.analysis import AnalysisError, check_model_on_data
+        >>> model = lambda p, x: x.reshape(-1, 64) @ p  # expects 64 features
+        >>> batch = (np.zeros((4, 5), np.float32), np.zeros(4, np.int32))
+        >>> try:
+        ...     check_model_on_data(model, jnp.zeros((64, 10)), batch, spec="my.npz")
+        ... except AnalysisError as e:
+        ...     print(str(e)[:72])
+        The model cannot run on the inputs of the data 'my.npz': inputs float32[
+    """
+    from hvp.operators import split_batch
+
+    try:
+        inputs = split_batch(batch, unpack)[0]
+    except Exception:  # noqa: BLE001 - the operator names unpacking errors
+        return
+    try:
+        jax.eval_shape(model_fn, params, inputs)
+        return
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model
+        cause = e
+        lines = str(e).strip().splitlines()
+        raised = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    name = spec if isinstance(spec, str) else "given"
+    hint = ""
+    bundled = isinstance(spec, str) and spec in _BUNDLED_INPUTS
+    if bundled and isinstance(inputs, (jax.Array, np.ndarray)) and np.ndim(inputs) >= 1:
+        n = int(np.shape(inputs)[0])
+        for other, shape in _BUNDLED_INPUTS.items():
+            if other == spec or int(np.prod(shape)) != int(np.prod(np.shape(inputs)[1:])):
+                continue
+            try:
+                jax.eval_shape(model_fn, params, jax.ShapeDtypeStruct((n, *shape), inputs.dtype))
+            except Exception:  # noqa: BLE001 - it does not run on that layout either
+                continue
+            hint = f" The model runs on inputs of shape {(n, *shape)}: use --data {other} (data='{other}')."
+            break
+    choices = "; ".join(f"'{c}': {d}" for c, d in DATA_CHOICES)
+    raise AnalysisError(
+        f"The model cannot run on the inputs of the data '{name}': inputs "
+        f"{_shape_text(inputs)}; the model raised {raised}.{hint} Data choices (--data): "
+        f"{choices}."
+    ) from cause

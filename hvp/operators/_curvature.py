@@ -63,6 +63,7 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -171,6 +172,12 @@ def _check_params(params, *, name="params") -> None:
 
 
 def _check_scalar(out, what: str) -> None:
+    if not hasattr(out, "shape"):  # a tuple (loss, aux), a dict, None
+        raise TypeError(
+            f"{what} must return a floating-point scalar, but it returned "
+            f"{type(out).__name__} {tu.shape_summary(out)}. Return the loss alone (for a loss "
+            "with auxiliary outputs `(loss, aux)`, pass `lambda p, b: loss_fn(p, b)[0]`)."
+        )
     shape = getattr(out, "shape", None)
     if shape != ():
         hint = ""
@@ -864,12 +871,28 @@ def _constrain(tree, shardings: tuple):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _prepare(params, data, *, wrt, reduction, stream="auto", stream_budget=None, prefetch=1):
+def _prepare(
+    params,
+    data,
+    *,
+    wrt,
+    reduction,
+    stream="auto",
+    stream_budget=None,
+    prefetch=1,
+    check_finite=True,
+):
     _check_params(params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
     tu.check_mesh_context(params)
-    dataset = as_data(data, stream=stream, budget=stream_budget, prefetch=prefetch)
+    dataset = as_data(
+        data,
+        stream=stream,
+        budget=stream_budget,
+        prefetch=prefetch,
+        check_finite=bool(check_finite),
+    )
     if not isinstance(dataset, StreamingDataset):
         # Host or single-device batches join the explicit mesh of the parameters (no-op otherwise).
         dataset = dataclasses.replace(
@@ -938,12 +961,34 @@ def _first_of_groups(dataset: Dataset):
         k += meta.num_batches
 
 
-class _Context:
-    """Turns errors raised while an operator is built on concrete data into ones that say what to do."""
+_HVP_DIR = str(Path(__file__).resolve().parents[1])
 
-    def __init__(self, name: str, data, dataset: Dataset, origin: str):
+
+def _raised_by_hvp(err: BaseException) -> bool:
+    """Whether ``err`` was raised by hvp's own code (a check with its own message)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(
+        _HVP_DIR
+    )
+
+
+class _Context:
+    """Turns errors raised while an operator is built on concrete data into ones that say what to do.
+
+    ``call`` (the signature being traced, e.g. ``"loss_fn(params, batch)"``) and ``arg`` (the
+    argument given in the place of the data) are set by the checks before each call: an error of
+    the user's function (a loss that unpacks a bare array, indexes a tuple with a key, reads a
+    parameter that is not there) is raised again with the structure of the batch and of the
+    parameters and the expected signature.
+    """
+
+    def __init__(self, name: str, data, dataset: Dataset, origin: str, params=None):
         self.name, self.data, self.dataset, self.origin = name, data, dataset, origin
         self.index = None
+        self.params = params
+        self.call, self.arg, self.note = None, None, ""
 
     def __enter__(self):
         return self
@@ -982,6 +1027,8 @@ class _Context:
                 "`loss(outputs, targets, weights)` normalised by `weights.sum()`), or pass an "
                 "`unpack` returning (inputs, targets) for unweighted data."
             ) from err
+        if self.call is not None and not _raised_by_hvp(err):
+            raise self._structure_error(err, where) from err
         if (
             type(err) in (ValueError, TypeError)
             and self.dataset.num_batches > 1
@@ -990,18 +1037,52 @@ class _Context:
             raise type(err)(f"{where} of the data: {err}") from err
         return False
 
+    def _structure_error(self, err: Exception, where: str) -> Exception:
+        """``err`` of the user's function, with the structures it was called on and the signature."""
+        lines = [
+            f"Building the {self.name} operator: `{self.call}` failed on {where} of the data "
+            f"with {type(err).__name__}: {err}",
+            f"  {self.call.split('(')[1].split(',')[-1].strip(' )')}: "
+            f"{tu.shape_summary(self.arg)}{self.note}",
+        ]
+        if self.params is not None:
+            lines.append(f"  params: {tu.shape_summary(self.params)}")
+        if self.call.startswith("model_fn"):
+            lines.append(
+                f"The model is called as `{self.call}` on the inputs of each batch (dtype[shape] "
+                "per leaf above): give the data the layout the model expects (e.g. NHWC images "
+                "(N, H, W, C) for a convolution, not flat vectors), or pass an `unpack` returning "
+                "the right inputs; a parameter it reads must exist in `params` with that shape."
+            )
+        else:
+            lines.append(
+                f"The function is called as `{self.call}` with each batch exactly as the data give "
+                "it (dtype[shape] per leaf above): make it read that structure (e.g. `x, y = "
+                "batch` needs batches `(inputs, targets)`, `batch['x']` needs dict batches), or "
+                "pass the data in the structure it expects; a parameter it reads must exist in "
+                "`params` with that shape."
+            )
+        kind = type(err) if type(err) in (ValueError, TypeError) else TypeError
+        return kind("\n".join(lines))
+
 
 def _check_targets(model_fn, output_loss, unpack, params, dataset, ctx: _Context) -> None:
     """Trace the output loss on every batch with concrete targets (checks labels against the outputs)."""
     out, shapes = None, None
+    ctx.params = params
     for k, batch in _batches(dataset):
         ctx.index = k
+        ctx.call = None
         with ctx:
             x, y, w = split_batch(batch, unpack)
             key = jax.tree_util.tree_map(lambda a: (np.shape(a), str(jnp.result_type(a))), x)
             if out is None or key != shapes:
+                ctx.call, ctx.arg = "model_fn(params, inputs)", x
                 out, shapes = jax.eval_shape(model_fn, params, x), key
+            ctx.call, ctx.arg = "output_loss(outputs, targets)", y
+            ctx.note = f" (outputs: {tu.shape_summary(out)})"
             res = jax.eval_shape(lambda o, y=y, w=w: _call_output_loss(output_loss, o, y, w), out)
+            ctx.call, ctx.note = None, ""
             _check_scalar(res, "`loss_fn(model_fn(params, inputs), targets)`")
 
 
@@ -1071,8 +1152,12 @@ def hessian(
         ``op.linearized`` says which was chosen.
       linearize_budget: bytes the residuals may take with ``linearize="auto"``;
         default :data:`DEFAULT_LINEARIZE_BUDGET` (1 GiB).
-      check_finite: raise :class:`~hvp.operators.NonFiniteError` when a product
-        computed outside ``jit`` contains NaN/Inf.
+      check_finite: check the data for NaN/Inf when the operator is built (in
+        memory: one reduction per leaf; streamed: every batch as the first pass
+        reads it; :func:`~hvp.operators.check_finite_data`) and raise
+        :class:`~hvp.operators.NonFiniteError` naming the batch, the leaf path and
+        the count of non-finite values; and raise it when a product computed
+        outside ``jit`` contains NaN/Inf. ``False`` skips both checks.
       block: how ``op.matmat`` runs a block of vectors: ``"auto"``, ``"vmap"``
         or ``"map"`` (see :meth:`~hvp.operators.LinearOperator.block_mode`).
       stream: ``"auto"`` (default), ``True`` or ``False``: read the data set one
@@ -1090,9 +1175,14 @@ def hessian(
       A :class:`CurvatureOperator`: ``op @ v``, ``op.matmat(vs)``, ``op.dense()``.
 
     Raises:
+      NonFiniteError: the data hold NaN or Inf (with ``check_finite=True``).
       TypeError: ``params`` is a Flax module / state, a ``TrainState`` or an
         optax state (the message names the adapter or field to use); non-floating
-        parameters; a batch that cannot be unpacked (naming the operator).
+        parameters; a batch that cannot be unpacked (naming the operator); a loss
+        that fails on the batches as given (a bare array unpacked as ``x, y =
+        batch``, a tuple indexed by key, a parameter it reads missing: the message
+        shows the batch's and the parameters' structure, ``dtype[shape]`` per leaf,
+        and the signature it is called with).
       ValueError: an empty data set, batches of different structure (naming the
         index), a tuple of batches (pass a list), bad weights, a loss that is not
         scalar, targets that do not fit the outputs; ``linearize``, ``block`` or
@@ -1118,6 +1208,7 @@ def hessian(
         stream=stream,
         stream_budget=stream_budget,
         prefetch=prefetch,
+        check_finite=check_finite,
     )
     streaming = isinstance(dataset, StreamingDataset)
     if streaming and linearize is True:
@@ -1206,20 +1297,53 @@ def _check_loss_fn(loss_fn, params, data, dataset, name, *, per_example: bool) -
     checked. Errors name the operator, the batch and the fix.
     """
     origin = getattr(loss_fn, "origin", "your loss_fn (it could not split the batch)")
-    ctx = _Context(name, data, dataset, origin)
+    ctx = _Context(name, data, dataset, origin, params=params)
+    if isinstance(loss_fn, Composed):  # the model first: its errors then name the model
+        _check_targets(loss_fn.model_fn, loss_fn.output_loss, loss_fn.unpack, params, dataset, ctx)
+        ctx.call, ctx.note = None, ""
     for k, batch in _first_of_groups(dataset):
         ctx.index = k
         concrete = True
         if per_example:
             batch, concrete = _first_example(batch)
+            ctx.note = " (its first example: the empirical Fisher evaluates the loss per example)"
+        ctx.call, ctx.arg = "loss_fn(params, batch)", batch
         with ctx:
             if concrete:  # the data stay concrete, so the built-in losses check the targets
                 out = jax.eval_shape(lambda p, b=batch: loss_fn(p, b), params)
             else:
                 out = jax.eval_shape(loss_fn, params, batch)
+            ctx.call = None
             _check_scalar(out, "`loss_fn(params, batch)`")
-    if isinstance(loss_fn, Composed):
-        _check_targets(loss_fn.model_fn, loss_fn.output_loss, loss_fn.unpack, params, dataset, ctx)
+        if not per_example:
+            _check_example_axis(loss_fn, params, batch, name)
+
+
+def _check_example_axis(loss_fn, params, batch, name: str) -> None:
+    """Catch a loss that unpacks a bare array batch of 2 or 3 examples (``x, y = batch``).
+
+    Such a loss traces without error (it reads the first rows as inputs and targets) and gives a
+    wrong curvature; it fails on one more example, which a loss of the examples never does.
+    """
+    if not isinstance(batch, (jax.Array, np.ndarray)) or np.ndim(batch) == 0:
+        return
+    n = np.shape(batch)[0]
+    if n > 3:  # `x, y[, w] = batch` fails on more rows, and was caught above
+        return
+    more = jax.ShapeDtypeStruct((n + 1, *np.shape(batch)[1:]), jnp.result_type(batch))
+    try:
+        jax.eval_shape(loss_fn, params, more)
+    except (ValueError, TypeError) as err:
+        if "unpack" not in str(err):
+            return
+        raise TypeError(
+            f"Building the {name} operator: `loss_fn(params, batch)` runs on the batch "
+            f"{tu.shape_summary(batch)} ({n} examples) but fails on {n + 1} examples with "
+            f"{type(err).__name__}: {err}. The batch is a bare array and the loss unpacks its "
+            "example axis (e.g. `x, y = batch` reads its first rows as inputs and targets). Pass "
+            "batches `(inputs, targets)` (a tuple of arrays with a leading example axis), or "
+            "make the loss read one array."
+        ) from err
 
 
 def _first_example(batch):
@@ -1308,6 +1432,7 @@ def ggn(
         stream=stream,
         stream_budget=stream_budget,
         prefetch=prefetch,
+        check_finite=check_finite,
     )
     name = "ggn" if wrt is None else f"ggn[{wrt}]"
     probe = _probe(dataset)
@@ -1505,6 +1630,7 @@ def fisher(
         stream=stream,
         stream_budget=stream_budget,
         prefetch=prefetch,
+        check_finite=check_finite,
     )
     name = "fisher" if wrt is None else f"fisher[{wrt}]"
     probe = _probe(dataset)
@@ -1618,6 +1744,7 @@ def empirical_fisher(
         stream=stream,
         stream_budget=stream_budget,
         prefetch=prefetch,
+        check_finite=check_finite,
     )
     name = "empirical_fisher" if wrt is None else f"empirical_fisher[{wrt}]"
     probe = _probe(dataset)

@@ -61,6 +61,7 @@ import numpy as np
 from jax import lax
 
 from hvp import tree as tu
+from hvp.operators._base import NonFiniteError
 
 __all__ = [
     "Dataset",
@@ -77,6 +78,7 @@ __all__ = [
     "default_stream_budget",
     "as_data",
     "weighted_sum",
+    "check_finite_data",
 ]
 
 _KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "labels"))
@@ -776,7 +778,9 @@ class StreamingDataset:
         (True, 5, 3, 1)
     """
 
-    def __init__(self, source, *, prefetch: int = 1, _keep: int | None = None):
+    def __init__(
+        self, source, *, prefetch: int = 1, _keep: int | None = None, check_finite: bool = False
+    ):
         self.source = source
         self.prefetch = prefetch
         self.passes = 0
@@ -790,6 +794,8 @@ class StreamingDataset:
         tdef0 = weighted = None
         for i, b in enumerate(it):
             n = _check_batch(b, i)
+            if check_finite:
+                _raise_if_nonfinite_batch(b, i)
             tdef = jax.tree_util.tree_structure(b)
             w = batch_weights(b)
             if i == 0:
@@ -988,8 +994,13 @@ def put_batch(batch, params):
     return jax.tree_util.tree_unflatten(treedef, out), created
 
 
-def as_data(data, *, stream="auto", budget: int | None = None, prefetch: int = 1):
+def as_data(
+    data, *, stream="auto", budget: int | None = None, prefetch: int = 1, check_finite=False
+):
     """The data of an operator: an in-memory :class:`Dataset` or a :class:`StreamingDataset`.
+
+    With ``check_finite=True`` the data are checked for NaN/Inf (:func:`check_finite_data`):
+    in memory once, streamed batch by batch as the first pass reads them.
 
     The memory rule of ``stream="auto"``: a re-iterable data set (a callable returning a fresh
     iterator, a list of batches, :class:`ArrayBatches`, a loader whose ``__iter__`` starts over)
@@ -1020,13 +1031,15 @@ def as_data(data, *, stream="auto", budget: int | None = None, prefetch: int = 1
             continue
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
             raise ValueError(f"`{name}` must be an int >= 0, got {val!r}.")
-    if isinstance(data, (Dataset, StreamingDataset)):
+    if isinstance(data, StreamingDataset):
         return data
+    if isinstance(data, Dataset):
+        return _checked(data, check_finite)
     reiterable = is_reiterable(data)
     if stream is False:
         if callable(data) and reiterable:
             data = list(_fresh_iterator(data, 0))
-        return as_dataset(data)
+        return _checked(as_dataset(data), check_finite)
     if stream is True:
         if not reiterable:
             if isinstance(data, collections.abc.Iterator):
@@ -1036,18 +1049,83 @@ def as_data(data, *, stream="auto", budget: int | None = None, prefetch: int = 1
                 "callable returning a fresh iterator of batches, a list of batches or "
                 f"hvp.operators.ArrayBatches; got a {type(data).__name__} (one batch).{tuple_of_batches_hint(data)}"
             )
-        return StreamingDataset(data, prefetch=int(prefetch))
+        return StreamingDataset(data, prefetch=int(prefetch), check_finite=check_finite)
     if not reiterable:  # one batch, or a generator: read once and kept
-        return as_dataset(data)
+        return _checked(as_dataset(data), check_finite)
     budget = default_stream_budget() if budget is None else int(budget)
     if isinstance(data, list):  # bytes from the shapes, without reading twice
         if sum(batch_nbytes(b) for b in data) <= budget:
-            return as_dataset(data)
-        return StreamingDataset(data, prefetch=int(prefetch))
-    ds = StreamingDataset(data, prefetch=int(prefetch), _keep=budget)
+            return _checked(as_dataset(data), check_finite)
+        return StreamingDataset(data, prefetch=int(prefetch), check_finite=check_finite)
+    ds = StreamingDataset(data, prefetch=int(prefetch), _keep=budget, check_finite=check_finite)
     if ds.kept is not None:
-        return as_dataset(ds.kept)
+        kept = as_dataset(ds.kept)
+        kept.__dict__["_finite_checked"] = check_finite  # checked batch by batch as read
+        return kept
     return ds
+
+
+def _checked(dataset: Dataset, check: bool) -> Dataset:
+    if check:
+        check_finite_data(dataset)
+    return dataset
+
+
+def _nonfinite_message(where: str, counts: dict, sizes: dict) -> str:
+    leaves = ", ".join(f"leaf '{p}' ({c} of {sizes[p]} values)" for p, c in sorted(counts.items()))
+    return (
+        f"The data contain NaN or Inf: {where}, {leaves}. Every curvature product over them "
+        "would be NaN. Remove or impute those examples (e.g. keep the rows where "
+        "`np.isfinite(x).all(axis=tuple(range(1, x.ndim)))`), or pass `check_finite=False` to "
+        "build the operator anyway (with a loss that masks such entries)."
+    )
+
+
+def _raise_if_nonfinite_batch(batch, index: int) -> None:
+    """A streamed batch as it is read: raise naming its index, the leaf paths and the counts."""
+    counts = tu.nonfinite_counts(batch)
+    if counts:
+        sizes = {
+            tu.path_str(p) or "<root>": int(np.size(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(batch)[0]
+        }
+        raise NonFiniteError(_nonfinite_message(f"batch {index}", counts, sizes))
+
+
+def check_finite_data(dataset: Dataset) -> None:
+    """Raise :class:`~hvp.operators.NonFiniteError` if the batches of ``dataset`` hold NaN or Inf.
+
+    One reduction per floating leaf over the stacked batches (NumPy on the CPU, one compiled
+    program on accelerators; integer leaves are skipped); only when one is found are the leaves
+    read batch by batch, so that the message names the first batch (in the data set's order of
+    shape groups, as the operators' other messages), each leaf path and its count of non-finite
+    values. Done once per data set; skipped for traced data (inside ``jit``).
+
+    Raises:
+      NonFiniteError: naming the batch, the leaf paths and the counts.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp.operators import check_finite_data, NonFiniteError
+        >>> from hvp.operators._data import as_dataset
+        >>> x = jnp.ones((6, 2)).at[4, 1].set(jnp.nan)
+        >>> ds = as_dataset([(x[:3], jnp.zeros(3)), (x[3:], jnp.zeros(3))])
+        >>> try:
+        ...     check_finite_data(ds)
+        ... except NonFiniteError as e:
+        ...     print(str(e)[:60])
+        The data contain NaN or Inf: batch 1, leaf '0' (1 of 6 value
+    """
+    if dataset.__dict__.get("_finite_checked") or tu.is_traced(dataset.groups):
+        return
+    if tu.nonfinite_counts(dataset.groups):
+        k = 0
+        for group, meta in zip(dataset.groups, dataset.meta):
+            for j in range(meta.num_batches):
+                batch = tu.index(group, j) if meta.stacked else group
+                _raise_if_nonfinite_batch(jax.device_get(batch), k)
+                k += 1
+    dataset.__dict__["_finite_checked"] = True  # frozen dataclass: bypass setattr
 
 
 def _scale(w, x):

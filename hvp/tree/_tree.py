@@ -61,6 +61,8 @@ __all__ = [
     "all_finite",
     "is_traced",
     "nonfinite_leaves",
+    "nonfinite_counts",
+    "shape_summary",
     "leaf_norms",
     "leaf_dots",
     "cast",
@@ -935,3 +937,89 @@ def nonfinite_leaves(tree: PyTree) -> list[str]:
         return []
     flags = jax.device_get(_finite_flags([x for _, x in flat]))
     return [path_str(p) or "<root>" for (p, _), ok in zip(flat, np.asarray(flags)) if not ok]
+
+
+@jax.jit
+def _nonfinite_counts(leaves):
+    """The number of NaN/Inf entries of each leaf, in one compiled program."""
+    return jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves])
+
+
+def nonfinite_counts(tree: PyTree) -> dict[str, int]:
+    """``{path: number of NaN/Inf entries}`` of the floating leaves that have any (host sync).
+
+    One reduction per floating leaf: NumPy on host memory (NumPy arrays, memory maps, and JAX
+    arrays held whole by CPU devices, read without a copy) and one compiled program for the
+    leaves on accelerators. Integer and boolean leaves (labels, masks) are always finite and are
+    skipped. Paths are those of :func:`leaf_paths` (``"<root>"`` for a bare array).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.nonfinite_counts((jnp.array([[1.0, jnp.nan], [jnp.inf, 0.0]]), jnp.arange(2)))
+        {'0': 2}
+    """
+    flat = [
+        (path_str(p) or "<root>", x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    if not flat:
+        return {}
+    counts = [None] * len(flat)
+    on_device = []
+    for i, (_, x) in enumerate(flat):
+        if _on_host(x):
+            counts[i] = int(x.size - np.count_nonzero(np.isfinite(np.asarray(x))))
+        else:
+            on_device.append(i)
+    if on_device:
+        got = np.asarray(jax.device_get(_nonfinite_counts([flat[i][1] for i in on_device])))
+        for i, c in zip(on_device, got):
+            counts[i] = int(c)
+    return {p: c for (p, _), c in zip(flat, counts) if c}
+
+
+def _on_host(x) -> bool:
+    """Whether ``x`` can be read as a NumPy array without a transfer (and without compiling)."""
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        return True
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        return x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices())
+    except Exception:  # noqa: BLE001 - a deleted or unusual array: use the compiled path
+        return False
+
+
+class _Shape:
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _shape_text(x) -> str:
+    return f"{jnp.result_type(x)}[{','.join(str(d) for d in np.shape(x))}]"
+
+
+def shape_summary(tree: PyTree) -> str:
+    """The structure of a pytree with each leaf written as ``dtype[shape]``, for error messages.
+
+    Works on arrays, tracers and ``jax.ShapeDtypeStruct`` leaves; containers keep their own
+    ``repr`` (tuple, list, dict, named tuple), other nodes are listed by leaf path.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hvp import tree
+        >>> tree.shape_summary((jnp.zeros((8, 3), jnp.float32), {"y": jnp.zeros(8, jnp.int32)}))
+        "(float32[8,3], {'y': int32[8]})"
+    """
+    try:
+        return repr(jax.tree_util.tree_map(lambda x: _Shape(_shape_text(x)), tree))
+    except Exception:  # noqa: BLE001 - a node that cannot hold placeholders: list the leaves
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return (
+            "{" + ", ".join(f"{path_str(p) or '<root>'}: {_shape_text(x)}" for p, x in flat) + "}"
+        )

@@ -65,12 +65,18 @@ def test_sections_in_report_json_plot_and_summary(tmp_path):
         pert = np.sum((np.asarray(hvp.compression.uniform_quantize(jnp.asarray(w), b)) - w) ** 2)
         np.testing.assert_allclose(s.omega[0, j], np.trace(block) / 6 * pert, rtol=1e-10)
     np.testing.assert_allclose(s.top_eigenvalue[0], np.linalg.eigvalsh(block)[-1], rtol=1e-6)
+    # OBD at a non-critical point of the Hessian: the note says why and names the GGN
+    negative = int(np.sum(0.5 * np.diag(block) * w.reshape(-1) ** 2 < 0))
+    assert s.obd_num_negative == negative
+    assert "OBD assumes a minimum" in s.obd_note and "--operator ggn" in s.obd_note
+    assert f"gradient norm is {c.gradient_norm:.3g}" in s.obd_note
     # both sections in report.json, the plot written, both on the terminal
     d = json.loads((tmp_path / "out" / "report.json").read_text())
     assert d["critical"]["verdict"] == c.verdict and d["compression"]["layers"] == ["kernel"]
     assert (tmp_path / "out" / "compression.png").stat().st_size > 0
-    assert d["settings"]["compression"] is True
+    assert d["settings"]["compression"] is True and d["compression"]["obd_note"] == s.obd_note
     buf = io.StringIO()
     print_summary(report, Console(file=buf, width=160))
     text = buf.getvalue()
     assert "critical point: not a critical point" in text and "Ω(2)" in text
+    assert "OBD assumes a minimum" in text.replace("\n", " ")

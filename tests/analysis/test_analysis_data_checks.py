@@ -53,6 +53,12 @@ def test_labels_outside_the_classes_stop_analyze_before_the_analysis(tmp_path):
             out_dir=tmp_path / "out",
         )
     assert not (tmp_path / "out" / "report.json").exists()
+    # NaN in the data: refused when the operator is built, naming the batch, leaf and count
+    y[[3, 17]] = 0
+    x[20, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    with pytest.raises(AnalysisError, match=r"NaN or Inf: batch 1, leaf '0' \(1 of 80 values"):
+        analyze(tmp_path / "ckpt", model=spec, data=str(tmp_path / "nan.npz"), batch_size=16)
 
 
 def test_npz_language_model_and_weighted_data(tmp_path):
@@ -117,3 +123,30 @@ def test_lm_batches_from_a_data_function_build_the_masked_hessian(tmp_path):
     got = H @ v
     err = np.abs(hvp.tree.ravel(got) - hvp.tree.ravel(ref)).max()
     assert err < 1e-12 * np.abs(hvp.tree.ravel(ref)).max() + 1e-14
+
+
+def test_a_cnn_given_flat_digits_stops_before_the_analysis_naming_the_data_choices(tmp_path):
+    import flax.linen as nn
+    from checkpoint_files import save_checkpoint
+
+    class CNN(nn.Module):  # expects NHWC images 8x8x1
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Conv(2, (3, 3))(x)
+            return nn.Dense(10)(h.reshape(h.shape[0], -1))
+
+    def cnn():
+        net = CNN()
+        return (net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))), "cross_entropy"
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", cnn()[0][1])
+    with pytest.raises(AnalysisError) as info:
+        analyze(ckpt, model=cnn, data="digits", batch_size=16, num_batches=1)
+    msg = str(info.value)
+    assert "inputs float32[16,64]; the model raised" in msg  # the shape given, the model's error
+    assert "use --data digits:images" in msg  # the layout it does run on
+    assert "'digits:images': x float32 (N, 8, 8, 1)" in msg and "'path/to/data.npz'" in msg
+    # the same check on data it has never seen: no bundled layout fits, the choices are listed
+    x = np.zeros((6, 5), np.float32)
+    with pytest.raises(AnalysisError, match=r"float32\[6,5\].*Data choices \(--data\): 'digits'"):
+        analyze(ckpt, model=cnn, data=(x, np.zeros(6, np.int32)))

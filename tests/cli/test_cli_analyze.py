@@ -365,7 +365,9 @@ def test_empty_data_and_bad_specs(demo, tmp_path, capsys):
         capsys,
         *_analyze_args(demo / "checkpoint", "--data", str(wrong), "--out", str(tmp_path / "o")),
     )
-    _assert_one_line_error(rc, err, "cannot be evaluated on the data")
+    _assert_one_line_error(
+        rc, err, "The model cannot run on the inputs", "[5,10]", "Data choices (--data)"
+    )
 
 
 def test_debug_shows_traceback(tmp_path, capsys):

@@ -185,3 +185,55 @@ def test_model_needing_more_arguments_is_not_blamed_on_weights(setup):
         with pytest.raises(TypeError, match=r"call_kwargs=") as info:
             hvp.ggn(model_needing_rngs, hvp.losses.softmax_cross_entropy, p, batch)
         assert "carry weights" not in str(info.value)
+
+
+def test_a_loss_reading_the_batch_wrongly_names_the_structures_and_signature(setup):
+    p, x, y = setup
+
+    def unpacks(q, batch):
+        xb, yb = batch
+        return hvp.losses.softmax_cross_entropy(_model(q, xb), yb)
+
+    def by_key(q, batch):
+        return hvp.losses.softmax_cross_entropy(_model(q, batch["x"]), batch["y"])
+
+    # a bare array where the loss unpacks (inputs, targets): the batch's and params' structure
+    with pytest.raises(ValueError, match=r"`loss_fn\(params, batch\)` failed") as info:
+        hvp.hessian(unpacks, p, x)
+    msg = str(info.value)
+    assert "batch: float64[6,3]" in msg and "params: {'b': float64[4], 'w': float64[3,4]}" in msg
+
+    # ... of 2 examples: it would trace (rows as inputs and targets): caught on one more example
+    def mse_unpacks(w, batch):
+        xb, yb = batch
+        return jnp.mean((xb @ w - yb) ** 2)
+
+    with pytest.raises(TypeError, match=r"fails on 3 examples.*bare array.*`x, y = batch`"):
+        hvp.hessian(mse_unpacks, jnp.ones(3), x[:2])
+    # a tuple where the loss reads dict keys; a parameter the loss reads that is not there
+    with pytest.raises(
+        TypeError, match=r"batch: \(float64\[1,3\], int\d+\[1\]\) \(its first example"
+    ):
+        hvp.empirical_fisher(by_key, p, (x, y))
+    with pytest.raises(TypeError, match=r"KeyError: 'w'.*\n.*\n  params: \{'b'"):
+        hvp.hessian(unpacks, {"b": p["b"]}, (x, y))
+
+
+def test_nonfinite_data_are_refused_when_built_naming_batch_leaf_and_count(setup, monkeypatch):
+    p, x, y = setup
+    bad = np.asarray(x).copy()
+    bad[4, 1], bad[5, 2] = np.nan, np.inf
+    batches = [(x[:3], y[:3]), (jnp.asarray(bad[3:]), y[3:])]
+    for stream in (False, True):  # in memory (one reduction per leaf) and streamed (as read)
+        with pytest.raises(hvp.operators.NonFiniteError, match=r"batch 1, leaf '0' \(2 of 9"):
+            hvp.ggn(_model, hvp.losses.softmax_cross_entropy, p, batches, stream=stream)
+    streamed = hvp.operators.ArrayBatches((bad, np.asarray(y)), 2)  # host arrays, batch 2 bad
+    with pytest.raises(hvp.operators.NonFiniteError, match=r"batch 2, leaf '0' \(2 of 6"):
+        hvp.hessian(_ce_loss, p, streamed, stream=True)
+    # check_finite=False builds it anyway (a loss that masks them is the user's business)
+    assert hvp.hessian(_ce_loss, p, batches, check_finite=False).size == 16
+    # the counts of the compiled path (accelerators) equal NumPy's (CPU memory)
+    tree = {"x": jnp.asarray(bad), "y": y, "h": bad.astype(np.float16)}
+    assert hvp.tree.nonfinite_counts(tree) == {"h": 2, "x": 2}
+    monkeypatch.setattr(hvp.tree._tree, "_on_host", lambda a: False)
+    assert hvp.tree.nonfinite_counts(tree) == {"h": 2, "x": 2}

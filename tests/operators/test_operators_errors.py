@@ -25,6 +25,8 @@ def test_non_scalar_loss(prob):
         hvp.ggn(prob.model_fn, lambda out, y: (out - y) ** 2, prob.params, prob.batches)
     with pytest.raises(TypeError, match="floating-point scalar"):
         hvp.hessian(lambda p, b: jnp.sum(b[0] > 0), prob.params, prob.batches)
+    with pytest.raises(TypeError, match=r"returned tuple \(\w+\[\], \{\}\).*loss_fn\(p, b\)\[0\]"):
+        hvp.hessian(lambda p, b: (per_example(p, b).mean(), {}), prob.params, prob.batches)
 
 
 def test_vector_wrong_structure_shape_dtype(prob):
