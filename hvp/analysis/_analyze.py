@@ -243,6 +243,10 @@ class DerivedSection:
     """Figures derived from the others (see the module docstring for definitions).
 
     ``num_matvecs`` / ``seconds`` are those of the figures they come from.
+    ``lambda_max_converged`` / ``lambda_min_converged``: whether the eigenpair that gives
+    ``lambda_max`` / ``lambda_min`` met eigsh's tolerance (``None`` in reports written before
+    they were recorded); an unconverged value is a Ritz value within its residual of *an*
+    eigenvalue, not necessarily the extreme one.
 
     Examples:
         >>> from hvp.analysis import DerivedSection
@@ -261,6 +265,8 @@ class DerivedSection:
     negative_mass: float
     num_matvecs: int
     seconds: float
+    lambda_max_converged: bool | None = None
+    lambda_min_converged: bool | None = None
 
 
 @tu.result()
@@ -1552,6 +1558,7 @@ def derived_figures(
 
     lam = np.concatenate([top.eigenvalues, bottom.eigenvalues])
     lam_max, lam_min = float(lam.max()), float(lam.min())
+    conv = np.concatenate([np.asarray(top.converged, bool), np.asarray(bottom.converged, bool)])
     zero = float(dens.zero_threshold)
     label, _, _ = linalg.definiteness(lam_min, lam_max, zero)
     cond = linalg.condition_estimate(
@@ -1567,6 +1574,8 @@ def derived_figures(
         negative_mass=dens.negative_mass,
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),
         seconds=float(top.seconds + bottom.seconds + dens.seconds),
+        lambda_max_converged=bool(conv[int(np.argmax(lam))]),
+        lambda_min_converged=bool(conv[int(np.argmin(lam))]),
     )
 
 

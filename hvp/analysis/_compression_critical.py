@@ -62,6 +62,10 @@ class CriticalSection:
       lambda_min_error, lambda_max_error: their residual bounds.
       zero_threshold: eigenvalues of magnitude at most this count as zero.
       seconds: time of the gradient.
+      converged: both extreme eigenpairs met eigsh's tolerance (``None`` in reports written
+        before it was recorded). When ``False`` the verdict ends with "unverified": a Ritz value
+        that did not converge lies within its residual of *an* eigenvalue, not necessarily the
+        extreme one (e.g. a missed negative eigenvalue would turn a minimum into a saddle).
 
     Examples:
       >>> from hvp.analysis import CriticalSection
@@ -84,6 +88,7 @@ class CriticalSection:
     lambda_max_error: float
     zero_threshold: float
     seconds: float
+    converged: bool | None = None
 
 
 @tu.result(static=("layers", "bits"))
@@ -161,6 +166,9 @@ def critical_section(
             "inconclusive: the GGN is positive semi-definite by construction and cannot tell a "
             "saddle point from a minimum (analyse with --operator hessian)"
         )
+    converged = bool(np.asarray(bottom.converged, bool)[0] and np.asarray(top.converged, bool)[-1])
+    if not converged and kind != "not critical":
+        verdict += f" (unverified: {_unconverged_ends(top, bottom)} did not converge)"
     return CriticalSection(
         verdict=verdict,
         kind=kind,
@@ -173,7 +181,18 @@ def critical_section(
         lambda_max_error=r_hi,
         zero_threshold=zero,
         seconds=float(seconds),
+        converged=converged,
     )
+
+
+def _unconverged_ends(top, bottom) -> str:
+    """``"λ_min"``, ``"λ_max"`` or ``"λ_min and λ_max"``: the extreme pairs that did not converge."""
+    ends = [
+        name
+        for name, sec, i in (("λ_min", bottom, 0), ("λ_max", top, -1))
+        if not bool(np.asarray(sec.converged, bool)[i])
+    ]
+    return " and ".join(ends)
 
 
 def compression_section(op, *, key, num_matvecs: int, chunk_size=None) -> CompressionSection:
