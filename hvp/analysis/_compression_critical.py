@@ -101,6 +101,8 @@ class CompressionSection:
       num_params: kernel weights per layer.
       trace, trace_std_error: :math:`\operatorname{tr}(A_{ll})` over the kernels, and its error.
       top_eigenvalue, top_eigenvalue_residual: the largest eigenvalue of each kernel block.
+      top_eigenvalue_converged: whether each of them converged (``None`` without them or in
+        reports written before it was recorded); the table marks the others "(not converged)".
       omega, omega_std_error: :math:`\Omega_l(b)`, ``(layers, bits)``.
       ranking: layers, most sensitive first (at the fewest bits).
       allocation_bits: the greedy allocation at ``allocation_average`` bits per weight.
@@ -143,6 +145,7 @@ class CompressionSection:
     obd_pruned_saliency: dict
     num_matvecs: int
     seconds: float
+    top_eigenvalue_converged: Any = None
 
 
 def critical_section(
@@ -233,6 +236,7 @@ def compression_section(op, *, key, num_matvecs: int, chunk_size=None) -> Compre
         trace_std_error=sens.trace_std_error,
         top_eigenvalue=sens.top_eigenvalue,
         top_eigenvalue_residual=sens.top_eigenvalue_residual,
+        top_eigenvalue_converged=sens.top_eigenvalue_converged,
         omega=sens.omega,
         omega_std_error=sens.omega_std_error,
         ranking=list(sens.ranking),
@@ -284,11 +288,13 @@ def compression_table(report):
     t.add_column("bits", justify="right")
     for i, layer in enumerate(c["layers"]):
         top = c["top_eigenvalue"][i] if c["top_eigenvalue"] is not None else None
+        flags = c.get("top_eigenvalue_converged")
+        conv = True if flags is None else bool(flags[i])
         t.add_row(
             layer,
             str(c["num_params"][i]),
             f"{c['trace'][i]:.4g} ± {c['trace_std_error'][i]:.2g}",
-            "" if top is None else f"{top:.4g}",
+            "" if top is None else f"{top:.4g}" + ("" if conv else " (not converged)"),
             *(f"{v:.3g}" for v in c["omega"][i]),
             str(c["allocation_bits"][i]),
         )

@@ -192,3 +192,21 @@ def test_unconverged_extreme_eigenvalues_are_marked_in_the_derived_figures_verdi
     )
     assert summary["lambda_min_converged"] is False and summary["lambda_max_converged"] is True
     assert summary["converged"] is False and "unverified" in summary["critical_point"]
+    # the compression table marks a layer's unconverged top eigenvalue
+    from hvp.analysis._compression_critical import compression_table
+
+    comp = {
+        "layers": ["a", "b"],
+        "bits": [2],
+        "num_params": [2, 2],
+        "trace": [1.0, 2.0],
+        "trace_std_error": [0.1, 0.1],
+        "top_eigenvalue": [1.0, 2.0],
+        "top_eigenvalue_converged": [True, False],
+        "omega": [[0.1], [0.2]],
+        "allocation_bits": [2, 2],
+        "allocation_average": 2.0,
+        "obd_pruned_saliency": {"0.5": 0.1},
+    }
+    cells = list(compression_table({"compression": comp}).columns[3].cells)
+    assert cells == ["1", "2 (not converged)"]
