@@ -1246,8 +1246,9 @@ def _not_converged_message(
         )
     if not confirmed and not miss.any():
         parts.append(
-            " The multiplicities were not confirmed by a restart from a fresh vector (a "
-            "repeated eigenvalue may lack copies): increase `max_restarts`."
+            " The residuals are within their thresholds, but the set was not confirmed by a "
+            "restart from a fresh vector (a repeated eigenvalue may lack copies): increase "
+            "`max_restarts`."
         )
     parts.append(
         " `result.converged` marks the pairs that did converge; an eigenvalue of the operator "
