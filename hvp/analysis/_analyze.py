@@ -31,7 +31,7 @@ Pipeline (the ``hvp analyze`` command and :func:`analyze` run exactly this code)
      (:func:`hvp.tree.layer_norms`);
    * derived figures (:func:`derived_figures`, one zero threshold
      :math:`\epsilon = \max(\mathrm{tol}, f)\cdot\max|\lambda|` for all, :math:`f` the
-     round-off floor of :func:`hvp.linalg.eigsh`): :math:`\lambda_{\max}`,
+     accuracy of :func:`hvp.linalg.eigsh` near zero): :math:`\lambda_{\max}`,
      :math:`\lambda_{\min}`, the condition estimate of :func:`hvp.linalg.condition_estimate`,
      the definition that :func:`hvp.linalg.spectrum_summary` uses too
      (:math:`\lambda_{\max}/\lambda_{\min}` when :math:`A` is positive definite, ``inf``
@@ -1504,7 +1504,7 @@ def zero_threshold(top: EigenSection, bottom: EigenSection, *, tol: float, dtype
     r"""Eigenvalues with :math:`|\lambda|` at most this count as zero in a report.
 
     :math:`\max(\mathrm{tol}, f)\cdot\max|\lambda|` over the computed extreme eigenvalues, with
-    :math:`f` the round-off floor of :func:`hvp.linalg.eigsh` (:func:`hvp.linalg.zero_floor`):
+    :math:`f` the accuracy of :func:`hvp.linalg.eigsh` near zero (:func:`hvp.linalg.zero_floor`):
     the threshold of :func:`hvp.linalg.spectrum_summary` with ``zero_tol = tol``.
 
     Examples:
