@@ -31,7 +31,7 @@ Pipeline (the ``hvp analyze`` command and :func:`analyze` run exactly this code)
      (:func:`hvp.tree.layer_norms`);
    * derived figures (:func:`derived_figures`, one zero threshold
      :math:`\epsilon = \max(\mathrm{tol}, f)\cdot\max|\lambda|` for all, :math:`f` the
-     round-off floor of :func:`hvp.linalg.eigsh`): :math:`\lambda_{\max}`,
+     accuracy of :func:`hvp.linalg.eigsh` near zero): :math:`\lambda_{\max}`,
      :math:`\lambda_{\min}`, the condition estimate of :func:`hvp.linalg.condition_estimate`,
      the definition that :func:`hvp.linalg.spectrum_summary` uses too
      (:math:`\lambda_{\max}/\lambda_{\min}` when :math:`A` is positive definite, ``inf``
@@ -260,6 +260,10 @@ class DerivedSection:
     """Figures derived from the others (see the module docstring for definitions).
 
     ``num_matvecs`` / ``seconds`` are those of the figures they come from.
+    ``lambda_max_converged`` / ``lambda_min_converged``: whether the eigenpair that gives
+    ``lambda_max`` / ``lambda_min`` met eigsh's tolerance (``None`` in reports written before
+    they were recorded); an unconverged value is a Ritz value within its residual of *an*
+    eigenvalue, not necessarily the extreme one.
 
     Examples:
         >>> from hvp.analysis import DerivedSection
@@ -278,6 +282,8 @@ class DerivedSection:
     negative_mass: float
     num_matvecs: int
     seconds: float
+    lambda_max_converged: bool | None = None
+    lambda_min_converged: bool | None = None
 
 
 @tu.result()
@@ -1523,7 +1529,7 @@ def zero_threshold(top: EigenSection, bottom: EigenSection, *, tol: float, dtype
     r"""Eigenvalues with :math:`|\lambda|` at most this count as zero in a report.
 
     :math:`\max(\mathrm{tol}, f)\cdot\max|\lambda|` over the computed extreme eigenvalues, with
-    :math:`f` the round-off floor of :func:`hvp.linalg.eigsh` (:func:`hvp.linalg.zero_floor`):
+    :math:`f` the accuracy of :func:`hvp.linalg.eigsh` near zero (:func:`hvp.linalg.zero_floor`):
     the threshold of :func:`hvp.linalg.spectrum_summary` with ``zero_tol = tol``.
 
     Examples:
@@ -1619,6 +1625,7 @@ def derived_figures(
 
     lam = np.concatenate([top.eigenvalues, bottom.eigenvalues])
     lam_max, lam_min = float(lam.max()), float(lam.min())
+    conv = np.concatenate([np.asarray(top.converged, bool), np.asarray(bottom.converged, bool)])
     zero = float(dens.zero_threshold)
     label, _, _ = linalg.definiteness(lam_min, lam_max, zero)
     cond = linalg.condition_estimate(
@@ -1634,6 +1641,8 @@ def derived_figures(
         negative_mass=dens.negative_mass,
         num_matvecs=int(top.num_matvecs + bottom.num_matvecs + dens.num_matvecs),
         seconds=float(top.seconds + bottom.seconds + dens.seconds),
+        lambda_max_converged=bool(conv[int(np.argmax(lam))]),
+        lambda_min_converged=bool(conv[int(np.argmin(lam))]),
     )
 
 

@@ -62,6 +62,10 @@ class CriticalSection:
       lambda_min_error, lambda_max_error: their residual bounds.
       zero_threshold: eigenvalues of magnitude at most this count as zero.
       seconds: time of the gradient.
+      converged: both extreme eigenpairs met eigsh's tolerance (``None`` in reports written
+        before it was recorded). When ``False`` the verdict ends with "unverified": a Ritz value
+        that did not converge lies within its residual of *an* eigenvalue, not necessarily the
+        extreme one (e.g. a missed negative eigenvalue would turn a minimum into a saddle).
 
     Examples:
       >>> from hvp.analysis import CriticalSection
@@ -84,6 +88,7 @@ class CriticalSection:
     lambda_max_error: float
     zero_threshold: float
     seconds: float
+    converged: bool | None = None
 
 
 @tu.result(static=("layers", "bits", "obd_note"))
@@ -96,6 +101,8 @@ class CompressionSection:
       num_params: kernel weights per layer.
       trace, trace_std_error: :math:`\operatorname{tr}(A_{ll})` over the kernels, and its error.
       top_eigenvalue, top_eigenvalue_residual: the largest eigenvalue of each kernel block.
+      top_eigenvalue_converged: whether each of them converged (``None`` without them or in
+        reports written before it was recorded); the table marks the others "(not converged)".
       omega, omega_std_error: :math:`\Omega_l(b)`, ``(layers, bits)``.
       ranking: layers, most sensitive first (at the fewest bits).
       allocation_bits: the greedy allocation at ``allocation_average`` bits per weight.
@@ -146,6 +153,7 @@ class CompressionSection:
     seconds: float
     obd_num_negative: int = 0
     obd_note: str = ""
+    top_eigenvalue_converged: Any = None
 
 
 def _obd_note(operator: str, gradient_norm, num_negative: int, num_weights: int) -> str:
@@ -193,6 +201,9 @@ def critical_section(
             "inconclusive: the GGN is positive semi-definite by construction and cannot tell a "
             "saddle point from a minimum (analyse with --operator hessian)"
         )
+    converged = bool(np.asarray(bottom.converged, bool)[0] and np.asarray(top.converged, bool)[-1])
+    if not converged and kind != "not critical":
+        verdict += f" (unverified: {_unconverged_ends(top, bottom)} did not converge)"
     return CriticalSection(
         verdict=verdict,
         kind=kind,
@@ -205,7 +216,18 @@ def critical_section(
         lambda_max_error=r_hi,
         zero_threshold=zero,
         seconds=float(seconds),
+        converged=converged,
     )
+
+
+def _unconverged_ends(top, bottom) -> str:
+    """``"λ_min"``, ``"λ_max"`` or ``"λ_min and λ_max"``: the extreme pairs that did not converge."""
+    ends = [
+        name
+        for name, sec, i in (("λ_min", bottom, 0), ("λ_max", top, -1))
+        if not bool(np.asarray(sec.converged, bool)[i])
+    ]
+    return " and ".join(ends)
 
 
 def compression_section(
@@ -257,6 +279,7 @@ def compression_section(
         trace_std_error=sens.trace_std_error,
         top_eigenvalue=sens.top_eigenvalue,
         top_eigenvalue_residual=sens.top_eigenvalue_residual,
+        top_eigenvalue_converged=sens.top_eigenvalue_converged,
         omega=sens.omega,
         omega_std_error=sens.omega_std_error,
         ranking=list(sens.ranking),
@@ -310,11 +333,13 @@ def compression_table(report):
     t.add_column("bits", justify="right")
     for i, layer in enumerate(c["layers"]):
         top = c["top_eigenvalue"][i] if c["top_eigenvalue"] is not None else None
+        flags = c.get("top_eigenvalue_converged")
+        conv = True if flags is None else bool(flags[i])
         t.add_row(
             layer,
             str(c["num_params"][i]),
             f"{c['trace'][i]:.4g} ± {c['trace_std_error'][i]:.2g}",
-            "" if top is None else f"{top:.4g}",
+            "" if top is None else f"{top:.4g}" + ("" if conv else " (not converged)"),
             *(f"{v:.3g}" for v in c["omega"][i]),
             str(c["allocation_bits"][i]),
         )

@@ -125,8 +125,9 @@ def plot_density(report, path) -> Path:
     ax.set_title(
         f"{op} eigenvalue density — {_short(model['spec'])}\n"
         f"{model['num_params']:,} parameters, {d['data']['num_examples']:,} examples "
-        f"({_short(d['data']['spec'], 30)}), λ_max = {d['derived']['lambda_max']:.4g}, "
-        f"λ_min = {d['derived']['lambda_min']:.4g}" + _verdict_line(d),
+        f"({_short(d['data']['spec'], 30)}), λ_max = {d['derived']['lambda_max']:.4g}"
+        f"{_unconverged_mark(d, 'max')}, λ_min = {d['derived']['lambda_min']:.4g}"
+        f"{_unconverged_mark(d, 'min')}" + _verdict_line(d),
         fontsize=10,
     )
     ax.grid(True, which="major", alpha=0.3)
@@ -138,6 +139,11 @@ def plot_density(report, path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _unconverged_mark(d: dict, end: str) -> str:
+    """``" (not converged)"`` when the pair behind ``lambda_<end>`` did not converge."""
+    return " (not converged)" if d["derived"].get(f"lambda_{end}_converged") is False else ""
 
 
 def _verdict_line(d: dict) -> str:

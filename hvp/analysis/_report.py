@@ -486,8 +486,9 @@ def summary_table(report):
         str(g("layers", "num_matvecs")),
         f"{g('layers', 'seconds'):.2f}",
     )
-    t.add_row("condition estimate", _fmt(g("derived", "condition_estimate")), "", "", "")
-    t.add_row("|λ_min| / λ_max", _fmt(g("derived", "negative_ratio")), "", "", "")
+    unconv = _unconverged_extremes(g("derived"))
+    t.add_row("condition estimate", _fmt(g("derived", "condition_estimate")), unconv, "", "")
+    t.add_row("|λ_min| / λ_max", _fmt(g("derived", "negative_ratio")), unconv, "", "")
     t.caption = (
         f"total {g('num_matvecs')} matvecs, {g('timings')['total']:.1f} s; seed "
         f"{g('settings')['seed']}"
@@ -495,6 +496,15 @@ def summary_table(report):
     if neg_hint:
         t.caption += "\n" + neg_hint
     return t
+
+
+def _unconverged_extremes(derived) -> str:
+    """A red note naming λ_min / λ_max when the pair behind it did not converge, else ``""``."""
+    d = derived if isinstance(derived, dict) else derived.to_dict()
+    ends = [e for e in ("min", "max") if d.get(f"lambda_{e}_converged") is False]
+    if not ends:
+        return ""
+    return "[red](from unconverged " + " and ".join(f"λ_{e}" for e in ends) + ")"
 
 
 def print_summary(

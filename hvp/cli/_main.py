@@ -456,6 +456,8 @@ def _json_summary(report, out, files, args, **extra) -> dict:
                 "negative_mass",
             )
         },
+        # whether the pairs behind lambda_max / lambda_min converged (None: an older report)
+        **{k: d["derived"].get(k) for k in ("lambda_max_converged", "lambda_min_converged")},
         "critical_point": (d.get("critical") or {}).get("verdict"),
         **_influence_summary(d),
         "num_matvecs": d["num_matvecs"],

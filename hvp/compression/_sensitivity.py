@@ -118,6 +118,9 @@ class QuantizationSensitivity:
       top_eigenvalue: the largest eigenvalue of each block :math:`H_{ll}` (Lanczos), ``(L,)``,
         or ``None``.
       top_eigenvalue_residual: its residual bound, ``(L,)`` or ``None``.
+      top_eigenvalue_converged: whether each block's top pair met eigsh's tolerance (bool,
+        ``(L,)``) or ``None``; an unconverged value is within its residual of *an* eigenvalue
+        of the block, not necessarily the largest.
       ranking: layer names, most sensitive first (by :math:`\Omega_l` at the fewest bits).
       samples: per-probe layer traces, ``(m, L)`` (for honest errors of sums of layers).
       num_matvecs: operator products used (diagonal probes + Lanczos).
@@ -147,6 +150,7 @@ class QuantizationSensitivity:
     samples: Any
     num_matvecs: int
     method: str = "hutchinson"
+    top_eigenvalue_converged: Any = None
 
     def size_bits(self, bits: Sequence[int]) -> int:
         """:math:`\\sum_l n_l b_l` for one bit width per layer."""
@@ -495,10 +499,11 @@ def quantization_sensitivity(
     omega = trace[:, None] / num[:, None] * pert
     omega_se = trace_se[:, None] / num[:, None] * pert
     matvecs = 0 if diag is not None else int(d.num_matvecs)
-    top = top_res = None
+    top = top_res = top_conv = None
     if top_eigenvalue:
         check_key(key)
         top, top_res = np.zeros(len(layers)), np.zeros(len(layers))
+        top_conv = np.zeros(len(layers), bool)
         for i, name in enumerate(layers):
             idx = [k for k, p in enumerate(paths) if p in selected and group[p] == name]
             res = eigsh(
@@ -511,6 +516,7 @@ def quantization_sensitivity(
             )
             top[i] = float(np.asarray(res.eigenvalues)[-1])
             top_res[i] = float(np.asarray(res.residuals)[-1])
+            top_conv[i] = bool(np.asarray(res.converged)[-1])
             matvecs += int(res.num_matvecs)
     ranking = tuple(layers[i] for i in np.argsort(-omega[:, 0], kind="stable"))
     return QuantizationSensitivity(
@@ -524,6 +530,7 @@ def quantization_sensitivity(
         omega_std_error=omega_se,
         top_eigenvalue=top,
         top_eigenvalue_residual=top_res,
+        top_eigenvalue_converged=top_conv,
         ranking=ranking,
         samples=samples,
         num_matvecs=matvecs,

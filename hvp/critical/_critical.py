@@ -161,8 +161,8 @@ def classify_critical_point(
       grad_tol: the point is critical when :math:`\lVert\nabla L\rVert_2 \le` ``grad_tol``
         (absolute; the loss's scale sets what is small).
       zero_tol: eigenvalues with :math:`|\lambda| \le \max(\mathrm{zero\_tol}\max|\lambda|,
-        r_{\min}, r_{\max})` count as 0 (default: ``tol`` floored at round-off,
-        :func:`hvp.linalg.zero_floor` of the products' dtype).
+        r_{\min}, r_{\max})` count as 0 (default: ``tol`` floored at eigsh's accuracy near
+        zero, :func:`hvp.linalg.zero_floor` of the products' dtype).
       tol: eigsh's relative tolerance.
       density: also estimate the negative mass by SLQ (``num_probes * num_iters`` more products).
       num_probes: SLQ probes (with ``density=True``).

@@ -70,15 +70,27 @@ Implementation (:func:`eigsh`):
   of the test MLP Hessian); when the residual bound stays above the tolerance on breakdown
   residuals of a low-rank operator, a full basis whose Lanczos part passes is accepted on
   its true residuals.
-* Convergence, per pair (ARPACK convention, documented in ``docs/algorithms.md``):
-  :math:`\|A y_i - \theta_i y_i\| \le \max(\mathrm{tol}\cdot\max(|\theta_i|,
-  \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`, with :math:`\epsilon` the
-  machine epsilon of the products' dtype and :math:`\|A\|` the largest
-  :math:`\|Av\|` or :math:`|\theta|` seen. Every eigenvalue thus gets an error
-  small relative to *its own* magnitude (at most about ``tol * |lambda_i|``,
-  usually ``tol**2``-like), down to the round-off floor
-  :math:`64\epsilon\|A\|` below which a residual cannot be verified (zero
-  eigenvalues of a singular operator come back as :math:`O(\epsilon\|A\|)`).
+* Convergence, per pair (documented in ``docs/algorithms.md``): a relative test away from 0
+  and a backward-error test near 0,
+  :math:`\|A y_i - \theta_i y_i\| \le \max(\mathrm{tol}\cdot|\theta_i|,\
+  \mathrm{zero\_tol}\cdot\|A\|)`, with ``zero_tol`` by default
+  :math:`\max(\epsilon^{2/3}, 64\,\epsilon)` (:math:`\epsilon` the machine epsilon of the
+  products' dtype: ARPACK's :math:`\epsilon^{2/3}` floor of the relative test, Lehoucq,
+  Sorensen & Yang 1998, sec. 4.6; SLEPc's ``EPS_CONV_NORM`` is the same test relative to
+  :math:`\|A\|`, Hernandez, Roman & Vidal 2005). :math:`\|A\|` is the largest
+  :math:`\|Av\|` or :math:`|\theta|` seen, a lower bound of :math:`\|A\|_2`, so the test is
+  never looser than stated. Every eigenvalue thus gets an error small relative to *its own*
+  magnitude (at most about ``tol * |lambda_i|``), except near 0, where no relative accuracy
+  is achievable in floating point (the products' own round-off is :math:`O(\epsilon\|A\|)`)
+  and none is useful: a pair that passes there is an exact eigenpair of :math:`A + E` with
+  :math:`\|E\| \le \mathrm{zero\_tol}\,\|A\|`, and an eigenvalue of :math:`A` lies within
+  its residual of :math:`\theta_i` (Parlett, *The Symmetric Eigenvalue Problem*, Thm 4.5.1).
+  Zero eigenvalues of a singular operator whose null space is separated from the rest of the
+  spectrum come back as zeros to :math:`O(\epsilon\|A\|)`. A *continuum* of eigenvalues
+  near 0 (the GGN of a trained network often has eigenvalues at every scale from
+  :math:`10^{-9}\|A\|` up) is resolved slowly by any Krylov method: the wanted pairs then
+  reach ``zero_tol`` only with a larger ``num_iters`` or ``max_restarts``, or not at all in the
+  budget (``converged`` False, and the warning gives the accuracy that was reached).
   The stopping test uses a rigorous bound (Lanczos coupling plus the residuals
   that left the basis at locking or breakdown); when it passes, the residuals
   are recomputed with true products (``k`` matvecs). That bound adds up the
@@ -158,8 +170,9 @@ class EigshResult:
       num_restarts: restarts performed (thick restarts, locking/confirmation
         restarts and explicit restarts after a failed residual check); an ``int`` likewise.
       thresholds: the per-pair tolerance the residuals were tested against,
-        ``max(tol * max(|lambda_i|, eps**(2/3) ||A||), 64 eps ||A||)`` (the floor is
-        ``4 eps ||A||`` for half-precision products, see :func:`eigsh`).
+        ``max(tol * |lambda_i|, zero_tol * ||A||)`` (see :func:`eigsh`; ``||A||`` is the
+        run's lower bound of the operator norm): an eigenvalue of the operator lies within
+        ``residuals[i]`` of ``eigenvalues[i]``.
       which: ``"largest"``, ``"smallest"`` or ``"both"``.
       dtype_policy: the :class:`~hvp.linalg.DtypePolicy` used: ``compute`` is the dtype of
         the operator products (the parameters'), ``accumulate`` that of the basis, inner
@@ -237,22 +250,32 @@ _LOCK = 0.1
 _CONFIRMATIONS = 2
 
 
-def zero_floor(dtype, tol: float = 1e-6) -> float:
-    """The smallest tolerance, relative to ``||A||``, that :func:`eigsh` applies to a pair.
+def zero_floor(dtype, tol: float | None = None) -> float:
+    """The default ``zero_tol`` of :func:`eigsh`: its accuracy near 0, relative to ``||A||``.
 
-    ``max(tol * eps**(2/3), 64 * eps)`` with ``eps`` the machine epsilon of ``dtype``
-    (the products' dtype): eigenvalues of magnitude below ``zero_floor * ||A||`` cannot be
-    told from 0 by their residuals. Used as the least "zero" threshold of
-    :func:`hvp.linalg.spectrum_summary`.
+    ``max(eps**(2/3), 64 * eps)`` with ``eps`` the machine epsilon of ``dtype`` (the
+    products' dtype; the round-off floor is ``4 eps`` for half precision): ARPACK's
+    ``eps**(2/3)``, above the products' own round-off. A converged pair with
+    ``|lambda| <= zero_floor * ||A||`` is an eigenvalue within about ``zero_floor * ||A||`` of 0:
+    smaller eigenvalues cannot be told from 0 by :func:`eigsh`'s test. Used as the least "zero"
+    threshold of :func:`hvp.linalg.spectrum_summary`, :func:`hvp.classify_critical_point` and
+    ``hvp analyze``.
+
+    Args:
+      dtype: the products' dtype (``result.dtype_policy.compute``).
+      tol: accepted for compatibility: the level does not depend on the relative tolerance
+        (``tol`` applies to ``|lambda|``, ``zero_tol`` to ``||A||``).
 
     Examples:
         >>> import numpy as np
         >>> from hvp.linalg import zero_floor
-        >>> zero_floor(np.float32) == 64 * float(np.finfo(np.float32).eps)  # 64 eps > 1e-6 eps**(2/3)
-        True
+        >>> f32, f64 = (float(np.finfo(t).eps) for t in (np.float32, np.float64))
+        >>> zero_floor(np.float32) == f32 ** (2 / 3), zero_floor(np.float64) == f64 ** (2 / 3)
+        (True, True)
     """
+    del tol
     eps = float(jnp.finfo(dtype).eps)
-    return max(float(tol) * eps ** (2.0 / 3.0), _round_off_floor(dtype))
+    return max(eps ** (2.0 / 3.0), _round_off_floor(dtype))
 
 
 def _round_off_floor(dtype, basis_dtype=None) -> float:
@@ -410,9 +433,11 @@ class ThickRestartLanczos(StateMachine):
 
     # --- helpers -------------------------------------------------------------------------
     def thresholds(self, s, lam, anorm):
-        """Per-pair tolerance (ARPACK convention, floored at the product round-off)."""
-        eps23 = self.eps ** (2.0 / 3.0)
-        return jnp.maximum(s["tol"] * jnp.maximum(jnp.abs(lam), eps23 * anorm), self.floor * anorm)
+        """Per-pair tolerance: ``tol * |lam|``, or ``zero_tol * ||A||`` near 0 (a backward error).
+
+        ``s["zero"]`` is ``zero_tol``, already at least the round-off floor.
+        """
+        return jnp.maximum(s["tol"] * jnp.abs(lam), s["zero"] * anorm)
 
     def base_key(self, s):
         return jax.random.fold_in(jax.random.fold_in(s["key"], s["restarts"]), s["locks"])
@@ -483,6 +508,7 @@ class ThickRestartLanczos(StateMachine):
             thr,
             state["confirmed"],
             finite,
+            state["anorm"],
         )
 
     def progress(self, state) -> Progress:
@@ -739,7 +765,7 @@ class ThickRestartLanczos(StateMachine):
         )
 
 
-def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts):
+def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts, zero):
     """The state before the first step: ``v0`` (unit) in row 0 of an empty basis."""
     m, k_total = alg.m, alg.k_total
     acc = acc_dtype(like)
@@ -792,6 +818,7 @@ def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts):
         # dynamic settings: other values reuse the compiled steps
         key=key,
         tol=jnp.asarray(tol, acc),
+        zero=jnp.asarray(zero, acc),  # zero_tol: the test near 0, relative to ||A||
         max_restarts=jnp.asarray(max_restarts, jnp.int32),
     )
 
@@ -800,11 +827,11 @@ _initial_state_jit = jax.jit(_initial_state, static_argnums=0)
 
 
 @partial(jax.jit, static_argnums=0)
-def _random_initial_state(alg: ThickRestartLanczos, key, like, tol, max_restarts):
+def _random_initial_state(alg: ThickRestartLanczos, key, like, tol, max_restarts, zero):
     """The initial state from a random unit start vector (``v0=None``), in one program."""
     k_start, k_run = jax.random.split(key)
     v = tu.normal_like(k_start, like)
-    return _initial_state(alg, tu.scale(1.0 / tu.norm(v), v), k_run, like, tol, max_restarts)
+    return _initial_state(alg, tu.scale(1.0 / tu.norm(v), v), k_run, like, tol, max_restarts, zero)
 
 
 @jax.jit
@@ -870,6 +897,7 @@ def eigsh(
     which: str = "largest",
     num_iters: int | None = None,
     tol: float = 1e-6,
+    zero_tol: float | None = None,
     max_restarts: int = 30,
     v0: PyTree | None = None,
     reorthogonalize: bool = True,
@@ -900,13 +928,21 @@ def eigsh(
       num_iters: Lanczos basis size ``m`` per restart cycle, i.e. the Krylov steps (products)
         of one cycle (default ``max(2 * k_total + 10, 30)`` with ``k_total`` = ``2k`` for
         ``"both"``, capped at ``n``). Memory is ``(m + 1) * n * bytes(basis_dtype)``.
-      tol: convergence tolerance relative to each eigenvalue (ARPACK
-        convention): :math:`\|A v_i - \lambda_i v_i\| \le \max(\mathrm{tol}
-        \cdot \max(|\lambda_i|, \epsilon^{2/3}\|A\|),\ 64\,\epsilon\,\|A\|)`
-        with :math:`\epsilon` the machine epsilon of the products' dtype
-        (the floor is what round-off lets one verify; it is
-        :math:`4\epsilon\|A\|` for bfloat16/float16 products; the per-pair
-        values are returned in ``thresholds``).
+      tol: convergence tolerance relative to each eigenvalue:
+        :math:`\|A v_i - \lambda_i v_i\| \le \max(\mathrm{tol}\cdot|\lambda_i|,\
+        \mathrm{zero\_tol}\cdot\|A\|)` (the per-pair values are returned in
+        ``thresholds``; see the module docstring for the sources).
+      zero_tol: the test near 0, relative to :math:`\|A\|` (a backward error: a pair that
+        passes is an exact eigenpair of :math:`A + E`, :math:`\|E\| \le
+        \mathrm{zero\_tol}\,\|A\|`). Default :func:`hvp.linalg.zero_floor`:
+        :math:`\max(\epsilon^{2/3}, 64\epsilon)` with :math:`\epsilon` the machine epsilon of
+        the products' dtype (about ``3.7e-11`` in float64, ``2.4e-5`` in float32, ARPACK's
+        :math:`\epsilon^{2/3}`); values below the round-off floor (:math:`64\epsilon`,
+        :math:`4\epsilon` for bfloat16/float16 products) are raised to it, since a smaller
+        residual cannot be verified. Eigenvalues within ``zero_tol * ||A||`` of 0 are not
+        resolved relative to their own size; eigenvalues above it get ``tol`` relative
+        accuracy. :math:`\|A\|` is the largest :math:`\|Av\|` or Ritz value magnitude seen (a
+        lower bound: the test is never looser than stated).
       max_restarts: thick/explicit restarts allowed before giving up (a
         warning is emitted and ``converged`` says which pairs missed ``tol``).
         Locking/confirmation restarts are budgeted separately (at most
@@ -960,7 +996,8 @@ def eigsh(
     Raises:
       ValueError: ``k`` outside ``1..n`` (``2k > n`` for ``"both"``), unknown
         ``which``, ``v0`` not shaped like the parameters, bad ``num_iters``,
-        ``reorthogonalize=False``, negative or non-finite ``tol``, an unknown ``basis``,
+        ``reorthogonalize=False``, negative or non-finite ``tol`` or ``zero_tol``, an unknown
+        ``basis``,
         ``basis_dtype`` with ``basis="none"``, ``basis="host"`` with ``driver="compiled"``,
         inside ``jax.jit``/``jax.vmap`` or with several processes.
       TypeError: ``key`` is not a PRNG key, ``k`` not an int.
@@ -1013,6 +1050,12 @@ def eigsh(
     tol = check_finite_float(
         "tol", tol, hint="It is the relative accuracy per eigenvalue (e.g. 1e-6)."
     )
+    if zero_tol is not None:
+        zero_tol = check_finite_float(
+            "zero_tol",
+            zero_tol,
+            hint="It is the accuracy near 0 relative to ||A|| (e.g. 1e-8; None: the default).",
+        )
     max_restarts = check_int("max_restarts", max_restarts, minimum=0)
     if basis not in BASES:
         raise ValueError(
@@ -1043,6 +1086,7 @@ def eigsh(
             which=which,
             num_iters=m,
             tol=tol,
+            zero_tol=zero_tol,
             driver=driver,
             progress=progress,
             checkpoint=checkpoint,
@@ -1075,6 +1119,8 @@ def eigsh(
     single = k == 1
     room = k_total + n_extra <= n and m >= k_total + 2 * n_extra
     can_confirm = bool(confirm) and not single and room
+    floor = _round_off_floor(low, basis_dtype)
+    zero = max(zero_floor(low) if zero_tol is None else zero_tol, floor)
     alg = ThickRestartLanczos(
         m=m,
         k_total=k_total,
@@ -1099,14 +1145,14 @@ def eigsh(
         else:
             k_start, k_run = jax.random.split(key)
             start = _start_vector(v0, op.like, k_start)
-        state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts)
+        state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts, zero)
         state = host_initial_state(alg, state, start)
     elif v0 is None:  # one compiled program (eagerly: about 50 small ones, 0.5 s cold on CPU)
-        state = _random_initial_state(alg, key, op.like, tol, max_restarts)
+        state = _random_initial_state(alg, key, op.like, tol, max_restarts, zero)
     else:
         k_start, k_run = jax.random.split(key)
         start = _start_vector(v0, op.like, k_start)
-        state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts)
+        state = _initial_state_jit(alg, start, k_run, op.like, tol, max_restarts, zero)
     out, chosen = run(
         alg,
         op,
@@ -1117,7 +1163,7 @@ def eigsh(
         traced=(key, v0),
         consume=True,
     )
-    lam, vecs, res, conv, nmv, nrs, thr, confirmed, finite = out
+    lam, vecs, res, conv, nmv, nrs, thr, confirmed, finite, anorm = out
     if not tu.is_traced(nmv, nrs):  # host driver, or the compiled one called outside jit
         nmv, nrs = int(nmv), int(nrs)
     result = EigshResult(
@@ -1142,19 +1188,81 @@ def eigsh(
             "find the leaf."
         )
     if not np.all(np.asarray(conv)):
-        nc = int(np.sum(np.asarray(conv)))
-        why = (
-            ""
-            if bool(confirmed) or not can_confirm
-            else " (the multiplicities were not confirmed by a restart from a fresh vector)"
-        )
         warnings.warn(
-            f"eigsh ({which}, k={k}) on the {op.name} operator: only {nc} of {k_total} "
-            f"eigenpairs reached tol={tol:g}{why} after {int(nrs)} restarts and {int(nmv)} "
-            f"matvecs (largest residual {float(jnp.max(res)):.3g}). Increase `num_iters` or "
-            "`max_restarts`, or loosen `tol`; `result.converged` marks the pairs that did "
-            "converge.",
+            _not_converged_message(
+                f"eigsh ({which}, k={k}) on the {op.name} operator",
+                lam=lam,
+                res=res,
+                conv=conv,
+                thr=thr,
+                tol=tol,
+                zero=zero,
+                anorm=float(anorm),
+                confirmed=bool(confirmed) or not can_confirm,
+                restarts=int(nrs),
+                matvecs=int(nmv),
+            ),
             ConvergenceWarning,
             stacklevel=2,
         )
     return result
+
+
+def _not_converged_message(
+    what, *, lam, res, conv, thr, tol, zero, anorm, confirmed, restarts, matvecs
+) -> str:
+    """The warning of a run whose pairs missed their thresholds: what can help, case by case.
+
+    Pairs near 0 (``|lambda| <= residual + zero_tol * ||A||``: the value cannot be told from 0)
+    are told the accuracy reached relative to ``||A||`` and the ``zero_tol`` that accepts it (a
+    looser ``tol`` cannot help them); the others the accuracy reached relative to ``|lambda|``.
+    """
+    lam, res, thr = (np.asarray(x, np.float64) for x in (lam, res, thr))
+    conv = np.asarray(conv, bool)
+    miss = ~conv & (res > thr)
+    # near 0: the value cannot be told from 0 by its residual (its interval holds 0)
+    near = miss & (np.abs(lam) <= res + zero * anorm)
+    far = miss & ~near
+    parts = [
+        f"{what}: {int(conv.sum())} of {conv.size} eigenpairs converged after {restarts} "
+        f"restarts and {matvecs} matvecs."
+    ]
+    if near.any():
+        reached = float(np.max(res[near])) / anorm if anorm > 0 else float("inf")
+        parts.append(
+            f" {int(near.sum())} Ritz value(s) near 0 (|lambda| <= "
+            f"{float(np.max(np.abs(lam[near]))):.3g}, ||A|| >= {anorm:.3g}) are tested relative "
+            f"to ||A||: their residuals reach {reached:.2g} ||A|| against zero_tol={zero:.2g}. "
+            "Eigenvalues clustered near 0 (a singular GGN's null space and its smallest "
+            "eigenvalues) converge slowly: increase `num_iters` (a longer basis separates them "
+            f"faster than restarts) or `max_restarts`, or accept a coarser accuracy near 0 with "
+            f"zero_tol={_up(10 * reached)} (pairs lock at a tenth of their threshold; each "
+            "such value is then an eigenvalue to within zero_tol * ||A||); `tol` does not "
+            "apply there."
+        )
+    if far.any():
+        rel = float(np.max(res[far] / np.abs(lam[far])))
+        parts.append(
+            f" {int(far.sum())} pair(s) miss tol={tol:g} relative to |lambda| (residual/|lambda| "
+            f"up to {rel:.2g}): increase `num_iters` or `max_restarts`, or accept "
+            f"tol={_up(10 * rel)} (pairs lock at a tenth of their threshold)."
+        )
+    if not confirmed and not miss.any():
+        parts.append(
+            " The residuals are within their thresholds, but the set was not confirmed by a "
+            "restart from a fresh vector (a repeated eigenvalue may lack copies): increase "
+            "`max_restarts`."
+        )
+    parts.append(
+        " `result.converged` marks the pairs that did converge; an eigenvalue of the operator "
+        "lies within `result.residuals[i]` of each `eigenvalues[i]`."
+    )
+    return "".join(parts)
+
+
+def _up(x: float) -> str:
+    """``x`` rounded up to two significant digits (a tolerance that accepts what was reached)."""
+    if not np.isfinite(x) or x <= 0:
+        return f"{x:.2g}"
+    e = np.floor(np.log10(x)) - 1
+    return f"{np.ceil(x / 10**e) * 10**e:.2g}"

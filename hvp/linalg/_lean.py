@@ -70,7 +70,7 @@ from hvp import tree as tu
 from hvp.linalg._blocks import get_row, rowwise, to_like
 from hvp.linalg._checks import acc_dtype, dtype_policy, warn_not_converged
 from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._lanczos import EigshResult
+from hvp.linalg._lanczos import EigshResult, zero_floor
 from hvp.operators import NonFiniteError
 
 __all__ = ["LeanEigshResult", "lean_eigsh"]
@@ -221,10 +221,13 @@ class LeanLanczos(StateMachine):
             )
         return jax.tree_util.tree_map(lambda x: x[None], state["v"])
 
-    def _thresholds(self, theta, anorm, tol):
-        floor = max(_FLOOR * self.eps_acc, 4.0 * self.eps) * anorm  # as the full mode's floor
-        rel = jnp.maximum(jnp.abs(theta), self.eps ** (2.0 / 3.0) * anorm)
-        return jnp.maximum(tol * rel, floor)
+    def _thresholds(self, theta, anorm, tol, zero):
+        """``max(tol |theta|, zero_tol ||A||)``, as in the full mode.
+
+        ``zero`` is ``zero_tol`` (:func:`hvp.linalg.zero_floor` by default), already at least the
+        round-off floor.
+        """
+        return jnp.maximum(tol * jnp.abs(theta), zero * anorm)
 
     def _recur(self, v, av, v_prev, beta_prev, a1, a2):
         """``(A v - beta_prev v_prev - a1 v) - a2 v``: the same operations in both passes."""
@@ -283,7 +286,7 @@ class LeanLanczos(StateMachine):
 
         test = at_end | ((j1 % _EVERY == 0) & (j1 >= self.k_total))
         th, S_pick, found, bounds = jax.lax.cond(test, analyse, skip, None)
-        thr = self._thresholds(th, anorm, state["tol"])
+        thr = self._thresholds(th, anorm, state["tol"], state["zero"])
         conv = found & (bounds <= thr)
         stop = at_end | (test & jnp.all(conv))
         # Second pass: start again from v0 (kept in row 0 of y during the first pass, which does
@@ -356,7 +359,7 @@ class LeanLanczos(StateMachine):
         ok = state["ok"] & tu.all_finite(avs)
         nrm = jnp.sqrt(jnp.maximum(rowwise(avs, avs), 0.0))
         anorm = jnp.maximum(state["anorm"], jnp.max(nrm))
-        thr = self._thresholds(lam, anorm, state["tol"])
+        thr = self._thresholds(lam, anorm, state["tol"], state["zero"])
         conv = state["found"] & (res <= thr) & ok
         return dict(
             state,
@@ -393,7 +396,10 @@ class LeanLanczos(StateMachine):
         phase = int(state["phase"])
         if phase == 0:
             rel = np.asarray(state["bounds"]) / np.maximum(
-                np.asarray(self._thresholds(state["ritz"], state["anorm"], state["tol"])), 1e-300
+                np.asarray(
+                    self._thresholds(state["ritz"], state["anorm"], state["tol"], state["zero"])
+                ),
+                1e-300,
             )
             text = f"first pass, step {int(state['j'])}, worst bound/threshold {rel.max():.2e}"
         elif phase == 1:
@@ -410,11 +416,12 @@ class LeanLanczos(StateMachine):
         "ritz",
         "anorm",
         "tol",
+        "zero",
         "matvecs",
     )
 
 
-def _initial_state(alg: LeanLanczos, start, like, tol, max_steps):
+def _initial_state(alg: LeanLanczos, start, like, tol, zero, max_steps):
     acc = acc_dtype(like)
     v0 = tu.cast(start, acc)
     nv = tu.norm(v0)
@@ -445,6 +452,7 @@ def _initial_state(alg: LeanLanczos, start, like, tol, max_steps):
         anorm=jnp.zeros((), acc),
         ok=jnp.array(True),
         tol=jnp.asarray(tol, acc),
+        zero=jnp.asarray(zero, acc),  # zero_tol: the test near 0, relative to ||A||
         max_steps=jnp.asarray(max_steps, jnp.int32),
         matvecs=jnp.zeros((), jnp.int32),
         phase=jnp.zeros((), jnp.int32),
@@ -462,6 +470,7 @@ def lean_eigsh(
     which: str,
     num_iters: int,
     tol: float,
+    zero_tol: float | None = None,
     driver: str,
     progress: bool | None,
     checkpoint: Checkpoint | str | os.PathLike | None,
@@ -481,7 +490,9 @@ def lean_eigsh(
         eps=float(jnp.finfo(low).eps),
         eps_acc=float(jnp.finfo(acc).eps),
     )
-    state = _initial_state(alg, start, op.like, tol, num_iters)
+    floor = max(_FLOOR * alg.eps_acc, 4.0 * alg.eps)  # what round-off lets one verify
+    zero = max(zero_floor(low) if zero_tol is None else zero_tol, floor)
+    state = _initial_state(alg, start, op.like, tol, zero, num_iters)
     del start  # (the state holds its own copy: one parameter-sized vector less during the run)
     out, _ = run(
         alg,

@@ -155,9 +155,9 @@ def spectrum_summary(
       estimate with ``num_probes`` probes of ``num_iters`` steps (statistical
       error about :math:`1/\sqrt{\mathrm{num\_probes}}` relative).
     * Zero threshold :math:`\epsilon = \max(\mathrm{zero\_tol},\ f)\cdot\max|\lambda|`
-      with :math:`f` the round-off floor of :func:`eigsh` (64 machine epsilons of the
-      products' dtype, ``hvp.linalg._lanczos.zero_floor``): one threshold for the labels, the
-      condition number and the masses.
+      with :math:`f` the accuracy of :func:`eigsh` near zero (its default ``zero_tol``,
+      :func:`hvp.linalg.zero_floor`: :math:`\max(\epsilon^{2/3}, 64\epsilon)` of the
+      products' dtype): one threshold for the labels, the condition number and the masses.
     * Labels (:func:`definiteness`): ``"positive definite"`` when
       :math:`\lambda_{\min} > \epsilon`; ``"positive semi-definite, singular"`` when
       :math:`|\lambda_{\min}| \le \epsilon` (a GGN of a network on few examples), with

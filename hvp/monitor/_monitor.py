@@ -820,6 +820,7 @@ class CurvatureMonitor:
             [r.step]
             + [num(x) for x in np.asarray(r.eigenvalues)]
             + [num(x) for x in np.asarray(r.residuals)]
+            + [str(bool(c)) for c in np.asarray(r.converged)]
             + [
                 num(r.trace),
                 num(r.trace_std_error),
@@ -839,6 +840,7 @@ class CurvatureMonitor:
             ["step"]
             + [f"eigenvalue_{i + 1}" for i in range(self.k)]
             + [f"residual_{i + 1}" for i in range(self.k)]
+            + [f"converged_{i + 1}" for i in range(self.k)]
             + [
                 "trace",
                 "trace_std_error",
@@ -880,6 +882,8 @@ class CurvatureMonitor:
         from rich.console import Console
 
         msg = f"[bold]step {r.step}[/]: sharpness {r.sharpness:.4g}"
+        if not bool(np.asarray(r.converged)[0]):  # the sharpness is eigenvalues[0]
+            msg += " [red](not converged)[/]"
         if r.lr_threshold is not None:
             msg += f" (2/lr = {r.lr_threshold:.4g})"
         if r.trace is not None:

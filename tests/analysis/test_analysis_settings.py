@@ -126,3 +126,87 @@ def test_report_and_spectrum_summary_agree_on_the_derived_figures(spectrum, expe
     ref_neg = np.mean(np.asarray(spectrum) < -zero)
     assert abs(derived.negative_mass - ref_neg) < 0.4  # three probes: a statistical figure
     assert (derived.negative_mass > 0) == (summary.negative_mass > 0) == (ref_neg > 0)
+
+
+def test_unconverged_extreme_eigenvalues_are_marked_in_the_derived_figures_verdict_and_json():
+    """lambda_min from an unconverged pair: the derived section, the critical-point verdict, the
+    terminal note and the `--json` summary all say so (no products: sections built by hand)."""
+    from hvp.analysis._compression_critical import critical_section
+    from hvp.analysis._report import _unconverged_extremes
+    from hvp.cli._main import _json_summary
+
+    def sec(lam, conv, which):
+        ns = SimpleNamespace(
+            eigenvalues=np.array(lam),
+            residuals=np.full(len(lam), 1e-3),
+            converged=np.array(conv),
+            num_matvecs=5,
+        )
+        return _eigen_section(ns, which, 0.0)
+
+    top, bottom = (
+        sec([2.0, 3.0], [True, True], "largest"),
+        sec([1e-6, 0.1], [False, True], "smallest"),
+    )
+    dens = DensitySection(
+        grid=np.zeros(1),
+        density=np.zeros(1),
+        sigma=0.1,
+        nodes=np.array([[0.1, 3.0]]),
+        weights=np.array([[0.5, 0.5]]),
+        negative_mass=0.0,
+        zero_threshold=1e-6,
+        num_probes=1,
+        num_iters=2,
+        num_matvecs=2,
+        seconds=0.0,
+    )
+    derived = derived_figures(top, bottom, dens, size=4)
+    assert derived.lambda_min_converged is False and derived.lambda_max_converged is True
+    assert _unconverged_extremes(derived) == "[red](from unconverged λ_min)"
+    crit = critical_section(
+        None,
+        top,
+        bottom,
+        operator="hessian",
+        zero_threshold=1e-6,
+        seconds=0.0,
+        gradient=np.zeros(3),
+    )
+    assert crit.converged is False and crit.verdict.endswith("(unverified: λ_min did not converge)")
+    d = {
+        "checkpoint": {"item_dir": "c", "step": 1},
+        "model": dict.fromkeys(("spec", "framework", "num_params", "operator", "dtype")),
+        "data": dict.fromkeys(("spec", "num_examples", "num_batches")),
+        "top": top.to_dict(),
+        "bottom": bottom.to_dict(),
+        "trace": {"estimate": 1.0, "std_error": 0.1},
+        "derived": derived.to_dict(),
+        "critical": crit.to_dict(),
+        "num_matvecs": 12,
+        "timings": {"total": 1.0},
+        "command": "hvp analyze",
+    }
+    summary = _json_summary(
+        SimpleNamespace(to_dict=lambda: d), "out", [], SimpleNamespace(command="analyze")
+    )
+    assert summary["lambda_min_converged"] is False and summary["lambda_max_converged"] is True
+    assert summary["converged"] is False and "unverified" in summary["critical_point"]
+    # the compression table marks a layer's unconverged top eigenvalue
+    from hvp.analysis._compression_critical import compression_table
+
+    comp = {
+        "layers": ["a", "b"],
+        "bits": [2],
+        "num_params": [2, 2],
+        "trace": [1.0, 2.0],
+        "trace_std_error": [0.1, 0.1],
+        "top_eigenvalue": [1.0, 2.0],
+        "top_eigenvalue_converged": [True, False],
+        "omega": [[0.1], [0.2]],
+        "allocation_bits": [2, 2],
+        "allocation_average": 2.0,
+        "obd_pruned_saliency": {"0.5": 0.1},
+    }
+    cells = list(compression_table({"compression": comp}).columns[3].cells)
+    assert cells == ["1", "2 (not converged)"]

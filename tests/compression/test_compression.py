@@ -95,6 +95,7 @@ def test_sensitivity_exact_against_the_dense_hessian():
         # the block's top eigenvalue (Lanczos on A_ll), within its residual bound and eig_tol
         top = np.linalg.eigvalsh(block)[-1]
         assert abs(s.top_eigenvalue[i] - top) <= max(s.top_eigenvalue_residual[i], 1e-8)
+        assert bool(s.top_eigenvalue_converged[i])  # carried through from eigsh
     assert set(s.ranking) == set(s.layers)
     first = [s.omega[s.layers.index(name), 0] for name in s.ranking]
     assert first == sorted(first, reverse=True)

@@ -158,12 +158,13 @@ def test_warm_start_reduces_matvecs():
 
 def test_not_converged_is_flagged():
     a = sym(SPECTRA["clustered"], seed=7)
-    with pytest.warns(RuntimeWarning, match="eigenpairs reached"):
+    with pytest.warns(RuntimeWarning, match="eigenpairs converged") as rec:
         res = eigsh(
             hvp.from_dense(a), 4, key=jax.random.PRNGKey(0), num_iters=6, max_restarts=0, tol=1e-10
         )
     conv = np.asarray(res.converged)
     assert not conv.all()
+    assert "near 0" not in str(rec[0].message) and "accept tol=" in str(rec[0].message)
     assert int(res.num_matvecs) == 6 + 4  # 6 Lanczos steps + 4 residual products, reported honestly
     # the flags agree with the residuals
     scale = np.abs(np.linalg.eigvalsh(a)).max()
@@ -514,7 +515,7 @@ def test_unconverged_only_when_budget_is_spent():
     """With restarts left a run does not end unconverged; when it ends so, the budget is spent."""
     a = sym(SPECTRA["clustered"], seed=7)
     for max_restarts in (0, 2):
-        with pytest.warns(RuntimeWarning, match="eigenpairs reached"):
+        with pytest.warns(RuntimeWarning, match="eigenpairs converged"):
             res = eigsh(
                 hvp.from_dense(a),
                 4,
@@ -768,3 +769,80 @@ def test_one_pair_per_end_needs_no_confirmation():
             )
         check_float32_run(r, a, 1, "both", seed)
         assert int(r.num_matvecs) <= 20
+
+
+def test_null_space_zeros_converged_float32():
+    """Exact zeros of a singular PSD operator in float32: converged, within zero_tol * ||A||
+    (about 1e-5 ||A||) of 0 (float64, about 1e-12 ||A||: test_null_spaces; basis="host":
+    tests/scale/test_host_basis.py). The size, k, key type and settings of
+    test_float32_multiplicities_and_nulls, whose compiled steps are reused (the float64 tests
+    below use k=6 as test_null_spaces for the same reason)."""
+    from hvp.linalg import zero_floor
+
+    a = sym(np.r_[np.zeros(5), np.linspace(1.0, 4.0, NM - 5)], seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = eigsh(
+            hvp.from_dense(jnp.asarray(a, jnp.float32)),
+            4,
+            which="smallest",
+            key=jax.random.PRNGKey(1),
+            tol=1e-5,
+            **SWEEP,
+        )
+    lam, thr = np.asarray(r.eigenvalues, float), np.asarray(r.thresholds, float)
+    assert bool(np.all(np.asarray(r.converged))), lam
+    assert np.allclose(thr, zero_floor(np.float32) * 4.0, rtol=1e-3)  # zero_tol * ||A||
+    assert np.all(np.abs(lam) <= thr) and np.all(np.asarray(r.residuals) <= thr)
+    assert np.abs(lam).max() <= 1e-5 * 4.0
+
+
+def test_small_nonzero_eigenvalue_keeps_relative_accuracy():
+    """An eigenvalue of 1e-3 ||A|| is tested relative to itself (tol), not to ||A||: no false
+    "converged" for a wrong value, and a looser zero_tol only loosens pairs below it."""
+    lam_small = 4e-3  # 1e-3 ||A||
+    a = sym(np.r_[lam_small, np.linspace(0.5, 4.0, NM - 1)], seed=5)
+    op = hvp.from_dense(a)
+    r = eigsh(op, 6, which="smallest", key=jax.random.PRNGKey(0), **SWEEP)
+    thr = float(r.thresholds[0])
+    assert bool(r.converged[0]) and thr == pytest.approx(1e-6 * abs(float(r.eigenvalues[0])))
+    assert abs(float(r.eigenvalues[0]) - lam_small) <= thr
+    # zero_tol above the eigenvalue's relative level: the stated bound still holds
+    loose = eigsh(op, 6, which="smallest", key=jax.random.PRNGKey(0), zero_tol=1e-2, **SWEEP)
+    assert float(loose.thresholds[0]) == pytest.approx(1e-2 * 4.0, rel=1e-3)  # ||A|| = 4
+    assert abs(float(loose.eigenvalues[0]) - lam_small) <= float(loose.thresholds[0])
+    # float32: the value is within its (||A||-relative) threshold of the true one
+    r32 = eigsh(
+        hvp.from_dense(jnp.asarray(a, jnp.float32)),
+        4,
+        which="smallest",
+        key=jax.random.PRNGKey(0),
+        tol=1e-5,
+        **SWEEP,
+    )
+    assert bool(r32.converged[0])
+    assert abs(float(r32.eigenvalues[0]) - lam_small) <= float(r32.thresholds[0])
+    with pytest.raises(ValueError, match="zero_tol"):
+        eigsh(op, 1, key=jax.random.PRNGKey(0), zero_tol=-1.0)
+
+
+def test_warning_near_zero_gives_the_accuracy_reached_not_tol():
+    """A continuum of eigenvalues near 0 (1e-9 .. 1 ||A||) with a spent budget: the warning
+    says what helps there (num_iters, max_restarts, a zero_tol that accepts what was reached),
+    not a looser `tol`; that zero_tol then converges (with restarts left to confirm the set)."""
+    a = sym(np.geomspace(1e-9, 1.0, NM), seed=2)
+    op = hvp.from_dense(a)
+    with pytest.warns(RuntimeWarning) as rec:
+        r = eigsh(op, 6, which="smallest", key=jax.random.PRNGKey(0), max_restarts=0, **SWEEP)
+    msg = str(rec[0].message)
+    assert not bool(np.all(np.asarray(r.converged)))
+    assert "near 0" in msg and "`num_iters`" in msg and "`tol` does not apply" in msg
+    assert "loosen `tol`" not in msg
+    suggested = float(msg.split("zero_tol=")[2].split(" ")[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = eigsh(op, 6, which="smallest", key=jax.random.PRNGKey(0), zero_tol=suggested, **SWEEP)
+    assert bool(np.all(np.asarray(ok.converged)))
+    np.testing.assert_allclose(np.asarray(ok.thresholds), suggested, rtol=1e-3)  # ||A|| = 1
+    ref = np.linalg.eigvalsh(a)[:6]
+    assert np.all(np.abs(np.asarray(ok.eigenvalues) - ref) <= np.asarray(ok.thresholds))

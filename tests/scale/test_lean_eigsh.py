@@ -101,6 +101,19 @@ def test_repeated_eigenvalues_are_returned_once():
         r = hvp.eigsh(hvp.from_dense(B), 4, basis="none", key=KEY, num_iters=60)
     assert np.asarray(r.converged).tolist() == [False, True, True, True]
     np.testing.assert_allclose(np.asarray(r.eigenvalues)[1:], [0.0, 1.0, 2.0], atol=1e-12)
+    # a null space in float32: the zero is converged under the test relative to ||A|| (zero_tol,
+    # default hvp.linalg.zero_floor, as the full mode), and is within it of 0
+    C = (q * np.r_[np.linspace(1.0, 4.0, 10), np.zeros(4)]) @ q.T
+    r = hvp.eigsh(
+        hvp.from_dense(jnp.asarray(C, jnp.float32)), 1, which="smallest", basis="none", key=KEY
+    )
+    thr = hvp.linalg.zero_floor(np.float32) * 4.0
+    assert bool(r.converged[0]) and abs(float(r.eigenvalues[0])) <= thr * 1.001
+    # ||A|| is estimated from below (the largest ||A v|| seen): the test is never looser
+    assert 0.9 * thr <= float(r.thresholds[0]) <= thr * 1.001
+    r = hvp.eigsh(hvp.from_dense(C), 1, which="smallest", basis="none", key=KEY, zero_tol=1e-3)
+    assert 1e-3 <= float(r.thresholds[0]) <= 4e-3 * (1 + 1e-12)  # zero_tol * (||A|| est. <= 4)
+    assert bool(r.converged[0]) and abs(float(r.eigenvalues[0])) <= float(r.thresholds[0])
 
 
 def test_ghost_values_are_discarded_where_no_reorthogonalisation_duplicates():
