@@ -386,7 +386,9 @@ def negative_mass_cells(density) -> tuple[str, str, str | None]:
     get = density.get if isinstance(density, dict) else lambda k: getattr(density, k, None)
     est, lo, hi = get("negative_mass"), get("negative_mass_lower"), get("negative_mass_upper")
     se = get("negative_mass_std_error")
-    if any(x is None or not math.isfinite(float(x)) for x in (est, lo, hi)):
+    if est is None or lo is None or hi is None:
+        return _fmt(est), "", None
+    if not all(math.isfinite(float(x)) for x in (est, lo, hi)):
         return _fmt(est), "", None
 
     def mass(x) -> str:

@@ -988,7 +988,9 @@ class _Context:
         self.name, self.data, self.dataset, self.origin = name, data, dataset, origin
         self.index = None
         self.params = params
-        self.call, self.arg, self.note = None, None, ""
+        self.call: str | None = None
+        self.arg: Any = None
+        self.note = ""
 
     def __enter__(self):
         return self
@@ -1039,24 +1041,25 @@ class _Context:
 
     def _structure_error(self, err: Exception, where: str) -> Exception:
         """``err`` of the user's function, with the structures it was called on and the signature."""
+        call = self.call or ""
         lines = [
-            f"Building the {self.name} operator: `{self.call}` failed on {where} of the data "
+            f"Building the {self.name} operator: `{call}` failed on {where} of the data "
             f"with {type(err).__name__}: {err}",
-            f"  {self.call.split('(')[1].split(',')[-1].strip(' )')}: "
+            f"  {call.split('(')[1].split(',')[-1].strip(' )')}: "
             f"{tu.shape_summary(self.arg)}{self.note}",
         ]
         if self.params is not None:
             lines.append(f"  params: {tu.shape_summary(self.params)}")
-        if self.call.startswith("model_fn"):
+        if call.startswith("model_fn"):
             lines.append(
-                f"The model is called as `{self.call}` on the inputs of each batch (dtype[shape] "
+                f"The model is called as `{call}` on the inputs of each batch (dtype[shape] "
                 "per leaf above): give the data the layout the model expects (e.g. NHWC images "
                 "(N, H, W, C) for a convolution, not flat vectors), or pass an `unpack` returning "
                 "the right inputs; a parameter it reads must exist in `params` with that shape."
             )
         else:
             lines.append(
-                f"The function is called as `{self.call}` with each batch exactly as the data give "
+                f"The function is called as `{call}` with each batch exactly as the data give "
                 "it (dtype[shape] per leaf above): make it read that structure (e.g. `x, y = "
                 "batch` needs batches `(inputs, targets)`, `batch['x']` needs dict batches), or "
                 "pass the data in the structure it expects; a parameter it reads must exist in "

@@ -966,7 +966,7 @@ def nonfinite_counts(tree: PyTree) -> dict[str, int]:
     ]
     if not flat:
         return {}
-    counts = [None] * len(flat)
+    counts: list[int] = [0] * len(flat)
     on_device = []
     for i, (_, x) in enumerate(flat):
         if _on_host(x):
