@@ -559,6 +559,33 @@ def operator(name: str, kind: str, dtype: str = "float64"):
     return make_operator(build(name, dtype), kind)
 
 
+def layered_params():
+    """A small parameter pytree with four layers (dicts, a list, a lone array; 22 entries).
+
+    ``Dense_0`` (``kernel`` (4, 3), ``bias`` (3,)), ``blocks`` (``[{"w": (3, 2)}, {"w": (2,)}]``)
+    and ``scale`` (1,), float64 normal entries (seed 0): the layer helpers' test tree.
+    """
+    rng = np.random.default_rng(0)
+    return {
+        "Dense_0": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 3))),
+            "bias": jnp.asarray(rng.normal(size=(3,))),
+        },
+        "blocks": [
+            {"w": jnp.asarray(rng.normal(size=(3, 2)))},
+            {"w": jnp.asarray(rng.normal(size=(2,)))},
+        ],
+        "scale": jnp.asarray(rng.normal(size=(1,))),
+    }
+
+
+def random_symmetric(n, seed=0):
+    """A random symmetric ``(n, n)`` float64 matrix with a diagonal shift in [1, 5]."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, n))
+    return (a + a.T) / 2 + np.diag(rng.uniform(1, 5, size=n))
+
+
 def relative_error(a, b) -> float:
     """``||a - b||_F / ||b||_F`` in float64."""
     a = np.asarray(a, np.float64)

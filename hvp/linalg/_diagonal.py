@@ -53,8 +53,8 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
-from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._probes import block_schedule, next_phase, probes, unit_block
+from hvp.linalg._driver import Checkpoint, Progress, run
+from hvp.linalg._probes import ProbeBudget, initial_counters
 from hvp.linalg._stats import chan_update
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
@@ -197,7 +197,7 @@ class DiagonalResult:
 # the state machine
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Diagonal(StateMachine):
+class Diagonal(ProbeBudget):
     """The diagonal estimator as a state machine: one block product of probes per step.
 
     Settings (static, they fix the shapes): ``total`` products (``num_matvecs``, or ``n`` for
@@ -211,32 +211,14 @@ class Diagonal(StateMachine):
     """
 
     name: ClassVar[str] = "diagonal"
-    total: int
-    chunk: int
-    exact: bool = False
-
-    @property
-    def block_sizes(self) -> tuple[int, ...]:
-        return block_schedule(self.total, self.chunk)
-
-    def prepare(self, op, state, phase):
-        b = self.block_sizes[phase]
-        if self.exact:
-            return unit_block(op.like, state["matvecs"], b)
-        return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
 
     def update(self, op, state, phase, vs, avs):
         b = self.block_sizes[phase]
         acc = acc_dtype(op.like)
         prods = tu.map(lambda z, az: z.astype(acc) * az.astype(acc), vs, avs)  # z * A z per row
         start = state["matvecs"]
-        matvecs = start + b
-        new = dict(
-            state,
-            matvecs=matvecs,
-            phase=next_phase(matvecs, self.total, self.chunk),
-            done=matvecs >= self.total,
-        )
+        new = dict(state, **self.advance(state, phase))
+        matvecs = new["matvecs"]
         if self.exact:  # each e_i * A e_i has one non-zero entry, at i: the sum is exact
             new["diag"] = tu.map(lambda d, p: d + jnp.sum(p, axis=0), state["diag"], prods)
             return new
@@ -287,11 +269,7 @@ def _relative_std_error(mean, m2, k):
 
 def _initial_state(like, key, total: int, exact: bool) -> dict:
     acc_like = tu.cast(like, acc_dtype(like))
-    state = dict(
-        matvecs=jnp.zeros((), jnp.int32),
-        phase=jnp.zeros((), jnp.int32),
-        done=jnp.array(False),
-    )
+    state = initial_counters()
     if exact:
         state["diag"] = tu.zeros_like(acc_like)
         return state

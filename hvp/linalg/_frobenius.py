@@ -46,8 +46,8 @@ from hvp.linalg._checks import (
     raise_if_nonfinite,
     resolve_chunk,
 )
-from hvp.linalg._driver import Checkpoint, Progress, StateMachine, run
-from hvp.linalg._probes import block_schedule, next_phase, probes, unit_block
+from hvp.linalg._driver import Checkpoint, Progress, run
+from hvp.linalg._probes import ProbeBudget, initial_counters
 from hvp.linalg._stats import mean_std_error as _mean_se
 from hvp.linalg._stats import normal_quantile as _normal_quantile
 from hvp.typing import OperatorLike, PRNGKey, PyTree
@@ -104,7 +104,7 @@ def _finish(f2, se2):
 
 
 @dataclasses.dataclass(frozen=True)
-class Frobenius(StateMachine):
+class Frobenius(ProbeBudget):
     r"""The Frobenius-norm estimator as a state machine: one block product per step.
 
     Settings (static, they fix the shapes): ``total`` products (``num_matvecs``, or ``n`` for
@@ -114,32 +114,13 @@ class Frobenius(StateMachine):
     """
 
     name: ClassVar[str] = "frobenius_norm"
-    total: int
-    chunk: int
-    exact: bool = False
-
-    @property
-    def block_sizes(self) -> tuple[int, ...]:
-        return block_schedule(self.total, self.chunk)
-
-    def prepare(self, op, state, phase):
-        b = self.block_sizes[phase]
-        if self.exact:
-            return unit_block(op.like, state["matvecs"], b)
-        return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
 
     def update(self, op, state, phase, vs, avs):  # noqa: ARG002
-        b = self.block_sizes[phase]
-        start = state["matvecs"]
         sq = rowwise(avs, avs)  # ||A z||^2 per row, accumulated in >= float32
         samples = lax.dynamic_update_slice(
-            state["samples"], sq.astype(state["samples"].dtype), (start,)
+            state["samples"], sq.astype(state["samples"].dtype), (state["matvecs"],)
         )
-        matvecs = start + b
-        phase = next_phase(matvecs, self.total, self.chunk)
-        return dict(
-            state, samples=samples, matvecs=matvecs, phase=phase, done=matvecs >= self.total
-        )
+        return dict(state, samples=samples, **self.advance(state, phase))
 
     def finalize(self, op, state):  # noqa: ARG002
         samples = state["samples"]
@@ -226,12 +207,7 @@ def frobenius_norm(
     total = op.size if exact else num_matvecs
     alg = Frobenius(total=total, chunk=resolve_chunk(chunk_size, total), exact=exact)
     acc = acc_dtype(op.like)
-    state = dict(
-        samples=jnp.zeros((total,), acc),
-        matvecs=jnp.zeros((), jnp.int32),
-        phase=jnp.zeros((), jnp.int32),
-        done=jnp.array(False),
-    )
+    state = dict(samples=jnp.zeros((total,), acc), **initial_counters())
     if not exact:
         state["key"] = key
     (f, se, f2, se2, samples), _ = run(

@@ -7,12 +7,24 @@ probes, and therefore the same estimate, whichever block size or chunk size runs
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from hvp import tree as tu
+from hvp.linalg._driver import StateMachine
 
-__all__ = ["PROBE_KINDS", "block_schedule", "next_phase", "probe", "probes", "unit_block"]
+__all__ = [
+    "PROBE_KINDS",
+    "ProbeBudget",
+    "block_schedule",
+    "initial_counters",
+    "next_phase",
+    "probe",
+    "probes",
+    "unit_block",
+]
 
 PROBE_KINDS = ("rademacher", "normal")
 
@@ -54,3 +66,45 @@ def block_schedule(total: int, chunk: int) -> tuple[int, ...]:
 def next_phase(done_count, total: int, chunk: int):
     """Phase (of :func:`block_schedule`) of the next step after ``done_count`` products."""
     return jnp.where(total - done_count >= chunk, 0, 1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeBudget(StateMachine):
+    """Base of the fixed-budget probe estimators (:func:`hvp.diagonal`, :func:`hvp.frobenius_norm`).
+
+    Settings (static, they fix the shapes): ``total`` products, ``chunk`` products per step
+    (phases of :func:`block_schedule`), ``exact`` (unit vectors ``e_i`` instead of Rademacher
+    probes, ``total = n``). Each step multiplies the next block of probes: :meth:`prepare` gives
+    it, :meth:`advance` the counters after it; subclasses implement ``update`` and ``finalize``.
+    The state holds ``key`` (Hutchinson) and the counters of :func:`initial_counters`.
+    """
+
+    total: int
+    chunk: int
+    exact: bool = False
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return block_schedule(self.total, self.chunk)
+
+    def prepare(self, op, state, phase):
+        b = self.block_sizes[phase]
+        if self.exact:
+            return unit_block(op.like, state["matvecs"], b)
+        return probes(state["key"], op.like, b, "rademacher", start=state["matvecs"])
+
+    def advance(self, state, phase) -> dict:
+        """The counters ``matvecs``, ``phase`` and ``done`` after this step's block."""
+        matvecs = state["matvecs"] + self.block_sizes[phase]
+        return dict(
+            matvecs=matvecs,
+            phase=next_phase(matvecs, self.total, self.chunk),
+            done=matvecs >= self.total,
+        )
+
+
+def initial_counters() -> dict:
+    """A state's counters before the first product: ``matvecs``, ``phase`` and ``done``."""
+    return dict(
+        matvecs=jnp.zeros((), jnp.int32), phase=jnp.zeros((), jnp.int32), done=jnp.array(False)
+    )

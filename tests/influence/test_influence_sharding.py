@@ -5,22 +5,14 @@ starts). Marked slow: a separate process compiles everything again; the default 
 same code on one device.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from mesh_runs import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
-    import os, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update("jax_enable_x64", True)
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    import hvp
 
     mesh = Mesh(np.array(jax.devices()), ("m",))
     rng = np.random.default_rng(0)
@@ -55,14 +47,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sharded_parameters_give_the_same_scores_and_landscape():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])
+    out = run_on_cpu_devices(SCRIPT, timeout=600)
     assert out["dense"] < 1e-10 and out["solve"] < 1e-8 and out["arnoldi"] < 1e-8, out
     assert out["landscape"] < 1e-12, out
     assert "'m'" in out["grad_spec"]  # per-example gradients keep the parameters' sharding

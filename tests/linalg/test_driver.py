@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from driver_checks import assert_drivers_agree, assert_resume_bitwise
+from mesh_runs import run_on_cpu_devices
 
 import hvp
 from hvp.linalg import Checkpoint, CheckpointMismatchError, Progress, _driver
@@ -604,13 +605,8 @@ def test_resume_after_sigterm_and_sigkill(tmp_path):
 # ------------------------------------------------------------------------------------------------
 SHARDED = textwrap.dedent(
     """
-    import os, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import contextlib, tempfile
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update("jax_enable_x64", True)
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    import hvp
     from hvp.linalg import _driver, Checkpoint
     from hvp.linalg._power import PowerIteration, _initial_state
 
@@ -682,15 +678,7 @@ SHARDED = textwrap.dedent(
 def test_sharded_state_saved_and_restored_with_its_sharding():
     """A state sharded over a mesh (Auto axes, and Explicit axes "sharding in types") is saved,
     restored leaf by leaf with the initial state's sharding, and resumes bit for bit."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    res = json.loads(line[len("RESULT") :])
+    res = run_on_cpu_devices(SHARDED, timeout=600)
     for kind, r in res.items():
         assert r["steps"] == 3 and r["sharded"] >= 3, (kind, r)
         assert r["same"] and r["bitwise"] and r["vec_same"] and r["removed"], (kind, r)

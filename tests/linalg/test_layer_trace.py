@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problems import digits
+from problems import digits, layered_params, random_symmetric
 
 import hvp
 import hvp.flax as hf
@@ -16,31 +16,10 @@ from hvp import tree as tu
 F64 = jnp.float64
 
 
-def _params():
-    rng = np.random.default_rng(0)
-    return {
-        "Dense_0": {
-            "kernel": jnp.asarray(rng.normal(size=(4, 3))),
-            "bias": jnp.asarray(rng.normal(size=(3,))),
-        },
-        "blocks": [
-            {"w": jnp.asarray(rng.normal(size=(3, 2)))},
-            {"w": jnp.asarray(rng.normal(size=(2,)))},
-        ],
-        "scale": jnp.asarray(rng.normal(size=(1,))),
-    }
-
-
-def _random_sym(n, seed=0):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n, n))
-    return (a + a.T) / 2 + np.diag(rng.uniform(1, 5, size=n))
-
-
 def test_layer_trace_exact_and_hutchinson_on_dense():
-    params = _params()
+    params = layered_params()
     n = tu.size(params)
-    a = _random_sym(n, seed=1)
+    a = random_symmetric(n, seed=1)
     op = hvp.from_dense(a, like=params)
     exact = hvp.linalg.layer_trace(op, key=jax.random.key(1), method="exact", chunk_size=7)
     d = np.diag(a)

@@ -6,10 +6,6 @@ devices (the device count must be set before JAX starts); the in-process tests c
 helpers on one device, where they must change nothing.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,19 +14,16 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from mesh_runs import run_on_cpu_devices
 
 import hvp
 from hvp import tree as tu
 
 SCRIPT = textwrap.dedent(
     """
-    import os, json, time
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update("jax_enable_x64", True)
+    import time
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from flax import nnx
-    import hvp
 
     mesh = jax.make_mesh((2, 2), ("batch", "model"), axis_types=(AxisType.Explicit,) * 2)
     rs = np.random.RandomState(0)
@@ -227,15 +220,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(part: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HVP_TEST_PART=part)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT") :])
+    return run_on_cpu_devices(SCRIPT, timeout=900, HVP_TEST_PART=part)
 
 
 def _check_core(r: dict) -> None:

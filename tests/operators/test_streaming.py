@@ -6,16 +6,13 @@ each algorithm makes with an instrumented loader, bound the batches on the devic
 determinism check, the automatic choice and the errors.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mesh_runs import run_on_cpu_devices
 from problems import build, make_operator, reference, relative_error
 
 import hvp
@@ -283,12 +280,7 @@ def test_clear_errors():
 
 MESH_SCRIPT = textwrap.dedent(
     """
-    import os, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update("jax_enable_x64", True)
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    import hvp
     from hvp.operators import _data
 
     mesh = jax.make_mesh((2, 2), ("batch", "model"), axis_types=(AxisType.Explicit,) * 2)
@@ -317,7 +309,7 @@ MESH_SCRIPT = textwrap.dedent(
         mem = hvp.hessian(loss, params, batches, stream=False, linearize=False)
         a, b = np.asarray(st.dense()), np.asarray(mem.dense())
         v = st.mv(jax.tree_util.tree_map(jnp.ones_like, params))
-    print(json.dumps({
+    print("RESULT" + json.dumps({
         "rel": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
         "specs": specs_seen,
         "out_specs": [list(v[k].sharding.spec) for k in ("b1", "w1")],
@@ -327,13 +319,7 @@ MESH_SCRIPT = textwrap.dedent(
 
 
 def test_streamed_batches_split_over_the_data_axis_of_an_explicit_mesh():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_cpu_devices(MESH_SCRIPT, timeout=300)
     assert out["rel"] < 1e-12
     # batches of 4 examples: the example axis over 'batch'; the ragged batch of 2 as well
     # (the building pass puts nothing on the device; dense() and mv read 4 batches each)

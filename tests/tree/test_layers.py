@@ -6,47 +6,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import layered_params, random_symmetric
 
 from hvp import tree as tu
 
 
-def _params():
-    rng = np.random.default_rng(0)
-    return {
-        "Dense_0": {
-            "kernel": jnp.asarray(rng.normal(size=(4, 3))),
-            "bias": jnp.asarray(rng.normal(size=(3,))),
-        },
-        "blocks": [
-            {"w": jnp.asarray(rng.normal(size=(3, 2)))},
-            {"w": jnp.asarray(rng.normal(size=(2,)))},
-        ],
-        "scale": jnp.asarray(rng.normal(size=(1,))),
-    }
-
-
-def _random_sym(n, seed=0):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n, n))
-    return (a + a.T) / 2 + np.diag(rng.uniform(1, 5, size=n))
-
-
 def test_group_by_layer_paths():
-    groups = tu.group_by_layer(_params())
+    groups = tu.group_by_layer(layered_params())
     assert groups == {
         "Dense_0": ["Dense_0/bias", "Dense_0/kernel"],
         "blocks/0": ["blocks/0/w"],
         "blocks/1": ["blocks/1/w"],
         "scale": ["scale"],
     }
-    top = tu.group_by_layer(_params(), layer_fn=lambda p: p.split("/")[0])
+    top = tu.group_by_layer(layered_params(), layer_fn=lambda p: p.split("/")[0])
     assert list(top) == ["Dense_0", "blocks", "scale"] and len(top["blocks"]) == 2
 
 
 def test_layer_norms_sum_to_one_and_match_manual():
-    params = _params()
+    params = layered_params()
     n = tu.size(params)
-    _, vecs = np.linalg.eigh(_random_sym(n))
+    _, vecs = np.linalg.eigh(random_symmetric(n))
     top = vecs[:, -3:].T  # 3 eigenvectors, rows
     block = jax.vmap(tu.unravel_fn(params))(jnp.asarray(top))
     shares = tu.layer_norms(block)
