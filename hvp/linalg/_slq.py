@@ -329,7 +329,7 @@ class SpectralDensity:
 
         :meth:`interval_mass` of ``(-inf, -|threshold|)``. Returns a
         :class:`SpectralMassEstimate` (``float()`` of it is the estimate, the number this
-        method returned before 0.x; see its ``lower``/``upper`` for how sure it is).
+        method returned in hvp 0.1.0; see its ``lower``/``upper`` for how sure it is).
 
         Raises:
           ValueError: ``threshold`` is not finite.
