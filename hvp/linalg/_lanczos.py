@@ -336,9 +336,22 @@ def _rows_scale(c, V):
 # ---------------------------------------------------------------------------
 
 
-def _unit_ritz(V, cols, m, wl):
+def _ritz_combine(cols, V, wl):
+    """``V[:m]^T cols`` for ``cols`` of shape ``(m, c)``, as ``V^T [cols; 0]`` on the whole basis.
+
+    Slicing the basis to its first ``m`` rows made XLA copy it (a whole basis of temporary
+    memory in the residual check, the lock and the restart: measured 21 ``n`` of 21); a zero
+    coefficient for the rows beyond ``m`` reads the basis in place.
+    """
+    pad = tu.leading_dim(V) - cols.shape[0]
+    if pad:
+        cols = jnp.concatenate([cols, jnp.zeros((pad,) + cols.shape[1:], cols.dtype)])
+    return combine(cols, V, wl)
+
+
+def _unit_ritz(V, cols, m, wl):  # noqa: ARG001 - m: the rows of V in use (cols' length)
     """The unit Ritz vectors ``V[:m]^T cols`` (one per column of ``cols``, shape ``(m, c)``)."""
-    Y = combine(cols, jax.tree_util.tree_map(lambda Vl: Vl[:m], V), wl)
+    Y = _ritz_combine(cols, V, wl)
     norms = jnp.sqrt(rowwise(Y, Y))
     return _rows_scale(1.0 / jnp.where(norms > 0, norms, 1.0), Y)
 
@@ -354,36 +367,44 @@ def _extend_basis(V, j, w, anorm, key, wl, *, eps_break):
     return set_row(V, j + 1, v_next), (h, beta, anorm, broke, beta_raw)
 
 
+def _rows_into_empty(V, rows):
+    """A basis shaped like ``V`` whose first rows are the block ``rows`` and the rest zero.
+
+    Written as one update of a zero basis (XLA does it in the donated basis's memory); ``.at[]``
+    updates of the old basis, or building the new one from it, cost a whole basis of temporary
+    memory each (measured: 22 and 43 ``n`` for a 21-vector basis).
+    """
+    return jax.tree_util.tree_map(
+        lambda Vl, R: lax.dynamic_update_slice(
+            jnp.zeros_like(Vl), R.astype(Vl.dtype), (0,) * Vl.ndim
+        ),
+        V,
+        rows,
+    )
+
+
+def _stack_rows(*blocks):
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *blocks)
+
+
 def _locked_basis(V, cols, key, k_total, wl):
     """Locking: the ``k_total`` wanted Ritz vectors, then a fresh vector orthogonal to them."""
-    m = cols.shape[0]
-    kept = combine(cols, jax.tree_util.tree_map(lambda Vl: Vl[:m], V), wl)
-    rows = jnp.arange(tu.leading_dim(V))
-    newV = jax.tree_util.tree_map(
-        lambda Vl, K: jnp.zeros_like(Vl).at[:k_total].set(K.astype(Vl.dtype)), V, kept
-    )
-    fresh = fresh_vector(key, newV, (rows < k_total).astype(cols.dtype), wl)
-    return set_row(newV, k_total, fresh)
+    kept = _ritz_combine(cols, V, wl)
+    fresh = fresh_vector(key, kept, jnp.ones((k_total,), cols.dtype), wl)
+    return _rows_into_empty(V, _stack_rows(kept, tu.map(lambda x: x[None], fresh)))
 
 
 def _restarted_basis(V, cols, wl):
     """Thick restart: the ``p`` kept Ritz vectors (``cols``: ``(m, p)``), then the last row."""
-    m, p = cols.shape
-    kept = combine(cols, jax.tree_util.tree_map(lambda Vl: Vl[:m], V), wl)
+    m, _ = cols.shape
+    kept = _ritz_combine(cols, V, wl)
     last = get_row(V, m, wl)
-    return jax.tree_util.tree_map(
-        lambda Vl, K, L: (
-            jnp.zeros_like(Vl).at[:p].set(K.astype(Vl.dtype)).at[p].set(L.astype(Vl.dtype))
-        ),
-        V,
-        kept,
-        last,
-    )
+    return _rows_into_empty(V, _stack_rows(kept, tu.map(lambda x: x[None], last)))
 
 
 def _reset_basis(V, v):
     """Explicit restart: ``v`` in row 0 of an empty basis."""
-    return set_row(jax.tree_util.tree_map(jnp.zeros_like, V), 0, v)
+    return _rows_into_empty(V, tu.map(lambda x: x[None], v))
 
 
 def _unit_sum(Y, acc):
