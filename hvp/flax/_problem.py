@@ -347,7 +347,12 @@ def _hashable(value):
 def _shapes(tree):
     """Structure, shapes and dtypes of a pytree's leaves (hashable; values play no part)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((np.shape(x), np.dtype(jax.numpy.result_type(x))) for x in leaves)
+
+    def leaf(x):  # RNG keys (nnx.RngState) have a dtype that numpy cannot interpret
+        dtype = x.dtype if hasattr(x, "dtype") else jax.numpy.result_type(x)
+        return tuple(np.shape(x)), str(dtype)
+
+    return treedef, tuple(leaf(x) for x in leaves)
 
 
 #: The last operator validated by :meth:`_StateOperator.build` per adapter (``problem._rebind``):
