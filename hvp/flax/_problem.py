@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 from flax import errors as flax_errors
 
 from hvp import operators as _ops
@@ -342,6 +344,22 @@ def _hashable(value):
     return value
 
 
+def _shapes(tree):
+    """Structure, shapes and dtypes of a pytree's leaves (hashable; values play no part)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+
+    def leaf(x):  # RNG keys (nnx.RngState) have a dtype that numpy cannot interpret
+        dtype = x.dtype if hasattr(x, "dtype") else jax.numpy.result_type(x)
+        return tuple(np.shape(x)), str(dtype)
+
+    return treedef, tuple(leaf(x) for x in leaves)
+
+
+#: The last operator validated by :meth:`_StateOperator.build` per adapter (``problem._rebind``):
+#: ``(signature, data, (name, check_finite, psd))``.
+_VALIDATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class _StateOperator(_ops.LinearOperator):
     """``problem.with_state(state).operator(kind, data, params=params)`` with ``state`` dynamic.
 
@@ -374,16 +392,30 @@ class _StateOperator(_ops.LinearOperator):
         if isinstance(data, Iterator):
             data = list(data)
         options = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
-        # built once concretely: validates kind, data and shapes now, and gives the name
-        inner = problem.with_state(state).operator(kind, data, params=params, **dict(options))
-        if getattr(inner, "streaming", False):
-            raise ValueError(
-                "operator(kind, data, state=...) makes the batches an argument of compiled "
-                "products, which a streamed data set (stream=True, or more bytes than "
-                "stream_budget) cannot be: it is read from the host on every product. Use "
-                "`problem.with_state(state).operator(kind, data)` (a streamed operator at that "
-                "state), or stream=False if the data fit on the device."
-            )
+        # Built once concretely: validates kind, data and shapes now, and gives the name. The
+        # inner problem closes over `state`, so building its operator compiles anew for every
+        # new state (its linearisation is keyed by the loss function): a training loop that
+        # builds an operator at each step (CurvatureMonitor) would compile at every step. The
+        # check is done once per adapter, kind, options, data object and shapes of the
+        # parameters and state; later builds with new values of the same shapes reuse it.
+        signature = (kind, options, _shapes(params), _shapes(state))
+        last = _VALIDATED.get(problem._rebind)
+        if last is not None and last[0] == signature and last[1] is data:
+            facts = last[2]
+        else:
+            inner = problem.with_state(state).operator(kind, data, params=params, **dict(options))
+            if getattr(inner, "streaming", False):
+                raise ValueError(
+                    "operator(kind, data, state=...) makes the batches an argument of compiled "
+                    "products, which a streamed data set (stream=True, or more bytes than "
+                    "stream_budget) cannot be: it is read from the host on every product. Use "
+                    "`problem.with_state(state).operator(kind, data)` (a streamed operator at "
+                    "that state), or stream=False if the data fit on the device."
+                )
+            facts = (inner.name, inner.check_finite, inner.psd)
+            if problem._rebind is not None:
+                _VALIDATED[problem._rebind] = (signature, data, facts)
+        name, check_finite, psd = facts
         return cls(
             rebind=problem._rebind,
             kind=kind,
@@ -391,9 +423,9 @@ class _StateOperator(_ops.LinearOperator):
             params=params,
             state=state,
             data=data,
-            name=inner.name,
-            check_finite=inner.check_finite,
-            psd=inner.psd,
+            name=name,
+            check_finite=check_finite,
+            psd=psd,
         )
 
     @property

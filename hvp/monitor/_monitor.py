@@ -575,9 +575,10 @@ class CurvatureMonitor:
         measures the model as it is at that step (see
         :meth:`hvp.flax.FlaxProblem.at`). Given only parameters
         (``state.params``) for a model with such state, the monitor warns once
-        (:class:`hvp.flax.StaleStateWarning`) and uses the state it holds. A
-        model without non-parameter state is compiled once; otherwise each
-        evaluation with new state arrays compiles the products anew.
+        (:class:`hvp.flax.StaleStateWarning`) and uses the state it holds. The
+        parameters and the state are arguments of the compiled products: the
+        first evaluation compiles, later ones with the same shapes compile
+        nothing.
         """
         if not hasattr(problem, "operator") or not hasattr(problem, "params"):
             raise TypeError(
