@@ -893,10 +893,10 @@ def _start_vector(v0, like, key, *, what="v0"):
                     "stacked block of such vectors (leading axis on every leaf, e.g. a previous "
                     f"result's `eigenvectors`). {single_err}"
                 ) from None
-            v = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0)
-        v = jax.tree_util.tree_map(lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like)
+            v = _sum_rows(v0)
+        v = _cast_like(v, like)
         v = tu.like_sharding(v, like)  # explicit mesh: a user's vector takes each leaf's type
-    nv = tu.norm(v)
+    nv = _norm_jit(v)
     if not tu.is_traced(nv):
         if not np.isfinite(float(nv)):
             raise ValueError(
@@ -907,7 +907,18 @@ def _start_vector(v0, like, key, *, what="v0"):
                 f"`{what}` is the zero vector; pass a non-zero start vector or `{what}=None`."
             )
     # under jit a zero v0 gives NaN eigenvalues instead of an error
-    return tu.scale(1.0 / nv, v)
+    return _unit_jit(nv, v)
+
+
+# one compiled program each (eagerly: one per leaf and operation, compiled at the first warm start)
+_sum_rows = jax.jit(lambda v0: jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), v0))
+_cast_like = jax.jit(
+    lambda v, like: jax.tree_util.tree_map(
+        lambda x, ref: jnp.asarray(x, jnp.result_type(ref)), v, like
+    )
+)
+_norm_jit = jax.jit(tu.norm)
+_unit_jit = jax.jit(lambda nv, v: tu.scale(1.0 / nv, v))
 
 
 def eigsh(
