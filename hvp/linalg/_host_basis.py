@@ -58,10 +58,6 @@ from hvp import tree as tu
 from hvp.linalg._checks import acc_dtype
 from hvp.linalg._driver import _STEP_OPTIONS
 from hvp.linalg._lanczos import (
-    _LOCK,
-    _PLAN_NONE,
-    _RESET,
-    _RESTART,
     ThickRestartLanczos,
     _extend_basis,
     _locked_basis,
@@ -72,6 +68,11 @@ from hvp.linalg._lanczos import (
 )
 
 __all__ = ["HostBasisLanczos", "check_host_basis", "host_device", "host_initial_state"]
+
+#: what a decision asked to do to the basis (state entry ``plan``); -1: two rewrites in one
+#: decision (never happens: locking, thick and explicit restarts exclude one another)
+_NONE, _LOCK, _RESTART, _RESET = 0, 1, 2, 3
+_PLANS = {"lock": _LOCK, "restart": _RESTART, "reset": _RESET}
 
 
 def host_device() -> jax.Device:
@@ -246,6 +247,16 @@ class HostBasisLanczos(ThickRestartLanczos):
 
     host_steps: ClassVar[bool] = True
 
+    # --- inside the compiled decisions: record the rewrite instead of doing it ---------------
+    def rewrite(self, s, kind: str, arg, key, wl):  # noqa: ARG002
+        plan = jnp.where(s["plan"] == _NONE, _PLANS[kind], -1).astype(jnp.int32)
+        s = dict(s, plan=plan)
+        if kind != "reset":  # (reset: the start vector is the sum of the state's Ritz vectors)
+            s["plan_C"] = jnp.zeros_like(s["plan_C"]).at[:, : arg.shape[1]].set(arg)
+        if kind == "lock":
+            s["plan_key"] = key
+        return s
+
     # --- the driver's interface (called from Python by the host driver) ----------------------
     def prepare(self, op, state, phase):
         if phase == 2:
@@ -283,7 +294,7 @@ class HostBasisLanczos(ThickRestartLanczos):
             return _host_restarted(V, np.asarray(dev["plan_C"])[:, : self.p], acc)
         if plan == _RESET:
             return _host_reset(V, _to_host(_dev_unit_sum(dev["Y"])))
-        if plan != _PLAN_NONE:  # pragma: no cover - an internal error, not a user's
+        if plan != _NONE:  # pragma: no cover - an internal error, not a user's
             raise RuntimeError(f"eigsh(basis='host'): invalid basis rewrite plan {plan}.")
         return V
 

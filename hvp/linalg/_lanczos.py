@@ -413,12 +413,6 @@ def _unit_sum(Y, acc):
     return tu.scale(1.0 / jnp.maximum(tu.norm(v), jnp.finfo(acc).tiny), v)
 
 
-#: what a decision asks to do to the basis (state entry ``plan``); -1: two rewrites in one
-#: decision (never happens: locking, thick and explicit restarts exclude one another)
-_PLAN_NONE, _LOCK, _RESTART, _RESET = 0, 1, 2, 3
-_PLANS = {"lock": _LOCK, "restart": _RESTART, "reset": _RESET}
-
-
 @dataclasses.dataclass(frozen=True)
 class ThickRestartLanczos(StateMachine):
     """Thick-restart Lanczos with locking and confirmation (:func:`eigsh`) as a state machine.
@@ -474,41 +468,18 @@ class ThickRestartLanczos(StateMachine):
         return jax.random.fold_in(self.base_key(s), s["j"])
 
     # --- the basis: storage interface (HostBasisLanczos keeps it in host memory) -----------
-    def rewrite(self, s, kind: str, arg, key, wl):  # noqa: ARG002
-        """Record a rewrite of the basis (applied once, at the end of the decision).
+    def rewrite(self, s, kind: str, arg, key, wl):
+        """The state with its basis rewritten by a lock, a thick restart or an explicit restart.
 
         ``kind`` is ``"lock"`` (``arg``: the wanted Ritz coefficients, ``key``: the fresh
-        vector's), ``"restart"`` (``arg``: the kept Ritz coefficients) or ``"reset"`` (an
-        explicit restart from the sum of the state's Ritz vectors ``Y``). Locking, thick and
-        explicit restarts exclude one another within a decision (``plan`` -1 would say two were
-        asked for). The decision applies the plan in one step (:meth:`apply_plan_on_device`):
-        rewriting the basis inside each of its conditional branches held about 2.4 bases of
-        temporaries; ``eigsh(basis="host")`` applies it to its host basis.
+        vector's), ``"restart"`` (``arg``: the kept Ritz coefficients) or ``"reset"`` (``arg``:
+        the new start vector).
         """
-        plan = jnp.where(s["plan"] == _PLAN_NONE, _PLANS[kind], -1).astype(jnp.int32)
-        s = dict(s, plan=plan)
-        if kind != "reset":
-            s["plan_C"] = jnp.zeros_like(s["plan_C"]).at[:, : arg.shape[1]].set(arg)
         if kind == "lock":
-            s["plan_key"] = key
-        return s
-
-    def apply_plan_on_device(self, s, V, wl):
-        """The basis ``V`` rewritten as the decision's ``plan`` asks (one ``lax.switch``)."""
-        acc = jnp.result_type(s["anorm"])
-
-        def lock(V):
-            cols = s["plan_C"][:, : self.k_total]
-            return _locked_basis(V, cols, s["plan_key"], self.k_total, wl)
-
-        def restart(V):
-            return _restarted_basis(V, s["plan_C"][:, : self.p], wl)
-
-        def reset(V):
-            return _reset_basis(V, _unit_sum(s["Y"], acc))
-
-        branches = [lambda V: V, lock, restart, reset]  # _PLAN_NONE, _LOCK, _RESTART, _RESET
-        return lax.switch(jnp.clip(s["plan"], 0, 3), branches, V)
+            return dict(s, V=_locked_basis(s["V"], arg, key, self.k_total, wl))
+        if kind == "restart":
+            return dict(s, V=_restarted_basis(s["V"], arg, wl))
+        return dict(s, V=_reset_basis(s["V"], arg))
 
     # --- the driver's interface ------------------------------------------------------------
     def prepare(self, op, state, phase):
@@ -724,14 +695,8 @@ class ThickRestartLanczos(StateMachine):
                 confirmed_once=s["confirmed_once"],
             )
 
-        V = s.get("V")  # (None for eigsh(basis="host"): its basis is on the host)
-        small = {k: v for k, v in s.items() if k != "V"}
-        small = dict(small, phase=jnp.zeros((), jnp.int32), plan=jnp.zeros((), jnp.int32))
-        s = lax.cond(mode == _FINAL, final, after, small)
-        s = dict(s, go_lock=jnp.array(False), confirmed_once=jnp.array(False))
-        if V is not None:
-            s["V"] = self.apply_plan_on_device(s, V, wl)
-        return s
+        s = lax.cond(mode == _FINAL, final, after, dict(s, phase=jnp.zeros((), jnp.int32)))
+        return dict(s, go_lock=jnp.array(False), confirmed_once=jnp.array(False))
 
     # --- what follows a step or a check ----------------------------------------------------
     def after(self, s, base, wl, *, go_verify, try_true, go_lock, confirmed_once):
@@ -828,11 +793,16 @@ def _initial_state(alg: ThickRestartLanczos, v0, key, like, tol, max_restarts, z
     wl = _work_like(like)
     zero_i = jnp.zeros((), jnp.int32)
     false = jnp.array(False)
-    # a decision that rewrites the basis leaves a plan here (kind, coefficients, key)
-    V = dict(plan=zero_i, plan_C=jnp.zeros((m, m), acc), plan_key=jax.random.fold_in(key, 0))
-    if not alg.host_steps:  # (the host basis mode keeps its basis in host memory, added later)
+    if alg.host_steps:  # the basis lives in host memory (HostBasisLanczos adds it) ...
+        # ... and a decision that rewrites it leaves a plan here (kind, coefficients, key)
+        V = dict(
+            plan=zero_i,
+            plan_C=jnp.zeros((m, m), acc),
+            plan_key=jax.random.fold_in(key, 0),
+        )
+    else:
         store = jnp.dtype(alg.basis_dtype) if alg.basis_dtype is not None else acc
-        V["V"] = set_row(empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc))
+        V = dict(V=set_row(empty_basis(wl, m + 1, store), 0, tu.cast(v0, acc)))
     return dict(
         **V,
         H=jnp.zeros((m + 1, m), acc),
