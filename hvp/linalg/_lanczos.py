@@ -1088,6 +1088,12 @@ def eigsh(
             zero_tol,
             hint="It is the accuracy near 0 relative to ||A|| (e.g. 1e-8; None: the default).",
         )
+        if zero_tol >= 1.0:
+            raise ValueError(
+                f"`zero_tol`={zero_tol:g} must be below 1: it is the accuracy near 0 relative to "
+                "||A||, and at 1 or more every Ritz pair would pass whatever its eigenvalue "
+                "(e.g. 1e-3 accepts values within 0.001 ||A|| of 0; None: the default)."
+            )
     max_restarts = check_int("max_restarts", max_restarts, minimum=0)
     if basis not in BASES:
         raise ValueError(

@@ -479,8 +479,10 @@ def _warn_not_converged(
             f" <= 0): A + damping I is not positive definite, which {method!r} needs"
         )
         helps.append(
-            "use method='minres' (symmetric indefinite), or a damping above "
-            f"{max(-lo, 0.0) + damping:.3g}"
+            "use method='minres' (symmetric indefinite), or a damping of at least "
+            f"{max(-lo, 0.0) + damping:.3g} (this direction's curvature is only an upper bound "
+            "on the smallest eigenvalue: `hvp.eigsh(op, 1, which='smallest')` gives the damping "
+            "that makes A + damping I positive definite)"
         )
     if not stag[bad].any() and not negs.all():
         why.append(

@@ -824,6 +824,9 @@ def test_small_nonzero_eigenvalue_keeps_relative_accuracy():
     assert abs(float(r32.eigenvalues[0]) - lam_small) <= float(r32.thresholds[0])
     with pytest.raises(ValueError, match="zero_tol"):
         eigsh(op, 1, key=jax.random.PRNGKey(0), zero_tol=-1.0)
+    for basis in ("device", "none"):  # at 1 or more any Ritz value would pass near "0"
+        with pytest.raises(ValueError, match="must be below 1"):
+            eigsh(op, 1, key=jax.random.PRNGKey(0), zero_tol=2.0, basis=basis)
 
 
 def test_warning_near_zero_gives_the_accuracy_reached_not_tol():
