@@ -175,9 +175,9 @@ def _host_extend(alg, V, at, w):
     return V, (*ext, tu.all_finite(w))
 
 
-@partial(jax.jit, compiler_options=_STEP_OPTIONS, static_argnums=(2, 3))
-def _host_unit_ritz(V, cols, m: int, acc: str):
-    return _unit_ritz(V, cols, m, _host_like(V, acc))
+@partial(jax.jit, compiler_options=_STEP_OPTIONS, static_argnums=2)
+def _host_unit_ritz(V, cols, acc: str):
+    return _unit_ritz(V, cols, _host_like(V, acc))
 
 
 @partial(jax.jit, compiler_options=_STEP_OPTIONS, static_argnums=(3, 4), donate_argnums=0)
@@ -267,7 +267,7 @@ class HostBasisLanczos(ThickRestartLanczos):
             dtypes = tuple(str(jnp.result_type(x)) for x in jax.tree_util.tree_leaves(op.like))
             return _to_device(_host_row(V, j, dtypes), op.like)
         cols = _small(_dev_wanted_cols(self, dev))
-        return _to_device(_host_unit_ritz(V, cols, self.m, _acc_name(op)), op.like)
+        return _to_device(_host_unit_ritz(V, cols, _acc_name(op)), op.like)
 
     def update(self, op, state, phase, vs, avs):
         dev, V = _split(state)

@@ -349,7 +349,7 @@ def _ritz_combine(cols, V, wl):
     return combine(cols, V, wl)
 
 
-def _unit_ritz(V, cols, m, wl):  # noqa: ARG001 - m: the rows of V in use (cols' length)
+def _unit_ritz(V, cols, wl):
     """The unit Ritz vectors ``V[:m]^T cols`` (one per column of ``cols``, shape ``(m, c)``)."""
     Y = _ritz_combine(cols, V, wl)
     norms = jnp.sqrt(rowwise(Y, Y))
@@ -490,7 +490,7 @@ class ThickRestartLanczos(StateMachine):
             v = get_row(state["V"], state["j"], wl)
             return jax.tree_util.tree_map(lambda x: x[None], v)
         # phase 1: the unit wanted Ritz vectors of the current basis
-        return _unit_ritz(state["V"], self.wanted_cols(state), self.m, wl)
+        return _unit_ritz(state["V"], self.wanted_cols(state), wl)
 
     def wanted_cols(self, state):
         """The Ritz coefficients ``S[:, wanted]`` of the pairs the residual check tests."""
