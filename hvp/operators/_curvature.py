@@ -1094,6 +1094,23 @@ def _has_custom_vjp(jaxpr) -> bool:
     return _has_primitive(jaxpr, "custom_vjp_call")
 
 
+def _model_mode_once(
+    kind: str, model_fn, loss_fn, unpack, mode: str, params, dataset, probe, ctx: _Context
+) -> str:
+    """The GGN's and Fisher's checks of the model and targets, and their product mode.
+
+    Run once per data set, model, loss and mode (:func:`_once`).
+    """
+
+    def validate():
+        _check_targets(model_fn, loss_fn, unpack, params, probe, ctx)
+        return _choose_mode(
+            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, probe, ctx
+        )
+
+    return _once(dataset, (kind, model_fn, loss_fn, unpack, mode), params, validate)
+
+
 def _choose_mode(mode: str, f_of_batch, params, dataset: Dataset, ctx: _Context) -> str:
     """``"forward"``, or ``"reverse"`` when the function has no forward mode.
 
@@ -1441,13 +1458,9 @@ def ggn(
     probe = _probe(dataset)
     ctx = _Context(name, data, probe, "hvp.ggn")
 
-    def validate():
-        _check_targets(model_fn, loss_fn, unpack, params, probe, ctx)
-        return _choose_mode(
-            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, probe, ctx
-        )
-
-    model_mode = _once(dataset, ("ggn", model_fn, loss_fn, unpack, mode), params, validate)
+    model_mode = _model_mode_once(
+        "ggn", model_fn, loss_fn, unpack, mode, params, dataset, probe, ctx
+    )
     return _operator_class(dataset)(
         product=_ggn_product,
         fns=(model_fn, loss_fn, unpack),
@@ -1639,13 +1652,9 @@ def fisher(
     probe = _probe(dataset)
     ctx = _Context(name, data, probe, "hvp.fisher")
 
-    def validate():
-        _check_targets(model_fn, loss_fn, unpack, params, probe, ctx)
-        return _choose_mode(
-            mode, lambda q, b: model_fn(q, split_batch(b, unpack)[0]), params, probe, ctx
-        )
-
-    model_mode = _once(dataset, ("fisher", model_fn, loss_fn, unpack, mode), params, validate)
+    model_mode = _model_mode_once(
+        "fisher", model_fn, loss_fn, unpack, mode, params, dataset, probe, ctx
+    )
     common: dict[str, Any] = dict(
         fns=(model_fn, loss_fn, unpack),
         params=block,
